@@ -1,0 +1,58 @@
+//! INTERNALDATE (`"17-Jul-1996 02:44:25 -0700"`) to a UTC instant, so dates from servers
+//! in different time zones compare as instants.
+
+const MONTHS: [&str; 12] = [
+    "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+];
+
+/// Seconds since the Unix epoch, or `None` if the text is not an IMAP date-time.
+pub fn internal_date_epoch(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let (date, rest) = text.split_once(' ').map(|(d, r)| (d.trim(), r.trim()))?;
+    // " 1-Jan-2020" arrives trimmed as "1-Jan-2020"
+    let mut dp = date.split('-');
+    let day: i64 = dp.next()?.trim().parse().ok()?;
+    let month_name = dp.next()?.to_ascii_lowercase();
+    let month = MONTHS.iter().position(|m| *m == month_name)? as i64 + 1;
+    let year: i64 = dp.next()?.parse().ok()?;
+    let (time, zone) = rest.split_once(' ')?;
+    let mut tp = time.split(':');
+    let (h, m, s): (i64, i64, i64) = (tp.next()?.parse().ok()?, tp.next()?.parse().ok()?, tp.next()?.parse().ok()?);
+    let zone = zone.trim();
+    let sign = match zone.as_bytes().first()? {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let zh: i64 = zone.get(1..3)?.parse().ok()?;
+    let zm: i64 = zone.get(3..5)?.parse().ok()?;
+    let days = days_from_civil(year, month, day);
+    Some(days * 86_400 + h * 3600 + m * 60 + s - sign * (zh * 3600 + zm * 60))
+}
+
+/// Days since 1970-01-01 (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zones_compare_as_instants() {
+        assert_eq!(internal_date_epoch("01-Jan-1970 00:00:00 +0000"), Some(0));
+        assert_eq!(
+            internal_date_epoch("17-Jul-1996 02:44:25 -0700"),
+            internal_date_epoch("17-Jul-1996 09:44:25 +0000")
+        );
+        assert_eq!(internal_date_epoch(" 1-Mar-2024 12:00:00 +0530"), Some(1_709_274_600));
+        assert_eq!(internal_date_epoch("garbage"), None);
+    }
+}

@@ -1,0 +1,167 @@
+//! The shared crate's error type. Every variant knows its [`Disposition`], so what a
+//! caller does with a failure (retry the job, pause the account, fail the user) is a pure
+//! function of the error rather than string matching scattered through the engine.
+
+use std::time::Duration;
+
+use crate::imap::parse::{ParseError, StatusResponse};
+
+/// Which side of a migration an endpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Source,
+    Target,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot resolve host {host}: {detail}")]
+    Dns { host: String, detail: String },
+    #[error("connection to {addr} refused")]
+    ConnectionRefused { addr: String },
+    #[error("timed out {what}")]
+    Timeout { what: String },
+    #[error("TLS certificate of {host} rejected: {detail}")]
+    TlsCertificate { host: String, detail: String },
+    #[error("TLS handshake with {host} failed: {detail}")]
+    TlsHandshake { host: String, detail: String },
+    #[error("{host} does not offer STARTTLS, which this endpoint requires")]
+    StartTlsNotOffered { host: String },
+    #[error("authentication rejected: {server_says}")]
+    AuthRejected { server_says: String },
+    #[error("server busy or throttling: {server_says}")]
+    Throttled {
+        server_says: String,
+        backoff: Option<Duration>,
+    },
+    #[error("connection lost: {detail}")]
+    ConnectionLost { detail: String },
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ParseError),
+    #[error("{command} failed: {}", response.describe())]
+    Command {
+        command: String,
+        response: StatusResponse,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("state store: {0}")]
+    Store(String),
+}
+
+/// What to do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// A passing fault (dropped connection, timeout): retry with backoff.
+    Retry,
+    /// The server asked us to slow down: pause this account, then retry.
+    Throttle(Option<Duration>),
+    /// Retrying cannot help (bad password, certificate, configuration): stop and report.
+    Fatal,
+}
+
+impl Error {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            Error::ConnectionRefused { .. }
+            | Error::Timeout { .. }
+            | Error::ConnectionLost { .. }
+            | Error::TlsHandshake { .. } => Disposition::Retry,
+            Error::Throttled { backoff, .. } => Disposition::Throttle(*backoff),
+            Error::Command { response, .. } if is_throttling(response) => {
+                Disposition::Throttle(suggested_backoff(&response.text))
+            }
+            // A server that answers NO to a command (other than throttling) will answer
+            // the same next time; a protocol error from a broken server likewise.
+            Error::Command { .. }
+            | Error::Protocol(_)
+            | Error::Dns { .. }
+            | Error::TlsCertificate { .. }
+            | Error::StartTlsNotOffered { .. }
+            | Error::AuthRejected { .. }
+            | Error::Config(_)
+            | Error::Store(_) => Disposition::Fatal,
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self.disposition(), Disposition::Fatal)
+    }
+
+    pub(crate) fn lost(detail: impl Into<String>) -> Self {
+        Error::ConnectionLost {
+            detail: detail.into(),
+        }
+    }
+}
+
+/// True for the ways servers say "too many connections" or "slow down".
+pub fn is_throttling(response: &StatusResponse) -> bool {
+    let code = response.code_name();
+    if matches!(code.as_deref(), Some("UNAVAILABLE") | Some("INUSE") | Some("LIMIT")) {
+        return true;
+    }
+    let text = response.text.to_ascii_lowercase();
+    text.contains("too many")
+        || text.contains("suggested backoff")
+        || text.contains("try again later")
+        || text.contains("throttl")
+}
+
+/// Parses Microsoft's "Suggested Backoff Time: 1234 milliseconds" hint.
+pub fn suggested_backoff(text: &str) -> Option<Duration> {
+    let lower = text.to_ascii_lowercase();
+    let at = lower.find("suggested backoff time")?;
+    let digits: String = lower[at..]
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok().map(Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imap::parse::Status;
+
+    fn no(code: Option<&str>, text: &str) -> Error {
+        Error::Command {
+            command: "SELECT".into(),
+            response: StatusResponse {
+                status: Status::No,
+                code: code.map(|c| vec![crate::imap::parse::Value::Atom(c.to_string().into())]),
+                text: text.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn throttling_answers_pause_instead_of_failing() {
+        assert_eq!(
+            no(Some("UNAVAILABLE"), "Server Unavailable. Suggested Backoff Time: 2500 milliseconds")
+                .disposition(),
+            Disposition::Throttle(Some(Duration::from_millis(2500)))
+        );
+        assert_eq!(
+            no(None, "Too many simultaneous connections").disposition(),
+            Disposition::Throttle(None)
+        );
+        assert_eq!(no(Some("NONEXISTENT"), "Mailbox doesn't exist").disposition(), Disposition::Fatal);
+        assert_eq!(Error::lost("eof").disposition(), Disposition::Retry);
+        assert_eq!(
+            Error::AuthRejected { server_says: "x".into() }.disposition(),
+            Disposition::Fatal
+        );
+    }
+}

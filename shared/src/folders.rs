@@ -1,0 +1,510 @@
+//! Folder mapping: which source folder lands in which target folder.
+//!
+//! A pure function of the two LIST results, the two namespaces and the admin's rules, so
+//! every case (special-use, localized names, delimiters, modified UTF-7, escaping,
+//! Gmail's virtual folders) is unit-tested without a server. The mapping is injective:
+//! two source folders never share a target folder, which keeps "one writer per target
+//! folder" true by construction.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+
+use crate::imap::mailbox::ListEntry;
+use crate::mutf7;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub enum SpecialUse {
+    Inbox,
+    Sent,
+    Drafts,
+    Trash,
+    Junk,
+    Archive,
+    /// Virtual: every message (Gmail's All Mail).
+    All,
+    /// Virtual: flagged messages (Gmail's Starred).
+    Flagged,
+    /// Virtual: Gmail's Important.
+    Important,
+}
+
+impl SpecialUse {
+    fn from_attribute(attr: &str) -> Option<Self> {
+        Some(match attr.to_ascii_lowercase().as_str() {
+            "\\sent" => SpecialUse::Sent,
+            "\\drafts" => SpecialUse::Drafts,
+            "\\trash" => SpecialUse::Trash,
+            "\\junk" => SpecialUse::Junk,
+            "\\archive" => SpecialUse::Archive,
+            "\\all" => SpecialUse::All,
+            "\\flagged" => SpecialUse::Flagged,
+            "\\important" => SpecialUse::Important,
+            _ => return None,
+        })
+    }
+
+    /// Guesses from well-known (also localized) names, for servers without SPECIAL-USE.
+    fn from_name(path: &str) -> Option<Self> {
+        let lower = path.to_lowercase();
+        let lower = lower
+            .strip_prefix("[gmail]/")
+            .or_else(|| lower.strip_prefix("[google mail]/"))
+            .unwrap_or(&lower);
+        Some(match lower {
+            "sent" | "sent items" | "sent messages" | "sent mail" | "sent-mail" | "gesendet"
+            | "gesendete objekte" | "gesendete elemente" | "éléments envoyés" | "envoyés"
+            | "enviados" | "elementos enviados" | "posta inviata" | "inviati"
+            | "verzonden items" | "отправленные" | "送信済み" => SpecialUse::Sent,
+            "drafts" | "draft" | "entwürfe" | "brouillons" | "borradores" | "bozze"
+            | "concepten" | "черновики" | "下書き" => SpecialUse::Drafts,
+            "trash" | "bin" | "deleted items" | "deleted messages" | "papierkorb"
+            | "gelöschte elemente" | "corbeille" | "éléments supprimés" | "papelera"
+            | "cestino" | "prullenbak" | "корзина" | "ごみ箱" => SpecialUse::Trash,
+            "junk" | "spam" | "junk e-mail" | "junk email" | "bulk mail" | "spamverdacht"
+            | "courrier indésirable" | "correo no deseado" | "posta indesiderata"
+            | "ongewenste e-mail" | "спам" => SpecialUse::Junk,
+            "archive" | "archives" | "archiv" => SpecialUse::Archive,
+            "all mail" => SpecialUse::All,
+            "starred" => SpecialUse::Flagged,
+            "important" => SpecialUse::Important,
+            _ => return None,
+        })
+    }
+
+    fn is_virtual(self) -> bool {
+        matches!(self, SpecialUse::All | SpecialUse::Flagged | SpecialUse::Important)
+    }
+}
+
+/// A server's personal namespace: the prefix its folders live under and its delimiter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub prefix: String,
+    pub delimiter: Option<char>,
+}
+
+/// The admin's include / exclude / rename rules. Patterns match the source folder's
+/// decoded path with `/` between levels; `*` matches any run of characters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// When not empty, only folders matching one of these are copied.
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// `(from, to)`: a folder whose path matches `from` lands at `to`; with a trailing
+    /// `/*` on both, a whole subtree moves (`Archive/*` → `Old/*`).
+    pub rename: Vec<(String, String)>,
+}
+
+impl Rules {
+    /// Parses `FROM=TO`.
+    pub fn parse_rename(spec: &str) -> Result<(String, String), String> {
+        let (from, to) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("rename rule {spec:?} must look like FROM=TO"))?;
+        if from.is_empty() || to.is_empty() {
+            return Err(format!("rename rule {spec:?} has an empty side"));
+        }
+        Ok((from.to_string(), to.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "action", content = "reason", rename_all = "lowercase")]
+pub enum Action {
+    /// Copy messages (a selectable folder).
+    Copy,
+    /// Only create the folder (a `\Noselect` container).
+    Create,
+    Exclude(String),
+}
+
+/// Where one source folder goes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FolderMapping {
+    #[serde(skip)]
+    pub source_wire: Bytes,
+    /// Decoded source path, `/` between levels (for people and rules).
+    pub source_path: String,
+    /// Decoded target path, `/` between levels.
+    pub target_path: String,
+    #[serde(skip)]
+    pub target_wire: Bytes,
+    pub special_use: Option<SpecialUse>,
+    /// The target folder already exists.
+    pub target_exists: bool,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("folder mapping: {0}")]
+pub struct MappingError(pub String);
+
+/// Splits a wire name into decoded levels, after removing the namespace prefix.
+fn levels(wire: &[u8], ns: &Namespace) -> Vec<String> {
+    let decoded = mutf7::decode_lenient(wire);
+    let without_prefix = if !ns.prefix.is_empty() && !decoded.eq_ignore_ascii_case("INBOX") {
+        decoded
+            .strip_prefix(&ns.prefix)
+            .map(str::to_string)
+            .unwrap_or(decoded)
+    } else {
+        decoded
+    };
+    match ns.delimiter {
+        Some(d) => without_prefix.split(d).map(str::to_string).collect(),
+        None => vec![without_prefix],
+    }
+}
+
+/// Makes one level safe for the target: its delimiter becomes a look-alike so the level
+/// is not split (`a.b` on a `.` server shows as `a․b`); control characters become `_`.
+pub fn escape_level(level: &str, target_delimiter: Option<char>) -> String {
+    level
+        .chars()
+        .map(|c| match c {
+            c if Some(c) == target_delimiter => match c {
+                '.' => '\u{2024}', // ONE DOT LEADER
+                '/' => '\u{2215}', // DIVISION SLASH
+                '\\' => '\u{29F5}', // REVERSE SOLIDUS OPERATOR
+                _ => '_',
+            },
+            c if c.is_control() => '_',
+            c => c,
+        })
+        .collect()
+}
+
+fn encode_target(levels: &[String], ns: &Namespace) -> (String, Bytes) {
+    let escaped: Vec<String> = levels.iter().map(|l| escape_level(l, ns.delimiter)).collect();
+    let path = escaped.join("/");
+    if escaped.len() == 1 && escaped[0].eq_ignore_ascii_case("INBOX") {
+        return ("INBOX".into(), Bytes::from_static(b"INBOX"));
+    }
+    let delim = ns.delimiter.map(String::from).unwrap_or_default();
+    let encoded: Vec<String> = escaped.iter().map(|l| mutf7::encode(l)).collect();
+    let wire = format!("{}{}", mutf7::encode(&ns.prefix), encoded.join(&delim));
+    (path, Bytes::from(wire))
+}
+
+/// Matches `pattern` (with `*` wildcards) against `text`, case-sensitively.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && p[pi] != '*' && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+fn rename(rules: &Rules, path: &str) -> Option<String> {
+    for (from, to) in &rules.rename {
+        if let (Some(from_base), Some(to_base)) = (from.strip_suffix("/*"), to.strip_suffix("/*")) {
+            if path == from_base {
+                return Some(to_base.to_string());
+            }
+            if let Some(rest) = path.strip_prefix(from_base).and_then(|r| r.strip_prefix('/')) {
+                return Some(format!("{to_base}/{rest}"));
+            }
+        } else if glob_match(from, path) {
+            return Some(to.clone());
+        }
+    }
+    None
+}
+
+/// Computes the mapping of every source folder.
+pub fn map_folders(
+    source: &[ListEntry],
+    source_ns: &Namespace,
+    target: &[ListEntry],
+    target_ns: &Namespace,
+    rules: &Rules,
+) -> Result<Vec<FolderMapping>, MappingError> {
+    let source_has_attrs = source
+        .iter()
+        .any(|e| e.attributes.iter().any(|a| SpecialUse::from_attribute(a).is_some()));
+    let target_has_attrs = target
+        .iter()
+        .any(|e| e.attributes.iter().any(|a| SpecialUse::from_attribute(a).is_some()));
+
+    // Target folders by path, and the target's special-use folders (as levels).
+    let mut target_paths: BTreeSet<String> = BTreeSet::new();
+    let mut target_special: BTreeMap<SpecialUse, Vec<Vec<String>>> = BTreeMap::new();
+    for entry in target {
+        let levels = levels(&entry.wire_name, target_ns);
+        let path = levels.join("/");
+        let special = if target_has_attrs {
+            entry.attributes.iter().find_map(|a| SpecialUse::from_attribute(a))
+        } else {
+            SpecialUse::from_name(&path)
+        };
+        if let Some(s) = special {
+            target_special.entry(s).or_default().push(levels);
+        }
+        target_paths.insert(path);
+    }
+
+    struct Candidate {
+        entry_index: usize,
+        levels: Vec<String>,
+        path: String,
+        special: Option<SpecialUse>,
+        from_attribute: bool,
+    }
+    let mut candidates = Vec::new();
+    for (i, entry) in source.iter().enumerate() {
+        let levels = levels(&entry.wire_name, source_ns);
+        let path = levels.join("/");
+        let path = if path.eq_ignore_ascii_case("INBOX") { "INBOX".to_string() } else { path };
+        let by_attr = entry.attributes.iter().find_map(|a| SpecialUse::from_attribute(a));
+        let (special, from_attribute) = if path == "INBOX" {
+            (Some(SpecialUse::Inbox), true)
+        } else if by_attr.is_some() {
+            (by_attr, true)
+        } else if !source_has_attrs {
+            (SpecialUse::from_name(&path), false)
+        } else {
+            (None, false)
+        };
+        candidates.push(Candidate {
+            entry_index: i,
+            levels,
+            path,
+            special,
+            from_attribute,
+        });
+    }
+    // Attribute-based special-use claims targets first, then name guesses, then the rest,
+    // so "Drafts" (\Drafts) wins over a plain folder called "Entwürfe".
+    candidates.sort_by_key(|c| (!c.from_attribute || c.special.is_none(), c.special.is_none(), c.entry_index));
+
+    let mut claimed: BTreeMap<String, String> = BTreeMap::new(); // target path → source path
+    let mut out: Vec<(usize, FolderMapping)> = Vec::new();
+    for c in candidates {
+        let entry = &source[c.entry_index];
+        let explicitly_included = rules.include.iter().any(|p| glob_match(p, &c.path));
+        let action = if !rules.include.is_empty() && !explicitly_included {
+            Action::Exclude("not matched by any include rule".into())
+        } else if rules.exclude.iter().any(|p| glob_match(p, &c.path)) {
+            Action::Exclude("matched an exclude rule".into())
+        } else if c.special.is_some_and(SpecialUse::is_virtual) && !explicitly_included {
+            Action::Exclude(
+                "virtual folder (All Mail / Starred / Important): its messages are copied \
+                 from the folders (labels) they are in"
+                    .into(),
+            )
+        } else if entry.selectable() {
+            Action::Copy
+        } else {
+            Action::Create
+        };
+
+        let target_levels: Vec<String> = if let Some(renamed) = rename(rules, &c.path) {
+            renamed.split('/').map(str::to_string).collect()
+        } else if let Some(t) = c
+            .special
+            .and_then(|s| target_special.get(&s))
+            .and_then(|all| all.iter().find(|l| !claimed.contains_key(&l.join("/"))))
+        {
+            t.clone()
+        } else if c.special == Some(SpecialUse::Inbox) {
+            vec!["INBOX".to_string()]
+        } else if c.special.is_some()
+            && c.levels.len() > 1
+            && matches!(c.levels[0].as_str(), "[Gmail]" | "[Google Mail]")
+        {
+            // Gmail's system folders lose their "[Gmail]" container at the target.
+            c.levels[1..].to_vec()
+        } else {
+            c.levels.clone()
+        };
+        let (target_path, target_wire) = encode_target(&target_levels, target_ns);
+        if matches!(action, Action::Copy | Action::Create) {
+            if let Some(other) = claimed.get(&target_path) {
+                return Err(MappingError(format!(
+                    "source folders {other:?} and {:?} would both land in target folder {target_path:?}; \
+                     add a rename rule for one of them",
+                    c.path
+                )));
+            }
+            claimed.insert(target_path.clone(), c.path.clone());
+        }
+        out.push((
+            c.entry_index,
+            FolderMapping {
+                source_wire: entry.wire_name.clone(),
+                source_path: c.path,
+                target_exists: target_paths.contains(&target_path),
+                target_path,
+                target_wire,
+                special_use: c.special,
+                action,
+            },
+        ));
+    }
+    out.sort_by_key(|(i, _)| *i);
+    Ok(out.into_iter().map(|(_, m)| m).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, delim: char, attrs: &[&str]) -> ListEntry {
+        ListEntry {
+            wire_name: Bytes::from(mutf7::encode(name)),
+            delimiter: Some(delim),
+            attributes: attrs.iter().map(|a| a.to_ascii_lowercase()).collect(),
+        }
+    }
+
+    fn ns(prefix: &str, d: char) -> Namespace {
+        Namespace {
+            prefix: prefix.into(),
+            delimiter: Some(d),
+        }
+    }
+
+    fn find<'a>(m: &'a [FolderMapping], source: &str) -> &'a FolderMapping {
+        m.iter().find(|f| f.source_path == source).unwrap()
+    }
+
+    #[test]
+    fn special_use_lands_on_the_targets_own_folders() {
+        let src = [
+            entry("INBOX", '/', &[]),
+            entry("Sent Items", '/', &["\\Sent"]),
+            entry("Deleted Items", '/', &["\\Trash"]),
+            entry("Drafts", '/', &["\\Drafts"]),
+            entry("Entwürfe", '/', &[]),
+        ];
+        let dst = [
+            entry("INBOX", '.', &[]),
+            entry("Sent", '.', &["\\Sent"]),
+            entry("Trash", '.', &["\\Trash"]),
+            entry("Drafts", '.', &["\\Drafts"]),
+        ];
+        let m = map_folders(&src, &ns("", '/'), &dst, &ns("", '.'), &Rules::default()).unwrap();
+        assert_eq!(find(&m, "Sent Items").target_path, "Sent");
+        assert!(find(&m, "Sent Items").target_exists);
+        assert_eq!(find(&m, "Deleted Items").target_path, "Trash");
+        assert_eq!(find(&m, "Drafts").target_path, "Drafts");
+        // a plain folder with a localized drafts name stays itself: the source has attributes
+        assert_eq!(find(&m, "Entwürfe").target_path, "Entwürfe");
+        assert_eq!(find(&m, "Entwürfe").target_wire.as_ref(), b"Entw&APw-rfe");
+        assert_eq!(find(&m, "INBOX").target_wire.as_ref(), b"INBOX");
+    }
+
+    #[test]
+    fn names_guide_when_no_server_says_special_use() {
+        let src = [entry("Gesendete Objekte", '.', &[]), entry("Projekte", '.', &[])];
+        let dst = [entry("Sent", '/', &[]), entry("INBOX", '/', &[])];
+        let m = map_folders(&src, &ns("", '.'), &dst, &ns("", '/'), &Rules::default()).unwrap();
+        assert_eq!(find(&m, "Gesendete Objekte").target_path, "Sent");
+        assert_eq!(find(&m, "Projekte").target_path, "Projekte");
+    }
+
+    #[test]
+    fn delimiters_translate_and_a_name_with_the_targets_delimiter_is_escaped() {
+        let src = [entry("Archive/2019", '/', &[]), entry("a.b/c", '/', &[])];
+        let dst = [entry("INBOX", '.', &[])];
+        let m = map_folders(&src, &ns("", '/'), &dst, &ns("INBOX.", '.'), &Rules::default()).unwrap();
+        assert_eq!(find(&m, "Archive/2019").target_wire.as_ref(), b"INBOX.Archive.2019");
+        let escaped = find(&m, "a.b/c");
+        assert_eq!(escaped.target_path, "a\u{2024}b/c");
+        assert_eq!(escaped.target_wire.as_ref(), b"INBOX.a&ICQ-b.c");
+        // and back: the target's levels decode to the same path
+        assert_eq!(levels(&escaped.target_wire, &ns("INBOX.", '.')), vec!["a\u{2024}b", "c"]);
+    }
+
+    #[test]
+    fn gmail_virtual_folders_are_not_copied_and_system_folders_lose_the_container() {
+        let src = [
+            entry("INBOX", '/', &[]),
+            entry("[Gmail]", '/', &["\\Noselect"]),
+            entry("[Gmail]/All Mail", '/', &["\\All"]),
+            entry("[Gmail]/Starred", '/', &["\\Flagged"]),
+            entry("[Gmail]/Sent Mail", '/', &["\\Sent"]),
+            entry("Work/Clients", '/', &[]),
+        ];
+        let dst = [entry("INBOX", '/', &[])];
+        let m = map_folders(&src, &ns("", '/'), &dst, &ns("", '/'), &Rules::default()).unwrap();
+        assert!(matches!(find(&m, "[Gmail]/All Mail").action, Action::Exclude(_)));
+        assert!(matches!(find(&m, "[Gmail]/Starred").action, Action::Exclude(_)));
+        assert_eq!(find(&m, "[Gmail]/Sent Mail").target_path, "Sent Mail");
+        assert_eq!(find(&m, "[Gmail]").action, Action::Create);
+        assert_eq!(find(&m, "Work/Clients").target_path, "Work/Clients");
+    }
+
+    #[test]
+    fn rules_include_exclude_and_rename() {
+        let src = [
+            entry("INBOX", '/', &[]),
+            entry("Archive", '/', &[]),
+            entry("Archive/2019", '/', &[]),
+            entry("Old", '/', &[]),
+            entry("Spam stuff", '/', &[]),
+        ];
+        let rules = Rules {
+            include: vec![],
+            exclude: vec!["Spam*".into()],
+            rename: vec![("Archive/*".into(), "Old Mail/*".into())],
+        };
+        let dst = [entry("INBOX", '/', &[])];
+        let m = map_folders(&src, &ns("", '/'), &dst, &ns("", '/'), &rules).unwrap();
+        assert_eq!(find(&m, "Archive").target_path, "Old Mail");
+        assert_eq!(find(&m, "Archive/2019").target_path, "Old Mail/2019");
+        assert!(matches!(find(&m, "Spam stuff").action, Action::Exclude(_)));
+        let only = Rules {
+            include: vec!["Archive*".into()],
+            ..Rules::default()
+        };
+        let m = map_folders(&src, &ns("", '/'), &dst, &ns("", '/'), &only).unwrap();
+        assert_eq!(find(&m, "Archive/2019").action, Action::Copy);
+        assert!(matches!(find(&m, "INBOX").action, Action::Exclude(_)));
+    }
+
+    #[test]
+    fn two_folders_onto_one_target_is_an_error_naming_both() {
+        let src = [entry("A", '/', &[]), entry("B", '/', &[])];
+        let rules = Rules {
+            rename: vec![("A".into(), "X".into()), ("B".into(), "X".into())],
+            ..Rules::default()
+        };
+        let err = map_folders(&src, &ns("", '/'), &[], &ns("", '/'), &rules).unwrap_err();
+        assert!(err.0.contains("\"A\"") && err.0.contains("\"B\""), "{err}");
+    }
+
+    #[test]
+    fn second_sent_folder_keeps_its_own_name() {
+        let src = [entry("Sent", '/', &["\\Sent"]), entry("Sent Items", '/', &["\\Sent"])];
+        let dst = [entry("Sent", '/', &["\\Sent"])];
+        let m = map_folders(&src, &ns("", '/'), &dst, &ns("", '/'), &Rules::default()).unwrap();
+        assert_eq!(find(&m, "Sent").target_path, "Sent");
+        assert_eq!(find(&m, "Sent Items").target_path, "Sent Items");
+    }
+
+    #[test]
+    fn glob() {
+        assert!(glob_match("Archive/*", "Archive/2019/x"));
+        assert!(glob_match("*Spam*", "My Spam box"));
+        assert!(!glob_match("Archive", "Archive/2019"));
+    }
+}

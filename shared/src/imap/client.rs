@@ -1,0 +1,769 @@
+//! The tokio driver around the sans-I/O parser: connecting (implicit TLS, mandatory
+//! STARTTLS, or explicit plaintext), authenticating, and a pipelined session.
+//!
+//! A [`Session`] owns the write half; a reader task owns the read half and hands every
+//! response to the command it belongs to: tagged completions by tag, untagged data to the
+//! oldest open command (IMAP answers in order). Untagged data flows through a bounded
+//! channel, so a caller that reads a large FETCH slowly slows the socket down rather
+//! than letting responses pile up in memory.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::parse::{lookup, parse_response, Framer, Response, Status, StatusResponse, Value};
+use super::tls;
+use crate::endpoint::{AuthMethod, Credentials, Endpoint, Security};
+use crate::error::{is_throttling, suggested_backoff, Error};
+
+/// Bounds on what a server may make us buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest response line outside literals.
+    pub max_line: usize,
+    /// Largest literal (message) we accept from this server.
+    pub max_literal: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_line: 16 << 20,
+            max_literal: 512 << 20,
+        }
+    }
+}
+
+/// Anything a session can run over: TCP or TLS over TCP.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// The server's capabilities, upper-cased.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities(BTreeSet<String>);
+
+impl Capabilities {
+    fn from_values(values: &[Value]) -> Self {
+        Capabilities(
+            values
+                .iter()
+                .filter_map(Value::text)
+                .map(|s| s.to_ascii_uppercase())
+                .filter(|s| s != "CAPABILITY")
+                .collect(),
+        )
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.0.contains(&name.to_ascii_uppercase())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// RFC 7889 APPENDLIMIT=n (a bare APPENDLIMIT means "per mailbox", which we ignore).
+    pub fn append_limit(&self) -> Option<u64> {
+        self.0
+            .iter()
+            .find_map(|c| c.strip_prefix("APPENDLIMIT=")?.parse().ok())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+}
+
+/// A piece of a command: text sent as is, or a literal.
+#[derive(Debug, Clone)]
+enum Part {
+    Text(Vec<u8>),
+    Literal(Bytes),
+    /// A BINARY literal8 (`~{n}`), which may contain NUL.
+    Literal8(Bytes),
+}
+
+/// A command being built. `Debug` shows only the verb, so arguments (passwords) never
+/// reach a log through it.
+#[derive(Clone)]
+pub struct Command {
+    verb: String,
+    parts: Vec<Part>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Command({})", self.verb)
+    }
+}
+
+impl Command {
+    pub fn new(verb: &str) -> Self {
+        Command {
+            verb: verb.split(' ').take(2).collect::<Vec<_>>().join(" "),
+            parts: vec![Part::Text(verb.as_bytes().to_vec())],
+        }
+    }
+
+    fn text_mut(&mut self) -> &mut Vec<u8> {
+        if !matches!(self.parts.last(), Some(Part::Text(_))) {
+            self.parts.push(Part::Text(Vec::new()));
+        }
+        match self.parts.last_mut() {
+            Some(Part::Text(t)) => t,
+            _ => unreachable!("a text part was just pushed"),
+        }
+    }
+
+    /// Appends raw protocol text (the caller knows it is valid).
+    pub fn raw(mut self, text: impl AsRef<[u8]>) -> Self {
+        self.text_mut().extend_from_slice(text.as_ref());
+        self
+    }
+
+    /// Appends a space and an astring: quoted when it can be, a literal otherwise.
+    pub fn arg(mut self, value: impl AsRef<[u8]>) -> Self {
+        let value = value.as_ref();
+        let quotable = value
+            .iter()
+            .all(|&b| b.is_ascii() && b != b'\r' && b != b'\n' && b != 0);
+        if quotable {
+            let t = self.text_mut();
+            t.extend_from_slice(b" \"");
+            for &b in value {
+                if b == b'"' || b == b'\\' {
+                    t.push(b'\\');
+                }
+                t.push(b);
+            }
+            t.push(b'"');
+            self
+        } else {
+            self.text_mut().push(b' ');
+            self.literal(Bytes::copy_from_slice(value))
+        }
+    }
+
+    /// Appends a literal (no leading space: the caller places it).
+    pub fn literal(mut self, data: Bytes) -> Self {
+        self.parts.push(Part::Literal(data));
+        self
+    }
+
+    /// Appends a BINARY literal8 (the server must advertise BINARY).
+    pub fn literal8(mut self, data: Bytes) -> Self {
+        self.parts.push(Part::Literal8(data));
+        self
+    }
+
+    pub fn verb(&self) -> &str {
+        &self.verb
+    }
+}
+
+struct Pending {
+    tag: String,
+    untagged: mpsc::Sender<Response>,
+    done: oneshot::Sender<StatusResponse>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: VecDeque<Pending>,
+    /// Why the connection is unusable, once it is.
+    closed: Option<String>,
+    /// The text of an untagged BYE, if the server sent one.
+    bye: Option<String>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain data behind; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lost(&self) -> Error {
+        let st = self.lock();
+        let detail = match (&st.bye, &st.closed) {
+            (Some(bye), _) => format!("server said BYE: {bye}"),
+            (None, Some(reason)) => reason.clone(),
+            (None, None) => "connection closed".to_string(),
+        };
+        Error::lost(detail)
+    }
+}
+
+/// A command in flight.
+pub struct CommandHandle {
+    pub tag: String,
+    verb: String,
+    untagged: mpsc::Receiver<Response>,
+    done: oneshot::Receiver<StatusResponse>,
+    completed: Option<StatusResponse>,
+    shared: Arc<Shared>,
+}
+
+impl CommandHandle {
+    /// The next untagged response, or `None` once the command has completed.
+    pub async fn next(&mut self) -> Option<Response> {
+        self.untagged.recv().await
+    }
+
+    /// Waits for completion, collecting any untagged responses.
+    pub async fn finish(mut self) -> Result<(Vec<Response>, StatusResponse), Error> {
+        let mut untagged = Vec::new();
+        while let Some(r) = self.untagged.recv().await {
+            untagged.push(r);
+        }
+        let status = match self.completed.take() {
+            Some(s) => s,
+            None => (&mut self.done).await.map_err(|_| self.shared.lost())?,
+        };
+        Ok((untagged, status))
+    }
+
+    /// Like [`finish`](Self::finish), but a NO or BAD becomes an error.
+    pub async fn ok(self) -> Result<(Vec<Response>, StatusResponse), Error> {
+        let verb = self.verb.clone();
+        let (untagged, status) = self.finish().await?;
+        check(&verb, status).map(|s| (untagged, s))
+    }
+}
+
+/// Turns a non-OK completion into the matching error.
+pub fn check(verb: &str, status: StatusResponse) -> Result<StatusResponse, Error> {
+    match status.status {
+        Status::Ok => Ok(status),
+        _ if is_throttling(&status) => Err(Error::Throttled {
+            backoff: suggested_backoff(&status.text),
+            server_says: status.describe(),
+        }),
+        _ => Err(Error::Command {
+            command: verb.to_string(),
+            response: status,
+        }),
+    }
+}
+
+/// An open, pipelining IMAP connection.
+pub struct Session {
+    writer: BufWriter<WriteHalf<Box<dyn Io>>>,
+    shared: Arc<Shared>,
+    continuations: mpsc::Receiver<String>,
+    next_tag: u64,
+    caps: Capabilities,
+    reader: JoinHandle<()>,
+    host: String,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Connects, negotiates TLS as the endpoint demands and reads the greeting and
+/// capabilities. The session is not yet authenticated.
+pub async fn connect(endpoint: &Endpoint, limits: Limits) -> Result<Session, Error> {
+    let tcp = tcp_connect(endpoint).await?;
+    let _ = tcp.set_nodelay(true);
+    let mut framer = Framer::new(limits.max_line, limits.max_literal);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let (io, caps): (Box<dyn Io>, Capabilities) = match endpoint.security {
+        Security::Plain => {
+            let mut tcp = tcp;
+            let caps = greeting(endpoint, &mut tcp, &mut buf, &mut framer).await?;
+            (Box::new(tcp), caps)
+        }
+        Security::Tls => {
+            let mut tls = tls::handshake(endpoint, tcp).await?;
+            let caps = greeting(endpoint, &mut tls, &mut buf, &mut framer).await?;
+            (Box::new(tls), caps)
+        }
+        Security::StartTls => {
+            let mut tcp = tcp;
+            let mut caps = greeting(endpoint, &mut tcp, &mut buf, &mut framer).await?;
+            if caps.is_empty() {
+                let (untagged, _) =
+                    simple_command(endpoint, &mut tcp, &mut buf, &mut framer, "s1 CAPABILITY").await?;
+                caps = caps_from_untagged(&untagged).unwrap_or_default();
+            }
+            if !caps.has("STARTTLS") {
+                return Err(Error::StartTlsNotOffered {
+                    host: endpoint.host.clone(),
+                });
+            }
+            let (_, status) =
+                simple_command(endpoint, &mut tcp, &mut buf, &mut framer, "s2 STARTTLS").await?;
+            check("STARTTLS", status)?;
+            if !buf.is_empty() {
+                // Bytes sent before the handshake could be an injection attempt (CVE-2011-0411 style).
+                return Err(Error::TlsHandshake {
+                    host: endpoint.host.clone(),
+                    detail: "server sent data after STARTTLS before the handshake".into(),
+                });
+            }
+            let tls = tls::handshake(endpoint, tcp).await?;
+            // Capabilities from before TLS must not be trusted: ask again below.
+            (Box::new(tls), Capabilities::default())
+        }
+    };
+    let mut session = Session::start(io, buf, framer, endpoint);
+    session.caps = caps;
+    if session.caps.is_empty() {
+        session.refresh_capabilities().await?;
+    }
+    Ok(session)
+}
+
+async fn tcp_connect(endpoint: &Endpoint) -> Result<TcpStream, Error> {
+    let addrs: Vec<_> = match tokio::time::timeout(
+        endpoint.connect_timeout,
+        tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port)),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(Error::Timeout {
+                what: format!("resolving {}", endpoint.host),
+            })
+        }
+        Ok(Err(e)) => {
+            return Err(Error::Dns {
+                host: endpoint.host.clone(),
+                detail: e.to_string(),
+            })
+        }
+        Ok(Ok(addrs)) => addrs.collect(),
+    };
+    let mut last = None;
+    for addr in addrs {
+        match tokio::time::timeout(endpoint.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                last = Some(Error::ConnectionRefused {
+                    addr: endpoint.address(),
+                })
+            }
+            Ok(Err(e)) => last = Some(Error::lost(format!("connecting to {addr}: {e}"))),
+            Err(_) => {
+                last = Some(Error::Timeout {
+                    what: format!("connecting to {}", endpoint.address()),
+                })
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Dns {
+        host: endpoint.host.clone(),
+        detail: "no addresses".into(),
+    }))
+}
+
+async fn read_response<S: AsyncRead + Unpin>(
+    endpoint: &Endpoint,
+    stream: &mut S,
+    buf: &mut BytesMut,
+    framer: &mut Framer,
+) -> Result<Response, Error> {
+    loop {
+        if let Some(frame) = framer.next_frame(buf)? {
+            return Ok(parse_response(frame)?);
+        }
+        match tokio::time::timeout(endpoint.read_timeout, stream.read_buf(buf)).await {
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what: format!("waiting for {}", endpoint.address()),
+                })
+            }
+            Ok(Ok(0)) => return Err(Error::lost(format!("{} closed the connection", endpoint.address()))),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(Error::lost(e.to_string())),
+        }
+    }
+}
+
+async fn greeting<S: AsyncRead + Unpin>(
+    endpoint: &Endpoint,
+    stream: &mut S,
+    buf: &mut BytesMut,
+    framer: &mut Framer,
+) -> Result<Capabilities, Error> {
+    match read_response(endpoint, stream, buf, framer).await? {
+        Response::UntaggedStatus(s) if matches!(s.status, Status::Ok | Status::PreAuth) => {
+            Ok(caps_from_code(&s).unwrap_or_default())
+        }
+        Response::UntaggedStatus(s) if s.status == Status::Bye => Err(Error::Throttled {
+            backoff: suggested_backoff(&s.text),
+            server_says: s.describe(),
+        }),
+        other => Err(Error::Protocol(super::parse::ParseError::Malformed(format!(
+            "unexpected greeting {other:?}"
+        )))),
+    }
+}
+
+async fn simple_command<S: AsyncRead + AsyncWrite + Unpin>(
+    endpoint: &Endpoint,
+    stream: &mut S,
+    buf: &mut BytesMut,
+    framer: &mut Framer,
+    line: &str,
+) -> Result<(Vec<Response>, StatusResponse), Error> {
+    stream
+        .write_all(format!("{line}\r\n").as_bytes())
+        .await
+        .map_err(|e| Error::lost(e.to_string()))?;
+    let tag = line.split(' ').next().unwrap_or_default();
+    let mut untagged = Vec::new();
+    loop {
+        match read_response(endpoint, stream, buf, framer).await? {
+            Response::Tagged { tag: t, status } if t == tag => return Ok((untagged, status)),
+            other => untagged.push(other),
+        }
+    }
+}
+
+fn caps_from_code(s: &StatusResponse) -> Option<Capabilities> {
+    (s.code_name().as_deref() == Some("CAPABILITY"))
+        .then(|| Capabilities::from_values(s.code.as_deref().unwrap_or_default()))
+}
+
+fn caps_from_untagged(untagged: &[Response]) -> Option<Capabilities> {
+    untagged.iter().find_map(|r| match r {
+        Response::Data { name, data } if name == "CAPABILITY" => Some(Capabilities::from_values(data)),
+        _ => None,
+    })
+}
+
+impl Session {
+    fn start(io: Box<dyn Io>, buf: BytesMut, framer: Framer, endpoint: &Endpoint) -> Self {
+        let (rd, wr) = tokio::io::split(io);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+        });
+        let (cont_tx, cont_rx) = mpsc::channel(4);
+        let reader = tokio::spawn(read_loop(
+            rd,
+            buf,
+            framer,
+            shared.clone(),
+            cont_tx,
+            endpoint.read_timeout,
+        ));
+        Session {
+            writer: BufWriter::with_capacity(64 * 1024, wr),
+            shared,
+            continuations: cont_rx,
+            next_tag: 1,
+            caps: Capabilities::default(),
+            reader,
+            host: endpoint.host.clone(),
+        }
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// True once the connection has failed or the server said BYE.
+    pub fn is_closed(&self) -> bool {
+        let st = self.shared.lock();
+        st.closed.is_some() || st.bye.is_some()
+    }
+
+    /// Whether a literal of `len` bytes may be sent without waiting for a continuation.
+    fn non_synchronizing(&self, len: usize) -> bool {
+        self.caps.has("LITERAL+") || (self.caps.has("LITERAL-") && len <= 4096)
+    }
+
+    /// Sends a command without waiting for its completion (pipelining).
+    pub async fn send(&mut self, command: Command) -> Result<CommandHandle, Error> {
+        let tag = format!("m{}", self.next_tag);
+        self.next_tag += 1;
+        let (utx, urx) = mpsc::channel(64);
+        let (dtx, drx) = oneshot::channel();
+        {
+            let mut st = self.shared.lock();
+            if st.closed.is_some() {
+                drop(st);
+                return Err(self.shared.lost());
+            }
+            st.pending.push_back(Pending {
+                tag: tag.clone(),
+                untagged: utx,
+                done: dtx,
+            });
+        }
+        let mut handle = CommandHandle {
+            tag: tag.clone(),
+            verb: command.verb.clone(),
+            untagged: urx,
+            done: drx,
+            completed: None,
+            shared: self.shared.clone(),
+        };
+        let write = async {
+            self.writer.write_all(tag.as_bytes()).await?;
+            self.writer.write_all(b" ").await?;
+            for part in &command.parts {
+                match part {
+                    Part::Text(t) => self.writer.write_all(t).await?,
+                    Part::Literal(data) | Part::Literal8(data) => {
+                        let tilde = if matches!(part, Part::Literal8(_)) { "~" } else { "" };
+                        if self.non_synchronizing(data.len()) {
+                            self.writer
+                                .write_all(format!("{tilde}{{{}+}}\r\n", data.len()).as_bytes())
+                                .await?;
+                        } else {
+                            self.writer
+                                .write_all(format!("{tilde}{{{}}}\r\n", data.len()).as_bytes())
+                                .await?;
+                            self.writer.flush().await?;
+                            tokio::select! {
+                                cont = self.continuations.recv() => {
+                                    if cont.is_none() {
+                                        return Err(std::io::Error::other("connection closed"));
+                                    }
+                                }
+                                // The server refused the literal: the command is over.
+                                done = &mut handle.done => {
+                                    handle.completed = done.ok();
+                                    return Ok(());
+                                }
+                            }
+                        }
+                        self.writer.write_all(data).await?;
+                    }
+                }
+            }
+            self.writer.write_all(b"\r\n").await?;
+            self.writer.flush().await
+        };
+        match write.await {
+            Ok(()) => Ok(handle),
+            Err(e) => {
+                let mut st = self.shared.lock();
+                st.closed.get_or_insert_with(|| format!("write failed: {e}"));
+                drop(st);
+                Err(self.shared.lost())
+            }
+        }
+    }
+
+    /// Sends a command and waits for an OK.
+    pub async fn run(&mut self, command: Command) -> Result<Vec<Response>, Error> {
+        Ok(self.send(command).await?.ok().await?.0)
+    }
+
+    pub async fn refresh_capabilities(&mut self) -> Result<(), Error> {
+        let untagged = self.run(Command::new("CAPABILITY")).await?;
+        self.caps = caps_from_untagged(&untagged).unwrap_or_default();
+        Ok(())
+    }
+
+    /// Authenticates with the method the credentials name.
+    pub async fn authenticate(&mut self, creds: &Credentials) -> Result<(), Error> {
+        let secret = creds.secret.expose().as_bytes();
+        let result = match &creds.method {
+            AuthMethod::Password => {
+                if self.caps.has("AUTH=PLAIN") {
+                    self.sasl("PLAIN", plain_response(b"", creds.login.as_bytes(), secret)).await
+                } else {
+                    self.login(creds.login.as_bytes(), secret).await
+                }
+            }
+            AuthMethod::AdminPlain { admin } => {
+                let ir = plain_response(creds.login.as_bytes(), admin.as_bytes(), secret);
+                self.sasl("PLAIN", ir).await
+            }
+            AuthMethod::DovecotMaster { master } => {
+                let login = format!("{}*{}", creds.login, master);
+                self.login(login.as_bytes(), secret).await
+            }
+            AuthMethod::XOAuth2 => {
+                let mut ir = format!("user={}\x01auth=Bearer ", creds.login).into_bytes();
+                ir.extend_from_slice(secret);
+                ir.extend_from_slice(b"\x01\x01");
+                self.sasl("XOAUTH2", ir).await
+            }
+        };
+        let status = match result {
+            Ok(status) => status,
+            Err(Error::Command { response, .. }) => {
+                return Err(Error::AuthRejected {
+                    server_says: response.describe(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        match caps_from_code(&status) {
+            Some(caps) => self.caps = caps,
+            None => self.refresh_capabilities().await?,
+        }
+        Ok(())
+    }
+
+    async fn login(&mut self, user: &[u8], secret: &[u8]) -> Result<StatusResponse, Error> {
+        if self.caps.has("LOGINDISABLED") {
+            return Err(Error::Config(format!(
+                "{} refuses LOGIN on this connection (LOGINDISABLED): use TLS or STARTTLS",
+                self.host
+            )));
+        }
+        let handle = self.send(Command::new("LOGIN").arg(user).arg(secret)).await?;
+        let (_, status) = handle.finish().await?;
+        check("LOGIN", status)
+    }
+
+    /// AUTHENTICATE with an initial response; any further challenge (XOAUTH2's error
+    /// report) is answered with an empty line so the server sends its final NO.
+    async fn sasl(&mut self, mechanism: &str, initial: Vec<u8>) -> Result<StatusResponse, Error> {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(initial);
+        let with_ir = self.caps.has("SASL-IR");
+        let command = if with_ir {
+            Command::new("AUTHENTICATE").raw(format!(" {mechanism} {encoded}"))
+        } else {
+            Command::new("AUTHENTICATE").raw(format!(" {mechanism}"))
+        };
+        let mut handle = self.send(command).await?;
+        let mut sent_initial = with_ir;
+        loop {
+            tokio::select! {
+                done = &mut handle.done => {
+                    let status = done.map_err(|_| self.shared.lost())?;
+                    return check("AUTHENTICATE", status);
+                }
+                cont = self.continuations.recv() => {
+                    if cont.is_none() {
+                        return Err(self.shared.lost());
+                    }
+                    let reply = if sent_initial { String::new() } else { encoded.clone() };
+                    sent_initial = true;
+                    let write = async {
+                        self.writer.write_all(reply.as_bytes()).await?;
+                        self.writer.write_all(b"\r\n").await?;
+                        self.writer.flush().await
+                    };
+                    write.await.map_err(|e| Error::lost(e.to_string()))?;
+                }
+            }
+        }
+    }
+
+    /// LOGOUT, best effort: the connection is being dropped anyway.
+    pub async fn logout(mut self) {
+        if let Ok(handle) = self.send(Command::new("LOGOUT")).await {
+            let _ = tokio::time::timeout(Duration::from_secs(2), handle.finish()).await;
+        }
+    }
+}
+
+fn plain_response(authz: &[u8], authc: &[u8], secret: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(authz.len() + authc.len() + secret.len() + 2);
+    out.extend_from_slice(authz);
+    out.push(0);
+    out.extend_from_slice(authc);
+    out.push(0);
+    out.extend_from_slice(secret);
+    out
+}
+
+async fn read_loop(
+    mut rd: ReadHalf<Box<dyn Io>>,
+    mut buf: BytesMut,
+    mut framer: Framer,
+    shared: Arc<Shared>,
+    continuations: mpsc::Sender<String>,
+    read_timeout: Duration,
+) {
+    let reason = loop {
+        let mut failure = None;
+        loop {
+            match framer.next_frame(&mut buf) {
+                Ok(None) => break,
+                Ok(Some(frame)) => match parse_response(frame) {
+                    Ok(response) => dispatch(&shared, &continuations, response).await,
+                    Err(e) => {
+                        failure = Some(format!("protocol error: {e}"));
+                        break;
+                    }
+                },
+                Err(e) => {
+                    failure = Some(format!("protocol error: {e}"));
+                    break;
+                }
+            }
+        }
+        if let Some(f) = failure {
+            break f;
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        match tokio::time::timeout(read_timeout, rd.read_buf(&mut buf)).await {
+            Err(_) => {
+                if !shared.lock().pending.is_empty() {
+                    break format!("server sent nothing for {} s", read_timeout.as_secs());
+                }
+            }
+            Ok(Ok(0)) => break "server closed the connection".to_string(),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => break format!("read failed: {e}"),
+        }
+    };
+    let mut st = shared.lock();
+    st.closed.get_or_insert(reason);
+    // Dropping the pending commands wakes every waiter with "connection lost".
+    st.pending.clear();
+}
+
+async fn dispatch(shared: &Shared, continuations: &mpsc::Sender<String>, response: Response) {
+    match response {
+        Response::Continuation(text) => {
+            let _ = continuations.try_send(text);
+        }
+        Response::Tagged { tag, status } => {
+            let pending = {
+                let mut st = shared.lock();
+                let at = st.pending.iter().position(|p| p.tag == tag);
+                at.and_then(|i| st.pending.remove(i))
+            };
+            if let Some(p) = pending {
+                let _ = p.done.send(status);
+            }
+        }
+        Response::UntaggedStatus(s) if s.status == Status::Bye => {
+            shared.lock().bye = Some(s.text);
+        }
+        other => {
+            let target = shared.lock().pending.front().map(|p| p.untagged.clone());
+            if let Some(tx) = target {
+                let _ = tx.send(other).await;
+            }
+        }
+    }
+}
+
+/// Reads the `key value` pairs of a FETCH response's data list.
+pub fn fetch_items(data: &[Value]) -> &[Value] {
+    data.first().and_then(Value::list).unwrap_or_default()
+}
+
+pub fn fetch_item<'a>(data: &'a [Value], key: &str) -> Option<&'a Value> {
+    lookup(fetch_items(data), key)
+}

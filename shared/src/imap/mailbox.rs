@@ -1,0 +1,209 @@
+//! Mailbox-level operations on a session: LIST, SELECT/EXAMINE, STATUS, CREATE.
+//! Each turns server responses into plain data the engine and planner work with.
+
+use bytes::Bytes;
+
+use super::client::{check, Command, Session};
+use super::parse::{lookup, Response, Status, Value};
+use crate::error::Error;
+
+/// One folder as LIST reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    /// The name as it is on the wire (modified UTF-7 unless the server says otherwise).
+    pub wire_name: Bytes,
+    pub delimiter: Option<char>,
+    /// Attributes, lower-cased: `\noselect`, `\sent`, ...
+    pub attributes: Vec<String>,
+}
+
+impl ListEntry {
+    pub fn has(&self, attr: &str) -> bool {
+        self.attributes.iter().any(|a| a.eq_ignore_ascii_case(attr))
+    }
+
+    pub fn selectable(&self) -> bool {
+        !self.has("\\noselect") && !self.has("\\nonexistent")
+    }
+}
+
+/// What SELECT or EXAMINE says about a folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailboxInfo {
+    pub exists: u32,
+    pub uidvalidity: u32,
+    pub uidnext: u32,
+    pub highestmodseq: Option<u64>,
+    /// Flags that can be stored permanently, lower-cased; `\*` means any keyword.
+    pub permanent_flags: Vec<String>,
+}
+
+impl MailboxInfo {
+    /// Whether a flag may be set here: system flags listed, keywords listed or `\*`.
+    pub fn accepts_flag(&self, flag: &str) -> bool {
+        let lower = flag.to_ascii_lowercase();
+        if self.permanent_flags.iter().any(|f| *f == lower) {
+            return true;
+        }
+        !lower.starts_with('\\') && self.permanent_flags.iter().any(|f| f == "\\*")
+    }
+}
+
+/// What STATUS says about a folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FolderStatus {
+    pub messages: u32,
+    pub uidnext: u32,
+    pub uidvalidity: u32,
+    pub highestmodseq: Option<u64>,
+    /// Total size in octets, when the server supports STATUS=SIZE.
+    pub size: Option<u64>,
+}
+
+impl Session {
+    /// LIST "" "*", with special-use attributes where the server can return them.
+    pub async fn list_all(&mut self) -> Result<Vec<ListEntry>, Error> {
+        let caps = self.capabilities();
+        let command = if caps.has("LIST-EXTENDED") && caps.has("SPECIAL-USE") {
+            Command::new("LIST \"\" \"*\" RETURN (SPECIAL-USE)")
+        } else {
+            Command::new("LIST \"\" \"*\"")
+        };
+        let untagged = self.run(command).await?;
+        Ok(untagged.iter().filter_map(parse_list).collect())
+    }
+
+    /// SELECT (read-write) or EXAMINE (read-only) a folder.
+    pub async fn open(&mut self, wire_name: &[u8], read_only: bool) -> Result<MailboxInfo, Error> {
+        let verb = if read_only { "EXAMINE" } else { "SELECT" };
+        let mut command = Command::new(verb).arg(wire_name);
+        if self.capabilities().has("CONDSTORE") {
+            command = command.raw(" (CONDSTORE)");
+        }
+        let untagged = self.run(command).await?;
+        let mut info = MailboxInfo::default();
+        for r in &untagged {
+            match r {
+                Response::Numbered { number, name, .. } if name == "EXISTS" => info.exists = *number,
+                Response::UntaggedStatus(s) if s.status == Status::Ok => {
+                    let code = s.code.as_deref().unwrap_or_default();
+                    let arg = code.get(1);
+                    match s.code_name().as_deref() {
+                        Some("UIDVALIDITY") => info.uidvalidity = number(arg) as u32,
+                        Some("UIDNEXT") => info.uidnext = number(arg) as u32,
+                        Some("HIGHESTMODSEQ") => info.highestmodseq = Some(number(arg)),
+                        Some("PERMANENTFLAGS") => {
+                            info.permanent_flags = flag_list(arg);
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(info)
+    }
+
+    /// STATUS for many folders in one round trip. A folder the server refuses gets its
+    /// own error; the others still answer.
+    pub async fn status_many(
+        &mut self,
+        wire_names: &[Bytes],
+    ) -> Result<Vec<Result<FolderStatus, Error>>, Error> {
+        let mut items = String::from(" (MESSAGES UIDNEXT UIDVALIDITY");
+        if self.capabilities().has("CONDSTORE") {
+            items.push_str(" HIGHESTMODSEQ");
+        }
+        if self.capabilities().has("STATUS=SIZE") {
+            items.push_str(" SIZE");
+        }
+        items.push(')');
+        let mut handles = Vec::with_capacity(wire_names.len());
+        for name in wire_names {
+            handles.push(self.send(Command::new("STATUS").arg(name).raw(&items)).await?);
+        }
+        let mut out = Vec::with_capacity(handles.len());
+        for handle in handles {
+            let (untagged, status) = handle.finish().await?;
+            out.push(check("STATUS", status).map(|_| {
+                let mut st = FolderStatus::default();
+                for r in &untagged {
+                    if let Response::Data { name, data } = r {
+                        if name != "STATUS" {
+                            continue;
+                        }
+                        let pairs = data.get(1).and_then(Value::list).unwrap_or_default();
+                        let get = |k| lookup(pairs, k).and_then(Value::number);
+                        st.messages = get("MESSAGES").unwrap_or(0) as u32;
+                        st.uidnext = get("UIDNEXT").unwrap_or(0) as u32;
+                        st.uidvalidity = get("UIDVALIDITY").unwrap_or(0) as u32;
+                        st.highestmodseq = get("HIGHESTMODSEQ");
+                        st.size = get("SIZE");
+                    }
+                }
+                st
+            }));
+        }
+        Ok(out)
+    }
+
+    /// CREATE and SUBSCRIBE many folders, pipelined. "Already exists" is success.
+    pub async fn create_all(&mut self, wire_names: &[Bytes]) -> Result<Vec<Result<(), Error>>, Error> {
+        let mut handles = Vec::new();
+        for name in wire_names {
+            let create = self.send(Command::new("CREATE").arg(name)).await?;
+            let subscribe = self.send(Command::new("SUBSCRIBE").arg(name)).await?;
+            handles.push((create, subscribe));
+        }
+        let mut out = Vec::new();
+        for (create, subscribe) in handles {
+            let (_, status) = create.finish().await?;
+            let created = match status.status {
+                Status::Ok => Ok(()),
+                _ if status.code_name().as_deref() == Some("ALREADYEXISTS")
+                    || status.text.to_ascii_lowercase().contains("exists") =>
+                {
+                    Ok(())
+                }
+                _ => check("CREATE", status).map(|_| ()),
+            };
+            // A failed SUBSCRIBE is cosmetic: the folder is there.
+            let _ = subscribe.finish().await?;
+            out.push(created);
+        }
+        Ok(out)
+    }
+}
+
+fn number(v: Option<&Value>) -> u64 {
+    v.and_then(Value::number).unwrap_or(0)
+}
+
+fn flag_list(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::list)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(Value::text)
+        .map(|f| f.to_ascii_lowercase())
+        .collect()
+}
+
+fn parse_list(r: &Response) -> Option<ListEntry> {
+    let Response::Data { name, data } = r else {
+        return None;
+    };
+    if name != "LIST" || data.len() < 3 {
+        return None;
+    }
+    let attributes = flag_list(data.first());
+    let delimiter = match &data[1] {
+        Value::Str(b) | Value::Atom(b) => b.first().map(|&c| c as char),
+        _ => None,
+    };
+    let wire_name = data[2].bytes()?.clone();
+    Some(ListEntry {
+        wire_name,
+        delimiter,
+        attributes,
+    })
+}

@@ -1,0 +1,11 @@
+//! The IMAP session layer: a sans-I/O parser ([`parse`]), a pipelining tokio client
+//! ([`client`]), mailbox operations ([`mailbox`]), TLS ([`tls`]) and a per-account
+//! connection pool with a cap ([`pool`]).
+
+pub mod client;
+pub mod mailbox;
+pub mod parse;
+pub mod pool;
+pub mod tls;
+
+pub use client::{connect, Capabilities, Command, CommandHandle, Limits, Session};

@@ -1,0 +1,220 @@
+//! The unit of work and what is remembered about it: a [`FolderJob`] copies one source
+//! folder (or a UID range of it) to one target folder in one pass; a [`Checkpoint`]
+//! records how far a folder has been copied and what is in flight.
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A folder name exactly as the server spells it on the wire. Serialized as a string
+/// when it is UTF-8 (it almost always is: modified UTF-7 is ASCII), else as `hex:...`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WireName(pub Bytes);
+
+impl WireName {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The decoded name for people.
+    pub fn display(&self) -> String {
+        crate::mutf7::decode_lenient(&self.0)
+    }
+}
+
+impl std::fmt::Debug for WireName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl Serialize for WireName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(&self.0) {
+            Ok(text) if !text.starts_with("hex:") => s.serialize_str(text),
+            _ => {
+                let hex: String = self.0.iter().map(|b| format!("{b:02x}")).collect();
+                s.serialize_str(&format!("hex:{hex}"))
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WireName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.strip_prefix("hex:") {
+            Some(hex) => {
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+                    .collect::<Result<Vec<u8>, _>>()
+                    .map_err(serde::de::Error::custom)?;
+                Ok(WireName(Bytes::from(bytes)))
+            }
+            None => Ok(WireName(Bytes::from(text))),
+        }
+    }
+}
+
+/// One folder (or UID range of one) of one user, in one pass. Carries ids and names
+/// only — never credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderJob {
+    pub batch: String,
+    pub user: String,
+    pub source_folder: WireName,
+    pub target_folder: WireName,
+    /// Inclusive source UID range; `None` for the whole folder.
+    pub uid_range: Option<(u32, u32)>,
+    pub pass: u64,
+}
+
+impl FolderJob {
+    /// Deterministic: publishing the same job twice names the same work.
+    pub fn id(&self) -> String {
+        let range = match self.uid_range {
+            Some((lo, hi)) => format!("{lo}-{hi}"),
+            None => "all".to_string(),
+        };
+        format!(
+            "{}:{}:{}:{}:{}",
+            self.batch,
+            self.user,
+            String::from_utf8_lossy(self.source_folder.as_bytes()),
+            range,
+            self.pass
+        )
+    }
+
+    pub fn checkpoint_key(&self) -> CheckpointKey {
+        CheckpointKey {
+            user: self.user.clone(),
+            source_folder: self.source_folder.clone(),
+        }
+    }
+}
+
+/// Which folder a checkpoint belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CheckpointKey {
+    pub user: String,
+    pub source_folder: WireName,
+}
+
+/// Source UID → target UID, stored as runs: copies made in order compress to a handful.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UidMap {
+    /// `(first source uid, first target uid, length)`, sorted by source uid.
+    runs: Vec<(u32, u32, u32)>,
+}
+
+impl UidMap {
+    pub fn insert(&mut self, src: u32, dst: u32) {
+        let at = self.runs.partition_point(|&(s, _, _)| s <= src);
+        if at > 0 {
+            let (s, d, n) = self.runs[at - 1];
+            if src < s + n {
+                return; // already mapped
+            }
+            if src == s + n && dst == d + n && (at == self.runs.len() || self.runs[at].0 > src) {
+                self.runs[at - 1].2 += 1;
+                return;
+            }
+        }
+        self.runs.insert(at, (src, dst, 1));
+    }
+
+    pub fn get(&self, src: u32) -> Option<u32> {
+        let at = self.runs.partition_point(|&(s, _, _)| s <= src);
+        let (s, d, n) = *self.runs.get(at.checked_sub(1)?)?;
+        (src < s + n).then(|| d + (src - s))
+    }
+
+    pub fn len(&self) -> usize {
+        self.runs.iter().map(|r| r.2 as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.runs.iter().flat_map(|&(s, d, n)| (0..n).map(move |i| (s + i, d + i)))
+    }
+}
+
+/// A message that was not copied, and why. No subject or body: size, date and UID only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedMessage {
+    pub uid: u32,
+    pub size: u64,
+    pub internal_date: String,
+    pub reason: String,
+}
+
+/// APPENDs that may or may not have reached the target: recorded before they are sent,
+/// cleared once their result is in the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    pub source_uids: Vec<u32>,
+    /// The target folder's UIDNEXT before the APPENDs: anything they created is at or above.
+    pub target_uidnext: u32,
+}
+
+/// How far a folder has been copied. The target mailbox stays the truth: a checkpoint
+/// that is lost or stale costs a reconciliation, never a duplicate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub source_uidvalidity: u32,
+    pub target_uidvalidity: u32,
+    /// Every source UID below this has been handled (copied, matched or skipped).
+    pub source_uid_done: u32,
+    /// The source's HIGHESTMODSEQ when flags were last brought up to date.
+    pub source_modseq: Option<u64>,
+    /// Source MESSAGES and UIDNEXT at the end of the last complete pass.
+    pub source_messages: u32,
+    pub source_uidnext: u32,
+    pub uid_map: UidMap,
+    pub skipped: Vec<SkippedMessage>,
+    pub in_flight: Option<InFlight>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_map_compresses_runs_and_answers_lookups() {
+        let mut m = UidMap::default();
+        for i in 1..=1000 {
+            m.insert(i, i + 10);
+        }
+        m.insert(2000, 5);
+        m.insert(1500, 3);
+        m.insert(500, 999); // already mapped: ignored
+        assert_eq!(m.runs.len(), 3);
+        assert_eq!(m.get(1), Some(11));
+        assert_eq!(m.get(1000), Some(1010));
+        assert_eq!(m.get(1001), None);
+        assert_eq!(m.get(1500), Some(3));
+        assert_eq!(m.get(2000), Some(5));
+        assert_eq!(m.len(), 1002);
+        assert_eq!(m.iter().nth(1000), Some((1500, 3)));
+    }
+
+    #[test]
+    fn job_ids_are_deterministic_and_wire_names_round_trip() {
+        let job = FolderJob {
+            batch: "b1".into(),
+            user: "alice@example.com".into(),
+            source_folder: WireName(Bytes::from_static(b"Entw&APw-rfe")),
+            target_folder: WireName(Bytes::from_static(b"\xffraw")),
+            uid_range: Some((1, 500)),
+            pass: 3,
+        };
+        assert_eq!(job.id(), "b1:alice@example.com:Entw&APw-rfe:1-500:3");
+        let json = serde_json::to_string(&job).unwrap();
+        assert!(json.contains("hex:ff726177"));
+        assert_eq!(serde_json::from_str::<FolderJob>(&json).unwrap(), job);
+    }
+}

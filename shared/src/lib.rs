@@ -1,0 +1,17 @@
+//! What the coordinator and the workers agree on: the domain (endpoints, users, folder
+//! jobs, checkpoints), the IMAP session layer, folder-name mapping, and the queue and
+//! store interfaces with their embedded implementations.
+
+pub mod date;
+pub mod endpoint;
+pub mod error;
+pub mod folders;
+pub mod imap;
+pub mod job;
+pub mod mutf7;
+pub mod queue;
+pub mod secret;
+pub mod store;
+pub mod users;
+
+pub use error::{Disposition, Error, Side};

@@ -1,0 +1,152 @@
+//! Where checkpoints live. [`StateStore`] is the interface; [`DirStore`] is the embedded
+//! implementation (one JSON file per folder under a state directory, written atomically
+//! and durably). The cluster implementation (Redis) fills the same interface.
+
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::Error;
+use crate::job::{Checkpoint, CheckpointKey};
+
+pub trait StateStore: Send + Sync + 'static {
+    fn load_checkpoint(
+        &self,
+        key: &CheckpointKey,
+    ) -> impl Future<Output = Result<Option<Checkpoint>, Error>> + Send;
+
+    fn save_checkpoint(
+        &self,
+        key: &CheckpointKey,
+        checkpoint: &Checkpoint,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+/// Checkpoints as files: `<dir>/checkpoints/<user>/<folder>.json`.
+#[derive(Debug, Clone)]
+pub struct DirStore {
+    root: PathBuf,
+}
+
+impl DirStore {
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, Error> {
+        let root = root.into();
+        std::fs::create_dir_all(root.join("checkpoints")).map_err(|e| {
+            Error::Store(format!("cannot create state directory {}: {e}", root.display()))
+        })?;
+        Ok(DirStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &CheckpointKey) -> PathBuf {
+        self.root
+            .join("checkpoints")
+            .join(file_name(key.user.as_bytes()))
+            .join(format!("{}.json", file_name(key.source_folder.as_bytes())))
+    }
+}
+
+/// A file name that any byte string maps to, one to one: unsafe bytes become `%XX`.
+fn file_name(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for (i, &b) in raw.iter().enumerate() {
+        let safe = b.is_ascii_alphanumeric() || b"-_@+,=".contains(&b) || (b == b'.' && i > 0);
+        if safe {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("%00empty");
+    }
+    out
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new content:
+/// temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().expect("a file path has a parent");
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
+        std::process::id()
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl StateStore for DirStore {
+    async fn load_checkpoint(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, Error> {
+        let path = self.path(key);
+        tokio::task::spawn_blocking(move || match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(cp) => Ok(Some(cp)),
+                Err(e) => {
+                    // Not fatal: without a checkpoint the folder is reconciled against
+                    // the target, which costs time but never duplicates.
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring damaged checkpoint");
+                    Ok(None)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Store(format!("reading {}: {e}", path.display()))),
+        })
+        .await
+        .map_err(|e| Error::Store(e.to_string()))?
+    }
+
+    async fn save_checkpoint(&self, key: &CheckpointKey, checkpoint: &Checkpoint) -> Result<(), Error> {
+        let path = self.path(key);
+        let bytes = serde_json::to_vec(checkpoint).map_err(|e| Error::Store(e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            write_atomically(&path, &bytes)
+                .map_err(|e| Error::Store(format!("writing {}: {e}", path.display())))
+        })
+        .await
+        .map_err(|e| Error::Store(e.to_string()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::WireName;
+
+    #[test]
+    fn file_names_are_safe_and_distinct() {
+        assert_eq!(file_name(b"alice@example.com"), "alice@example.com");
+        assert_eq!(file_name(b"../x"), "%2E.%2Fx");
+        assert_ne!(file_name(b"a/b"), file_name(b"a%2Fb"));
+    }
+
+    #[tokio::test]
+    async fn checkpoints_round_trip_and_a_damaged_one_reads_as_missing() {
+        let dir = std::env::temp_dir().join(format!("mf-store-{}", fastrand::u64(..)));
+        let store = DirStore::open(&dir).unwrap();
+        let key = CheckpointKey {
+            user: "u".into(),
+            source_folder: WireName("INBOX".into()),
+        };
+        assert_eq!(store.load_checkpoint(&key).await.unwrap(), None);
+        let mut cp = Checkpoint {
+            source_uid_done: 42,
+            ..Checkpoint::default()
+        };
+        cp.uid_map.insert(1, 7);
+        store.save_checkpoint(&key, &cp).await.unwrap();
+        assert_eq!(store.load_checkpoint(&key).await.unwrap(), Some(cp));
+        std::fs::write(store.path(&key), b"{not json").unwrap();
+        assert_eq!(store.load_checkpoint(&key).await.unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
