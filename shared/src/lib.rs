@@ -5,6 +5,7 @@
 pub mod date;
 pub mod endpoint;
 pub mod error;
+pub mod failpoint;
 pub mod folders;
 pub mod imap;
 pub mod job;

@@ -81,6 +81,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
     }
+    crate::failpoint::hit("mid-checkpoint");
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
 }

@@ -7,5 +7,6 @@ pub mod mailbox;
 pub mod parse;
 pub mod pool;
 pub mod tls;
+pub mod uidset;
 
 pub use client::{connect, Capabilities, Command, CommandHandle, Limits, Session};

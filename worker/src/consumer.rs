@@ -1,0 +1,139 @@
+//! The worker loop: take a job, run it, then ack, retry later or dead-letter — decided
+//! by [`decide`], a pure function of the error's disposition and the attempt number.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailferry_shared::queue::{Delivery, JobQueue};
+use mailferry_shared::store::StateStore;
+use mailferry_shared::Disposition;
+use tokio::sync::watch;
+
+use crate::engine::Engine;
+use crate::error::JobError;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Deliveries of one job before it is dead-lettered (the poison-job limit).
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub cap: Duration,
+    /// Pause after a throttling answer that suggested no time of its own.
+    pub throttle_default: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 8,
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(60),
+            throttle_default: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Retry(Duration),
+    DeadLetter(String),
+}
+
+/// Capped exponential backoff with full jitter (`jitter` in `[0, 1)`).
+pub fn decide(disposition: Disposition, attempt: u32, policy: &RetryPolicy, jitter: f64, reason: &str) -> Decision {
+    if attempt >= policy.max_attempts {
+        return Decision::DeadLetter(format!("gave up after {attempt} attempts: {reason}"));
+    }
+    match disposition {
+        Disposition::Fatal => Decision::DeadLetter(reason.to_string()),
+        Disposition::Throttle(hint) => Decision::Retry(hint.unwrap_or(policy.throttle_default)),
+        Disposition::Retry => {
+            let exp = policy.base.saturating_mul(1u32 << attempt.min(16));
+            let ceiling = exp.min(policy.cap);
+            Decision::Retry(ceiling.mul_f64(0.5 + jitter / 2.0))
+        }
+    }
+}
+
+/// Runs `slots` jobs at a time until the queue ends or `shutdown` turns true. On
+/// shutdown no new job is taken; jobs in progress finish.
+pub async fn consume<Q: JobQueue, S: StateStore>(
+    queue: Arc<Q>,
+    engine: Arc<Engine<S>>,
+    slots: usize,
+    policy: RetryPolicy,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..slots.max(1) {
+        let queue = queue.clone();
+        let engine = engine.clone();
+        let mut shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                if *shutdown.borrow() {
+                    return;
+                }
+                let delivery = tokio::select! {
+                    d = queue.next() => d,
+                    _ = shutdown.changed() => return,
+                };
+                let Some(delivery) = delivery else { return };
+                run_one(&*queue, &engine, delivery, &policy).await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn run_one<Q: JobQueue, S: StateStore>(queue: &Q, engine: &Engine<S>, delivery: Delivery, policy: &RetryPolicy) {
+    let job = delivery.job.clone();
+    let span = tracing::info_span!("job", batch = %job.batch, user = %job.user, folder = %job.source_folder.display());
+    let _enter = span.enter();
+    match engine.run_job(&job).await {
+        Ok(_) => queue.ack(&delivery).await,
+        Err(e) => {
+            let reason = e.to_string();
+            match decide(e.disposition(), delivery.attempt, policy, fastrand::f64(), &reason) {
+                Decision::Retry(delay) => {
+                    tracing::warn!(attempt = delivery.attempt, delay_ms = delay.as_millis() as u64, error = %reason, "job failed, will retry");
+                    engine.progress().job_failed(&job, &reason, true);
+                    queue.retry(delivery, delay).await;
+                }
+                Decision::DeadLetter(why) => {
+                    tracing::error!(error = %why, "job failed for good");
+                    engine.progress().job_failed(&job, &describe(&e, &why), false);
+                    queue.dead_letter(&delivery, why).await;
+                }
+            }
+        }
+    }
+}
+
+fn describe(e: &JobError, why: &str) -> String {
+    match e.side() {
+        Some(side) if !why.starts_with(&side.to_string()) => format!("{side}: {why}"),
+        _ => why.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions() {
+        let p = RetryPolicy::default();
+        assert_eq!(decide(Disposition::Fatal, 1, &p, 0.3, "bad password"), Decision::DeadLetter("bad password".into()));
+        assert_eq!(
+            decide(Disposition::Throttle(Some(Duration::from_millis(1500))), 1, &p, 0.3, "x"),
+            Decision::Retry(Duration::from_millis(1500))
+        );
+        // backoff grows, is capped, and jitter keeps it within [cap/2, cap]
+        let Decision::Retry(d1) = decide(Disposition::Retry, 1, &p, 0.0, "x") else { panic!() };
+        let Decision::Retry(d5) = decide(Disposition::Retry, 5, &p, 0.0, "x") else { panic!() };
+        let Decision::Retry(d7) = decide(Disposition::Retry, 7, &p, 0.999, "x") else { panic!() };
+        assert!(d1 < d5 && d7 <= p.cap && d7 >= p.cap / 2, "{d1:?} {d5:?} {d7:?}");
+        assert!(matches!(decide(Disposition::Retry, 8, &p, 0.0, "x"), Decision::DeadLetter(_)));
+    }
+}

@@ -1,0 +1,472 @@
+//! The copy engine: runs one [`FolderJob`] — one source folder (or UID range) into one
+//! target folder — safely re-runnable at any point.
+//!
+//! One pass:
+//! 1. EXAMINE the source, SELECT the target (creating it if missing), load the checkpoint.
+//!    A checkpoint whose UIDVALIDITYs no longer match is discarded.
+//! 2. Nothing changed since the last pass (same UIDNEXT, MESSAGES and HIGHESTMODSEQ)?
+//!    Done: two commands.
+//! 3. An in-flight window left by a crash is resolved by content (see [`recover`]).
+//! 4. Without a checkpoint, the folder is reconciled against the target by identity.
+//! 5. New messages are copied in chunks. Before each chunk the in-flight window (source
+//!    UIDs and the target's UIDNEXT) is written durably; after it, the checkpoint.
+//! 6. Flag changes are propagated (CHANGEDSINCE where the source has CONDSTORE).
+//!
+//! The target is never expunged and nothing is deleted there.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use mailferry_shared::imap::client::{Command, Session};
+use mailferry_shared::imap::mailbox::MailboxInfo;
+use mailferry_shared::imap::uidset;
+use mailferry_shared::job::{Checkpoint, FolderJob, InFlight, SkippedMessage};
+use mailferry_shared::store::StateStore;
+use mailferry_shared::{failpoint, Error as SharedError};
+
+use crate::accounts::AccountDirectory;
+use crate::copy::{copy_messages, ByteBudget, CopySettings, Outcome, TargetFolder};
+use crate::error::JobError;
+use crate::message::{flag_key, parse_fetch, Meta};
+use crate::progress::{JobReport, ProgressSink};
+use crate::recover;
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Messages per in-flight window, i.e. between two checkpoints.
+    pub chunk_messages: usize,
+    pub copy: CopySettings,
+    /// Messages larger than this are skipped (besides the target's APPENDLIMIT).
+    pub max_message_size: Option<u64>,
+    /// Bytes of message bodies in memory at once, across all jobs of the process.
+    pub bytes_in_flight: u64,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            chunk_messages: 1000,
+            copy: CopySettings {
+                fetch_messages: 250,
+                fetch_bytes: 8 << 20,
+                multiappend: 50,
+                append_bytes: 8 << 20,
+                append_window: 32,
+            },
+            max_message_size: None,
+            bytes_in_flight: 48 << 20,
+        }
+    }
+}
+
+pub struct Engine<S: StateStore> {
+    store: Arc<S>,
+    accounts: Arc<dyn AccountDirectory>,
+    progress: Arc<dyn ProgressSink>,
+    settings: EngineSettings,
+    budget: ByteBudget,
+}
+
+impl<S: StateStore> Engine<S> {
+    pub fn new(
+        store: Arc<S>,
+        accounts: Arc<dyn AccountDirectory>,
+        progress: Arc<dyn ProgressSink>,
+        settings: EngineSettings,
+    ) -> Self {
+        let budget = ByteBudget::new(settings.bytes_in_flight);
+        Engine {
+            store,
+            accounts,
+            progress,
+            settings,
+            budget,
+        }
+    }
+
+    pub fn progress(&self) -> &Arc<dyn ProgressSink> {
+        &self.progress
+    }
+
+    /// Runs one job to the end. On error nothing is lost: the checkpoint and the target
+    /// stay consistent and the job can simply run again.
+    pub async fn run_job(&self, job: &FolderJob) -> Result<JobReport, JobError> {
+        let accounts = self
+            .accounts
+            .accounts(&job.user)
+            .ok_or_else(|| JobError::UnknownUser(job.user.clone()))?;
+        let mut source = accounts.source.get().await.map_err(JobError::source_side)?;
+        let mut target = accounts.target.get().await.map_err(JobError::target_side)?;
+        let report = self.run_on(job, &mut source, &mut target).await?;
+        source.release();
+        target.release();
+        Ok(report)
+    }
+
+    async fn run_on(
+        &self,
+        job: &FolderJob,
+        source: &mut Session,
+        target: &mut Session,
+    ) -> Result<JobReport, JobError> {
+        let (lo, hi) = job.uid_range.unwrap_or((1, u32::MAX));
+        let src = source
+            .open(job.source_folder.as_bytes(), true)
+            .await
+            .map_err(JobError::source_side)?;
+        let dst = open_or_create(target, job.target_folder.as_bytes()).await?;
+        let key = job.checkpoint_key();
+        let stored = self.store.load_checkpoint(&key).await.map_err(JobError::Store)?;
+        let (mut cp, incremental) = match stored {
+            Some(cp)
+                if cp.source_uidvalidity == src.uidvalidity
+                    && cp.target_uidvalidity == dst.uidvalidity =>
+            {
+                (cp, true)
+            }
+            other => {
+                if other.is_some() {
+                    tracing::warn!(job = %job.id(), "UIDVALIDITY changed: reconciling the folder");
+                }
+                let fresh = Checkpoint {
+                    source_uidvalidity: src.uidvalidity,
+                    target_uidvalidity: dst.uidvalidity,
+                    ..Checkpoint::default()
+                };
+                (fresh, false)
+            }
+        };
+        let mut report = JobReport {
+            source_messages: src.exists,
+            target_messages: dst.exists,
+            ..JobReport::default()
+        };
+
+        if incremental
+            && cp.in_flight.is_none()
+            && src.uidnext == cp.source_uidnext
+            && src.exists == cp.source_messages
+            && src.highestmodseq.is_some()
+            && src.highestmodseq == cp.source_modseq
+        {
+            report.unchanged = true;
+            self.progress.job_started(job, 0, 0);
+            self.progress.job_finished(job, &report);
+            return Ok(report);
+        }
+
+        if let Some(window) = cp.in_flight.take() {
+            let pairs = recover::resolve_window(source, target, &cp.uid_map, &window).await?;
+            report.matched += pairs.len() as u64;
+            for (s, d) in pairs {
+                cp.uid_map.insert(s, d);
+            }
+            self.save(job, &cp).await?;
+        }
+
+        // With CONDSTORE a pass reads only new messages' metadata and changed flags;
+        // without it, the flags of every message are compared.
+        let condstore = incremental && src.highestmodseq.is_some() && cp.source_modseq.is_some();
+        let meta_from = if condstore { cp.source_uid_done.max(lo) } else { lo };
+        let metas = if src.exists == 0 {
+            Vec::new()
+        } else {
+            fetch_metas(source, meta_from, hi).await.map_err(JobError::source_side)?
+        };
+
+        let mut reconciled = false;
+        if !incremental && dst.exists > 0 && !metas.is_empty() {
+            let pairs = recover::reconcile(source, target, &cp.uid_map, (lo, hi)).await?;
+            report.matched += pairs.len() as u64;
+            reconciled = true;
+            for (s, d) in pairs {
+                cp.uid_map.insert(s, d);
+            }
+        }
+
+        // What to copy: not handled before, not at the target already, not too large.
+        let limit = [self.settings.max_message_size, target.capabilities().append_limit()]
+            .into_iter()
+            .flatten()
+            .min();
+        let skipped_before: HashSet<u32> = cp.skipped.iter().map(|s| s.uid).collect();
+        let mut to_copy: Vec<Meta> = Vec::new();
+        for m in &metas {
+            if m.uid < cp.source_uid_done || cp.uid_map.get(m.uid).is_some() || skipped_before.contains(&m.uid) {
+                continue;
+            }
+            if let Some(limit) = limit.filter(|l| m.size > *l) {
+                let skipped = SkippedMessage {
+                    uid: m.uid,
+                    size: m.size,
+                    internal_date: m.internal_date.clone(),
+                    reason: format!("larger than the target accepts ({} > {limit} bytes)", m.size),
+                };
+                self.progress.skipped(job, &skipped);
+                report.skipped.push(skipped.clone());
+                cp.skipped.push(skipped);
+                continue;
+            }
+            to_copy.push(m.clone());
+        }
+        self.progress.job_started(
+            job,
+            to_copy.len() as u64,
+            to_copy.iter().map(|m| m.size).sum(),
+        );
+
+        let caps = target.capabilities();
+        let folder = TargetFolder {
+            wire_name: job.target_folder.as_bytes(),
+            info: &dst,
+            multiappend: caps.has("MULTIAPPEND"),
+            binary: caps.has("BINARY"),
+        };
+        let uidplus = caps.has("UIDPLUS");
+        let mut target_uidnext = dst.uidnext;
+        let mut copied_now: HashSet<u32> = HashSet::new();
+        let chunks: Vec<&[Meta]> = to_copy.chunks(self.settings.chunk_messages.max(1)).collect();
+        for chunk in chunks {
+            cp.in_flight = Some(InFlight {
+                source_uids: chunk.iter().map(|m| m.uid).collect(),
+                target_uidnext,
+            });
+            self.save(job, &cp).await?;
+            failpoint::hit("after-window");
+
+            let progress = self.progress.clone();
+            let mut on_copied = |n: u64, bytes: u64| progress.copied(job, n, bytes);
+            let (mut outcomes, regroup) = copy_messages(
+                source,
+                target,
+                chunk,
+                &folder,
+                &self.settings.copy,
+                &self.budget,
+                &mut on_copied,
+            )
+            .await?;
+            if !regroup.is_empty() {
+                // One message spoiled a MULTIAPPEND: send that group one by one.
+                let retry: Vec<Meta> = chunk.iter().filter(|m| regroup.contains(&m.uid)).cloned().collect();
+                let single = CopySettings {
+                    multiappend: 1,
+                    ..self.settings.copy.clone()
+                };
+                let (more, _) = copy_messages(
+                    source,
+                    target,
+                    &retry,
+                    &TargetFolder {
+                        multiappend: false,
+                        ..folder
+                    },
+                    &single,
+                    &self.budget,
+                    &mut on_copied,
+                )
+                .await?;
+                outcomes.extend(more);
+            }
+            let sizes: HashMap<u32, &Meta> = chunk.iter().map(|m| (m.uid, m)).collect();
+            for (uid, outcome) in outcomes {
+                match outcome {
+                    Outcome::Copied { target_uid, size } => {
+                        report.copied += 1;
+                        report.copied_bytes += size;
+                        copied_now.insert(uid);
+                        if let Some(t) = target_uid {
+                            cp.uid_map.insert(uid, t);
+                            target_uidnext = target_uidnext.max(t + 1);
+                        }
+                    }
+                    Outcome::Refused(reason) => {
+                        let m = sizes[&uid];
+                        let skipped = SkippedMessage {
+                            uid,
+                            size: m.size,
+                            internal_date: m.internal_date.clone(),
+                            reason,
+                        };
+                        self.progress.skipped(job, &skipped);
+                        report.skipped.push(skipped.clone());
+                        cp.skipped.push(skipped);
+                    }
+                    Outcome::Vanished => {}
+                }
+            }
+            if !uidplus {
+                // Without APPENDUID the next window's bound must come from the server.
+                target_uidnext = highest_uid(target).await.map_err(JobError::target_side)? + 1;
+            }
+            let last = chunk.last().expect("chunks are not empty").uid;
+            cp.source_uid_done = cp.source_uid_done.max(last + 1);
+            cp.in_flight = None;
+        }
+        if let Some(last) = metas.last() {
+            cp.source_uid_done = cp.source_uid_done.max(last.uid + 1);
+        }
+
+        // Flags of messages copied earlier.
+        if incremental || reconciled {
+            let changed: Vec<(u32, Vec<String>)> = if condstore {
+                changed_flags(source, lo, hi, cp.source_modseq.unwrap_or(0))
+                    .await
+                    .map_err(JobError::source_side)?
+            } else {
+                metas.iter().map(|m| (m.uid, m.flags.clone())).collect()
+            };
+            let wanted: Vec<(u32, Vec<String>)> = changed
+                .into_iter()
+                .filter(|(uid, _)| !copied_now.contains(uid))
+                .filter_map(|(uid, flags)| cp.uid_map.get(uid).map(|t| (t, folder_flags(&folder, &flags))))
+                .collect();
+            let updates = if condstore {
+                wanted
+            } else {
+                // Compare with what the target has, to send only real changes.
+                let current = target_flags(target).await.map_err(JobError::target_side)?;
+                wanted
+                    .into_iter()
+                    .filter(|(t, flags)| current.get(t).is_some_and(|cur| flag_key(cur) != flag_key(flags)))
+                    .collect()
+            };
+            report.flags_updated = store_flags(target, &updates).await.map_err(JobError::target_side)?;
+        }
+
+        cp.source_uidnext = src.uidnext;
+        cp.source_messages = src.exists;
+        cp.source_modseq = src.highestmodseq;
+        self.save(job, &cp).await?;
+        report.target_messages = dst.exists + report.copied as u32;
+        self.progress.job_finished(job, &report);
+        Ok(report)
+    }
+
+    async fn save(&self, job: &FolderJob, cp: &Checkpoint) -> Result<(), JobError> {
+        self.store
+            .save_checkpoint(&job.checkpoint_key(), cp)
+            .await
+            .map_err(JobError::Store)
+    }
+}
+
+fn folder_flags(folder: &TargetFolder<'_>, flags: &[String]) -> Vec<String> {
+    flags
+        .iter()
+        .filter(|f| !f.eq_ignore_ascii_case("\\recent"))
+        .filter(|f| folder.info.permanent_flags.is_empty() || folder.info.accepts_flag(f))
+        .cloned()
+        .collect()
+}
+
+async fn open_or_create(target: &mut Session, wire_name: &[u8]) -> Result<MailboxInfo, JobError> {
+    match target.open(wire_name, false).await {
+        Ok(info) => Ok(info),
+        Err(SharedError::Command { .. }) => {
+            let created = target
+                .create_all(&[bytes::Bytes::copy_from_slice(wire_name)])
+                .await
+                .map_err(JobError::target_side)?;
+            for r in created {
+                r.map_err(JobError::target_side)?;
+            }
+            target.open(wire_name, false).await.map_err(JobError::target_side)
+        }
+        Err(e) => Err(JobError::target_side(e)),
+    }
+}
+
+/// `UID FETCH lo:hi (UID RFC822.SIZE FLAGS INTERNALDATE)`, sorted by UID.
+async fn fetch_metas(session: &mut Session, lo: u32, hi: u32) -> Result<Vec<Meta>, SharedError> {
+    let hi_text = if hi == u32::MAX { "*".to_string() } else { hi.to_string() };
+    let command = Command::new("UID FETCH").raw(format!(
+        " {lo}:{hi_text} (UID RFC822.SIZE FLAGS INTERNALDATE)"
+    ));
+    let mut handle = session.send(command).await?;
+    let mut metas = Vec::new();
+    while let Some(r) = handle.next().await {
+        if let Some(meta) = parse_fetch(&r).and_then(|f| f.meta()) {
+            // "n:*" returns the last message even when its UID is below n.
+            if (lo..=hi).contains(&meta.uid) {
+                metas.push(meta);
+            }
+        }
+    }
+    handle.ok().await?;
+    metas.sort_unstable_by_key(|m| m.uid);
+    metas.dedup_by_key(|m| m.uid);
+    Ok(metas)
+}
+
+async fn changed_flags(
+    session: &mut Session,
+    lo: u32,
+    hi: u32,
+    since: u64,
+) -> Result<Vec<(u32, Vec<String>)>, SharedError> {
+    let hi_text = if hi == u32::MAX { "*".to_string() } else { hi.to_string() };
+    let command = Command::new("UID FETCH").raw(format!(
+        " {lo}:{hi_text} (UID FLAGS) (CHANGEDSINCE {since})"
+    ));
+    let mut handle = session.send(command).await?;
+    let mut out = Vec::new();
+    while let Some(r) = handle.next().await {
+        if let Some(f) = parse_fetch(&r) {
+            if let (Some(uid), Some(flags)) = (f.uid, f.flags) {
+                if (lo..=hi).contains(&uid) {
+                    out.push((uid, flags));
+                }
+            }
+        }
+    }
+    handle.ok().await?;
+    Ok(out)
+}
+
+async fn target_flags(session: &mut Session) -> Result<HashMap<u32, Vec<String>>, SharedError> {
+    let mut handle = session.send(Command::new("UID FETCH").raw(" 1:* (UID FLAGS)")).await?;
+    let mut out = HashMap::new();
+    while let Some(r) = handle.next().await {
+        if let Some(f) = parse_fetch(&r) {
+            if let (Some(uid), Some(flags)) = (f.uid, f.flags) {
+                out.insert(uid, flags);
+            }
+        }
+    }
+    handle.ok().await?;
+    Ok(out)
+}
+
+/// Sets flags with one `UID STORE` per distinct flag set, pipelined.
+async fn store_flags(session: &mut Session, updates: &[(u32, Vec<String>)]) -> Result<u64, SharedError> {
+    let mut by_set: BTreeMap<Vec<String>, Vec<u32>> = BTreeMap::new();
+    for (uid, flags) in updates {
+        by_set.entry(flags.clone()).or_default().push(*uid);
+    }
+    let mut handles = Vec::new();
+    for (flags, uids) in &by_set {
+        let command = Command::new("UID STORE").raw(format!(
+            " {} FLAGS.SILENT ({})",
+            uidset::format(uids),
+            flags.join(" ")
+        ));
+        handles.push(session.send(command).await?);
+    }
+    for h in handles {
+        h.ok().await?;
+    }
+    Ok(updates.len() as u64)
+}
+
+async fn highest_uid(session: &mut Session) -> Result<u32, SharedError> {
+    let mut handle = session.send(Command::new("UID FETCH").raw(" * (UID)")).await?;
+    let mut highest = 0;
+    while let Some(r) = handle.next().await {
+        if let Some(uid) = parse_fetch(&r).and_then(|f| f.uid) {
+            highest = highest.max(uid);
+        }
+    }
+    handle.ok().await?;
+    Ok(highest)
+}

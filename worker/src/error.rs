@@ -1,0 +1,56 @@
+//! The worker's error type. Each variant knows what the consumer does with the job:
+//! retry later, pause for the server, or give up and report — so ack/nack is a pure
+//! function of the error ([`JobError::disposition`]).
+
+use mailferry_shared::{Disposition, Error as SharedError, Side};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("{side}: {source}")]
+    Imap {
+        side: Side,
+        #[source]
+        source: SharedError,
+    },
+    #[error("target over quota: {server_says}")]
+    TargetOverQuota { server_says: String },
+    #[error("no accounts known for user {0}")]
+    UnknownUser(String),
+    #[error("{0}")]
+    Store(SharedError),
+}
+
+impl JobError {
+    pub fn source_side(e: SharedError) -> Self {
+        JobError::Imap {
+            side: Side::Source,
+            source: e,
+        }
+    }
+
+    pub fn target_side(e: SharedError) -> Self {
+        JobError::Imap {
+            side: Side::Target,
+            source: e,
+        }
+    }
+
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            JobError::Imap { source, .. } => source.disposition(),
+            // A full mailbox stays full until an admin acts.
+            JobError::TargetOverQuota { .. } | JobError::UnknownUser(_) => Disposition::Fatal,
+            // The local store failing (disk full) may pass; retry.
+            JobError::Store(_) => Disposition::Retry,
+        }
+    }
+
+    /// The side at fault, if one is.
+    pub fn side(&self) -> Option<Side> {
+        match self {
+            JobError::Imap { side, .. } => Some(*side),
+            JobError::TargetOverQuota { .. } => Some(Side::Target),
+            _ => None,
+        }
+    }
+}

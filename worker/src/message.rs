@@ -1,0 +1,117 @@
+//! Messages as the engine sees them: metadata from FETCH, and the content identities used
+//! to recognise a message already at the target without a marker header.
+
+use bytes::Bytes;
+use mailferry_shared::imap::client::fetch_item;
+use mailferry_shared::imap::parse::{Response, Value};
+use sha2::{Digest, Sha256};
+
+/// What FETCH (UID RFC822.SIZE FLAGS INTERNALDATE) says about a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub uid: u32,
+    pub size: u64,
+    pub flags: Vec<String>,
+    pub internal_date: String,
+}
+
+/// A FETCH response, picked apart.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    pub uid: Option<u32>,
+    pub size: Option<u64>,
+    pub flags: Option<Vec<String>>,
+    pub internal_date: Option<String>,
+    pub body: Option<Bytes>,
+    pub header: Option<Bytes>,
+}
+
+pub fn parse_fetch(response: &Response) -> Option<Fetched> {
+    let Response::Numbered { name, data, .. } = response else {
+        return None;
+    };
+    if name != "FETCH" {
+        return None;
+    }
+    Some(Fetched {
+        uid: fetch_item(data, "UID").and_then(Value::number).map(|n| n as u32),
+        size: fetch_item(data, "RFC822.SIZE").and_then(Value::number),
+        flags: fetch_item(data, "FLAGS").and_then(Value::list).map(|l| {
+            l.iter()
+                .filter_map(Value::text)
+                .filter(|f| !f.eq_ignore_ascii_case("\\recent"))
+                .collect()
+        }),
+        internal_date: fetch_item(data, "INTERNALDATE").and_then(Value::text),
+        body: fetch_item(data, "BODY[]")
+            .or_else(|| fetch_item(data, "BINARY[]"))
+            .and_then(|v| v.bytes().cloned()),
+        header: fetch_item(data, "BODY[HEADER]").and_then(|v| v.bytes().cloned()),
+    })
+}
+
+impl Fetched {
+    pub fn meta(&self) -> Option<Meta> {
+        Some(Meta {
+            uid: self.uid?,
+            size: self.size?,
+            flags: self.flags.clone().unwrap_or_default(),
+            internal_date: self.internal_date.clone()?,
+        })
+    }
+}
+
+/// SHA-256 of the bytes without CR, so a target that turns bare LF into CRLF when it
+/// stores a message still matches its source.
+pub fn content_hash(bytes: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for piece in bytes.split(|&b| b == b'\r') {
+        h.update(piece);
+    }
+    h.finalize().into()
+}
+
+/// The header section: everything up to the first empty line.
+pub fn header_section(message: &[u8]) -> &[u8] {
+    let mut i = 0;
+    while i < message.len() {
+        if message[i] == b'\n' {
+            let rest = &message[i + 1..];
+            if rest.starts_with(b"\n") || rest.starts_with(b"\r\n") {
+                return &message[..i + 1];
+            }
+        }
+        i += 1;
+    }
+    message
+}
+
+/// Normalises flags for comparison: lower-case, sorted, no `\Recent`.
+pub fn flag_key(flags: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = flags
+        .iter()
+        .map(|f| f.to_ascii_lowercase())
+        .filter(|f| f != "\\recent")
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_hash_ignores_carriage_returns_only() {
+        assert_eq!(content_hash(b"a\r\nb\r\n"), content_hash(b"a\nb\n"));
+        assert_ne!(content_hash(b"a\nb\n"), content_hash(b"a\nc\n"));
+    }
+
+    #[test]
+    fn header_section_stops_at_the_first_empty_line() {
+        assert_eq!(header_section(b"A: 1\r\nB: 2\r\n\r\nbody\r\n\r\n"), b"A: 1\r\nB: 2\r\n");
+        assert_eq!(header_section(b"A: 1\n\nbody"), b"A: 1\n");
+        assert_eq!(header_section(b"no body"), b"no body");
+    }
+}

@@ -1,0 +1,149 @@
+//! Finding out what is already at the target, without marker headers.
+//!
+//! - [`resolve_window`]: after a crash between APPEND and checkpoint, the target messages
+//!   at or above the recorded UIDNEXT are matched by content to the in-flight source
+//!   messages. Only a bounded window is read.
+//! - [`reconcile`]: with no usable checkpoint (first run against a non-empty target,
+//!   state lost, UIDVALIDITY changed) the whole folder is matched by a cheap identity:
+//!   INTERNALDATE and a hash of the header section.
+//!
+//! Both match as multisets in UID order, so two identical source messages need two
+//! target copies: a source duplicate is never swallowed by one target message.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use mailferry_shared::date::internal_date_epoch;
+use mailferry_shared::imap::client::{Command, Session};
+use mailferry_shared::imap::uidset;
+use mailferry_shared::job::{InFlight, UidMap};
+
+use crate::error::JobError;
+use crate::message::{content_hash, header_section, parse_fetch};
+
+/// Pairs `(source uid, target uid)` for in-flight messages that did reach the target.
+pub async fn resolve_window(
+    source: &mut Session,
+    target: &mut Session,
+    uid_map: &UidMap,
+    window: &InFlight,
+) -> Result<Vec<(u32, u32)>, JobError> {
+    if window.source_uids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mapped: HashSet<u32> = uid_map.iter().map(|(_, d)| d).collect();
+    // Target side: everything at or above the recorded UIDNEXT not already accounted for.
+    let command = Command::new("UID FETCH").raw(format!(
+        " {}:* (UID BODY.PEEK[])",
+        window.target_uidnext.max(1)
+    ));
+    let mut candidates: Vec<(u32, [u8; 32])> = Vec::new();
+    let mut handle = target.send(command).await.map_err(JobError::target_side)?;
+    while let Some(r) = handle.next().await {
+        if let Some(f) = parse_fetch(&r) {
+            if let (Some(uid), Some(body)) = (f.uid, f.body) {
+                // "n:*" also returns the highest message when it is below n.
+                if uid >= window.target_uidnext && !mapped.contains(&uid) {
+                    candidates.push((uid, content_hash(&body)));
+                }
+            }
+        }
+    }
+    handle.ok().await.map_err(JobError::target_side)?;
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    candidates.sort_unstable_by_key(|c| c.0);
+    let mut by_hash: HashMap<[u8; 32], VecDeque<u32>> = HashMap::new();
+    for (uid, hash) in candidates {
+        by_hash.entry(hash).or_default().push_back(uid);
+    }
+
+    let command = Command::new("UID FETCH").raw(format!(
+        " {} (UID BODY.PEEK[])",
+        uidset::format(&window.source_uids)
+    ));
+    let mut source_hashes: Vec<(u32, [u8; 32])> = Vec::new();
+    let mut handle = source.send(command).await.map_err(JobError::source_side)?;
+    while let Some(r) = handle.next().await {
+        if let Some(f) = parse_fetch(&r) {
+            if let (Some(uid), Some(body)) = (f.uid, f.body) {
+                source_hashes.push((uid, content_hash(&body)));
+            }
+        }
+    }
+    handle.ok().await.map_err(JobError::source_side)?;
+    source_hashes.sort_unstable_by_key(|s| s.0);
+
+    let mut pairs = Vec::new();
+    for (uid, hash) in source_hashes {
+        if let Some(t) = by_hash.get_mut(&hash).and_then(VecDeque::pop_front) {
+            pairs.push((uid, t));
+        }
+    }
+    Ok(pairs)
+}
+
+/// A message's identity for reconciliation.
+type Identity = (Option<i64>, [u8; 32]);
+
+async fn identities(
+    session: &mut Session,
+    uid_set: &str,
+    lo: u32,
+    hi: u32,
+) -> Result<Vec<(u32, Identity)>, mailferry_shared::Error> {
+    let command =
+        Command::new("UID FETCH").raw(format!(" {uid_set} (UID INTERNALDATE BODY.PEEK[HEADER])"));
+    let mut out = Vec::new();
+    let mut handle = session.send(command).await?;
+    while let Some(r) = handle.next().await {
+        if let Some(f) = parse_fetch(&r) {
+            if let (Some(uid), Some(header)) = (f.uid, f.header) {
+                if (lo..=hi).contains(&uid) {
+                    let date = f.internal_date.as_deref().and_then(internal_date_epoch);
+                    out.push((uid, (date, content_hash(header_section(&header)))));
+                }
+            }
+        }
+    }
+    handle.ok().await?;
+    out.sort_unstable_by_key(|x| x.0);
+    Ok(out)
+}
+
+/// Pairs source messages in `lo..=hi` (not yet in `uid_map`) with target messages that
+/// have the same identity and are not mapped to another source message.
+pub async fn reconcile(
+    source: &mut Session,
+    target: &mut Session,
+    uid_map: &UidMap,
+    (lo, hi): (u32, u32),
+) -> Result<Vec<(u32, u32)>, JobError> {
+    let mapped_targets: HashSet<u32> = uid_map.iter().map(|(_, d)| d).collect();
+    let target_ids = identities(target, "1:*", 1, u32::MAX)
+        .await
+        .map_err(JobError::target_side)?;
+    let mut by_identity: HashMap<Identity, VecDeque<u32>> = HashMap::new();
+    for (uid, id) in target_ids {
+        if !mapped_targets.contains(&uid) {
+            by_identity.entry(id).or_default().push_back(uid);
+        }
+    }
+    if by_identity.is_empty() {
+        return Ok(Vec::new());
+    }
+    let hi_text = if hi == u32::MAX { "*".to_string() } else { hi.to_string() };
+    let source_ids = identities(source, &format!("{lo}:{hi_text}"), lo, hi)
+        .await
+        .map_err(JobError::source_side)?;
+    let mut pairs = Vec::new();
+    for (uid, id) in source_ids {
+        if uid_map.get(uid).is_some() {
+            continue;
+        }
+        if let Some(t) = by_identity.get_mut(&id).and_then(VecDeque::pop_front) {
+            pairs.push((uid, t));
+        }
+    }
+    Ok(pairs)
+}
