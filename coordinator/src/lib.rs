@@ -1,1 +1,8 @@
-//! placeholder
+//! The coordinator: planning users into folder jobs ([`planner`]), the one-command
+//! embedded mode ([`embedded`]), progress and summaries ([`report`]) and the command
+//! line ([`cli`]).
+
+pub mod cli;
+pub mod embedded;
+pub mod planner;
+pub mod report;

@@ -1,1 +1,149 @@
-fn main() {}
+//! `mailferry`: the command line entry point.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use mailferry_coordinator::cli::{prepare, Cli, Command, MigrateArgs};
+use mailferry_coordinator::embedded::{self, DryRun};
+use mailferry_coordinator::report::{exit_for, human_bytes, render_summary, Exit, Reporter};
+use tokio::sync::watch;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match cli.command {
+        Command::Migrate(args) => match migrate(&args) {
+            Ok(code) => ExitCode::from(code as u8),
+            Err(e) => {
+                eprintln!("mailferry: {e:#}");
+                ExitCode::from(Exit::Usage as u8)
+            }
+        },
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => tracing::Level::WARN,
+        1 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn migrate(args: &MigrateArgs) -> anyhow::Result<Exit> {
+    let plan = prepare(args)?;
+    for note in &plan.notes {
+        eprintln!("note: {note}");
+    }
+    for row in &plan.bad_rows {
+        eprintln!("mailferry: CSV {row}");
+    }
+    if plan.users.is_empty() {
+        eprintln!("mailferry: no user to migrate");
+        return Ok(if plan.bad_rows.is_empty() {
+            Exit::Usage
+        } else {
+            Exit::BadRows
+        });
+    }
+    let reporter = Arc::new(Reporter::new(args.progress));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let bad_rows = plan.bad_rows.len();
+    let dry_run = runtime.block_on(async {
+        let (stop, shutdown) = watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            eprintln!("mailferry: stopping: finishing the folders in progress (again to stop at once; re-running is safe)");
+            let _ = stop.send(true);
+            wait_for_signal().await;
+            std::process::exit(130);
+        });
+        embedded::run(plan.users, plan.options, reporter.clone(), shutdown).await
+    })?;
+    if let Some(dry) = dry_run {
+        print_dry_run(&dry);
+        let failed = dry.iter().any(|(_, r)| r.is_err());
+        return Ok(if failed { Exit::FolderFailed } else { Exit::Ok });
+    }
+    let summaries = reporter.finish();
+    print!("{}", render_summary(&summaries));
+    if let Some(path) = &args.summary_json {
+        let json = serde_json::json!(summaries
+            .iter()
+            .map(|(user, s)| serde_json::json!({
+                "user": user,
+                "folders": s.folders_planned,
+                "folders_done": s.folders_done,
+                "copied": s.copied,
+                "copied_bytes": s.copied_bytes,
+                "already_at_target": s.matched,
+                "flags_updated": s.flags_updated,
+                "skipped": s.skipped.iter().map(|(f, m)| serde_json::json!({
+                    "folder": f, "uid": m.uid, "size": m.size, "date": m.internal_date, "reason": m.reason
+                })).collect::<Vec<_>>(),
+                "failed": s.failed.iter().map(|(f, r, _)| serde_json::json!({"folder": f, "reason": r})).collect::<Vec<_>>(),
+                "seconds": s.elapsed.as_secs_f64(),
+            }))
+            .collect::<Vec<_>>());
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(exit_for(&summaries, bad_rows))
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn print_dry_run(dry: &DryRun) {
+    for (user, result) in dry {
+        println!("{user}:");
+        match result {
+            Err(e) => println!("  cannot plan: {e}"),
+            Ok(folders) => {
+                println!(
+                    "  {:<32} {:<32} {:>9} {:>10}  action",
+                    "source", "target", "messages", "size"
+                );
+                for f in folders {
+                    let action = match &f.mapping.action {
+                        mailferry_shared::folders::Action::Copy if f.mapping.target_exists => {
+                            "copy".to_string()
+                        }
+                        mailferry_shared::folders::Action::Copy => "create, copy".to_string(),
+                        mailferry_shared::folders::Action::Create => {
+                            "create (container)".to_string()
+                        }
+                        mailferry_shared::folders::Action::Exclude(why) => format!("skip: {why}"),
+                    };
+                    let action = match &f.problem {
+                        Some(p) => format!("{action} ({p})"),
+                        None => action,
+                    };
+                    println!(
+                        "  {:<32} {:<32} {:>9} {:>10}  {action}",
+                        f.mapping.source_path,
+                        f.mapping.target_path,
+                        f.messages.map(|m| m.to_string()).unwrap_or_default(),
+                        f.size.map(human_bytes).unwrap_or_default(),
+                    );
+                }
+            }
+        }
+    }
+}

@@ -17,7 +17,11 @@ pub fn internal_date_epoch(text: &str) -> Option<i64> {
     let year: i64 = dp.next()?.parse().ok()?;
     let (time, zone) = rest.split_once(' ')?;
     let mut tp = time.split(':');
-    let (h, m, s): (i64, i64, i64) = (tp.next()?.parse().ok()?, tp.next()?.parse().ok()?, tp.next()?.parse().ok()?);
+    let (h, m, s): (i64, i64, i64) = (
+        tp.next()?.parse().ok()?,
+        tp.next()?.parse().ok()?,
+        tp.next()?.parse().ok()?,
+    );
     let zone = zone.trim();
     let sign = match zone.as_bytes().first()? {
         b'+' => 1,
@@ -52,7 +56,10 @@ mod tests {
             internal_date_epoch("17-Jul-1996 02:44:25 -0700"),
             internal_date_epoch("17-Jul-1996 09:44:25 +0000")
         );
-        assert_eq!(internal_date_epoch(" 1-Mar-2024 12:00:00 +0530"), Some(1_709_274_600));
+        assert_eq!(
+            internal_date_epoch(" 1-Mar-2024 12:00:00 +0530"),
+            Some(1_709_274_600)
+        );
         assert_eq!(internal_date_epoch("garbage"), None);
     }
 }

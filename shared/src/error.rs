@@ -108,7 +108,10 @@ impl Error {
 /// True for the ways servers say "too many connections" or "slow down".
 pub fn is_throttling(response: &StatusResponse) -> bool {
     let code = response.code_name();
-    if matches!(code.as_deref(), Some("UNAVAILABLE") | Some("INUSE") | Some("LIMIT")) {
+    if matches!(
+        code.as_deref(),
+        Some("UNAVAILABLE") | Some("INUSE") | Some("LIMIT")
+    ) {
         return true;
     }
     let text = response.text.to_ascii_lowercase();
@@ -149,18 +152,27 @@ mod tests {
     #[test]
     fn throttling_answers_pause_instead_of_failing() {
         assert_eq!(
-            no(Some("UNAVAILABLE"), "Server Unavailable. Suggested Backoff Time: 2500 milliseconds")
-                .disposition(),
+            no(
+                Some("UNAVAILABLE"),
+                "Server Unavailable. Suggested Backoff Time: 2500 milliseconds"
+            )
+            .disposition(),
             Disposition::Throttle(Some(Duration::from_millis(2500)))
         );
         assert_eq!(
             no(None, "Too many simultaneous connections").disposition(),
             Disposition::Throttle(None)
         );
-        assert_eq!(no(Some("NONEXISTENT"), "Mailbox doesn't exist").disposition(), Disposition::Fatal);
+        assert_eq!(
+            no(Some("NONEXISTENT"), "Mailbox doesn't exist").disposition(),
+            Disposition::Fatal
+        );
         assert_eq!(Error::lost("eof").disposition(), Disposition::Retry);
         assert_eq!(
-            Error::AuthRejected { server_says: "x".into() }.disposition(),
+            Error::AuthRejected {
+                server_says: "x".into()
+            }
+            .disposition(),
             Disposition::Fatal
         );
     }

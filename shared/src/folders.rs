@@ -13,7 +13,9 @@ use bytes::Bytes;
 use crate::imap::mailbox::ListEntry;
 use crate::mutf7;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum SpecialUse {
     Inbox,
     Sent,
@@ -52,18 +54,49 @@ impl SpecialUse {
             .or_else(|| lower.strip_prefix("[google mail]/"))
             .unwrap_or(&lower);
         Some(match lower {
-            "sent" | "sent items" | "sent messages" | "sent mail" | "sent-mail" | "gesendet"
-            | "gesendete objekte" | "gesendete elemente" | "éléments envoyés" | "envoyés"
-            | "enviados" | "elementos enviados" | "posta inviata" | "inviati"
-            | "verzonden items" | "отправленные" | "送信済み" => SpecialUse::Sent,
+            "sent"
+            | "sent items"
+            | "sent messages"
+            | "sent mail"
+            | "sent-mail"
+            | "gesendet"
+            | "gesendete objekte"
+            | "gesendete elemente"
+            | "éléments envoyés"
+            | "envoyés"
+            | "enviados"
+            | "elementos enviados"
+            | "posta inviata"
+            | "inviati"
+            | "verzonden items"
+            | "отправленные"
+            | "送信済み" => SpecialUse::Sent,
             "drafts" | "draft" | "entwürfe" | "brouillons" | "borradores" | "bozze"
             | "concepten" | "черновики" | "下書き" => SpecialUse::Drafts,
-            "trash" | "bin" | "deleted items" | "deleted messages" | "papierkorb"
-            | "gelöschte elemente" | "corbeille" | "éléments supprimés" | "papelera"
-            | "cestino" | "prullenbak" | "корзина" | "ごみ箱" => SpecialUse::Trash,
-            "junk" | "spam" | "junk e-mail" | "junk email" | "bulk mail" | "spamverdacht"
-            | "courrier indésirable" | "correo no deseado" | "posta indesiderata"
-            | "ongewenste e-mail" | "спам" => SpecialUse::Junk,
+            "trash"
+            | "bin"
+            | "deleted items"
+            | "deleted messages"
+            | "papierkorb"
+            | "gelöschte elemente"
+            | "corbeille"
+            | "éléments supprimés"
+            | "papelera"
+            | "cestino"
+            | "prullenbak"
+            | "корзина"
+            | "ごみ箱" => SpecialUse::Trash,
+            "junk"
+            | "spam"
+            | "junk e-mail"
+            | "junk email"
+            | "bulk mail"
+            | "spamverdacht"
+            | "courrier indésirable"
+            | "correo no deseado"
+            | "posta indesiderata"
+            | "ongewenste e-mail"
+            | "спам" => SpecialUse::Junk,
             "archive" | "archives" | "archiv" => SpecialUse::Archive,
             "all mail" => SpecialUse::All,
             "starred" => SpecialUse::Flagged,
@@ -73,7 +106,10 @@ impl SpecialUse {
     }
 
     fn is_virtual(self) -> bool {
-        matches!(self, SpecialUse::All | SpecialUse::Flagged | SpecialUse::Important)
+        matches!(
+            self,
+            SpecialUse::All | SpecialUse::Flagged | SpecialUse::Important
+        )
     }
 }
 
@@ -165,8 +201,8 @@ pub fn escape_level(level: &str, target_delimiter: Option<char>) -> String {
         .chars()
         .map(|c| match c {
             c if Some(c) == target_delimiter => match c {
-                '.' => '\u{2024}', // ONE DOT LEADER
-                '/' => '\u{2215}', // DIVISION SLASH
+                '.' => '\u{2024}',  // ONE DOT LEADER
+                '/' => '\u{2215}',  // DIVISION SLASH
                 '\\' => '\u{29F5}', // REVERSE SOLIDUS OPERATOR
                 _ => '_',
             },
@@ -177,7 +213,10 @@ pub fn escape_level(level: &str, target_delimiter: Option<char>) -> String {
 }
 
 fn encode_target(levels: &[String], ns: &Namespace) -> (String, Bytes) {
-    let escaped: Vec<String> = levels.iter().map(|l| escape_level(l, ns.delimiter)).collect();
+    let escaped: Vec<String> = levels
+        .iter()
+        .map(|l| escape_level(l, ns.delimiter))
+        .collect();
     let path = escaped.join("/");
     if escaped.len() == 1 && escaped[0].eq_ignore_ascii_case("INBOX") {
         return ("INBOX".into(), Bytes::from_static(b"INBOX"));
@@ -219,7 +258,10 @@ fn rename(rules: &Rules, path: &str) -> Option<String> {
             if path == from_base {
                 return Some(to_base.to_string());
             }
-            if let Some(rest) = path.strip_prefix(from_base).and_then(|r| r.strip_prefix('/')) {
+            if let Some(rest) = path
+                .strip_prefix(from_base)
+                .and_then(|r| r.strip_prefix('/'))
+            {
                 return Some(format!("{to_base}/{rest}"));
             }
         } else if glob_match(from, path) {
@@ -237,12 +279,16 @@ pub fn map_folders(
     target_ns: &Namespace,
     rules: &Rules,
 ) -> Result<Vec<FolderMapping>, MappingError> {
-    let source_has_attrs = source
-        .iter()
-        .any(|e| e.attributes.iter().any(|a| SpecialUse::from_attribute(a).is_some()));
-    let target_has_attrs = target
-        .iter()
-        .any(|e| e.attributes.iter().any(|a| SpecialUse::from_attribute(a).is_some()));
+    let source_has_attrs = source.iter().any(|e| {
+        e.attributes
+            .iter()
+            .any(|a| SpecialUse::from_attribute(a).is_some())
+    });
+    let target_has_attrs = target.iter().any(|e| {
+        e.attributes
+            .iter()
+            .any(|a| SpecialUse::from_attribute(a).is_some())
+    });
 
     // Target folders by path, and the target's special-use folders (as levels).
     let mut target_paths: BTreeSet<String> = BTreeSet::new();
@@ -251,7 +297,10 @@ pub fn map_folders(
         let levels = levels(&entry.wire_name, target_ns);
         let path = levels.join("/");
         let special = if target_has_attrs {
-            entry.attributes.iter().find_map(|a| SpecialUse::from_attribute(a))
+            entry
+                .attributes
+                .iter()
+                .find_map(|a| SpecialUse::from_attribute(a))
         } else {
             SpecialUse::from_name(&path)
         };
@@ -272,8 +321,15 @@ pub fn map_folders(
     for (i, entry) in source.iter().enumerate() {
         let levels = levels(&entry.wire_name, source_ns);
         let path = levels.join("/");
-        let path = if path.eq_ignore_ascii_case("INBOX") { "INBOX".to_string() } else { path };
-        let by_attr = entry.attributes.iter().find_map(|a| SpecialUse::from_attribute(a));
+        let path = if path.eq_ignore_ascii_case("INBOX") {
+            "INBOX".to_string()
+        } else {
+            path
+        };
+        let by_attr = entry
+            .attributes
+            .iter()
+            .find_map(|a| SpecialUse::from_attribute(a));
         let (special, from_attribute) = if path == "INBOX" {
             (Some(SpecialUse::Inbox), true)
         } else if by_attr.is_some() {
@@ -293,7 +349,13 @@ pub fn map_folders(
     }
     // Attribute-based special-use claims targets first, then name guesses, then the rest,
     // so "Drafts" (\Drafts) wins over a plain folder called "Entwürfe".
-    candidates.sort_by_key(|c| (!c.from_attribute || c.special.is_none(), c.special.is_none(), c.entry_index));
+    candidates.sort_by_key(|c| {
+        (
+            !c.from_attribute || c.special.is_none(),
+            c.special.is_none(),
+            c.entry_index,
+        )
+    });
 
     let mut claimed: BTreeMap<String, String> = BTreeMap::new(); // target path → source path
     let mut out: Vec<(usize, FolderMapping)> = Vec::new();
@@ -414,7 +476,10 @@ mod tests {
 
     #[test]
     fn names_guide_when_no_server_says_special_use() {
-        let src = [entry("Gesendete Objekte", '.', &[]), entry("Projekte", '.', &[])];
+        let src = [
+            entry("Gesendete Objekte", '.', &[]),
+            entry("Projekte", '.', &[]),
+        ];
         let dst = [entry("Sent", '/', &[]), entry("INBOX", '/', &[])];
         let m = map_folders(&src, &ns("", '.'), &dst, &ns("", '/'), &Rules::default()).unwrap();
         assert_eq!(find(&m, "Gesendete Objekte").target_path, "Sent");
@@ -425,13 +490,26 @@ mod tests {
     fn delimiters_translate_and_a_name_with_the_targets_delimiter_is_escaped() {
         let src = [entry("Archive/2019", '/', &[]), entry("a.b/c", '/', &[])];
         let dst = [entry("INBOX", '.', &[])];
-        let m = map_folders(&src, &ns("", '/'), &dst, &ns("INBOX.", '.'), &Rules::default()).unwrap();
-        assert_eq!(find(&m, "Archive/2019").target_wire.as_ref(), b"INBOX.Archive.2019");
+        let m = map_folders(
+            &src,
+            &ns("", '/'),
+            &dst,
+            &ns("INBOX.", '.'),
+            &Rules::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            find(&m, "Archive/2019").target_wire.as_ref(),
+            b"INBOX.Archive.2019"
+        );
         let escaped = find(&m, "a.b/c");
         assert_eq!(escaped.target_path, "a\u{2024}b/c");
         assert_eq!(escaped.target_wire.as_ref(), b"INBOX.a&ICQ-b.c");
         // and back: the target's levels decode to the same path
-        assert_eq!(levels(&escaped.target_wire, &ns("INBOX.", '.')), vec!["a\u{2024}b", "c"]);
+        assert_eq!(
+            levels(&escaped.target_wire, &ns("INBOX.", '.')),
+            vec!["a\u{2024}b", "c"]
+        );
     }
 
     #[test]
@@ -446,8 +524,14 @@ mod tests {
         ];
         let dst = [entry("INBOX", '/', &[])];
         let m = map_folders(&src, &ns("", '/'), &dst, &ns("", '/'), &Rules::default()).unwrap();
-        assert!(matches!(find(&m, "[Gmail]/All Mail").action, Action::Exclude(_)));
-        assert!(matches!(find(&m, "[Gmail]/Starred").action, Action::Exclude(_)));
+        assert!(matches!(
+            find(&m, "[Gmail]/All Mail").action,
+            Action::Exclude(_)
+        ));
+        assert!(matches!(
+            find(&m, "[Gmail]/Starred").action,
+            Action::Exclude(_)
+        ));
         assert_eq!(find(&m, "[Gmail]/Sent Mail").target_path, "Sent Mail");
         assert_eq!(find(&m, "[Gmail]").action, Action::Create);
         assert_eq!(find(&m, "Work/Clients").target_path, "Work/Clients");
@@ -494,7 +578,10 @@ mod tests {
 
     #[test]
     fn second_sent_folder_keeps_its_own_name() {
-        let src = [entry("Sent", '/', &["\\Sent"]), entry("Sent Items", '/', &["\\Sent"])];
+        let src = [
+            entry("Sent", '/', &["\\Sent"]),
+            entry("Sent Items", '/', &["\\Sent"]),
+        ];
         let dst = [entry("Sent", '/', &["\\Sent"])];
         let m = map_folders(&src, &ns("", '/'), &dst, &ns("", '/'), &Rules::default()).unwrap();
         assert_eq!(find(&m, "Sent").target_path, "Sent");

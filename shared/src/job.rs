@@ -139,7 +139,9 @@ impl UidMap {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
-        self.runs.iter().flat_map(|&(s, d, n)| (0..n).map(move |i| (s + i, d + i)))
+        self.runs
+            .iter()
+            .flat_map(|&(s, d, n)| (0..n).map(move |i| (s + i, d + i)))
     }
 }
 

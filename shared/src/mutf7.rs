@@ -7,8 +7,9 @@ use base64::Engine as _;
 
 fn engine() -> GeneralPurpose {
     // The IMAP alphabet: standard base64 with ',' in place of '/'.
-    let alphabet = Alphabet::new("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,")
-        .expect("valid alphabet");
+    let alphabet =
+        Alphabet::new("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,")
+            .expect("valid alphabet");
     GeneralPurpose::new(&alphabet, NO_PAD)
 }
 
@@ -54,7 +55,12 @@ pub fn decode(wire: &[u8]) -> Result<String, DecodeError> {
     while i < wire.len() {
         let b = wire[i];
         if b == b'&' {
-            let end = wire[i + 1..].iter().position(|&c| c == b'-').ok_or_else(err)? + i + 1;
+            let end = wire[i + 1..]
+                .iter()
+                .position(|&c| c == b'-')
+                .ok_or_else(err)?
+                + i
+                + 1;
             if end == i + 1 {
                 out.push('&');
             } else {
@@ -62,7 +68,10 @@ pub fn decode(wire: &[u8]) -> Result<String, DecodeError> {
                 if bytes.len() % 2 != 0 {
                     return Err(err());
                 }
-                let units: Vec<u16> = bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+                let units: Vec<u16> = bytes
+                    .chunks(2)
+                    .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                    .collect();
                 out.push_str(&String::from_utf16(&units).map_err(|_| err())?);
             }
             i = end + 1;

@@ -152,10 +152,23 @@ mod tests {
         let waiter = tokio::spawn(async move { q2.next().await.map(|d| d.attempt) });
         q.ack(&a).await;
         q.retry(b, Duration::from_millis(10)).await;
-        let again = tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap();
+        let again = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(again, Some(2));
-        q.dead_letter(&Delivery { job: job("B"), attempt: 2 }, "bad".into()).await;
-        assert!(tokio::time::timeout(Duration::from_secs(2), q.next()).await.unwrap().is_none());
+        q.dead_letter(
+            &Delivery {
+                job: job("B"),
+                attempt: 2,
+            },
+            "bad".into(),
+        )
+        .await;
+        assert!(tokio::time::timeout(Duration::from_secs(2), q.next())
+            .await
+            .unwrap()
+            .is_none());
         assert_eq!(q.dead_lettered().len(), 1);
     }
 }

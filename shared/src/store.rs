@@ -32,7 +32,10 @@ impl DirStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, Error> {
         let root = root.into();
         std::fs::create_dir_all(root.join("checkpoints")).map_err(|e| {
-            Error::Store(format!("cannot create state directory {}: {e}", root.display()))
+            Error::Store(format!(
+                "cannot create state directory {}: {e}",
+                root.display()
+            ))
         })?;
         Ok(DirStore { root })
     }
@@ -106,7 +109,11 @@ impl StateStore for DirStore {
         .map_err(|e| Error::Store(e.to_string()))?
     }
 
-    async fn save_checkpoint(&self, key: &CheckpointKey, checkpoint: &Checkpoint) -> Result<(), Error> {
+    async fn save_checkpoint(
+        &self,
+        key: &CheckpointKey,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), Error> {
         let path = self.path(key);
         let bytes = serde_json::to_vec(checkpoint).map_err(|e| Error::Store(e.to_string()))?;
         tokio::task::spawn_blocking(move || {

@@ -55,7 +55,10 @@ pub fn parse_csv(input: &[u8]) -> Result<ImportResult, CsvError> {
         .flexible(true)
         .trim(csv::Trim::All)
         .from_reader(input);
-    let headers = reader.headers().map_err(|e| CsvError::Read(e.to_string()))?.clone();
+    let headers = reader
+        .headers()
+        .map_err(|e| CsvError::Read(e.to_string()))?
+        .clone();
     let col = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
     let (Some(email_col), Some(user_col), Some(pass_col)) =
         (col("EmailAddress"), col("UserName"), col("Password"))
@@ -109,21 +112,26 @@ pub fn parse_csv(input: &[u8]) -> Result<ImportResult, CsvError> {
             continue;
         }
         if !valid_address(&email) {
-            out.errors.push(fail(format!("EmailAddress {email:?} is not an email address")));
+            out.errors.push(fail(format!(
+                "EmailAddress {email:?} is not an email address"
+            )));
             continue;
         }
         let source_login = get(Some(user_col));
         if source_login.is_empty() {
-            out.errors.push(fail(format!("UserName is empty for {email}")));
+            out.errors
+                .push(fail(format!("UserName is empty for {email}")));
             continue;
         }
         let password = record.get(pass_col).unwrap_or("");
         if password.is_empty() {
-            out.errors.push(fail(format!("Password is empty for {email}")));
+            out.errors
+                .push(fail(format!("Password is empty for {email}")));
             continue;
         }
         if !seen.insert(email.to_ascii_lowercase()) {
-            out.errors.push(fail(format!("{email} appears more than once")));
+            out.errors
+                .push(fail(format!("{email} appears more than once")));
             continue;
         }
         let target_login = Some(get(target_user_col))

@@ -40,7 +40,13 @@ pub enum Decision {
 }
 
 /// Capped exponential backoff with full jitter (`jitter` in `[0, 1)`).
-pub fn decide(disposition: Disposition, attempt: u32, policy: &RetryPolicy, jitter: f64, reason: &str) -> Decision {
+pub fn decide(
+    disposition: Disposition,
+    attempt: u32,
+    policy: &RetryPolicy,
+    jitter: f64,
+    reason: &str,
+) -> Decision {
     if attempt >= policy.max_attempts {
         return Decision::DeadLetter(format!("gave up after {attempt} attempts: {reason}"));
     }
@@ -86,7 +92,12 @@ pub async fn consume<Q: JobQueue, S: StateStore>(
     while tasks.join_next().await.is_some() {}
 }
 
-async fn run_one<Q: JobQueue, S: StateStore>(queue: &Q, engine: &Engine<S>, delivery: Delivery, policy: &RetryPolicy) {
+async fn run_one<Q: JobQueue, S: StateStore>(
+    queue: &Q,
+    engine: &Engine<S>,
+    delivery: Delivery,
+    policy: &RetryPolicy,
+) {
     let job = delivery.job.clone();
     let span = tracing::info_span!("job", batch = %job.batch, user = %job.user, folder = %job.source_folder.display());
     let _enter = span.enter();
@@ -94,15 +105,23 @@ async fn run_one<Q: JobQueue, S: StateStore>(queue: &Q, engine: &Engine<S>, deli
         Ok(_) => queue.ack(&delivery).await,
         Err(e) => {
             let reason = e.to_string();
-            match decide(e.disposition(), delivery.attempt, policy, fastrand::f64(), &reason) {
+            match decide(
+                e.disposition(),
+                delivery.attempt,
+                policy,
+                fastrand::f64(),
+                &reason,
+            ) {
                 Decision::Retry(delay) => {
                     tracing::warn!(attempt = delivery.attempt, delay_ms = delay.as_millis() as u64, error = %reason, "job failed, will retry");
-                    engine.progress().job_failed(&job, &reason, true);
+                    engine.progress().job_failed(&job, &e, &reason, true);
                     queue.retry(delivery, delay).await;
                 }
                 Decision::DeadLetter(why) => {
                     tracing::error!(error = %why, "job failed for good");
-                    engine.progress().job_failed(&job, &describe(&e, &why), false);
+                    engine
+                        .progress()
+                        .job_failed(&job, &e, &describe(&e, &why), false);
                     queue.dead_letter(&delivery, why).await;
                 }
             }
@@ -124,16 +143,37 @@ mod tests {
     #[test]
     fn decisions() {
         let p = RetryPolicy::default();
-        assert_eq!(decide(Disposition::Fatal, 1, &p, 0.3, "bad password"), Decision::DeadLetter("bad password".into()));
         assert_eq!(
-            decide(Disposition::Throttle(Some(Duration::from_millis(1500))), 1, &p, 0.3, "x"),
+            decide(Disposition::Fatal, 1, &p, 0.3, "bad password"),
+            Decision::DeadLetter("bad password".into())
+        );
+        assert_eq!(
+            decide(
+                Disposition::Throttle(Some(Duration::from_millis(1500))),
+                1,
+                &p,
+                0.3,
+                "x"
+            ),
             Decision::Retry(Duration::from_millis(1500))
         );
         // backoff grows, is capped, and jitter keeps it within [cap/2, cap]
-        let Decision::Retry(d1) = decide(Disposition::Retry, 1, &p, 0.0, "x") else { panic!() };
-        let Decision::Retry(d5) = decide(Disposition::Retry, 5, &p, 0.0, "x") else { panic!() };
-        let Decision::Retry(d7) = decide(Disposition::Retry, 7, &p, 0.999, "x") else { panic!() };
-        assert!(d1 < d5 && d7 <= p.cap && d7 >= p.cap / 2, "{d1:?} {d5:?} {d7:?}");
-        assert!(matches!(decide(Disposition::Retry, 8, &p, 0.0, "x"), Decision::DeadLetter(_)));
+        let Decision::Retry(d1) = decide(Disposition::Retry, 1, &p, 0.0, "x") else {
+            panic!()
+        };
+        let Decision::Retry(d5) = decide(Disposition::Retry, 5, &p, 0.0, "x") else {
+            panic!()
+        };
+        let Decision::Retry(d7) = decide(Disposition::Retry, 7, &p, 0.999, "x") else {
+            panic!()
+        };
+        assert!(
+            d1 < d5 && d7 <= p.cap && d7 >= p.cap / 2,
+            "{d1:?} {d5:?} {d7:?}"
+        );
+        assert!(matches!(
+            decide(Disposition::Retry, 8, &p, 0.0, "x"),
+            Decision::DeadLetter(_)
+        ));
     }
 }

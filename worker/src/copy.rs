@@ -118,7 +118,11 @@ pub async fn copy_messages(
 ) -> Result<(Vec<(u32, Outcome)>, Vec<u32>), JobError> {
     let by_uid: HashMap<u32, &Meta> = metas.iter().map(|m| (m.uid, m)).collect();
     let batches = plan_batches(metas, settings, budget);
-    let group_limit = if folder.multiappend { settings.multiappend.max(1) } else { 1 };
+    let group_limit = if folder.multiappend {
+        settings.multiappend.max(1)
+    } else {
+        1
+    };
 
     let mut outcomes = Vec::with_capacity(metas.len());
     let mut regroup = Vec::new();
@@ -141,7 +145,11 @@ pub async fn copy_messages(
                     .await
                     .expect("the byte budget is never closed")
             } else {
-                match budget.semaphore.clone().try_acquire_many_owned(batch.weight) {
+                match budget
+                    .semaphore
+                    .clone()
+                    .try_acquire_many_owned(batch.weight)
+                {
                     Ok(p) => p,
                     Err(_) => break,
                 }
@@ -154,7 +162,11 @@ pub async fn copy_messages(
             fetches.push_back(OpenFetch {
                 handle,
                 permit,
-                expected: batch.uids.iter().map(|u| (*u, budget.weight(by_uid[u].size))).collect(),
+                expected: batch
+                    .uids
+                    .iter()
+                    .map(|u| (*u, budget.weight(by_uid[u].size)))
+                    .collect(),
             });
             next_batch += 1;
         }
@@ -176,7 +188,9 @@ pub async fn copy_messages(
                 let permit = front.permit.split(weight as usize);
                 let meta = by_uid[&uid];
                 let flags = folder.keepable(fetched.flags.as_deref().unwrap_or(&meta.flags));
-                let date = fetched.internal_date.unwrap_or_else(|| meta.internal_date.clone());
+                let date = fetched
+                    .internal_date
+                    .unwrap_or_else(|| meta.internal_date.clone());
                 if !group.is_empty()
                     && (group.uids.len() >= group_limit
                         || group.bytes + body.len() as u64 > settings.append_bytes)
@@ -283,7 +297,10 @@ impl Group {
             .command
             .take()
             .unwrap_or_else(|| Command::new("APPEND").arg(folder.wire_name));
-        let command = command.raw(format!(" ({})", flags.join(" "))).arg(date).raw(" ");
+        let command = command
+            .raw(format!(" ({})", flags.join(" ")))
+            .arg(date)
+            .raw(" ");
         let len = body.len() as u64;
         // RFC 3501 literals cannot carry NUL; BINARY's literal8 can.
         let command = if folder.binary && body.contains(&0) {
@@ -396,10 +413,16 @@ mod tests {
             append_window: 8,
         };
         let budget = ByteBudget::new(4 << 20);
-        let metas: Vec<Meta> = (1..=7).map(|u| meta(u, 1000)).chain([meta(8, 50 << 20), meta(9, 10)]).collect();
+        let metas: Vec<Meta> = (1..=7)
+            .map(|u| meta(u, 1000))
+            .chain([meta(8, 50 << 20), meta(9, 10)])
+            .collect();
         let b = plan_batches(&metas, &settings, &budget);
         let uids: Vec<Vec<u32>> = b.iter().map(|b| b.uids.clone()).collect();
-        assert_eq!(uids, vec![vec![1, 2, 3], vec![4, 5, 6], vec![7], vec![8], vec![9]]);
+        assert_eq!(
+            uids,
+            vec![vec![1, 2, 3], vec![4, 5, 6], vec![7], vec![8], vec![9]]
+        );
         // a message larger than the whole budget weighs the whole budget, never more
         assert_eq!(b[3].weight, budget.capacity_kib);
     }
@@ -416,13 +439,21 @@ mod tests {
             multiappend: true,
             binary: false,
         };
-        let flags = vec!["\\Seen".into(), "\\Deleted".into(), "$Forwarded".into(), "\\Recent".into()];
+        let flags = vec![
+            "\\Seen".into(),
+            "\\Deleted".into(),
+            "$Forwarded".into(),
+            "\\Recent".into(),
+        ];
         assert_eq!(folder.keepable(&flags), vec!["\\Seen", "\\Deleted"]);
         let any = MailboxInfo {
             permanent_flags: vec!["\\seen".into(), "\\*".into()],
             ..MailboxInfo::default()
         };
-        let folder = TargetFolder { info: &any, ..folder };
+        let folder = TargetFolder {
+            info: &any,
+            ..folder
+        };
         assert_eq!(folder.keepable(&flags), vec!["\\Seen", "$Forwarded"]);
         assert!(!is_flag_atom("bad(flag"));
     }

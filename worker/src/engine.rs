@@ -116,7 +116,11 @@ impl<S: StateStore> Engine<S> {
             .map_err(JobError::source_side)?;
         let dst = open_or_create(target, job.target_folder.as_bytes()).await?;
         let key = job.checkpoint_key();
-        let stored = self.store.load_checkpoint(&key).await.map_err(JobError::Store)?;
+        let stored = self
+            .store
+            .load_checkpoint(&key)
+            .await
+            .map_err(JobError::Store)?;
         let (mut cp, incremental) = match stored {
             Some(cp)
                 if cp.source_uidvalidity == src.uidvalidity
@@ -167,11 +171,17 @@ impl<S: StateStore> Engine<S> {
         // With CONDSTORE a pass reads only new messages' metadata and changed flags;
         // without it, the flags of every message are compared.
         let condstore = incremental && src.highestmodseq.is_some() && cp.source_modseq.is_some();
-        let meta_from = if condstore { cp.source_uid_done.max(lo) } else { lo };
+        let meta_from = if condstore {
+            cp.source_uid_done.max(lo)
+        } else {
+            lo
+        };
         let metas = if src.exists == 0 {
             Vec::new()
         } else {
-            fetch_metas(source, meta_from, hi).await.map_err(JobError::source_side)?
+            fetch_metas(source, meta_from, hi)
+                .await
+                .map_err(JobError::source_side)?
         };
 
         let mut reconciled = false;
@@ -185,14 +195,20 @@ impl<S: StateStore> Engine<S> {
         }
 
         // What to copy: not handled before, not at the target already, not too large.
-        let limit = [self.settings.max_message_size, target.capabilities().append_limit()]
-            .into_iter()
-            .flatten()
-            .min();
+        let limit = [
+            self.settings.max_message_size,
+            target.capabilities().append_limit(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let skipped_before: HashSet<u32> = cp.skipped.iter().map(|s| s.uid).collect();
         let mut to_copy: Vec<Meta> = Vec::new();
         for m in &metas {
-            if m.uid < cp.source_uid_done || cp.uid_map.get(m.uid).is_some() || skipped_before.contains(&m.uid) {
+            if m.uid < cp.source_uid_done
+                || cp.uid_map.get(m.uid).is_some()
+                || skipped_before.contains(&m.uid)
+            {
                 continue;
             }
             if let Some(limit) = limit.filter(|l| m.size > *l) {
@@ -200,7 +216,10 @@ impl<S: StateStore> Engine<S> {
                     uid: m.uid,
                     size: m.size,
                     internal_date: m.internal_date.clone(),
-                    reason: format!("larger than the target accepts ({} > {limit} bytes)", m.size),
+                    reason: format!(
+                        "larger than the target accepts ({} > {limit} bytes)",
+                        m.size
+                    ),
                 };
                 self.progress.skipped(job, &skipped);
                 report.skipped.push(skipped.clone());
@@ -225,7 +244,9 @@ impl<S: StateStore> Engine<S> {
         let uidplus = caps.has("UIDPLUS");
         let mut target_uidnext = dst.uidnext;
         let mut copied_now: HashSet<u32> = HashSet::new();
-        let chunks: Vec<&[Meta]> = to_copy.chunks(self.settings.chunk_messages.max(1)).collect();
+        let chunks: Vec<&[Meta]> = to_copy
+            .chunks(self.settings.chunk_messages.max(1))
+            .collect();
         for chunk in chunks {
             cp.in_flight = Some(InFlight {
                 source_uids: chunk.iter().map(|m| m.uid).collect(),
@@ -248,7 +269,11 @@ impl<S: StateStore> Engine<S> {
             .await?;
             if !regroup.is_empty() {
                 // One message spoiled a MULTIAPPEND: send that group one by one.
-                let retry: Vec<Meta> = chunk.iter().filter(|m| regroup.contains(&m.uid)).cloned().collect();
+                let retry: Vec<Meta> = chunk
+                    .iter()
+                    .filter(|m| regroup.contains(&m.uid))
+                    .cloned()
+                    .collect();
                 let single = CopySettings {
                     multiappend: 1,
                     ..self.settings.copy.clone()
@@ -319,7 +344,11 @@ impl<S: StateStore> Engine<S> {
             let wanted: Vec<(u32, Vec<String>)> = changed
                 .into_iter()
                 .filter(|(uid, _)| !copied_now.contains(uid))
-                .filter_map(|(uid, flags)| cp.uid_map.get(uid).map(|t| (t, folder_flags(&folder, &flags))))
+                .filter_map(|(uid, flags)| {
+                    cp.uid_map
+                        .get(uid)
+                        .map(|t| (t, folder_flags(&folder, &flags)))
+                })
                 .collect();
             let updates = if condstore {
                 wanted
@@ -328,10 +357,16 @@ impl<S: StateStore> Engine<S> {
                 let current = target_flags(target).await.map_err(JobError::target_side)?;
                 wanted
                     .into_iter()
-                    .filter(|(t, flags)| current.get(t).is_some_and(|cur| flag_key(cur) != flag_key(flags)))
+                    .filter(|(t, flags)| {
+                        current
+                            .get(t)
+                            .is_some_and(|cur| flag_key(cur) != flag_key(flags))
+                    })
                     .collect()
             };
-            report.flags_updated = store_flags(target, &updates).await.map_err(JobError::target_side)?;
+            report.flags_updated = store_flags(target, &updates)
+                .await
+                .map_err(JobError::target_side)?;
         }
 
         cp.source_uidnext = src.uidnext;
@@ -371,7 +406,10 @@ async fn open_or_create(target: &mut Session, wire_name: &[u8]) -> Result<Mailbo
             for r in created {
                 r.map_err(JobError::target_side)?;
             }
-            target.open(wire_name, false).await.map_err(JobError::target_side)
+            target
+                .open(wire_name, false)
+                .await
+                .map_err(JobError::target_side)
         }
         Err(e) => Err(JobError::target_side(e)),
     }
@@ -379,7 +417,11 @@ async fn open_or_create(target: &mut Session, wire_name: &[u8]) -> Result<Mailbo
 
 /// `UID FETCH lo:hi (UID RFC822.SIZE FLAGS INTERNALDATE)`, sorted by UID.
 async fn fetch_metas(session: &mut Session, lo: u32, hi: u32) -> Result<Vec<Meta>, SharedError> {
-    let hi_text = if hi == u32::MAX { "*".to_string() } else { hi.to_string() };
+    let hi_text = if hi == u32::MAX {
+        "*".to_string()
+    } else {
+        hi.to_string()
+    };
     let command = Command::new("UID FETCH").raw(format!(
         " {lo}:{hi_text} (UID RFC822.SIZE FLAGS INTERNALDATE)"
     ));
@@ -405,7 +447,11 @@ async fn changed_flags(
     hi: u32,
     since: u64,
 ) -> Result<Vec<(u32, Vec<String>)>, SharedError> {
-    let hi_text = if hi == u32::MAX { "*".to_string() } else { hi.to_string() };
+    let hi_text = if hi == u32::MAX {
+        "*".to_string()
+    } else {
+        hi.to_string()
+    };
     let command = Command::new("UID FETCH").raw(format!(
         " {lo}:{hi_text} (UID FLAGS) (CHANGEDSINCE {since})"
     ));
@@ -425,7 +471,9 @@ async fn changed_flags(
 }
 
 async fn target_flags(session: &mut Session) -> Result<HashMap<u32, Vec<String>>, SharedError> {
-    let mut handle = session.send(Command::new("UID FETCH").raw(" 1:* (UID FLAGS)")).await?;
+    let mut handle = session
+        .send(Command::new("UID FETCH").raw(" 1:* (UID FLAGS)"))
+        .await?;
     let mut out = HashMap::new();
     while let Some(r) = handle.next().await {
         if let Some(f) = parse_fetch(&r) {
@@ -439,7 +487,10 @@ async fn target_flags(session: &mut Session) -> Result<HashMap<u32, Vec<String>>
 }
 
 /// Sets flags with one `UID STORE` per distinct flag set, pipelined.
-async fn store_flags(session: &mut Session, updates: &[(u32, Vec<String>)]) -> Result<u64, SharedError> {
+async fn store_flags(
+    session: &mut Session,
+    updates: &[(u32, Vec<String>)],
+) -> Result<u64, SharedError> {
     let mut by_set: BTreeMap<Vec<String>, Vec<u32>> = BTreeMap::new();
     for (uid, flags) in updates {
         by_set.entry(flags.clone()).or_default().push(*uid);
@@ -460,7 +511,9 @@ async fn store_flags(session: &mut Session, updates: &[(u32, Vec<String>)]) -> R
 }
 
 async fn highest_uid(session: &mut Session) -> Result<u32, SharedError> {
-    let mut handle = session.send(Command::new("UID FETCH").raw(" * (UID)")).await?;
+    let mut handle = session
+        .send(Command::new("UID FETCH").raw(" * (UID)"))
+        .await?;
     let mut highest = 0;
     while let Some(r) = handle.next().await {
         if let Some(uid) = parse_fetch(&r).and_then(|f| f.uid) {

@@ -34,7 +34,9 @@ pub fn parse_fetch(response: &Response) -> Option<Fetched> {
         return None;
     }
     Some(Fetched {
-        uid: fetch_item(data, "UID").and_then(Value::number).map(|n| n as u32),
+        uid: fetch_item(data, "UID")
+            .and_then(Value::number)
+            .map(|n| n as u32),
         size: fetch_item(data, "RFC822.SIZE").and_then(Value::number),
         flags: fetch_item(data, "FLAGS").and_then(Value::list).map(|l| {
             l.iter()
@@ -110,7 +112,10 @@ mod tests {
 
     #[test]
     fn header_section_stops_at_the_first_empty_line() {
-        assert_eq!(header_section(b"A: 1\r\nB: 2\r\n\r\nbody\r\n\r\n"), b"A: 1\r\nB: 2\r\n");
+        assert_eq!(
+            header_section(b"A: 1\r\nB: 2\r\n\r\nbody\r\n\r\n"),
+            b"A: 1\r\nB: 2\r\n"
+        );
         assert_eq!(header_section(b"A: 1\n\nbody"), b"A: 1\n");
         assert_eq!(header_section(b"no body"), b"no body");
     }

@@ -3,6 +3,8 @@
 
 use mailferry_shared::job::{FolderJob, SkippedMessage};
 
+use crate::error::JobError;
+
 /// The outcome of one job.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobReport {
@@ -26,8 +28,9 @@ pub trait ProgressSink: Send + Sync + 'static {
     fn copied(&self, job: &FolderJob, messages: u64, bytes: u64);
     fn skipped(&self, job: &FolderJob, message: &SkippedMessage);
     fn job_finished(&self, job: &FolderJob, report: &JobReport);
-    /// The job failed; `will_retry` says whether it goes back to the queue.
-    fn job_failed(&self, job: &FolderJob, error: &str, will_retry: bool);
+    /// The job failed; `will_retry` says whether it goes back to the queue, `reason` is
+    /// what the admin is told.
+    fn job_failed(&self, job: &FolderJob, error: &JobError, reason: &str, will_retry: bool);
 }
 
 /// A sink that discards everything (benchmarks, tests that only check the target).
@@ -38,5 +41,5 @@ impl ProgressSink for NoProgress {
     fn copied(&self, _: &FolderJob, _: u64, _: u64) {}
     fn skipped(&self, _: &FolderJob, _: &SkippedMessage) {}
     fn job_finished(&self, _: &FolderJob, _: &JobReport) {}
-    fn job_failed(&self, _: &FolderJob, _: &str, _: bool) {}
+    fn job_failed(&self, _: &FolderJob, _: &JobError, _: &str, _: bool) {}
 }

@@ -132,7 +132,11 @@ pub async fn reconcile(
     if by_identity.is_empty() {
         return Ok(Vec::new());
     }
-    let hi_text = if hi == u32::MAX { "*".to_string() } else { hi.to_string() };
+    let hi_text = if hi == u32::MAX {
+        "*".to_string()
+    } else {
+        hi.to_string()
+    };
     let source_ids = identities(source, &format!("{lo}:{hi_text}"), lo, hi)
         .await
         .map_err(JobError::source_side)?;

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf,
+};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -296,7 +298,8 @@ pub async fn connect(endpoint: &Endpoint, limits: Limits) -> Result<Session, Err
             let mut caps = greeting(endpoint, &mut tcp, &mut buf, &mut framer).await?;
             if caps.is_empty() {
                 let (untagged, _) =
-                    simple_command(endpoint, &mut tcp, &mut buf, &mut framer, "s1 CAPABILITY").await?;
+                    simple_command(endpoint, &mut tcp, &mut buf, &mut framer, "s1 CAPABILITY")
+                        .await?;
                 caps = caps_from_untagged(&untagged).unwrap_or_default();
             }
             if !caps.has("STARTTLS") {
@@ -386,7 +389,12 @@ async fn read_response<S: AsyncRead + Unpin>(
                     what: format!("waiting for {}", endpoint.address()),
                 })
             }
-            Ok(Ok(0)) => return Err(Error::lost(format!("{} closed the connection", endpoint.address()))),
+            Ok(Ok(0)) => {
+                return Err(Error::lost(format!(
+                    "{} closed the connection",
+                    endpoint.address()
+                )))
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(Error::lost(e.to_string())),
         }
@@ -407,9 +415,9 @@ async fn greeting<S: AsyncRead + Unpin>(
             backoff: suggested_backoff(&s.text),
             server_says: s.describe(),
         }),
-        other => Err(Error::Protocol(super::parse::ParseError::Malformed(format!(
-            "unexpected greeting {other:?}"
-        )))),
+        other => Err(Error::Protocol(super::parse::ParseError::Malformed(
+            format!("unexpected greeting {other:?}"),
+        ))),
     }
 }
 
@@ -441,7 +449,9 @@ fn caps_from_code(s: &StatusResponse) -> Option<Capabilities> {
 
 fn caps_from_untagged(untagged: &[Response]) -> Option<Capabilities> {
     untagged.iter().find_map(|r| match r {
-        Response::Data { name, data } if name == "CAPABILITY" => Some(Capabilities::from_values(data)),
+        Response::Data { name, data } if name == "CAPABILITY" => {
+            Some(Capabilities::from_values(data))
+        }
         _ => None,
     })
 }
@@ -524,7 +534,11 @@ impl Session {
                 match part {
                     Part::Text(t) => self.writer.write_all(t).await?,
                     Part::Literal(data) | Part::Literal8(data) => {
-                        let tilde = if matches!(part, Part::Literal8(_)) { "~" } else { "" };
+                        let tilde = if matches!(part, Part::Literal8(_)) {
+                            "~"
+                        } else {
+                            ""
+                        };
                         if self.non_synchronizing(data.len()) {
                             self.writer
                                 .write_all(format!("{tilde}{{{}+}}\r\n", data.len()).as_bytes())
@@ -558,7 +572,8 @@ impl Session {
             Ok(()) => Ok(handle),
             Err(e) => {
                 let mut st = self.shared.lock();
-                st.closed.get_or_insert_with(|| format!("write failed: {e}"));
+                st.closed
+                    .get_or_insert_with(|| format!("write failed: {e}"));
                 drop(st);
                 Err(self.shared.lost())
             }
@@ -582,7 +597,8 @@ impl Session {
         let result = match &creds.method {
             AuthMethod::Password => {
                 if self.caps.has("AUTH=PLAIN") {
-                    self.sasl("PLAIN", plain_response(b"", creds.login.as_bytes(), secret)).await
+                    self.sasl("PLAIN", plain_response(b"", creds.login.as_bytes(), secret))
+                        .await
                 } else {
                     self.login(creds.login.as_bytes(), secret).await
                 }
@@ -625,7 +641,9 @@ impl Session {
                 self.host
             )));
         }
-        let handle = self.send(Command::new("LOGIN").arg(user).arg(secret)).await?;
+        let handle = self
+            .send(Command::new("LOGIN").arg(user).arg(secret))
+            .await?;
         let (_, status) = handle.finish().await?;
         check("LOGIN", status)
     }

@@ -84,7 +84,9 @@ impl Session {
         let mut info = MailboxInfo::default();
         for r in &untagged {
             match r {
-                Response::Numbered { number, name, .. } if name == "EXISTS" => info.exists = *number,
+                Response::Numbered { number, name, .. } if name == "EXISTS" => {
+                    info.exists = *number
+                }
                 Response::UntaggedStatus(s) if s.status == Status::Ok => {
                     let code = s.code.as_deref().unwrap_or_default();
                     let arg = code.get(1);
@@ -120,7 +122,10 @@ impl Session {
         items.push(')');
         let mut handles = Vec::with_capacity(wire_names.len());
         for name in wire_names {
-            handles.push(self.send(Command::new("STATUS").arg(name).raw(&items)).await?);
+            handles.push(
+                self.send(Command::new("STATUS").arg(name).raw(&items))
+                    .await?,
+            );
         }
         let mut out = Vec::with_capacity(handles.len());
         for handle in handles {
@@ -148,7 +153,10 @@ impl Session {
     }
 
     /// CREATE and SUBSCRIBE many folders, pipelined. "Already exists" is success.
-    pub async fn create_all(&mut self, wire_names: &[Bytes]) -> Result<Vec<Result<(), Error>>, Error> {
+    pub async fn create_all(
+        &mut self,
+        wire_names: &[Bytes],
+    ) -> Result<Vec<Result<(), Error>>, Error> {
         let mut handles = Vec::new();
         for name in wire_names {
             let create = self.send(Command::new("CREATE").arg(name)).await?;
@@ -206,4 +214,42 @@ fn parse_list(r: &Response) -> Option<ListEntry> {
         delimiter,
         attributes,
     })
+}
+
+impl Session {
+    /// The personal namespace (prefix and delimiter), from NAMESPACE when the server has
+    /// it, else from LIST's delimiter with no prefix.
+    pub async fn personal_namespace(
+        &mut self,
+        listed: &[ListEntry],
+    ) -> Result<crate::folders::Namespace, Error> {
+        let from_list = listed.iter().find_map(|e| e.delimiter);
+        if self.capabilities().has("NAMESPACE") {
+            let untagged = self.run(Command::new("NAMESPACE")).await?;
+            for r in &untagged {
+                if let Response::Data { name, data } = r {
+                    if name != "NAMESPACE" {
+                        continue;
+                    }
+                    let first = data.first().and_then(Value::list).and_then(|l| l.first());
+                    if let Some(personal) = first.and_then(Value::list) {
+                        let prefix = personal.first().and_then(Value::text).unwrap_or_default();
+                        let delimiter = personal
+                            .get(1)
+                            .and_then(Value::bytes)
+                            .and_then(|b| b.first().map(|&c| c as char))
+                            .or(from_list);
+                        return Ok(crate::folders::Namespace {
+                            prefix: crate::mutf7::decode_lenient(prefix.as_bytes()),
+                            delimiter,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(crate::folders::Namespace {
+            prefix: String::new(),
+            delimiter: from_list,
+        })
+    }
 }

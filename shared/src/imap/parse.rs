@@ -133,7 +133,8 @@ impl Value {
     }
 
     pub fn text(&self) -> Option<String> {
-        self.bytes().map(|b| String::from_utf8_lossy(b).into_owned())
+        self.bytes()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
     }
 
     pub fn number(&self) -> Option<u64> {
@@ -218,9 +219,16 @@ pub enum Response {
     /// `* OK ...`, `* BYE ...`
     UntaggedStatus(StatusResponse),
     /// `* 12 FETCH (...)`, `* 3 EXISTS`
-    Numbered { number: u32, name: String, data: Vec<Value> },
+    Numbered {
+        number: u32,
+        name: String,
+        data: Vec<Value>,
+    },
     /// `* LIST ...`, `* STATUS ...`, `* CAPABILITY ...`: name upper-cased.
-    Data { name: String, data: Vec<Value> },
+    Data {
+        name: String,
+        data: Vec<Value>,
+    },
 }
 
 /// Parses one frame produced by [`Framer`].
@@ -312,7 +320,9 @@ impl Cursor {
     }
 
     fn rest_text(&mut self) -> String {
-        let text = String::from_utf8_lossy(&self.buf[self.pos..]).trim().to_string();
+        let text = String::from_utf8_lossy(&self.buf[self.pos..])
+            .trim()
+            .to_string();
         self.pos = self.buf.len();
         text
     }
@@ -355,7 +365,9 @@ impl Cursor {
                 }
                 Some(b'\\') => {
                     self.pos += 1;
-                    let c = self.peek().ok_or_else(|| self.malformed("dangling escape"))?;
+                    let c = self
+                        .peek()
+                        .ok_or_else(|| self.malformed("dangling escape"))?;
                     out.push(c);
                     self.pos += 1;
                 }
@@ -420,7 +432,11 @@ impl Cursor {
             }
             Some(_) => {
                 let atom = self.atom()?;
-                Ok(if atom.is_atom("NIL") { Value::Nil } else { atom })
+                Ok(if atom.is_atom("NIL") {
+                    Value::Nil
+                } else {
+                    atom
+                })
             }
             None => Err(self.malformed("expected a value")),
         }
@@ -464,9 +480,11 @@ impl Cursor {
             };
             // A code we cannot parse is kept as its raw text rather than failing the
             // whole response: the status and text still matter.
-            code = Some(inner.values().unwrap_or_else(|_| {
-                vec![Value::Atom(self.buf.slice(self.pos + 1..end))]
-            }));
+            code = Some(
+                inner
+                    .values()
+                    .unwrap_or_else(|_| vec![Value::Atom(self.buf.slice(self.pos + 1..end))]),
+            );
             self.pos = end + 1;
         }
         Ok(StatusResponse {
@@ -525,7 +543,10 @@ mod tests {
         assert_eq!((*number, name.as_str()), (1, "FETCH"));
         let items = data[0].list().unwrap();
         assert_eq!(lookup(items, "UID").unwrap().number(), Some(7));
-        assert_eq!(lookup(items, "BODY[]").unwrap().bytes().unwrap().as_ref(), body);
+        assert_eq!(
+            lookup(items, "BODY[]").unwrap().bytes().unwrap().as_ref(),
+            body
+        );
         let flags = lookup(items, "FLAGS").unwrap().list().unwrap();
         assert!(flags[1].is_atom("$forwarded"));
         let Response::Tagged { tag, status } = &frames[1] else {
@@ -546,35 +567,59 @@ mod tests {
 + go ahead\r\n\
 t2 NO [UNAVAILABLE] Suggested Backoff Time: 500 ms\r\n";
         let r = split_all(wire, &mut framer()).unwrap();
-        let Response::Data { name, data } = &r[0] else { panic!() };
+        let Response::Data { name, data } = &r[0] else {
+            panic!()
+        };
         assert_eq!(name, "LIST");
         assert_eq!(data[2].text().unwrap(), "Sent Items");
-        let Response::Data { data, .. } = &r[1] else { panic!() };
+        let Response::Data { data, .. } = &r[1] else {
+            panic!()
+        };
         assert_eq!(data[1], Value::Nil);
         assert_eq!(data[2].bytes().unwrap().as_ref(), b"A\"b\\c");
-        let Response::Data { data, .. } = &r[2] else { panic!() };
-        assert_eq!(lookup(data[1].list().unwrap(), "uidnext").unwrap().number(), Some(4));
-        let Response::UntaggedStatus(s) = &r[3] else { panic!() };
+        let Response::Data { data, .. } = &r[2] else {
+            panic!()
+        };
+        assert_eq!(
+            lookup(data[1].list().unwrap(), "uidnext").unwrap().number(),
+            Some(4)
+        );
+        let Response::UntaggedStatus(s) = &r[3] else {
+            panic!()
+        };
         assert_eq!(s.code_name().as_deref(), Some("PERMANENTFLAGS"));
         assert_eq!(s.text, "Flags permitted.");
-        let Response::Data { name, .. } = &r[4] else { panic!() };
+        let Response::Data { name, .. } = &r[4] else {
+            panic!()
+        };
         assert_eq!(name, "BODY[HEADER.FIELDS (MESSAGE-ID)]");
         assert_eq!(r[5], Response::Continuation("go ahead".into()));
-        let Response::Tagged { status, .. } = &r[6] else { panic!() };
+        let Response::Tagged { status, .. } = &r[6] else {
+            panic!()
+        };
         assert_eq!(status.status, Status::No);
-        assert_eq!(status.describe(), "NO [UNAVAILABLE] Suggested Backoff Time: 500 ms");
+        assert_eq!(
+            status.describe(),
+            "NO [UNAVAILABLE] Suggested Backoff Time: 500 ms"
+        );
     }
 
     #[test]
     fn bounds_are_enforced() {
         let mut f = Framer::new(16, 100);
         let mut buf = BytesMut::from(&b"* OK this line is far too long\r\n"[..]);
-        assert!(matches!(f.next_frame(&mut buf), Err(ParseError::LineTooLong { .. })));
+        assert!(matches!(
+            f.next_frame(&mut buf),
+            Err(ParseError::LineTooLong { .. })
+        ));
         let mut f = Framer::new(1024, 100);
         let mut buf = BytesMut::from(&b"* 1 FETCH (BODY[] {101}\r\n"[..]);
         assert_eq!(
             f.next_frame(&mut buf),
-            Err(ParseError::LiteralTooLarge { size: 101, limit: 100 })
+            Err(ParseError::LiteralTooLarge {
+                size: 101,
+                limit: 100
+            })
         );
         // a line without a line feed that grows past the bound is refused too
         let mut f = Framer::new(8, 100);
@@ -586,9 +631,14 @@ t2 NO [UNAVAILABLE] Suggested Backoff Time: 500 ms\r\n";
     fn literal8_carries_nul_bytes() {
         let wire = b"* 1 FETCH (BINARY[] ~{3}\r\na\0b)\r\n";
         let r = split_all(wire, &mut framer()).unwrap();
-        let Response::Numbered { data, .. } = &r[0] else { panic!() };
+        let Response::Numbered { data, .. } = &r[0] else {
+            panic!()
+        };
         let items = data[0].list().unwrap();
-        assert_eq!(lookup(items, "BINARY[]").unwrap().bytes().unwrap().as_ref(), b"a\0b");
+        assert_eq!(
+            lookup(items, "BINARY[]").unwrap().bytes().unwrap().as_ref(),
+            b"a\0b"
+        );
     }
 
     #[test]

@@ -29,7 +29,12 @@ pub struct PooledSession {
 }
 
 impl Pool {
-    pub fn new(endpoint: Endpoint, credentials: Credentials, limits: Limits, max: usize) -> Arc<Self> {
+    pub fn new(
+        endpoint: Endpoint,
+        credentials: Credentials,
+        limits: Limits,
+        max: usize,
+    ) -> Arc<Self> {
         let max = max.max(1);
         Arc::new(Pool {
             endpoint,
@@ -98,7 +103,11 @@ impl PooledSession {
     pub fn release(mut self) {
         if let Some(s) = self.session.take() {
             if !s.is_closed() {
-                self.pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+                self.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(s);
             }
         }
     }
@@ -107,12 +116,16 @@ impl PooledSession {
 impl std::ops::Deref for PooledSession {
     type Target = Session;
     fn deref(&self) -> &Session {
-        self.session.as_ref().expect("session present until release")
+        self.session
+            .as_ref()
+            .expect("session present until release")
     }
 }
 
 impl std::ops::DerefMut for PooledSession {
     fn deref_mut(&mut self) -> &mut Session {
-        self.session.as_mut().expect("session present until release")
+        self.session
+            .as_mut()
+            .expect("session present until release")
     }
 }

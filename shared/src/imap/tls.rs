@@ -51,13 +51,13 @@ pub fn client_config(endpoint: &Endpoint) -> Result<Arc<ClientConfig>, Error> {
     Ok(Arc::new(config))
 }
 
-pub async fn handshake(
-    endpoint: &Endpoint,
-    tcp: TcpStream,
-) -> Result<TlsStream<TcpStream>, Error> {
+pub async fn handshake(endpoint: &Endpoint, tcp: TcpStream) -> Result<TlsStream<TcpStream>, Error> {
     let config = client_config(endpoint)?;
     let name = ServerName::try_from(endpoint.host.clone()).map_err(|e| {
-        Error::Config(format!("{:?} is not a valid TLS server name: {e}", endpoint.host))
+        Error::Config(format!(
+            "{:?} is not a valid TLS server name: {e}",
+            endpoint.host
+        ))
     })?;
     let connect = TlsConnector::from(config).connect(name, tcp);
     match tokio::time::timeout(endpoint.connect_timeout, connect).await {

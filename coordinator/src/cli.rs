@@ -1,0 +1,548 @@
+//! The `mailferry` command line. Turns flags, environment and files into validated
+//! [`UserSpec`]s and [`Options`]; every mistake is named before anything connects.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use mailferry_shared::endpoint::{preset, AuthMethod, Credentials, Endpoint, Security, PRESETS};
+use mailferry_shared::folders::Rules;
+use mailferry_shared::imap::Limits;
+use mailferry_shared::secret::Secret;
+use mailferry_shared::users::{parse_csv, RowError};
+use mailferry_worker::consumer::RetryPolicy;
+use mailferry_worker::EngineSettings;
+
+use crate::embedded::{Options, UserSpec};
+use crate::report::ProgressMode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mailferry",
+    version,
+    about = "Moves mailboxes from one IMAP server to another"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// More log output (-v: debug, -vv: trace). Logs go to standard error.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Migrate one user or a CSV of users on this machine (no RabbitMQ or Redis needed).
+    /// Safe to re-run: a second run copies only what is new and updates flags.
+    Migrate(Box<MigrateArgs>),
+}
+
+macro_rules! endpoint_args {
+    ($name:ident, $side:literal, $env:literal) => {
+        #[derive(Debug, Clone, Args)]
+        pub struct $name {
+            #[doc = concat!("The ", $side, " server, HOST or HOST:PORT (default port: 993 with tls, 143 otherwise)")]
+            #[arg(id = concat!($side, "-host"), long = $side, value_name = "HOST[:PORT]")]
+            pub host: Option<String>,
+            #[doc = concat!("A provider preset for the ", $side, ": gmail, outlook, hotmail, yahoo")]
+            #[arg(id = concat!($side, "-preset"), long = concat!($side, "-preset"), value_name = "NAME")]
+            pub preset: Option<String>,
+            #[doc = "tls (implicit TLS, the default), starttls (then mandatory) or plain (unencrypted: only when you mean it)"]
+            #[arg(id = concat!($side, "-security"), long = concat!($side, "-security"), value_name = "MODE", default_value = "tls")]
+            pub security: Security,
+            #[doc = "Extra CA certificates (PEM) to trust for this server"]
+            #[arg(id = concat!($side, "-ca-file"), long = concat!($side, "-ca-file"), value_name = "PATH")]
+            pub ca_file: Option<PathBuf>,
+            #[doc = "Accept any certificate from this server (no verification)"]
+            #[arg(id = concat!($side, "-insecure-accept-any-certificate"), long = concat!($side, "-insecure-accept-any-certificate"))]
+            pub accept_any_certificate: bool,
+            #[doc = "password (or app password), xoauth2 (the secret is an access token), admin:NAME (SASL PLAIN as NAME for the user) or master:NAME (Dovecot user*NAME)"]
+            #[arg(id = concat!($side, "-auth"), long = concat!($side, "-auth"), value_name = "METHOD", default_value = "password")]
+            pub auth: String,
+            #[doc = concat!("The ", $side, " login (single-user mode)")]
+            #[arg(id = concat!($side, "-user"), long = concat!($side, "-user"), value_name = "LOGIN")]
+            pub user: Option<String>,
+            #[doc = concat!("Read the ", $side, " password (or token) from this file; else from $", $env, "; else a prompt")]
+            #[arg(id = concat!($side, "-password-file"), long = concat!($side, "-password-file"), value_name = "PATH")]
+            pub password_file: Option<PathBuf>,
+        }
+    };
+}
+
+endpoint_args!(SourceArgs, "source", "MAILFERRY_SOURCE_PASSWORD");
+endpoint_args!(TargetArgs, "target", "MAILFERRY_TARGET_PASSWORD");
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Users from a CSV in Exchange's format: EmailAddress,UserName,Password (+ optional
+    /// TargetUserName, TargetPassword). Bad rows are reported; good rows run.
+    #[arg(long, value_name = "PATH", conflicts_with = "user")]
+    pub csv: Option<PathBuf>,
+    /// The user's id in state and reports (default: the source login).
+    #[arg(long, value_name = "ID")]
+    pub user: Option<String>,
+    /// Where checkpoints live (default: $MAILFERRY_STATE_DIR, else $XDG_STATE_HOME/mailferry,
+    /// else ~/.local/state/mailferry). Deleting it costs a slower re-run, never a duplicate.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Show the folder mapping and per-folder counts; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Copy only folders matching this pattern (`*` is a wildcard; `/` separates levels). Repeatable.
+    #[arg(long, value_name = "PATTERN")]
+    pub include: Vec<String>,
+    /// Do not copy folders matching this pattern. Repeatable.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Put a source folder elsewhere: FROM=TO, or FROM/*=TO/* for a subtree. Repeatable.
+    #[arg(long, value_name = "FROM=TO")]
+    pub rename: Vec<String>,
+    /// Skip messages larger than this (e.g. 25M, 1G); the target's APPENDLIMIT applies too.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_message_size: Option<u64>,
+    /// Connections per account (each server), shared by all of a user's folder jobs.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub connections: usize,
+    /// Users planned at the same time.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub parallel_users: usize,
+    /// Folder jobs running at the same time (across all users).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub jobs: usize,
+    /// Message bytes held in memory at once, across all jobs (e.g. 48M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "48M")]
+    pub memory: u64,
+    /// Batch name (keeps separate migrations' state apart).
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    pub batch: String,
+    /// Progress display.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+    /// Also write the summary as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub summary_json: Option<PathBuf>,
+}
+
+/// `25M`, `1G`, `512K`, `1000`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'B' => 1,
+                _ => return Err(format!("unknown size unit in {s:?}: use K, M or G")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("{s:?} is not a size (like 25M or 1G)"))
+}
+
+/// A configuration mistake, named.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn usage(msg: impl Into<String>) -> UsageError {
+    UsageError(msg.into())
+}
+
+struct Side<'a> {
+    name: &'static str,
+    env: &'static str,
+    host: &'a Option<String>,
+    preset: &'a Option<String>,
+    security: Security,
+    ca_file: &'a Option<PathBuf>,
+    accept_any: bool,
+    auth: &'a str,
+    user: &'a Option<String>,
+    password_file: &'a Option<PathBuf>,
+}
+
+impl<'a> From<&'a SourceArgs> for Side<'a> {
+    fn from(a: &'a SourceArgs) -> Self {
+        Side {
+            name: "source",
+            env: "MAILFERRY_SOURCE_PASSWORD",
+            host: &a.host,
+            preset: &a.preset,
+            security: a.security,
+            ca_file: &a.ca_file,
+            accept_any: a.accept_any_certificate,
+            auth: &a.auth,
+            user: &a.user,
+            password_file: &a.password_file,
+        }
+    }
+}
+
+impl<'a> From<&'a TargetArgs> for Side<'a> {
+    fn from(a: &'a TargetArgs) -> Self {
+        Side {
+            name: "target",
+            env: "MAILFERRY_TARGET_PASSWORD",
+            host: &a.host,
+            preset: &a.preset,
+            security: a.security,
+            ca_file: &a.ca_file,
+            accept_any: a.accept_any_certificate,
+            auth: &a.auth,
+            user: &a.user,
+            password_file: &a.password_file,
+        }
+    }
+}
+
+impl Side<'_> {
+    fn endpoint(&self, notes: &mut Vec<String>) -> Result<Endpoint, UsageError> {
+        let (host, port) = match (self.host, self.preset) {
+            (Some(_), Some(_)) => {
+                return Err(usage(format!(
+                    "give --{0} or --{0}-preset, not both",
+                    self.name
+                )))
+            }
+            (None, None) => {
+                return Err(usage(format!(
+                    "no {0} server: give --{0} HOST[:PORT] or --{0}-preset NAME",
+                    self.name
+                )))
+            }
+            (None, Some(name)) => {
+                let p = preset(name).ok_or_else(|| {
+                    let names: Vec<_> = PRESETS.iter().map(|p| p.name).collect();
+                    usage(format!(
+                        "unknown {} preset {name:?}: choose one of {}",
+                        self.name,
+                        names.join(", ")
+                    ))
+                })?;
+                notes.push(format!("{} ({}): {}", self.name, p.name, p.note));
+                if self.security != Security::Tls {
+                    return Err(usage(format!(
+                        "the {} preset {} uses implicit TLS on port 993",
+                        self.name, p.name
+                    )));
+                }
+                (p.host.to_string(), p.port)
+            }
+            (Some(spec), None) => split_host_port(spec, self.security)
+                .map_err(|e| usage(format!("--{}: {e}", self.name)))?,
+        };
+        let mut endpoint = Endpoint::new(host, port, self.security);
+        endpoint.ca_file = self.ca_file.clone();
+        endpoint.accept_invalid_certs = self.accept_any;
+        if let Some(ca) = &endpoint.ca_file {
+            if !ca.is_file() {
+                return Err(usage(format!(
+                    "--{}-ca-file {}: no such file",
+                    self.name,
+                    ca.display()
+                )));
+            }
+        }
+        Ok(endpoint)
+    }
+
+    fn method(&self) -> Result<AuthMethod, UsageError> {
+        let bad = || {
+            usage(format!(
+                "--{}-auth {:?}: expected password, xoauth2, admin:NAME or master:NAME",
+                self.name, self.auth
+            ))
+        };
+        Ok(match self.auth.split_once(':') {
+            None if self.auth == "password" => AuthMethod::Password,
+            None if self.auth == "xoauth2" => AuthMethod::XOAuth2,
+            Some(("admin", name)) if !name.is_empty() => {
+                AuthMethod::AdminPlain { admin: name.into() }
+            }
+            Some(("master", name)) if !name.is_empty() => AuthMethod::DovecotMaster {
+                master: name.into(),
+            },
+            _ => return Err(bad()),
+        })
+    }
+
+    /// The secret from the file, the environment, or a prompt — never from the command line.
+    fn secret(&self, for_whom: &str) -> Result<Secret, UsageError> {
+        if let Some(path) = self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                usage(format!(
+                    "--{}-password-file {}: {e}",
+                    self.name,
+                    path.display()
+                ))
+            })?;
+            let line = text.lines().next().unwrap_or("").to_string();
+            if line.is_empty() {
+                return Err(usage(format!(
+                    "--{}-password-file {} is empty",
+                    self.name,
+                    path.display()
+                )));
+            }
+            return Ok(Secret::new(line));
+        }
+        if let Ok(value) = std::env::var(self.env) {
+            if !value.is_empty() {
+                return Ok(Secret::new(value));
+            }
+        }
+        use std::io::IsTerminal;
+        if std::io::stdin().is_terminal() {
+            let value =
+                rpassword::prompt_password(format!("{} password for {for_whom}: ", self.name))
+                    .map_err(|e| usage(format!("reading the {} password: {e}", self.name)))?;
+            if value.is_empty() {
+                return Err(usage(format!("empty {} password", self.name)));
+            }
+            return Ok(Secret::new(value));
+        }
+        Err(usage(format!(
+            "no {0} password: set {1}, or use --{0}-password-file PATH",
+            self.name, self.env
+        )))
+    }
+}
+
+fn split_host_port(spec: &str, security: Security) -> Result<(String, u16), String> {
+    let default_port = if security == Security::Tls { 993 } else { 143 };
+    // [v6]:port, host:port, host
+    if let Some(rest) = spec.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or("unclosed [ in an IPv6 address")?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| format!("bad port {p:?}"))?,
+            None => default_port,
+        };
+        return Ok((host.to_string(), port));
+    }
+    match spec.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => {
+            let port = port.parse().map_err(|_| format!("bad port {port:?}"))?;
+            if host.is_empty() {
+                return Err("empty host".into());
+            }
+            Ok((host.to_string(), port))
+        }
+        _ if spec.is_empty() => Err("empty host".into()),
+        _ => Ok((spec.to_string(), default_port)),
+    }
+}
+
+/// Everything `migrate` needs, validated.
+pub struct MigratePlan {
+    pub users: Vec<UserSpec>,
+    pub bad_rows: Vec<RowError>,
+    pub options: Options,
+    pub notes: Vec<String>,
+}
+
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MAILFERRY_STATE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
+        return Path::new(&dir).join("mailferry");
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return Path::new(&home).join(".local/state/mailferry");
+    }
+    PathBuf::from("mailferry-state")
+}
+
+pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
+    let src: Side = (&args.source).into();
+    let dst: Side = (&args.target).into();
+    let mut notes = Vec::new();
+    let source = src.endpoint(&mut notes)?;
+    let target = dst.endpoint(&mut notes)?;
+    let source_method = src.method()?;
+    let target_method = dst.method()?;
+    let mut rules = Rules {
+        include: args.include.clone(),
+        exclude: args.exclude.clone(),
+        rename: Vec::new(),
+    };
+    for spec in &args.rename {
+        rules.rename.push(Rules::parse_rename(spec).map_err(usage)?);
+    }
+    for (what, n) in [
+        ("--connections", args.connections),
+        ("--jobs", args.jobs),
+        ("--parallel-users", args.parallel_users),
+    ] {
+        if n == 0 {
+            return Err(usage(format!("{what} must be at least 1")));
+        }
+    }
+    if args.memory < (8 << 20) {
+        return Err(usage("--memory must be at least 8M"));
+    }
+
+    let mut users = Vec::new();
+    let mut bad_rows = Vec::new();
+    match &args.csv {
+        None => {
+            let login = src.user.clone().ok_or_else(|| {
+                usage("no user: give --source-user LOGIN (and --target-user if it differs), or --csv PATH")
+            })?;
+            let target_login = dst.user.clone().unwrap_or_else(|| login.clone());
+            let source_secret = src.secret(&login)?;
+            let target_secret = dst.secret(&target_login)?;
+            users.push(UserSpec {
+                id: args.user.clone().unwrap_or_else(|| login.clone()),
+                source: source.clone(),
+                source_credentials: Credentials {
+                    login,
+                    secret: source_secret,
+                    method: source_method,
+                },
+                target: target.clone(),
+                target_credentials: Credentials {
+                    login: target_login,
+                    secret: target_secret,
+                    method: target_method,
+                },
+            });
+        }
+        Some(path) => {
+            if src.user.is_some() || dst.user.is_some() {
+                return Err(usage(
+                    "--csv gives the logins: drop --source-user / --target-user",
+                ));
+            }
+            let bytes =
+                std::fs::read(path).map_err(|e| usage(format!("--csv {}: {e}", path.display())))?;
+            let parsed =
+                parse_csv(&bytes).map_err(|e| usage(format!("--csv {}: {e}", path.display())))?;
+            bad_rows = parsed.errors;
+            // With an admin or master login at the target, one secret serves every user.
+            let admin_target = !matches!(target_method, AuthMethod::Password | AuthMethod::XOAuth2);
+            let shared_target_secret =
+                if admin_target && parsed.users.iter().any(|u| u.target_password.is_none()) {
+                    Some(dst.secret("the target admin")?)
+                } else {
+                    None
+                };
+            for row in parsed.users {
+                let target_secret = match (&row.target_password, &shared_target_secret) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some(s)) => s.clone(),
+                    (None, None) => {
+                        bad_rows.push(RowError {
+                            line: row.line,
+                            reason: format!(
+                                "no target password for {}: add a TargetPassword column or use --target-auth master:NAME",
+                                row.email
+                            ),
+                        });
+                        continue;
+                    }
+                };
+                users.push(UserSpec {
+                    id: row.email.clone(),
+                    source: source.clone(),
+                    source_credentials: Credentials {
+                        login: row.source_login,
+                        secret: row.source_password,
+                        method: source_method.clone(),
+                    },
+                    target: target.clone(),
+                    target_credentials: Credentials {
+                        login: row.target_login,
+                        secret: target_secret,
+                        method: target_method.clone(),
+                    },
+                });
+            }
+            bad_rows.sort_by_key(|r| r.line);
+        }
+    }
+
+    let mut engine = EngineSettings {
+        max_message_size: args.max_message_size,
+        bytes_in_flight: args.memory,
+        ..EngineSettings::default()
+    };
+    // A FETCH batch never needs more than a quarter of the budget.
+    engine.copy.fetch_bytes = engine.copy.fetch_bytes.min(args.memory / 4);
+    let limits = Limits {
+        max_literal: args
+            .max_message_size
+            .map(|m| m.max(1 << 20) * 2)
+            .unwrap_or(Limits::default().max_literal),
+        ..Limits::default()
+    };
+    Ok(MigratePlan {
+        users,
+        bad_rows,
+        notes,
+        options: Options {
+            batch: args.batch.clone(),
+            state_dir: args.state_dir.clone().unwrap_or_else(default_state_dir),
+            dry_run: args.dry_run,
+            rules,
+            connections_per_account: args.connections,
+            parallel_users: args.parallel_users,
+            job_slots: args.jobs,
+            engine,
+            limits,
+            retry: RetryPolicy {
+                cap: Duration::from_secs(30),
+                ..RetryPolicy::default()
+            },
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_and_addresses() {
+        assert_eq!(parse_size("25M"), Ok(25 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("12Q").is_err());
+        assert_eq!(
+            split_host_port("mail.example.com", Security::Tls).unwrap(),
+            ("mail.example.com".into(), 993)
+        );
+        assert_eq!(
+            split_host_port("127.0.0.1:10143", Security::Plain).unwrap(),
+            ("127.0.0.1".into(), 10143)
+        );
+        assert_eq!(
+            split_host_port("[::1]:143", Security::Plain).unwrap(),
+            ("::1".into(), 143)
+        );
+        assert_eq!(
+            split_host_port("h", Security::StartTls).unwrap(),
+            ("h".into(), 143)
+        );
+        assert!(split_host_port("h:x", Security::Tls).is_err());
+    }
+}

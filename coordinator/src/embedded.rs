@@ -1,0 +1,204 @@
+//! The one-command mode: the cluster's code path on one machine. The planner publishes
+//! folder jobs to an in-process [`MemoryQueue`]; the worker's consumer loop runs them
+//! with the same engine; checkpoints go to a [`DirStore`] in the state directory.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mailferry_shared::endpoint::{Credentials, Endpoint};
+use mailferry_shared::folders::Rules;
+use mailferry_shared::imap::pool::Pool;
+use mailferry_shared::imap::Limits;
+use mailferry_shared::queue::{JobQueue, MemoryQueue};
+use mailferry_shared::store::DirStore;
+use mailferry_worker::accounts::{StaticAccounts, UserAccounts};
+use mailferry_worker::consumer::{consume, RetryPolicy};
+use mailferry_worker::{Engine, EngineSettings};
+use tokio::sync::{watch, Semaphore};
+
+use crate::planner::{plan_user, PlanError, PlanRequest, PlannedFolder};
+use crate::report::{classify, FailureKind, Reporter};
+
+/// One user to migrate: where from, where to, and as whom.
+pub struct UserSpec {
+    /// The user's id in jobs, state and reports (the mailbox address).
+    pub id: String,
+    pub source: Endpoint,
+    pub source_credentials: Credentials,
+    pub target: Endpoint,
+    pub target_credentials: Credentials,
+}
+
+pub struct Options {
+    pub batch: String,
+    pub state_dir: PathBuf,
+    pub dry_run: bool,
+    pub rules: Rules,
+    pub connections_per_account: usize,
+    pub parallel_users: usize,
+    pub job_slots: usize,
+    pub engine: EngineSettings,
+    pub limits: Limits,
+    pub retry: RetryPolicy,
+}
+
+/// What a dry run found, per user.
+pub type DryRun = Vec<(String, Result<Vec<PlannedFolder>, String>)>;
+
+/// Runs a migration pass for all users. Failures are per user and per folder and end up
+/// in the reporter; only a failure to set up (the state directory) is an error here.
+pub async fn run(
+    users: Vec<UserSpec>,
+    opts: Options,
+    reporter: Arc<Reporter>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Option<DryRun>, mailferry_shared::Error> {
+    let store = if opts.dry_run {
+        None
+    } else {
+        Some(Arc::new(DirStore::open(&opts.state_dir)?))
+    };
+    let accounts = Arc::new(StaticAccounts::default());
+    let mut pools = Vec::new();
+    for u in &users {
+        let source = Pool::new(
+            u.source.clone(),
+            u.source_credentials.clone(),
+            opts.limits,
+            opts.connections_per_account,
+        );
+        let target = Pool::new(
+            u.target.clone(),
+            u.target_credentials.clone(),
+            opts.limits,
+            opts.connections_per_account,
+        );
+        accounts.insert(
+            u.id.clone(),
+            UserAccounts {
+                source: source.clone(),
+                target: target.clone(),
+            },
+        );
+        pools.push((u.id.clone(), source, target));
+    }
+
+    let pass = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+
+    if opts.dry_run {
+        let mut out = Vec::new();
+        for (id, source, target) in &pools {
+            let plan = plan_user::<DirStore>(PlanRequest {
+                batch: &opts.batch,
+                user: id,
+                pass,
+                source,
+                target,
+                rules: &opts.rules,
+                store: None,
+            })
+            .await;
+            out.push((
+                id.clone(),
+                plan.map(|p| p.folders).map_err(|e| e.to_string()),
+            ));
+            source.close_idle().await;
+            target.close_idle().await;
+        }
+        return Ok(Some(out));
+    }
+    let store = store.expect("not a dry run");
+
+    let queue = Arc::new(MemoryQueue::new());
+    let engine = Arc::new(Engine::new(
+        store.clone(),
+        accounts,
+        reporter.clone(),
+        opts.engine.clone(),
+    ));
+    let consumers = tokio::spawn(consume(
+        queue.clone(),
+        engine,
+        opts.job_slots,
+        opts.retry,
+        shutdown.clone(),
+    ));
+
+    // Plan users a few at a time; each user's jobs are queued as soon as it is planned,
+    // largest folders first so the longest job does not start last.
+    let planning = Arc::new(Semaphore::new(opts.parallel_users.max(1)));
+    let mut planners = tokio::task::JoinSet::new();
+    for (id, source, target) in pools.iter().cloned() {
+        let permit = planning
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        if *shutdown.borrow() {
+            break;
+        }
+        let (queue, store, reporter, rules, batch) = (
+            queue.clone(),
+            store.clone(),
+            reporter.clone(),
+            opts.rules.clone(),
+            opts.batch.clone(),
+        );
+        planners.spawn(async move {
+            let _permit = permit;
+            let plan = plan_user(PlanRequest {
+                batch: &batch,
+                user: &id,
+                pass,
+                source: &source,
+                target: &target,
+                rules: &rules,
+                store: Some(&*store),
+            })
+            .await;
+            match plan {
+                Ok(plan) => {
+                    for f in plan
+                        .folders
+                        .iter()
+                        .filter_map(|f| f.problem.as_ref().map(|p| (f, p)))
+                    {
+                        reporter.line(&format!("{id}: {}: {}", f.0.mapping.source_path, f.1));
+                    }
+                    reporter.user_planned(&id, plan.folders.len(), plan.jobs.len());
+                    let mut jobs = plan.jobs;
+                    let size_of = |j: &mailferry_shared::job::FolderJob| {
+                        plan.folders
+                            .iter()
+                            .find(|f| f.mapping.source_wire == j.source_folder.0)
+                            .and_then(|f| f.messages)
+                            .unwrap_or(0)
+                    };
+                    jobs.sort_by_key(|j| std::cmp::Reverse(size_of(j)));
+                    for job in jobs {
+                        // The memory queue cannot refuse a job.
+                        let _ = queue.publish(job).await;
+                    }
+                }
+                Err(e) => {
+                    let kind = match &e {
+                        PlanError::Imap { side, source } => classify(Some(*side), source),
+                        _ => FailureKind::Other,
+                    };
+                    reporter.user_failed(&id, &e.to_string(), kind);
+                }
+            }
+        });
+    }
+    while planners.join_next().await.is_some() {}
+    queue.close();
+    let _ = consumers.await;
+    for (_, source, target) in &pools {
+        source.close_idle().await;
+        target.close_idle().await;
+    }
+    Ok(None)
+}

@@ -1,0 +1,208 @@
+//! Planning: turns a user into folder jobs.
+//!
+//! One round of pipelined commands per side: LIST and NAMESPACE on both servers, the
+//! folder mapping, CREATE/SUBSCRIBE of missing target folders, then STATUS of every
+//! source (and mapped target) folder. A folder whose STATUS matches its checkpoint gets
+//! no job at all, so a no-op pass costs a handful of commands per user, not a rescan.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mailferry_shared::folders::{map_folders, Action, FolderMapping, Rules};
+use mailferry_shared::imap::mailbox::FolderStatus;
+use mailferry_shared::imap::pool::Pool;
+use mailferry_shared::job::{FolderJob, WireName};
+use mailferry_shared::store::StateStore;
+use mailferry_shared::{Error as SharedError, Side};
+
+/// Why a user could not be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{side}: {source}")]
+    Imap {
+        side: Side,
+        #[source]
+        source: SharedError,
+    },
+    #[error("{0}")]
+    Mapping(#[from] mailferry_shared::folders::MappingError),
+    #[error("state store: {0}")]
+    Store(SharedError),
+}
+
+impl PlanError {
+    fn source_side(e: SharedError) -> Self {
+        PlanError::Imap {
+            side: Side::Source,
+            source: e,
+        }
+    }
+    fn target_side(e: SharedError) -> Self {
+        PlanError::Imap {
+            side: Side::Target,
+            source: e,
+        }
+    }
+}
+
+/// One source folder with what the plan found out about it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedFolder {
+    #[serde(flatten)]
+    pub mapping: FolderMapping,
+    /// Source STATUS (messages, size where the server reports it).
+    pub messages: Option<u32>,
+    pub size: Option<u64>,
+    /// A job was made for it (false: excluded, empty and unchanged, or up to date).
+    pub job: bool,
+    /// Why the folder could not be planned (the source refused STATUS, the target
+    /// refused CREATE).
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UserPlan {
+    pub folders: Vec<PlannedFolder>,
+    pub jobs: Vec<FolderJob>,
+}
+
+pub struct PlanRequest<'a, S: StateStore> {
+    pub batch: &'a str,
+    pub user: &'a str,
+    pub pass: u64,
+    pub source: &'a Arc<Pool>,
+    pub target: &'a Arc<Pool>,
+    pub rules: &'a Rules,
+    /// `None` in a dry run: nothing is created and no checkpoint is consulted.
+    pub store: Option<&'a S>,
+}
+
+pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPlan, PlanError> {
+    let (source, target) = tokio::join!(req.source.get(), req.target.get());
+    let mut source = source.map_err(PlanError::source_side)?;
+    let mut target = target.map_err(PlanError::target_side)?;
+
+    let (src_list, dst_list) = tokio::join!(source.list_all(), target.list_all());
+    let src_list = src_list.map_err(PlanError::source_side)?;
+    let dst_list = dst_list.map_err(PlanError::target_side)?;
+    let (src_ns, dst_ns) = tokio::join!(
+        source.personal_namespace(&src_list),
+        target.personal_namespace(&dst_list)
+    );
+    let src_ns = src_ns.map_err(PlanError::source_side)?;
+    let dst_ns = dst_ns.map_err(PlanError::target_side)?;
+    let mappings = map_folders(&src_list, &src_ns, &dst_list, &dst_ns, req.rules)?;
+
+    let wanted = |m: &FolderMapping| matches!(m.action, Action::Copy | Action::Create);
+    let copying: Vec<&FolderMapping> = mappings
+        .iter()
+        .filter(|m| m.action == Action::Copy)
+        .collect();
+    let src_names: Vec<Bytes> = copying.iter().map(|m| m.source_wire.clone()).collect();
+    let existing_targets: Vec<Bytes> = copying
+        .iter()
+        .filter(|m| m.target_exists)
+        .map(|m| m.target_wire.clone())
+        .collect();
+    let to_create: Vec<Bytes> = mappings
+        .iter()
+        .filter(|m| wanted(m) && !m.target_exists)
+        .map(|m| m.target_wire.clone())
+        .collect();
+
+    let dry_run = req.store.is_none();
+    let (src_status, dst_side) = tokio::join!(source.status_many(&src_names), async {
+        let statuses = target.status_many(&existing_targets).await?;
+        let created = if dry_run {
+            Vec::new()
+        } else {
+            target.create_all(&to_create).await?
+        };
+        Ok::<_, SharedError>((statuses, created))
+    });
+    let src_status = src_status.map_err(PlanError::source_side)?;
+    let (dst_status, created) = dst_side.map_err(PlanError::target_side)?;
+    source.release();
+    target.release();
+
+    let mut create_problems = std::collections::HashMap::new();
+    for (name, result) in to_create.iter().zip(created) {
+        if let Err(e) = result {
+            create_problems.insert(
+                name.clone(),
+                format!("target refused to create the folder: {e}"),
+            );
+        }
+    }
+    let dst_status: std::collections::HashMap<Bytes, FolderStatus> = existing_targets
+        .into_iter()
+        .zip(dst_status)
+        .filter_map(|(n, s)| s.ok().map(|s| (n, s)))
+        .collect();
+    let mut src_status = src_names
+        .into_iter()
+        .zip(src_status)
+        .collect::<std::collections::HashMap<_, _>>();
+
+    let mut folders = Vec::new();
+    let mut jobs = Vec::new();
+    for mapping in mappings {
+        let mut planned = PlannedFolder {
+            messages: None,
+            size: None,
+            job: false,
+            problem: create_problems.get(&mapping.target_wire).cloned(),
+            mapping,
+        };
+        if planned.mapping.action == Action::Copy && planned.problem.is_none() {
+            match src_status.remove(&planned.mapping.source_wire) {
+                Some(Ok(st)) => {
+                    planned.messages = Some(st.messages);
+                    planned.size = st.size;
+                    let job = FolderJob {
+                        batch: req.batch.to_string(),
+                        user: req.user.to_string(),
+                        source_folder: WireName(planned.mapping.source_wire.clone()),
+                        target_folder: WireName(planned.mapping.target_wire.clone()),
+                        uid_range: None,
+                        pass: req.pass,
+                    };
+                    let needed = match req.store {
+                        None => false,
+                        Some(store) => {
+                            let cp = store
+                                .load_checkpoint(&job.checkpoint_key())
+                                .await
+                                .map_err(PlanError::Store)?;
+                            let target_validity = dst_status
+                                .get(&planned.mapping.target_wire)
+                                .map(|s| s.uidvalidity);
+                            match cp {
+                                // never copied: a job unless the folder is empty (it exists at the target already)
+                                None => st.messages > 0,
+                                Some(cp) => {
+                                    let up_to_date = cp.in_flight.is_none()
+                                        && cp.source_uidvalidity == st.uidvalidity
+                                        && Some(cp.target_uidvalidity) == target_validity
+                                        && cp.source_uidnext == st.uidnext
+                                        && cp.source_messages == st.messages
+                                        && st.highestmodseq.is_some()
+                                        && cp.source_modseq == st.highestmodseq;
+                                    !up_to_date
+                                }
+                            }
+                        }
+                    };
+                    if needed {
+                        planned.job = true;
+                        jobs.push(job);
+                    }
+                }
+                Some(Err(e)) => planned.problem = Some(format!("source refused STATUS: {e}")),
+                None => {}
+            }
+        }
+        folders.push(planned);
+    }
+    Ok(UserPlan { folders, jobs })
+}
