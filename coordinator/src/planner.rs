@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use mailferry_shared::folders::{map_folders, Action, FolderMapping, Rules};
+use mailferry_shared::folders::{
+    encode_target_strict, map_folders, Action, FolderMapping, Namespace, Rules,
+};
 use mailferry_shared::imap::mailbox::FolderStatus;
 use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::job::{FolderJob, WireName};
@@ -77,6 +79,49 @@ pub struct PlanRequest<'a, S: StateStore> {
     pub store: Option<&'a S>,
 }
 
+/// A target may refuse a name for a character it does not allow in folder names
+/// (Dovecot's Maildir++ refuses `.`). Such folders get the strict escaping and one more
+/// try; what still fails is reported per folder.
+async fn retry_refused(
+    target: &mut mailferry_shared::imap::Session,
+    mappings: &mut [FolderMapping],
+    ns: &Namespace,
+    refused: Vec<(Bytes, SharedError)>,
+) -> Result<std::collections::HashMap<Bytes, String>, SharedError> {
+    let mut problems = std::collections::HashMap::new();
+    let mut retry = Vec::new();
+    for (wire, error) in refused {
+        let Some(m) = mappings.iter_mut().find(|m| m.target_wire == wire) else {
+            continue;
+        };
+        let taken = |w: &Bytes| retry.iter().any(|(_, x): &(Bytes, Bytes)| x == w);
+        match encode_target_strict(&m.target_levels, ns) {
+            Some((path, strict)) if !taken(&strict) => {
+                tracing::info!(folder = %m.source_path, target = %path, "target refused the name; using strict escaping");
+                m.target_path = path;
+                m.target_wire = strict.clone();
+                retry.push((wire, strict));
+            }
+            _ => {
+                problems.insert(
+                    wire,
+                    format!("target refused to create the folder: {error}"),
+                );
+            }
+        }
+    }
+    let names: Vec<Bytes> = retry.iter().map(|(_, s)| s.clone()).collect();
+    for ((_, strict), result) in retry.iter().zip(target.create_all(&names).await?) {
+        if let Err(e) = result {
+            problems.insert(
+                strict.clone(),
+                format!("target refused to create the folder: {e}"),
+            );
+        }
+    }
+    Ok(problems)
+}
+
 pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPlan, PlanError> {
     let (source, target) = tokio::join!(req.source.get(), req.target.get());
     let mut source = source.map_err(PlanError::source_side)?;
@@ -91,7 +136,7 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
     );
     let src_ns = src_ns.map_err(PlanError::source_side)?;
     let dst_ns = dst_ns.map_err(PlanError::target_side)?;
-    let mappings = map_folders(&src_list, &src_ns, &dst_list, &dst_ns, req.rules)?;
+    let mut mappings = map_folders(&src_list, &src_ns, &dst_list, &dst_ns, req.rules)?;
 
     let wanted = |m: &FolderMapping| matches!(m.action, Action::Copy | Action::Create);
     let copying: Vec<&FolderMapping> = mappings
@@ -122,18 +167,21 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
     });
     let src_status = src_status.map_err(PlanError::source_side)?;
     let (dst_status, created) = dst_side.map_err(PlanError::target_side)?;
+    let refused: Vec<(Bytes, SharedError)> = to_create
+        .iter()
+        .cloned()
+        .zip(created)
+        .filter_map(|(name, r)| r.err().map(|e| (name, e)))
+        .collect();
+    let create_problems = if refused.is_empty() {
+        std::collections::HashMap::new()
+    } else {
+        retry_refused(&mut target, &mut mappings, &dst_ns, refused)
+            .await
+            .map_err(PlanError::target_side)?
+    };
     source.release();
     target.release();
-
-    let mut create_problems = std::collections::HashMap::new();
-    for (name, result) in to_create.iter().zip(created) {
-        if let Err(e) = result {
-            create_problems.insert(
-                name.clone(),
-                format!("target refused to create the folder: {e}"),
-            );
-        }
-    }
     let dst_status: std::collections::HashMap<Bytes, FolderStatus> = existing_targets
         .into_iter()
         .zip(dst_status)

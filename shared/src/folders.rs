@@ -166,6 +166,9 @@ pub struct FolderMapping {
     pub target_path: String,
     #[serde(skip)]
     pub target_wire: Bytes,
+    /// The target levels before escaping (to re-encode if the target refuses the name).
+    #[serde(skip)]
+    pub target_levels: Vec<String>,
     pub special_use: Option<SpecialUse>,
     /// The target folder already exists.
     pub target_exists: bool,
@@ -197,10 +200,20 @@ fn levels(wire: &[u8], ns: &Namespace) -> Vec<String> {
 /// Makes one level safe for the target: its delimiter becomes a look-alike so the level
 /// is not split (`a.b` on a `.` server shows as `a․b`); control characters become `_`.
 pub fn escape_level(level: &str, target_delimiter: Option<char>) -> String {
+    escape_chars(level, |c| Some(c) == target_delimiter)
+}
+
+/// The fallback when a target refuses a name: every character that serves as a
+/// hierarchy delimiter somewhere (`.`, `/`, `\`) becomes its look-alike.
+pub fn escape_level_strict(level: &str) -> String {
+    escape_chars(level, |c| matches!(c, '.' | '/' | '\\'))
+}
+
+fn escape_chars(level: &str, replace: impl Fn(char) -> bool) -> String {
     level
         .chars()
         .map(|c| match c {
-            c if Some(c) == target_delimiter => match c {
+            c if replace(c) => match c {
                 '.' => '\u{2024}',  // ONE DOT LEADER
                 '/' => '\u{2215}',  // DIVISION SLASH
                 '\\' => '\u{29F5}', // REVERSE SOLIDUS OPERATOR
@@ -213,10 +226,27 @@ pub fn escape_level(level: &str, target_delimiter: Option<char>) -> String {
 }
 
 fn encode_target(levels: &[String], ns: &Namespace) -> (String, Bytes) {
-    let escaped: Vec<String> = levels
+    encode_levels(
+        levels
+            .iter()
+            .map(|l| escape_level(l, ns.delimiter))
+            .collect(),
+        ns,
+    )
+}
+
+/// The strictly escaped name for a target that refused [`encode_target`]'s, or `None`
+/// if strict escaping changes nothing (the refusal has another cause).
+pub fn encode_target_strict(levels: &[String], ns: &Namespace) -> Option<(String, Bytes)> {
+    let plain: Vec<String> = levels
         .iter()
         .map(|l| escape_level(l, ns.delimiter))
         .collect();
+    let strict: Vec<String> = plain.iter().map(|l| escape_level_strict(l)).collect();
+    (strict != plain).then(|| encode_levels(strict, ns))
+}
+
+fn encode_levels(escaped: Vec<String>, ns: &Namespace) -> (String, Bytes) {
     let path = escaped.join("/");
     if escaped.len() == 1 && escaped[0].eq_ignore_ascii_case("INBOX") {
         return ("INBOX".into(), Bytes::from_static(b"INBOX"));
@@ -398,6 +428,7 @@ pub fn map_folders(
             c.levels.clone()
         };
         let (target_path, target_wire) = encode_target(&target_levels, target_ns);
+        let target_levels = target_levels.clone();
         if matches!(action, Action::Copy | Action::Create) {
             if let Some(other) = claimed.get(&target_path) {
                 return Err(MappingError(format!(
@@ -416,6 +447,7 @@ pub fn map_folders(
                 target_exists: target_paths.contains(&target_path),
                 target_path,
                 target_wire,
+                target_levels,
                 special_use: c.special,
                 action,
             },
@@ -586,6 +618,16 @@ mod tests {
         let m = map_folders(&src, &ns("", '/'), &dst, &ns("", '/'), &Rules::default()).unwrap();
         assert_eq!(find(&m, "Sent").target_path, "Sent");
         assert_eq!(find(&m, "Sent Items").target_path, "Sent Items");
+    }
+
+    #[test]
+    fn strict_escaping_is_the_fallback_for_a_refused_name() {
+        let levels = vec!["v1.2 notes".to_string()];
+        let slash = ns("", '/');
+        let (path, wire) = encode_target_strict(&levels, &slash).unwrap();
+        assert_eq!(path, "v1\u{2024}2 notes");
+        assert_eq!(wire.as_ref(), b"v1&ICQ-2 notes");
+        assert_eq!(encode_target_strict(&["plain".to_string()], &slash), None);
     }
 
     #[test]

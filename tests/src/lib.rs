@@ -1,1 +1,9 @@
-//! placeholder
+//! The end-to-end test harness: real IMAP servers on loopback ([`dovecot`]), test
+//! certificates ([`tls`]), a corpus with the hard cases and a verifier ([`mail`]), a TCP
+//! proxy that cuts connections ([`proxy`]), and the real binary ([`run`]).
+
+pub mod dovecot;
+pub mod mail;
+pub mod proxy;
+pub mod run;
+pub mod tls;

@@ -1,0 +1,294 @@
+//! Throw-away Dovecot servers for tests: each in its own temporary directory with its own
+//! configuration, free loopback ports, users from a passwd-file and mail owned by an
+//! unprivileged account (Dovecot refuses to store mail as root).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::tls::TestCa;
+
+/// How a test server is set up.
+#[derive(Debug, Clone)]
+pub struct DovecotConfig {
+    pub users: Vec<(String, String)>,
+    /// Hierarchy separator of the personal namespace.
+    pub separator: char,
+    /// Serve implicit TLS (on `imaps_port`) and offer STARTTLS on the plain port.
+    pub tls: bool,
+    /// Advertise APPENDLIMIT and refuse larger messages (bytes).
+    pub max_mail_size: Option<u64>,
+    /// A master user `(name, password)` for `user*name` logins.
+    pub master: Option<(String, String)>,
+    /// Maildir with LAYOUT=fs (allows `.` in names) rather than Maildir++ (refuses it).
+    pub layout_fs: bool,
+}
+
+impl Default for DovecotConfig {
+    fn default() -> Self {
+        DovecotConfig {
+            users: vec![("alice".into(), "alice-secret".into())],
+            separator: '/',
+            tls: false,
+            max_mail_size: None,
+            master: None,
+            layout_fs: true,
+        }
+    }
+}
+
+pub struct Dovecot {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub imaps_port: Option<u16>,
+    pub ca: Option<TestCa>,
+    pub config: DovecotConfig,
+    child: Option<Child>,
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released: good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a free port")
+}
+
+/// A fresh directory for a test's files, readable by the mail user.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mft-{tag}-{:08x}", fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).expect("creating a temporary directory");
+    set_mode(&dir, 0o755);
+    dir
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn id_of(flag: &str, user: &str) -> u32 {
+    let out = Command::new("id")
+        .args([flag, user])
+        .output()
+        .expect("running id");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("numeric id")
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+            .map(|p| p.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+impl Dovecot {
+    pub fn start(config: DovecotConfig) -> Dovecot {
+        let binary = which("dovecot").unwrap_or_else(|| {
+            panic!("dovecot is not installed: run `bash .ci/run` once, or `apt-get install dovecot-imapd`")
+        });
+        let dir = temp_dir("dovecot");
+        for sub in ["run", "state", "log", "mail"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
+        }
+        let mail_user =
+            std::env::var("MAILFERRY_TEST_MAIL_USER").unwrap_or_else(|_| "nobody".into());
+        let (uid, gid) = (id_of("-u", &mail_user), id_of("-g", &mail_user));
+        std::os::unix::fs::chown(dir.join("mail"), Some(uid), Some(gid)).expect("chown mail dir");
+        set_mode(&dir.join("mail"), 0o770);
+
+        let mut users = String::new();
+        for (name, password) in &config.users {
+            users.push_str(&format!(
+                "{name}:{{PLAIN}}{password}:{uid}:{gid}::{}/mail/{name}::\n",
+                dir.display()
+            ));
+        }
+        std::fs::write(dir.join("users"), users).expect("users file");
+        let (master_name, master_pass) = config
+            .master
+            .clone()
+            .unwrap_or_else(|| ("nomaster".into(), format!("{:x}", fastrand::u64(..))));
+        std::fs::write(
+            dir.join("master-users"),
+            format!("{master_name}:{{PLAIN}}{master_pass}\n"),
+        )
+        .expect("master users file");
+        set_mode(&dir.join("users"), 0o644);
+        set_mode(&dir.join("master-users"), 0o644);
+
+        let port = free_port();
+        let (ca, imaps_port, ssl) = if config.tls {
+            let ca = TestCa::create(&dir.join("ssl"));
+            let p = free_port();
+            let ssl = format!(
+                "ssl = yes\nssl_cert = <{}\nssl_key = <{}\n",
+                ca.server_cert.display(),
+                ca.server_key.display()
+            );
+            (Some(ca), Some(p), ssl)
+        } else {
+            (None, None, "ssl = no\n".to_string())
+        };
+        let quota = match config.max_mail_size {
+            Some(max) => format!(
+                "mail_plugins = $mail_plugins quota\nplugin {{\n  quota = count:User quota\n  quota_vsizes = yes\n  quota_max_mail_size = {max}\n}}\nprotocol imap {{\n  mail_plugins = $mail_plugins imap_quota\n}}\n"
+            ),
+            None => String::new(),
+        };
+        let conf = format!(
+            r#"# written by the mailferry test harness
+instance_name = mft-{port}
+base_dir = {dir}/run
+state_dir = {dir}/state
+protocols = imap
+listen = 127.0.0.1
+log_path = {dir}/log/dovecot.log
+info_log_path = {dir}/log/dovecot.log
+shutdown_clients = yes
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_master_user_separator = *
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {dir}/master-users
+  master = yes
+  pass = yes
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {dir}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = {dir}/users
+}}
+mail_location = maildir:~/maildir{layout}
+first_valid_uid = 1
+first_valid_gid = 1
+mail_fsync = never
+namespace inbox {{
+  inbox = yes
+  prefix =
+  separator = {sep}
+  mailbox Drafts {{
+    special_use = \Drafts
+  }}
+  mailbox Sent {{
+    special_use = \Sent
+  }}
+  mailbox Trash {{
+    special_use = \Trash
+  }}
+  mailbox Junk {{
+    special_use = \Junk
+  }}
+}}
+mail_max_userip_connections = 200
+imap_max_line_length = 1M
+{quota}{ssl}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {imaps}
+    ssl = yes
+  }}
+  service_count = 0
+  process_min_avail = 1
+}}
+service anvil {{
+  chroot =
+}}
+"#,
+            dir = dir.display(),
+            sep = config.separator,
+            imaps = imaps_port.unwrap_or(0),
+            layout = if config.layout_fs { ":LAYOUT=fs" } else { "" },
+        );
+        std::fs::write(dir.join("dovecot.conf"), conf).expect("dovecot.conf");
+        let child = Command::new(binary)
+            .arg("-F")
+            .arg("-c")
+            .arg(dir.join("dovecot.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("log/stderr.log")).expect("log file"))
+            .spawn()
+            .expect("starting dovecot");
+        let server = Dovecot {
+            dir,
+            port,
+            imaps_port,
+            ca,
+            config,
+            child: Some(child),
+        };
+        server.wait_for_greeting();
+        server
+    }
+
+    fn wait_for_greeting(&self) {
+        use std::io::Read;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 4];
+                if s.read_exact(&mut buf).is_ok() && &buf == b"* OK" {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(self.dir.join("log/dovecot.log")).unwrap_or_default();
+        let err = std::fs::read_to_string(self.dir.join("log/stderr.log")).unwrap_or_default();
+        panic!("dovecot on port {} did not start:\n{log}\n{err}", self.port);
+    }
+
+    pub fn password(&self, user: &str) -> String {
+        self.config
+            .users
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, p)| p.clone())
+            .expect("a configured user")
+    }
+
+    /// The log, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log/dovecot.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::env::var_os("MAILFERRY_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

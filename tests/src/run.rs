@@ -1,0 +1,122 @@
+//! Running the real `mailferry` binary as a user would.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+/// The `mailferry` binary of this build (`cargo build --bins` puts it beside the tests).
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let bin = dir.join("mailferry");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first with `cargo build --bins` (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `mailferry migrate` invocation between two plain-IMAP test servers.
+pub struct Migrate {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Migrate {
+    pub fn new(
+        source_port: u16,
+        target_port: u16,
+        user: &str,
+        state_dir: &std::path::Path,
+    ) -> Self {
+        Migrate {
+            args: vec![
+                "migrate".into(),
+                "--source".into(),
+                format!("127.0.0.1:{source_port}"),
+                "--source-security".into(),
+                "plain".into(),
+                "--target".into(),
+                format!("127.0.0.1:{target_port}"),
+                "--target-security".into(),
+                "plain".into(),
+                "--source-user".into(),
+                user.into(),
+                "--state-dir".into(),
+                state_dir.display().to_string(),
+                "--progress".into(),
+                "lines".into(),
+            ],
+            env: Vec::new(),
+        }
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn passwords(mut self, source: &str, target: &str) -> Self {
+        self.env
+            .push(("MAILFERRY_SOURCE_PASSWORD".into(), source.into()));
+        self.env
+            .push(("MAILFERRY_TARGET_PASSWORD".into(), target.into()));
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(binary());
+        c.args(&self.args)
+            .env_remove("MAILFERRY_SOURCE_PASSWORD")
+            .env_remove("MAILFERRY_TARGET_PASSWORD")
+            .env_remove("MAILFERRY_FAILPOINT")
+            .stdin(Stdio::null());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs to completion (bounded by `timeout`), returning the output.
+    pub fn run(&self) -> Output {
+        let child = self
+            .command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting mailferry");
+        let id = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(300)) {
+            Ok(out) => out.expect("waiting for mailferry"),
+            Err(_) => {
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .arg(id.to_string())
+                    .status();
+                panic!("mailferry did not finish within 300 s");
+            }
+        }
+    }
+}
+
+/// Output as text, for assertions.
+pub fn text(out: &Output) -> String {
+    format!(
+        "exit: {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
