@@ -108,10 +108,9 @@ impl Error {
 /// True for the ways servers say "too many connections" or "slow down".
 pub fn is_throttling(response: &StatusResponse) -> bool {
     let code = response.code_name();
-    if matches!(
-        code.as_deref(),
-        Some("UNAVAILABLE") | Some("INUSE") | Some("LIMIT")
-    ) {
+    // LIMIT is not here: servers use it for "message too large" as much as for rates,
+    // and the text ("too many ...") tells the rate case apart.
+    if matches!(code.as_deref(), Some("UNAVAILABLE") | Some("INUSE")) {
         return true;
     }
     let text = response.text.to_ascii_lowercase();
@@ -166,6 +165,19 @@ mod tests {
         assert_eq!(
             no(Some("NONEXISTENT"), "Mailbox doesn't exist").disposition(),
             Disposition::Fatal
+        );
+        // Dovecot's answer to an oversized APPEND is no reason to slow down
+        assert_eq!(
+            no(
+                Some("LIMIT"),
+                "Mail size is larger than the maximum size allowed"
+            )
+            .disposition(),
+            Disposition::Fatal
+        );
+        assert_eq!(
+            no(Some("LIMIT"), "Too many open connections").disposition(),
+            Disposition::Throttle(None)
         );
         assert_eq!(Error::lost("eof").disposition(), Disposition::Retry);
         assert_eq!(

@@ -92,3 +92,295 @@ async fn copies_every_message_byte_for_byte_and_reruns_are_incremental() {
     );
     assert_same_mail(&pair, &expected, same_path).await;
 }
+
+fn pair_of<'a>(src: &Dovecot, dst: &Dovecot, user: &'a str, password: &'a str) -> Pair<'a> {
+    Pair {
+        source_port: src.port,
+        target_port: dst.port,
+        user,
+        password,
+        source_delimiter: src.config.separator,
+        target_delimiter: dst.config.separator,
+    }
+}
+
+/// A target with '.' as delimiter: levels translate, and a name containing '.' is
+/// escaped to a look-alike instead of being split into two levels.
+#[tokio::test(flavor = "multi_thread")]
+async fn delimiters_translate_and_a_dot_in_a_name_is_escaped_not_split() {
+    let (src, dst) = pair('.');
+    let messages = corpus(11, 3);
+    mail::load(src.port, "alice", "alice-secret", '/', &messages).await;
+    let state = temp_dir("state");
+    let out = Migrate::new(src.port, dst.port, "alice", &state)
+        .passwords("alice-secret", "alice-secret")
+        .run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let escaped = |p: &str| p.replace('.', "\u{2024}");
+    assert_same_mail(
+        &pair_of(&src, &dst, "alice", "alice-secret"),
+        &messages,
+        escaped,
+    )
+    .await;
+    let mut s = mail::session(dst.port, "alice", "alice-secret").await;
+    let names: Vec<String> = s
+        .list_all()
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| mailferry_shared::mutf7::decode_lenient(&e.wire_name))
+        .collect();
+    assert!(names.contains(&"Archive.2024".to_string()), "{names:?}");
+    assert!(names.contains(&"Проекты.Отчёты".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"v1\u{2024}2 notes".to_string()),
+        "{names:?}"
+    );
+}
+
+/// Dovecot's Maildir++ layout refuses '.' in a name even with '/' as delimiter: the
+/// planner falls back to the strict escaping, predictably, and copies the folder.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_the_target_refuses_is_escaped_and_copied() {
+    let src = Dovecot::start(DovecotConfig::default());
+    let dst = Dovecot::start(DovecotConfig {
+        layout_fs: false,
+        ..DovecotConfig::default()
+    });
+    let messages = corpus(12, 2);
+    mail::load(src.port, "alice", "alice-secret", '/', &messages).await;
+    let state = temp_dir("state");
+    let out = Migrate::new(src.port, dst.port, "alice", &state)
+        .passwords("alice-secret", "alice-secret")
+        .run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let escaped = |p: &str| p.replace('.', "\u{2024}");
+    assert_same_mail(
+        &pair_of(&src, &dst, "alice", "alice-secret"),
+        &messages,
+        escaped,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_shows_the_mapping_and_changes_nothing() {
+    let (src, dst) = pair('/');
+    mail::load(src.port, "alice", "alice-secret", '/', &corpus(3, 2)).await;
+    let state = temp_dir("state").join("never-created");
+    let out = Migrate::new(src.port, dst.port, "alice", &state)
+        .passwords("alice-secret", "alice-secret")
+        .arg("--dry-run")
+        .arg("--exclude")
+        .arg("Junk")
+        .arg("--rename")
+        .arg("Archive/*=Old/*")
+        .run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Проекты/Отчёты"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("Archive/2024") && l.contains("Old/2024")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("Junk") && l.contains("skip: matched an exclude rule")),
+        "{stdout}"
+    );
+    assert!(
+        !state.exists(),
+        "a dry run must not create the state directory"
+    );
+    let mut s = mail::session(dst.port, "alice", "alice-secret").await;
+    let folders = s.list_all().await.unwrap();
+    assert_eq!(
+        folders.len(),
+        1,
+        "only INBOX may exist at the target: {folders:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_passwords_fail_fast_with_the_side_named() {
+    let (src, dst) = pair('/');
+    let state = temp_dir("state");
+    let out = Migrate::new(src.port, dst.port, "alice", &state)
+        .passwords("wrong", "alice-secret")
+        .run();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let all = text(&out);
+    assert!(
+        all.contains("source") && all.contains("authentication rejected"),
+        "{all}"
+    );
+    assert!(
+        !all.contains("wrong"),
+        "the password must never be printed: {all}"
+    );
+
+    let started = std::time::Instant::now();
+    let out = Migrate::new(src.port, dst.port, "alice", &state)
+        .passwords("alice-secret", "also-wrong")
+        .run();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("target"), "{}", text(&out));
+    // An authentication failure is not retried in a loop.
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_password_is_never_taken_from_the_command_line_or_guessed() {
+    let (src, dst) = pair('/');
+    let state = temp_dir("state");
+    // no password anywhere and no terminal to prompt on: a clear usage error
+    let out = Migrate::new(src.port, dst.port, "alice", &state).run();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("MAILFERRY_SOURCE_PASSWORD"),
+        "{}",
+        text(&out)
+    );
+    // from a file
+    let file = state.join("pw");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(&file, "alice-secret\n").unwrap();
+    let out = Migrate::new(src.port, dst.port, "alice", &state)
+        .arg("--source-password-file")
+        .arg(file.display().to_string())
+        .arg("--target-password-file")
+        .arg(file.display().to_string())
+        .run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_csv_with_bad_rows_reports_them_and_migrates_the_good_ones() {
+    let users = vec![
+        ("alice".to_string(), "alice-secret".to_string()),
+        ("bob".to_string(), "bob-secret".to_string()),
+    ];
+    let src = Dovecot::start(DovecotConfig {
+        users: users.clone(),
+        ..DovecotConfig::default()
+    });
+    let dst = Dovecot::start(DovecotConfig {
+        users,
+        ..DovecotConfig::default()
+    });
+    let alice = corpus(21, 2);
+    let bob = corpus(22, 1);
+    mail::load(src.port, "alice", "alice-secret", '/', &alice).await;
+    mail::load(src.port, "bob", "bob-secret", '/', &bob).await;
+    let dir = temp_dir("csv");
+    let csv = dir.join("users.csv");
+    std::fs::write(
+        &csv,
+        "\u{feff}EmailAddress,UserName,Password,TargetUserName,TargetPassword\r\n\
+         alice@example.com,alice,alice-secret,alice,alice-secret\r\n\
+         broken-address,carol,pw,carol,pw\r\n\
+         bob@example.com,bob,bob-secret,bob,bob-secret\r\n\
+         dave@example.com,dave,,dave,pw\r\n",
+    )
+    .unwrap();
+    let mut m = Migrate::new(src.port, dst.port, "unused", &dir.join("state"));
+    let at = m.args.iter().position(|a| a == "--source-user").unwrap();
+    m.args.drain(at..at + 2);
+    let out = m.arg("--csv").arg(csv.display().to_string()).run();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let all = text(&out);
+    assert!(
+        all.contains("line 3") && all.contains("not an email address"),
+        "{all}"
+    );
+    assert!(
+        all.contains("line 5") && all.contains("Password is empty"),
+        "{all}"
+    );
+    assert!(
+        !all.contains("alice-secret") && !all.contains("bob-secret"),
+        "passwords leaked: {all}"
+    );
+    assert_same_mail(
+        &pair_of(&src, &dst, "alice", "alice-secret"),
+        &alice,
+        same_path,
+    )
+    .await;
+    assert_same_mail(&pair_of(&src, &dst, "bob", "bob-secret"), &bob, same_path).await;
+}
+
+/// Too large for the target: skipped with a reason, counted, and the folder goes on.
+/// Once by our own limit, once by the target's APPENDLIMIT.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_too_large_is_skipped_with_its_reason_and_the_rest_is_copied() {
+    let src = Dovecot::start(DovecotConfig::default());
+    let dst = Dovecot::start(DovecotConfig {
+        max_mail_size: Some(200_000),
+        ..DovecotConfig::default()
+    });
+    let mut messages = corpus(31, 3);
+    let big = TestMessage {
+        folder: "INBOX".into(),
+        bytes: format!("Subject: big\r\n\r\n{}\r\n", "y".repeat(300_000)).into_bytes(),
+        flags: vec![],
+        date: "01-Jan-2024 00:00:00 +0000".into(),
+    };
+    let medium = TestMessage {
+        folder: "Sent".into(),
+        bytes: format!("Subject: medium\r\n\r\n{}\r\n", "z".repeat(120_000)).into_bytes(),
+        flags: vec![],
+        date: "02-Jan-2024 00:00:00 +0000".into(),
+    };
+    messages.push(big.clone());
+    messages.push(medium.clone());
+    mail::load(src.port, "alice", "alice-secret", '/', &messages).await;
+    let state = temp_dir("state");
+    let out = Migrate::new(src.port, dst.port, "alice", &state)
+        .passwords("alice-secret", "alice-secret")
+        .arg("--max-message-size")
+        .arg("100K")
+        .run();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("skipped: INBOX UID") && stdout.contains("larger than the target accepts"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("skipped: Sent UID"), "{stdout}");
+    // Everything else arrived: each folder holds the source's count, less the skipped.
+    let mut src_s = mail::session(src.port, "alice", "alice-secret").await;
+    let mut dst_s = mail::session(dst.port, "alice", "alice-secret").await;
+    for (folder, skipped) in [("INBOX", 1), ("Sent", 1), ("Drafts", 0)] {
+        let source = mail::contents(&mut src_s, folder.as_bytes()).await;
+        let target = mail::contents(&mut dst_s, folder.as_bytes()).await;
+        assert_eq!(target.len() + skipped, source.len(), "{folder}");
+        assert!(
+            target.iter().all(|m| source.contains(m)),
+            "{folder}: a message changed on the way"
+        );
+    }
+    // The target's own limit (200 000 bytes) applies without --max-message-size: the
+    // refused message is skipped with the server's words, and nothing is retried.
+    let state2 = temp_dir("state");
+    let dst2 = Dovecot::start(DovecotConfig {
+        max_mail_size: Some(200_000),
+        ..DovecotConfig::default()
+    });
+    let out = Migrate::new(src.port, dst2.port, "alice", &state2)
+        .passwords("alice-secret", "alice-secret")
+        .run();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.matches("skipped: ").count(),
+        1,
+        "only the 300 kB message: {stdout}"
+    );
+    assert!(stdout.contains("skipped: INBOX"), "{stdout}");
+    assert!(!text(&out).contains("will retry"), "{}", text(&out));
+}

@@ -376,6 +376,7 @@ async fn settle(
             })
         }
         _ if done.uids.len() > 1 => {
+            // (TOOBIG/LIMIT included: which message was too big is found one by one.)
             // MULTIAPPEND is all or nothing: one bad message refuses the group.
             regroup.extend(done.uids);
             Ok(())
