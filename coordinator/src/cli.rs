@@ -116,6 +116,9 @@ pub struct MigrateArgs {
     /// Message bytes held in memory at once, across all jobs (e.g. 48M).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "48M")]
     pub memory: u64,
+    /// Messages per source FETCH (tuning; larger batches mean fewer round trips).
+    #[arg(long, value_name = "N", default_value_t = 250)]
+    pub fetch_batch: usize,
     /// Batch name (keeps separate migrations' state apart).
     #[arg(long, value_name = "NAME", default_value = "default")]
     pub batch: String,
@@ -386,6 +389,7 @@ pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
         ("--connections", args.connections),
         ("--jobs", args.jobs),
         ("--parallel-users", args.parallel_users),
+        ("--fetch-batch", args.fetch_batch),
     ] {
         if n == 0 {
             return Err(usage(format!("{what} must be at least 1")));
@@ -480,6 +484,7 @@ pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
         bytes_in_flight: args.memory,
         ..EngineSettings::default()
     };
+    engine.copy.fetch_messages = args.fetch_batch;
     // A FETCH batch never needs more than a quarter of the budget.
     engine.copy.fetch_bytes = engine.copy.fetch_bytes.min(args.memory / 4);
     let limits = Limits {

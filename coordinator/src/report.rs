@@ -66,6 +66,8 @@ pub struct UserSummary {
     pub copied_bytes: u64,
     pub matched: u64,
     pub flags_updated: u64,
+    /// Listed by the source but not returned when fetched; the next run asks again.
+    pub missed: u64,
     pub skipped: Vec<(String, SkippedMessage)>,
     /// Folders that failed for good: folder (or "" for the whole user), reason, kind.
     pub failed: Vec<(String, String, FailureKind)>,
@@ -234,6 +236,7 @@ impl ProgressSink for Reporter {
             s.summary.copied_bytes += report.copied_bytes;
             s.summary.matched += report.matched;
             s.summary.flags_updated += report.flags_updated;
+            s.summary.missed += report.missed;
             if let Some(bar) = &s.bar {
                 bar.set_message(format!(
                     "{}/{} folders",
@@ -318,7 +321,10 @@ pub fn exit_for(summaries: &BTreeMap<String, UserSummary>, bad_rows: usize) -> E
         Exit::FolderFailed
     } else if bad_rows > 0 {
         Exit::BadRows
-    } else if summaries.values().any(|s| !s.skipped.is_empty()) {
+    } else if summaries
+        .values()
+        .any(|s| !s.skipped.is_empty() || s.missed > 0)
+    {
         Exit::Skipped
     } else {
         Exit::Ok
@@ -332,6 +338,8 @@ pub fn render_summary(summaries: &BTreeMap<String, UserSummary>) -> String {
         let secs = s.elapsed.as_secs_f64().max(0.001);
         let status = if !s.failed.is_empty() {
             "FAILED"
+        } else if s.missed > 0 {
+            "incomplete: run again"
         } else if !s.skipped.is_empty() {
             "synced with skipped messages"
         } else {
@@ -352,6 +360,12 @@ pub fn render_summary(summaries: &BTreeMap<String, UserSummary>) -> String {
             s.copied as f64 / secs,
             human_bytes((s.copied_bytes as f64 / secs) as u64),
         ));
+        if s.missed > 0 {
+            out.push_str(&format!(
+                "  missed: {} messages the source listed but did not return; the next run asks again\n",
+                s.missed
+            ));
+        }
         for (folder, m) in &s.skipped {
             out.push_str(&format!(
                 "  skipped: {folder} UID {} ({} bytes, {}): {}\n",

@@ -178,6 +178,10 @@ pub struct Checkpoint {
     pub source_uidnext: u32,
     pub uid_map: UidMap,
     pub skipped: Vec<SkippedMessage>,
+    /// Source UIDs below `source_uid_done` that were asked for and not returned; the
+    /// next pass asks for them again (if they still exist).
+    #[serde(default)]
+    pub missed: Vec<u32>,
     pub in_flight: Option<InFlight>,
 }
 

@@ -24,8 +24,13 @@ async fn copies_every_message_byte_for_byte_and_reruns_are_incremental() {
     let messages = corpus(7, 12);
     mail::load(src.port, "alice", &src.password("alice"), '/', &messages).await;
     let state = temp_dir("state");
+    // Tiny FETCH batches: many UID FETCHes pipelined per folder, which Dovecot runs in
+    // parallel, so one batch's messages arrive before the previous batch completes.
     let run = || {
-        Migrate::new(src.port, dst.port, "alice", &state).passwords("alice-secret", "alice-secret")
+        Migrate::new(src.port, dst.port, "alice", &state)
+            .passwords("alice-secret", "alice-secret")
+            .arg("--fetch-batch")
+            .arg("3")
     };
     let pair = Pair {
         source_port: src.port,

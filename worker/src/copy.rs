@@ -6,6 +6,10 @@
 //! Memory is bounded by a byte budget shared by every job of the process: a FETCH is
 //! only sent once the budget holds the sizes of its messages, and each message's share
 //! is returned as soon as its APPEND has been written to the target socket.
+//!
+//! FETCH data is matched to its batch by UID, never by command order: servers may run
+//! pipelined UID FETCHes in parallel (Dovecot does), so the next batch's messages can
+//! arrive before the previous batch's completion.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -100,8 +104,9 @@ pub enum Outcome {
     Copied { target_uid: Option<u32>, size: u64 },
     /// The target refused it; the reason is the server's answer.
     Refused(String),
-    /// Gone from the source before it could be fetched.
-    Vanished,
+    /// Asked for but not returned by the source (expunged meanwhile, or a server
+    /// quirk). Not handled: the next pass asks again.
+    Missed,
 }
 
 /// Copies `metas` (all from the source folder selected on `source`). Returns the outcome
@@ -173,7 +178,8 @@ pub async fn copy_messages(
         let Some(front) = fetches.front_mut() else {
             break;
         };
-        match front.handle.next().await {
+        let next = front.handle.next().await;
+        match next {
             Some(response) => {
                 let Some(fetched) = parse_fetch(&response) else {
                     continue;
@@ -181,11 +187,15 @@ pub async fn copy_messages(
                 let (Some(uid), Some(body)) = (fetched.uid, fetched.body) else {
                     continue; // an unsolicited flag update, not our data
                 };
-                let Some(weight) = front.expected.remove(&uid) else {
-                    continue;
+                let Some((owner, weight)) = fetches
+                    .iter_mut()
+                    .enumerate()
+                    .find_map(|(i, f)| f.expected.remove(&uid).map(|w| (i, w)))
+                else {
+                    continue; // not asked for, or already received
                 };
                 failpoint::hit("mid-fetch");
-                let permit = front.permit.split(weight as usize);
+                let permit = fetches[owner].permit.split(weight as usize);
                 let meta = by_uid[&uid];
                 let flags = folder.keepable(fetched.flags.as_deref().unwrap_or(&meta.flags));
                 let date = fetched
@@ -210,8 +220,10 @@ pub async fn copy_messages(
                 let done = fetches.pop_front().expect("front exists");
                 let (_, status) = done.handle.finish().await.map_err(JobError::source_side)?;
                 check("UID FETCH", status).map_err(JobError::source_side)?;
+                // Whatever this command was asked for and did not return. (A later
+                // batch's data that arrived early was already taken off its list.)
                 for uid in done.expected.keys() {
-                    outcomes.push((*uid, Outcome::Vanished));
+                    outcomes.push((*uid, Outcome::Missed));
                 }
                 // Hand what we have to the target now rather than idling it.
                 flush(target, folder, &mut group, &mut appends).await?;

@@ -172,7 +172,8 @@ impl<S: StateStore> Engine<S> {
         // without it, the flags of every message are compared.
         let condstore = incremental && src.highestmodseq.is_some() && cp.source_modseq.is_some();
         let meta_from = if condstore {
-            cp.source_uid_done.max(lo)
+            let first_missed = cp.missed.iter().copied().min().unwrap_or(u32::MAX);
+            cp.source_uid_done.min(first_missed).max(lo)
         } else {
             lo
         };
@@ -203,12 +204,11 @@ impl<S: StateStore> Engine<S> {
         .flatten()
         .min();
         let skipped_before: HashSet<u32> = cp.skipped.iter().map(|s| s.uid).collect();
+        let missed_before: HashSet<u32> = std::mem::take(&mut cp.missed).into_iter().collect();
         let mut to_copy: Vec<Meta> = Vec::new();
         for m in &metas {
-            if m.uid < cp.source_uid_done
-                || cp.uid_map.get(m.uid).is_some()
-                || skipped_before.contains(&m.uid)
-            {
+            let pending = m.uid >= cp.source_uid_done || missed_before.contains(&m.uid);
+            if !pending || cp.uid_map.get(m.uid).is_some() || skipped_before.contains(&m.uid) {
                 continue;
             }
             if let Some(limit) = limit.filter(|l| m.size > *l) {
@@ -317,7 +317,11 @@ impl<S: StateStore> Engine<S> {
                         report.skipped.push(skipped.clone());
                         cp.skipped.push(skipped);
                     }
-                    Outcome::Vanished => {}
+                    Outcome::Missed => {
+                        tracing::warn!(job = %job.id(), uid, "the source did not return a message it listed; asking again next pass");
+                        report.missed += 1;
+                        cp.missed.push(uid);
+                    }
                 }
             }
             if !uidplus {

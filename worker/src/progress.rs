@@ -14,6 +14,8 @@ pub struct JobReport {
     pub matched: u64,
     pub skipped: Vec<SkippedMessage>,
     pub flags_updated: u64,
+    /// Asked for but not returned by the source this pass (retried next pass).
+    pub missed: u64,
     /// Nothing had changed since the last pass.
     pub unchanged: bool,
     /// Source messages and target messages in the folder at the end of the job.

@@ -127,29 +127,45 @@ impl Session {
                     .await?,
             );
         }
-        let mut out = Vec::with_capacity(handles.len());
+        // Match answers to folders by the name in the STATUS response, not by command
+        // order: a server may run pipelined commands in parallel.
+        let mut completions = Vec::with_capacity(handles.len());
+        let mut by_name: std::collections::HashMap<Bytes, FolderStatus> =
+            std::collections::HashMap::new();
         for handle in handles {
             let (untagged, status) = handle.finish().await?;
-            out.push(check("STATUS", status).map(|_| {
-                let mut st = FolderStatus::default();
-                for r in &untagged {
-                    if let Response::Data { name, data } = r {
-                        if name != "STATUS" {
-                            continue;
-                        }
-                        let pairs = data.get(1).and_then(Value::list).unwrap_or_default();
-                        let get = |k| lookup(pairs, k).and_then(Value::number);
-                        st.messages = get("MESSAGES").unwrap_or(0) as u32;
-                        st.uidnext = get("UIDNEXT").unwrap_or(0) as u32;
-                        st.uidvalidity = get("UIDVALIDITY").unwrap_or(0) as u32;
-                        st.highestmodseq = get("HIGHESTMODSEQ");
-                        st.size = get("SIZE");
-                    }
+            for r in &untagged {
+                if let Some((name, st)) = parse_status(r) {
+                    by_name.insert(name, st);
                 }
-                st
-            }));
+            }
+            completions.push(status);
         }
-        Ok(out)
+        Ok(wire_names
+            .iter()
+            .zip(completions)
+            .map(|(name, status)| {
+                check("STATUS", status)?;
+                by_name
+                    .get(name)
+                    .or_else(|| {
+                        by_name
+                            .iter()
+                            .find(|(k, _)| {
+                                k.eq_ignore_ascii_case(b"INBOX")
+                                    && name.eq_ignore_ascii_case(b"INBOX")
+                            })
+                            .map(|(_, v)| v)
+                    })
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::Protocol(super::parse::ParseError::Malformed(format!(
+                            "STATUS {:?} answered OK without data",
+                            String::from_utf8_lossy(name)
+                        )))
+                    })
+            })
+            .collect())
     }
 
     /// CREATE and SUBSCRIBE many folders, pipelined. "Already exists" is success.
@@ -181,6 +197,28 @@ impl Session {
         }
         Ok(out)
     }
+}
+
+fn parse_status(r: &Response) -> Option<(Bytes, FolderStatus)> {
+    let Response::Data { name, data } = r else {
+        return None;
+    };
+    if name != "STATUS" {
+        return None;
+    }
+    let mailbox = data.first()?.bytes()?.clone();
+    let pairs = data.get(1).and_then(Value::list).unwrap_or_default();
+    let get = |k| lookup(pairs, k).and_then(Value::number);
+    Some((
+        mailbox,
+        FolderStatus {
+            messages: get("MESSAGES").unwrap_or(0) as u32,
+            uidnext: get("UIDNEXT").unwrap_or(0) as u32,
+            uidvalidity: get("UIDVALIDITY").unwrap_or(0) as u32,
+            highestmodseq: get("HIGHESTMODSEQ"),
+            size: get("SIZE"),
+        },
+    ))
 }
 
 fn number(v: Option<&Value>) -> u64 {
