@@ -131,7 +131,7 @@ pub async fn run(
     // largest folders first so the longest job does not start last.
     let planning = Arc::new(Semaphore::new(opts.parallel_users.max(1)));
     let mut planners = tokio::task::JoinSet::new();
-    for (id, source, target) in pools.iter().cloned() {
+    for (id, source, target) in pools.clone() {
         let permit = planning
             .clone()
             .acquire_owned()

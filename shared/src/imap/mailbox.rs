@@ -42,7 +42,7 @@ impl MailboxInfo {
     /// Whether a flag may be set here: system flags listed, keywords listed or `\*`.
     pub fn accepts_flag(&self, flag: &str) -> bool {
         let lower = flag.to_ascii_lowercase();
-        if self.permanent_flags.iter().any(|f| *f == lower) {
+        if self.permanent_flags.contains(&lower) {
             return true;
         }
         !lower.starts_with('\\') && self.permanent_flags.iter().any(|f| f == "\\*")
