@@ -19,8 +19,25 @@ if ((${#need[@]})); then
     # Debian's packages try to start a system-wide Dovecot; the tests never use it.
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# A system-wide Dovecot left running by the package would not hurt (tests use their
-# own ports), but it is not needed either.
+# Cyrus, the second IMAP implementation of the tests, conflicts with Dovecot as a
+# package: its packages are unpacked into a directory of their own and only the
+# libraries they link against are installed.
+cyrus_root=${MAILFERRY_CYRUS_ROOT:-/var/tmp/mailferry-cyrus/root}
+if [[ ! -x $cyrus_root/usr/lib/cyrus/bin/master ]]; then
+    echo "== fetching Cyrus IMAP into $cyrus_root"
+    [[ $(id -u) -eq 0 ]] || { echo "run as root to fetch Cyrus (or set MAILFERRY_CYRUS_ROOT)" >&2; exit 1; }
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends libclamav12 libical3 libicu72 libjansson4 \
+        libkrb5-3 libldap-2.5-0 libpcre3 libpq5 libsasl2-2 libsasl2-modules libsqlite3-0 \
+        libxapian30 libxml2 libzephyr4 libwrap0 >/dev/null
+    work=$(mktemp -d)
+    (cd "$work" && apt-get download -qq cyrus-imapd cyrus-common)
+    mkdir -p "$cyrus_root"
+    for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$cyrus_root"; done
+    rm -rf "$work"
+fi
+export MAILFERRY_CYRUS_ROOT=$cyrus_root
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -379,10 +379,18 @@ pub fn map_folders(
     }
     // Attribute-based special-use claims targets first, then name guesses, then the rest,
     // so "Drafts" (\Drafts) wins over a plain folder called "Entwürfe".
+    // Among guesses for one special use, a folder already named like the target's
+    // folder for it ("Drafts" → "Drafts") goes before a localized one ("Entwürfe").
+    let named_like_target = |c: &Candidate| {
+        c.special
+            .and_then(|s| target_special.get(&s))
+            .is_some_and(|all| all.contains(&c.levels))
+    };
     candidates.sort_by_key(|c| {
         (
             !c.from_attribute || c.special.is_none(),
             c.special.is_none(),
+            !named_like_target(c),
             c.entry_index,
         )
     });
@@ -504,6 +512,23 @@ mod tests {
         assert_eq!(find(&m, "Entwürfe").target_path, "Entwürfe");
         assert_eq!(find(&m, "Entwürfe").target_wire.as_ref(), b"Entw&APw-rfe");
         assert_eq!(find(&m, "INBOX").target_wire.as_ref(), b"INBOX");
+    }
+
+    #[test]
+    fn a_folder_named_like_the_targets_special_folder_keeps_it() {
+        // no attributes at the source: both are guessed to be drafts
+        let src = [entry("Entwürfe", '.', &[]), entry("Drafts", '.', &[])];
+        let dst = [entry("Drafts", '/', &["\\Drafts"])];
+        let m = map_folders(
+            &src,
+            &ns("INBOX.", '.'),
+            &dst,
+            &ns("", '/'),
+            &Rules::default(),
+        )
+        .unwrap();
+        assert_eq!(find(&m, "Drafts").target_path, "Drafts");
+        assert_eq!(find(&m, "Entwürfe").target_path, "Entwürfe");
     }
 
     #[test]

@@ -216,7 +216,9 @@ service anvil {{
             layout = if config.layout_fs { ":LAYOUT=fs" } else { "" },
         );
         std::fs::write(dir.join("dovecot.conf"), conf).expect("dovecot.conf");
+        use std::os::unix::process::CommandExt;
         let child = Command::new(binary)
+            .process_group(0)
             .arg("-F")
             .arg("-c")
             .arg(dir.join("dovecot.conf"))

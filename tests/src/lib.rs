@@ -2,6 +2,7 @@
 //! certificates ([`tls`]), a corpus with the hard cases and a verifier ([`mail`]), a TCP
 //! proxy that cuts connections ([`proxy`]), and the real binary ([`run`]).
 
+pub mod cyrus;
 pub mod dovecot;
 pub mod mail;
 pub mod proxy;

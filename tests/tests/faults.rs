@@ -36,6 +36,8 @@ impl Setup {
             password: "alice-secret",
             source_delimiter: '/',
             target_delimiter: '/',
+            source_prefix: "",
+            target_prefix: "",
         };
         assert_same_mail(&pair, &self.messages, |p| p.to_string()).await;
     }
@@ -256,6 +258,8 @@ async fn a_50_mb_message_is_copied_with_bounded_memory() {
         password: "alice-secret",
         source_delimiter: '/',
         target_delimiter: '/',
+        source_prefix: "",
+        target_prefix: "",
     };
     assert_same_mail(&pair, &messages, |p| p.to_string()).await;
     eprintln!("peak RSS with a 50 MB message: {} MiB", peak_kib / 1024);

@@ -39,6 +39,8 @@ async fn copies_every_message_byte_for_byte_and_reruns_are_incremental() {
         password: "alice-secret",
         source_delimiter: '/',
         target_delimiter: '/',
+        source_prefix: "",
+        target_prefix: "",
     };
 
     let out = run().run();
@@ -106,6 +108,8 @@ fn pair_of<'a>(src: &Dovecot, dst: &Dovecot, user: &'a str, password: &'a str) -
         password,
         source_delimiter: src.config.separator,
         target_delimiter: dst.config.separator,
+        source_prefix: "",
+        target_prefix: "",
     }
 }
 

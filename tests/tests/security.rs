@@ -63,6 +63,8 @@ async fn an_unknown_certificate_is_refused_unless_its_ca_is_given() {
         password: "alice-secret",
         source_delimiter: '/',
         target_delimiter: '/',
+        source_prefix: "",
+        target_prefix: "",
     };
     assert_same_mail(&pair, &messages, |p| p.to_string()).await;
 }
@@ -127,6 +129,8 @@ async fn admin_logins_master_user_and_sasl_authorization_identity() {
         password: "alice-secret",
         source_delimiter: '/',
         target_delimiter: '/',
+        source_prefix: "",
+        target_prefix: "",
     };
     assert_same_mail(&pair, &messages, |p| p.to_string()).await;
 }
