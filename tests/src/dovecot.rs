@@ -23,6 +23,9 @@ pub struct DovecotConfig {
     pub master: Option<(String, String)>,
     /// Maildir with LAYOUT=fs (allows `.` in names) rather than Maildir++ (refuses it).
     pub layout_fs: bool,
+    /// Advertise only these capabilities (the server still has the others): to test
+    /// how mailferry copes with a server without LITERAL+, UIDPLUS, CONDSTORE, ...
+    pub capabilities: Option<String>,
 }
 
 impl Default for DovecotConfig {
@@ -34,6 +37,7 @@ impl Default for DovecotConfig {
             max_mail_size: None,
             master: None,
             layout_fs: true,
+            capabilities: None,
         }
     }
 }
@@ -191,6 +195,7 @@ namespace inbox {{
   }}
 }}
 mail_max_userip_connections = 200
+{capability}
 imap_max_line_length = 1M
 {quota}{ssl}
 service imap-login {{
@@ -214,6 +219,11 @@ service anvil {{
             sep = config.separator,
             imaps = imaps_port.unwrap_or(0),
             layout = if config.layout_fs { ":LAYOUT=fs" } else { "" },
+            capability = config
+                .capabilities
+                .as_ref()
+                .map(|c| format!("imap_capability = {c}\n"))
+                .unwrap_or_default(),
         );
         std::fs::write(dir.join("dovecot.conf"), conf).expect("dovecot.conf");
         use std::os::unix::process::CommandExt;

@@ -393,3 +393,56 @@ async fn a_message_too_large_is_skipped_with_its_reason_and_the_rest_is_copied()
     assert!(stdout.contains("skipped: INBOX"), "{stdout}");
     assert!(!text(&out).contains("will retry"), "{}", text(&out));
 }
+
+/// Servers that advertise nothing beyond IMAP4rev1: synchronizing literals (a round trip
+/// per APPEND), no MULTIAPPEND, no APPENDUID, no CONDSTORE, no special-use, no NAMESPACE.
+/// A crash mid-copy, a re-run, flag changes and new mail must all still come out exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn servers_with_only_imap4rev1_get_the_same_result() {
+    let minimal = || DovecotConfig {
+        capabilities: Some("IMAP4rev1 AUTH=PLAIN".into()),
+        ..DovecotConfig::default()
+    };
+    let src = Dovecot::start(minimal());
+    let dst = Dovecot::start(minimal());
+    let messages = corpus(71, 10);
+    mail::load(src.port, "alice", "alice-secret", '/', &messages).await;
+    let state = temp_dir("state");
+    let run = || {
+        Migrate::new(src.port, dst.port, "alice", &state)
+            .passwords("alice-secret", "alice-secret")
+            .arg("--fetch-batch")
+            .arg("4")
+    };
+    let crash = run().env("MAILFERRY_FAILPOINT", "after-append:15").run();
+    assert_eq!(crash.status.code(), None, "{}", text(&crash));
+    let out = run().run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let pair = pair_of(&src, &dst, "alice", "alice-secret");
+    assert_same_mail(&pair, &messages, same_path).await;
+
+    let mut s = mail::session(src.port, "alice", "alice-secret").await;
+    assert!(
+        !s.capabilities().has("CONDSTORE"),
+        "the test server must hide CONDSTORE"
+    );
+    s.open(b"Sent", false).await.unwrap();
+    s.run(
+        mailferry_shared::imap::Command::new("UID STORE").raw(" 1:* +FLAGS (\\Answered NonJunk)"),
+    )
+    .await
+    .unwrap();
+    let newer = TestMessage {
+        folder: "Sent".into(),
+        bytes: b"From: x@example.org\r\nSubject: later\r\n\r\nnew\r\n".to_vec(),
+        flags: vec!["$Forwarded".into()],
+        date: "01-Feb-2026 10:00:00 +0000".into(),
+    };
+    mail::append_all(&mut s, '/', std::slice::from_ref(&newer)).await;
+    s.logout().await;
+    let mut expected = messages.clone();
+    expected.push(newer);
+    let out = run().run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_same_mail(&pair, &expected, same_path).await;
+}

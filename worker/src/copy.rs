@@ -74,6 +74,9 @@ pub struct TargetFolder<'a> {
     pub info: &'a MailboxInfo,
     pub multiappend: bool,
     pub binary: bool,
+    /// The target advertises UIDPLUS: its APPENDUID codes are trusted (RFC 4315 defines
+    /// them; a server that does not advertise the extension promises nothing).
+    pub uidplus: bool,
 }
 
 impl TargetFolder<'_> {
@@ -213,7 +216,7 @@ pub async fn copy_messages(
                 }
                 while appends.len() > settings.append_window {
                     let done = appends.pop_front().expect("non-empty");
-                    settle(done, &mut outcomes, &mut regroup, on_copied).await?;
+                    settle(done, folder.uidplus, &mut outcomes, &mut regroup, on_copied).await?;
                 }
             }
             None => {
@@ -232,7 +235,7 @@ pub async fn copy_messages(
     }
     flush(target, folder, &mut group, &mut appends).await?;
     while let Some(done) = appends.pop_front() {
-        settle(done, &mut outcomes, &mut regroup, on_copied).await?;
+        settle(done, folder.uidplus, &mut outcomes, &mut regroup, on_copied).await?;
     }
     Ok((outcomes, regroup))
 }
@@ -351,6 +354,7 @@ async fn flush(
 
 async fn settle(
     done: OpenAppend,
+    uidplus: bool,
     outcomes: &mut Vec<(u32, Outcome)>,
     regroup: &mut Vec<u32>,
     on_copied: &mut (dyn FnMut(u64, u64) + Send),
@@ -359,7 +363,7 @@ async fn settle(
     match status.status {
         Status::Ok => {
             failpoint::hit("after-append");
-            let target_uids = (status.code_name().as_deref() == Some("APPENDUID"))
+            let target_uids = (uidplus && status.code_name().as_deref() == Some("APPENDUID"))
                 .then(|| status.code.as_ref()?.get(2)?.text())
                 .flatten()
                 .and_then(|set| uidset::parse(&set))
@@ -451,6 +455,7 @@ mod tests {
             info: &info,
             multiappend: true,
             binary: false,
+            uidplus: true,
         };
         let flags = vec![
             "\\Seen".into(),

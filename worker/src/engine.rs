@@ -240,8 +240,9 @@ impl<S: StateStore> Engine<S> {
             info: &dst,
             multiappend: caps.has("MULTIAPPEND"),
             binary: caps.has("BINARY"),
+            uidplus: caps.has("UIDPLUS"),
         };
-        let uidplus = caps.has("UIDPLUS");
+        let uidplus = folder.uidplus;
         let mut target_uidnext = dst.uidnext;
         let mut copied_now: HashSet<u32> = HashSet::new();
         let chunks: Vec<&[Meta]> = to_copy
@@ -294,15 +295,20 @@ impl<S: StateStore> Engine<S> {
                 outcomes.extend(more);
             }
             let sizes: HashMap<u32, &Meta> = chunk.iter().map(|m| (m.uid, m)).collect();
+            // Copies without a reported target UID, in APPEND order.
+            let mut unmapped: Vec<(u32, u64)> = Vec::new();
             for (uid, outcome) in outcomes {
                 match outcome {
                     Outcome::Copied { target_uid, size } => {
                         report.copied += 1;
                         report.copied_bytes += size;
                         copied_now.insert(uid);
-                        if let Some(t) = target_uid {
-                            cp.uid_map.insert(uid, t);
-                            target_uidnext = target_uidnext.max(t + 1);
+                        match target_uid {
+                            Some(t) => {
+                                cp.uid_map.insert(uid, t);
+                                target_uidnext = target_uidnext.max(t + 1);
+                            }
+                            None => unmapped.push((uid, size)),
                         }
                     }
                     Outcome::Refused(reason) => {
@@ -324,9 +330,29 @@ impl<S: StateStore> Engine<S> {
                     }
                 }
             }
-            if !uidplus {
-                // Without APPENDUID the next window's bound must come from the server.
-                target_uidnext = highest_uid(target).await.map_err(JobError::target_side)? + 1;
+            if !uidplus && !unmapped.is_empty() {
+                // Without APPENDUID: what arrived at or above the window's bound is our
+                // APPENDs in order, unless someone else delivered meanwhile; map it only
+                // when count and sizes agree. Its highest UID bounds the next window.
+                let bound = cp
+                    .in_flight
+                    .as_ref()
+                    .map_or(target_uidnext, |w| w.target_uidnext);
+                let arrived = arrived_since(target, bound)
+                    .await
+                    .map_err(JobError::target_side)?;
+                let aligned = arrived.len() == unmapped.len()
+                    && arrived.iter().zip(&unmapped).all(|(a, u)| a.1 == u.1);
+                if aligned {
+                    for ((t, _), (s, _)) in arrived.iter().zip(&unmapped) {
+                        cp.uid_map.insert(*s, *t);
+                    }
+                } else {
+                    tracing::warn!(job = %job.id(), "target without UIDPLUS changed during the copy: later flag changes of this chunk will not be propagated");
+                }
+                if let Some((t, _)) = arrived.last() {
+                    target_uidnext = target_uidnext.max(t + 1);
+                }
             }
             let last = chunk.last().expect("chunks are not empty").uid;
             cp.source_uid_done = cp.source_uid_done.max(last + 1);
@@ -514,16 +540,22 @@ async fn store_flags(
     Ok(updates.len() as u64)
 }
 
-async fn highest_uid(session: &mut Session) -> Result<u32, SharedError> {
-    let mut handle = session
-        .send(Command::new("UID FETCH").raw(" * (UID)"))
-        .await?;
-    let mut highest = 0;
+/// `(uid, size)` of the messages at or above `bound`, by UID.
+async fn arrived_since(session: &mut Session, bound: u32) -> Result<Vec<(u32, u64)>, SharedError> {
+    let command = Command::new("UID FETCH").raw(format!(" {}:* (UID RFC822.SIZE)", bound.max(1)));
+    let mut handle = session.send(command).await?;
+    let mut out = Vec::new();
     while let Some(r) = handle.next().await {
-        if let Some(uid) = parse_fetch(&r).and_then(|f| f.uid) {
-            highest = highest.max(uid);
+        if let Some(f) = parse_fetch(&r) {
+            // "n:*" also returns the highest message when it is below n
+            if let (Some(uid), Some(size)) = (f.uid, f.size) {
+                if uid >= bound {
+                    out.push((uid, size));
+                }
+            }
         }
     }
     handle.ok().await?;
-    Ok(highest)
+    out.sort_unstable();
+    Ok(out)
 }
