@@ -80,6 +80,24 @@ struct UserState {
     summary: UserSummary,
     bar: Option<ProgressBar>,
     current: String,
+    /// Bytes copied so far, counted as APPENDs complete (the summary's count comes
+    /// from finished jobs).
+    live_bytes: u64,
+}
+
+impl UserState {
+    /// The text beside the bar: folders done, bytes so far, the folder last started.
+    fn refresh(&self) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!(
+                "{}/{} folders, {}, {}",
+                self.summary.folders_done,
+                self.summary.folders_planned,
+                human_bytes(self.live_bytes),
+                self.current
+            ));
+        }
+    }
 }
 
 pub struct Reporter {
@@ -112,7 +130,7 @@ impl Reporter {
                 let bar = m.add(ProgressBar::new(0));
                 bar.set_style(
                     ProgressStyle::with_template(
-                        "{prefix:24!} [{bar:30}] {pos}/{len} msgs {binary_bytes_per_sec:>11} {wide_msg}",
+                        "{prefix:24!} [{bar:30}] {pos}/{len} msgs {per_sec:>12} {wide_msg}",
                     )
                     .expect("valid template")
                     .progress_chars("=> "),
@@ -127,6 +145,7 @@ impl Reporter {
                 },
                 bar,
                 current: String::new(),
+                live_bytes: 0,
             }
         });
         f(state)
@@ -151,9 +170,7 @@ impl Reporter {
             s.summary.folders_planned = folders;
             // Folders without a job (up to date, excluded, empty) are done already.
             s.summary.folders_done = folders - jobs;
-            if let Some(bar) = &s.bar {
-                bar.set_message(format!("{}/{} folders", s.summary.folders_done, folders));
-            }
+            s.refresh();
         });
         if self.multi.is_none() {
             self.line(&format!(
@@ -182,7 +199,8 @@ impl Reporter {
         let mut out = BTreeMap::new();
         for (user, mut state) in std::mem::take(&mut *users) {
             if let Some(bar) = state.bar.take() {
-                bar.finish();
+                // The summary that follows says it all; a finished bar would be drawn twice.
+                bar.finish_and_clear();
             }
             if let Some(t) = state.summary.started {
                 state.summary.elapsed = t.elapsed();
@@ -201,19 +219,18 @@ impl ProgressSink for Reporter {
             s.current = job.source_folder.display();
             if let Some(bar) = &s.bar {
                 bar.set_length(s.summary.to_copy);
-                bar.set_message(format!(
-                    "{}/{} folders, {}",
-                    s.summary.folders_done, s.summary.folders_planned, s.current
-                ));
             }
+            s.refresh();
         });
     }
 
-    fn copied(&self, job: &FolderJob, messages: u64, _bytes: u64) {
+    fn copied(&self, job: &FolderJob, messages: u64, bytes: u64) {
         self.with_user(&job.user, |s| {
+            s.live_bytes += bytes;
             if let Some(bar) = &s.bar {
                 bar.inc(messages);
             }
+            s.refresh();
         });
     }
 
@@ -237,12 +254,7 @@ impl ProgressSink for Reporter {
             s.summary.matched += report.matched;
             s.summary.flags_updated += report.flags_updated;
             s.summary.missed += report.missed;
-            if let Some(bar) = &s.bar {
-                bar.set_message(format!(
-                    "{}/{} folders",
-                    s.summary.folders_done, s.summary.folders_planned
-                ));
-            }
+            s.refresh();
             (s.summary.folders_done, s.summary.folders_planned)
         });
         if self.multi.is_none() {

@@ -612,9 +612,7 @@ impl Session {
                 self.login(login.as_bytes(), secret).await
             }
             AuthMethod::XOAuth2 => {
-                let mut ir = format!("user={}\x01auth=Bearer ", creds.login).into_bytes();
-                ir.extend_from_slice(secret);
-                ir.extend_from_slice(b"\x01\x01");
+                let ir = xoauth2_response(creds.login.as_bytes(), secret);
                 self.sasl("XOAUTH2", ir).await
             }
         };
@@ -691,6 +689,17 @@ impl Session {
     }
 }
 
+/// Google's and Microsoft's XOAUTH2: `user=U ^A auth=Bearer T ^A ^A`.
+fn xoauth2_response(user: &[u8], token: &[u8]) -> Vec<u8> {
+    let mut out = b"user=".to_vec();
+    out.extend_from_slice(user);
+    out.extend_from_slice(b"\x01auth=Bearer ");
+    out.extend_from_slice(token);
+    out.extend_from_slice(b"\x01\x01");
+    out
+}
+
+/// RFC 4616 PLAIN: `authzid NUL authcid NUL password`.
 fn plain_response(authz: &[u8], authc: &[u8], secret: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(authz.len() + authc.len() + secret.len() + 2);
     out.extend_from_slice(authz);
@@ -784,4 +793,40 @@ pub fn fetch_items(data: &[Value]) -> &[Value] {
 
 pub fn fetch_item<'a>(data: &'a [Value], key: &str) -> Option<&'a Value> {
     lookup(fetch_items(data), key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_initial_responses() {
+        assert_eq!(
+            plain_response(b"alice", b"admin", b"pw"),
+            b"alice\0admin\0pw"
+        );
+        assert_eq!(plain_response(b"", b"alice", b"pw"), b"\0alice\0pw");
+        // the example of Google's XOAUTH2 documentation, before base64
+        assert_eq!(
+            xoauth2_response(b"someuser@example.com", b"ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg"),
+            b"user=someuser@example.com\x01auth=Bearer ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg\x01\x01"
+        );
+    }
+
+    #[test]
+    fn commands_never_show_their_arguments_in_debug_output() {
+        let c = Command::new("LOGIN").arg("alice").arg("hunter2");
+        assert_eq!(format!("{c:?}"), "Command(LOGIN)");
+    }
+
+    #[test]
+    fn arguments_are_quoted_or_sent_as_literals() {
+        let c = Command::new("SELECT").arg("a \"b\" \\c");
+        let Part::Text(t) = &c.parts[0] else { panic!() };
+        assert_eq!(t, b"SELECT \"a \\\"b\\\" \\\\c\"");
+        let c = Command::new("LOGIN").arg("caf\u{e9}");
+        assert!(
+            matches!(c.parts.last(), Some(Part::Literal(b)) if b.as_ref() == "caf\u{e9}".as_bytes())
+        );
+    }
 }
