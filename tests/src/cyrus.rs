@@ -6,11 +6,9 @@
 //! packages into a directory of their own (`MAILFERRY_CYRUS_ROOT`, default
 //! `/var/tmp/mailferry-cyrus/root`) and installs only the libraries they need.
 
+use crate::dovecot::{free_port, stop, temp_dir, wait_for_greeting};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use crate::dovecot::{free_port, temp_dir};
 
 pub struct Cyrus {
     pub dir: PathBuf,
@@ -104,47 +102,13 @@ impl Cyrus {
             port,
             child: Some(child),
         };
-        server.wait_for_greeting();
+        wait_for_greeting("Cyrus", server.port, &[server.dir.join("master.log")]);
         server
-    }
-
-    fn wait_for_greeting(&self) {
-        use std::io::Read;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut buf = [0u8; 4];
-                if s.read_exact(&mut buf).is_ok() && &buf == b"* OK" {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let log = std::fs::read_to_string(self.dir.join("master.log")).unwrap_or_default();
-        panic!("Cyrus on port {} did not start:\n{log}", self.port);
     }
 }
 
 impl Drop for Cyrus {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::env::var_os("MAILFERRY_TEST_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        stop(self.child.take(), &self.dir);
     }
 }

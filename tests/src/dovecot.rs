@@ -250,21 +250,12 @@ service anvil {{
     }
 
     fn wait_for_greeting(&self) {
-        use std::io::Read;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut buf = [0u8; 4];
-                if s.read_exact(&mut buf).is_ok() && &buf == b"* OK" {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let log = std::fs::read_to_string(self.dir.join("log/dovecot.log")).unwrap_or_default();
-        let err = std::fs::read_to_string(self.dir.join("log/stderr.log")).unwrap_or_default();
-        panic!("dovecot on port {} did not start:\n{log}\n{err}", self.port);
+        let log = self.dir.join("log/dovecot.log");
+        wait_for_greeting(
+            "dovecot",
+            self.port,
+            &[log, self.dir.join("log/stderr.log")],
+        );
     }
 
     pub fn password(&self, user: &str) -> String {
@@ -284,23 +275,50 @@ service anvil {{
 
 impl Drop for Dovecot {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        stop(self.child.take(), &self.dir);
+    }
+}
+
+/// Waits until an IMAP server answers on `port` with a greeting; panics with its logs.
+pub(crate) fn wait_for_greeting(what: &str, port: u16, logs: &[PathBuf]) {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 4];
+            if s.read_exact(&mut buf).is_ok() && &buf == b"* OK" {
+                return;
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
-        if std::env::var_os("MAILFERRY_TEST_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let logs: Vec<String> = logs
+        .iter()
+        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+        .collect();
+    panic!("{what} on port {port} did not start:\n{}", logs.join("\n"));
+}
+
+/// Stops a server (SIGTERM, then SIGKILL after 5 s) and removes its directory unless
+/// MAILFERRY_TEST_KEEP is set.
+pub(crate) fn stop(child: Option<Child>, dir: &Path) {
+    if let Some(mut child) = child {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    if std::env::var_os("MAILFERRY_TEST_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -347,6 +347,70 @@ pub struct Pair<'a> {
     pub target_prefix: &'a str,
 }
 
+impl<'a> Pair<'a> {
+    /// Two harness Dovecots, same user and password on both.
+    pub fn dovecots(
+        source: &crate::dovecot::Dovecot,
+        target: &crate::dovecot::Dovecot,
+        user: &'a str,
+        password: &'a str,
+    ) -> Pair<'a> {
+        Pair {
+            source_port: source.port,
+            target_port: target.port,
+            user,
+            password,
+            source_delimiter: source.config.separator,
+            target_delimiter: target.config.separator,
+            source_prefix: "",
+            target_prefix: "",
+        }
+    }
+}
+
+/// Changes the source under a migration's feet: flags added on the first three messages
+/// of `folder`, all flags removed from the fourth, and one new message appended (returned,
+/// for the test's expectations). The verifier compares with the source, so the flag
+/// changes need no bookkeeping.
+pub async fn change_at_source(port: u16, user: &str, password: &str, folder: &str) -> TestMessage {
+    let mut s = session(port, user, password).await;
+    s.open(&wire_name(folder, '/'), false)
+        .await
+        .expect("SELECT");
+    s.run(Command::new("STORE").raw(" 1:3 +FLAGS (\\Flagged Work $Forwarded)"))
+        .await
+        .expect("STORE");
+    s.run(
+        Command::new("STORE")
+            .raw(" 4 -FLAGS (\\Seen \\Answered \\Flagged \\Draft $Forwarded NonJunk Work)"),
+    )
+    .await
+    .expect("STORE");
+    let newer = TestMessage {
+        folder: folder.into(),
+        bytes: b"From: x@example.org\r\nSubject: later\r\n\r\nnew\r\n".to_vec(),
+        flags: vec!["\\Seen".into()],
+        date: "01-Feb-2026 10:00:00 +0000".into(),
+    };
+    append_all(&mut s, '/', std::slice::from_ref(&newer)).await;
+    s.logout().await;
+    newer
+}
+
+/// Every folder name on a server, decoded.
+pub async fn folder_names(port: u16, user: &str, password: &str) -> Vec<String> {
+    let mut s = session(port, user, password).await;
+    let names = s
+        .list_all()
+        .await
+        .expect("LIST")
+        .iter()
+        .map(|e| mutf7::decode_lenient(&e.wire_name))
+        .collect();
+    s.logout().await;
+    names
+}
+
 pub async fn assert_same_mail(
     pair: &Pair<'_>,
     expected: &[TestMessage],

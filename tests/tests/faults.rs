@@ -29,16 +29,7 @@ impl Setup {
     }
 
     async fn assert_equal(&self) {
-        let pair = Pair {
-            source_port: self.src.port,
-            target_port: self.dst.port,
-            user: "alice",
-            password: "alice-secret",
-            source_delimiter: '/',
-            target_delimiter: '/',
-            source_prefix: "",
-            target_prefix: "",
-        };
+        let pair = Pair::dovecots(&self.src, &self.dst, "alice", "alice-secret");
         assert_same_mail(&pair, &self.messages, |p| p.to_string()).await;
     }
 }
@@ -251,16 +242,7 @@ async fn a_50_mb_message_is_copied_with_bounded_memory() {
     };
     let out = child.wait_with_output().unwrap();
     assert_eq!(status.code(), Some(0), "{}", text(&out));
-    let pair = Pair {
-        source_port: src.port,
-        target_port: dst.port,
-        user: "alice",
-        password: "alice-secret",
-        source_delimiter: '/',
-        target_delimiter: '/',
-        source_prefix: "",
-        target_prefix: "",
-    };
+    let pair = Pair::dovecots(&src, &dst, "alice", "alice-secret");
     assert_same_mail(&pair, &messages, |p| p.to_string()).await;
     eprintln!("peak RSS with a 50 MB message: {} MiB", peak_kib / 1024);
     assert!(peak_kib < 200 * 1024, "peak RSS {} MiB", peak_kib / 1024);

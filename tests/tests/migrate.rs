@@ -18,6 +18,24 @@ fn same_path(p: &str) -> String {
     p.to_string()
 }
 
+/// Loads `messages` for alice at `src`, migrates her to `dst` (exit 0 expected) and
+/// checks every folder, `target_path` giving where a folder should have landed.
+async fn load_migrate_verify(
+    src: &Dovecot,
+    dst: &Dovecot,
+    messages: &[TestMessage],
+    target_path: impl Fn(&str) -> String,
+) {
+    mail::load(src.port, "alice", "alice-secret", '/', messages).await;
+    let state = temp_dir("state");
+    let out = Migrate::new(src.port, dst.port, "alice", &state)
+        .passwords("alice-secret", "alice-secret")
+        .run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let pair = Pair::dovecots(src, dst, "alice", "alice-secret");
+    assert_same_mail(&pair, messages, target_path).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn copies_every_message_byte_for_byte_and_reruns_are_incremental() {
     let (src, dst) = pair('/');
@@ -32,16 +50,7 @@ async fn copies_every_message_byte_for_byte_and_reruns_are_incremental() {
             .arg("--fetch-batch")
             .arg("3")
     };
-    let pair = Pair {
-        source_port: src.port,
-        target_port: dst.port,
-        user: "alice",
-        password: "alice-secret",
-        source_delimiter: '/',
-        target_delimiter: '/',
-        source_prefix: "",
-        target_prefix: "",
-    };
+    let pair = Pair::dovecots(&src, &dst, "alice", "alice-secret");
 
     let out = run().run();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -58,25 +67,7 @@ async fn copies_every_message_byte_for_byte_and_reruns_are_incremental() {
     assert_same_mail(&pair, &messages, same_path).await;
 
     // New mail and flag changes at the source reach the target; nothing is duplicated.
-    let mut s = mail::session(src.port, "alice", "alice-secret").await;
-    s.open(b"INBOX", false).await.unwrap();
-    s.run(mailferry_shared::imap::Command::new("UID STORE").raw(" 1:3 +FLAGS (\\Flagged Work)"))
-        .await
-        .unwrap();
-    s.run(
-        mailferry_shared::imap::Command::new("UID STORE")
-            .raw(" 4 -FLAGS (\\Seen \\Answered \\Flagged \\Draft $Forwarded NonJunk Work)"),
-    )
-    .await
-    .unwrap();
-    let newer = TestMessage {
-        folder: "INBOX".into(),
-        bytes: b"From: x@example.org\r\nSubject: later\r\n\r\nnew\r\n".to_vec(),
-        flags: vec!["\\Seen".into()],
-        date: "01-Feb-2026 10:00:00 +0000".into(),
-    };
-    mail::append_all(&mut s, '/', std::slice::from_ref(&newer)).await;
-    s.logout().await;
+    let newer = mail::change_at_source(src.port, "alice", "alice-secret", "INBOX").await;
     let mut expected = messages.clone();
     expected.push(newer);
     let out = run().run();
@@ -100,46 +91,13 @@ async fn copies_every_message_byte_for_byte_and_reruns_are_incremental() {
     assert_same_mail(&pair, &expected, same_path).await;
 }
 
-fn pair_of<'a>(src: &Dovecot, dst: &Dovecot, user: &'a str, password: &'a str) -> Pair<'a> {
-    Pair {
-        source_port: src.port,
-        target_port: dst.port,
-        user,
-        password,
-        source_delimiter: src.config.separator,
-        target_delimiter: dst.config.separator,
-        source_prefix: "",
-        target_prefix: "",
-    }
-}
-
 /// A target with '.' as delimiter: levels translate, and a name containing '.' is
 /// escaped to a look-alike instead of being split into two levels.
 #[tokio::test(flavor = "multi_thread")]
 async fn delimiters_translate_and_a_dot_in_a_name_is_escaped_not_split() {
     let (src, dst) = pair('.');
-    let messages = corpus(11, 3);
-    mail::load(src.port, "alice", "alice-secret", '/', &messages).await;
-    let state = temp_dir("state");
-    let out = Migrate::new(src.port, dst.port, "alice", &state)
-        .passwords("alice-secret", "alice-secret")
-        .run();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let escaped = |p: &str| p.replace('.', "\u{2024}");
-    assert_same_mail(
-        &pair_of(&src, &dst, "alice", "alice-secret"),
-        &messages,
-        escaped,
-    )
-    .await;
-    let mut s = mail::session(dst.port, "alice", "alice-secret").await;
-    let names: Vec<String> = s
-        .list_all()
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| mailferry_shared::mutf7::decode_lenient(&e.wire_name))
-        .collect();
+    load_migrate_verify(&src, &dst, &corpus(11, 3), |p| p.replace('.', "\u{2024}")).await;
+    let names = mail::folder_names(dst.port, "alice", "alice-secret").await;
     assert!(names.contains(&"Archive.2024".to_string()), "{names:?}");
     assert!(names.contains(&"Проекты.Отчёты".to_string()), "{names:?}");
     assert!(
@@ -157,20 +115,7 @@ async fn a_name_the_target_refuses_is_escaped_and_copied() {
         layout_fs: false,
         ..DovecotConfig::default()
     });
-    let messages = corpus(12, 2);
-    mail::load(src.port, "alice", "alice-secret", '/', &messages).await;
-    let state = temp_dir("state");
-    let out = Migrate::new(src.port, dst.port, "alice", &state)
-        .passwords("alice-secret", "alice-secret")
-        .run();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let escaped = |p: &str| p.replace('.', "\u{2024}");
-    assert_same_mail(
-        &pair_of(&src, &dst, "alice", "alice-secret"),
-        &messages,
-        escaped,
-    )
-    .await;
+    load_migrate_verify(&src, &dst, &corpus(12, 2), |p| p.replace('.', "\u{2024}")).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -315,12 +260,17 @@ async fn a_csv_with_bad_rows_reports_them_and_migrates_the_good_ones() {
         "passwords leaked: {all}"
     );
     assert_same_mail(
-        &pair_of(&src, &dst, "alice", "alice-secret"),
+        &Pair::dovecots(&src, &dst, "alice", "alice-secret"),
         &alice,
         same_path,
     )
     .await;
-    assert_same_mail(&pair_of(&src, &dst, "bob", "bob-secret"), &bob, same_path).await;
+    assert_same_mail(
+        &Pair::dovecots(&src, &dst, "bob", "bob-secret"),
+        &bob,
+        same_path,
+    )
+    .await;
 }
 
 /// Too large for the target: skipped with a reason, counted, and the folder goes on.
@@ -418,28 +368,16 @@ async fn servers_with_only_imap4rev1_get_the_same_result() {
     assert_eq!(crash.status.code(), None, "{}", text(&crash));
     let out = run().run();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let pair = pair_of(&src, &dst, "alice", "alice-secret");
+    let pair = Pair::dovecots(&src, &dst, "alice", "alice-secret");
     assert_same_mail(&pair, &messages, same_path).await;
 
-    let mut s = mail::session(src.port, "alice", "alice-secret").await;
+    let s = mail::session(src.port, "alice", "alice-secret").await;
     assert!(
         !s.capabilities().has("CONDSTORE"),
         "the test server must hide CONDSTORE"
     );
-    s.open(b"Sent", false).await.unwrap();
-    s.run(
-        mailferry_shared::imap::Command::new("UID STORE").raw(" 1:* +FLAGS (\\Answered NonJunk)"),
-    )
-    .await
-    .unwrap();
-    let newer = TestMessage {
-        folder: "Sent".into(),
-        bytes: b"From: x@example.org\r\nSubject: later\r\n\r\nnew\r\n".to_vec(),
-        flags: vec!["$Forwarded".into()],
-        date: "01-Feb-2026 10:00:00 +0000".into(),
-    };
-    mail::append_all(&mut s, '/', std::slice::from_ref(&newer)).await;
     s.logout().await;
+    let newer = mail::change_at_source(src.port, "alice", "alice-secret", "Sent").await;
     let mut expected = messages.clone();
     expected.push(newer);
     let out = run().run();

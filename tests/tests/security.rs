@@ -56,16 +56,7 @@ async fn an_unknown_certificate_is_refused_unless_its_ca_is_given() {
     )
     .run();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let pair = Pair {
-        source_port: src.port,
-        target_port: dst.port,
-        user: "alice",
-        password: "alice-secret",
-        source_delimiter: '/',
-        target_delimiter: '/',
-        source_prefix: "",
-        target_prefix: "",
-    };
+    let pair = Pair::dovecots(&src, &dst, "alice", "alice-secret");
     assert_same_mail(&pair, &messages, |p| p.to_string()).await;
 }
 
@@ -122,15 +113,6 @@ async fn admin_logins_master_user_and_sasl_authorization_identity() {
         .arg("admin:migrator")
         .run();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let pair = Pair {
-        source_port: src.port,
-        target_port: dst.port,
-        user: "alice",
-        password: "alice-secret",
-        source_delimiter: '/',
-        target_delimiter: '/',
-        source_prefix: "",
-        target_prefix: "",
-    };
+    let pair = Pair::dovecots(&src, &dst, "alice", "alice-secret");
     assert_same_mail(&pair, &messages, |p| p.to_string()).await;
 }
