@@ -740,7 +740,10 @@ async fn read_loop(
             break f;
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
-            buf.reserve(64 * 1024);
+            // What is left is a partial response, usually small (a literal in progress
+            // already has its exact room, reserved by the framer).
+            let capacity = buf.len() + 64 * 1024;
+            super::parse::regrow(&mut buf, capacity);
         }
         match tokio::time::timeout(read_timeout, rd.read_buf(&mut buf)).await {
             Err(_) => {
