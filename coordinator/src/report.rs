@@ -130,9 +130,15 @@ impl Reporter {
                 let bar = m.add(ProgressBar::new(0));
                 bar.set_style(
                     ProgressStyle::with_template(
-                        "{prefix:24!} [{bar:30}] {pos}/{len} msgs {per_sec:>12} {wide_msg}",
+                        "{prefix:24!} [{bar:30}] {pos}/{len} msgs {rate:>10} {wide_msg}",
                     )
                     .expect("valid template")
+                    .with_key(
+                        "rate",
+                        |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                            let _ = write!(w, "{:.0}/s", state.per_sec());
+                        },
+                    )
                     .progress_chars("=> "),
                 );
                 bar.set_prefix(user.to_string());
