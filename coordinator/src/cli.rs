@@ -130,28 +130,7 @@ pub struct MigrateArgs {
     pub summary_json: Option<PathBuf>,
 }
 
-/// `25M`, `1G`, `512K`, `1000`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'B' => 1,
-                _ => return Err(format!("unknown size unit in {s:?}: use K, M or G")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    digits
-        .trim()
-        .parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| format!("{s:?} is not a size (like 25M or 1G)"))
-}
+pub use mailferry_shared::settings::parse_size;
 
 /// A configuration mistake, named.
 #[derive(Debug, thiserror::Error)]
@@ -528,10 +507,6 @@ mod tests {
 
     #[test]
     fn sizes_and_addresses() {
-        assert_eq!(parse_size("25M"), Ok(25 << 20));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert_eq!(parse_size("1000"), Ok(1000));
-        assert!(parse_size("12Q").is_err());
         assert_eq!(
             split_host_port("mail.example.com", Security::Tls).unwrap(),
             ("mail.example.com".into(), 993)

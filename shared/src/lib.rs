@@ -13,6 +13,7 @@ pub mod mutf7;
 pub mod queue;
 pub mod seal;
 pub mod secret;
+pub mod settings;
 pub mod store;
 pub mod users;
 

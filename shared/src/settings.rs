@@ -1,0 +1,346 @@
+//! One typed settings struct for the cluster processes: defaults, then a TOML file, then
+//! the environment (`MAILFERRY__WORKER__JOB_SLOTS=8`: double underscores between levels,
+//! so the embedded mode's `MAILFERRY_SOURCE_PASSWORD` is never mistaken for a setting).
+//! Unknown keys are rejected and every error names its key; secrets are [`Secret`]s.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::secret::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("settings: {0}")]
+    Load(String),
+    #[error("settings: {key}: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+/// A byte count written as a number or with a unit: `48M`, `1G`, `512K`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+/// `25M`, `1G`, `512K`, `1000`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'B' => 1,
+                _ => return Err(format!("unknown size unit in {s:?}: use K, M or G")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (like 25M or 1G)"))
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => parse_size(&t)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// RabbitMQ, e.g. `amqp://user:pass@rabbitmq:5672/%2f` (a secret: it may hold a password).
+    pub amqp_url: Secret,
+    /// Redis, e.g. `redis://:pass@redis:6379/0`.
+    pub redis_url: Secret,
+    /// Prefix of every Redis key and RabbitMQ queue of this installation.
+    pub key_prefix: String,
+    pub worker: WorkerSettings,
+    pub coordinator: CoordinatorSettings,
+    pub queue: QueueSettings,
+    pub sealing: SealingSettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Folder jobs at once (= the consumer prefetch).
+    pub job_slots: u16,
+    /// Connections per source or target account, across all workers.
+    pub connections_per_account: u32,
+    /// Connections per source host, across all workers.
+    pub connections_per_host: u32,
+    /// Message bytes in memory at once per worker.
+    pub bytes_in_flight: ByteSize,
+    /// Time a job in progress gets to finish after SIGTERM before it is handed back.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorSettings {
+    /// Default time between passes of a synced user (per batch it can differ).
+    pub sync_interval_secs: u64,
+    /// A folder above either limit is split into UID-range jobs.
+    pub max_job_messages: u32,
+    pub max_job_bytes: ByteSize,
+    /// Jobs of one user queued or running at once (fairness between users).
+    pub max_jobs_per_user: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    /// Deliveries of one job before RabbitMQ dead-letters it (a poison job).
+    pub delivery_limit: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SealingSettings {
+    /// A file with the sealing keys (`id:base64` per line, newest last), e.g. a mounted
+    /// Kubernetes secret. Without it, the keys come from `key_env`.
+    pub key_file: Option<PathBuf>,
+    pub key_env: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            amqp_url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            redis_url: Secret::new("redis://127.0.0.1:6379/0"),
+            key_prefix: "mailferry".into(),
+            worker: WorkerSettings::default(),
+            coordinator: CoordinatorSettings::default(),
+            queue: QueueSettings::default(),
+            sealing: SealingSettings::default(),
+        }
+    }
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            job_slots: 8,
+            connections_per_account: 4,
+            connections_per_host: 200,
+            bytes_in_flight: ByteSize(48 << 20),
+            shutdown_grace_secs: 60,
+        }
+    }
+}
+
+impl Default for CoordinatorSettings {
+    fn default() -> Self {
+        CoordinatorSettings {
+            sync_interval_secs: 24 * 3600,
+            max_job_messages: 10_000,
+            max_job_bytes: ByteSize(1 << 30),
+            max_jobs_per_user: 4,
+        }
+    }
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings { delivery_limit: 5 }
+    }
+}
+
+impl Default for SealingSettings {
+    fn default() -> Self {
+        SealingSettings {
+            key_file: None,
+            key_env: "MAILFERRY_SEALING_KEYS".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` (TOML) if given, then `MAILFERRY__…` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, SettingsError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(SettingsError::Load(format!(
+                    "{}: no such file",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let env: config::Map<String, String> = env.into_iter().collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("MAILFERRY")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| SettingsError::Load(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |key, problem: &str| {
+            Err(SettingsError::Invalid {
+                key,
+                problem: problem.to_string(),
+            })
+        };
+        let scheme = |url: &Secret| url.expose().split("://").next().unwrap_or("").to_string();
+        if !matches!(scheme(&self.amqp_url).as_str(), "amqp" | "amqps") {
+            return invalid("amqp_url", "must start with amqp:// or amqps://");
+        }
+        if !matches!(scheme(&self.redis_url).as_str(), "redis" | "rediss") {
+            return invalid("redis_url", "must start with redis:// or rediss://");
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
+            return invalid("key_prefix", "must be a non-empty word");
+        }
+        if self.worker.job_slots == 0 {
+            return invalid("worker.job_slots", "must be at least 1");
+        }
+        if self.worker.connections_per_account == 0 || self.worker.connections_per_host == 0 {
+            return invalid(
+                "worker.connections_per_account",
+                "connection caps must be at least 1",
+            );
+        }
+        if self.worker.bytes_in_flight.0 < 8 << 20 {
+            return invalid("worker.bytes_in_flight", "must be at least 8M");
+        }
+        if self.coordinator.sync_interval_secs < 60 {
+            return invalid("coordinator.sync_interval_secs", "must be at least 60");
+        }
+        if self.coordinator.max_job_messages == 0 || self.coordinator.max_jobs_per_user == 0 {
+            return invalid(
+                "coordinator.max_job_messages",
+                "job limits must be at least 1",
+            );
+        }
+        if self.queue.delivery_limit == 0 {
+            return invalid("queue.delivery_limit", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The sealing keys, from the key file or the environment variable.
+    pub fn sealing_keys(&self) -> Result<Secret, SettingsError> {
+        let text = match &self.sealing.key_file {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| SettingsError::Invalid {
+                key: "sealing.key_file",
+                problem: format!("{}: {e}", path.display()),
+            })?,
+            None => std::env::var(&self.sealing.key_env).map_err(|_| SettingsError::Invalid {
+                key: "sealing.key_env",
+                problem: format!("${} is not set", self.sealing.key_env),
+            })?,
+        };
+        Ok(Secret::new(text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("mf-settings-{}.toml", fastrand::u64(..)));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        let defaults = Settings::load(None, []).unwrap();
+        assert_eq!(defaults.worker.job_slots, 8);
+        assert_eq!(defaults.coordinator.max_job_bytes, ByteSize(1 << 30));
+        let file =
+            write("key_prefix = \"mf-test\"\n[worker]\njob_slots = 3\nbytes_in_flight = \"32M\"\n");
+        let env = [
+            ("MAILFERRY__WORKER__JOB_SLOTS".to_string(), "5".to_string()),
+            (
+                "MAILFERRY_SOURCE_PASSWORD".to_string(),
+                "not a setting".to_string(),
+            ),
+        ];
+        let s = Settings::load(Some(&file), env).unwrap();
+        assert_eq!(s.key_prefix, "mf-test");
+        assert_eq!(s.worker.job_slots, 5, "the environment wins over the file");
+        assert_eq!(s.worker.bytes_in_flight, ByteSize(32 << 20));
+        std::fs::remove_file(file).unwrap();
+    }
+
+    #[test]
+    fn mistakes_name_their_key() {
+        let file = write("[worker]\njob_slot = 3\n");
+        let err = Settings::load(Some(&file), []).unwrap_err().to_string();
+        assert!(err.contains("job_slot"), "{err}");
+        std::fs::remove_file(file).unwrap();
+        let err = Settings::load(None, [("MAILFERRY__WORKER__JOB_SLOTS".into(), "0".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("worker.job_slots"), "{err}");
+        let err = Settings::load(None, [("MAILFERRY__REDIS_URL".into(), "http://x".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis_url"), "{err}");
+        let file = write("[worker]\nbytes_in_flight = \"12Q\"\n");
+        let err = Settings::load(Some(&file), []).unwrap_err().to_string();
+        assert!(err.contains("12Q"), "{err}");
+        std::fs::remove_file(file).unwrap();
+    }
+
+    #[test]
+    fn secrets_stay_redacted() {
+        let s = Settings::load(
+            None,
+            [(
+                "MAILFERRY__AMQP_URL".into(),
+                "amqp://u:topsecret@h/%2f".into(),
+            )],
+        )
+        .unwrap();
+        assert!(!format!("{s:?}").contains("topsecret"));
+        assert_eq!(s.amqp_url.expose(), "amqp://u:topsecret@h/%2f");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("25M"), Ok(25 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+}
