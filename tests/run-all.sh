@@ -39,6 +39,17 @@ if [[ ! -x $cyrus_root/usr/lib/cyrus/bin/master ]]; then
 fi
 export MAILFERRY_CYRUS_ROOT=$cyrus_root
 
+# Redis: the cluster store's tests use the machine's instance (own key prefix each).
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+    echo "== starting Redis on 127.0.0.1:6379"
+    if ! command -v redis-server >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+    fi
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+    for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && break; sleep 0.1; done
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

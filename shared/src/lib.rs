@@ -11,6 +11,7 @@ pub mod imap;
 pub mod job;
 pub mod mutf7;
 pub mod queue;
+pub mod redis_store;
 pub mod seal;
 pub mod secret;
 pub mod settings;

@@ -1,0 +1,119 @@
+//! The cluster's [`StateStore`]: checkpoints in Redis, one value per folder under the
+//! installation's key prefix. Redis is an accelerator (DESIGN.md invariant 1): a lost or
+//! damaged checkpoint costs a reconciliation of the folder, never a duplicate.
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+
+use crate::error::Error;
+use crate::job::{Checkpoint, CheckpointKey};
+use crate::secret::Secret;
+use crate::store::StateStore;
+
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn store_error(what: &str, e: redis::RedisError) -> Error {
+    Error::Store(format!("redis {what}: {e}"))
+}
+
+impl RedisStore {
+    /// Connects (and reconnects by itself later: the connection manager re-establishes a
+    /// lost connection on the next command).
+    pub async fn connect(url: &Secret, prefix: &str) -> Result<Self, Error> {
+        let client = redis::Client::open(url.expose())
+            // the URL may hold a password: do not echo it
+            .map_err(|e| {
+                Error::Config(format!(
+                    "redis_url is not a valid Redis URL ({:?})",
+                    e.kind()
+                ))
+            })?;
+        // Bounded: a Redis that is down must be reported, not waited for in silence.
+        // (A command on a lost connection fails; the next one reconnects.)
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(std::time::Duration::from_secs(5))
+            .set_response_timeout(std::time::Duration::from_secs(10))
+            .set_number_of_retries(2)
+            .set_max_delay(2_000);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| store_error("connect", e))?;
+        Ok(RedisStore {
+            conn,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// `<prefix>:cp:<user>:<folder wire name>` (Redis keys are binary-safe).
+    fn key(&self, key: &CheckpointKey) -> Vec<u8> {
+        let mut k = format!("{}:cp:{}:", self.prefix, key.user).into_bytes();
+        k.extend_from_slice(key.source_folder.as_bytes());
+        k
+    }
+
+    /// Deletes every key under this store's prefix (tests, and closing an installation).
+    pub async fn delete_all(&self) -> Result<u64, Error> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}:*", self.prefix);
+        let keys: Vec<Vec<u8>> = {
+            let mut iter = conn
+                .scan_match::<_, Vec<u8>>(pattern)
+                .await
+                .map_err(|e| store_error("SCAN", e))?;
+            let mut keys = Vec::new();
+            while let Some(k) = iter.next_item().await {
+                keys.push(k);
+            }
+            keys
+        };
+        let mut deleted = 0;
+        for chunk in keys.chunks(500) {
+            deleted += conn
+                .del::<_, u64>(chunk)
+                .await
+                .map_err(|e| store_error("DEL", e))?;
+        }
+        Ok(deleted)
+    }
+}
+
+impl StateStore for RedisStore {
+    async fn load_checkpoint(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, Error> {
+        let mut conn = self.conn.clone();
+        let value: Option<Vec<u8>> = conn
+            .get(self.key(key))
+            .await
+            .map_err(|e| store_error("GET", e))?;
+        Ok(value.and_then(|bytes| match serde_json::from_slice(&bytes) {
+            Ok(cp) => Some(cp),
+            Err(e) => {
+                tracing::warn!(user = %key.user, error = %e, "ignoring damaged checkpoint in Redis");
+                None
+            }
+        }))
+    }
+
+    async fn save_checkpoint(
+        &self,
+        key: &CheckpointKey,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let json = serde_json::to_vec(checkpoint).map_err(|e| Error::Store(e.to_string()))?;
+        conn.set::<_, _, ()>(self.key(key), json)
+            .await
+            .map_err(|e| store_error("SET", e))
+    }
+}
