@@ -2,6 +2,7 @@
 //! jobs, checkpoints), the IMAP session layer, folder-name mapping, and the queue and
 //! store interfaces with their embedded implementations.
 
+pub mod amqp_queue;
 pub mod date;
 pub mod endpoint;
 pub mod error;

@@ -11,11 +11,13 @@ use tokio::sync::Notify;
 
 use crate::job::FolderJob;
 
-/// A job handed to a worker, with how often it was handed out before.
+/// A job handed to a worker: which attempt this is (1 = first), and the queue's own id
+/// for settling it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub job: FolderJob,
     pub attempt: u32,
+    pub id: u64,
 }
 
 pub trait JobQueue: Send + Sync + 'static {
@@ -76,7 +78,11 @@ impl JobQueue for MemoryQueue {
     async fn publish(&self, job: FolderJob) -> Result<(), crate::Error> {
         let mut inner = self.lock();
         if inner.outstanding.insert(job.id()) {
-            inner.ready.push_back(Delivery { job, attempt: 1 });
+            inner.ready.push_back(Delivery {
+                job,
+                attempt: 1,
+                id: 0,
+            });
             drop(inner);
             self.changed.notify_waiters();
         }
@@ -109,7 +115,7 @@ impl JobQueue for MemoryQueue {
         tokio::time::sleep(delay).await;
         let again = Delivery {
             attempt: delivery.attempt + 1,
-            job: delivery.job,
+            ..delivery
         };
         self.lock().ready.push_back(again);
         self.changed.notify_waiters();
@@ -161,6 +167,7 @@ mod tests {
             &Delivery {
                 job: job("B"),
                 attempt: 2,
+                id: 0,
             },
             "bad".into(),
         )

@@ -1,0 +1,363 @@
+//! The cluster's [`JobQueue`]: folder jobs on RabbitMQ (DESIGN.md invariant 4).
+//!
+//! - `<prefix>.jobs` is a quorum queue with an explicit delivery limit; a job delivered
+//!   more often than that (a worker that keeps dying on it) goes to `<prefix>.dead`
+//!   by RabbitMQ's own dead-lettering.
+//! - Messages are persistent, carry only ids and names (never credentials), have the
+//!   job's deterministic id as message id, and are published with publisher confirms and
+//!   `mandatory`: a nack or an unroutable message is retried, never dropped.
+//! - A job that fails for good is published to `<prefix>.dead` with the reason in the
+//!   `x-mailferry-reason` header (where the admin sees it), then acked.
+//! - Declarations are idempotent and work on RabbitMQ 3.10.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::Acker;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+
+use crate::error::Error;
+use crate::job::FolderJob;
+use crate::queue::{Delivery, JobQueue};
+use crate::secret::Secret;
+
+const ATTEMPT_HEADER: &str = "x-mailferry-attempt";
+const REASON_HEADER: &str = "x-mailferry-reason";
+
+fn queue_error(what: &str, e: lapin::Error) -> Error {
+    Error::Store(format!("rabbitmq {what}: {e}"))
+}
+
+pub struct AmqpQueue {
+    _connection: Connection,
+    publisher: Channel,
+    consumer: tokio::sync::Mutex<Consumer>,
+    /// Ackers of deliveries handed out and not yet settled, by delivery id.
+    open: Mutex<HashMap<u64, Acker>>,
+    jobs: String,
+    dead: String,
+}
+
+/// A job that was dead-lettered, with the reason recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadJob {
+    pub job: FolderJob,
+    /// Our reason, or `None` when RabbitMQ dead-lettered it (delivery limit reached).
+    pub reason: Option<String>,
+}
+
+impl AmqpQueue {
+    /// Connects, declares the queues and starts consuming with `prefetch` = job slots.
+    pub async fn connect(
+        url: &Secret,
+        prefix: &str,
+        prefetch: u16,
+        delivery_limit: u32,
+    ) -> Result<Self, Error> {
+        let connection = Connection::connect(url.expose(), ConnectionProperties::default())
+            .await
+            .map_err(|e| queue_error("connect", e))?;
+        let jobs = format!("{prefix}.jobs");
+        let dead = format!("{prefix}.dead");
+        let setup = connection
+            .create_channel()
+            .await
+            .map_err(|e| queue_error("channel", e))?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut dead_args = FieldTable::default();
+        dead_args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        setup
+            .queue_declare(dead.as_str().into(), durable, dead_args)
+            .await
+            .map_err(|e| queue_error(&format!("declaring {dead}"), e))?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(delivery_limit as i32),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(dead.as_str().into()),
+        );
+        setup
+            .queue_declare(jobs.as_str().into(), durable, args)
+            .await
+            .map_err(|e| {
+                queue_error(
+                    &format!("declaring {jobs} (an existing queue with other arguments must be deleted or migrated)"),
+                    e,
+                )
+            })?;
+
+        let publisher = connection
+            .create_channel()
+            .await
+            .map_err(|e| queue_error("channel", e))?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| queue_error("confirm_select", e))?;
+        let consuming = connection
+            .create_channel()
+            .await
+            .map_err(|e| queue_error("channel", e))?;
+        consuming
+            .basic_qos(prefetch.max(1), BasicQosOptions::default())
+            .await
+            .map_err(|e| queue_error("basic_qos", e))?;
+        let consumer = consuming
+            .basic_consume(
+                jobs.as_str().into(),
+                format!("mailferry-{}", std::process::id()).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| queue_error("basic_consume", e))?;
+        Ok(AmqpQueue {
+            _connection: connection,
+            publisher,
+            consumer: tokio::sync::Mutex::new(consumer),
+            open: Mutex::new(HashMap::new()),
+            jobs,
+            dead,
+        })
+    }
+
+    async fn publish_to(
+        &self,
+        queue: &str,
+        job: &FolderJob,
+        headers: FieldTable,
+    ) -> Result<(), Error> {
+        let payload = serde_json::to_vec(job).map_err(|e| Error::Store(e.to_string()))?;
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(ShortString::from(job.id().as_str()))
+            .with_headers(headers);
+        let mut last = String::new();
+        for attempt in 0..5u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+            let confirm = self
+                .publisher
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &payload,
+                    properties.clone(),
+                )
+                .await;
+            match confirm {
+                Err(e) => return Err(queue_error("publish", e)),
+                Ok(pending) => match pending.await {
+                    Ok(c) if c.is_ack() => match c.take_message() {
+                        None => return Ok(()),
+                        Some(_) => last = format!("{queue} does not exist (message returned)"),
+                    },
+                    Ok(_) => last = "the broker refused the message (nack)".into(),
+                    Err(e) => return Err(queue_error("publisher confirm", e)),
+                },
+            }
+        }
+        Err(Error::Store(format!("rabbitmq publish to {queue}: {last}")))
+    }
+
+    /// Jobs in the dead-letter queue (taken off it), with their reasons.
+    pub async fn drain_dead(&self) -> Result<Vec<DeadJob>, Error> {
+        let mut out = Vec::new();
+        while let Some(message) = self
+            .publisher
+            .basic_get(self.dead.as_str().into(), BasicGetOptions::default())
+            .await
+            .map_err(|e| queue_error("basic_get", e))?
+        {
+            let job = serde_json::from_slice(&message.delivery.data)
+                .map_err(|e| Error::Store(e.to_string()))?;
+            let reason =
+                header(&message.delivery.properties, REASON_HEADER).and_then(|v| match v {
+                    AMQPValue::LongString(s) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                });
+            message
+                .delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|e| queue_error("ack", e))?;
+            out.push(DeadJob { job, reason });
+        }
+        Ok(out)
+    }
+
+    /// Deletes both queues (tests, and removing an installation).
+    pub async fn delete_queues(&self) -> Result<(), Error> {
+        for q in [&self.jobs, &self.dead] {
+            self.publisher
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| queue_error("queue_delete", e))?;
+        }
+        Ok(())
+    }
+
+    /// Hands a delivery back without acking it (as a worker that dies would): RabbitMQ
+    /// redelivers it, counting towards the delivery limit.
+    pub async fn abandon(&self, delivery: &Delivery) -> Result<(), Error> {
+        let acker = self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&delivery.id);
+        if let Some(acker) = acker {
+            acker
+                .nack(lapin::options::BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| queue_error("nack", e))?;
+        }
+        Ok(())
+    }
+
+    async fn settle(&self, delivery: &Delivery) {
+        let acker = self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&delivery.id);
+        if let Some(acker) = acker {
+            if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                // The channel died: RabbitMQ will redeliver, and the job is idempotent.
+                tracing::warn!(job = %delivery.job.id(), error = %e, "ack failed; the job will be redelivered");
+            }
+        }
+    }
+}
+
+fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    properties.headers().as_ref()?.inner().get(name)
+}
+
+fn attempt_headers(attempt: u32) -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
+    h
+}
+
+impl JobQueue for AmqpQueue {
+    async fn publish(&self, job: FolderJob) -> Result<(), Error> {
+        let jobs = self.jobs.clone();
+        self.publish_to(&jobs, &job, attempt_headers(1)).await
+    }
+
+    async fn next(&self) -> Option<Delivery> {
+        let mut consumer = self.consumer.lock().await;
+        loop {
+            let message = match consumer.next().await? {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(error = %e, "RabbitMQ consumer failed");
+                    return None;
+                }
+            };
+            let Ok(job) = serde_json::from_slice::<FolderJob>(&message.data) else {
+                // Not a job of ours: it cannot run, and it must not loop.
+                tracing::error!("dropping a malformed job message to the dead-letter queue");
+                let _ = message
+                    .nack(lapin::options::BasicNackOptions {
+                        requeue: false,
+                        ..Default::default()
+                    })
+                    .await;
+                continue;
+            };
+            let ours = header(&message.properties, ATTEMPT_HEADER)
+                .and_then(|v| v.as_long_uint())
+                .unwrap_or(1);
+            // Redeliveries by RabbitMQ (a worker died holding it) count as attempts too.
+            let redelivered = header(&message.properties, "x-delivery-count")
+                .and_then(|v| {
+                    v.as_long_long_int()
+                        .map(|n| n as u32)
+                        .or_else(|| v.as_long_int().map(|n| n as u32))
+                })
+                .unwrap_or(0);
+            let id = message.delivery_tag;
+            self.open
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, message.acker.clone());
+            return Some(Delivery {
+                job,
+                attempt: ours + redelivered,
+                id,
+            });
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) {
+        self.settle(delivery).await;
+    }
+
+    async fn retry(&self, delivery: Delivery, delay: Duration) {
+        // RabbitMQ has no delayed delivery without plugins: the worker waits, then
+        // publishes the next attempt (confirmed) before acking this one. A crash in
+        // between redelivers this one: at-least-once, and the job is idempotent.
+        tokio::time::sleep(delay).await;
+        let jobs = self.jobs.clone();
+        match self
+            .publish_to(&jobs, &delivery.job, attempt_headers(delivery.attempt + 1))
+            .await
+        {
+            Ok(()) => self.settle(&delivery).await,
+            Err(e) => {
+                tracing::error!(job = %delivery.job.id(), error = %e, "could not requeue; RabbitMQ will redeliver")
+            }
+        }
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: String) {
+        let mut headers = attempt_headers(delivery.attempt);
+        headers.insert(
+            REASON_HEADER.into(),
+            AMQPValue::LongString(reason.as_str().into()),
+        );
+        let dead = self.dead.clone();
+        match self.publish_to(&dead, &delivery.job, headers).await {
+            Ok(()) => self.settle(delivery).await,
+            Err(e) => {
+                tracing::error!(job = %delivery.job.id(), error = %e, "could not dead-letter; RabbitMQ will redeliver")
+            }
+        }
+    }
+}

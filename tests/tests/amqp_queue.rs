@@ -1,0 +1,107 @@
+//! The RabbitMQ job queue against the machine's real broker (guest@127.0.0.1:5672, or
+//! MAILFERRY_TEST_AMQP_URL), under a queue prefix of its own, deleted afterwards.
+
+use std::time::Duration;
+
+use mailferry_shared::amqp_queue::AmqpQueue;
+use mailferry_shared::job::{FolderJob, WireName};
+use mailferry_shared::queue::{Delivery, JobQueue};
+use mailferry_shared::secret::Secret;
+
+fn url() -> Secret {
+    Secret::new(
+        std::env::var("MAILFERRY_TEST_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+    )
+}
+
+fn job(folder: &str) -> FolderJob {
+    FolderJob {
+        batch: "b1".into(),
+        user: "alice@example.com".into(),
+        source_folder: WireName(folder.to_string().into()),
+        target_folder: WireName(folder.to_string().into()),
+        uid_range: None,
+        pass: 1,
+    }
+}
+
+async fn next(q: &AmqpQueue) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(10), q.next())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("the consumer is alive")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_are_acked_retried_and_dead_lettered_with_their_reason() {
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let q = AmqpQueue::connect(&url(), &prefix, 4, 5)
+        .await
+        .expect("RabbitMQ must be running on 127.0.0.1:5672");
+    // declaring again (another worker starting) is harmless
+    let again = AmqpQueue::connect(&url(), &prefix, 4, 5).await.unwrap();
+    drop(again);
+    for f in ["A", "B", "C"] {
+        q.publish(job(f)).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next(&q).await);
+    }
+    let by = |f: &str| {
+        got.iter()
+            .find(|d| d.job.source_folder.as_bytes() == f.as_bytes())
+            .unwrap()
+            .clone()
+    };
+    assert!(got.iter().all(|d| d.attempt == 1));
+    q.ack(&by("A")).await;
+    q.retry(by("B"), Duration::from_millis(10)).await;
+    q.dead_letter(&by("C"), "source: authentication rejected".into())
+        .await;
+
+    let b = next(&q).await;
+    assert_eq!(b.job, job("B"));
+    assert_eq!(b.attempt, 2);
+    q.ack(&b).await;
+    let dead = q.drain_dead().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].job, job("C"));
+    assert_eq!(
+        dead[0].reason.as_deref(),
+        Some("source: authentication rejected")
+    );
+    // nothing else is left
+    assert!(tokio::time::timeout(Duration::from_millis(500), q.next())
+        .await
+        .is_err());
+    q.delete_queues().await.unwrap();
+}
+
+/// A job whose worker keeps dying without acking (here: handing it back) is
+/// dead-lettered by RabbitMQ once it reaches the delivery limit; it does not loop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_job_stops_at_the_delivery_limit() {
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let q = AmqpQueue::connect(&url(), &prefix, 1, 2).await.unwrap();
+    q.publish(job("poison")).await.unwrap();
+    let mut deliveries = 0;
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), q.next()).await {
+        deliveries += 1;
+        assert!(deliveries <= 5, "delivered again and again");
+        q.abandon(&d).await.unwrap();
+    }
+    assert!(
+        (2..=3).contains(&deliveries),
+        "delivered {deliveries} times with a limit of 2"
+    );
+    let dead = q.drain_dead().await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].job, job("poison"));
+    assert_eq!(
+        dead[0].reason, None,
+        "dead-lettered by the broker, not by us"
+    );
+    q.delete_queues().await.unwrap();
+}
