@@ -117,3 +117,62 @@ impl StateStore for RedisStore {
             .map_err(|e| store_error("SET", e))
     }
 }
+
+/// Adds a batch of progress counts for one job, once: each batch carries a sequence
+/// number, and a batch at or below the job's last applied number (a replay after a
+/// lost reply or a redelivered job) changes nothing. One round trip per batch of
+/// messages, never one per message.
+const RECORD_PROGRESS: &str = r"
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq:' .. ARGV[1]) or '0')
+if tonumber(ARGV[2]) <= last then return 0 end
+redis.call('HSET', KEYS[1], 'seq:' .. ARGV[1], ARGV[2])
+for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+";
+
+impl RedisStore {
+    fn progress_key(&self, batch: &str, user: &str) -> String {
+        format!("{}:progress:{batch}:{user}", self.prefix)
+    }
+
+    /// Applies `counts` (`copied`, `copied_bytes`, `skipped`, ...) for `job_id`'s batch
+    /// number `seq` (starting at 1). Returns whether it was applied (false: a replay).
+    pub async fn record_progress(
+        &self,
+        batch: &str,
+        user: &str,
+        job_id: &str,
+        seq: u64,
+        counts: &[(&str, i64)],
+    ) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let script = redis::Script::new(RECORD_PROGRESS);
+        let mut invocation = script.key(self.progress_key(batch, user));
+        invocation.arg(job_id).arg(seq);
+        for (field, delta) in counts {
+            invocation.arg(*field).arg(*delta);
+        }
+        let applied: i64 = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| store_error("progress script", e))?;
+        Ok(applied == 1)
+    }
+
+    /// The user's counters (sequence bookkeeping left out).
+    pub async fn progress(
+        &self,
+        batch: &str,
+        user: &str,
+    ) -> Result<std::collections::BTreeMap<String, i64>, Error> {
+        let mut conn = self.conn.clone();
+        let all: std::collections::BTreeMap<String, i64> = conn
+            .hgetall(self.progress_key(batch, user))
+            .await
+            .map_err(|e| store_error("HGETALL", e))?;
+        Ok(all
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("seq:"))
+            .collect())
+    }
+}

@@ -55,3 +55,39 @@ async fn a_wrong_url_is_a_named_error_without_the_password() {
     assert!(err.contains("redis connect"), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
 }
+
+#[tokio::test]
+async fn progress_batches_count_once_even_when_replayed() {
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let counts = [("copied", 50), ("copied_bytes", 1_000_000)];
+    assert!(store
+        .record_progress("b1", "alice", "job-1", 1, &counts)
+        .await
+        .unwrap());
+    // the reply was lost and the worker sends the same batch again
+    assert!(!store
+        .record_progress("b1", "alice", "job-1", 1, &counts)
+        .await
+        .unwrap());
+    assert!(store
+        .record_progress("b1", "alice", "job-1", 2, &[("copied", 7), ("skipped", 1)])
+        .await
+        .unwrap());
+    // an older batch arriving late changes nothing either
+    assert!(!store
+        .record_progress("b1", "alice", "job-1", 1, &counts)
+        .await
+        .unwrap());
+    // another job of the same user counts on its own sequence
+    assert!(store
+        .record_progress("b1", "alice", "job-2", 1, &[("copied", 3)])
+        .await
+        .unwrap());
+    let p = store.progress("b1", "alice").await.unwrap();
+    assert_eq!(p.get("copied"), Some(&60));
+    assert_eq!(p.get("copied_bytes"), Some(&1_000_000));
+    assert_eq!(p.get("skipped"), Some(&1));
+    assert_eq!(p.len(), 3, "{p:?}");
+    store.delete_all().await.unwrap();
+}

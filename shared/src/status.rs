@@ -1,0 +1,231 @@
+//! The statuses an admin sees per user (PRODUCT.md: Starting → Queued → Syncing →
+//! Synced, plus Failed, Stopped and Completed) as a pure function of what the admin
+//! asked for and where the user's folder jobs are. The coordinator stores the inputs and
+//! calls [`roll_up`]; nothing else decides a status.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Intent {
+    /// Migrate, and keep re-syncing on the schedule.
+    Active,
+    /// The admin pressed Stop.
+    Stopped,
+    /// Close: one final pass, then the schedule ends and credentials are deleted.
+    Closing,
+    /// The final pass is done.
+    Closed,
+}
+
+/// Where one folder job of the current pass is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    /// Waiting for the server's suggested backoff.
+    Throttled {
+        server_says: String,
+    },
+    /// Finished; `verified` once source and target counts matched for the folder.
+    Done {
+        verified: bool,
+        mismatch: Option<String>,
+    },
+    /// Failed for good (dead-lettered).
+    Failed {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum UserStatus {
+    /// Accepted; the folders are being listed and planned.
+    Starting,
+    /// Planned; jobs wait for a worker.
+    Queued,
+    /// Jobs are running (or paused by the server's throttling, which is not a failure).
+    Syncing {
+        throttled: Option<String>,
+    },
+    /// Every folder copied and verified; re-synced on the schedule.
+    Synced,
+    Failed {
+        reason: String,
+    },
+    Stopped,
+    /// Closed after the final pass.
+    Completed,
+}
+
+/// What [`roll_up`] needs to know about one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserView<'a> {
+    pub intent: Intent,
+    /// The planner has published this pass's jobs (`false` while listing folders).
+    pub planned: bool,
+    /// Why planning failed (login rejected, server unreachable), if it did.
+    pub plan_error: Option<&'a str>,
+    pub jobs: &'a [JobState],
+}
+
+pub fn roll_up(user: &UserView<'_>) -> UserStatus {
+    match user.intent {
+        Intent::Closed => return UserStatus::Completed,
+        Intent::Stopped => return UserStatus::Stopped,
+        Intent::Active | Intent::Closing => {}
+    }
+    if let Some(reason) = user.plan_error {
+        return UserStatus::Failed {
+            reason: reason.to_string(),
+        };
+    }
+    if !user.planned {
+        return UserStatus::Starting;
+    }
+    if let Some(reason) = user.jobs.iter().find_map(|j| match j {
+        JobState::Failed { reason } => Some(reason.clone()),
+        _ => None,
+    }) {
+        return UserStatus::Failed { reason };
+    }
+    let throttled = user.jobs.iter().find_map(|j| match j {
+        JobState::Throttled { server_says } => Some(server_says.clone()),
+        _ => None,
+    });
+    let started = user.jobs.iter().any(|j| !matches!(j, JobState::Queued));
+    let open = user.jobs.iter().any(|j| {
+        matches!(
+            j,
+            JobState::Queued | JobState::Running | JobState::Throttled { .. }
+        )
+    });
+    if open {
+        return if started {
+            UserStatus::Syncing { throttled }
+        } else {
+            UserStatus::Queued
+        };
+    }
+    // Every job is done: Synced means verified.
+    match user.jobs.iter().find_map(|j| match j {
+        JobState::Done {
+            verified: false,
+            mismatch,
+        } => Some(
+            mismatch
+                .clone()
+                .unwrap_or_else(|| "folder counts not verified".into()),
+        ),
+        _ => None,
+    }) {
+        Some(mismatch) => UserStatus::Failed { reason: mismatch },
+        None => UserStatus::Synced,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(jobs: &[JobState]) -> UserView<'_> {
+        UserView {
+            intent: Intent::Active,
+            planned: true,
+            plan_error: None,
+            jobs,
+        }
+    }
+
+    fn done() -> JobState {
+        JobState::Done {
+            verified: true,
+            mismatch: None,
+        }
+    }
+
+    #[test]
+    fn the_admins_path_through_the_statuses() {
+        let unplanned = UserView {
+            planned: false,
+            ..view(&[])
+        };
+        assert_eq!(roll_up(&unplanned), UserStatus::Starting);
+        assert_eq!(
+            roll_up(&view(&[JobState::Queued, JobState::Queued])),
+            UserStatus::Queued
+        );
+        assert_eq!(
+            roll_up(&view(&[done(), JobState::Queued])),
+            UserStatus::Syncing { throttled: None }
+        );
+        assert_eq!(roll_up(&view(&[done(), done()])), UserStatus::Synced);
+        // nothing to copy is synced too
+        assert_eq!(roll_up(&view(&[])), UserStatus::Synced);
+    }
+
+    #[test]
+    fn throttling_is_syncing_and_failures_carry_their_reason() {
+        let throttled = [JobState::Throttled {
+            server_says: "NO [UNAVAILABLE] Suggested Backoff Time: 500 ms".into(),
+        }];
+        assert!(matches!(
+            roll_up(&view(&throttled)),
+            UserStatus::Syncing { throttled: Some(_) }
+        ));
+        let failed = [
+            done(),
+            JobState::Failed {
+                reason: "target over quota".into(),
+            },
+            JobState::Running,
+        ];
+        assert_eq!(
+            roll_up(&view(&failed)),
+            UserStatus::Failed {
+                reason: "target over quota".into()
+            }
+        );
+        let planning_failed = UserView {
+            plan_error: Some("source: authentication rejected"),
+            planned: false,
+            ..view(&[])
+        };
+        assert!(matches!(
+            roll_up(&planning_failed),
+            UserStatus::Failed { .. }
+        ));
+        let unverified = [JobState::Done {
+            verified: false,
+            mismatch: Some("INBOX: 120 at the source, 119 at the target".into()),
+        }];
+        assert_eq!(
+            roll_up(&view(&unverified)),
+            UserStatus::Failed {
+                reason: "INBOX: 120 at the source, 119 at the target".into()
+            }
+        );
+    }
+
+    #[test]
+    fn the_admins_intent_wins() {
+        let running = [JobState::Running];
+        let stopped = UserView {
+            intent: Intent::Stopped,
+            ..view(&running)
+        };
+        assert_eq!(roll_up(&stopped), UserStatus::Stopped);
+        let closed = UserView {
+            intent: Intent::Closed,
+            ..view(&running)
+        };
+        assert_eq!(roll_up(&closed), UserStatus::Completed);
+        let closing = UserView {
+            intent: Intent::Closing,
+            ..view(&running)
+        };
+        assert_eq!(roll_up(&closing), UserStatus::Syncing { throttled: None });
+    }
+}
