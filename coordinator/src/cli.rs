@@ -35,6 +35,16 @@ pub enum Command {
     /// Migrate one user or a CSV of users on this machine (no RabbitMQ or Redis needed).
     /// Safe to re-run: a second run copies only what is new and updates flags.
     Migrate(Box<MigrateArgs>),
+    /// Run a cluster worker: take folder jobs from RabbitMQ, credentials and checkpoints
+    /// from Redis. SIGTERM finishes the jobs in progress and exits.
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The settings file (TOML); `MAILFERRY__…` environment variables override it.
+    #[arg(long, value_name = "PATH", env = "MAILFERRY_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 macro_rules! endpoint_args {

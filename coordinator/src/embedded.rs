@@ -74,7 +74,8 @@ pub async fn run(
             opts.connections_per_account,
         );
         accounts.insert(
-            u.id.clone(),
+            &opts.batch,
+            &u.id,
             UserAccounts {
                 source: source.clone(),
                 target: target.clone(),

@@ -21,6 +21,13 @@ fn main() -> ExitCode {
                 ExitCode::from(Exit::Usage as u8)
             }
         },
+        Command::Worker(args) => match worker(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mailferry worker: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -99,6 +106,25 @@ fn migrate(args: &MigrateArgs) -> anyhow::Result<Exit> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(exit_for(&summaries, bad_rows))
+}
+
+fn worker(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
+    let settings =
+        mailferry_shared::settings::Settings::load(args.config.as_deref(), std::env::vars())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let (stop, shutdown) = watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("stopping: finishing the jobs in progress");
+            let _ = stop.send(true);
+        });
+        mailferry_worker::cluster::run(&settings, shutdown).await
+    })?;
+    Ok(())
 }
 
 async fn wait_for_signal() {

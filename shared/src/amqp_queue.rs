@@ -36,9 +36,11 @@ fn queue_error(what: &str, e: lapin::Error) -> Error {
 }
 
 pub struct AmqpQueue {
-    _connection: Connection,
+    connection: Connection,
     publisher: Channel,
-    consumer: tokio::sync::Mutex<Consumer>,
+    /// Set by [`start_consuming`](AmqpQueue::start_consuming): a publisher (the
+    /// coordinator) never consumes, so RabbitMQ never parks a job with it.
+    consumer: tokio::sync::Mutex<Option<Consumer>>,
     /// Ackers of deliveries handed out and not yet settled, by delivery id.
     open: Mutex<HashMap<u64, Acker>>,
     jobs: String,
@@ -54,13 +56,9 @@ pub struct DeadJob {
 }
 
 impl AmqpQueue {
-    /// Connects, declares the queues and starts consuming with `prefetch` = job slots.
-    pub async fn connect(
-        url: &Secret,
-        prefix: &str,
-        prefetch: u16,
-        delivery_limit: u32,
-    ) -> Result<Self, Error> {
+    /// Connects and declares the queues (idempotently). Publishing works at once; call
+    /// [`start_consuming`](Self::start_consuming) to take jobs.
+    pub async fn connect(url: &Secret, prefix: &str, delivery_limit: u32) -> Result<Self, Error> {
         let connection = Connection::connect(url.expose(), ConnectionProperties::default())
             .await
             .map_err(|e| queue_error("connect", e))?;
@@ -118,31 +116,38 @@ impl AmqpQueue {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| queue_error("confirm_select", e))?;
-        let consuming = connection
+        Ok(AmqpQueue {
+            connection,
+            publisher,
+            consumer: tokio::sync::Mutex::new(None),
+            open: Mutex::new(HashMap::new()),
+            jobs,
+            dead,
+        })
+    }
+
+    /// Starts taking jobs, at most `prefetch` (= the worker's job slots) unacked at once.
+    pub async fn start_consuming(&self, prefetch: u16) -> Result<(), Error> {
+        let channel = self
+            .connection
             .create_channel()
             .await
             .map_err(|e| queue_error("channel", e))?;
-        consuming
+        channel
             .basic_qos(prefetch.max(1), BasicQosOptions::default())
             .await
             .map_err(|e| queue_error("basic_qos", e))?;
-        let consumer = consuming
+        let consumer = channel
             .basic_consume(
-                jobs.as_str().into(),
+                self.jobs.as_str().into(),
                 format!("mailferry-{}", std::process::id()).as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
             .map_err(|e| queue_error("basic_consume", e))?;
-        Ok(AmqpQueue {
-            _connection: connection,
-            publisher,
-            consumer: tokio::sync::Mutex::new(consumer),
-            open: Mutex::new(HashMap::new()),
-            jobs,
-            dead,
-        })
+        *self.consumer.lock().await = Some(consumer);
+        Ok(())
     }
 
     async fn publish_to(
@@ -281,7 +286,11 @@ impl JobQueue for AmqpQueue {
     }
 
     async fn next(&self) -> Option<Delivery> {
-        let mut consumer = self.consumer.lock().await;
+        let mut guard = self.consumer.lock().await;
+        let Some(consumer) = guard.as_mut() else {
+            tracing::error!("next() on a queue that is not consuming");
+            return None;
+        };
         loop {
             let message = match consumer.next().await? {
                 Ok(m) => m,

@@ -30,7 +30,7 @@ impl std::str::FromStr for Security {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Endpoint {
     pub host: String,
     pub port: u16,
@@ -107,7 +107,8 @@ pub fn preset(name: &str) -> Option<&'static Preset> {
 }
 
 /// How to authenticate.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
 pub enum AuthMethod {
     /// AUTHENTICATE PLAIN when offered, LOGIN otherwise: a password or app password.
     Password,

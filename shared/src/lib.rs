@@ -3,6 +3,7 @@
 //! store interfaces with their embedded implementations.
 
 pub mod amqp_queue;
+pub mod batch;
 pub mod date;
 pub mod endpoint;
 pub mod error;

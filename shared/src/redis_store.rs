@@ -176,3 +176,83 @@ impl RedisStore {
             .collect())
     }
 }
+
+impl RedisStore {
+    fn batch_key(&self, batch: &str) -> String {
+        format!("{}:batch:{batch}", self.prefix)
+    }
+
+    fn user_key(&self, batch: &str, user: &str) -> String {
+        format!("{}:user:{batch}:{user}", self.prefix)
+    }
+
+    fn users_key(&self, batch: &str) -> String {
+        format!("{}:users:{batch}", self.prefix)
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: String,
+    ) -> Result<Option<T>, Error> {
+        let mut conn = self.conn.clone();
+        let value: Option<Vec<u8>> = conn.get(&key).await.map_err(|e| store_error("GET", e))?;
+        value
+            .map(|v| {
+                serde_json::from_slice(&v)
+                    .map_err(|e| Error::Store(format!("{key} is damaged: {e}")))
+            })
+            .transpose()
+    }
+
+    pub async fn put_batch(
+        &self,
+        batch: &str,
+        record: &crate::batch::BatchRecord,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let json = serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))?;
+        conn.set::<_, _, ()>(self.batch_key(batch), json)
+            .await
+            .map_err(|e| store_error("SET", e))
+    }
+
+    pub async fn batch(&self, batch: &str) -> Result<Option<crate::batch::BatchRecord>, Error> {
+        self.get_json(self.batch_key(batch)).await
+    }
+
+    /// Stores a user (sealed secrets only) and adds it to the batch's user list.
+    pub async fn put_user(
+        &self,
+        batch: &str,
+        user: &str,
+        record: &crate::batch::UserRecord,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let json = serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))?;
+        redis::pipe()
+            .atomic()
+            .set(self.user_key(batch, user), json)
+            .sadd(self.users_key(batch), user)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| store_error("MULTI", e))
+    }
+
+    pub async fn user(
+        &self,
+        batch: &str,
+        user: &str,
+    ) -> Result<Option<crate::batch::UserRecord>, Error> {
+        self.get_json(self.user_key(batch, user)).await
+    }
+
+    pub async fn users(&self, batch: &str) -> Result<Vec<String>, Error> {
+        let mut conn = self.conn.clone();
+        let mut users: Vec<String> = conn
+            .smembers(self.users_key(batch))
+            .await
+            .map_err(|e| store_error("SMEMBERS", e))?;
+        users.sort();
+        Ok(users)
+    }
+}

@@ -36,11 +36,12 @@ async fn next(q: &AmqpQueue) -> Delivery {
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_are_acked_retried_and_dead_lettered_with_their_reason() {
     let prefix = format!("mft-{:016x}", fastrand::u64(..));
-    let q = AmqpQueue::connect(&url(), &prefix, 4, 5)
+    let q = AmqpQueue::connect(&url(), &prefix, 5)
         .await
         .expect("RabbitMQ must be running on 127.0.0.1:5672");
+    q.start_consuming(4).await.unwrap();
     // declaring again (another worker starting) is harmless
-    let again = AmqpQueue::connect(&url(), &prefix, 4, 5).await.unwrap();
+    let again = AmqpQueue::connect(&url(), &prefix, 5).await.unwrap();
     drop(again);
     for f in ["A", "B", "C"] {
         q.publish(job(f)).await.unwrap();
@@ -84,7 +85,8 @@ async fn jobs_are_acked_retried_and_dead_lettered_with_their_reason() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poison_job_stops_at_the_delivery_limit() {
     let prefix = format!("mft-{:016x}", fastrand::u64(..));
-    let q = AmqpQueue::connect(&url(), &prefix, 1, 2).await.unwrap();
+    let q = AmqpQueue::connect(&url(), &prefix, 2).await.unwrap();
+    q.start_consuming(1).await.unwrap();
     q.publish(job("poison")).await.unwrap();
     let mut deliveries = 0;
     while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), q.next()).await {

@@ -1,11 +1,19 @@
-//! Which connection pools serve a user's jobs. Jobs carry a user id only; the worker
-//! looks the accounts up here (the embedded mode fills this from the command line or the
-//! CSV; the cluster mode from sealed credentials in Redis).
+//! Which connection pools serve a user's jobs. Jobs carry a batch and user id only; the
+//! worker looks the accounts up here: from memory in the embedded mode (filled from the
+//! command line or the CSV), from sealed credentials in Redis in the cluster mode.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
 
+use mailferry_shared::endpoint::Credentials;
 use mailferry_shared::imap::pool::Pool;
+use mailferry_shared::imap::Limits;
+use mailferry_shared::redis_store::RedisStore;
+use mailferry_shared::seal::Keyring;
+
+use crate::error::JobError;
 
 #[derive(Clone)]
 pub struct UserAccounts {
@@ -13,31 +21,134 @@ pub struct UserAccounts {
     pub target: Arc<Pool>,
 }
 
+pub type Lookup<'a> = Pin<Box<dyn Future<Output = Result<UserAccounts, JobError>> + Send + 'a>>;
+
 pub trait AccountDirectory: Send + Sync + 'static {
-    fn accounts(&self, user: &str) -> Option<UserAccounts>;
+    /// The pools of `user` in `batch`. The same pools for every job of the user, so the
+    /// per-account connection cap holds across them.
+    fn accounts<'a>(&'a self, batch: &'a str, user: &'a str) -> Lookup<'a>;
 }
 
-/// Accounts held in memory.
+/// Accounts held in memory (the embedded mode).
 #[derive(Default)]
 pub struct StaticAccounts {
-    users: RwLock<HashMap<String, UserAccounts>>,
+    users: RwLock<HashMap<(String, String), UserAccounts>>,
 }
 
 impl StaticAccounts {
-    pub fn insert(&self, user: impl Into<String>, accounts: UserAccounts) {
+    pub fn insert(&self, batch: &str, user: &str, accounts: UserAccounts) {
         self.users
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(user.into(), accounts);
+            .insert((batch.to_string(), user.to_string()), accounts);
     }
 }
 
 impl AccountDirectory for StaticAccounts {
-    fn accounts(&self, user: &str) -> Option<UserAccounts> {
-        self.users
+    fn accounts<'a>(&'a self, batch: &'a str, user: &'a str) -> Lookup<'a> {
+        let found = self
+            .users
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(user)
-            .cloned()
+            .get(&(batch.to_string(), user.to_string()))
+            .cloned();
+        Box::pin(async move { found.ok_or_else(|| JobError::UnknownUser(user.to_string())) })
+    }
+}
+
+/// Accounts from the batch and user records in Redis, credentials unsealed on first
+/// use and kept only inside the pools (as [`Secret`](mailferry_shared::secret::Secret)s).
+pub struct RedisAccounts {
+    store: RedisStore,
+    keys: Keyring,
+    limits: Limits,
+    connections_per_account: usize,
+    cache: Mutex<HashMap<(String, String), UserAccounts>>,
+}
+
+impl RedisAccounts {
+    pub fn new(
+        store: RedisStore,
+        keys: Keyring,
+        limits: Limits,
+        connections_per_account: usize,
+    ) -> Self {
+        RedisAccounts {
+            store,
+            keys,
+            limits,
+            connections_per_account,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn load(&self, batch: &str, user: &str) -> Result<UserAccounts, JobError> {
+        let batch_record = self
+            .store
+            .batch(batch)
+            .await
+            .map_err(JobError::Store)?
+            .ok_or_else(|| {
+                JobError::UnknownUser(format!("{user} (batch {batch} does not exist)"))
+            })?;
+        let record = self
+            .store
+            .user(batch, user)
+            .await
+            .map_err(JobError::Store)?
+            .ok_or_else(|| JobError::UnknownUser(user.to_string()))?;
+        let unseal = |sealed: &str| {
+            self.keys.open(sealed, batch, user).map_err(|e| {
+                JobError::Store(mailferry_shared::Error::Config(format!(
+                    "credentials of {user}: {e}"
+                )))
+            })
+        };
+        let source = Pool::new(
+            batch_record.source,
+            Credentials {
+                login: record.source_login.clone(),
+                secret: unseal(&record.source_secret)?,
+                method: batch_record.source_auth,
+            },
+            self.limits,
+            self.connections_per_account,
+        );
+        let target = Pool::new(
+            batch_record.target,
+            Credentials {
+                login: record.target_login.clone(),
+                secret: unseal(&record.target_secret)?,
+                method: batch_record.target_auth,
+            },
+            self.limits,
+            self.connections_per_account,
+        );
+        Ok(UserAccounts { source, target })
+    }
+}
+
+impl AccountDirectory for RedisAccounts {
+    fn accounts<'a>(&'a self, batch: &'a str, user: &'a str) -> Lookup<'a> {
+        Box::pin(async move {
+            let key = (batch.to_string(), user.to_string());
+            if let Some(found) = self
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+            {
+                return Ok(found.clone());
+            }
+            let loaded = self.load(batch, user).await?;
+            // Two jobs of one user may load at once: keep the first pools, so both share them.
+            Ok(self
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key)
+                .or_insert(loaded)
+                .clone())
+        })
     }
 }

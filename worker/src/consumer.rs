@@ -8,6 +8,7 @@ use mailferry_shared::queue::{Delivery, JobQueue};
 use mailferry_shared::store::StateStore;
 use mailferry_shared::Disposition;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::engine::Engine;
 use crate::error::JobError;
@@ -100,8 +101,9 @@ async fn run_one<Q: JobQueue, S: StateStore>(
 ) {
     let job = delivery.job.clone();
     let span = tracing::info_span!("job", batch = %job.batch, user = %job.user, folder = %job.source_folder.display());
-    let _enter = span.enter();
-    match engine.run_job(&job).await {
+    // `instrument`, not `enter`: a guard held across .await tags other tasks' events.
+    let result = engine.run_job(&job).instrument(span).await;
+    match result {
         Ok(_) => queue.ack(&delivery).await,
         Err(e) => {
             let reason = e.to_string();

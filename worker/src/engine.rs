@@ -91,13 +91,14 @@ impl<S: StateStore> Engine<S> {
     /// Runs one job to the end. On error nothing is lost: the checkpoint and the target
     /// stay consistent and the job can simply run again.
     pub async fn run_job(&self, job: &FolderJob) -> Result<JobReport, JobError> {
-        let accounts = self
-            .accounts
-            .accounts(&job.user)
-            .ok_or_else(|| JobError::UnknownUser(job.user.clone()))?;
+        tracing::debug!(job = %job.id(), "job: looking up accounts");
+        let accounts = self.accounts.accounts(&job.batch, &job.user).await?;
+        tracing::debug!(job = %job.id(), "job: getting connections");
         let mut source = accounts.source.get().await.map_err(JobError::source_side)?;
         let mut target = accounts.target.get().await.map_err(JobError::target_side)?;
+        tracing::debug!(job = %job.id(), "job: connected");
         let report = self.run_on(job, &mut source, &mut target).await?;
+        tracing::debug!(job = %job.id(), copied = report.copied, "job: done");
         source.release();
         target.release();
         Ok(report)
@@ -114,7 +115,9 @@ impl<S: StateStore> Engine<S> {
             .open(job.source_folder.as_bytes(), true)
             .await
             .map_err(JobError::source_side)?;
+        tracing::debug!(job = %job.id(), "job: source folder open");
         let dst = open_or_create(target, job.target_folder.as_bytes()).await?;
+        tracing::debug!(job = %job.id(), "job: target folder open");
         let key = job.checkpoint_key();
         let stored = self
             .store

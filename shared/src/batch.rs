@@ -1,0 +1,25 @@
+//! What the cluster stores about a migration: a batch (source and target endpoints and
+//! how to log in) and its users (logins and *sealed* secrets). Plain data; the Redis
+//! store reads and writes it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::{AuthMethod, Endpoint};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub source: Endpoint,
+    pub source_auth: AuthMethod,
+    pub target: Endpoint,
+    pub target_auth: AuthMethod,
+}
+
+/// One user of a batch. The secrets are sealed for this batch and user
+/// ([`crate::seal::Keyring`]); nothing here is a password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub source_login: String,
+    pub source_secret: String,
+    pub target_login: String,
+    pub target_secret: String,
+}
