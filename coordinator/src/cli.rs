@@ -38,6 +38,51 @@ pub enum Command {
     /// Run a cluster worker: take folder jobs from RabbitMQ, credentials and checkpoints
     /// from Redis. SIGTERM finishes the jobs in progress and exits.
     Worker(WorkerArgs),
+    /// Cluster batches: create one from endpoints and a CSV, start it, show its status.
+    Batch(BatchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    /// The settings file (TOML); `MAILFERRY__…` environment variables override it.
+    #[arg(long, value_name = "PATH", env = "MAILFERRY_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: BatchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BatchCommand {
+    /// Store a batch: endpoints, users, their secrets sealed. Bad CSV rows are reported.
+    Create(Box<BatchCreateArgs>),
+    /// Plan every user (or those named) and queue their folder jobs for the workers.
+    Start {
+        /// The batch.
+        #[arg(long)]
+        batch: String,
+        /// Only this user (repeatable).
+        #[arg(long = "user", value_name = "ID")]
+        users: Vec<String>,
+    },
+    /// Each user's status and counts.
+    Status {
+        #[arg(long)]
+        batch: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BatchCreateArgs {
+    /// The batch's name (letters, digits, '-' and '_').
+    #[arg(long)]
+    pub batch: String,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Users from a CSV in Exchange's format (see `migrate --help`).
+    #[arg(long, value_name = "PATH")]
+    pub csv: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -358,39 +403,33 @@ pub fn default_state_dir() -> PathBuf {
     PathBuf::from("mailferry-state")
 }
 
-pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
-    let src: Side = (&args.source).into();
-    let dst: Side = (&args.target).into();
+/// What [`users_from`] found.
+pub struct Users {
+    pub users: Vec<UserSpec>,
+    pub bad_rows: Vec<RowError>,
+    /// The presets' notes for the admin.
+    pub notes: Vec<String>,
+}
+
+/// The users to migrate, from the endpoint flags and either a single login or a CSV;
+/// with the CSV's bad rows (and logins without a usable target secret) and the presets'
+/// notes for the admin.
+pub fn users_from(
+    source: &SourceArgs,
+    target: &TargetArgs,
+    csv: Option<&Path>,
+    user_id: Option<&str>,
+) -> Result<Users, UsageError> {
+    let src: Side = source.into();
+    let dst: Side = target.into();
     let mut notes = Vec::new();
     let source = src.endpoint(&mut notes)?;
     let target = dst.endpoint(&mut notes)?;
     let source_method = src.method()?;
     let target_method = dst.method()?;
-    let mut rules = Rules {
-        include: args.include.clone(),
-        exclude: args.exclude.clone(),
-        rename: Vec::new(),
-    };
-    for spec in &args.rename {
-        rules.rename.push(Rules::parse_rename(spec).map_err(usage)?);
-    }
-    for (what, n) in [
-        ("--connections", args.connections),
-        ("--jobs", args.jobs),
-        ("--parallel-users", args.parallel_users),
-        ("--fetch-batch", args.fetch_batch),
-    ] {
-        if n == 0 {
-            return Err(usage(format!("{what} must be at least 1")));
-        }
-    }
-    if args.memory < (8 << 20) {
-        return Err(usage("--memory must be at least 8M"));
-    }
-
     let mut users = Vec::new();
     let mut bad_rows = Vec::new();
-    match &args.csv {
+    match csv {
         None => {
             let login = src.user.clone().ok_or_else(|| {
                 usage("no user: give --source-user LOGIN (and --target-user if it differs), or --csv PATH")
@@ -399,7 +438,7 @@ pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
             let source_secret = src.secret(&login)?;
             let target_secret = dst.secret(&target_login)?;
             users.push(UserSpec {
-                id: args.user.clone().unwrap_or_else(|| login.clone()),
+                id: user_id.map(str::to_string).unwrap_or_else(|| login.clone()),
                 source: source.clone(),
                 source_credentials: Credentials {
                     login,
@@ -467,6 +506,47 @@ pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
             bad_rows.sort_by_key(|r| r.line);
         }
     }
+
+    Ok(Users {
+        users,
+        bad_rows,
+        notes,
+    })
+}
+
+pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
+    let mut rules = Rules {
+        include: args.include.clone(),
+        exclude: args.exclude.clone(),
+        rename: Vec::new(),
+    };
+    for spec in &args.rename {
+        rules.rename.push(Rules::parse_rename(spec).map_err(usage)?);
+    }
+    for (what, n) in [
+        ("--connections", args.connections),
+        ("--jobs", args.jobs),
+        ("--parallel-users", args.parallel_users),
+        ("--fetch-batch", args.fetch_batch),
+    ] {
+        if n == 0 {
+            return Err(usage(format!("{what} must be at least 1")));
+        }
+    }
+    if args.memory < (8 << 20) {
+        return Err(usage("--memory must be at least 8M"));
+    }
+
+    let Users {
+        users,
+        bad_rows,
+        notes,
+    } = users_from(
+        &args.source,
+        &args.target,
+        args.csv.as_deref(),
+        args.user.as_deref(),
+    )?;
 
     let mut engine = EngineSettings {
         max_message_size: args.max_message_size,

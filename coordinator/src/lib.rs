@@ -3,6 +3,7 @@
 //! line ([`cli`]).
 
 pub mod cli;
+pub mod cluster;
 pub mod embedded;
 pub mod planner;
 pub mod report;

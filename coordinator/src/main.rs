@@ -21,6 +21,13 @@ fn main() -> ExitCode {
                 ExitCode::from(Exit::Usage as u8)
             }
         },
+        Command::Batch(args) => match batch(&args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("mailferry batch: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Worker(args) => match worker(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -125,6 +132,82 @@ fn worker(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
         mailferry_worker::cluster::run(&settings, shutdown).await
     })?;
     Ok(())
+}
+
+fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
+    use mailferry_coordinator::cli::{users_from, BatchCommand};
+    use mailferry_coordinator::cluster::Cluster;
+    let settings =
+        mailferry_shared::settings::Settings::load(args.config.as_deref(), std::env::vars())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let cluster = Cluster::connect(settings).await?;
+        match &args.command {
+            BatchCommand::Create(create) => {
+                let mailferry_coordinator::cli::Users {
+                    users,
+                    bad_rows,
+                    notes,
+                } = users_from(&create.source, &create.target, create.csv.as_deref(), None)?;
+                for note in notes {
+                    eprintln!("note: {note}");
+                }
+                for row in &bad_rows {
+                    eprintln!("mailferry: CSV {row}");
+                }
+                cluster.create_batch(&create.batch, &users).await?;
+                println!(
+                    "batch {}: {} users stored, {} rows refused",
+                    create.batch,
+                    users.len(),
+                    bad_rows.len()
+                );
+                Ok(if bad_rows.is_empty() {
+                    0
+                } else {
+                    Exit::BadRows as u8
+                })
+            }
+            BatchCommand::Start { batch, users } => {
+                let started = cluster.start(batch, users).await?;
+                let mut failed = false;
+                for (user, result) in &started {
+                    match result {
+                        Ok(jobs) => println!("{user}: {jobs} folder jobs queued"),
+                        Err(reason) => {
+                            failed = true;
+                            println!("{user}: FAILED: {reason}");
+                        }
+                    }
+                }
+                Ok(if failed { Exit::FolderFailed as u8 } else { 0 })
+            }
+            BatchCommand::Status { batch } => {
+                for line in cluster.status(batch).await? {
+                    let status = serde_json::to_value(&line.status)?;
+                    let name = status["status"].as_str().unwrap_or("?").to_string();
+                    let detail = status
+                        .get("reason")
+                        .or_else(|| status.get("throttled"))
+                        .and_then(|v| v.as_str())
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default();
+                    let count = |k: &str| line.counters.get(k).copied().unwrap_or(0);
+                    println!(
+                        "{}\t{name}{detail}\tcopied {}\t{}\tskipped {}",
+                        line.user,
+                        count("copied"),
+                        human_bytes(count("copied_bytes") as u64),
+                        count("skipped")
+                    );
+                }
+                Ok(0)
+            }
+        }
+    })
 }
 
 async fn wait_for_signal() {

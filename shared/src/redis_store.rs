@@ -256,3 +256,74 @@ impl RedisStore {
         Ok(users)
     }
 }
+
+impl RedisStore {
+    fn jobs_key(&self, batch: &str, user: &str) -> String {
+        format!("{}:jobs:{batch}:{user}", self.prefix)
+    }
+
+    fn planned_key(&self, batch: &str) -> String {
+        format!("{}:planned:{batch}", self.prefix)
+    }
+
+    /// Records where a job is (the coordinator: queued; the worker: running, done, failed).
+    pub async fn set_job_state(
+        &self,
+        batch: &str,
+        user: &str,
+        job_id: &str,
+        state: &crate::status::JobState,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let json = serde_json::to_string(state).map_err(|e| Error::Store(e.to_string()))?;
+        conn.hset::<_, _, _, ()>(self.jobs_key(batch, user), job_id, json)
+            .await
+            .map_err(|e| store_error("HSET", e))
+    }
+
+    /// Starts a new pass for a user: forgets the previous pass's job states and records
+    /// the new pass's jobs as queued, and the outcome of planning, in one transaction.
+    pub async fn begin_pass(
+        &self,
+        batch: &str,
+        user: &str,
+        job_ids: &[String],
+        plan_error: Option<&str>,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let queued = serde_json::to_string(&crate::status::JobState::Queued)
+            .map_err(|e| Error::Store(e.to_string()))?;
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(self.jobs_key(batch, user));
+        for id in job_ids {
+            pipe.hset(self.jobs_key(batch, user), id, &queued);
+        }
+        pipe.hset(self.planned_key(batch), user, plan_error.unwrap_or(""));
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| store_error("MULTI", e))
+    }
+
+    /// The user's job states of the current pass, and whether (and how) it was planned:
+    /// `None` not yet planned, `Some(None)` planned, `Some(Some(reason))` planning failed.
+    pub async fn pass_state(
+        &self,
+        batch: &str,
+        user: &str,
+    ) -> Result<(Vec<crate::status::JobState>, Option<Option<String>>), Error> {
+        let mut conn = self.conn.clone();
+        let jobs: std::collections::BTreeMap<String, String> = conn
+            .hgetall(self.jobs_key(batch, user))
+            .await
+            .map_err(|e| store_error("HGETALL", e))?;
+        let planned: Option<String> = conn
+            .hget(self.planned_key(batch), user)
+            .await
+            .map_err(|e| store_error("HGET", e))?;
+        let states = jobs
+            .values()
+            .map(|v| serde_json::from_str(v).map_err(|e| Error::Store(format!("job state: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((states, planned.map(|p| (!p.is_empty()).then_some(p))))
+    }
+}

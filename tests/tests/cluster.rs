@@ -4,14 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mailferry_coordinator::planner::{plan_user, PlanRequest};
 use mailferry_shared::amqp_queue::AmqpQueue;
-use mailferry_shared::batch::{BatchRecord, UserRecord};
-use mailferry_shared::endpoint::{AuthMethod, Credentials, Endpoint, Security};
-use mailferry_shared::folders::Rules;
-use mailferry_shared::imap::pool::Pool;
-use mailferry_shared::imap::Limits;
-use mailferry_shared::queue::JobQueue;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::secret::Secret;
@@ -75,11 +68,9 @@ async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
     )
     .unwrap();
     let keys = Keyring::generate("k1").unwrap();
-    let keyring = Keyring::parse(&keys).unwrap();
     let store = RedisStore::connect(&Secret::new("redis://127.0.0.1:6379/0"), &prefix)
         .await
         .unwrap();
-    // Publishing only, as the coordinator does: this connection never takes a job.
     let queue = AmqpQueue::connect(
         &Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
         &prefix,
@@ -87,33 +78,54 @@ async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
     )
     .await
     .unwrap();
-
-    // The batch, as the coordinator will store it: endpoints, logins, sealed secrets.
-    let endpoint = |port| Endpoint::new("127.0.0.1", port, Security::Plain);
-    store
-        .put_batch(
-            "b1",
-            &BatchRecord {
-                source: endpoint(src.port),
-                source_auth: AuthMethod::Password,
-                target: endpoint(dst.port),
-                target_auth: AuthMethod::Password,
-            },
+    let csv = dir.join("users.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "EmailAddress,UserName,Password,TargetUserName,TargetPassword\n\
+             alice@example.com,alice,{CANARY},alice,{CANARY}\n\
+             bob@example.com,bob,bob-secret,bob,bob-secret\n\
+             broken,carol,x,carol,x\n"
+        ),
+    )
+    .unwrap();
+    let admin = |args: &[&str]| {
+        let out = Command::new(mailferry_tests::run::binary())
+            .arg("batch")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("MAILFERRY_SEALING_KEYS", keys.expose())
+            .stdin(Stdio::null())
+            .output()
+            .expect("running mailferry batch");
+        let text = mailferry_tests::run::text(&out);
+        assert!(!text.contains(CANARY), "the password was printed: {text}");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            text,
         )
-        .await
-        .unwrap();
-    for (user, password) in &users {
-        let sealed = keyring
-            .seal(&Secret::new(password.clone()), "b1", user)
-            .unwrap();
-        let record = UserRecord {
-            source_login: user.clone(),
-            source_secret: sealed.clone(),
-            target_login: user.clone(),
-            target_secret: sealed,
-        };
-        store.put_user("b1", user, &record).await.unwrap();
-    }
+    };
+    let src_addr = format!("127.0.0.1:{}", src.port);
+    let dst_addr = format!("127.0.0.1:{}", dst.port);
+    let (code, _, text) = admin(&[
+        "create",
+        "--batch",
+        "b1",
+        "--source",
+        &src_addr,
+        "--source-security",
+        "plain",
+        "--target",
+        &dst_addr,
+        "--target-security",
+        "plain",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(7), "one bad row: {text}");
+    assert!(text.contains("line 4"), "{text}");
 
     let logs = [dir.join("worker1.log"), dir.join("worker2.log")];
     let mut workers: Vec<Worker> = logs
@@ -121,54 +133,37 @@ async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
         .map(|l| Worker(worker(&config, &keys, l)))
         .collect();
 
-    // Plan each user and publish its jobs, as the coordinator will.
-    for (user, password) in &users {
-        let creds = |login: &str| Credentials {
-            login: login.to_string(),
-            secret: Secret::new(password.clone()),
-            method: AuthMethod::Password,
-        };
-        let source = Pool::new(endpoint(src.port), creds(user), Limits::default(), 2);
-        let target = Pool::new(endpoint(dst.port), creds(user), Limits::default(), 2);
-        let plan = plan_user(PlanRequest {
-            batch: "b1",
-            user,
-            pass: 1,
-            source: &source,
-            target: &target,
-            rules: &Rules::default(),
-            store: Some(&store),
-        })
-        .await
-        .unwrap();
-        assert!(plan.jobs.len() > 5);
-        for job in plan.jobs {
-            queue.publish(job).await.unwrap();
-        }
-    }
+    let (code, stdout, text) = admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        stdout.contains("alice@example.com: 12 folder jobs queued"),
+        "{text}"
+    );
 
-    // Done when the workers have recorded every message of both users.
-    let want = (alice.len() + bob.len()) as i64;
+    // Synced for both users, as `batch status` shows it.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let mut copied = 0;
-        for (user, _) in &users {
-            copied += store
-                .progress("b1", user)
-                .await
-                .unwrap()
-                .get("copied")
-                .copied()
-                .unwrap_or(0);
-        }
-        if copied >= want {
+        let (code, stdout, text) = admin(&["status", "--batch", "b1"]);
+        assert_eq!(code, Some(0), "{text}");
+        let synced = stdout
+            .lines()
+            .filter(|l| l.split('\t').nth(1) == Some("synced"))
+            .count();
+        if synced == 2 {
+            assert!(
+                stdout.contains(&format!(
+                    "alice@example.com\tsynced\tcopied {}",
+                    alice.len()
+                )),
+                "{stdout}"
+            );
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "only {copied} of {want} messages copied after 90 s"
+            "not synced after 90 s:\n{stdout}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     mail::assert_same_mail(&Pair::dovecots(&src, &dst, "alice", CANARY), &alice, |p| {
         p.to_string()

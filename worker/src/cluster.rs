@@ -9,6 +9,7 @@ use mailferry_shared::job::{FolderJob, SkippedMessage};
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::settings::Settings;
+use mailferry_shared::status::JobState;
 use mailferry_shared::Error;
 use tokio::sync::watch;
 
@@ -16,22 +17,43 @@ use crate::accounts::RedisAccounts;
 use crate::consumer::{consume, RetryPolicy};
 use crate::{Engine, EngineSettings, JobError, JobReport, ProgressSink};
 
-/// Reports each finished job's counts to Redis (once per job id: a redelivered job's
-/// second report is not counted twice).
+/// Reports job states and each finished job's counts to Redis. Updates go through one
+/// background writer, in order (a job's "running" never lands after its "done"), and
+/// the engine never waits for Redis. Counts are recorded once per job id: a redelivered
+/// job's second report is not counted twice.
 struct RedisProgress {
-    store: RedisStore,
+    updates: tokio::sync::mpsc::UnboundedSender<(FolderJob, Update)>,
 }
 
-impl ProgressSink for RedisProgress {
-    fn job_started(&self, _: &FolderJob, _: u64, _: u64) {}
-    fn copied(&self, _: &FolderJob, _: u64, _: u64) {}
-    fn skipped(&self, job: &FolderJob, m: &SkippedMessage) {
-        tracing::warn!(job = %job.id(), uid = m.uid, size = m.size, reason = %m.reason, "message skipped");
+enum Update {
+    State(JobState),
+    Finished(JobReport),
+}
+
+impl RedisProgress {
+    /// The sink, and the writer's task: it ends, with everything written, once the
+    /// sink is dropped.
+    fn start(store: RedisStore) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(FolderJob, Update)>();
+        let writer = tokio::spawn(async move {
+            while let Some((job, update)) = rx.recv().await {
+                if let Err(e) = write(&store, &job, update).await {
+                    tracing::warn!(job = %job.id(), error = %e, "could not record the job's progress");
+                }
+            }
+        });
+        (RedisProgress { updates: tx }, writer)
     }
-    fn job_finished(&self, job: &FolderJob, report: &JobReport) {
-        let store = self.store.clone();
-        let (job, report) = (job.clone(), report.clone());
-        tokio::spawn(async move {
+
+    fn send(&self, job: &FolderJob, update: Update) {
+        let _ = self.updates.send((job.clone(), update));
+    }
+}
+
+async fn write(store: &RedisStore, job: &FolderJob, update: Update) -> Result<(), Error> {
+    let state = match update {
+        Update::State(state) => state,
+        Update::Finished(report) => {
             let counts = [
                 ("copied", report.copied as i64),
                 ("copied_bytes", report.copied_bytes as i64),
@@ -39,16 +61,45 @@ impl ProgressSink for RedisProgress {
                 ("skipped", report.skipped.len() as i64),
                 ("flags_updated", report.flags_updated as i64),
             ];
-            if let Err(e) = store
+            store
                 .record_progress(&job.batch, &job.user, &job.id(), 1, &counts)
-                .await
-            {
-                tracing::warn!(job = %job.id(), error = %e, "could not record progress");
-            }
-        });
+                .await?;
+            // Not yet a reconciliation of the folders' counts: a job that skipped or
+            // missed messages is reported as not verified.
+            let verified = report.skipped.is_empty() && report.missed == 0;
+            let mismatch = (!verified).then(|| {
+                format!(
+                    "{}: {} skipped, {} missed",
+                    job.source_folder.display(),
+                    report.skipped.len(),
+                    report.missed
+                )
+            });
+            JobState::Done { verified, mismatch }
+        }
+    };
+    store
+        .set_job_state(&job.batch, &job.user, &job.id(), &state)
+        .await
+}
+
+impl ProgressSink for RedisProgress {
+    fn job_started(&self, job: &FolderJob, _: u64, _: u64) {
+        self.send(job, Update::State(JobState::Running));
+    }
+    fn copied(&self, _: &FolderJob, _: u64, _: u64) {}
+    fn skipped(&self, job: &FolderJob, m: &SkippedMessage) {
+        tracing::warn!(job = %job.id(), uid = m.uid, size = m.size, reason = %m.reason, "message skipped");
+    }
+    fn job_finished(&self, job: &FolderJob, report: &JobReport) {
+        self.send(job, Update::Finished(report.clone()));
     }
     fn job_failed(&self, job: &FolderJob, _: &JobError, reason: &str, will_retry: bool) {
         tracing::warn!(job = %job.id(), will_retry, reason, "job failed");
+        if !will_retry {
+            let reason = reason.to_string();
+            self.send(job, Update::State(JobState::Failed { reason }));
+        }
     }
 }
 
@@ -75,10 +126,11 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
         Limits::default(),
         settings.worker.connections_per_account as usize,
     ));
+    let (progress, writer) = RedisProgress::start(store.clone());
     let engine = Arc::new(Engine::new(
-        Arc::new(store.clone()),
+        Arc::new(store),
         accounts,
-        Arc::new(RedisProgress { store }),
+        Arc::new(progress),
         EngineSettings {
             bytes_in_flight: settings.worker.bytes_in_flight.0,
             ..EngineSettings::default()
@@ -87,11 +139,15 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
     tracing::info!(slots = settings.worker.job_slots, "worker consuming");
     consume(
         queue,
-        engine,
+        engine.clone(),
         settings.worker.job_slots as usize,
         RetryPolicy::default(),
         shutdown,
     )
     .await;
+    // The consumers are done; dropping the engine closes the progress channel, and the
+    // writer finishes what is queued before the process exits.
+    drop(engine);
+    let _ = writer.await;
     Ok(())
 }
