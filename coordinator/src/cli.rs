@@ -121,6 +121,23 @@ macro_rules! endpoint_args {
             #[arg(id = concat!($side, "-password-file"), long = concat!($side, "-password-file"), value_name = "PATH")]
             pub password_file: Option<PathBuf>,
         }
+
+        impl<'a> From<&'a $name> for Side<'a> {
+            fn from(a: &'a $name) -> Self {
+                Side {
+                    name: $side,
+                    env: $env,
+                    host: &a.host,
+                    preset: &a.preset,
+                    security: a.security,
+                    ca_file: &a.ca_file,
+                    accept_any: a.accept_any_certificate,
+                    auth: &a.auth,
+                    user: &a.user,
+                    password_file: &a.password_file,
+                }
+            }
+        }
     };
 }
 
@@ -207,40 +224,6 @@ struct Side<'a> {
     auth: &'a str,
     user: &'a Option<String>,
     password_file: &'a Option<PathBuf>,
-}
-
-impl<'a> From<&'a SourceArgs> for Side<'a> {
-    fn from(a: &'a SourceArgs) -> Self {
-        Side {
-            name: "source",
-            env: "MAILFERRY_SOURCE_PASSWORD",
-            host: &a.host,
-            preset: &a.preset,
-            security: a.security,
-            ca_file: &a.ca_file,
-            accept_any: a.accept_any_certificate,
-            auth: &a.auth,
-            user: &a.user,
-            password_file: &a.password_file,
-        }
-    }
-}
-
-impl<'a> From<&'a TargetArgs> for Side<'a> {
-    fn from(a: &'a TargetArgs) -> Self {
-        Side {
-            name: "target",
-            env: "MAILFERRY_TARGET_PASSWORD",
-            host: &a.host,
-            preset: &a.preset,
-            security: a.security,
-            ca_file: &a.ca_file,
-            accept_any: a.accept_any_certificate,
-            auth: &a.auth,
-            user: &a.user,
-            password_file: &a.password_file,
-        }
-    }
 }
 
 impl Side<'_> {

@@ -115,13 +115,23 @@ fn migrate(args: &MigrateArgs) -> anyhow::Result<Exit> {
     Ok(exit_for(&summaries, bad_rows))
 }
 
-fn worker(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
-    let settings =
-        mailferry_shared::settings::Settings::load(args.config.as_deref(), std::env::vars())?;
+/// The settings (file, then environment) and a runtime, for the cluster commands.
+fn cluster_setup(
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<(
+    mailferry_shared::settings::Settings,
+    tokio::runtime::Runtime,
+)> {
+    let settings = mailferry_shared::settings::Settings::load(config, std::env::vars())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    Ok((settings, runtime))
+}
+
+fn worker(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
+    let (settings, runtime) = cluster_setup(args.config.as_deref())?;
     runtime.block_on(async {
         let (stop, shutdown) = watch::channel(false);
         tokio::spawn(async move {
@@ -137,12 +147,7 @@ fn worker(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
 fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
     use mailferry_coordinator::cli::{users_from, BatchCommand};
     use mailferry_coordinator::cluster::Cluster;
-    let settings =
-        mailferry_shared::settings::Settings::load(args.config.as_deref(), std::env::vars())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let (settings, runtime) = cluster_setup(args.config.as_deref())?;
     runtime.block_on(async {
         let cluster = Cluster::connect(settings).await?;
         match &args.command {

@@ -237,11 +237,7 @@ impl AmqpQueue {
     /// Hands a delivery back without acking it (as a worker that dies would): RabbitMQ
     /// redelivers it, counting towards the delivery limit.
     pub async fn abandon(&self, delivery: &Delivery) -> Result<(), Error> {
-        let acker = self
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&delivery.id);
+        let acker = self.take_acker(delivery);
         if let Some(acker) = acker {
             acker
                 .nack(lapin::options::BasicNackOptions {
@@ -254,12 +250,16 @@ impl AmqpQueue {
         Ok(())
     }
 
-    async fn settle(&self, delivery: &Delivery) {
-        let acker = self
-            .open
+    /// The acker of a delivery handed out and not yet settled (once).
+    fn take_acker(&self, delivery: &Delivery) -> Option<Acker> {
+        self.open
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&delivery.id);
+            .remove(&delivery.id)
+    }
+
+    async fn settle(&self, delivery: &Delivery) {
+        let acker = self.take_acker(delivery);
         if let Some(acker) = acker {
             if let Err(e) = acker.ack(BasicAckOptions::default()).await {
                 // The channel died: RabbitMQ will redeliver, and the job is idempotent.

@@ -208,11 +208,11 @@ pub async fn copy_messages(
                     && (group.uids.len() >= group_limit
                         || group.bytes + body.len() as u64 > settings.append_bytes)
                 {
-                    flush(target, folder, &mut group, &mut appends).await?;
+                    flush(target, &mut group, &mut appends).await?;
                 }
                 group.push(uid, &flags, &date, body, folder, permit);
                 if group.uids.len() >= group_limit {
-                    flush(target, folder, &mut group, &mut appends).await?;
+                    flush(target, &mut group, &mut appends).await?;
                 }
                 while appends.len() > settings.append_window {
                     let done = appends.pop_front().expect("non-empty");
@@ -229,11 +229,11 @@ pub async fn copy_messages(
                     outcomes.push((*uid, Outcome::Missed));
                 }
                 // Hand what we have to the target now rather than idling it.
-                flush(target, folder, &mut group, &mut appends).await?;
+                flush(target, &mut group, &mut appends).await?;
             }
         }
     }
-    flush(target, folder, &mut group, &mut appends).await?;
+    flush(target, &mut group, &mut appends).await?;
     while let Some(done) = appends.pop_front() {
         settle(done, folder.uidplus, &mut outcomes, &mut regroup, on_copied).await?;
     }
@@ -333,14 +333,12 @@ impl Group {
 
 async fn flush(
     target: &mut Session,
-    folder: &TargetFolder<'_>,
     group: &mut Group,
     appends: &mut VecDeque<OpenAppend>,
 ) -> Result<(), JobError> {
     let Some(command) = group.command.take() else {
         return Ok(());
     };
-    let _ = folder;
     let handle = target.send(command).await.map_err(JobError::target_side)?;
     let g = std::mem::take(group);
     // The bodies are on the wire: their share of the budget goes back (g.permits drop).
