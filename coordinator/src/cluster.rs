@@ -22,7 +22,7 @@ use crate::planner::{plan_user, PlanRequest};
 pub struct Cluster {
     settings: Settings,
     store: RedisStore,
-    keys: Keyring,
+    keys: std::sync::Arc<Keyring>,
 }
 
 /// One line of `batch status`.
@@ -58,7 +58,7 @@ impl Cluster {
         Ok(Cluster {
             settings,
             store,
-            keys,
+            keys: std::sync::Arc::new(keys),
         })
     }
 
@@ -121,13 +121,7 @@ impl Cluster {
         .await?;
         let accounts = RedisAccounts::new(
             self.store.clone(),
-            Keyring::parse(
-                &self
-                    .settings
-                    .sealing_keys()
-                    .map_err(|e| Error::Config(e.to_string()))?,
-            )
-            .map_err(|e| Error::Config(e.to_string()))?,
+            self.keys.clone(),
             Limits::default(),
             self.settings.worker.connections_per_account as usize,
         );

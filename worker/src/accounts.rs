@@ -60,7 +60,7 @@ impl AccountDirectory for StaticAccounts {
 /// use and kept only inside the pools (as [`Secret`](mailferry_shared::secret::Secret)s).
 pub struct RedisAccounts {
     store: RedisStore,
-    keys: Keyring,
+    keys: Arc<Keyring>,
     limits: Limits,
     connections_per_account: usize,
     cache: Mutex<HashMap<(String, String), UserAccounts>>,
@@ -69,7 +69,7 @@ pub struct RedisAccounts {
 impl RedisAccounts {
     pub fn new(
         store: RedisStore,
-        keys: Keyring,
+        keys: Arc<Keyring>,
         limits: Limits,
         connections_per_account: usize,
     ) -> Self {

@@ -122,7 +122,7 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
     queue.start_consuming(settings.worker.job_slots).await?;
     let accounts = Arc::new(RedisAccounts::new(
         store.clone(),
-        keys,
+        Arc::new(keys),
         Limits::default(),
         settings.worker.connections_per_account as usize,
     ));
