@@ -1,6 +1,8 @@
-//! The cluster path end to end: folder jobs on the real RabbitMQ, sealed credentials and
-//! checkpoints in the real Redis, two `mailferry worker` processes, a Dovecot pair.
+//! The cluster path end to end: `mailferry batch` as the admin runs it, `mailferry
+//! worker` processes, the machine's real RabbitMQ and Redis (unique prefixes), a Dovecot
+//! pair.
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -9,11 +11,11 @@ use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::secret::Secret;
 use mailferry_tests::dovecot::{temp_dir, Dovecot, DovecotConfig};
-use mailferry_tests::mail::{self, corpus, Pair};
+use mailferry_tests::mail::{self, corpus, Pair, TestMessage};
 
 const CANARY: &str = "canary-5f0c9e1d-password";
 
-/// A worker process that is killed if the test ends early.
+/// A worker process, killed if the test ends early.
 struct Worker(Child);
 
 impl Drop for Worker {
@@ -23,79 +25,96 @@ impl Drop for Worker {
     }
 }
 
-fn worker(config: &std::path::Path, keys: &Secret, log: &std::path::Path) -> Child {
-    Command::new(mailferry_tests::run::binary())
-        .arg("worker")
-        .arg("--config")
-        .arg(config)
-        .env("MAILFERRY_SEALING_KEYS", keys.expose())
-        .env("RUST_LOG", "debug")
-        .arg("-v")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("starting a worker")
+struct Rig {
+    src: Dovecot,
+    dst: Dovecot,
+    dir: PathBuf,
+    config: PathBuf,
+    keys: Secret,
+    prefix: String,
+    /// (IMAP login, password, the corpus loaded for it)
+    users: Vec<(String, String, Vec<TestMessage>)>,
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
-    let users = vec![
-        ("alice".to_string(), CANARY.to_string()),
-        ("bob".to_string(), "bob-secret".to_string()),
-    ];
-    let src = Dovecot::start(DovecotConfig {
-        users: users.clone(),
-        ..DovecotConfig::default()
-    });
-    let dst = Dovecot::start(DovecotConfig {
-        users: users.clone(),
-        ..DovecotConfig::default()
-    });
-    let alice = corpus(81, 12);
-    let bob = corpus(82, 6);
-    mail::load(src.port, "alice", CANARY, '/', &alice).await;
-    mail::load(src.port, "bob", "bob-secret", '/', &bob).await;
-
-    let prefix = format!("mft-{:016x}", fastrand::u64(..));
-    let dir = temp_dir("cluster");
-    let config = dir.join("mailferry.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "key_prefix = \"{prefix}\"\n[worker]\njob_slots = 3\nconnections_per_account = 2\n"
-        ),
-    )
-    .unwrap();
-    let keys = Keyring::generate("k1").unwrap();
-    let store = RedisStore::connect(&Secret::new("redis://127.0.0.1:6379/0"), &prefix)
-        .await
+impl Rig {
+    /// Two users (alice's password is the canary) with `per_folder` messages per folder,
+    /// a batch "b1" created through `mailferry batch create`.
+    async fn new(per_folder: usize) -> Rig {
+        let logins = vec![
+            ("alice".to_string(), CANARY.to_string()),
+            ("bob".to_string(), "bob-secret".to_string()),
+        ];
+        let src = Dovecot::start(DovecotConfig {
+            users: logins.clone(),
+            ..DovecotConfig::default()
+        });
+        let dst = Dovecot::start(DovecotConfig {
+            users: logins.clone(),
+            ..DovecotConfig::default()
+        });
+        let mut users = Vec::new();
+        for (i, (login, password)) in logins.into_iter().enumerate() {
+            let messages = corpus(80 + i as u64, per_folder);
+            mail::load(src.port, &login, &password, '/', &messages).await;
+            users.push((login, password, messages));
+        }
+        let prefix = format!("mft-{:016x}", fastrand::u64(..));
+        let dir = temp_dir("cluster");
+        let config = dir.join("mailferry.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "key_prefix = \"{prefix}\"\n[worker]\njob_slots = 3\nconnections_per_account = 2\n"
+            ),
+        )
         .unwrap();
-    let queue = AmqpQueue::connect(
-        &Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
-        &prefix,
-        5,
-    )
-    .await
-    .unwrap();
-    let csv = dir.join("users.csv");
-    std::fs::write(
-        &csv,
-        format!(
-            "EmailAddress,UserName,Password,TargetUserName,TargetPassword\n\
-             alice@example.com,alice,{CANARY},alice,{CANARY}\n\
-             bob@example.com,bob,bob-secret,bob,bob-secret\n\
-             broken,carol,x,carol,x\n"
-        ),
-    )
-    .unwrap();
-    let admin = |args: &[&str]| {
+        let rig = Rig {
+            src,
+            dst,
+            dir,
+            config,
+            keys: Keyring::generate("k1").unwrap(),
+            prefix,
+            users,
+        };
+        let csv = rig.dir.join("users.csv");
+        let mut rows =
+            String::from("EmailAddress,UserName,Password,TargetUserName,TargetPassword\n");
+        for (login, password, _) in &rig.users {
+            rows.push_str(&format!(
+                "{login}@example.com,{login},{password},{login},{password}\n"
+            ));
+        }
+        rows.push_str("broken,carol,x,carol,x\n");
+        std::fs::write(&csv, rows).unwrap();
+        let (code, _, text) = rig.admin(&[
+            "create",
+            "--batch",
+            "b1",
+            "--source",
+            &format!("127.0.0.1:{}", rig.src.port),
+            "--source-security",
+            "plain",
+            "--target",
+            &format!("127.0.0.1:{}", rig.dst.port),
+            "--target-security",
+            "plain",
+            "--csv",
+            csv.to_str().unwrap(),
+        ]);
+        assert_eq!(code, Some(7), "one bad row: {text}");
+        assert!(text.contains("line 4"), "{text}");
+        rig
+    }
+
+    /// Runs `mailferry batch ARGS`; asserts the password shows nowhere in its output.
+    fn admin(&self, args: &[&str]) -> (Option<i32>, String, String) {
         let out = Command::new(mailferry_tests::run::binary())
             .arg("batch")
             .arg("--config")
-            .arg(&config)
+            .arg(&self.config)
             .args(args)
-            .env("MAILFERRY_SEALING_KEYS", keys.expose())
+            .env("MAILFERRY_SEALING_KEYS", self.keys.expose())
             .stdin(Stdio::null())
             .output()
             .expect("running mailferry batch");
@@ -106,119 +125,165 @@ async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             text,
         )
-    };
-    let src_addr = format!("127.0.0.1:{}", src.port);
-    let dst_addr = format!("127.0.0.1:{}", dst.port);
-    let (code, _, text) = admin(&[
-        "create",
-        "--batch",
-        "b1",
-        "--source",
-        &src_addr,
-        "--source-security",
-        "plain",
-        "--target",
-        &dst_addr,
-        "--target-security",
-        "plain",
-        "--csv",
-        csv.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(7), "one bad row: {text}");
-    assert!(text.contains("line 4"), "{text}");
+    }
 
-    let logs = [dir.join("worker1.log"), dir.join("worker2.log")];
-    let mut workers: Vec<Worker> = logs
-        .iter()
-        .map(|l| Worker(worker(&config, &keys, l)))
-        .collect();
+    fn worker(&self, name: &str) -> Worker {
+        let log = self.dir.join(format!("{name}.log"));
+        Worker(
+            Command::new(mailferry_tests::run::binary())
+                .arg("-v")
+                .arg("worker")
+                .arg("--config")
+                .arg(&self.config)
+                .env("MAILFERRY_SEALING_KEYS", self.keys.expose())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .expect("starting a worker"),
+        )
+    }
 
-    let (code, stdout, text) = admin(&["start", "--batch", "b1"]);
+    /// Polls `batch status` until every user is synced.
+    async fn wait_synced(&self, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let (code, stdout, text) = self.admin(&["status", "--batch", "b1"]);
+            assert_eq!(code, Some(0), "{text}");
+            let synced = stdout
+                .lines()
+                .filter(|l| l.split('\t').nth(1) == Some("synced"))
+                .count();
+            if synced == self.users.len() {
+                return stdout;
+            }
+            assert!(Instant::now() < deadline, "not synced in time:\n{stdout}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    async fn assert_target_equals_source(&self) {
+        for (login, password, messages) in &self.users {
+            let pair = Pair::dovecots(&self.src, &self.dst, login, password);
+            mail::assert_same_mail(&pair, messages, |p| p.to_string()).await;
+        }
+    }
+
+    /// The canary password is in no Redis value and no worker log.
+    async fn assert_no_password_at_rest(&self) {
+        let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(!keys.is_empty());
+        for key in &keys {
+            let dump: Vec<u8> = redis::cmd("DUMP")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&dump).contains(CANARY),
+                "{key} holds the password"
+            );
+        }
+        for entry in std::fs::read_dir(&self.dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(
+                    !text.contains(CANARY),
+                    "{} shows the password",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    async fn clean_up(&self) {
+        let redis = Secret::new("redis://127.0.0.1:6379/0");
+        RedisStore::connect(&redis, &self.prefix)
+            .await
+            .unwrap()
+            .delete_all()
+            .await
+            .unwrap();
+        let amqp = Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f");
+        AmqpQueue::connect(&amqp, &self.prefix, 5)
+            .await
+            .unwrap()
+            .delete_queues()
+            .await
+            .unwrap();
+    }
+}
+
+fn stop(worker: &mut Worker) -> std::process::ExitStatus {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(worker.0.id().to_string())
+        .status();
+    worker.0.wait().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
+    let rig = Rig::new(12).await;
+    let mut workers = [rig.worker("worker1"), rig.worker("worker2")];
+    let (code, stdout, text) = rig.admin(&["start", "--batch", "b1"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(
         stdout.contains("alice@example.com: 12 folder jobs queued"),
         "{text}"
     );
 
-    // Synced for both users, as `batch status` shows it.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let (code, stdout, text) = admin(&["status", "--batch", "b1"]);
-        assert_eq!(code, Some(0), "{text}");
-        let synced = stdout
-            .lines()
-            .filter(|l| l.split('\t').nth(1) == Some("synced"))
-            .count();
-        if synced == 2 {
-            assert!(
-                stdout.contains(&format!(
-                    "alice@example.com\tsynced\tcopied {}",
-                    alice.len()
-                )),
-                "{stdout}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not synced after 90 s:\n{stdout}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    mail::assert_same_mail(&Pair::dovecots(&src, &dst, "alice", CANARY), &alice, |p| {
-        p.to_string()
-    })
-    .await;
-    mail::assert_same_mail(
-        &Pair::dovecots(&src, &dst, "bob", "bob-secret"),
-        &bob,
-        |p| p.to_string(),
-    )
-    .await;
+    let status = rig.wait_synced(Duration::from_secs(90)).await;
+    let alice = rig.users[0].2.len();
+    assert!(
+        status.contains(&format!("alice@example.com\tsynced\tcopied {alice}")),
+        "{status}"
+    );
+    rig.assert_target_equals_source().await;
 
     // SIGTERM: each worker stops taking jobs and exits cleanly.
     for w in &mut workers {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(w.0.id().to_string())
-            .status();
-    }
-    for w in &mut workers {
-        let status = w.0.wait().unwrap();
+        let status = stop(w);
         assert!(status.success(), "worker exit: {status:?}");
     }
+    rig.assert_no_password_at_rest().await;
+    rig.clean_up().await;
+}
 
-    // The canary password is in no Redis value and no log line.
-    let mut conn = redis::Client::open("redis://127.0.0.1:6379/0")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys_in_redis: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(!keys_in_redis.is_empty());
-    for key in &keys_in_redis {
-        let dump: Vec<u8> = redis::cmd("DUMP")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(
-            !String::from_utf8_lossy(&dump).contains(CANARY),
-            "{key} holds the password"
-        );
+/// A worker dies with SIGKILL in the middle of folders: RabbitMQ hands its unacked jobs
+/// to the other workers, whose engines resolve the dead worker's in-flight windows.
+/// Nothing is lost and nothing is duplicated.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_folder_loses_and_duplicates_nothing() {
+    let rig = Rig::new(60).await;
+    let mut doomed = rig.worker("doomed");
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    // Let it get into the copy, then kill it without warning.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .arg(doomed.0.id().to_string())
+        .status();
+    let _ = doomed.0.wait();
+    let (_, before, _) = rig.admin(&["status", "--batch", "b1"]);
+    assert!(
+        !before.lines().all(|l| l.contains("\tsynced\t")),
+        "the kill came too late to test anything:\n{before}"
+    );
+
+    let mut survivors = [rig.worker("survivor1"), rig.worker("survivor2")];
+    rig.wait_synced(Duration::from_secs(120)).await;
+    rig.assert_target_equals_source().await;
+    for w in &mut survivors {
+        assert!(stop(w).success());
     }
-    for log in &logs {
-        let text = std::fs::read_to_string(log).unwrap();
-        assert!(
-            !text.contains(CANARY),
-            "{} shows the password",
-            log.display()
-        );
-    }
-    store.delete_all().await.unwrap();
-    queue.delete_queues().await.unwrap();
+    rig.clean_up().await;
 }

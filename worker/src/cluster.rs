@@ -103,6 +103,36 @@ impl ProgressSink for RedisProgress {
     }
 }
 
+/// Connects to RabbitMQ and starts consuming, retrying for about half a minute: the
+/// broker may still be starting, and RabbitMQ 3.10 can answer INTERNAL_ERROR to one of
+/// several workers declaring a new quorum queue at the same moment (seen in the tests).
+async fn consuming_queue(settings: &Settings) -> Result<AmqpQueue, Error> {
+    let mut attempt = 0u32;
+    loop {
+        let result = async {
+            let queue = AmqpQueue::connect(
+                &settings.amqp_url,
+                &settings.key_prefix,
+                settings.queue.delivery_limit,
+            )
+            .await?;
+            queue.start_consuming(settings.worker.job_slots).await?;
+            Ok::<_, Error>(queue)
+        }
+        .await;
+        match result {
+            Ok(queue) => return Ok(queue),
+            Err(e) if attempt < 6 => {
+                attempt += 1;
+                let delay = std::time::Duration::from_millis(250 << attempt);
+                tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "RabbitMQ not ready; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Runs until `shutdown` turns true (then finishes the jobs in progress) or the broker
 /// connection ends.
 pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -111,15 +141,7 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
         .map_err(|e| Error::Config(e.to_string()))
         .and_then(|k| Keyring::parse(&k).map_err(|e| Error::Config(e.to_string())))?;
     let store = RedisStore::connect(&settings.redis_url, &settings.key_prefix).await?;
-    let queue = Arc::new(
-        AmqpQueue::connect(
-            &settings.amqp_url,
-            &settings.key_prefix,
-            settings.queue.delivery_limit,
-        )
-        .await?,
-    );
-    queue.start_consuming(settings.worker.job_slots).await?;
+    let queue = Arc::new(consuming_queue(settings).await?);
     let accounts = Arc::new(RedisAccounts::new(
         store.clone(),
         Arc::new(keys),
