@@ -13,7 +13,7 @@ use mailferry_shared::folders::{
 };
 use mailferry_shared::imap::mailbox::FolderStatus;
 use mailferry_shared::imap::pool::Pool;
-use mailferry_shared::job::{FolderJob, WireName};
+use mailferry_shared::job::{FolderJob, SourceState, WireName};
 use mailferry_shared::store::StateStore;
 use mailferry_shared::{Error as SharedError, Side};
 
@@ -229,14 +229,13 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
                                 // never copied: a job unless the folder is empty (it exists at the target already)
                                 None => st.messages > 0,
                                 Some(cp) => {
-                                    let up_to_date = cp.in_flight.is_none()
-                                        && cp.source_uidvalidity == st.uidvalidity
-                                        && Some(cp.target_uidvalidity) == target_validity
-                                        && cp.source_uidnext == st.uidnext
-                                        && cp.source_messages == st.messages
-                                        && st.highestmodseq.is_some()
-                                        && cp.source_modseq == st.highestmodseq;
-                                    !up_to_date
+                                    let now = SourceState {
+                                        uidvalidity: st.uidvalidity,
+                                        uidnext: st.uidnext,
+                                        messages: st.messages,
+                                        highestmodseq: st.highestmodseq,
+                                    };
+                                    !cp.is_current(&now, target_validity)
                                 }
                             }
                         }

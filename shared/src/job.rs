@@ -185,9 +185,99 @@ pub struct Checkpoint {
     pub in_flight: Option<InFlight>,
 }
 
+/// What the source says about a folder now, to compare with its checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceState {
+    pub uidvalidity: u32,
+    pub uidnext: u32,
+    pub messages: u32,
+    pub highestmodseq: Option<u64>,
+}
+
+impl Checkpoint {
+    /// True when nothing can have changed since the last complete pass: same
+    /// UIDVALIDITYs, UIDNEXT, message count and HIGHESTMODSEQ (without CONDSTORE a flag
+    /// change is invisible to STATUS, so the folder is never taken as unchanged), and
+    /// nothing left open (no in-flight window, no missed message to ask for again).
+    pub fn is_current(&self, source: &SourceState, target_uidvalidity: Option<u32>) -> bool {
+        self.in_flight.is_none()
+            && self.missed.is_empty()
+            && self.source_uidvalidity == source.uidvalidity
+            && Some(self.target_uidvalidity) == target_uidvalidity
+            && self.source_uidnext == source.uidnext
+            && self.source_messages == source.messages
+            && source.highestmodseq.is_some()
+            && self.source_modseq == source.highestmodseq
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_is_current_only_when_nothing_is_open_or_changed() {
+        let cp = Checkpoint {
+            source_uidvalidity: 1,
+            target_uidvalidity: 2,
+            source_uidnext: 10,
+            source_messages: 9,
+            source_modseq: Some(77),
+            ..Checkpoint::default()
+        };
+        let now = SourceState {
+            uidvalidity: 1,
+            uidnext: 10,
+            messages: 9,
+            highestmodseq: Some(77),
+        };
+        assert!(cp.is_current(&now, Some(2)));
+        assert!(
+            !cp.is_current(
+                &SourceState {
+                    highestmodseq: Some(78),
+                    ..now
+                },
+                Some(2)
+            ),
+            "a flag changed"
+        );
+        assert!(
+            !cp.is_current(&SourceState { messages: 8, ..now }, Some(2)),
+            "an expunge"
+        );
+        assert!(
+            !cp.is_current(
+                &SourceState {
+                    highestmodseq: None,
+                    ..now
+                },
+                Some(2)
+            ),
+            "no CONDSTORE"
+        );
+        assert!(!cp.is_current(&now, Some(3)), "target folder recreated");
+        assert!(!cp.is_current(&now, None), "target folder gone");
+        let missed = Checkpoint {
+            missed: vec![4],
+            ..cp.clone()
+        };
+        assert!(
+            !missed.is_current(&now, Some(2)),
+            "a missed message must be asked for again"
+        );
+        let open = Checkpoint {
+            in_flight: Some(InFlight {
+                source_uids: vec![9],
+                target_uidnext: 5,
+            }),
+            ..cp
+        };
+        assert!(
+            !open.is_current(&now, Some(2)),
+            "an open window must be resolved"
+        );
+    }
 
     #[test]
     fn uid_map_compresses_runs_and_answers_lookups() {

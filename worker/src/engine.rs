@@ -20,7 +20,7 @@ use std::sync::Arc;
 use mailferry_shared::imap::client::{Command, Session};
 use mailferry_shared::imap::mailbox::MailboxInfo;
 use mailferry_shared::imap::uidset;
-use mailferry_shared::job::{Checkpoint, FolderJob, InFlight, SkippedMessage};
+use mailferry_shared::job::{Checkpoint, FolderJob, InFlight, SkippedMessage, SourceState};
 use mailferry_shared::store::StateStore;
 use mailferry_shared::{failpoint, Error as SharedError};
 
@@ -149,13 +149,13 @@ impl<S: StateStore> Engine<S> {
             ..JobReport::default()
         };
 
-        if incremental
-            && cp.in_flight.is_none()
-            && src.uidnext == cp.source_uidnext
-            && src.exists == cp.source_messages
-            && src.highestmodseq.is_some()
-            && src.highestmodseq == cp.source_modseq
-        {
+        let now = SourceState {
+            uidvalidity: src.uidvalidity,
+            uidnext: src.uidnext,
+            messages: src.exists,
+            highestmodseq: src.highestmodseq,
+        };
+        if incremental && cp.is_current(&now, Some(dst.uidvalidity)) {
             report.unchanged = true;
             self.progress.job_started(job, 0, 0);
             self.progress.job_finished(job, &report);
