@@ -532,7 +532,9 @@ pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
     )?;
 
     let mut engine = EngineSettings {
-        max_message_size: args.max_message_size,
+        max_message_size: args
+            .max_message_size
+            .or(EngineSettings::default().max_message_size),
         bytes_in_flight: args.memory,
         ..EngineSettings::default()
     };

@@ -307,7 +307,8 @@ async fn a_message_too_large_is_skipped_with_its_reason_and_the_rest_is_copied()
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("skipped: INBOX UID") && stdout.contains("larger than the target accepts"),
+        stdout.contains("skipped: INBOX UID")
+            && stdout.contains("larger than the configured maximum"),
         "{stdout}"
     );
     assert!(stdout.contains("skipped: Sent UID"), "{stdout}");

@@ -36,7 +36,8 @@ pub struct EngineSettings {
     /// Messages per in-flight window, i.e. between two checkpoints.
     pub chunk_messages: usize,
     pub copy: CopySettings,
-    /// Messages larger than this are skipped (besides the target's APPENDLIMIT).
+    /// Messages larger than this are skipped (besides the target's APPENDLIMIT). Keep it
+    /// at or below the connections' literal limit, or such a message fails its folder.
     pub max_message_size: Option<u64>,
     /// Bytes of message bodies in memory at once, across all jobs of the process.
     pub bytes_in_flight: u64,
@@ -53,7 +54,7 @@ impl Default for EngineSettings {
                 append_bytes: 8 << 20,
                 append_window: 32,
             },
-            max_message_size: None,
+            max_message_size: Some(mailferry_shared::imap::Limits::default().max_literal),
             bytes_in_flight: 48 << 20,
         }
     }
@@ -199,13 +200,16 @@ impl<S: StateStore> Engine<S> {
         }
 
         // What to copy: not handled before, not at the target already, not too large.
-        let limit = [
-            self.settings.max_message_size,
+        // The tighter of the target's APPENDLIMIT and our own maximum, with its name.
+        let limit = match (
             target.capabilities().append_limit(),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+            self.settings.max_message_size,
+        ) {
+            (Some(a), Some(m)) if a <= m => Some((a, "the target's APPENDLIMIT")),
+            (Some(a), None) => Some((a, "the target's APPENDLIMIT")),
+            (_, Some(m)) => Some((m, "the configured maximum")),
+            (None, None) => None,
+        };
         let skipped_before: HashSet<u32> = cp.skipped.iter().map(|s| s.uid).collect();
         let missed_before: HashSet<u32> = std::mem::take(&mut cp.missed).into_iter().collect();
         let mut to_copy: Vec<Meta> = Vec::new();
@@ -214,15 +218,12 @@ impl<S: StateStore> Engine<S> {
             if !pending || cp.uid_map.get(m.uid).is_some() || skipped_before.contains(&m.uid) {
                 continue;
             }
-            if let Some(limit) = limit.filter(|l| m.size > *l) {
+            if let Some((limit, which)) = limit.filter(|(l, _)| m.size > *l) {
                 let skipped = SkippedMessage {
                     uid: m.uid,
                     size: m.size,
                     internal_date: m.internal_date.clone(),
-                    reason: format!(
-                        "larger than the target accepts ({} > {limit} bytes)",
-                        m.size
-                    ),
+                    reason: format!("larger than {which} ({} > {limit} bytes)", m.size),
                 };
                 self.progress.skipped(job, &skipped);
                 report.skipped.push(skipped.clone());
