@@ -185,8 +185,8 @@ pub struct MigrateArgs {
     /// Folder jobs running at the same time (across all users).
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub jobs: usize,
-    /// Message bytes held in memory at once, across all jobs (e.g. 48M).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "48M")]
+    /// Message bytes held in memory at once, across all jobs (e.g. 32M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "32M")]
     pub memory: u64,
     /// Messages per source FETCH (tuning; larger batches mean fewer round trips).
     #[arg(long, value_name = "N", default_value_t = 250)]

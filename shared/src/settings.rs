@@ -146,7 +146,7 @@ impl Default for WorkerSettings {
             job_slots: 8,
             connections_per_account: 4,
             connections_per_host: 200,
-            bytes_in_flight: ByteSize(48 << 20),
+            bytes_in_flight: ByteSize(32 << 20),
             shutdown_grace_secs: 60,
         }
     }

@@ -55,7 +55,7 @@ impl Default for EngineSettings {
                 append_window: 32,
             },
             max_message_size: Some(mailferry_shared::imap::Limits::default().max_literal),
-            bytes_in_flight: 48 << 20,
+            bytes_in_flight: 32 << 20,
         }
     }
 }
