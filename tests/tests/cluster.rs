@@ -128,6 +128,10 @@ impl Rig {
     }
 
     fn worker(&self, name: &str) -> Worker {
+        self.worker_with(name, &[])
+    }
+
+    fn worker_with(&self, name: &str, env: &[(&str, &str)]) -> Worker {
         let log = self.dir.join(format!("{name}.log"));
         Worker(
             Command::new(mailferry_tests::run::binary())
@@ -135,6 +139,7 @@ impl Rig {
                 .arg("worker")
                 .arg("--config")
                 .arg(&self.config)
+                .envs(env.iter().copied())
                 .env("MAILFERRY_SEALING_KEYS", self.keys.expose())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -257,26 +262,28 @@ async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
     rig.clean_up().await;
 }
 
-/// A worker dies with SIGKILL in the middle of folders: RabbitMQ hands its unacked jobs
-/// to the other workers, whose engines resolve the dead worker's in-flight windows.
-/// Nothing is lost and nothing is duplicated.
+/// A worker dies abruptly in the middle of a folder (the engine's failpoint aborts the
+/// process right after its 5th APPEND completes, before the checkpoint: no cleanup, no
+/// acks, as with SIGKILL). RabbitMQ hands its unacked jobs to the other workers, whose
+/// engines resolve the dead worker's in-flight window. Nothing is lost or duplicated.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_folder_loses_and_duplicates_nothing() {
     let rig = Rig::new(60).await;
-    let mut doomed = rig.worker("doomed");
+    let mut doomed = rig.worker_with("doomed", &[("MAILFERRY_FAILPOINT", "after-append:5")]);
     let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
     assert_eq!(code, Some(0), "{text}");
-    // Let it get into the copy, then kill it without warning.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let _ = Command::new("kill")
-        .arg("-KILL")
-        .arg(doomed.0.id().to_string())
-        .status();
-    let _ = doomed.0.wait();
+    let status = tokio::task::spawn_blocking(move || doomed.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        None,
+        "the worker should have died by its failpoint: {status:?}"
+    );
     let (_, before, _) = rig.admin(&["status", "--batch", "b1"]);
     assert!(
         !before.lines().all(|l| l.contains("\tsynced\t")),
-        "the kill came too late to test anything:\n{before}"
+        "nothing left to take over:\n{before}"
     );
 
     let mut survivors = [rig.worker("survivor1"), rig.worker("survivor2")];
