@@ -59,7 +59,14 @@ impl AmqpQueue {
     /// Connects and declares the queues (idempotently). Publishing works at once; call
     /// [`start_consuming`](Self::start_consuming) to take jobs.
     pub async fn connect(url: &Secret, prefix: &str, delivery_limit: u32) -> Result<Self, Error> {
-        let connection = Connection::connect(url.expose(), ConnectionProperties::default())
+        // Named, so an operator (or a test) can find this process's connection in
+        // `rabbitmqctl list_connections client_properties`.
+        let properties = ConnectionProperties::default().with_connection_name(
+            format!("mailferry-{prefix}-{}", std::process::id())
+                .as_str()
+                .into(),
+        );
+        let connection = Connection::connect(url.expose(), properties)
             .await
             .map_err(|e| queue_error("connect", e))?;
         let jobs = format!("{prefix}.jobs");
@@ -292,10 +299,15 @@ impl JobQueue for AmqpQueue {
             return None;
         };
         loop {
-            let message = match consumer.next().await? {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::error!(error = %e, "RabbitMQ consumer failed");
+            let message = match consumer.next().await {
+                Some(Ok(m)) => m,
+                failed => {
+                    if let Some(Err(e)) = failed {
+                        tracing::error!(error = %e, "RabbitMQ consumer failed");
+                    }
+                    // A failed consumer never yields again: drop it, so every caller
+                    // waiting here sees the end (and the worker reconnects).
+                    *guard = None;
                     return None;
                 }
             };

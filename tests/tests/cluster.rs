@@ -294,3 +294,63 @@ async fn a_worker_killed_mid_folder_loses_and_duplicates_nothing() {
     }
     rig.clean_up().await;
 }
+
+/// RabbitMQ closes a worker's connection (`rabbitmqctl close_connection`, which touches
+/// that one connection only): the worker reconnects by itself and then does the work.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_reconnects_when_the_broker_drops_its_connection() {
+    let rig = Rig::new(4).await;
+    let mut worker = rig.worker("reconnecting");
+    let name = format!("mailferry-{}-{}", rig.prefix, worker.0.id());
+    let rabbitmqctl = |args: &[&str]| {
+        let out = Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl (from rabbitmq-server) is needed for this test");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let find = || {
+        rabbitmqctl(&["list_connections", "-q", "pid", "client_properties"])
+            .lines()
+            .find(|l| l.contains(&name))
+            .and_then(|l| l.split('\t').next())
+            .map(str::to_string)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(pid) = find() {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker's connection {name} never showed up"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    rabbitmqctl(&[
+        "close_connection",
+        &pid,
+        "test: dropping the worker's connection",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while find().as_deref() == Some(pid.as_str()) {
+        assert!(Instant::now() < deadline, "the connection was not closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        worker.0.try_wait().unwrap().is_none(),
+        "the worker exited instead of reconnecting"
+    );
+
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_synced(Duration::from_secs(60)).await;
+    rig.assert_target_equals_source().await;
+    let log = std::fs::read_to_string(rig.dir.join("reconnecting.log")).unwrap();
+    assert!(
+        log.contains("lost the RabbitMQ connection; reconnecting"),
+        "{log}"
+    );
+    assert!(stop(&mut worker).success());
+    rig.clean_up().await;
+}

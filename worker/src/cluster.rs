@@ -141,7 +141,6 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
         .map_err(|e| Error::Config(e.to_string()))
         .and_then(|k| Keyring::parse(&k).map_err(|e| Error::Config(e.to_string())))?;
     let store = RedisStore::connect(&settings.redis_url, &settings.key_prefix).await?;
-    let queue = Arc::new(consuming_queue(settings).await?);
     let accounts = Arc::new(RedisAccounts::new(
         store.clone(),
         Arc::new(keys),
@@ -158,18 +157,30 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
             ..EngineSettings::default()
         },
     ));
-    tracing::info!(slots = settings.worker.job_slots, "worker consuming");
-    consume(
-        queue,
-        engine.clone(),
-        settings.worker.job_slots as usize,
-        RetryPolicy::default(),
-        shutdown,
-    )
-    .await;
+    let result = loop {
+        let queue = match consuming_queue(settings).await {
+            Ok(q) => Arc::new(q),
+            Err(e) => break Err(e),
+        };
+        tracing::info!(slots = settings.worker.job_slots, "worker consuming");
+        consume(
+            queue,
+            engine.clone(),
+            settings.worker.job_slots as usize,
+            RetryPolicy::default(),
+            shutdown.clone(),
+        )
+        .await;
+        if *shutdown.borrow() {
+            break Ok(());
+        }
+        // The consumer ended without a shutdown: the broker connection is gone. Jobs in
+        // progress could not be acked and will be redelivered (they are idempotent).
+        tracing::warn!("lost the RabbitMQ connection; reconnecting");
+    };
     // The consumers are done; dropping the engine closes the progress channel, and the
     // writer finishes what is queued before the process exits.
     drop(engine);
     let _ = writer.await;
-    Ok(())
+    result
 }
