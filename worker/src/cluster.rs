@@ -133,8 +133,8 @@ async fn consuming_queue(settings: &Settings) -> Result<AmqpQueue, Error> {
     }
 }
 
-/// Runs until `shutdown` turns true (then finishes the jobs in progress) or the broker
-/// connection ends.
+/// Runs until `shutdown` turns true, then finishes the jobs in progress. A lost broker
+/// connection is re-established; it is an error only if RabbitMQ stays unreachable.
 pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
     let keys = settings
         .sealing_keys()
