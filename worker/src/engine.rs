@@ -27,7 +27,7 @@ use mailferry_shared::{failpoint, Error as SharedError};
 use crate::accounts::AccountDirectory;
 use crate::copy::{copy_messages, ByteBudget, CopySettings, Outcome, TargetFolder};
 use crate::error::JobError;
-use crate::message::{flag_key, parse_fetch, Meta};
+use crate::message::{flag_key, uid_fetch, uid_range, Meta};
 use crate::progress::{JobReport, ProgressSink};
 use crate::recover;
 
@@ -451,25 +451,11 @@ async fn open_or_create(target: &mut Session, wire_name: &[u8]) -> Result<Mailbo
 
 /// `UID FETCH lo:hi (UID RFC822.SIZE FLAGS INTERNALDATE)`, sorted by UID.
 async fn fetch_metas(session: &mut Session, lo: u32, hi: u32) -> Result<Vec<Meta>, SharedError> {
-    let hi_text = if hi == u32::MAX {
-        "*".to_string()
-    } else {
-        hi.to_string()
-    };
-    let command = Command::new("UID FETCH").raw(format!(
-        " {lo}:{hi_text} (UID RFC822.SIZE FLAGS INTERNALDATE)"
-    ));
-    let mut handle = session.send(command).await?;
-    let mut metas = Vec::new();
-    while let Some(r) = handle.next().await {
-        if let Some(meta) = parse_fetch(&r).and_then(|f| f.meta()) {
-            // "n:*" returns the last message even when its UID is below n.
-            if (lo..=hi).contains(&meta.uid) {
-                metas.push(meta);
-            }
-        }
-    }
-    handle.ok().await?;
+    let items = "(UID RFC822.SIZE FLAGS INTERNALDATE)";
+    let mut metas = uid_fetch(session, &uid_range(lo, hi), items, |f| {
+        f.meta().filter(|m| (lo..=hi).contains(&m.uid))
+    })
+    .await?;
     metas.sort_unstable_by_key(|m| m.uid);
     metas.dedup_by_key(|m| m.uid);
     Ok(metas)
@@ -481,43 +467,19 @@ async fn changed_flags(
     hi: u32,
     since: u64,
 ) -> Result<Vec<(u32, Vec<String>)>, SharedError> {
-    let hi_text = if hi == u32::MAX {
-        "*".to_string()
-    } else {
-        hi.to_string()
-    };
-    let command = Command::new("UID FETCH").raw(format!(
-        " {lo}:{hi_text} (UID FLAGS) (CHANGEDSINCE {since})"
-    ));
-    let mut handle = session.send(command).await?;
-    let mut out = Vec::new();
-    while let Some(r) = handle.next().await {
-        if let Some(f) = parse_fetch(&r) {
-            if let (Some(uid), Some(flags)) = (f.uid, f.flags) {
-                if (lo..=hi).contains(&uid) {
-                    out.push((uid, flags));
-                }
-            }
+    let items = format!("(UID FLAGS) (CHANGEDSINCE {since})");
+    uid_fetch(session, &uid_range(lo, hi), &items, |f| {
+        match (f.uid, f.flags) {
+            (Some(uid), Some(flags)) if (lo..=hi).contains(&uid) => Some((uid, flags)),
+            _ => None,
         }
-    }
-    handle.ok().await?;
-    Ok(out)
+    })
+    .await
 }
 
 async fn target_flags(session: &mut Session) -> Result<HashMap<u32, Vec<String>>, SharedError> {
-    let mut handle = session
-        .send(Command::new("UID FETCH").raw(" 1:* (UID FLAGS)"))
-        .await?;
-    let mut out = HashMap::new();
-    while let Some(r) = handle.next().await {
-        if let Some(f) = parse_fetch(&r) {
-            if let (Some(uid), Some(flags)) = (f.uid, f.flags) {
-                out.insert(uid, flags);
-            }
-        }
-    }
-    handle.ok().await?;
-    Ok(out)
+    let flags = uid_fetch(session, "1:*", "(UID FLAGS)", |f| f.uid.zip(f.flags)).await?;
+    Ok(flags.into_iter().collect())
 }
 
 /// Sets flags with one `UID STORE` per distinct flag set, pipelined.
@@ -546,20 +508,11 @@ async fn store_flags(
 
 /// `(uid, size)` of the messages at or above `bound`, by UID.
 async fn arrived_since(session: &mut Session, bound: u32) -> Result<Vec<(u32, u64)>, SharedError> {
-    let command = Command::new("UID FETCH").raw(format!(" {}:* (UID RFC822.SIZE)", bound.max(1)));
-    let mut handle = session.send(command).await?;
-    let mut out = Vec::new();
-    while let Some(r) = handle.next().await {
-        if let Some(f) = parse_fetch(&r) {
-            // "n:*" also returns the highest message when it is below n
-            if let (Some(uid), Some(size)) = (f.uid, f.size) {
-                if uid >= bound {
-                    out.push((uid, size));
-                }
-            }
-        }
-    }
-    handle.ok().await?;
+    let set = uid_range(bound.max(1), u32::MAX);
+    let mut out = uid_fetch(session, &set, "(UID RFC822.SIZE)", |f| {
+        f.uid.zip(f.size).filter(|(uid, _)| *uid >= bound)
+    })
+    .await?;
     out.sort_unstable();
     Ok(out)
 }

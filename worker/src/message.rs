@@ -2,7 +2,7 @@
 //! to recognise a message already at the target without a marker header.
 
 use bytes::Bytes;
-use mailferry_shared::imap::client::fetch_item;
+use mailferry_shared::imap::client::{fetch_item, Command, Session};
 use mailferry_shared::imap::parse::{Response, Value};
 use sha2::{Digest, Sha256};
 
@@ -63,6 +63,38 @@ impl Fetched {
     }
 }
 
+/// `lo:hi` as a UID set, `*` standing for an open end (`hi == u32::MAX`).
+pub fn uid_range(lo: u32, hi: u32) -> String {
+    if hi == u32::MAX {
+        format!("{lo}:*")
+    } else {
+        format!("{lo}:{hi}")
+    }
+}
+
+/// Runs `UID FETCH <set> <items>` and keeps what `pick` makes of each FETCH response,
+/// in arrival order. Responses are consumed as they stream in, so only the picks are
+/// held. Note that `n:*` also returns the highest message when its UID is below `n`:
+/// `pick` filters by UID where that matters.
+pub async fn uid_fetch<T>(
+    session: &mut Session,
+    set: &str,
+    items: &str,
+    mut pick: impl FnMut(Fetched) -> Option<T>,
+) -> Result<Vec<T>, mailferry_shared::Error> {
+    let mut handle = session
+        .send(Command::new("UID FETCH").raw(format!(" {set} {items}")))
+        .await?;
+    let mut out = Vec::new();
+    while let Some(r) = handle.next().await {
+        if let Some(picked) = parse_fetch(&r).and_then(&mut pick) {
+            out.push(picked);
+        }
+    }
+    handle.ok().await?;
+    Ok(out)
+}
+
 /// SHA-256 of the bytes without CR, so a target that turns bare LF into CRLF when it
 /// stores a message still matches its source.
 pub fn content_hash(bytes: &[u8]) -> [u8; 32] {
@@ -108,6 +140,12 @@ mod tests {
     fn content_hash_ignores_carriage_returns_only() {
         assert_eq!(content_hash(b"a\r\nb\r\n"), content_hash(b"a\nb\n"));
         assert_ne!(content_hash(b"a\nb\n"), content_hash(b"a\nc\n"));
+    }
+
+    #[test]
+    fn uid_ranges_use_star_for_an_open_end() {
+        assert_eq!(uid_range(5, u32::MAX), "5:*");
+        assert_eq!(uid_range(1, 500), "1:500");
     }
 
     #[test]

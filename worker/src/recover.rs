@@ -13,12 +13,12 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use mailferry_shared::date::internal_date_epoch;
-use mailferry_shared::imap::client::{Command, Session};
+use mailferry_shared::imap::client::Session;
 use mailferry_shared::imap::uidset;
 use mailferry_shared::job::{InFlight, UidMap};
 
 use crate::error::JobError;
-use crate::message::{content_hash, header_section, parse_fetch};
+use crate::message::{content_hash, header_section, uid_fetch, uid_range};
 
 /// Pairs `(source uid, target uid)` for in-flight messages that did reach the target.
 pub async fn resolve_window(
@@ -32,23 +32,17 @@ pub async fn resolve_window(
     }
     let mapped: HashSet<u32> = uid_map.iter().map(|(_, d)| d).collect();
     // Target side: everything at or above the recorded UIDNEXT not already accounted for.
-    let command = Command::new("UID FETCH").raw(format!(
-        " {}:* (UID BODY.PEEK[])",
-        window.target_uidnext.max(1)
-    ));
-    let mut candidates: Vec<(u32, [u8; 32])> = Vec::new();
-    let mut handle = target.send(command).await.map_err(JobError::target_side)?;
-    while let Some(r) = handle.next().await {
-        if let Some(f) = parse_fetch(&r) {
-            if let (Some(uid), Some(body)) = (f.uid, f.body) {
-                // "n:*" also returns the highest message when it is below n.
-                if uid >= window.target_uidnext && !mapped.contains(&uid) {
-                    candidates.push((uid, content_hash(&body)));
-                }
+    let set = uid_range(window.target_uidnext.max(1), u32::MAX);
+    let mut candidates = uid_fetch(target, &set, "(UID BODY.PEEK[])", |f| {
+        match (f.uid, f.body) {
+            (Some(uid), Some(body)) if uid >= window.target_uidnext && !mapped.contains(&uid) => {
+                Some((uid, content_hash(&body)))
             }
+            _ => None,
         }
-    }
-    handle.ok().await.map_err(JobError::target_side)?;
+    })
+    .await
+    .map_err(JobError::target_side)?;
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
@@ -58,20 +52,12 @@ pub async fn resolve_window(
         by_hash.entry(hash).or_default().push_back(uid);
     }
 
-    let command = Command::new("UID FETCH").raw(format!(
-        " {} (UID BODY.PEEK[])",
-        uidset::format(&window.source_uids)
-    ));
-    let mut source_hashes: Vec<(u32, [u8; 32])> = Vec::new();
-    let mut handle = source.send(command).await.map_err(JobError::source_side)?;
-    while let Some(r) = handle.next().await {
-        if let Some(f) = parse_fetch(&r) {
-            if let (Some(uid), Some(body)) = (f.uid, f.body) {
-                source_hashes.push((uid, content_hash(&body)));
-            }
-        }
-    }
-    handle.ok().await.map_err(JobError::source_side)?;
+    let set = uidset::format(&window.source_uids);
+    let mut source_hashes = uid_fetch(source, &set, "(UID BODY.PEEK[])", |f| {
+        Some((f.uid?, content_hash(&f.body?)))
+    })
+    .await
+    .map_err(JobError::source_side)?;
     source_hashes.sort_unstable_by_key(|s| s.0);
 
     let mut pairs = Vec::new();
@@ -88,25 +74,17 @@ type Identity = (Option<i64>, [u8; 32]);
 
 async fn identities(
     session: &mut Session,
-    uid_set: &str,
-    lo: u32,
-    hi: u32,
+    (lo, hi): (u32, u32),
 ) -> Result<Vec<(u32, Identity)>, mailferry_shared::Error> {
-    let command =
-        Command::new("UID FETCH").raw(format!(" {uid_set} (UID INTERNALDATE BODY.PEEK[HEADER])"));
-    let mut out = Vec::new();
-    let mut handle = session.send(command).await?;
-    while let Some(r) = handle.next().await {
-        if let Some(f) = parse_fetch(&r) {
-            if let (Some(uid), Some(header)) = (f.uid, f.header) {
-                if (lo..=hi).contains(&uid) {
-                    let date = f.internal_date.as_deref().and_then(internal_date_epoch);
-                    out.push((uid, (date, content_hash(header_section(&header)))));
-                }
-            }
-        }
-    }
-    handle.ok().await?;
+    let items = "(UID INTERNALDATE BODY.PEEK[HEADER])";
+    let mut out = uid_fetch(session, &uid_range(lo, hi), items, |f| {
+        let (uid, header) = (f.uid?, f.header?);
+        let date = f.internal_date.as_deref().and_then(internal_date_epoch);
+        (lo..=hi)
+            .contains(&uid)
+            .then(|| (uid, (date, content_hash(header_section(&header)))))
+    })
+    .await?;
     out.sort_unstable_by_key(|x| x.0);
     Ok(out)
 }
@@ -120,7 +98,7 @@ pub async fn reconcile(
     (lo, hi): (u32, u32),
 ) -> Result<Vec<(u32, u32)>, JobError> {
     let mapped_targets: HashSet<u32> = uid_map.iter().map(|(_, d)| d).collect();
-    let target_ids = identities(target, "1:*", 1, u32::MAX)
+    let target_ids = identities(target, (1, u32::MAX))
         .await
         .map_err(JobError::target_side)?;
     let mut by_identity: HashMap<Identity, VecDeque<u32>> = HashMap::new();
@@ -132,12 +110,7 @@ pub async fn reconcile(
     if by_identity.is_empty() {
         return Ok(Vec::new());
     }
-    let hi_text = if hi == u32::MAX {
-        "*".to_string()
-    } else {
-        hi.to_string()
-    };
-    let source_ids = identities(source, &format!("{lo}:{hi_text}"), lo, hi)
+    let source_ids = identities(source, (lo, hi))
         .await
         .map_err(JobError::source_side)?;
     let mut pairs = Vec::new();
