@@ -38,7 +38,13 @@ pub enum Command {
     /// Run a cluster worker: take folder jobs from RabbitMQ, credentials and checkpoints
     /// from Redis. SIGTERM finishes the jobs in progress and exits.
     Worker(WorkerArgs),
-    /// Cluster batches: create one from endpoints and a CSV, start it, show its status.
+    /// Run the cluster coordinator: plans users into folder jobs, re-syncs them on the
+    /// schedule, rolls their progress up. Run two or more for availability: one
+    /// schedules (it holds the leader lease in Redis), the others stand by.
+    Coordinator(WorkerArgs),
+    /// Cluster batches: create one from endpoints and a CSV; start, stop, sync now or
+    /// close its users; show their status. Needs Redis only: a running coordinator acts
+    /// on what these commands record.
     Batch(BatchArgs),
 }
 
@@ -55,20 +61,66 @@ pub struct BatchArgs {
 pub enum BatchCommand {
     /// Store a batch: endpoints, users, their secrets sealed. Bad CSV rows are reported.
     Create(Box<BatchCreateArgs>),
-    /// Plan every user (or those named) and queue their folder jobs for the workers.
-    Start {
-        /// The batch.
+    /// Start every user (or those named): the coordinator plans and queues their
+    /// folder jobs, then re-syncs them on the batch's schedule.
+    Start(UserSelection),
+    /// Stop users: no more passes, and their jobs in progress stop within seconds.
+    Stop(UserSelection),
+    /// Sync started users now instead of at their next scheduled time.
+    SyncNow(UserSelection),
+    /// Close users: one final pass, then the schedule ends and their stored
+    /// credentials are deleted (status Completed).
+    Close(UserSelection),
+    /// Set the time between passes of the batch's synced users.
+    SetInterval {
         #[arg(long)]
         batch: String,
-        /// Only this user (repeatable).
-        #[arg(long = "user", value_name = "ID")]
-        users: Vec<String>,
+        /// Seconds, or with a unit: 90s, 30m, 6h, 1d.
+        #[arg(long, value_name = "DURATION")]
+        every: String,
     },
-    /// Each user's status and counts.
+    /// Each user's status and counts, and the batch's totals.
     Status {
         #[arg(long)]
         batch: String,
     },
+}
+
+/// Which users of a batch a command is for.
+#[derive(Debug, Args)]
+pub struct UserSelection {
+    /// The batch.
+    #[arg(long)]
+    pub batch: String,
+    /// Only this user (repeatable); without it, every user of the batch.
+    #[arg(long = "user", value_name = "ID")]
+    pub users: Vec<String>,
+}
+
+/// `90`, `90s`, `30m`, `6h`, `1d` as seconds.
+pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_lowercase()),
+        _ => (text, 's'),
+    };
+    let factor = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?}: use a number of seconds, or s, m, h or d"
+            ))
+        }
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(factor))
+        .ok_or_else(|| format!("{text:?} is not a duration (like 90s, 30m, 6h or 1d)"))
 }
 
 #[derive(Debug, Args)]
@@ -578,6 +630,16 @@ mod tests {
     fn the_command_line_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert_eq!(parse_duration_secs("30m"), Ok(1800));
+        assert_eq!(parse_duration_secs("6h"), Ok(21_600));
+        assert_eq!(parse_duration_secs("1D"), Ok(86_400));
+        assert!(parse_duration_secs("6w").is_err());
+        assert!(parse_duration_secs("h").is_err());
     }
 
     #[test]

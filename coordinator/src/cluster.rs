@@ -1,23 +1,20 @@
-//! The coordinator's side of the cluster mode: storing a batch (endpoints, users,
-//! sealed secrets), starting a pass (plan each user, publish its folder jobs), and the
-//! per-user status rolled up from what the workers record.
+//! The admin's side of the cluster mode: storing a batch (endpoints, users, sealed
+//! secrets), recording what the admin asks for (start, stop, sync now, close, the
+//! interval), and each user's status rolled up from what the coordinator and the
+//! workers record. Only Redis is needed: the coordinator process ([`crate::scheduler`])
+//! acts on these records.
 
 use std::collections::BTreeMap;
 
-use mailferry_shared::amqp_queue::AmqpQueue;
 use mailferry_shared::batch::{BatchRecord, UserRecord};
-use mailferry_shared::folders::Rules;
-use mailferry_shared::imap::Limits;
-use mailferry_shared::queue::JobQueue;
+use mailferry_shared::control::PassRecord;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
-use mailferry_shared::settings::Settings;
-use mailferry_shared::status::{roll_up, Intent, UserStatus, UserView};
+use mailferry_shared::settings::{Settings, MIN_SYNC_INTERVAL_SECS};
+use mailferry_shared::status::{roll_up, Intent, JobState, UserStatus, UserView};
 use mailferry_shared::Error;
-use mailferry_worker::accounts::{AccountDirectory, RedisAccounts};
 
 use crate::embedded::UserSpec;
-use crate::planner::{plan_user, PlanRequest};
 
 pub struct Cluster {
     settings: Settings,
@@ -25,15 +22,56 @@ pub struct Cluster {
     keys: std::sync::Arc<Keyring>,
 }
 
-/// One line of `batch status`.
+/// What the admin asks of users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Start,
+    Stop,
+    SyncNow,
+    Close,
+}
+
+/// One user's line of `batch status`.
 #[derive(Debug, Clone)]
 pub struct UserLine {
     pub user: String,
     pub status: UserStatus,
     pub counters: BTreeMap<String, i64>,
+    pub pass: PassRecord,
+    /// Folder jobs of the current pass: finished, and all.
+    pub jobs_done: usize,
+    pub jobs: usize,
+    /// When the next pass is due (ms since the epoch), if scheduled.
+    pub next_due_ms: Option<u64>,
 }
 
-fn valid_batch_name(name: &str) -> Result<(), Error> {
+/// A batch's totals.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchSummary {
+    pub users_by_status: BTreeMap<&'static str, usize>,
+    pub copied: i64,
+    pub copied_bytes: i64,
+    pub skipped: i64,
+    pub failed_users: usize,
+}
+
+/// Totals over users' lines (pure, so the API can serve the same numbers).
+pub fn summarize(lines: &[UserLine]) -> BatchSummary {
+    let mut sum = BatchSummary::default();
+    for line in lines {
+        *sum.users_by_status.entry(line.status.name()).or_default() += 1;
+        let count = |k: &str| line.counters.get(k).copied().unwrap_or(0);
+        sum.copied += count("copied");
+        sum.copied_bytes += count("copied_bytes");
+        sum.skipped += count("skipped");
+        if matches!(line.status, UserStatus::Failed { .. }) {
+            sum.failed_users += 1;
+        }
+    }
+    sum
+}
+
+pub fn valid_batch_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -62,17 +100,21 @@ impl Cluster {
         })
     }
 
-    /// Stores the batch and its users; secrets are sealed for their batch and user.
+    /// Stores the batch and its users (secrets sealed for their batch and user). Users
+    /// arrive not started. Creating a batch again updates endpoints and credentials and
+    /// adds users; what the admin asked of existing users stays.
     pub async fn create_batch(&self, batch: &str, users: &[UserSpec]) -> Result<(), Error> {
         valid_batch_name(batch)?;
         let first = users
             .first()
             .ok_or_else(|| Error::Config("a batch needs at least one user".into()))?;
+        let previous = self.store.batch(batch).await?;
         let record = BatchRecord {
             source: first.source.clone(),
             source_auth: first.source_credentials.method.clone(),
             target: first.target.clone(),
             target_auth: first.target_credentials.method.clone(),
+            sync_interval_secs: previous.and_then(|b| b.sync_interval_secs),
         };
         self.store.put_batch(batch, &record).await?;
         for u in users {
@@ -89,109 +131,146 @@ impl Cluster {
             };
             self.store.put_user(batch, &u.id, &user).await?;
         }
-        Ok(())
+        let ids: Vec<String> = users.iter().map(|u| u.id.clone()).collect();
+        self.store.import_users(batch, &ids).await
     }
 
-    /// Plans every (or every named) user of the batch and publishes its folder jobs.
-    /// Returns, per user, the number of jobs published or why planning failed.
-    pub async fn start(
-        &self,
-        batch: &str,
-        only: &[String],
-    ) -> Result<Vec<(String, Result<usize, String>)>, Error> {
-        if self.store.batch(batch).await?.is_none() {
-            return Err(Error::Config(format!("no batch named {batch:?}")));
-        }
+    async fn batch_record(&self, batch: &str) -> Result<BatchRecord, Error> {
+        self.store
+            .batch(batch)
+            .await?
+            .ok_or_else(|| Error::Config(format!("no batch named {batch:?}")))
+    }
+
+    /// The named users (all of the batch's when `only` is empty); an unknown name is
+    /// an error and nothing is done.
+    async fn select(&self, batch: &str, only: &[String]) -> Result<Vec<String>, Error> {
+        self.batch_record(batch).await?;
         let mut users = self.store.users(batch).await?;
         if !only.is_empty() {
-            for name in only {
-                if !users.contains(name) {
-                    return Err(Error::Config(format!(
-                        "batch {batch:?} has no user {name:?}"
-                    )));
-                }
+            if let Some(unknown) = only.iter().find(|name| !users.contains(name)) {
+                return Err(Error::Config(format!(
+                    "batch {batch:?} has no user {unknown:?}"
+                )));
             }
             users.retain(|u| only.contains(u));
         }
-        let queue = AmqpQueue::connect(
-            &self.settings.amqp_url,
-            &self.settings.key_prefix,
-            self.settings.queue.delivery_limit,
-        )
-        .await?;
-        let accounts = RedisAccounts::new(
-            self.store.clone(),
-            self.keys.clone(),
-            Limits::default(),
-            self.settings.worker.connections_per_account as usize,
-        );
-        let pass = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let mut out = Vec::new();
-        for user in users {
-            let planned = async {
-                let pools = accounts
-                    .accounts(batch, &user)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                plan_user(PlanRequest {
-                    batch,
-                    user: &user,
-                    pass,
-                    source: &pools.source,
-                    target: &pools.target,
-                    rules: &Rules::default(),
-                    store: Some(&self.store),
-                })
-                .await
-                .map_err(|e| e.to_string())
-            }
-            .await;
-            match planned {
-                Ok(plan) => {
-                    let ids: Vec<String> = plan.jobs.iter().map(|j| j.id()).collect();
-                    // Recorded before publishing, so a fast worker's "running" is never
-                    // overwritten by "queued".
-                    self.store.begin_pass(batch, &user, &ids, None).await?;
-                    for job in plan.jobs {
-                        queue.publish(job).await?;
-                    }
-                    out.push((user, Ok(ids.len())));
-                }
-                Err(reason) => {
-                    self.store
-                        .begin_pass(batch, &user, &[], Some(&reason))
-                        .await?;
-                    out.push((user, Err(reason)));
-                }
-            }
-        }
-        Ok(out)
+        Ok(users)
     }
 
-    pub async fn status(&self, batch: &str) -> Result<Vec<UserLine>, Error> {
-        if self.store.batch(batch).await?.is_none() {
-            return Err(Error::Config(format!("no batch named {batch:?}")));
+    /// Records the admin's request. Returns the users it applied to, and those it did
+    /// not with the reason (a closed user cannot be started again; only started users
+    /// can be synced now or closed).
+    pub async fn act(
+        &self,
+        batch: &str,
+        only: &[String],
+        action: Action,
+    ) -> Result<(Vec<String>, Vec<(String, String)>), Error> {
+        let users = self.select(batch, only).await?;
+        let intents = self.store.intents(batch).await?;
+        let mut applied = Vec::new();
+        let mut refused = Vec::new();
+        for user in users {
+            let now = intents.get(&user).copied().unwrap_or(Intent::Idle);
+            let verdict = match (action, now) {
+                (_, Intent::Closed) => Err("closed already (its credentials are deleted)"),
+                (Action::Start, _) => Ok(()),
+                (Action::Stop, Intent::Idle) => Err("not started"),
+                (Action::Stop, _) => Ok(()),
+                (Action::SyncNow | Action::Close, Intent::Active | Intent::Closing) => Ok(()),
+                (Action::SyncNow | Action::Close, Intent::Stopped) => {
+                    Err("stopped (start it again first)")
+                }
+                (Action::SyncNow | Action::Close, Intent::Idle) => Err("not started"),
+            };
+            match verdict {
+                Ok(()) => applied.push(user),
+                Err(why) => refused.push((user, why.to_string())),
+            }
         }
+        match action {
+            Action::Start => {
+                self.store
+                    .set_intent(batch, &applied, Intent::Active, true)
+                    .await?
+            }
+            Action::Stop => {
+                self.store
+                    .set_intent(batch, &applied, Intent::Stopped, false)
+                    .await?
+            }
+            Action::Close => {
+                self.store
+                    .set_intent(batch, &applied, Intent::Closing, true)
+                    .await?
+            }
+            Action::SyncNow => {
+                let now = mailferry_shared::control::now_ms();
+                for user in &applied {
+                    self.store.schedule(batch, user, now).await?;
+                }
+            }
+        }
+        Ok((applied, refused))
+    }
+
+    pub async fn set_interval(&self, batch: &str, secs: u64) -> Result<(), Error> {
+        if secs < MIN_SYNC_INTERVAL_SECS {
+            return Err(Error::Config(format!(
+                "the interval must be at least {MIN_SYNC_INTERVAL_SECS} seconds"
+            )));
+        }
+        let mut record = self.batch_record(batch).await?;
+        record.sync_interval_secs = Some(secs);
+        self.store.put_batch(batch, &record).await
+    }
+
+    /// The interval between passes of `batch`'s users.
+    pub fn interval_of(&self, record: &BatchRecord) -> u64 {
+        record
+            .sync_interval_secs
+            .unwrap_or(self.settings.coordinator.sync_interval_secs)
+    }
+
+    pub async fn status(&self, batch: &str) -> Result<(Vec<UserLine>, u64), Error> {
+        let record = self.batch_record(batch).await?;
+        let intents = self.store.intents(batch).await?;
+        let passes = self.store.pass_records(batch).await?;
+        let due = self.store.due_times(batch).await?;
         let mut out = Vec::new();
         for user in self.store.users(batch).await? {
-            let (jobs, planned) = self.store.pass_state(batch, &user).await?;
-            let plan_error = planned.clone().flatten();
-            let status = roll_up(&UserView {
-                intent: Intent::Active,
-                planned: planned.is_some(),
-                plan_error: plan_error.as_deref(),
-                jobs: &jobs,
-            });
+            let pass = passes.get(&user).cloned().unwrap_or_default();
+            let jobs: Vec<JobState> = self
+                .store
+                .job_states(batch, &user)
+                .await?
+                .into_iter()
+                .map(|(_, s)| s)
+                .collect();
+            let intent = intents.get(&user).copied().unwrap_or(Intent::Idle);
+            let status = user_status(intent, &pass, &jobs);
             let counters = self.store.progress(batch, &user).await?;
             out.push(UserLine {
+                jobs_done: jobs.iter().filter(|j| !j.is_open()).count(),
+                jobs: jobs.len(),
+                next_due_ms: due.get(&user).copied(),
                 user,
                 status,
                 counters,
+                pass,
             });
         }
-        Ok(out)
+        Ok((out, self.interval_of(&record)))
     }
+}
+
+/// A user's status from the admin's intent, the pass record and the pass's jobs.
+pub fn user_status(intent: Intent, pass: &PassRecord, jobs: &[JobState]) -> UserStatus {
+    roll_up(&UserView {
+        intent,
+        planned: pass.pass > 0,
+        plan_error: pass.plan_error.as_deref(),
+        jobs,
+    })
 }

@@ -12,6 +12,7 @@ use mailferry_shared::imap::Limits;
 use mailferry_shared::queue::{JobQueue, MemoryQueue};
 use mailferry_shared::store::DirStore;
 use mailferry_worker::accounts::{StaticAccounts, UserAccounts};
+use mailferry_worker::claims::Unclaimed;
 use mailferry_worker::consumer::{consume, RetryPolicy};
 use mailferry_worker::{Engine, EngineSettings};
 use tokio::sync::{watch, Semaphore};
@@ -123,6 +124,7 @@ pub async fn run(
     let consumers = tokio::spawn(consume(
         queue.clone(),
         engine,
+        Arc::new(Unclaimed),
         opts.job_slots,
         opts.retry,
         shutdown.clone(),

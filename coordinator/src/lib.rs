@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod embedded;
 pub mod planner;
 pub mod report;
+pub mod scheduler;

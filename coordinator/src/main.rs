@@ -28,6 +28,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Coordinator(args) => match coordinator(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mailferry coordinator: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Worker(args) => match worker(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -44,7 +51,10 @@ fn init_logging(verbose: u8) {
         1 => tracing::Level::DEBUG,
         _ => tracing::Level::TRACE,
     };
+    // Colours only for a person at a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
+        .with_ansi(ansi)
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -144,9 +154,24 @@ fn worker(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn coordinator(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
+    let (settings, runtime) = cluster_setup(args.config.as_deref())?;
+    runtime.block_on(async {
+        let (stop, shutdown) = watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("stopping: plans in progress finish, the leader lease is released");
+            let _ = stop.send(true);
+        });
+        mailferry_coordinator::scheduler::run(settings, shutdown).await
+    })?;
+    Ok(())
+}
+
 fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
-    use mailferry_coordinator::cli::{users_from, BatchCommand};
-    use mailferry_coordinator::cluster::Cluster;
+    use mailferry_coordinator::cli::{parse_duration_secs, users_from, BatchCommand};
+    use mailferry_coordinator::cluster::{summarize, Action, Cluster};
+    use mailferry_shared::status::UserStatus;
     let (settings, runtime) = cluster_setup(args.config.as_deref())?;
     runtime.block_on(async {
         let cluster = Cluster::connect(settings).await?;
@@ -176,39 +201,79 @@ fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
                     Exit::BadRows as u8
                 })
             }
-            BatchCommand::Start { batch, users } => {
-                let started = cluster.start(batch, users).await?;
-                let mut failed = false;
-                for (user, result) in &started {
-                    match result {
-                        Ok(jobs) => println!("{user}: {jobs} folder jobs queued"),
-                        Err(reason) => {
-                            failed = true;
-                            println!("{user}: FAILED: {reason}");
-                        }
-                    }
+            BatchCommand::Start(sel)
+            | BatchCommand::Stop(sel)
+            | BatchCommand::SyncNow(sel)
+            | BatchCommand::Close(sel) => {
+                let (action, verb) = match &args.command {
+                    BatchCommand::Start(_) => (Action::Start, "started"),
+                    BatchCommand::Stop(_) => (Action::Stop, "stopped"),
+                    BatchCommand::SyncNow(_) => (Action::SyncNow, "to sync now"),
+                    _ => (Action::Close, "closing (final pass, then credentials deleted)"),
+                };
+                let (applied, refused) = cluster.act(&sel.batch, &sel.users, action).await?;
+                for user in &applied {
+                    println!("{user}: {verb}");
                 }
-                Ok(if failed { Exit::FolderFailed as u8 } else { 0 })
+                for (user, why) in &refused {
+                    println!("{user}: not {verb}: {why}");
+                }
+                Ok(if refused.is_empty() { 0 } else { Exit::Usage as u8 })
+            }
+            BatchCommand::SetInterval { batch, every } => {
+                let secs = parse_duration_secs(every).map_err(anyhow::Error::msg)?;
+                cluster.set_interval(batch, secs).await?;
+                println!("batch {batch}: synced users are synced again every {secs} s");
+                Ok(0)
             }
             BatchCommand::Status { batch } => {
-                for line in cluster.status(batch).await? {
-                    let status = serde_json::to_value(&line.status)?;
-                    let name = status["status"].as_str().unwrap_or("?").to_string();
-                    let detail = status
-                        .get("reason")
-                        .or_else(|| status.get("throttled"))
-                        .and_then(|v| v.as_str())
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default();
+                let (lines, interval) = cluster.status(batch).await?;
+                let now = mailferry_shared::control::now_ms();
+                for line in &lines {
+                    let detail = match &line.status {
+                        UserStatus::Failed { reason } => format!(" ({reason})"),
+                        UserStatus::Syncing {
+                            throttled: Some(why),
+                        } => format!(" (throttled: {why})"),
+                        _ => String::new(),
+                    };
                     let count = |k: &str| line.counters.get(k).copied().unwrap_or(0);
+                    let ago = |ms: Option<u64>| match ms {
+                        Some(t) => format!("{} s ago", now.saturating_sub(t) / 1000),
+                        None => "never".into(),
+                    };
+                    let next = match line.next_due_ms {
+                        Some(t) if t > now => format!("in {} s", (t - now) / 1000),
+                        Some(_) => "now".into(),
+                        None => "-".into(),
+                    };
                     println!(
-                        "{}\t{name}{detail}\tcopied {}\t{}\tskipped {}",
+                        "{}\t{}{detail}\tcopied {}\t{}\tskipped {}\tjobs {}/{}\tpass {}\tlast synced {}\tnext {next}",
                         line.user,
+                        line.status.name(),
                         count("copied"),
                         human_bytes(count("copied_bytes") as u64),
-                        count("skipped")
+                        count("skipped"),
+                        line.jobs_done,
+                        line.jobs,
+                        line.pass.pass,
+                        ago(line.pass.synced_ms),
                     );
                 }
+                let sum = summarize(&lines);
+                let by_status: Vec<String> = sum
+                    .users_by_status
+                    .iter()
+                    .map(|(s, n)| format!("{n} {s}"))
+                    .collect();
+                println!(
+                    "batch {batch}: {} users ({}); copied {} messages, {}; skipped {}; every {interval} s",
+                    lines.len(),
+                    by_status.join(", "),
+                    sum.copied,
+                    human_bytes(sum.copied_bytes as u64),
+                    sum.skipped
+                );
                 Ok(0)
             }
         }

@@ -367,6 +367,20 @@ impl JobQueue for AmqpQueue {
         }
     }
 
+    async fn requeue(&self, delivery: Delivery, delay: Duration) {
+        tokio::time::sleep(delay).await;
+        let jobs = self.jobs.clone();
+        match self
+            .publish_to(&jobs, &delivery.job, attempt_headers(delivery.attempt))
+            .await
+        {
+            Ok(()) => self.settle(&delivery).await,
+            Err(e) => {
+                tracing::error!(job = %delivery.job.id(), error = %e, "could not requeue; RabbitMQ will redeliver")
+            }
+        }
+    }
+
     async fn dead_letter(&self, delivery: &Delivery, reason: String) {
         let mut headers = attempt_headers(delivery.attempt);
         headers.insert(

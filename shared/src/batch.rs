@@ -12,6 +12,9 @@ pub struct BatchRecord {
     pub source_auth: AuthMethod,
     pub target: Endpoint,
     pub target_auth: AuthMethod,
+    /// Time between passes of a synced user; `None`: the installation's default.
+    #[serde(default)]
+    pub sync_interval_secs: Option<u64>,
 }
 
 /// One user of a batch. The secrets are sealed for this batch and user

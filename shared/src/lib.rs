@@ -4,6 +4,7 @@
 
 pub mod amqp_queue;
 pub mod batch;
+pub mod control;
 pub mod date;
 pub mod endpoint;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod failpoint;
 pub mod folders;
 pub mod imap;
 pub mod job;
+pub mod lease;
 pub mod mutf7;
 pub mod queue;
 pub mod redis_store;

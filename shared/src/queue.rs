@@ -27,8 +27,11 @@ pub trait JobQueue: Send + Sync + 'static {
     fn next(&self) -> impl Future<Output = Option<Delivery>> + Send;
     /// The job's work is at the target and its checkpoint written.
     fn ack(&self, delivery: &Delivery) -> impl Future<Output = ()> + Send;
-    /// Hands the job back to run again after `delay`.
+    /// Hands the job back to run again after `delay`, as its next attempt.
     fn retry(&self, delivery: Delivery, delay: Duration) -> impl Future<Output = ()> + Send;
+    /// Hands the job back after `delay` without counting an attempt: it did not fail,
+    /// it could not run here (its folder was busy, or this worker lost its claim).
+    fn requeue(&self, delivery: Delivery, delay: Duration) -> impl Future<Output = ()> + Send;
     /// Gives up on the job; `reason` is kept for the admin.
     fn dead_letter(&self, delivery: &Delivery, reason: String) -> impl Future<Output = ()> + Send;
 }
@@ -118,6 +121,12 @@ impl JobQueue for MemoryQueue {
             ..delivery
         };
         self.lock().ready.push_back(again);
+        self.changed.notify_waiters();
+    }
+
+    async fn requeue(&self, delivery: Delivery, delay: Duration) {
+        tokio::time::sleep(delay).await;
+        self.lock().ready.push_back(delivery);
         self.changed.notify_waiters();
     }
 

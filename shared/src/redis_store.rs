@@ -12,8 +12,8 @@ use crate::store::StateStore;
 
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
-    prefix: String,
+    pub(crate) conn: ConnectionManager,
+    pub(crate) prefix: String,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -24,7 +24,7 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-fn store_error(what: &str, e: redis::RedisError) -> Error {
+pub(crate) fn store_error(what: &str, e: redis::RedisError) -> Error {
     Error::Store(format!("redis {what}: {e}"))
 }
 
@@ -118,48 +118,12 @@ impl StateStore for RedisStore {
     }
 }
 
-/// Adds a batch of progress counts for one job, once: each batch carries a sequence
-/// number, and a batch at or below the job's last applied number (a replay after a
-/// lost reply or a redelivered job) changes nothing. One round trip per batch of
-/// messages, never one per message.
-const RECORD_PROGRESS: &str = r"
-local last = tonumber(redis.call('HGET', KEYS[1], 'seq:' .. ARGV[1]) or '0')
-if tonumber(ARGV[2]) <= last then return 0 end
-redis.call('HSET', KEYS[1], 'seq:' .. ARGV[1], ARGV[2])
-for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1
-";
-
 impl RedisStore {
-    fn progress_key(&self, batch: &str, user: &str) -> String {
+    pub(crate) fn progress_key(&self, batch: &str, user: &str) -> String {
         format!("{}:progress:{batch}:{user}", self.prefix)
     }
 
-    /// Applies `counts` (`copied`, `copied_bytes`, `skipped`, ...) for `job_id`'s batch
-    /// number `seq` (starting at 1). Returns whether it was applied (false: a replay).
-    pub async fn record_progress(
-        &self,
-        batch: &str,
-        user: &str,
-        job_id: &str,
-        seq: u64,
-        counts: &[(&str, i64)],
-    ) -> Result<bool, Error> {
-        let mut conn = self.conn.clone();
-        let script = redis::Script::new(RECORD_PROGRESS);
-        let mut invocation = script.key(self.progress_key(batch, user));
-        invocation.arg(job_id).arg(seq);
-        for (field, delta) in counts {
-            invocation.arg(*field).arg(*delta);
-        }
-        let applied: i64 = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| store_error("progress script", e))?;
-        Ok(applied == 1)
-    }
-
-    /// The user's counters (sequence bookkeeping left out).
+    /// The user's counters, summed over all passes.
     pub async fn progress(
         &self,
         batch: &str,
@@ -170,10 +134,7 @@ impl RedisStore {
             .hgetall(self.progress_key(batch, user))
             .await
             .map_err(|e| store_error("HGETALL", e))?;
-        Ok(all
-            .into_iter()
-            .filter(|(k, _)| !k.starts_with("seq:"))
-            .collect())
+        Ok(all)
     }
 }
 
@@ -182,7 +143,7 @@ impl RedisStore {
         format!("{}:batch:{batch}", self.prefix)
     }
 
-    fn user_key(&self, batch: &str, user: &str) -> String {
+    pub(crate) fn user_key(&self, batch: &str, user: &str) -> String {
         format!("{}:user:{batch}:{user}", self.prefix)
     }
 
@@ -211,9 +172,13 @@ impl RedisStore {
     ) -> Result<(), Error> {
         let mut conn = self.conn.clone();
         let json = serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))?;
-        conn.set::<_, _, ()>(self.batch_key(batch), json)
+        redis::pipe()
+            .atomic()
+            .set(self.batch_key(batch), json)
+            .sadd(self.batches_key(), batch)
+            .query_async::<()>(&mut conn)
             .await
-            .map_err(|e| store_error("SET", e))
+            .map_err(|e| store_error("MULTI", e))
     }
 
     pub async fn batch(&self, batch: &str) -> Result<Option<crate::batch::BatchRecord>, Error> {
@@ -258,72 +223,7 @@ impl RedisStore {
 }
 
 impl RedisStore {
-    fn jobs_key(&self, batch: &str, user: &str) -> String {
+    pub(crate) fn jobs_key(&self, batch: &str, user: &str) -> String {
         format!("{}:jobs:{batch}:{user}", self.prefix)
-    }
-
-    fn planned_key(&self, batch: &str) -> String {
-        format!("{}:planned:{batch}", self.prefix)
-    }
-
-    /// Records where a job is (the coordinator: queued; the worker: running, done, failed).
-    pub async fn set_job_state(
-        &self,
-        batch: &str,
-        user: &str,
-        job_id: &str,
-        state: &crate::status::JobState,
-    ) -> Result<(), Error> {
-        let mut conn = self.conn.clone();
-        let json = serde_json::to_string(state).map_err(|e| Error::Store(e.to_string()))?;
-        conn.hset::<_, _, _, ()>(self.jobs_key(batch, user), job_id, json)
-            .await
-            .map_err(|e| store_error("HSET", e))
-    }
-
-    /// Starts a new pass for a user: forgets the previous pass's job states and records
-    /// the new pass's jobs as queued, and the outcome of planning, in one transaction.
-    pub async fn begin_pass(
-        &self,
-        batch: &str,
-        user: &str,
-        job_ids: &[String],
-        plan_error: Option<&str>,
-    ) -> Result<(), Error> {
-        let mut conn = self.conn.clone();
-        let queued = serde_json::to_string(&crate::status::JobState::Queued)
-            .map_err(|e| Error::Store(e.to_string()))?;
-        let mut pipe = redis::pipe();
-        pipe.atomic().del(self.jobs_key(batch, user));
-        for id in job_ids {
-            pipe.hset(self.jobs_key(batch, user), id, &queued);
-        }
-        pipe.hset(self.planned_key(batch), user, plan_error.unwrap_or(""));
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| store_error("MULTI", e))
-    }
-
-    /// The user's job states of the current pass, and whether (and how) it was planned:
-    /// `None` not yet planned, `Some(None)` planned, `Some(Some(reason))` planning failed.
-    pub async fn pass_state(
-        &self,
-        batch: &str,
-        user: &str,
-    ) -> Result<(Vec<crate::status::JobState>, Option<Option<String>>), Error> {
-        let mut conn = self.conn.clone();
-        let jobs: std::collections::BTreeMap<String, String> = conn
-            .hgetall(self.jobs_key(batch, user))
-            .await
-            .map_err(|e| store_error("HGETALL", e))?;
-        let planned: Option<String> = conn
-            .hget(self.planned_key(batch), user)
-            .await
-            .map_err(|e| store_error("HGET", e))?;
-        let states = jobs
-            .values()
-            .map(|v| serde_json::from_str(v).map_err(|e| Error::Store(format!("job state: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((states, planned.map(|p| (!p.is_empty()).then_some(p))))
     }
 }

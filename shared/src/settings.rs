@@ -68,7 +68,11 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The shortest time between passes (per installation or per batch). Short intervals
+/// are for tests and demonstrations; a production batch syncs every few hours.
+pub const MIN_SYNC_INTERVAL_SECS: u64 = 5;
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// RabbitMQ, e.g. `amqp://user:pass@rabbitmq:5672/%2f` (a secret: it may hold a password).
@@ -83,7 +87,7 @@ pub struct Settings {
     pub sealing: SealingSettings,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSettings {
     /// Folder jobs at once (= the consumer prefetch).
@@ -96,9 +100,13 @@ pub struct WorkerSettings {
     pub bytes_in_flight: ByteSize,
     /// Time a job in progress gets to finish after SIGTERM before it is handed back.
     pub shutdown_grace_secs: u64,
+    /// Time to live of a job's claim on its target folder; renewed every third of it.
+    /// A worker that cannot renew (paused, cut off from Redis) stops writing before it
+    /// lapses, and another worker may take the folder over once it has.
+    pub claim_secs: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorSettings {
     /// Default time between passes of a synced user (per batch it can differ).
@@ -108,16 +116,22 @@ pub struct CoordinatorSettings {
     pub max_job_bytes: ByteSize,
     /// Jobs of one user queued or running at once (fairness between users).
     pub max_jobs_per_user: u32,
+    /// Time to live of the active coordinator's lease: a standby takes over this long
+    /// after the active one stops renewing it.
+    pub leader_lease_secs: u64,
+    /// A pass still open after this long is checked again: jobs still queued are
+    /// published again (a lost publish, a crash between planning and publishing).
+    pub recheck_secs: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueSettings {
     /// Deliveries of one job before RabbitMQ dead-letters it (a poison job).
     pub delivery_limit: u32,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SealingSettings {
     /// A file with the sealing keys (`id:base64` per line, newest last), e.g. a mounted
@@ -148,6 +162,7 @@ impl Default for WorkerSettings {
             connections_per_host: 200,
             bytes_in_flight: ByteSize(32 << 20),
             shutdown_grace_secs: 60,
+            claim_secs: 30,
         }
     }
 }
@@ -159,6 +174,8 @@ impl Default for CoordinatorSettings {
             max_job_messages: 10_000,
             max_job_bytes: ByteSize(1 << 30),
             max_jobs_per_user: 4,
+            leader_lease_secs: 15,
+            recheck_secs: 900,
         }
     }
 }
@@ -243,8 +260,17 @@ impl Settings {
         if self.worker.bytes_in_flight.0 < 8 << 20 {
             return invalid("worker.bytes_in_flight", "must be at least 8M");
         }
-        if self.coordinator.sync_interval_secs < 60 {
-            return invalid("coordinator.sync_interval_secs", "must be at least 60");
+        if self.coordinator.sync_interval_secs < MIN_SYNC_INTERVAL_SECS {
+            return invalid("coordinator.sync_interval_secs", "must be at least 5");
+        }
+        if self.worker.claim_secs < 3 {
+            return invalid("worker.claim_secs", "must be at least 3");
+        }
+        if self.coordinator.leader_lease_secs < 3 {
+            return invalid("coordinator.leader_lease_secs", "must be at least 3");
+        }
+        if self.coordinator.recheck_secs < 10 {
+            return invalid("coordinator.recheck_secs", "must be at least 10");
         }
         if self.coordinator.max_job_messages == 0 || self.coordinator.max_jobs_per_user == 0 {
             return invalid(

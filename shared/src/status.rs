@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Intent {
+    /// Imported, not started yet.
+    Idle,
     /// Migrate, and keep re-syncing on the schedule.
     Active,
     /// The admin pressed Stop.
@@ -22,6 +24,10 @@ pub enum Intent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 pub enum JobState {
+    /// Planned, held back by the per-user limit of jobs in flight (fairness): published
+    /// once one of the user's other jobs ends.
+    Waiting,
+    /// Published to the queue.
     Queued,
     Running,
     /// Waiting for the server's suggested backoff.
@@ -42,6 +48,8 @@ pub enum JobState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum UserStatus {
+    /// Imported; the admin has not started it.
+    NotStarted,
     /// Accepted; the folders are being listed and planned.
     Starting,
     /// Planned; jobs wait for a worker.
@@ -71,8 +79,43 @@ pub struct UserView<'a> {
     pub jobs: &'a [JobState],
 }
 
+impl JobState {
+    /// Not finished: waiting, queued, running or paused by the server.
+    pub fn is_open(&self) -> bool {
+        matches!(
+            self,
+            JobState::Waiting | JobState::Queued | JobState::Running | JobState::Throttled { .. }
+        )
+    }
+
+    /// Published or running: counts against the user's limit of jobs in flight.
+    pub fn in_flight(&self) -> bool {
+        matches!(
+            self,
+            JobState::Queued | JobState::Running | JobState::Throttled { .. }
+        )
+    }
+}
+
+impl UserStatus {
+    /// The status's name as the CLI, the API and the metrics spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            UserStatus::NotStarted => "notstarted",
+            UserStatus::Starting => "starting",
+            UserStatus::Queued => "queued",
+            UserStatus::Syncing { .. } => "syncing",
+            UserStatus::Synced => "synced",
+            UserStatus::Failed { .. } => "failed",
+            UserStatus::Stopped => "stopped",
+            UserStatus::Completed => "completed",
+        }
+    }
+}
+
 pub fn roll_up(user: &UserView<'_>) -> UserStatus {
     match user.intent {
+        Intent::Idle => return UserStatus::NotStarted,
         Intent::Closed => return UserStatus::Completed,
         Intent::Stopped => return UserStatus::Stopped,
         Intent::Active | Intent::Closing => {}
@@ -95,13 +138,11 @@ pub fn roll_up(user: &UserView<'_>) -> UserStatus {
         JobState::Throttled { server_says } => Some(server_says.clone()),
         _ => None,
     });
-    let started = user.jobs.iter().any(|j| !matches!(j, JobState::Queued));
-    let open = user.jobs.iter().any(|j| {
-        matches!(
-            j,
-            JobState::Queued | JobState::Running | JobState::Throttled { .. }
-        )
-    });
+    let started = user
+        .jobs
+        .iter()
+        .any(|j| !matches!(j, JobState::Queued | JobState::Waiting));
+    let open = user.jobs.iter().any(JobState::is_open);
     if open {
         return if started {
             UserStatus::Syncing { throttled }
@@ -161,7 +202,21 @@ mod tests {
             roll_up(&view(&[done(), JobState::Queued])),
             UserStatus::Syncing { throttled: None }
         );
+        // held back by the per-user limit: still queued, not syncing
+        assert_eq!(
+            roll_up(&view(&[JobState::Waiting, JobState::Queued])),
+            UserStatus::Queued
+        );
+        assert_eq!(
+            roll_up(&view(&[done(), JobState::Waiting])),
+            UserStatus::Syncing { throttled: None }
+        );
         assert_eq!(roll_up(&view(&[done(), done()])), UserStatus::Synced);
+        let idle = UserView {
+            intent: Intent::Idle,
+            ..view(&[])
+        };
+        assert_eq!(roll_up(&idle), UserStatus::NotStarted);
         // nothing to copy is synced too
         assert_eq!(roll_up(&view(&[])), UserStatus::Synced);
     }

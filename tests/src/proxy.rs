@@ -110,3 +110,56 @@ async fn relay(client: TcpStream, server: TcpStream, cut: Cut, done: Arc<AtomicU
         _ = up => {}
     }
 }
+
+/// A TCP proxy that slows what the server sends to `bytes_per_sec`: a distant or busy
+/// source, so that a folder job lasts long enough for something to happen during it.
+pub struct SlowProxy {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SlowProxy {
+    pub async fn start(upstream_port: u16, bytes_per_sec: usize) -> SlowProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                        let _ = sw.shutdown().await;
+                    });
+                    // 20 slices a second, each at most a twentieth of the rate.
+                    let slice = (bytes_per_sec / 20).max(1);
+                    let mut buf = vec![0u8; slice];
+                    loop {
+                        match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if cw.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                    up.abort();
+                });
+            }
+        });
+        SlowProxy { port, task }
+    }
+}

@@ -1,6 +1,6 @@
 //! The cluster path end to end: `mailferry batch` as the admin runs it, `mailferry
-//! worker` processes, the machine's real RabbitMQ and Redis (unique prefixes), a Dovecot
-//! pair.
+//! coordinator` and `mailferry worker` processes, the machine's real RabbitMQ and Redis
+//! (unique prefixes), a Dovecot pair.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -10,12 +10,14 @@ use mailferry_shared::amqp_queue::AmqpQueue;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::secret::Secret;
+use mailferry_shared::status::JobState;
 use mailferry_tests::dovecot::{temp_dir, Dovecot, DovecotConfig};
 use mailferry_tests::mail::{self, corpus, Pair, TestMessage};
+use mailferry_tests::proxy::SlowProxy;
 
 const CANARY: &str = "canary-5f0c9e1d-password";
 
-/// A worker process, killed if the test ends early.
+/// A coordinator or worker process, killed if the test ends early.
 struct Worker(Child);
 
 impl Drop for Worker {
@@ -34,12 +36,31 @@ struct Rig {
     prefix: String,
     /// (IMAP login, password, the corpus loaded for it)
     users: Vec<(String, String, Vec<TestMessage>)>,
+    /// Between the batch's source endpoint and the source server, when slowed.
+    _slow: Option<SlowProxy>,
 }
+
+/// Short leases, so that the tests of failures run in seconds.
+const FAST: &str = "[worker]\njob_slots = 3\nconnections_per_account = 2\nclaim_secs = 6\n[coordinator]\nleader_lease_secs = 3\nrecheck_secs = 20\n";
 
 impl Rig {
     /// Two users (alice's password is the canary) with `per_folder` messages per folder,
     /// a batch "b1" created through `mailferry batch create`.
     async fn new(per_folder: usize) -> Rig {
+        Rig::with(per_folder, FAST).await
+    }
+
+    /// The same, with `settings` (TOML after the key prefix) as the settings file.
+    async fn with(per_folder: usize, settings: &str) -> Rig {
+        Rig::build(per_folder, settings, None).await
+    }
+
+    /// The source reached through a proxy that sends at most `bytes_per_sec`.
+    async fn slow(per_folder: usize, settings: &str, bytes_per_sec: usize) -> Rig {
+        Rig::build(per_folder, settings, Some(bytes_per_sec)).await
+    }
+
+    async fn build(per_folder: usize, settings: &str, slow: Option<usize>) -> Rig {
         let logins = vec![
             ("alice".to_string(), CANARY.to_string()),
             ("bob".to_string(), "bob-secret".to_string()),
@@ -61,14 +82,14 @@ impl Rig {
         let prefix = format!("mft-{:016x}", fastrand::u64(..));
         let dir = temp_dir("cluster");
         let config = dir.join("mailferry.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "key_prefix = \"{prefix}\"\n[worker]\njob_slots = 3\nconnections_per_account = 2\n"
-            ),
-        )
-        .unwrap();
+        std::fs::write(&config, format!("key_prefix = \"{prefix}\"\n{settings}")).unwrap();
+        let slow = match slow {
+            Some(rate) => Some(SlowProxy::start(src.port, rate).await),
+            None => None,
+        };
+        let source_port = slow.as_ref().map_or(src.port, |p| p.port);
         let rig = Rig {
+            _slow: slow,
             src,
             dst,
             dir,
@@ -92,7 +113,7 @@ impl Rig {
             "--batch",
             "b1",
             "--source",
-            &format!("127.0.0.1:{}", rig.src.port),
+            &format!("127.0.0.1:{source_port}"),
             "--source-security",
             "plain",
             "--target",
@@ -132,11 +153,23 @@ impl Rig {
     }
 
     fn worker_with(&self, name: &str, env: &[(&str, &str)]) -> Worker {
+        self.process("worker", name, env)
+    }
+
+    fn coordinator(&self, name: &str) -> Worker {
+        self.process("coordinator", name, &[])
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    fn process(&self, command: &str, name: &str, env: &[(&str, &str)]) -> Worker {
         let log = self.dir.join(format!("{name}.log"));
         Worker(
             Command::new(mailferry_tests::run::binary())
                 .arg("-v")
-                .arg("worker")
+                .arg(command)
                 .arg("--config")
                 .arg(&self.config)
                 .envs(env.iter().copied())
@@ -145,26 +178,70 @@ impl Rig {
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(log).unwrap())
                 .spawn()
-                .expect("starting a worker"),
+                .expect("starting a mailferry process"),
         )
+    }
+
+    /// `batch status` as (user, status, the whole line) per user.
+    fn statuses(&self) -> Vec<(String, String, String)> {
+        let (code, stdout, text) = self.admin(&["status", "--batch", "b1"]);
+        assert_eq!(code, Some(0), "{text}");
+        stdout
+            .lines()
+            .filter_map(|l| {
+                let mut cols = l.split('\t');
+                let user = cols.next()?.to_string();
+                let status = cols.next()?.split(' ').next()?.to_string();
+                Some((user, status, l.to_string()))
+            })
+            .collect()
+    }
+
+    /// Polls `batch status` until `done` holds for it; returns its output.
+    async fn wait_until(
+        &self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&[(String, String, String)]) -> bool,
+    ) -> Vec<(String, String, String)> {
+        let deadline = Instant::now() + within;
+        loop {
+            let now = self.statuses();
+            if done(&now) {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not in time:\n{now:#?}\ncoordinator log:\n{}",
+                self.log("coordinator")
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
 
     /// Polls `batch status` until every user is synced.
     async fn wait_synced(&self, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let (code, stdout, text) = self.admin(&["status", "--batch", "b1"]);
-            assert_eq!(code, Some(0), "{text}");
-            let synced = stdout
-                .lines()
-                .filter(|l| l.split('\t').nth(1) == Some("synced"))
-                .count();
-            if synced == self.users.len() {
-                return stdout;
-            }
-            assert!(Instant::now() < deadline, "not synced in time:\n{stdout}");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+        let lines = self
+            .wait_until("every user synced", within, |lines| {
+                lines.len() == self.users.len() && lines.iter().all(|l| l.1 == "synced")
+            })
+            .await;
+        lines.iter().map(|l| format!("{}\n", l.2)).collect()
+    }
+
+    /// The status of the user with IMAP login `login`.
+    fn status_of(lines: &[(String, String, String)], login: &str) -> String {
+        lines
+            .iter()
+            .find(|l| l.0 == format!("{login}@example.com"))
+            .map(|l| l.1.clone())
+            .unwrap_or_default()
+    }
+
+    async fn store(&self) -> RedisStore {
+        RedisStore::connect(&Secret::new("redis://127.0.0.1:6379/0"), &self.prefix)
+            .await
+            .unwrap()
     }
 
     async fn assert_target_equals_source(&self) {
@@ -237,13 +314,13 @@ fn stop(worker: &mut Worker) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
     let rig = Rig::new(12).await;
+    let before = rig.statuses();
+    assert!(before.iter().all(|l| l.1 == "notstarted"), "{before:?}");
+    let mut coordinator = rig.coordinator("coordinator");
     let mut workers = [rig.worker("worker1"), rig.worker("worker2")];
     let (code, stdout, text) = rig.admin(&["start", "--batch", "b1"]);
     assert_eq!(code, Some(0), "{text}");
-    assert!(
-        stdout.contains("alice@example.com: 12 folder jobs queued"),
-        "{text}"
-    );
+    assert!(stdout.contains("alice@example.com: started"), "{text}");
 
     let status = rig.wait_synced(Duration::from_secs(90)).await;
     let alice = rig.users[0].2.len();
@@ -253,11 +330,14 @@ async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
     );
     rig.assert_target_equals_source().await;
 
-    // SIGTERM: each worker stops taking jobs and exits cleanly.
+    // SIGTERM: each worker stops taking jobs and exits cleanly; so does the
+    // coordinator, releasing its lease.
     for w in &mut workers {
         let status = stop(w);
         assert!(status.success(), "worker exit: {status:?}");
     }
+    assert!(stop(&mut coordinator).success());
+    assert_eq!(rig.store().await.leader().await.unwrap(), None);
     rig.assert_no_password_at_rest().await;
     rig.clean_up().await;
 }
@@ -269,6 +349,7 @@ async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_folder_loses_and_duplicates_nothing() {
     let rig = Rig::new(60).await;
+    let _coordinator = rig.coordinator("coordinator");
     let mut doomed = rig.worker_with("doomed", &[("MAILFERRY_FAILPOINT", "after-append:5")]);
     let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
     assert_eq!(code, Some(0), "{text}");
@@ -300,6 +381,7 @@ async fn a_worker_killed_mid_folder_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_reconnects_when_the_broker_drops_its_connection() {
     let rig = Rig::new(4).await;
+    let _coordinator = rig.coordinator("coordinator");
     let mut worker = rig.worker("reconnecting");
     let name = format!("mailferry-{}-{}", rig.prefix, worker.0.id());
     let rabbitmqctl = |args: &[&str]| {
@@ -352,5 +434,261 @@ async fn a_worker_reconnects_when_the_broker_drops_its_connection() {
         "{log}"
     );
     assert!(stop(&mut worker).success());
+    rig.clean_up().await;
+}
+
+/// `copied N` of a `batch status` line.
+fn copied(line: &str) -> u64 {
+    line.split('\t')
+        .find_map(|c| c.strip_prefix("copied "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `pass N` of a `batch status` line.
+fn pass(line: &str) -> u64 {
+    line.split('\t')
+        .find_map(|c| c.strip_prefix("pass "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn line_of<'a>(lines: &'a [(String, String, String)], login: &str) -> &'a str {
+    lines
+        .iter()
+        .find(|l| l.0 == format!("{login}@example.com"))
+        .map(|l| l.2.as_str())
+        .unwrap_or("")
+}
+
+/// A synced user is synced again: at once on "sync now", and by itself once the batch's
+/// interval has passed. Each new pass copies only the new mail and the flag changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn synced_users_are_synced_again_on_sync_now_and_on_the_schedule() {
+    let mut rig = Rig::new(4).await;
+    let _coordinator = rig.coordinator("coordinator");
+    let _worker = rig.worker("worker");
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    let first = rig.wait_synced(Duration::from_secs(60)).await;
+    let alice_before = copied(&first);
+    assert_eq!(alice_before, rig.users[0].2.len() as u64, "{first}");
+
+    // New mail and flag changes at alice's source; "sync now" brings them over.
+    let (login, password) = (rig.users[0].0.clone(), rig.users[0].1.clone());
+    let newer = mail::change_at_source(rig.src.port, &login, &password, "INBOX").await;
+    rig.users[0].2.push(newer);
+    let (code, stdout, text) =
+        rig.admin(&["sync-now", "--batch", "b1", "--user", "alice@example.com"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        stdout.contains("alice@example.com: to sync now"),
+        "{stdout}"
+    );
+    let lines = rig
+        .wait_until("alice's second pass", Duration::from_secs(60), |l| {
+            pass(line_of(l, "alice")) == 2 && Rig::status_of(l, "alice") == "synced"
+        })
+        .await;
+    assert_eq!(
+        copied(line_of(&lines, "alice")),
+        alice_before + 1,
+        "{lines:?}"
+    );
+    assert_eq!(
+        pass(line_of(&lines, "bob")),
+        1,
+        "bob was not asked: {lines:?}"
+    );
+    rig.assert_target_equals_source().await;
+
+    // On the schedule: bob's new mail arrives by itself once the interval passes.
+    let (code, _, text) = rig.admin(&["set-interval", "--batch", "b1", "--every", "5s"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, _, text) = rig.admin(&["set-interval", "--batch", "b1", "--every", "2s"]);
+    assert_eq!(code, Some(1), "too short an interval is refused: {text}");
+    assert!(text.contains("at least 5 seconds"), "{text}");
+    let (login, password) = (rig.users[1].0.clone(), rig.users[1].1.clone());
+    let newer = mail::change_at_source(rig.src.port, &login, &password, "Sent").await;
+    rig.users[1].2.push(newer);
+    let bob_before = rig.users[1].2.len() as u64 - 1;
+    // (bob's next pass was scheduled 24 h out by the default; the new interval applies
+    // from his next pass, so one "sync now" moves him onto it)
+    rig.admin(&["sync-now", "--batch", "b1", "--user", "bob@example.com"]);
+    let lines = rig
+        .wait_until(
+            "bob synced again by the schedule",
+            Duration::from_secs(60),
+            |l| pass(line_of(l, "bob")) >= 3 && Rig::status_of(l, "bob") == "synced",
+        )
+        .await;
+    assert_eq!(copied(line_of(&lines, "bob")), bob_before + 1, "{lines:?}");
+    rig.assert_target_equals_source().await;
+    rig.clean_up().await;
+}
+
+/// Stop halts the user's jobs in progress within a claim renewal while the other user
+/// goes on; starting again finishes the copy exactly. Close runs a final pass, then
+/// deletes the stored credentials and ends the schedule.
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_halts_jobs_in_progress_and_close_deletes_the_credentials() {
+    // A source slowed to 40 kB/s: a folder job takes several seconds, longer than a
+    // claim renewal, so the stop reaches jobs while they copy.
+    let rig = Rig::slow(20, &format!("{FAST}max_jobs_per_user = 1\n"), 40_000).await;
+    let _coordinator = rig.coordinator("coordinator");
+    let _worker = rig.worker("worker");
+    let store = rig.store().await;
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_until("alice syncing", Duration::from_secs(60), |l| {
+        Rig::status_of(l, "alice") == "syncing"
+    })
+    .await;
+    let (code, _, text) = rig.admin(&["stop", "--batch", "b1", "--user", "alice@example.com"]);
+    assert_eq!(code, Some(0), "{text}");
+    let stopped_at = Instant::now();
+    // Within a renewal (a third of claim_secs = 6) and a little: nothing of alice's runs.
+    loop {
+        let jobs = store.job_states("b1", "alice@example.com").await.unwrap();
+        let running = jobs.iter().filter(|(_, s)| *s == JobState::Running).count();
+        if running == 0 {
+            break;
+        }
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(8),
+            "alice still has {running} jobs running after the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines = rig
+        .wait_until("bob synced, alice stopped", Duration::from_secs(90), |l| {
+            Rig::status_of(l, "bob") == "synced" && Rig::status_of(l, "alice") == "stopped"
+        })
+        .await;
+    let alice_partial = copied(line_of(&lines, "alice"));
+    assert!(
+        alice_partial < rig.users[0].2.len() as u64,
+        "the stop came too late to test anything: {lines:?}"
+    );
+    let log = rig.log("worker");
+    assert!(
+        log.contains("stopped by the admin"),
+        "no job was halted mid-copy:\n{log}"
+    );
+
+    // Started again, alice's copy completes exactly: nothing lost, nothing twice.
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1", "--user", "alice@example.com"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_synced(Duration::from_secs(90)).await;
+    rig.assert_target_equals_source().await;
+
+    // Close bob: a final pass, then Completed, credentials gone, off the schedule.
+    let (code, _, text) = rig.admin(&["close", "--batch", "b1", "--user", "bob@example.com"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_until("bob completed", Duration::from_secs(60), |l| {
+        Rig::status_of(l, "bob") == "completed"
+    })
+    .await;
+    assert_eq!(store.user("b1", "bob@example.com").await.unwrap(), None);
+    assert!(store
+        .user("b1", "alice@example.com")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(!store
+        .due_times("b1")
+        .await
+        .unwrap()
+        .contains_key("bob@example.com"));
+    let record = store.pass_record("b1", "bob@example.com").await.unwrap();
+    assert!(record.final_pass && record.pass == 2, "{record:?}");
+    let (code, stdout, _) = rig.admin(&["sync-now", "--batch", "b1", "--user", "bob@example.com"]);
+    assert_eq!(code, Some(2), "{stdout}");
+    assert!(stdout.contains("closed already"), "{stdout}");
+    rig.clean_up().await;
+}
+
+/// Fairness proper: while both users migrate with one job in flight each, sampled job
+/// states never show a user with two.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_user_has_at_most_its_limit_of_jobs_in_flight() {
+    let rig = Rig::with(10, &format!("{FAST}max_jobs_per_user = 1\n")).await;
+    let _coordinator = rig.coordinator("coordinator");
+    let _workers = [rig.worker("worker1"), rig.worker("worker2")];
+    let store = rig.store().await;
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut samples = 0;
+    let mut busiest = 0;
+    loop {
+        let mut all_done = true;
+        for user in ["alice@example.com", "bob@example.com"] {
+            let jobs = store.job_states("b1", user).await.unwrap();
+            let in_flight = jobs.iter().filter(|(_, s)| s.in_flight()).count();
+            assert!(
+                in_flight <= 1,
+                "{user} has {in_flight} jobs in flight: {jobs:?}"
+            );
+            busiest = busiest.max(in_flight);
+            all_done &= !jobs.is_empty() && jobs.iter().all(|(_, s)| !s.is_open());
+        }
+        samples += 1;
+        if all_done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not done in time");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(
+        samples > 10 && busiest == 1,
+        "{samples} samples, busiest {busiest}"
+    );
+    rig.wait_synced(Duration::from_secs(30)).await;
+    rig.assert_target_equals_source().await;
+    rig.clean_up().await;
+}
+
+/// Two coordinators: one leads, the other stands by. The leader is killed (SIGKILL, no
+/// cleanup) in the middle of the batch; the standby takes over once the lease lapses,
+/// dispatches the waiting jobs and ends the passes. Nobody schedules twice: every user
+/// is on its first pass, and the target equals the source.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
+    let rig = Rig::new(30).await;
+    let mut first = rig.coordinator("coordinator");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rig.log("coordinator").contains("leading") {
+        assert!(Instant::now() < deadline, "the first coordinator never led");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _second = rig.coordinator("standby");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rig.log("standby").contains("standing by") {
+        assert!(
+            Instant::now() < deadline,
+            "the second coordinator did not stand by"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _workers = [rig.worker("worker1"), rig.worker("worker2")];
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_until("syncing", Duration::from_secs(60), |l| {
+        l.iter().any(|l| l.1 == "syncing")
+    })
+    .await;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let lines = rig.wait_synced(Duration::from_secs(120)).await;
+    assert!(
+        rig.log("standby").contains("leading"),
+        "{}",
+        rig.log("standby")
+    );
+    for line in lines.lines() {
+        assert_eq!(pass(line), 1, "scheduled twice: {lines}");
+    }
+    rig.assert_target_equals_source().await;
     rig.clean_up().await;
 }

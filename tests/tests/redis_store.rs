@@ -1,9 +1,14 @@
-//! The Redis checkpoint store against the machine's real Redis (127.0.0.1:6379, or
-//! MAILFERRY_TEST_REDIS_URL), under a key prefix of its own that it removes afterwards.
+//! The Redis store against the machine's real Redis (127.0.0.1:6379, or
+//! MAILFERRY_TEST_REDIS_URL), under a key prefix of its own that it removes afterwards:
+//! checkpoints, and the control scripts (claims, progress, leadership).
 
-use mailferry_shared::job::{Checkpoint, CheckpointKey, InFlight, WireName};
+use std::time::Duration;
+
+use mailferry_shared::control::{ClaimAnswer, Counts, PassRecord, Renewal};
+use mailferry_shared::job::{Checkpoint, CheckpointKey, FolderJob, InFlight, WireName};
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::secret::Secret;
+use mailferry_shared::status::{Intent, JobState};
 use mailferry_shared::store::StateStore;
 
 fn redis_url() -> Secret {
@@ -56,38 +61,224 @@ async fn a_wrong_url_is_a_named_error_without_the_password() {
     assert!(!err.contains("s3cret"), "{err}");
 }
 
+fn job(folder: &str, pass: u64) -> FolderJob {
+    FolderJob {
+        batch: "b1".into(),
+        user: "alice".into(),
+        source_folder: WireName(folder.to_string().into()),
+        target_folder: WireName(folder.to_string().into()),
+        uid_range: None,
+        pass,
+    }
+}
+
+/// A pass of alice's with these jobs queued, alice started.
+async fn begin(store: &RedisStore, jobs: &[FolderJob]) {
+    store
+        .set_intent("b1", &["alice".to_string()], Intent::Active, true)
+        .await
+        .unwrap();
+    let states: Vec<(FolderJob, JobState)> =
+        jobs.iter().map(|j| (j.clone(), JobState::Queued)).collect();
+    let record = PassRecord {
+        pass: jobs[0].pass,
+        ..PassRecord::default()
+    };
+    store
+        .begin_pass("b1", "alice", &record, &states, u64::MAX / 2)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn progress_batches_count_once_even_when_replayed() {
     let prefix = format!("mft-{:016x}", fastrand::u64(..));
     let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
-    let counts = [("copied", 50), ("copied_bytes", 1_000_000)];
-    assert!(store
-        .record_progress("b1", "alice", "job-1", 1, &counts)
+    let (inbox, sent) = (job("INBOX", 1), job("Sent", 1));
+    begin(&store, &[inbox.clone(), sent.clone()]).await;
+    let ttl = Duration::from_secs(30);
+    assert_eq!(
+        store.claim_job(&inbox, "run-1", ttl).await.unwrap(),
+        ClaimAnswer::Granted
+    );
+    let counts: Counts = vec![("copied", 50), ("copied_bytes", 1_000_000)];
+    let held = store
+        .renew_claim(&inbox, "run-1", ttl, 1, &counts)
         .await
-        .unwrap());
+        .unwrap();
+    assert_eq!(held, Renewal::Held(Intent::Active));
     // the reply was lost and the worker sends the same batch again
-    assert!(!store
-        .record_progress("b1", "alice", "job-1", 1, &counts)
+    store
+        .renew_claim(&inbox, "run-1", ttl, 1, &counts)
         .await
-        .unwrap());
-    assert!(store
-        .record_progress("b1", "alice", "job-1", 2, &[("copied", 7), ("skipped", 1)])
+        .unwrap();
+    store
+        .renew_claim(
+            &inbox,
+            "run-1",
+            ttl,
+            2,
+            &vec![("copied", 7), ("skipped", 1)],
+        )
         .await
-        .unwrap());
+        .unwrap();
     // an older batch arriving late changes nothing either
-    assert!(!store
-        .record_progress("b1", "alice", "job-1", 1, &counts)
+    store
+        .renew_claim(&inbox, "run-1", ttl, 1, &counts)
         .await
-        .unwrap());
-    // another job of the same user counts on its own sequence
-    assert!(store
-        .record_progress("b1", "alice", "job-2", 1, &[("copied", 3)])
+        .unwrap();
+    let done = JobState::Done {
+        verified: true,
+        mismatch: None,
+    };
+    store
+        .finish_job(&inbox, "run-1", Some(&done), 3, &vec![("copied", 3)])
         .await
-        .unwrap());
+        .unwrap();
+    // the finish replayed (its reply lost): not counted twice
+    store
+        .finish_job(&inbox, "run-1", Some(&done), 3, &vec![("copied", 3)])
+        .await
+        .unwrap();
+    // another run of another job counts on its own sequence
+    assert_eq!(
+        store.claim_job(&sent, "run-2", ttl).await.unwrap(),
+        ClaimAnswer::Granted
+    );
+    store
+        .finish_job(&sent, "run-2", Some(&done), 1, &vec![("copied", 1)])
+        .await
+        .unwrap();
     let p = store.progress("b1", "alice").await.unwrap();
-    assert_eq!(p.get("copied"), Some(&60));
+    assert_eq!(p.get("copied"), Some(&61));
     assert_eq!(p.get("copied_bytes"), Some(&1_000_000));
     assert_eq!(p.get("skipped"), Some(&1));
     assert_eq!(p.len(), 3, "{p:?}");
+    let states = store.job_states("b1", "alice").await.unwrap();
+    assert!(states.iter().all(|(_, s)| *s == done), "{states:?}");
+    // both ends marked alice for the coordinator, once
+    assert_eq!(
+        store.take_dispatch(10).await.unwrap(),
+        vec![("b1".to_string(), "alice".to_string())]
+    );
+    store.delete_all().await.unwrap();
+}
+
+#[tokio::test]
+async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let ttl = Duration::from_millis(1500);
+    let inbox = job("INBOX", 1);
+    begin(&store, std::slice::from_ref(&inbox)).await;
+    assert_eq!(
+        store.claim_job(&inbox, "a", ttl).await.unwrap(),
+        ClaimAnswer::Granted
+    );
+    assert_eq!(
+        store.job_states("b1", "alice").await.unwrap()[0].1,
+        JobState::Running
+    );
+    // a second delivery of the same job (a redelivery, a republish) waits
+    assert_eq!(
+        store.claim_job(&inbox, "b", ttl).await.unwrap(),
+        ClaimAnswer::Busy
+    );
+    // the first holder pauses past its claim: the claim lapses, the other run takes it,
+    // and the first holder's renewal (with its progress) is refused
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(
+        store.claim_job(&inbox, "b", ttl).await.unwrap(),
+        ClaimAnswer::Granted
+    );
+    let late = store
+        .renew_claim(&inbox, "a", ttl, 1, &vec![("copied", 99)])
+        .await
+        .unwrap();
+    assert_eq!(late, Renewal::Lost);
+    assert_eq!(
+        store.progress("b1", "alice").await.unwrap().get("copied"),
+        None
+    );
+    // the stale holder's finish neither releases b's claim nor...
+    store
+        .finish_job(&inbox, "a", None, 1, &vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim_job(&inbox, "c", ttl).await.unwrap(),
+        ClaimAnswer::Busy
+    );
+    let done = JobState::Done {
+        verified: true,
+        mismatch: None,
+    };
+    store
+        .finish_job(&inbox, "b", Some(&done), 1, &vec![])
+        .await
+        .unwrap();
+    // done: a later copy of the job is skipped
+    assert!(matches!(
+        store.claim_job(&inbox, "d", ttl).await.unwrap(),
+        ClaimAnswer::Skip(why) if why.contains("done")
+    ));
+    // a job of an older pass is skipped; so is any job of a stopped user
+    let newer = job("INBOX", 2);
+    begin(&store, std::slice::from_ref(&newer)).await;
+    assert!(matches!(
+        store.claim_job(&inbox, "e", ttl).await.unwrap(),
+        ClaimAnswer::Skip(why) if why.contains("superseded")
+    ));
+    store
+        .set_intent("b1", &["alice".to_string()], Intent::Stopped, false)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim_job(&newer, "f", ttl).await.unwrap(),
+        ClaimAnswer::Skip(why) if why.contains("stopped")
+    ));
+    // a running job learns of the stop at its next renewal
+    store
+        .set_intent("b1", &["alice".to_string()], Intent::Active, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim_job(&newer, "g", ttl).await.unwrap(),
+        ClaimAnswer::Granted
+    );
+    store
+        .set_intent("b1", &["alice".to_string()], Intent::Stopped, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .renew_claim(&newer, "g", ttl, 1, &vec![])
+            .await
+            .unwrap(),
+        Renewal::Held(Intent::Stopped)
+    );
+    store.delete_all().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_coordinator_leads_and_another_takes_over_when_it_lapses() {
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let ttl = Duration::from_millis(1000);
+    assert!(store.acquire_leader("one", ttl).await.unwrap());
+    assert!(!store.acquire_leader("two", ttl).await.unwrap());
+    assert!(store.renew_leader("one", ttl).await.unwrap());
+    assert!(!store.renew_leader("two", ttl).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(store.acquire_leader("two", ttl).await.unwrap());
+    assert!(
+        !store.renew_leader("one", ttl).await.unwrap(),
+        "one's lease lapsed"
+    );
+    // a release by a former holder does not remove the new one's lease
+    store.release_leader("one").await.unwrap();
+    assert_eq!(store.leader().await.unwrap().as_deref(), Some("two"));
+    store.release_leader("two").await.unwrap();
+    assert_eq!(store.leader().await.unwrap(), None);
     store.delete_all().await.unwrap();
 }

@@ -82,7 +82,9 @@ impl RedisAccounts {
         }
     }
 
-    async fn load(&self, batch: &str, user: &str) -> Result<UserAccounts, JobError> {
+    /// The user's pools, fresh from Redis (not cached: the coordinator plans a user
+    /// once per pass and closes the pools after).
+    pub async fn load(&self, batch: &str, user: &str) -> Result<UserAccounts, JobError> {
         let batch_record = self
             .store
             .batch(batch)

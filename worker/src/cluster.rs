@@ -9,97 +9,34 @@ use mailferry_shared::job::{FolderJob, SkippedMessage};
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::settings::Settings;
-use mailferry_shared::status::JobState;
 use mailferry_shared::Error;
 use tokio::sync::watch;
 
 use crate::accounts::RedisAccounts;
+use crate::claims::{PendingCounts, RedisClaims};
 use crate::consumer::{consume, RetryPolicy};
 use crate::{Engine, EngineSettings, JobError, JobReport, ProgressSink};
 
-/// Reports job states and each finished job's counts to Redis. Updates go through one
-/// background writer, in order (a job's "running" never lands after its "done"), and
-/// the engine never waits for Redis. Counts are recorded once per job id: a redelivered
-/// job's second report is not counted twice.
-struct RedisProgress {
-    updates: tokio::sync::mpsc::UnboundedSender<(FolderJob, Update)>,
+/// Collects each running job's counts for its claim's keeper, which carries them to
+/// Redis with every renewal and the job's end: a few round trips per job, never one
+/// per message.
+struct CountingProgress {
+    pending: Arc<PendingCounts>,
 }
 
-enum Update {
-    State(JobState),
-    Finished(JobReport),
-}
-
-impl RedisProgress {
-    /// The sink, and the writer's task: it ends, with everything written, once the
-    /// sink is dropped.
-    fn start(store: RedisStore) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(FolderJob, Update)>();
-        let writer = tokio::spawn(async move {
-            while let Some((job, update)) = rx.recv().await {
-                if let Err(e) = write(&store, &job, update).await {
-                    tracing::warn!(job = %job.id(), error = %e, "could not record the job's progress");
-                }
-            }
-        });
-        (RedisProgress { updates: tx }, writer)
+impl ProgressSink for CountingProgress {
+    fn job_started(&self, _: &FolderJob, _: u64, _: u64) {}
+    fn copied(&self, job: &FolderJob, messages: u64, bytes: u64) {
+        self.pending.add(job, "copied", messages as i64);
+        self.pending.add(job, "copied_bytes", bytes as i64);
     }
-
-    fn send(&self, job: &FolderJob, update: Update) {
-        let _ = self.updates.send((job.clone(), update));
-    }
-}
-
-async fn write(store: &RedisStore, job: &FolderJob, update: Update) -> Result<(), Error> {
-    let state = match update {
-        Update::State(state) => state,
-        Update::Finished(report) => {
-            let counts = [
-                ("copied", report.copied as i64),
-                ("copied_bytes", report.copied_bytes as i64),
-                ("matched", report.matched as i64),
-                ("skipped", report.skipped.len() as i64),
-                ("flags_updated", report.flags_updated as i64),
-            ];
-            store
-                .record_progress(&job.batch, &job.user, &job.id(), 1, &counts)
-                .await?;
-            // Not yet a reconciliation of the folders' counts: a job that skipped or
-            // missed messages is reported as not verified.
-            let verified = report.skipped.is_empty() && report.missed == 0;
-            let mismatch = (!verified).then(|| {
-                format!(
-                    "{}: {} skipped, {} missed",
-                    job.source_folder.display(),
-                    report.skipped.len(),
-                    report.missed
-                )
-            });
-            JobState::Done { verified, mismatch }
-        }
-    };
-    store
-        .set_job_state(&job.batch, &job.user, &job.id(), &state)
-        .await
-}
-
-impl ProgressSink for RedisProgress {
-    fn job_started(&self, job: &FolderJob, _: u64, _: u64) {
-        self.send(job, Update::State(JobState::Running));
-    }
-    fn copied(&self, _: &FolderJob, _: u64, _: u64) {}
     fn skipped(&self, job: &FolderJob, m: &SkippedMessage) {
         tracing::warn!(job = %job.id(), uid = m.uid, size = m.size, reason = %m.reason, "message skipped");
+        self.pending.add(job, "skipped", 1);
     }
-    fn job_finished(&self, job: &FolderJob, report: &JobReport) {
-        self.send(job, Update::Finished(report.clone()));
-    }
+    fn job_finished(&self, _: &FolderJob, _: &JobReport) {}
     fn job_failed(&self, job: &FolderJob, _: &JobError, reason: &str, will_retry: bool) {
         tracing::warn!(job = %job.id(), will_retry, reason, "job failed");
-        if !will_retry {
-            let reason = reason.to_string();
-            self.send(job, Update::State(JobState::Failed { reason }));
-        }
     }
 }
 
@@ -147,11 +84,16 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
         Limits::default(),
         settings.worker.connections_per_account as usize,
     ));
-    let (progress, writer) = RedisProgress::start(store.clone());
+    let pending = Arc::new(PendingCounts::default());
+    let claims = Arc::new(RedisClaims::new(
+        store.clone(),
+        std::time::Duration::from_secs(settings.worker.claim_secs),
+        pending.clone(),
+    ));
     let engine = Arc::new(Engine::new(
         Arc::new(store),
         accounts,
-        Arc::new(progress),
+        Arc::new(CountingProgress { pending }),
         EngineSettings {
             bytes_in_flight: settings.worker.bytes_in_flight.0,
             ..EngineSettings::default()
@@ -166,6 +108,7 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
         consume(
             queue,
             engine.clone(),
+            claims.clone(),
             settings.worker.job_slots as usize,
             RetryPolicy::default(),
             shutdown.clone(),
@@ -178,9 +121,6 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
         // progress could not be acked and will be redelivered (they are idempotent).
         tracing::warn!("lost the RabbitMQ connection; reconnecting");
     };
-    // The consumers are done; dropping the engine closes the progress channel, and the
-    // writer finishes what is queued before the process exits.
-    drop(engine);
-    let _ = writer.await;
+    // Every job in progress has finished (and recorded its end) or been handed back.
     result
 }

@@ -10,6 +10,7 @@ use mailferry_shared::Disposition;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::claims::{Claimed, Claims, JobEnd};
 use crate::engine::Engine;
 use crate::error::JobError;
 
@@ -64,9 +65,10 @@ pub fn decide(
 
 /// Runs `slots` jobs at a time until the queue ends or `shutdown` turns true. On
 /// shutdown no new job is taken; jobs in progress finish.
-pub async fn consume<Q: JobQueue, S: StateStore>(
+pub async fn consume<Q: JobQueue, S: StateStore, C: Claims>(
     queue: Arc<Q>,
     engine: Arc<Engine<S>>,
+    claims: Arc<C>,
     slots: usize,
     policy: RetryPolicy,
     shutdown: watch::Receiver<bool>,
@@ -75,6 +77,7 @@ pub async fn consume<Q: JobQueue, S: StateStore>(
     for _ in 0..slots.max(1) {
         let queue = queue.clone();
         let engine = engine.clone();
+        let claims = claims.clone();
         let mut shutdown = shutdown.clone();
         tasks.spawn(async move {
             loop {
@@ -86,49 +89,103 @@ pub async fn consume<Q: JobQueue, S: StateStore>(
                     _ = shutdown.changed() => return,
                 };
                 let Some(delivery) = delivery else { return };
-                run_one(&*queue, &engine, delivery, &policy).await;
+                run_one(&*queue, &engine, &*claims, delivery, &policy).await;
             }
         });
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn run_one<Q: JobQueue, S: StateStore>(
+async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     queue: &Q,
     engine: &Engine<S>,
+    claims: &C,
     delivery: Delivery,
     policy: &RetryPolicy,
 ) {
     let job = delivery.job.clone();
     let span = tracing::info_span!("job", batch = %job.batch, user = %job.user, folder = %job.source_folder.display());
-    // `instrument`, not `enter`: a guard held across .await tags other tasks' events.
-    let result = engine.run_job(&job).instrument(span).await;
-    match result {
-        Ok(_) => queue.ack(&delivery).await,
-        Err(e) => {
-            let reason = e.to_string();
-            match decide(
-                e.disposition(),
-                delivery.attempt,
-                policy,
-                fastrand::f64(),
-                &reason,
-            ) {
-                Decision::Retry(delay) => {
-                    tracing::warn!(attempt = delivery.attempt, delay_ms = delay.as_millis() as u64, error = %reason, "job failed, will retry");
-                    engine.progress().job_failed(&job, &e, &reason, true);
-                    queue.retry(delivery, delay).await;
+    async {
+        let claim = match claims.claim(&job).await {
+            Ok(Claimed::Run(claim)) => claim,
+            Ok(Claimed::Skip(why)) => {
+                tracing::debug!(job = %job.id(), why, "nothing to do");
+                queue.ack(&delivery).await;
+                return;
+            }
+            Ok(Claimed::Busy) => {
+                tracing::debug!(job = %job.id(), "the target folder is busy; offering the job again later");
+                queue.requeue(delivery, claims.busy_delay()).await;
+                return;
+            }
+            Err(e) => {
+                // The store is unreachable: the job did not run, so no attempt is spent.
+                tracing::warn!(job = %job.id(), error = %e, "cannot claim the job; handing it back");
+                let delay = match decide(Disposition::Retry, delivery.attempt, policy, fastrand::f64(), "") {
+                    Decision::Retry(d) => d,
+                    Decision::DeadLetter(_) => policy.cap,
+                };
+                queue.requeue(delivery, delay).await;
+                return;
+            }
+        };
+        let fence = claim.fence.clone();
+        // The run stops at the fence at once (dropping the engine's future is as safe
+        // as a crash, which every step allows for); the engine checks it too, before
+        // each APPEND group, so a run woken from a long pause sends nothing more.
+        let result = tokio::select! {
+            r = engine.run_job(&job, &fence) => r,
+            why = fence.shut() => Err(JobError::Fenced(why)),
+        };
+        match result {
+            Ok(report) => match claims.finish(claim, &job, JobEnd::Done(&report)).await {
+                Ok(()) => queue.ack(&delivery).await,
+                // Unacked, the job is delivered again; its re-run finds the checkpoint
+                // current and costs two commands.
+                Err(e) => tracing::error!(job = %job.id(), error = %e, "could not record the job's end; it will run again"),
+            },
+            Err(JobError::Fenced(why)) => {
+                let stopped = claim.user_stopped.load(std::sync::atomic::Ordering::SeqCst);
+                let _ = claims.finish(claim, &job, JobEnd::HandedBack).await;
+                if stopped {
+                    tracing::info!(job = %job.id(), "stopped by the admin");
+                    queue.ack(&delivery).await;
+                } else {
+                    tracing::warn!(job = %job.id(), why, "stopped writing; handing the job back");
+                    queue.requeue(delivery, claims.busy_delay()).await;
                 }
-                Decision::DeadLetter(why) => {
-                    tracing::error!(error = %why, "job failed for good");
-                    engine
-                        .progress()
-                        .job_failed(&job, &e, &describe(&e, &why), false);
-                    queue.dead_letter(&delivery, why).await;
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                match decide(
+                    e.disposition(),
+                    delivery.attempt,
+                    policy,
+                    fastrand::f64(),
+                    &reason,
+                ) {
+                    Decision::Retry(delay) => {
+                        tracing::warn!(attempt = delivery.attempt, delay_ms = delay.as_millis() as u64, error = %reason, "job failed, will retry");
+                        engine.progress().job_failed(&job, &e, &reason, true);
+                        let _ = claims.finish(claim, &job, JobEnd::HandedBack).await;
+                        queue.retry(delivery, delay).await;
+                    }
+                    Decision::DeadLetter(why) => {
+                        tracing::error!(error = %why, "job failed for good");
+                        let described = describe(&e, &why);
+                        engine.progress().job_failed(&job, &e, &described, false);
+                        if let Err(e) = claims.finish(claim, &job, JobEnd::Failed(&described)).await {
+                            tracing::error!(job = %job.id(), error = %e, "could not record the job's failure");
+                        }
+                        queue.dead_letter(&delivery, why).await;
+                    }
                 }
             }
         }
     }
+    // `instrument`, not `enter`: a guard held across .await tags other tasks' events.
+    .instrument(span)
+    .await
 }
 
 fn describe(e: &JobError, why: &str) -> String {

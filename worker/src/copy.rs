@@ -21,6 +21,7 @@ use mailferry_shared::imap::client::{check, Command, CommandHandle, Session};
 use mailferry_shared::imap::mailbox::MailboxInfo;
 use mailferry_shared::imap::parse::Status;
 use mailferry_shared::imap::uidset;
+use mailferry_shared::lease::Fence;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::JobError;
@@ -77,6 +78,9 @@ pub struct TargetFolder<'a> {
     /// The target advertises UIDPLUS: its APPENDUID codes are trusted (RFC 4315 defines
     /// them; a server that does not advertise the extension promises nothing).
     pub uidplus: bool,
+    /// Shut when this run may no longer write to the folder (its claim lapsed, or the
+    /// user was stopped): checked before every APPEND group goes out.
+    pub fence: &'a Fence,
 }
 
 impl TargetFolder<'_> {
@@ -208,11 +212,11 @@ pub async fn copy_messages(
                     && (group.uids.len() >= group_limit
                         || group.bytes + body.len() as u64 > settings.append_bytes)
                 {
-                    flush(target, &mut group, &mut appends).await?;
+                    flush(target, &mut group, &mut appends, folder.fence).await?;
                 }
                 group.push(uid, &flags, &date, body, folder, permit);
                 if group.uids.len() >= group_limit {
-                    flush(target, &mut group, &mut appends).await?;
+                    flush(target, &mut group, &mut appends, folder.fence).await?;
                 }
                 while appends.len() > settings.append_window {
                     let done = appends.pop_front().expect("non-empty");
@@ -229,11 +233,11 @@ pub async fn copy_messages(
                     outcomes.push((*uid, Outcome::Missed));
                 }
                 // Hand what we have to the target now rather than idling it.
-                flush(target, &mut group, &mut appends).await?;
+                flush(target, &mut group, &mut appends, folder.fence).await?;
             }
         }
     }
-    flush(target, &mut group, &mut appends).await?;
+    flush(target, &mut group, &mut appends, folder.fence).await?;
     while let Some(done) = appends.pop_front() {
         settle(done, folder.uidplus, &mut outcomes, &mut regroup, on_copied).await?;
     }
@@ -335,10 +339,13 @@ async fn flush(
     target: &mut Session,
     group: &mut Group,
     appends: &mut VecDeque<OpenAppend>,
+    fence: &Fence,
 ) -> Result<(), JobError> {
     let Some(command) = group.command.take() else {
         return Ok(());
     };
+    // The last moment to stop: once sent, these messages will be at the target.
+    fence.check().map_err(JobError::Fenced)?;
     let handle = target.send(command).await.map_err(JobError::target_side)?;
     let g = std::mem::take(group);
     // The bodies are on the wire: their share of the budget goes back (g.permits drop).
@@ -454,6 +461,7 @@ mod tests {
             multiappend: true,
             binary: false,
             uidplus: true,
+            fence: &Fence::open_ended(),
         };
         let flags = vec![
             "\\Seen".into(),

@@ -21,6 +21,7 @@ use mailferry_shared::imap::client::{Command, Session};
 use mailferry_shared::imap::mailbox::MailboxInfo;
 use mailferry_shared::imap::uidset;
 use mailferry_shared::job::{Checkpoint, FolderJob, InFlight, SkippedMessage, SourceState};
+use mailferry_shared::lease::Fence;
 use mailferry_shared::store::StateStore;
 use mailferry_shared::{failpoint, Error as SharedError};
 
@@ -91,14 +92,15 @@ impl<S: StateStore> Engine<S> {
 
     /// Runs one job to the end. On error nothing is lost: the checkpoint and the target
     /// stay consistent and the job can simply run again.
-    pub async fn run_job(&self, job: &FolderJob) -> Result<JobReport, JobError> {
+    /// `fence` says when this run must stop writing (see [`Fence`]).
+    pub async fn run_job(&self, job: &FolderJob, fence: &Fence) -> Result<JobReport, JobError> {
         tracing::debug!(job = %job.id(), "job: looking up accounts");
         let accounts = self.accounts.accounts(&job.batch, &job.user).await?;
         tracing::debug!(job = %job.id(), "job: getting connections");
         let mut source = accounts.source.get().await.map_err(JobError::source_side)?;
         let mut target = accounts.target.get().await.map_err(JobError::target_side)?;
         tracing::debug!(job = %job.id(), "job: connected");
-        let report = self.run_on(job, &mut source, &mut target).await?;
+        let report = self.run_on(job, &mut source, &mut target, fence).await?;
         tracing::debug!(job = %job.id(), copied = report.copied, "job: done");
         source.release();
         target.release();
@@ -110,6 +112,7 @@ impl<S: StateStore> Engine<S> {
         job: &FolderJob,
         source: &mut Session,
         target: &mut Session,
+        fence: &Fence,
     ) -> Result<JobReport, JobError> {
         let (lo, hi) = job.uid_range.unwrap_or((1, u32::MAX));
         let src = source
@@ -158,6 +161,7 @@ impl<S: StateStore> Engine<S> {
         };
         if incremental && cp.is_current(&now, Some(dst.uidvalidity)) {
             report.unchanged = true;
+            report.skipped_total = cp.skipped.len() as u32;
             self.progress.job_started(job, 0, 0);
             self.progress.job_finished(job, &report);
             return Ok(report);
@@ -169,7 +173,7 @@ impl<S: StateStore> Engine<S> {
             for (s, d) in pairs {
                 cp.uid_map.insert(s, d);
             }
-            self.save(job, &cp).await?;
+            self.save(job, &cp, fence).await?;
         }
 
         // With CONDSTORE a pass reads only new messages' metadata and changed flags;
@@ -245,6 +249,7 @@ impl<S: StateStore> Engine<S> {
             multiappend: caps.has("MULTIAPPEND"),
             binary: caps.has("BINARY"),
             uidplus: caps.has("UIDPLUS"),
+            fence,
         };
         let uidplus = folder.uidplus;
         let mut target_uidnext = dst.uidnext;
@@ -257,7 +262,7 @@ impl<S: StateStore> Engine<S> {
                 source_uids: chunk.iter().map(|m| m.uid).collect(),
                 target_uidnext,
             });
-            self.save(job, &cp).await?;
+            self.save(job, &cp, fence).await?;
             failpoint::hit("after-window");
 
             let progress = self.progress.clone();
@@ -406,13 +411,27 @@ impl<S: StateStore> Engine<S> {
         cp.source_uidnext = src.uidnext;
         cp.source_messages = src.exists;
         cp.source_modseq = src.highestmodseq;
-        self.save(job, &cp).await?;
-        report.target_messages = dst.exists + report.copied as u32;
+        self.save(job, &cp, fence).await?;
+        report.skipped_total = cp.skipped.len() as u32;
+        // Measured, not computed: the count the reconciliation compares with the source.
+        // (STATUS on the selected folder is allowed in IMAP4rev2 and answered by the
+        // servers we test; one command per folder and pass.)
+        let status = target
+            .status_many(&[bytes::Bytes::copy_from_slice(job.target_folder.as_bytes())])
+            .await
+            .map_err(JobError::target_side)?;
+        report.target_messages = match status.into_iter().next() {
+            Some(Ok(st)) => st.messages,
+            _ => dst.exists + report.copied as u32,
+        };
         self.progress.job_finished(job, &report);
         Ok(report)
     }
 
-    async fn save(&self, job: &FolderJob, cp: &Checkpoint) -> Result<(), JobError> {
+    async fn save(&self, job: &FolderJob, cp: &Checkpoint, fence: &Fence) -> Result<(), JobError> {
+        // A run that lost its claim must not overwrite the checkpoint of the run that
+        // took the folder over.
+        fence.check().map_err(JobError::Fenced)?;
         self.store
             .save_checkpoint(&job.checkpoint_key(), cp)
             .await

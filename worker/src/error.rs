@@ -18,6 +18,10 @@ pub enum JobError {
     UnknownUser(String),
     #[error("{0}")]
     Store(SharedError),
+    /// This run may no longer write (its claim on the folder lapsed, or the user was
+    /// stopped). Not a failure of the job: it is handed back or settled as it is.
+    #[error("stopped writing: {0}")]
+    Fenced(String),
 }
 
 impl JobError {
@@ -41,7 +45,7 @@ impl JobError {
             // A full mailbox stays full until an admin acts.
             JobError::TargetOverQuota { .. } | JobError::UnknownUser(_) => Disposition::Fatal,
             // The local store failing (disk full) may pass; retry.
-            JobError::Store(_) => Disposition::Retry,
+            JobError::Store(_) | JobError::Fenced(_) => Disposition::Retry,
         }
     }
 

@@ -1,0 +1,534 @@
+//! The coordinator process: the one active coordinator (it holds the leader lease in
+//! Redis; others stand by and take over when it stops renewing) plans users into folder
+//! jobs when they are due, publishes them within each user's limit of jobs in flight,
+//! and closes each pass when its jobs have ended.
+//!
+//! Everything it knows is in Redis, so a restart (or a standby taking over) resumes:
+//! every open pass is looked at again and its queued jobs are published again. That is
+//! harmless: job ids are deterministic, and a worker's claim skips a job that is done
+//! or running elsewhere.
+//!
+//! - **Due** (`P:due:<batch>`): a user is due when started, closed (the final pass), on
+//!   "sync now", when its interval has passed, or when an open pass is to be checked
+//!   again (`recheck_secs` after it began; then its queued jobs are published again).
+//! - **Dispatch** (`P:dispatch`): workers mark a user whenever one of its jobs ends; the
+//!   coordinator then publishes the user's next waiting jobs (fairness: at most
+//!   `max_jobs_per_user` queued or running per user, so a 50 GB mailbox does not hold
+//!   every worker while others wait), or, when none is open, ends the pass: Synced is
+//!   recorded, the next pass is scheduled, or a closing user is closed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mailferry_shared::amqp_queue::AmqpQueue;
+use mailferry_shared::control::{now_ms, PassRecord};
+use mailferry_shared::folders::Rules;
+use mailferry_shared::imap::Limits;
+use mailferry_shared::job::FolderJob;
+use mailferry_shared::lease::{Fence, LeaseTiming};
+use mailferry_shared::queue::JobQueue;
+use mailferry_shared::redis_store::RedisStore;
+use mailferry_shared::seal::Keyring;
+use mailferry_shared::settings::Settings;
+use mailferry_shared::status::{Intent, JobState, UserStatus};
+use mailferry_shared::{Disposition, Error};
+use mailferry_worker::accounts::RedisAccounts;
+use tokio::sync::{watch, Mutex};
+
+use crate::cluster::user_status;
+use crate::planner::{plan_user, PlanError, PlanRequest};
+
+/// How often the active coordinator looks at the schedule and the dispatch set.
+const TICK: Duration = Duration::from_millis(250);
+/// Users planned at once (each planning logs in to both servers).
+const PLANNERS: usize = 16;
+/// A plan that failed for a passing reason (a server unreachable) is tried again after
+/// this long, or the batch's interval if that is shorter.
+const PLAN_RETRY: Duration = Duration::from_secs(300);
+
+struct Coordinator {
+    settings: Settings,
+    store: RedisStore,
+    accounts: RedisAccounts,
+    queue: Mutex<Option<AmqpQueue>>,
+    /// Shut when leadership is lost: nothing more is written or published.
+    fence: Arc<Fence>,
+}
+
+/// Runs until `shutdown` turns true: stands by, schedules while it holds the leader
+/// lease, stands by again if it loses it.
+pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+    let keys = settings
+        .sealing_keys()
+        .map_err(|e| Error::Config(e.to_string()))
+        .and_then(|k| Keyring::parse(&k).map_err(|e| Error::Config(e.to_string())))?;
+    let store = RedisStore::connect(&settings.redis_url, &settings.key_prefix).await?;
+    let me = format!(
+        "coordinator-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    );
+    let timing = LeaseTiming {
+        ttl: Duration::from_secs(settings.coordinator.leader_lease_secs),
+    };
+    let keys = Arc::new(keys);
+    let mut shutdown = shutdown;
+    let mut announced_standby = false;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let sent = Instant::now();
+        match store.acquire_leader(&me, timing.ttl).await {
+            Ok(true) => {
+                tracing::info!(holder = %me, "leading: this coordinator schedules");
+                announced_standby = false;
+                let fence = Arc::new(Fence::until(timing.fence_deadline(sent)));
+                let coordinator = Arc::new(Coordinator {
+                    accounts: RedisAccounts::new(
+                        store.clone(),
+                        keys.clone(),
+                        Limits::default(),
+                        settings.worker.connections_per_account as usize,
+                    ),
+                    settings: settings.clone(),
+                    store: store.clone(),
+                    queue: Mutex::new(None),
+                    fence: fence.clone(),
+                });
+                let keeper = tokio::spawn(keep_leadership(
+                    store.clone(),
+                    me.clone(),
+                    timing,
+                    fence.clone(),
+                ));
+                let why = coordinator.lead(shutdown.clone()).await;
+                keeper.abort();
+                if *shutdown.borrow() {
+                    let _ = store.release_leader(&me).await;
+                    tracing::info!("stopped; the leader lease is released");
+                    return Ok(());
+                }
+                tracing::warn!(why, "no longer leading; standing by");
+            }
+            Ok(false) => {
+                if !announced_standby {
+                    tracing::info!("standing by: another coordinator schedules");
+                    announced_standby = true;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reach Redis for the leader lease"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(timing.renew_every()) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+async fn keep_leadership(store: RedisStore, me: String, timing: LeaseTiming, fence: Arc<Fence>) {
+    loop {
+        tokio::time::sleep(timing.renew_every()).await;
+        let sent = Instant::now();
+        match store.renew_leader(&me, timing.ttl).await {
+            Ok(true) => fence.extend(timing.fence_deadline(sent)),
+            Ok(false) => {
+                fence.revoke("another coordinator holds the leader lease");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not renew the leader lease"),
+        }
+    }
+}
+
+impl Coordinator {
+    /// Schedules until the fence shuts or `shutdown` turns true; returns why it stopped.
+    async fn lead(self: &Arc<Self>, mut shutdown: watch::Receiver<bool>) -> String {
+        if let Err(e) = self.resume().await {
+            tracing::warn!(error = %e, "could not look at the open passes; the recheck will");
+        }
+        let mut planning: HashSet<(String, String)> = HashSet::new();
+        let mut planners = tokio::task::JoinSet::new();
+        loop {
+            if let Err(why) = self.fence.check() {
+                planners.abort_all();
+                return why;
+            }
+            if *shutdown.borrow() {
+                // Plans in progress finish; what they did not publish is republished by
+                // the next coordinator's resume.
+                while planners.join_next().await.is_some() {}
+                return "shutting down".into();
+            }
+            while let Some(done) = planners.try_join_next() {
+                if let Ok(key) = done {
+                    planning.remove(&key);
+                }
+            }
+            if let Err(e) = self.dispatch().await {
+                tracing::warn!(error = %e, "dispatch failed; trying again");
+            }
+            if planners.len() < PLANNERS {
+                match self.due(PLANNERS - planners.len(), &planning).await {
+                    Ok(due) => {
+                        for key in due {
+                            planning.insert(key.clone());
+                            let me = self.clone();
+                            planners.spawn(async move {
+                                if let Err(e) = me.plan_pass(&key.0, &key.1).await {
+                                    tracing::warn!(batch = %key.0, user = %key.1, error = %e, "could not plan the user; trying again shortly");
+                                    let _ = me.store.schedule(&key.0, &key.1, now_ms() + 5_000).await;
+                                }
+                                key
+                            });
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read the schedule"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// After taking over: every open pass is due now, so its queued jobs are published
+    /// again and a pass whose jobs all ended meanwhile is closed.
+    async fn resume(&self) -> Result<(), Error> {
+        let now = now_ms();
+        for batch in self.store.batches().await? {
+            for (user, record) in self.store.pass_records(&batch).await? {
+                if record.pass > 0 && record.finished_ms.is_none() {
+                    self.store.schedule(&batch, &user, now).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Due users not being planned already, at most `limit`.
+    async fn due(
+        &self,
+        limit: usize,
+        planning: &HashSet<(String, String)>,
+    ) -> Result<Vec<(String, String)>, Error> {
+        let now = now_ms();
+        let mut out = Vec::new();
+        for batch in self.store.batches().await? {
+            for user in self
+                .store
+                .due_users(&batch, now, limit + planning.len())
+                .await?
+            {
+                let key = (batch.clone(), user);
+                if !planning.contains(&key) && out.len() < limit {
+                    out.push(key);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_allowed(&self) -> Result<(), Error> {
+        self.fence
+            .check()
+            .map_err(|why| Error::Store(format!("not leading any more: {why}")))
+    }
+
+    async fn interval_ms(&self, batch: &str) -> Result<u64, Error> {
+        let record = self.store.batch(batch).await?;
+        let secs = record
+            .and_then(|r| r.sync_interval_secs)
+            .unwrap_or(self.settings.coordinator.sync_interval_secs);
+        Ok(secs * 1000)
+    }
+
+    /// A due user: a new pass, or a look at the open one.
+    async fn plan_pass(&self, batch: &str, user: &str) -> Result<(), Error> {
+        let intent = self.store.intent(batch, user).await?;
+        if !matches!(intent, Intent::Active | Intent::Closing) {
+            self.write_allowed()?;
+            return self.store.unschedule(batch, user).await;
+        }
+        let record = self.store.pass_record(batch, user).await?;
+        if record.pass > 0 && record.finished_ms.is_none() {
+            return self.recheck(batch, user, record).await;
+        }
+
+        let pass = record.pass + 1;
+        let planned_ms = now_ms();
+        let planned = match self.accounts.load(batch, user).await {
+            Err(e) => Err((e.to_string(), e.disposition())),
+            Ok(pools) => {
+                let plan = plan_user(PlanRequest {
+                    batch,
+                    user,
+                    pass,
+                    source: &pools.source,
+                    target: &pools.target,
+                    rules: &Rules::default(),
+                    store: Some(&self.store),
+                })
+                .await;
+                pools.source.close_idle().await;
+                pools.target.close_idle().await;
+                plan.map_err(|e| {
+                    let disposition = match &e {
+                        PlanError::Imap { source, .. } => source.disposition(),
+                        _ => Disposition::Retry,
+                    };
+                    (e.to_string(), disposition)
+                })
+            }
+        };
+        let plan = match planned {
+            Ok(plan) => plan,
+            Err((reason, disposition)) => {
+                tracing::warn!(batch, user, reason, "planning failed");
+                let failed = PassRecord {
+                    pass,
+                    planned_ms,
+                    finished_ms: Some(now_ms()),
+                    synced_ms: record.synced_ms,
+                    plan_error: Some(reason),
+                    final_pass: intent == Intent::Closing,
+                };
+                let interval = self.interval_ms(batch).await?;
+                let again = match disposition {
+                    Disposition::Fatal => interval,
+                    _ => interval.min(PLAN_RETRY.as_millis() as u64),
+                };
+                self.write_allowed()?;
+                self.store
+                    .begin_pass(batch, user, &failed, &[], now_ms() + again)
+                    .await?;
+                if intent == Intent::Closing {
+                    // The admin asked to end it: a final pass that cannot even be
+                    // planned (the password changed) closes all the same; its reason
+                    // stays in the pass record.
+                    self.close(batch, user).await?;
+                }
+                return Ok(());
+            }
+        };
+        let size = |job: &FolderJob| {
+            plan.folders
+                .iter()
+                .find(|f| f.mapping.source_wire == job.source_folder.0)
+                .map(|f| (f.size.unwrap_or(0), f.messages.unwrap_or(0)))
+                .unwrap_or((0, 0))
+        };
+        let mut jobs = plan.jobs.clone();
+        // Largest first, so the longest job does not start last.
+        jobs.sort_by_key(|j| std::cmp::Reverse(size(j)));
+        let cap = self.settings.coordinator.max_jobs_per_user as usize;
+        let states: Vec<(FolderJob, JobState)> = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, job)| {
+                let state = if i < cap {
+                    JobState::Queued
+                } else {
+                    JobState::Waiting
+                };
+                (job, state)
+            })
+            .collect();
+        let begun = PassRecord {
+            pass,
+            planned_ms,
+            finished_ms: None,
+            synced_ms: record.synced_ms,
+            plan_error: None,
+            final_pass: intent == Intent::Closing,
+        };
+        let recheck = now_ms() + self.settings.coordinator.recheck_secs * 1000;
+        self.write_allowed()?;
+        self.store
+            .begin_pass(batch, user, &begun, &states, recheck)
+            .await?;
+        tracing::info!(batch, user, pass, jobs = states.len(), "pass planned");
+        if states.is_empty() {
+            return self.end_pass(batch, user, intent, begun, &[]).await;
+        }
+        let first: Vec<FolderJob> = states
+            .into_iter()
+            .filter(|(_, s)| *s == JobState::Queued)
+            .map(|(j, _)| j)
+            .collect();
+        self.publish(batch, user, first).await
+    }
+
+    /// An open pass came due again (sync now, a restart, the recheck): its jobs in flight
+    /// are published again, or the pass ends if none is open. Publishing a job that is
+    /// still queued or running elsewhere is harmless: the copy's claim finds it done or
+    /// busy. It repairs a publish lost to a crash and a running job whose delivery was
+    /// lost with its broker.
+    async fn recheck(&self, batch: &str, user: &str, record: PassRecord) -> Result<(), Error> {
+        let jobs = self.store.job_states(batch, user).await?;
+        if !jobs.iter().any(|(_, s)| s.is_open()) {
+            let intent = self.store.intent(batch, user).await?;
+            let states: Vec<JobState> = jobs.into_iter().map(|(_, s)| s).collect();
+            return self.end_pass(batch, user, intent, record, &states).await;
+        }
+        let queued: Vec<String> = jobs
+            .iter()
+            .filter(|(_, s)| s.in_flight())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let specs = self.store.job_specs(batch, user, &queued).await?;
+        self.write_allowed()?;
+        self.store
+            .schedule(
+                batch,
+                user,
+                now_ms() + self.settings.coordinator.recheck_secs * 1000,
+            )
+            .await?;
+        if !specs.is_empty() {
+            tracing::info!(
+                batch,
+                user,
+                jobs = specs.len(),
+                "publishing the open pass's jobs again"
+            );
+        }
+        self.publish(batch, user, specs).await?;
+        // Waiting jobs may be due a slot (their dispatch mark may have been lost).
+        self.dispatch_user(batch, user).await
+    }
+
+    /// Users whose jobs ended: publish their next waiting jobs or end their pass.
+    async fn dispatch(&self) -> Result<(), Error> {
+        let marked = self.store.take_dispatch(500).await?;
+        for (batch, user) in marked {
+            if let Err(e) = self.dispatch_user(&batch, &user).await {
+                // The recheck of the open pass repairs what is left undone here.
+                tracing::warn!(batch, user, error = %e, "could not dispatch the user's jobs");
+            }
+        }
+        Ok(())
+    }
+
+    async fn dispatch_user(&self, batch: &str, user: &str) -> Result<(), Error> {
+        let record = self.store.pass_record(batch, user).await?;
+        if record.pass == 0 || record.finished_ms.is_some() {
+            return Ok(());
+        }
+        let intent = self.store.intent(batch, user).await?;
+        let jobs = self.store.job_states(batch, user).await?;
+        if !jobs.iter().any(|(_, s)| s.is_open()) {
+            let states: Vec<JobState> = jobs.into_iter().map(|(_, s)| s).collect();
+            return self.end_pass(batch, user, intent, record, &states).await;
+        }
+        if !matches!(intent, Intent::Active | Intent::Closing) {
+            return Ok(());
+        }
+        let cap = self.settings.coordinator.max_jobs_per_user as usize;
+        let in_flight = jobs.iter().filter(|(_, s)| s.in_flight()).count();
+        let next: Vec<String> = jobs
+            .iter()
+            .filter(|(_, s)| *s == JobState::Waiting)
+            .take(cap.saturating_sub(in_flight))
+            .map(|(id, _)| id.clone())
+            .collect();
+        if next.is_empty() {
+            return Ok(());
+        }
+        let specs = self.store.job_specs(batch, user, &next).await?;
+        self.write_allowed()?;
+        let queued: Vec<(String, JobState)> =
+            next.into_iter().map(|id| (id, JobState::Queued)).collect();
+        self.store.set_job_states(batch, user, &queued).await?;
+        self.publish(batch, user, specs).await
+    }
+
+    /// Records the pass's end and what comes next: the next pass at the interval, or,
+    /// for a closing user, the close.
+    async fn end_pass(
+        &self,
+        batch: &str,
+        user: &str,
+        intent: Intent,
+        mut record: PassRecord,
+        jobs: &[JobState],
+    ) -> Result<(), Error> {
+        let status = user_status(Intent::Active, &record, jobs);
+        let now = now_ms();
+        record.finished_ms = Some(now);
+        if status == UserStatus::Synced {
+            record.synced_ms = Some(now);
+        }
+        self.write_allowed()?;
+        self.store.put_pass_record(batch, user, &record).await?;
+        tracing::info!(
+            batch,
+            user,
+            pass = record.pass,
+            status = status.name(),
+            "pass ended"
+        );
+        match intent {
+            Intent::Closing if record.final_pass => self.close(batch, user).await,
+            // Close was pressed during this pass: the final pass follows at once, so
+            // mail that arrived meanwhile is copied too.
+            Intent::Closing => self.store.schedule(batch, user, now).await,
+            Intent::Active => {
+                let interval = self.interval_ms(batch).await?;
+                self.store
+                    .schedule_next(batch, user, now, now + interval)
+                    .await
+                    .map(|_| ())
+            }
+            _ => self.store.unschedule(batch, user).await,
+        }
+    }
+
+    /// The final pass has ended: the schedule ends and the credentials are deleted.
+    async fn close(&self, batch: &str, user: &str) -> Result<(), Error> {
+        self.write_allowed()?;
+        if self.store.mark_closed(batch, user).await? {
+            self.store.delete_credentials(batch, user).await?;
+            self.store.unschedule(batch, user).await?;
+            tracing::info!(batch, user, "closed: schedule ended, credentials deleted");
+        }
+        Ok(())
+    }
+
+    /// Publishes with confirms; a failure drops the connection (the next publish
+    /// reconnects) and makes the user due again shortly, so nothing waits for the
+    /// recheck.
+    async fn publish(&self, batch: &str, user: &str, jobs: Vec<FolderJob>) -> Result<(), Error> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut queue = self.queue.lock().await;
+        let result = async {
+            if queue.is_none() {
+                *queue = Some(
+                    AmqpQueue::connect(
+                        &self.settings.amqp_url,
+                        &self.settings.key_prefix,
+                        self.settings.queue.delivery_limit,
+                    )
+                    .await?,
+                );
+            }
+            let q = queue.as_ref().expect("just connected");
+            for job in jobs {
+                self.write_allowed()?;
+                q.publish(job).await?;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = &result {
+            tracing::warn!(batch, user, error = %e, "publishing failed; reconnecting to RabbitMQ");
+            *queue = None;
+            let _ = self.store.schedule(batch, user, now_ms() + 2_000).await;
+        }
+        result
+    }
+}

@@ -1,0 +1,682 @@
+//! The cluster's control records in Redis: what the admin asked for, when each user is
+//! due, each user's current pass and its jobs, the workers' claims on target folders
+//! and the coordinator's leadership. All keys live under the installation's prefix `P`:
+//!
+//! | key | type | written by | what |
+//! |---|---|---|---|
+//! | `P:batches` | set | CLI | batch names |
+//! | `P:intent:<batch>` | hash user → intent | CLI, coordinator (closing → closed) | Idle, Active, Stopped, Closing, Closed |
+//! | `P:due:<batch>` | sorted set user → ms | CLI (start, sync now), coordinator | when the user's next pass is due |
+//! | `P:pass:<batch>` | hash user → [`PassRecord`] | coordinator | the current pass and the last sync |
+//! | `P:jobs:<batch>:<user>` | hash job id → [`JobState`] | coordinator, workers | the current pass's jobs |
+//! | `P:specs:<batch>:<user>` | hash job id → [`FolderJob`] | coordinator | what to publish |
+//! | `P:dispatch` | set of `batch\tuser` | workers | users whose jobs ended since the coordinator looked |
+//! | `P:claim:<batch>:<user>:<target folder>` | string, expires | workers | one writer per target folder |
+//! | `P:run:<token>` | string, expires | workers | the last progress batch applied for one run of a job |
+//! | `P:leader` | string, expires | coordinators | which coordinator schedules |
+//!
+//! The workers' three calls per job (claim, renew with progress, finish) are Lua
+//! scripts: each is atomic and one round trip, and progress carries a sequence number
+//! per run so a replayed batch is never counted twice.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::job::FolderJob;
+use crate::redis_store::{store_error, RedisStore};
+use crate::status::{Intent, JobState};
+
+/// Milliseconds since the Unix epoch: the schedule's clock (shared by all processes, so
+/// wall time, not monotonic).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The coordinator's record of a user's passes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassRecord {
+    /// The current (or last) pass; job ids carry it. 0: never planned.
+    pub pass: u64,
+    pub planned_ms: u64,
+    /// When the current pass ended; `None` while it runs.
+    pub finished_ms: Option<u64>,
+    /// When a pass last ended with every folder copied and verified.
+    pub synced_ms: Option<u64>,
+    /// Why the current pass could not be planned.
+    pub plan_error: Option<String>,
+    /// Planned after the admin pressed Close: when it ends, the user is closed.
+    #[serde(default)]
+    pub final_pass: bool,
+}
+
+/// What a worker's claim on a job found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimAnswer {
+    /// The job is ours to run until the claim lapses.
+    Granted,
+    /// Nothing to do: acknowledge the delivery (the reason is logged).
+    Skip(String),
+    /// Another job writes to the same target folder now: hand this one back for later.
+    Busy,
+}
+
+/// What renewing a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still ours; the user's intent as the admin last set it.
+    Held(Intent),
+    /// The claim lapsed and may be someone else's now.
+    Lost,
+}
+
+/// Counters a job run adds to its user's progress.
+pub type Counts = Vec<(&'static str, i64)>;
+
+fn intent_name(intent: Intent) -> &'static str {
+    match intent {
+        Intent::Idle => "idle",
+        Intent::Active => "active",
+        Intent::Stopped => "stopped",
+        Intent::Closing => "closing",
+        Intent::Closed => "closed",
+    }
+}
+
+fn parse_intent(text: &str) -> Intent {
+    match text {
+        "active" => Intent::Active,
+        "stopped" => Intent::Stopped,
+        "closing" => Intent::Closing,
+        "closed" => Intent::Closed,
+        _ => Intent::Idle,
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Result<String, Error> {
+    serde_json::to_string(value).map_err(|e| Error::Store(e.to_string()))
+}
+
+/// A claim: grants the job's target folder to this run unless the job is finished,
+/// superseded by a newer pass, or its user stopped; or another run holds the folder.
+/// KEYS: jobs hash, intent hash, claim key. ARGV: job id, user, holder, ttl ms, running json.
+const CLAIM: &str = r#"
+local state = redis.call('HGET', KEYS[1], ARGV[1])
+if not state then return {'skip', 'superseded by a newer pass'} end
+local s = cjson.decode(state)['state']
+if s == 'done' or s == 'failed' then return {'skip', 'already ' .. s} end
+local intent = redis.call('HGET', KEYS[2], ARGV[2])
+if intent == 'stopped' or intent == 'closed' or intent == 'idle' then
+  return {'skip', 'the user is ' .. intent}
+end
+if not redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then return {'busy'} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
+return {'granted'}
+"#;
+
+/// Renews a claim and applies a progress batch of this run (once per sequence number).
+/// KEYS: claim key, intent hash, progress hash, run key. ARGV: holder, ttl ms, user, seq,
+/// then field/delta pairs. Returns the intent, or false when the claim is not ours.
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local last = tonumber(redis.call('GET', KEYS[4]) or '0')
+if tonumber(ARGV[4]) > last then
+  redis.call('SET', KEYS[4], ARGV[4], 'EX', 86400)
+  for i = 5, #ARGV, 2 do redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) end
+end
+return redis.call('HGET', KEYS[2], ARGV[3]) or 'idle'
+"#;
+
+/// Ends a run: its last progress batch, the job's new state (unless a newer pass
+/// replaced the job meanwhile), the claim released, the user marked for the
+/// coordinator's dispatcher.
+/// KEYS: claim key, jobs hash, progress hash, run key, dispatch set.
+/// ARGV: holder, job id, state json ('' keeps the state), dispatch member, seq, pairs.
+const FINISH: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+end
+local last = tonumber(redis.call('GET', KEYS[4]) or '0')
+if tonumber(ARGV[5]) > last then
+  redis.call('SET', KEYS[4], ARGV[5], 'EX', 86400)
+  for i = 6, #ARGV, 2 do redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) end
+end
+redis.call('SADD', KEYS[5], ARGV[4])
+return 1
+"#;
+
+/// Takes a lease if free. KEYS: lease. ARGV: holder, ttl ms.
+const ACQUIRE: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Renews a lease that is still ours. KEYS: lease. ARGV: holder, ttl ms.
+const RENEW_LEASE: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// Lets a lease go if it is still ours. KEYS: lease. ARGV: holder.
+const RELEASE_LEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
+
+/// Schedules a user's next pass unless the admin asked for one meanwhile (a sync now
+/// or start during the pass left it due already): the sooner time wins.
+/// KEYS: due zset. ARGV: user, now ms, next ms.
+const SCHEDULE_NEXT: &str = r#"
+local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if at and tonumber(at) <= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+"#;
+
+/// Closing → closed, only if the admin has not changed the intent meanwhile.
+/// KEYS: intent hash. ARGV: user.
+const CLOSE: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'closing' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], 'closed')
+return 1
+"#;
+
+impl RedisStore {
+    fn k(&self, parts: &[&str]) -> String {
+        let mut key = self.prefix.clone();
+        for p in parts {
+            key.push(':');
+            key.push_str(p);
+        }
+        key
+    }
+
+    fn claim_key(&self, job: &FolderJob) -> Vec<u8> {
+        let mut key = self.k(&["claim", &job.batch, &job.user]).into_bytes();
+        key.push(b':');
+        key.extend_from_slice(job.target_folder.as_bytes());
+        key
+    }
+
+    fn dispatch_member(batch: &str, user: &str) -> String {
+        format!("{batch}\t{user}")
+    }
+
+    // ---- batches and intents (the admin's side) ----
+
+    pub async fn batches(&self) -> Result<Vec<String>, Error> {
+        let mut conn = self.conn.clone();
+        let mut names: Vec<String> = conn
+            .smembers(self.k(&["batches"]))
+            .await
+            .map_err(|e| store_error("SMEMBERS", e))?;
+        names.sort();
+        Ok(names)
+    }
+
+    pub(crate) fn batches_key(&self) -> String {
+        self.k(&["batches"])
+    }
+
+    /// Records users as imported (intent Idle) unless they have an intent already.
+    pub async fn import_users(&self, batch: &str, users: &[String]) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.hset_nx(self.k(&["intent", batch]), user, "idle")
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| store_error("HSETNX", e))
+    }
+
+    pub async fn intents(&self, batch: &str) -> Result<HashMap<String, Intent>, Error> {
+        let mut conn = self.conn.clone();
+        let all: HashMap<String, String> = conn
+            .hgetall(self.k(&["intent", batch]))
+            .await
+            .map_err(|e| store_error("HGETALL", e))?;
+        Ok(all
+            .into_iter()
+            .map(|(u, i)| (u, parse_intent(&i)))
+            .collect())
+    }
+
+    pub async fn intent(&self, batch: &str, user: &str) -> Result<Intent, Error> {
+        let mut conn = self.conn.clone();
+        let intent: Option<String> = conn
+            .hget(self.k(&["intent", batch]), user)
+            .await
+            .map_err(|e| store_error("HGET", e))?;
+        Ok(intent.as_deref().map_or(Intent::Idle, parse_intent))
+    }
+
+    /// Sets the users' intent; `due` schedules a pass now (start, close), Stopped takes
+    /// them off the schedule.
+    pub async fn set_intent(
+        &self,
+        batch: &str,
+        users: &[String],
+        intent: Intent,
+        due: bool,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let now = now_ms();
+        for user in users {
+            pipe.hset(self.k(&["intent", batch]), user, intent_name(intent))
+                .ignore();
+            if due {
+                pipe.zadd(self.k(&["due", batch]), user, now).ignore();
+            } else if matches!(intent, Intent::Stopped | Intent::Closed) {
+                pipe.zrem(self.k(&["due", batch]), user).ignore();
+            }
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| store_error("MULTI", e))
+    }
+
+    /// Closing → Closed, unless the admin changed the intent meanwhile.
+    pub async fn mark_closed(&self, batch: &str, user: &str) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let done: i64 = redis::Script::new(CLOSE)
+            .key(self.k(&["intent", batch]))
+            .arg(user)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| store_error("close script", e))?;
+        Ok(done == 1)
+    }
+
+    /// Deletes a user's stored logins and sealed secrets (Close).
+    pub async fn delete_credentials(&self, batch: &str, user: &str) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.del::<_, ()>(self.user_key(batch, user))
+            .await
+            .map_err(|e| store_error("DEL", e))
+    }
+
+    // ---- the schedule ----
+
+    /// Puts the user's next pass at `at_ms`.
+    pub async fn schedule(&self, batch: &str, user: &str, at_ms: u64) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.zadd::<_, _, _, ()>(self.k(&["due", batch]), user, at_ms)
+            .await
+            .map_err(|e| store_error("ZADD", e))
+    }
+
+    /// After a pass: the next one at `next_ms`, unless one is due already (the admin
+    /// pressed "sync now" while the pass ran). Returns whether `next_ms` was set.
+    pub async fn schedule_next(
+        &self,
+        batch: &str,
+        user: &str,
+        now_ms: u64,
+        next_ms: u64,
+    ) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let set: i64 = redis::Script::new(SCHEDULE_NEXT)
+            .key(self.k(&["due", batch]))
+            .arg(user)
+            .arg(now_ms)
+            .arg(next_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| store_error("schedule script", e))?;
+        Ok(set == 1)
+    }
+
+    pub async fn unschedule(&self, batch: &str, user: &str) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.zrem::<_, _, ()>(self.k(&["due", batch]), user)
+            .await
+            .map_err(|e| store_error("ZREM", e))
+    }
+
+    /// Users due at `now_ms`, earliest first, at most `limit`.
+    pub async fn due_users(
+        &self,
+        batch: &str,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<String>, Error> {
+        let mut conn = self.conn.clone();
+        redis::cmd("ZRANGEBYSCORE")
+            .arg(self.k(&["due", batch]))
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| store_error("ZRANGEBYSCORE", e))
+    }
+
+    /// When each scheduled user is due next.
+    pub async fn due_times(&self, batch: &str) -> Result<HashMap<String, u64>, Error> {
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, f64)> = conn
+            .zrange_withscores(self.k(&["due", batch]), 0, -1)
+            .await
+            .map_err(|e| store_error("ZRANGE", e))?;
+        Ok(all.into_iter().map(|(u, s)| (u, s as u64)).collect())
+    }
+
+    // ---- passes and jobs (the coordinator's side) ----
+
+    pub async fn pass_records(&self, batch: &str) -> Result<HashMap<String, PassRecord>, Error> {
+        let mut conn = self.conn.clone();
+        let all: HashMap<String, String> = conn
+            .hgetall(self.k(&["pass", batch]))
+            .await
+            .map_err(|e| store_error("HGETALL", e))?;
+        all.into_iter()
+            .map(|(u, v)| {
+                serde_json::from_str(&v)
+                    .map(|r| (u, r))
+                    .map_err(|e| Error::Store(format!("pass record: {e}")))
+            })
+            .collect()
+    }
+
+    pub async fn pass_record(&self, batch: &str, user: &str) -> Result<PassRecord, Error> {
+        let mut conn = self.conn.clone();
+        let v: Option<String> = conn
+            .hget(self.k(&["pass", batch]), user)
+            .await
+            .map_err(|e| store_error("HGET", e))?;
+        v.map(|v| serde_json::from_str(&v).map_err(|e| Error::Store(format!("pass record: {e}"))))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    }
+
+    pub async fn put_pass_record(
+        &self,
+        batch: &str,
+        user: &str,
+        record: &PassRecord,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.hset::<_, _, _, ()>(self.k(&["pass", batch]), user, json(record)?)
+            .await
+            .map_err(|e| store_error("HSET", e))
+    }
+
+    /// Starts a pass: replaces the user's jobs with `jobs` (specs and first states),
+    /// records the pass, and sets when the user is due again if the pass never ends
+    /// (`recheck_ms`: the coordinator then republishes what is still queued). One
+    /// transaction.
+    pub async fn begin_pass(
+        &self,
+        batch: &str,
+        user: &str,
+        record: &PassRecord,
+        jobs: &[(FolderJob, JobState)],
+        recheck_ms: u64,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let jobs_key = self.jobs_key(batch, user);
+        let specs_key = self.k(&["specs", batch, user]);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(&jobs_key)
+            .ignore()
+            .del(&specs_key)
+            .ignore();
+        for (job, state) in jobs {
+            let id = job.id();
+            pipe.hset(&jobs_key, &id, json(state)?).ignore();
+            pipe.hset(&specs_key, &id, json(job)?).ignore();
+        }
+        pipe.hset(self.k(&["pass", batch]), user, json(record)?)
+            .ignore();
+        pipe.zadd(self.k(&["due", batch]), user, recheck_ms)
+            .ignore();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| store_error("MULTI", e))
+    }
+
+    /// The current pass's jobs, by id.
+    pub async fn job_states(
+        &self,
+        batch: &str,
+        user: &str,
+    ) -> Result<Vec<(String, JobState)>, Error> {
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, String)> = conn
+            .hgetall(self.jobs_key(batch, user))
+            .await
+            .map_err(|e| store_error("HGETALL", e))?;
+        let mut out = all
+            .into_iter()
+            .map(|(id, v)| {
+                serde_json::from_str(&v)
+                    .map(|s| (id, s))
+                    .map_err(|e| Error::Store(format!("job state: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// The jobs behind `ids`, as the coordinator planned them.
+    pub async fn job_specs(
+        &self,
+        batch: &str,
+        user: &str,
+        ids: &[String],
+    ) -> Result<Vec<FolderJob>, Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let specs: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.k(&["specs", batch, user]))
+            .arg(ids)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| store_error("HMGET", e))?;
+        specs
+            .into_iter()
+            .flatten()
+            .map(|s| serde_json::from_str(&s).map_err(|e| Error::Store(format!("job spec: {e}"))))
+            .collect()
+    }
+
+    /// Sets several jobs' states at once (the coordinator: waiting → queued).
+    pub async fn set_job_states(
+        &self,
+        batch: &str,
+        user: &str,
+        states: &[(String, JobState)],
+    ) -> Result<(), Error> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for (id, state) in states {
+            pipe.hset(self.jobs_key(batch, user), id, json(state)?)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| store_error("HSET", e))
+    }
+
+    /// Users whose jobs ended since the last call, at most `limit` (taken off the set).
+    pub async fn take_dispatch(&self, limit: usize) -> Result<Vec<(String, String)>, Error> {
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = redis::cmd("SPOP")
+            .arg(self.k(&["dispatch"]))
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| store_error("SPOP", e))?;
+        Ok(members
+            .into_iter()
+            .filter_map(|m| {
+                m.split_once('\t')
+                    .map(|(b, u)| (b.to_string(), u.to_string()))
+            })
+            .collect())
+    }
+
+    // ---- a worker's claim on a job ----
+
+    pub async fn claim_job(
+        &self,
+        job: &FolderJob,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<ClaimAnswer, Error> {
+        let mut conn = self.conn.clone();
+        let answer: Vec<String> = redis::Script::new(CLAIM)
+            .key(self.jobs_key(&job.batch, &job.user))
+            .key(self.k(&["intent", &job.batch]))
+            .key(self.claim_key(job))
+            .arg(job.id())
+            .arg(&job.user)
+            .arg(holder)
+            .arg(ttl.as_millis() as u64)
+            .arg(json(&JobState::Running)?)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| store_error("claim script", e))?;
+        Ok(match answer.first().map(String::as_str) {
+            Some("granted") => ClaimAnswer::Granted,
+            Some("busy") => ClaimAnswer::Busy,
+            _ => ClaimAnswer::Skip(answer.get(1).cloned().unwrap_or_default()),
+        })
+    }
+
+    /// Renews the claim and adds this run's progress batch number `seq`.
+    pub async fn renew_claim(
+        &self,
+        job: &FolderJob,
+        holder: &str,
+        ttl: Duration,
+        seq: u64,
+        counts: &Counts,
+    ) -> Result<Renewal, Error> {
+        let mut conn = self.conn.clone();
+        let script = redis::Script::new(RENEW);
+        let mut call = script.key(self.claim_key(job));
+        call.key(self.k(&["intent", &job.batch]))
+            .key(self.progress_key(&job.batch, &job.user))
+            .key(self.k(&["run", holder]))
+            .arg(holder)
+            .arg(ttl.as_millis() as u64)
+            .arg(&job.user)
+            .arg(seq);
+        for (field, delta) in counts {
+            call.arg(*field).arg(*delta);
+        }
+        let intent: Option<String> = call
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| store_error("renew script", e))?;
+        Ok(match intent {
+            Some(i) => Renewal::Held(parse_intent(&i)),
+            None => Renewal::Lost,
+        })
+    }
+
+    /// Ends a run: `state` (None: leave the job as it is, e.g. handed back), the run's
+    /// last progress batch `seq`, the claim released, the coordinator told.
+    pub async fn finish_job(
+        &self,
+        job: &FolderJob,
+        holder: &str,
+        state: Option<&JobState>,
+        seq: u64,
+        counts: &Counts,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let state = state.map(json).transpose()?.unwrap_or_default();
+        let script = redis::Script::new(FINISH);
+        let mut call = script.key(self.claim_key(job));
+        call.key(self.jobs_key(&job.batch, &job.user))
+            .key(self.progress_key(&job.batch, &job.user))
+            .key(self.k(&["run", holder]))
+            .key(self.k(&["dispatch"]))
+            .arg(holder)
+            .arg(job.id())
+            .arg(state)
+            .arg(Self::dispatch_member(&job.batch, &job.user))
+            .arg(seq);
+        for (field, delta) in counts {
+            call.arg(*field).arg(*delta);
+        }
+        call.invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| store_error("finish script", e))?;
+        Ok(())
+    }
+
+    // ---- leadership ----
+
+    /// Takes (or keeps) the coordinator lease. True when `holder` holds it now.
+    pub async fn acquire_leader(&self, holder: &str, ttl: Duration) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let got: i64 = redis::Script::new(ACQUIRE)
+            .key(self.k(&["leader"]))
+            .arg(holder)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| store_error("leader script", e))?;
+        Ok(got == 1)
+    }
+
+    /// Renews the coordinator lease; false when it is no longer `holder`'s.
+    pub async fn renew_leader(&self, holder: &str, ttl: Duration) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let kept: i64 = redis::Script::new(RENEW_LEASE)
+            .key(self.k(&["leader"]))
+            .arg(holder)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| store_error("leader script", e))?;
+        Ok(kept == 1)
+    }
+
+    pub async fn release_leader(&self, holder: &str) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        redis::Script::new(RELEASE_LEASE)
+            .key(self.k(&["leader"]))
+            .arg(holder)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| store_error("leader script", e))?;
+        Ok(())
+    }
+
+    /// Who holds the coordinator lease now.
+    pub async fn leader(&self) -> Result<Option<String>, Error> {
+        let mut conn = self.conn.clone();
+        conn.get(self.k(&["leader"]))
+            .await
+            .map_err(|e| store_error("GET", e))
+    }
+}
