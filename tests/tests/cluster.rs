@@ -532,9 +532,10 @@ async fn synced_users_are_synced_again_on_sync_now_and_on_the_schedule() {
 /// deletes the stored credentials and ends the schedule.
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_halts_jobs_in_progress_and_close_deletes_the_credentials() {
-    // A source slowed to 40 kB/s: a folder job takes several seconds, longer than a
-    // claim renewal, so the stop reaches jobs while they copy.
-    let rig = Rig::slow(20, &format!("{FAST}max_jobs_per_user = 1\n"), 40_000).await;
+    // Claims renewed every second, and a source slowed to 40 kB/s: a folder job takes
+    // longer than a renewal, so the stop reaches jobs while they copy.
+    let settings = FAST.replace("claim_secs = 6", "claim_secs = 3");
+    let rig = Rig::slow(10, &format!("{settings}max_jobs_per_user = 1\n"), 40_000).await;
     let _coordinator = rig.coordinator("coordinator");
     let _worker = rig.worker("worker");
     let store = rig.store().await;
@@ -547,7 +548,7 @@ async fn stop_halts_jobs_in_progress_and_close_deletes_the_credentials() {
     let (code, _, text) = rig.admin(&["stop", "--batch", "b1", "--user", "alice@example.com"]);
     assert_eq!(code, Some(0), "{text}");
     let stopped_at = Instant::now();
-    // Within a renewal (a third of claim_secs = 6) and a little: nothing of alice's runs.
+    // Within a renewal (a third of claim_secs = 3) and a little: nothing of alice's runs.
     loop {
         let jobs = store.job_states("b1", "alice@example.com").await.unwrap();
         let running = jobs.iter().filter(|(_, s)| *s == JobState::Running).count();
@@ -555,7 +556,7 @@ async fn stop_halts_jobs_in_progress_and_close_deletes_the_credentials() {
             break;
         }
         assert!(
-            stopped_at.elapsed() < Duration::from_secs(8),
+            stopped_at.elapsed() < Duration::from_secs(5),
             "alice still has {running} jobs running after the stop"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
