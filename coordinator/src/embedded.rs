@@ -128,6 +128,8 @@ pub async fn run(
         opts.job_slots,
         opts.retry,
         shutdown.clone(),
+        // Ctrl-C lets the folders in progress finish; a second one exits at once.
+        Arc::new(mailferry_shared::lease::Fence::open_ended()),
     ));
 
     // Plan users a few at a time; each user's jobs are queued as soon as it is planned,

@@ -143,12 +143,7 @@ fn cluster_setup(
 fn worker(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
     let (settings, runtime) = cluster_setup(args.config.as_deref())?;
     runtime.block_on(async {
-        let (stop, shutdown) = watch::channel(false);
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("stopping: finishing the jobs in progress");
-            let _ = stop.send(true);
-        });
+        let shutdown = on_signal("stopping: finishing the jobs in progress");
         mailferry_worker::cluster::run(&settings, shutdown).await
     })?;
     Ok(())
@@ -157,12 +152,8 @@ fn worker(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
 fn coordinator(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
     let (settings, runtime) = cluster_setup(args.config.as_deref())?;
     runtime.block_on(async {
-        let (stop, shutdown) = watch::channel(false);
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("stopping: plans in progress finish, the leader lease is released");
-            let _ = stop.send(true);
-        });
+        let shutdown =
+            on_signal("stopping: plans in progress finish, the leader lease is released");
         mailferry_coordinator::scheduler::run(settings, shutdown).await
     })?;
     Ok(())
@@ -278,6 +269,17 @@ fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
             }
         }
     })
+}
+
+/// A shutdown flag that turns true at the first SIGTERM or Ctrl-C (with `what` logged).
+fn on_signal(what: &'static str) -> watch::Receiver<bool> {
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("{what}");
+        let _ = stop.send(true);
+    });
+    shutdown
 }
 
 async fn wait_for_signal() {

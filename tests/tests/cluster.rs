@@ -693,3 +693,31 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     rig.assert_target_equals_source().await;
     rig.clean_up().await;
 }
+
+/// SIGTERM with jobs in progress: the worker takes no new job, gives its jobs
+/// `shutdown_grace_secs` to finish, then hands them back and exits, well within a pod's
+/// grace period. Another worker finishes the batch, nothing lost or doubled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_worker_hands_its_jobs_back_after_the_grace_period() {
+    let settings = FAST.replace("claim_secs = 6", "claim_secs = 3\nshutdown_grace_secs = 1");
+    let rig = Rig::slow(10, &settings, 40_000).await;
+    let _coordinator = rig.coordinator("coordinator");
+    let mut leaving = rig.worker("leaving");
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_until("syncing", Duration::from_secs(60), |l| {
+        l.iter().any(|l| l.1 == "syncing")
+    })
+    .await;
+    let asked = Instant::now();
+    let status = stop(&mut leaving);
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(6), "took {took:?} to stop");
+    let log = rig.log("leaving");
+    assert!(log.contains("handing the job back unfinished"), "{log}");
+    let _finisher = rig.worker("finisher");
+    rig.wait_synced(Duration::from_secs(120)).await;
+    rig.assert_target_equals_source().await;
+    rig.clean_up().await;
+}

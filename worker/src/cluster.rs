@@ -6,6 +6,7 @@ use std::sync::Arc;
 use mailferry_shared::amqp_queue::AmqpQueue;
 use mailferry_shared::imap::Limits;
 use mailferry_shared::job::{FolderJob, SkippedMessage};
+use mailferry_shared::lease::Fence;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::settings::Settings;
@@ -99,6 +100,25 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
             ..EngineSettings::default()
         },
     ));
+    // SIGTERM: no new jobs; those in progress get `shutdown_grace_secs` to finish,
+    // then they are handed back, so the process ends within the pod's grace period.
+    let drain = Arc::new(Fence::open_ended());
+    tokio::spawn({
+        let (drain, mut shutdown) = (drain.clone(), shutdown.clone());
+        let grace = std::time::Duration::from_secs(settings.worker.shutdown_grace_secs);
+        async move {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(grace).await;
+            drain.revoke(format!(
+                "the worker is stopping and its {} s grace is over",
+                grace.as_secs()
+            ));
+        }
+    });
     let result = loop {
         let queue = match consuming_queue(settings).await {
             Ok(q) => Arc::new(q),
@@ -112,6 +132,7 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
             settings.worker.job_slots as usize,
             RetryPolicy::default(),
             shutdown.clone(),
+            drain.clone(),
         )
         .await;
         if *shutdown.borrow() {

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use crate::claims::{Claimed, Claims, JobEnd};
 use crate::engine::Engine;
 use crate::error::JobError;
+use mailferry_shared::lease::Fence;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -64,7 +65,9 @@ pub fn decide(
 }
 
 /// Runs `slots` jobs at a time until the queue ends or `shutdown` turns true. On
-/// shutdown no new job is taken; jobs in progress finish.
+/// shutdown no new job is taken; jobs in progress finish, unless `drain` shuts first:
+/// then they stop where they are (as safe as a crash), their claims are released and
+/// their deliveries left unsettled, for the broker to hand to another worker.
 pub async fn consume<Q: JobQueue, S: StateStore, C: Claims>(
     queue: Arc<Q>,
     engine: Arc<Engine<S>>,
@@ -72,12 +75,14 @@ pub async fn consume<Q: JobQueue, S: StateStore, C: Claims>(
     slots: usize,
     policy: RetryPolicy,
     shutdown: watch::Receiver<bool>,
+    drain: Arc<Fence>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..slots.max(1) {
         let queue = queue.clone();
         let engine = engine.clone();
         let claims = claims.clone();
+        let drain = drain.clone();
         let mut shutdown = shutdown.clone();
         tasks.spawn(async move {
             loop {
@@ -89,7 +94,7 @@ pub async fn consume<Q: JobQueue, S: StateStore, C: Claims>(
                     _ = shutdown.changed() => return,
                 };
                 let Some(delivery) = delivery else { return };
-                run_one(&*queue, &engine, &*claims, delivery, &policy).await;
+                run_one(&*queue, &engine, &*claims, delivery, &policy, &drain).await;
             }
         });
     }
@@ -102,6 +107,7 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     claims: &C,
     delivery: Delivery,
     policy: &RetryPolicy,
+    drain: &Fence,
 ) {
     let job = delivery.job.clone();
     let span = tracing::info_span!("job", batch = %job.batch, user = %job.user, folder = %job.source_folder.display());
@@ -136,6 +142,11 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
         let result = tokio::select! {
             r = engine.run_job(&job, &fence) => r,
             why = fence.shut() => Err(JobError::Fenced(why)),
+            why = drain.shut() => {
+                tracing::warn!(job = %job.id(), why, "handing the job back unfinished");
+                let _ = claims.finish(claim, &job, JobEnd::HandedBack).await;
+                return;
+            }
         };
         match result {
             Ok(report) => match claims.finish(claim, &job, JobEnd::Done(&report)).await {

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The cluster mode on one machine, measured: USERS mailboxes x MSGS messages from the
+# team's bench kit (../shared/bench, or MAILFERRY_BENCH_KIT) on a Dovecot pair, a
+# coordinator and WORKERS worker processes, RabbitMQ (the machine's, unique prefix) and
+# a Redis of its own on a free port, so that its command counter counts only us. Then
+# the embedded mode (`mailferry migrate --csv`, JOBS users at once) on the same corpus
+# into a wiped target, in the same run. Both are verified message by message.
+#
+#   tests/bench/cluster.sh                         # 40 users x 100 messages, 2 workers
+#   USERS=200 MSGS=20 WORKERS=4 tests/bench/cluster.sh
+#
+# Prints wall seconds, messages/s, Redis commands per copied message, and the
+# coordinator's CPU seconds and peak RSS.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+kit=${MAILFERRY_BENCH_KIT:-../shared/bench}
+[[ -x $kit/dovecot.sh ]] || { echo "no bench kit at $kit (set MAILFERRY_BENCH_KIT)" >&2; exit 2; }
+USERS=${USERS:-40} MSGS=${MSGS:-100} WORKERS=${WORKERS:-2} JOBS=${JOBS:-4}
+SRC_PORT=${SRC_PORT:-20143} DST_PORT=${DST_PORT:-21143} REDIS_PORT=${REDIS_PORT:-16379}
+export BENCH_ROOT=${BENCH_ROOT:-/tmp/mailferry-cluster-bench}
+
+cargo build --release -q -p mailferry-coordinator
+bin=${CARGO_TARGET_DIR:-target}/release/mailferry
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    bash "$kit/dovecot.sh" stop src >/dev/null 2>&1 || true
+    bash "$kit/dovecot.sh" stop dst >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+bash "$kit/dovecot.sh" destroy src >/dev/null 2>&1 || true
+bash "$kit/dovecot.sh" destroy dst >/dev/null 2>&1 || true
+bash "$kit/dovecot.sh" start src --port "$SRC_PORT" --users "$USERS" >/dev/null
+bash "$kit/dovecot.sh" start dst --port "$DST_PORT" --users "$USERS" >/dev/null
+python3 "$kit/corpus.py" --port "$SRC_PORT" --users "$USERS" --messages "$MSGS" --jobs 4 >/dev/null
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
+    --logfile "$work/redis.log" >/dev/null
+
+{
+    echo "EmailAddress,UserName,Password"
+    for i in $(seq 1 "$USERS"); do u=$(printf 'user%04d' "$i"); echo "$u@bench,$u,pass-$u"; done
+} > "$work/users.csv"
+prefix="bench-$(date +%s)"
+cat > "$work/mailferry.toml" <<EOF
+key_prefix = "$prefix"
+redis_url = "redis://127.0.0.1:$REDIS_PORT/0"
+[worker]
+job_slots = 8
+EOF
+export MAILFERRY_SEALING_KEYS="k1:$(head -c 32 /dev/urandom | base64)"
+admin() { "$bin" batch --config "$work/mailferry.toml" "$@"; }
+admin create --batch bench --source "127.0.0.1:$SRC_PORT" --source-security plain \
+    --target "127.0.0.1:$DST_PORT" --target-security plain --csv "$work/users.csv" >/dev/null
+
+commands() { redis-cli -p "$REDIS_PORT" info stats | awk -F: '/^total_commands_processed/ {print $2+0}'; }
+/usr/bin/time -f "%e %U %S %M" -o "$work/coordinator.time" \
+    "$bin" coordinator --config "$work/mailferry.toml" 2>"$work/coordinator.log" &
+pids+=($!)
+for w in $(seq 1 "$WORKERS"); do
+    "$bin" worker --config "$work/mailferry.toml" 2>"$work/worker$w.log" &
+    pids+=($!)
+done
+sleep 2
+before=$(commands)
+start=$(date +%s.%N)
+admin start --batch bench >/dev/null
+while :; do
+    summary=$(admin status --batch bench | tail -1)
+    [[ $summary == *"$USERS synced"* ]] && break
+    sleep 0.2
+done
+end=$(date +%s.%N)
+after=$(commands)
+copied=$(sed -E 's/.*copied ([0-9]+) messages.*/\1/' <<<"$summary")
+for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+wait 2>/dev/null || true
+pids=()
+python3 "$kit/verify.py" --src-port "$SRC_PORT" --dst-port "$DST_PORT" --users "$USERS" | tail -1 > "$work/verify.cluster"
+
+bash "$kit/dovecot.sh" wipe dst >/dev/null
+estart=$(date +%s.%N)
+MAILFERRY_TARGET_PASSWORD=unused "$bin" migrate --source "127.0.0.1:$SRC_PORT" --source-security plain \
+    --target "127.0.0.1:$DST_PORT" --target-security plain --csv "$work/users.csv" \
+    --state-dir "$work/state" --jobs "$JOBS" --progress lines >"$work/embedded.log" 2>&1 || true
+eend=$(date +%s.%N)
+python3 "$kit/verify.py" --src-port "$SRC_PORT" --dst-port "$DST_PORT" --users "$USERS" | tail -1 > "$work/verify.embedded"
+
+read -r _ cu cs crss < "$work/coordinator.time"
+python3 - "$USERS" "$MSGS" "$WORKERS" "$start" "$end" "$estart" "$eend" "$before" "$after" "$copied" "$cu" "$cs" "$crss" \
+    "$(cat "$work/verify.cluster")" "$(cat "$work/verify.embedded")" <<'EOF'
+import sys
+users, msgs, workers = sys.argv[1:4]
+start, end, estart, eend = map(float, sys.argv[4:8])
+before, after, copied = map(int, sys.argv[8:11])
+cu, cs, crss = float(sys.argv[11]), float(sys.argv[12]), int(sys.argv[13])
+vc, ve = sys.argv[14], sys.argv[15]
+wall, ewall = end - start, eend - estart
+print(f"{users} users x {msgs} messages, {workers} workers")
+print(f"| mode | wall s | msgs/s | vs embedded | Redis cmds/msg | verify |")
+print(f"|---|---:|---:|---:|---:|---|")
+print(f"| cluster | {wall:.1f} | {copied/wall:.0f} | {ewall/wall:.2f}x | {(after-before)/max(copied,1):.3f} | {vc} |")
+print(f"| embedded | {ewall:.1f} | {copied/ewall:.0f} | 1.00x | - | {ve} |")
+print(f"coordinator: {cu+cs:.2f} CPU s, peak RSS {crss/1024:.0f} MiB; Redis commands {after-before} for {copied} messages")
+EOF
