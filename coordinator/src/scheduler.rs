@@ -134,7 +134,7 @@ async fn keep_leadership(store: RedisStore, me: String, timing: LeaseTiming, fen
         match store.renew_leader(&me, timing.ttl).await {
             Ok(true) => fence.extend(timing.fence_deadline(sent)),
             Ok(false) => {
-                fence.revoke("another coordinator holds the leader lease");
+                fence.revoke("the leader lease is no longer ours (it lapsed, or another coordinator holds it)");
                 return;
             }
             Err(e) => tracing::warn!(error = %e, "could not renew the leader lease"),

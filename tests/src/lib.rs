@@ -6,5 +6,6 @@ pub mod cyrus;
 pub mod dovecot;
 pub mod mail;
 pub mod proxy;
+pub mod redis;
 pub mod run;
 pub mod tls;

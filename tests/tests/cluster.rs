@@ -14,6 +14,7 @@ use mailferry_shared::status::JobState;
 use mailferry_tests::dovecot::{temp_dir, Dovecot, DovecotConfig};
 use mailferry_tests::mail::{self, corpus, Pair, TestMessage};
 use mailferry_tests::proxy::SlowProxy;
+use mailferry_tests::redis::RedisServer;
 
 const CANARY: &str = "canary-5f0c9e1d-password";
 
@@ -38,6 +39,22 @@ struct Rig {
     users: Vec<(String, String, Vec<TestMessage>)>,
     /// Between the batch's source endpoint and the source server, when slowed.
     _slow: Option<SlowProxy>,
+    /// The Redis of this rig: its own server for the destructive tests, else the
+    /// machine's (under the rig's own key prefix).
+    redis_url: String,
+    own_redis: Option<RedisServer>,
+}
+
+/// How a rig is built.
+#[derive(Default)]
+struct Setup<'a> {
+    per_folder: usize,
+    /// TOML after the key prefix; `FAST` when empty.
+    settings: &'a str,
+    /// The source reached through a proxy that sends at most this many bytes a second.
+    slow: Option<usize>,
+    /// A Redis of the rig's own: `Some(true)` keeps its data across restarts.
+    own_redis: Option<bool>,
 }
 
 /// Short leases, so that the tests of failures run in seconds.
@@ -52,15 +69,37 @@ impl Rig {
 
     /// The same, with `settings` (TOML after the key prefix) as the settings file.
     async fn with(per_folder: usize, settings: &str) -> Rig {
-        Rig::build(per_folder, settings, None).await
+        Rig::build(Setup {
+            per_folder,
+            settings,
+            ..Setup::default()
+        })
+        .await
     }
 
     /// The source reached through a proxy that sends at most `bytes_per_sec`.
     async fn slow(per_folder: usize, settings: &str, bytes_per_sec: usize) -> Rig {
-        Rig::build(per_folder, settings, Some(bytes_per_sec)).await
+        Rig::build(Setup {
+            per_folder,
+            settings,
+            slow: Some(bytes_per_sec),
+            ..Setup::default()
+        })
+        .await
     }
 
-    async fn build(per_folder: usize, settings: &str, slow: Option<usize>) -> Rig {
+    async fn build(setup: Setup<'_>) -> Rig {
+        let Setup {
+            per_folder,
+            settings,
+            slow,
+            own_redis,
+        } = setup;
+        let settings = if settings.is_empty() { FAST } else { settings };
+        let own_redis = own_redis.map(RedisServer::start);
+        let redis_url = own_redis
+            .as_ref()
+            .map_or("redis://127.0.0.1:6379/0".to_string(), RedisServer::url);
         let logins = vec![
             ("alice".to_string(), CANARY.to_string()),
             ("bob".to_string(), "bob-secret".to_string()),
@@ -82,14 +121,19 @@ impl Rig {
         let prefix = format!("mft-{:016x}", fastrand::u64(..));
         let dir = temp_dir("cluster");
         let config = dir.join("mailferry.toml");
-        std::fs::write(&config, format!("key_prefix = \"{prefix}\"\n{settings}")).unwrap();
+        std::fs::write(
+            &config,
+            format!("key_prefix = \"{prefix}\"\nredis_url = \"{redis_url}\"\n{settings}"),
+        )
+        .unwrap();
         let slow = match slow {
             Some(rate) => Some(SlowProxy::start(src.port, rate).await),
             None => None,
         };
-        let source_port = slow.as_ref().map_or(src.port, |p| p.port);
         let rig = Rig {
             _slow: slow,
+            redis_url,
+            own_redis,
             src,
             dst,
             dir,
@@ -98,17 +142,25 @@ impl Rig {
             prefix,
             users,
         };
-        let csv = rig.dir.join("users.csv");
+        rig.create_batch();
+        rig
+    }
+
+    /// `mailferry batch create` for batch "b1": the rig's users from a CSV that also has
+    /// one bad row.
+    fn create_batch(&self) {
+        let csv = self.dir.join("users.csv");
         let mut rows =
             String::from("EmailAddress,UserName,Password,TargetUserName,TargetPassword\n");
-        for (login, password, _) in &rig.users {
+        for (login, password, _) in &self.users {
             rows.push_str(&format!(
                 "{login}@example.com,{login},{password},{login},{password}\n"
             ));
         }
         rows.push_str("broken,carol,x,carol,x\n");
         std::fs::write(&csv, rows).unwrap();
-        let (code, _, text) = rig.admin(&[
+        let source_port = self._slow.as_ref().map_or(self.src.port, |p| p.port);
+        let (code, _, text) = self.admin(&[
             "create",
             "--batch",
             "b1",
@@ -117,7 +169,7 @@ impl Rig {
             "--source-security",
             "plain",
             "--target",
-            &format!("127.0.0.1:{}", rig.dst.port),
+            &format!("127.0.0.1:{}", self.dst.port),
             "--target-security",
             "plain",
             "--csv",
@@ -125,7 +177,6 @@ impl Rig {
         ]);
         assert_eq!(code, Some(7), "one bad row: {text}");
         assert!(text.contains("line 4"), "{text}");
-        rig
     }
 
     /// Runs `mailferry batch ARGS`; asserts the password shows nowhere in its output.
@@ -239,7 +290,7 @@ impl Rig {
     }
 
     async fn store(&self) -> RedisStore {
-        RedisStore::connect(&Secret::new("redis://127.0.0.1:6379/0"), &self.prefix)
+        RedisStore::connect(&Secret::new(&self.redis_url), &self.prefix)
             .await
             .unwrap()
     }
@@ -253,7 +304,7 @@ impl Rig {
 
     /// The canary password is in no Redis value and no worker log.
     async fn assert_no_password_at_rest(&self) {
-        let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+        let client = redis::Client::open(self.redis_url.as_str()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}:*", self.prefix))
@@ -286,7 +337,7 @@ impl Rig {
     }
 
     async fn clean_up(&self) {
-        let redis = Secret::new("redis://127.0.0.1:6379/0");
+        let redis = Secret::new(&self.redis_url);
         RedisStore::connect(&redis, &self.prefix)
             .await
             .unwrap()
@@ -719,5 +770,142 @@ async fn a_stopping_worker_hands_its_jobs_back_after_the_grace_period() {
     let _finisher = rig.worker("finisher");
     rig.wait_synced(Duration::from_secs(120)).await;
     rig.assert_target_equals_source().await;
+    rig.clean_up().await;
+}
+
+fn signal(worker: &Worker, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(worker.0.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+/// Redis (the rig's own, persistent) is killed mid-run and comes back 2 s later: the
+/// coordinator and the workers reconnect, jobs whose claims could not be renewed are
+/// handed back, and the batch ends synced with the target equal to the source.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restarted_mid_run_loses_and_duplicates_nothing() {
+    let settings = FAST.replace("claim_secs = 6", "claim_secs = 3");
+    let mut rig = Rig::build(Setup {
+        per_folder: 10,
+        settings: &settings,
+        slow: Some(60_000),
+        own_redis: Some(true),
+    })
+    .await;
+    let _coordinator = rig.coordinator("coordinator");
+    let _workers = [rig.worker("worker1"), rig.worker("worker2")];
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_until("syncing", Duration::from_secs(60), |l| {
+        l.iter().any(|l| l.1 == "syncing")
+    })
+    .await;
+    let redis = rig.own_redis.as_mut().unwrap();
+    tokio::task::block_in_place(|| redis.restart(Duration::from_secs(2)));
+    rig.wait_synced(Duration::from_secs(180)).await;
+    rig.assert_target_equals_source().await;
+    let logs = format!("{}{}", rig.log("worker1"), rig.log("worker2"));
+    assert!(
+        logs.contains("stopped writing") || logs.contains("state store"),
+        "the restart went unnoticed: it did not test anything"
+    );
+}
+
+/// Redis is wiped mid-run (FLUSHALL): the batch, its credentials, the schedule and every
+/// checkpoint are gone. Workers drop the jobs they can no longer account for; the admin
+/// creates the batch again and starts it; the folders are reconciled against the
+/// target. Losing Redis costs a rescan, never a duplicate or a lost message.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_wiped_mid_run_ends_in_reconciliation_without_duplicates() {
+    let settings = FAST.replace("claim_secs = 6", "claim_secs = 3");
+    let rig = Rig::build(Setup {
+        per_folder: 10,
+        settings: &settings,
+        slow: Some(60_000),
+        own_redis: Some(false),
+    })
+    .await;
+    let _coordinator = rig.coordinator("coordinator");
+    let _workers = [rig.worker("worker1"), rig.worker("worker2")];
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_until("some mail copied", Duration::from_secs(60), |l| {
+        l.iter().any(|l| copied(&l.2) > 20)
+    })
+    .await;
+    rig.own_redis.as_ref().unwrap().wipe();
+    let (code, _, text) = rig.admin(&["status", "--batch", "b1"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("no batch named"), "{text}");
+    // Let the workers notice (a claim renewal) before the batch is back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rig.create_batch();
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_synced(Duration::from_secs(180)).await;
+    rig.assert_target_equals_source().await;
+}
+
+/// Workers are killed with SIGKILL again and again at random moments of the copy (the
+/// source slowed so that kills land mid-folder); a last worker finishes. Nothing is
+/// lost or doubled.
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_killed_again_and_again_lose_and_duplicate_nothing() {
+    let settings = FAST.replace("claim_secs = 6", "claim_secs = 3");
+    let rig = Rig::slow(10, &settings, 60_000).await;
+    let _coordinator = rig.coordinator("coordinator");
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    for round in 0..4 {
+        let mut victim = rig.worker(&format!("victim{round}"));
+        tokio::time::sleep(Duration::from_millis(700 + fastrand::u64(..1500))).await;
+        victim.0.kill().unwrap();
+        victim.0.wait().unwrap();
+    }
+    let (_, before, _) = rig.admin(&["status", "--batch", "b1"]);
+    assert!(
+        !before.lines().take(2).all(|l| l.contains("\tsynced\t")),
+        "done before the last kill: nothing was tested\n{before}"
+    );
+    let _finisher = rig.worker("finisher");
+    rig.wait_synced(Duration::from_secs(180)).await;
+    rig.assert_target_equals_source().await;
+    rig.clean_up().await;
+}
+
+/// A worker frozen with SIGSTOP for longer than its broker heartbeat and its claims
+/// (RabbitMQ drops its connection; another worker takes the folders over), then
+/// resumed: its fences are shut, so it writes nothing more to the folders it held; it
+/// reconnects and works on. The target equals the source.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_frozen_beyond_its_heartbeat_and_claims_does_no_harm() {
+    let settings = format!(
+        "amqp_url = \"amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=2\"\n{}",
+        FAST.replace("claim_secs = 6", "claim_secs = 3")
+    );
+    let rig = Rig::slow(10, &settings, 60_000).await;
+    let _coordinator = rig.coordinator("coordinator");
+    let frozen = rig.worker("frozen");
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_until("syncing", Duration::from_secs(60), |l| {
+        l.iter().any(|l| l.1 == "syncing")
+    })
+    .await;
+    signal(&frozen, "STOP");
+    let _other = rig.worker("other");
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    signal(&frozen, "CONT");
+    rig.wait_synced(Duration::from_secs(180)).await;
+    rig.assert_target_equals_source().await;
+    let log = rig.log("frozen");
+    assert!(
+        log.contains("stopped writing") || log.contains("lapsed"),
+        "the frozen worker's fences did not act:\n{log}"
+    );
     rig.clean_up().await;
 }
