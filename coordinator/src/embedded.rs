@@ -101,6 +101,7 @@ pub async fn run(
                 target,
                 rules: &opts.rules,
                 store: None,
+                split: None,
             })
             .await;
             out.push((
@@ -162,6 +163,7 @@ pub async fn run(
                 target: &target,
                 rules: &rules,
                 store: Some(&*store),
+                split: None,
             })
             .await;
             match plan {

@@ -62,6 +62,39 @@ pub struct PlannedFolder {
     pub problem: Option<String>,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: SplitLimits = SplitLimits {
+        max_messages: 10_000,
+        max_bytes: 1 << 30,
+    };
+
+    #[test]
+    fn small_folders_and_small_remainders_stay_one_job() {
+        assert!(range_starts(10_000, 10_000, None, LIMITS).is_empty());
+        // a big folder with little new mail since the last pass
+        assert!(range_starts(500_000, 300, Some(50 << 30), LIMITS).is_empty());
+        assert!(range_starts(0, 0, None, LIMITS).is_empty());
+    }
+
+    #[test]
+    fn big_folders_are_cut_by_count_and_by_bytes() {
+        let starts = range_starts(25_000, 25_000, None, LIMITS);
+        assert_eq!(starts, vec![10_001, 20_001], "three jobs");
+        // 4,000 messages of 1 MB each: 1 GB per job is 1,024 messages
+        let starts = range_starts(4_000, 4_000, Some(4_000 << 20), LIMITS);
+        assert_eq!(starts, vec![1_025, 2_049, 3_073]);
+        // only the new part of the folder is cut
+        let starts = range_starts(100_000, 25_000, None, LIMITS);
+        assert_eq!(starts, vec![85_001, 95_001]);
+        // no overflow near the top of the number range
+        let starts = range_starts(u32::MAX, u32::MAX, None, LIMITS);
+        assert_eq!(starts.len(), (u32::MAX / 10_000) as usize);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct UserPlan {
     pub folders: Vec<PlannedFolder>,
@@ -77,6 +110,85 @@ pub struct PlanRequest<'a, S: StateStore> {
     pub rules: &'a Rules,
     /// `None` in a dry run: nothing is created and no checkpoint is consulted.
     pub store: Option<&'a S>,
+    /// Cut folders with more than this much left to copy into UID-range jobs
+    /// (`None`: one job per folder, as the embedded mode runs them).
+    pub split: Option<SplitLimits>,
+}
+
+/// The largest job the cluster planner makes: a folder with more left to copy is cut
+/// into UID-range jobs.
+#[derive(Debug, Clone, Copy)]
+pub struct SplitLimits {
+    pub max_messages: u32,
+    pub max_bytes: u64,
+}
+
+/// Where a folder is cut into UID-range jobs: the sequence numbers that begin a new
+/// range (empty: one job). The `pending` messages still to copy are the folder's last
+/// `pending` of `messages` (new mail gets the highest UIDs); `size` is the folder's
+/// total when the server reports it.
+pub fn range_starts(
+    messages: u32,
+    pending: u32,
+    size: Option<u64>,
+    limits: SplitLimits,
+) -> Vec<u32> {
+    let pending = pending.min(messages);
+    let average = size
+        .filter(|_| messages > 0)
+        .map_or(1, |s| s / u64::from(messages))
+        .max(1);
+    let by_bytes = (limits.max_bytes / average).clamp(1, u64::from(u32::MAX)) as u32;
+    let step = limits.max_messages.min(by_bytes).max(1);
+    if pending <= step {
+        return Vec::new();
+    }
+    let first = messages - pending + 1;
+    (1..)
+        .map_while(|k: u32| k.checked_mul(step).and_then(|o| first.checked_add(o)))
+        .take_while(|&p| p <= messages)
+        .collect()
+}
+
+/// The UID-range jobs of `job`'s folder, cut at the sequence numbers `starts`: the
+/// first range begins at UID 1 and the last is open-ended, so mail that arrives
+/// meanwhile falls into it. One EXAMINE and one FETCH.
+async fn cut_into_ranges(
+    source: &Arc<Pool>,
+    job: &FolderJob,
+    starts: &[u32],
+) -> Result<Vec<FolderJob>, SharedError> {
+    let mut session = source.get().await?;
+    session.open(job.source_folder.as_bytes(), true).await?;
+    let positions: Vec<String> = starts.iter().map(u32::to_string).collect();
+    let responses = session
+        .run(
+            mailferry_shared::imap::client::Command::new("FETCH")
+                .raw(format!(" {} (UID)", positions.join(","))),
+        )
+        .await?;
+    session.release();
+    let mut bounds: Vec<u32> = responses
+        .iter()
+        .filter_map(mailferry_worker::message::parse_fetch)
+        .filter_map(|f| f.uid)
+        .collect();
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut jobs = Vec::new();
+    let mut lo = 1;
+    for b in bounds.into_iter().filter(|&b| b > 1) {
+        jobs.push(FolderJob {
+            uid_range: Some((lo, b - 1)),
+            ..job.clone()
+        });
+        lo = b;
+    }
+    jobs.push(FolderJob {
+        uid_range: Some((lo, u32::MAX)),
+        ..job.clone()
+    });
+    Ok(jobs)
 }
 
 /// A target may refuse a name for a character it does not allow in folder names
@@ -242,7 +354,36 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
                     };
                     if needed {
                         planned.job = true;
-                        jobs.push(job);
+                        let pending = match (req.split, req.store) {
+                            (Some(_), Some(store)) => {
+                                let cp = store
+                                    .load_checkpoint(&job.checkpoint_key())
+                                    .await
+                                    .map_err(PlanError::Store)?
+                                    .filter(|cp| cp.source_uidvalidity == st.uidvalidity);
+                                match cp {
+                                    Some(cp) => st
+                                        .messages
+                                        .saturating_sub(cp.source_messages)
+                                        .saturating_add(cp.missed.len() as u32),
+                                    None => st.messages,
+                                }
+                            }
+                            _ => 0,
+                        };
+                        let starts = req
+                            .split
+                            .map(|limits| range_starts(st.messages, pending, st.size, limits))
+                            .unwrap_or_default();
+                        if starts.is_empty() {
+                            jobs.push(job);
+                        } else {
+                            let ranges = cut_into_ranges(req.source, &job, &starts)
+                                .await
+                                .map_err(PlanError::source_side)?;
+                            tracing::info!(folder = %planned.mapping.source_path, jobs = ranges.len(), "folder cut into UID-range jobs");
+                            jobs.extend(ranges);
+                        }
                     }
                 }
                 Some(Err(e)) => planned.problem = Some(format!("source refused STATUS: {e}")),

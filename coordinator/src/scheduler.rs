@@ -37,7 +37,7 @@ use mailferry_worker::accounts::RedisAccounts;
 use tokio::sync::{watch, Mutex};
 
 use crate::cluster::user_status;
-use crate::planner::{plan_user, PlanError, PlanRequest};
+use crate::planner::{plan_user, PlanError, PlanRequest, SplitLimits};
 
 /// How often the active coordinator looks at the schedule and the dispatch set.
 const TICK: Duration = Duration::from_millis(250);
@@ -270,6 +270,10 @@ impl Coordinator {
                     target: &pools.target,
                     rules: &Rules::default(),
                     store: Some(&self.store),
+                    split: Some(SplitLimits {
+                        max_messages: self.settings.coordinator.max_job_messages,
+                        max_bytes: self.settings.coordinator.max_job_bytes.0,
+                    }),
                 })
                 .await;
                 pools.source.close_idle().await;
@@ -324,18 +328,17 @@ impl Coordinator {
         // Largest first, so the longest job does not start last.
         jobs.sort_by_key(|j| std::cmp::Reverse(size(j)));
         let cap = self.settings.coordinator.max_jobs_per_user as usize;
-        let states: Vec<(FolderJob, JobState)> = jobs
-            .into_iter()
-            .enumerate()
-            .map(|(i, job)| {
-                let state = if i < cap {
-                    JobState::Queued
-                } else {
-                    JobState::Waiting
-                };
-                (job, state)
-            })
+        let mut states: Vec<(FolderJob, JobState)> =
+            jobs.into_iter().map(|j| (j, JobState::Waiting)).collect();
+        let first: HashSet<String> = next_to_publish(&states, cap)
+            .iter()
+            .map(FolderJob::id)
             .collect();
+        for (job, state) in &mut states {
+            if first.contains(&job.id()) {
+                *state = JobState::Queued;
+            }
+        }
         let begun = PassRecord {
             pass,
             planned_ms,
@@ -426,23 +429,29 @@ impl Coordinator {
         if !matches!(intent, Intent::Active | Intent::Closing) {
             return Ok(());
         }
+        if !jobs.iter().any(|(_, s)| *s == JobState::Waiting) {
+            return Ok(());
+        }
         let cap = self.settings.coordinator.max_jobs_per_user as usize;
-        let in_flight = jobs.iter().filter(|(_, s)| s.in_flight()).count();
-        let next: Vec<String> = jobs
-            .iter()
-            .filter(|(_, s)| *s == JobState::Waiting)
-            .take(cap.saturating_sub(in_flight))
-            .map(|(id, _)| id.clone())
+        let open: Vec<(String, JobState)> = jobs.into_iter().filter(|(_, s)| s.is_open()).collect();
+        let ids: Vec<String> = open.iter().map(|(id, _)| id.clone()).collect();
+        let specs = self.store.job_specs(batch, user, &ids).await?;
+        let states: Vec<(FolderJob, JobState)> = specs
+            .into_iter()
+            .filter_map(|job| {
+                let state = open.iter().find(|(id, _)| *id == job.id())?.1.clone();
+                Some((job, state))
+            })
             .collect();
+        let next = next_to_publish(&states, cap);
         if next.is_empty() {
             return Ok(());
         }
-        let specs = self.store.job_specs(batch, user, &next).await?;
         self.write_allowed()?;
         let queued: Vec<(String, JobState)> =
-            next.into_iter().map(|id| (id, JobState::Queued)).collect();
+            next.iter().map(|j| (j.id(), JobState::Queued)).collect();
         self.store.set_job_states(batch, user, &queued).await?;
-        self.publish(batch, user, specs).await
+        self.publish(batch, user, next).await
     }
 
     /// Records the pass's end and what comes next: the next pass at the interval, or,
@@ -530,5 +539,104 @@ impl Coordinator {
             let _ = self.store.schedule(batch, user, now_ms() + 2_000).await;
         }
         result
+    }
+}
+
+/// Which of a user's waiting jobs to publish now: at most `cap` in flight per user, and
+/// one job at a time per target folder, a folder's UID ranges in order (they share the
+/// folder's checkpoint and its claim; see the README's design notes). `jobs` are the
+/// pass's open jobs in planned order (largest folders first).
+pub fn next_to_publish(jobs: &[(FolderJob, JobState)], cap: usize) -> Vec<FolderJob> {
+    let in_flight = jobs.iter().filter(|(_, s)| s.in_flight()).count();
+    let mut busy: HashSet<&[u8]> = jobs
+        .iter()
+        .filter(|(_, s)| s.in_flight())
+        .map(|(j, _)| j.target_folder.as_bytes())
+        .collect();
+    let lowest = |folder: &[u8]| {
+        jobs.iter()
+            .filter(|(j, s)| *s == JobState::Waiting && j.target_folder.as_bytes() == folder)
+            .map(|(j, _)| j.uid_range.map_or(0, |r| r.0))
+            .min()
+    };
+    let mut out = Vec::new();
+    for (job, state) in jobs {
+        if out.len() + in_flight >= cap {
+            break;
+        }
+        let folder = job.target_folder.as_bytes();
+        if *state != JobState::Waiting
+            || busy.contains(folder)
+            || lowest(folder) != Some(job.uid_range.map_or(0, |r| r.0))
+        {
+            continue;
+        }
+        busy.insert(folder);
+        out.push(job.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailferry_shared::job::WireName;
+
+    fn job(folder: &str, range: Option<(u32, u32)>) -> FolderJob {
+        FolderJob {
+            batch: "b".into(),
+            user: "u".into(),
+            source_folder: WireName(folder.to_string().into()),
+            target_folder: WireName(folder.to_string().into()),
+            uid_range: range,
+            pass: 1,
+        }
+    }
+
+    fn names(jobs: &[FolderJob]) -> Vec<String> {
+        jobs.iter()
+            .map(|j| {
+                format!(
+                    "{} {:?}",
+                    j.source_folder.display(),
+                    j.uid_range.map(|r| r.0)
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ranges_of_a_folder_go_one_at_a_time_in_order_within_the_cap() {
+        let w = JobState::Waiting;
+        let plan = vec![
+            (job("INBOX", Some((1, 100))), w.clone()),
+            (job("INBOX", Some((101, 200))), w.clone()),
+            (job("INBOX", Some((201, u32::MAX))), w.clone()),
+            (job("Sent", None), w.clone()),
+            (job("Drafts", None), w.clone()),
+        ];
+        assert_eq!(
+            names(&next_to_publish(&plan, 4)),
+            ["INBOX Some(1)", "Sent None", "Drafts None"]
+        );
+        assert_eq!(
+            names(&next_to_publish(&plan, 2)),
+            ["INBOX Some(1)", "Sent None"]
+        );
+        // INBOX's first range is done, Sent runs: INBOX's second range is next
+        let mut later = plan.clone();
+        later.remove(0);
+        later[2].1 = JobState::Running;
+        assert_eq!(names(&next_to_publish(&later, 2)), ["INBOX Some(101)"]);
+        // the cap counts jobs in flight
+        later[0].1 = JobState::Queued;
+        assert!(next_to_publish(&later, 2).is_empty());
+        // a range is never published while its folder has a job in flight, even if
+        // an earlier range was handed back and waits again
+        let handed_back = vec![
+            (job("INBOX", Some((1, 100))), JobState::Running),
+            (job("INBOX", Some((101, 200))), w.clone()),
+        ];
+        assert!(next_to_publish(&handed_back, 4).is_empty());
     }
 }

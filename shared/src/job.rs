@@ -183,6 +183,10 @@ pub struct Checkpoint {
     #[serde(default)]
     pub missed: Vec<u32>,
     pub in_flight: Option<InFlight>,
+    /// The lowest HIGHESTMODSEQ seen by the UID-range jobs of the pass so far; the
+    /// folder's last range makes it `source_modseq`.
+    #[serde(default)]
+    pub range_modseq: Option<u64>,
 }
 
 /// What the source says about a folder now, to compare with its checkpoint.

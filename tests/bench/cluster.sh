@@ -41,8 +41,8 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --d
     --logfile "$work/redis.log" >/dev/null
 
 {
-    echo "EmailAddress,UserName,Password"
-    for i in $(seq 1 "$USERS"); do u=$(printf 'user%04d' "$i"); echo "$u@bench,$u,pass-$u"; done
+    echo "EmailAddress,UserName,Password,TargetUserName,TargetPassword"
+    for i in $(seq 1 "$USERS"); do u=$(printf 'user%04d' "$i"); echo "$u@bench,$u,pass-$u,$u,pass-$u"; done
 } > "$work/users.csv"
 prefix="bench-$(date +%s)"
 cat > "$work/mailferry.toml" <<EOF
@@ -83,7 +83,7 @@ python3 "$kit/verify.py" --src-port "$SRC_PORT" --dst-port "$DST_PORT" --users "
 
 bash "$kit/dovecot.sh" wipe dst >/dev/null
 estart=$(date +%s.%N)
-MAILFERRY_TARGET_PASSWORD=unused "$bin" migrate --source "127.0.0.1:$SRC_PORT" --source-security plain \
+"$bin" migrate --source "127.0.0.1:$SRC_PORT" --source-security plain \
     --target "127.0.0.1:$DST_PORT" --target-security plain --csv "$work/users.csv" \
     --state-dir "$work/state" --jobs "$JOBS" --progress lines >"$work/embedded.log" 2>&1 || true
 eend=$(date +%s.%N)

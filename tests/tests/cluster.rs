@@ -909,3 +909,72 @@ async fn a_worker_frozen_beyond_its_heartbeat_and_claims_does_no_harm() {
     );
     rig.clean_up().await;
 }
+
+/// Big folders are cut into UID-range jobs (here: more than 25 messages). The ranges of
+/// a folder run one after another on whichever workers take them, and the copy is
+/// exact; so is the next pass with new mail and flag changes; and so is a pass after
+/// every checkpoint was lost (each range's job reconciles the whole folder).
+#[tokio::test(flavor = "multi_thread")]
+async fn big_folders_are_cut_into_uid_range_jobs() {
+    let mut rig = Rig::with(60, &format!("{FAST}max_job_messages = 25\n")).await;
+    let _coordinator = rig.coordinator("coordinator");
+    let _workers = [rig.worker("worker1"), rig.worker("worker2")];
+    let store = rig.store().await;
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_synced(Duration::from_secs(120)).await;
+    let jobs = store.job_states("b1", "alice@example.com").await.unwrap();
+    let inbox: Vec<&String> = jobs
+        .iter()
+        .map(|(id, _)| id)
+        .filter(|id| id.contains(":INBOX:"))
+        .collect();
+    // 60 messages in ranges of 25: three jobs, the last one open-ended
+    assert_eq!(inbox.len(), 3, "{inbox:?}");
+    assert!(inbox.iter().any(|id| id.contains(":1-")), "{inbox:?}");
+    assert!(
+        inbox.iter().any(|id| id.ends_with("-4294967295:1")),
+        "{inbox:?}"
+    );
+    rig.assert_target_equals_source().await;
+
+    // New mail and flag changes: the second pass copies exactly them.
+    let (login, password) = (rig.users[0].0.clone(), rig.users[0].1.clone());
+    let newer = mail::change_at_source(rig.src.port, &login, &password, "INBOX").await;
+    rig.users[0].2.push(newer);
+    rig.admin(&["sync-now", "--batch", "b1"]);
+    rig.wait_until("the second pass", Duration::from_secs(60), |l| {
+        l.iter().all(|l| pass(&l.2) == 2 && l.1 == "synced")
+    })
+    .await;
+    rig.assert_target_equals_source().await;
+
+    // Every checkpoint lost: the third pass reconciles instead of copying again.
+    let client = redis::Client::open(rig.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg(format!("{}:cp:*", rig.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    rig.admin(&["sync-now", "--batch", "b1"]);
+    let lines = rig
+        .wait_until("the third pass", Duration::from_secs(90), |l| {
+            l.iter().all(|l| pass(&l.2) == 3 && l.1 == "synced")
+        })
+        .await;
+    rig.assert_target_equals_source().await;
+    let alice = rig.users[0].2.len() as u64;
+    assert_eq!(
+        copied(line_of(&lines, "alice")),
+        alice,
+        "nothing copied twice: {lines:?}"
+    );
+    rig.clean_up().await;
+}

@@ -161,6 +161,7 @@ impl<S: StateStore> Engine<S> {
         };
         if incremental && cp.is_current(&now, Some(dst.uidvalidity)) {
             report.unchanged = true;
+            report.whole_folder = true;
             report.skipped_total = cp.skipped.len() as u32;
             self.progress.job_started(job, 0, 0);
             self.progress.job_finished(job, &report);
@@ -194,8 +195,12 @@ impl<S: StateStore> Engine<S> {
         };
 
         let mut reconciled = false;
-        if !incremental && dst.exists > 0 && !metas.is_empty() {
-            let pairs = recover::reconcile(source, target, &cp.uid_map, (lo, hi)).await?;
+        // Without a checkpoint the whole folder is reconciled, also for a UID-range job:
+        // the match is a multiset over the folder (two identical messages need two
+        // copies), which a range alone cannot judge, and the checkpoint it fills is the
+        // one all of the folder's ranges share.
+        if !incremental && dst.exists > 0 && src.exists > 0 {
+            let pairs = recover::reconcile(source, target, &cp.uid_map, (1, u32::MAX)).await?;
             report.matched += pairs.len() as u64;
             reconciled = true;
             for (s, d) in pairs {
@@ -364,11 +369,16 @@ impl<S: StateStore> Engine<S> {
                 }
             }
             let last = chunk.last().expect("chunks are not empty").uid;
-            cp.source_uid_done = cp.source_uid_done.max(last + 1);
+            if contiguous(&cp, lo) {
+                cp.source_uid_done = cp.source_uid_done.max(last + 1);
+            }
             cp.in_flight = None;
         }
-        if let Some(last) = metas.last() {
-            cp.source_uid_done = cp.source_uid_done.max(last.uid + 1);
+        // Every source message of the range that existed when the job looked is handled
+        // now (copied, found, skipped, or listed as missed to be asked for again).
+        if contiguous(&cp, lo) {
+            let top = hi.min(src.uidnext.saturating_sub(1));
+            cp.source_uid_done = cp.source_uid_done.max(top.saturating_add(1));
         }
 
         // Flags of messages copied earlier.
@@ -408,9 +418,19 @@ impl<S: StateStore> Engine<S> {
                 .map_err(JobError::target_side)?;
         }
 
-        cp.source_uidnext = src.uidnext;
-        cp.source_messages = src.exists;
-        cp.source_modseq = src.highestmodseq;
+        // What says "the whole folder is done" is written by the folder's last (or only)
+        // job; its MODSEQ is the lowest any range of the pass saw, so a flag changed
+        // during the pass in a range already done is still caught next time.
+        let seen_modseq = lowest(cp.range_modseq, src.highestmodseq);
+        if hi == u32::MAX {
+            cp.source_uidnext = src.uidnext;
+            cp.source_messages = src.exists;
+            cp.source_modseq = seen_modseq;
+            cp.range_modseq = None;
+        } else {
+            cp.range_modseq = seen_modseq;
+        }
+        report.whole_folder = hi == u32::MAX;
         self.save(job, &cp, fence).await?;
         report.skipped_total = cp.skipped.len() as u32;
         // Measured, not computed: the count the reconciliation compares with the source.
@@ -436,6 +456,20 @@ impl<S: StateStore> Engine<S> {
             .save_checkpoint(&job.checkpoint_key(), cp)
             .await
             .map_err(JobError::Store)
+    }
+}
+
+/// A range job moves the folder's watermark only when every UID below its range is
+/// handled already (the folder's ranges share one checkpoint and normally run in
+/// order); otherwise its copies are remembered in the UID map alone.
+fn contiguous(cp: &Checkpoint, lo: u32) -> bool {
+    cp.source_uid_done.max(1) >= lo
+}
+
+fn lowest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
