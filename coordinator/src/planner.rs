@@ -13,7 +13,7 @@ use mailferry_shared::folders::{
 };
 use mailferry_shared::imap::mailbox::FolderStatus;
 use mailferry_shared::imap::pool::Pool;
-use mailferry_shared::job::{FolderJob, SourceState, WireName};
+use mailferry_shared::job::{Checkpoint, CheckpointKey, FolderJob, SourceState, WireName};
 use mailferry_shared::store::StateStore;
 use mailferry_shared::{Error as SharedError, Side};
 
@@ -304,6 +304,34 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
         .zip(src_status)
         .collect::<std::collections::HashMap<_, _>>();
 
+    // Every copied folder's checkpoint, in one round trip where the store can.
+    let mut checkpoints: std::collections::HashMap<Bytes, Checkpoint> = match req.store {
+        None => std::collections::HashMap::new(),
+        Some(store) => {
+            let names: Vec<Bytes> = mappings
+                .iter()
+                .filter(|m| m.action == Action::Copy)
+                .map(|m| m.source_wire.clone())
+                .collect();
+            let keys: Vec<CheckpointKey> = names
+                .iter()
+                .map(|n| CheckpointKey {
+                    user: req.user.to_string(),
+                    source_folder: WireName(n.clone()),
+                })
+                .collect();
+            let found = store
+                .load_checkpoints(&keys)
+                .await
+                .map_err(PlanError::Store)?;
+            names
+                .into_iter()
+                .zip(found)
+                .filter_map(|(n, cp)| cp.map(|cp| (n, cp)))
+                .collect()
+        }
+    };
+
     let mut folders = Vec::new();
     let mut jobs = Vec::new();
     for mapping in mappings {
@@ -327,17 +355,14 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
                         uid_range: None,
                         pass: req.pass,
                     };
+                    let cp = checkpoints.remove(&planned.mapping.source_wire);
                     let needed = match req.store {
                         None => false,
-                        Some(store) => {
-                            let cp = store
-                                .load_checkpoint(&job.checkpoint_key())
-                                .await
-                                .map_err(PlanError::Store)?;
+                        Some(_) => {
                             let target_validity = dst_status
                                 .get(&planned.mapping.target_wire)
                                 .map(|s| s.uidvalidity);
-                            match cp {
+                            match &cp {
                                 // never copied: a job unless the folder is empty (it exists at the target already)
                                 None => st.messages > 0,
                                 Some(cp) => {
@@ -354,22 +379,15 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
                     };
                     if needed {
                         planned.job = true;
-                        let pending = match (req.split, req.store) {
-                            (Some(_), Some(store)) => {
-                                let cp = store
-                                    .load_checkpoint(&job.checkpoint_key())
-                                    .await
-                                    .map_err(PlanError::Store)?
-                                    .filter(|cp| cp.source_uidvalidity == st.uidvalidity);
-                                match cp {
-                                    Some(cp) => st
-                                        .messages
-                                        .saturating_sub(cp.source_messages)
-                                        .saturating_add(cp.missed.len() as u32),
-                                    None => st.messages,
-                                }
-                            }
-                            _ => 0,
+                        let pending = match cp
+                            .as_ref()
+                            .filter(|cp| cp.source_uidvalidity == st.uidvalidity)
+                        {
+                            Some(cp) => st
+                                .messages
+                                .saturating_sub(cp.source_messages)
+                                .saturating_add(cp.missed.len() as u32),
+                            None => st.messages,
                         };
                         let starts = req
                             .split

@@ -46,6 +46,8 @@ const PLANNERS: usize = 16;
 /// A plan that failed for a passing reason (a server unreachable) is tried again after
 /// this long, or the batch's interval if that is shorter.
 const PLAN_RETRY: Duration = Duration::from_secs(300);
+/// How long the list of batches is trusted between reads.
+const BATCHES_TTL: Duration = Duration::from_secs(3);
 
 struct Coordinator {
     settings: Settings,
@@ -54,6 +56,7 @@ struct Coordinator {
     queue: Mutex<Option<AmqpQueue>>,
     /// Shut when leadership is lost: nothing more is written or published.
     fence: Arc<Fence>,
+    batches: Mutex<Option<(Instant, Vec<String>)>>,
 }
 
 /// Runs until `shutdown` turns true: stands by, schedules while it holds the leader
@@ -96,6 +99,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                     store: store.clone(),
                     queue: Mutex::new(None),
                     fence: fence.clone(),
+                    batches: Mutex::new(None),
                 });
                 let keeper = tokio::spawn(keep_leadership(
                     store.clone(),
@@ -216,7 +220,7 @@ impl Coordinator {
     ) -> Result<Vec<(String, String)>, Error> {
         let now = now_ms();
         let mut out = Vec::new();
-        for batch in self.store.batches().await? {
+        for batch in self.batches().await? {
             for user in self
                 .store
                 .due_users(&batch, now, limit + planning.len())
@@ -229,6 +233,20 @@ impl Coordinator {
             }
         }
         Ok(out)
+    }
+
+    /// The batch names, read again at most every few seconds: a new batch waits that
+    /// long for its first plan, and an idle coordinator costs Redis little.
+    async fn batches(&self) -> Result<Vec<String>, Error> {
+        let mut cache = self.batches.lock().await;
+        if let Some((at, names)) = &*cache {
+            if at.elapsed() < BATCHES_TTL {
+                return Ok(names.clone());
+            }
+        }
+        let names = self.store.batches().await?;
+        *cache = Some((Instant::now(), names.clone()));
+        Ok(names)
     }
 
     fn write_allowed(&self) -> Result<(), Error> {

@@ -441,10 +441,17 @@ impl RedisStore {
             .ignore()
             .del(&specs_key)
             .ignore();
+        // One multi-field HSET per hash, not one command per job.
+        let mut states = Vec::with_capacity(jobs.len());
+        let mut specs = Vec::with_capacity(jobs.len());
         for (job, state) in jobs {
             let id = job.id();
-            pipe.hset(&jobs_key, &id, json(state)?).ignore();
-            pipe.hset(&specs_key, &id, json(job)?).ignore();
+            states.push((id.clone(), json(state)?));
+            specs.push((id, json(job)?));
+        }
+        if !jobs.is_empty() {
+            pipe.hset_multiple(&jobs_key, &states).ignore();
+            pipe.hset_multiple(&specs_key, &specs).ignore();
         }
         pipe.hset(self.k(&["pass", batch]), user, json(record)?)
             .ignore();
@@ -513,12 +520,11 @@ impl RedisStore {
             return Ok(());
         }
         let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        for (id, state) in states {
-            pipe.hset(self.jobs_key(batch, user), id, json(state)?)
-                .ignore();
-        }
-        pipe.query_async::<()>(&mut conn)
+        let fields = states
+            .iter()
+            .map(|(id, state)| Ok((id.as_str(), json(state)?)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        conn.hset_multiple::<_, _, _, ()>(self.jobs_key(batch, user), &fields)
             .await
             .map_err(|e| store_error("HSET", e))
     }

@@ -89,6 +89,18 @@ impl RedisStore {
     }
 }
 
+/// A checkpoint value, or `None` (with a warning) when it is damaged: without it the
+/// folder is reconciled against the target, which costs time but never duplicates.
+fn decode_checkpoint(key: &CheckpointKey, bytes: &[u8]) -> Option<Checkpoint> {
+    match serde_json::from_slice(bytes) {
+        Ok(cp) => Some(cp),
+        Err(e) => {
+            tracing::warn!(user = %key.user, error = %e, "ignoring damaged checkpoint in Redis");
+            None
+        }
+    }
+}
+
 impl StateStore for RedisStore {
     async fn load_checkpoint(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, Error> {
         let mut conn = self.conn.clone();
@@ -96,13 +108,28 @@ impl StateStore for RedisStore {
             .get(self.key(key))
             .await
             .map_err(|e| store_error("GET", e))?;
-        Ok(value.and_then(|bytes| match serde_json::from_slice(&bytes) {
-            Ok(cp) => Some(cp),
-            Err(e) => {
-                tracing::warn!(user = %key.user, error = %e, "ignoring damaged checkpoint in Redis");
-                None
-            }
-        }))
+        Ok(value.and_then(|bytes| decode_checkpoint(key, &bytes)))
+    }
+
+    async fn load_checkpoints(
+        &self,
+        keys: &[CheckpointKey],
+    ) -> Result<Vec<Option<Checkpoint>>, Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let names: Vec<Vec<u8>> = keys.iter().map(|k| self.key(k)).collect();
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(&names)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| store_error("MGET", e))?;
+        Ok(keys
+            .iter()
+            .zip(values)
+            .map(|(k, v)| v.and_then(|bytes| decode_checkpoint(k, &bytes)))
+            .collect())
     }
 
     async fn save_checkpoint(

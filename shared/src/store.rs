@@ -20,6 +20,21 @@ pub trait StateStore: Send + Sync + 'static {
         key: &CheckpointKey,
         checkpoint: &Checkpoint,
     ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Several checkpoints at once (the planner: every folder of a user); a store that
+    /// can do it in one round trip does.
+    fn load_checkpoints(
+        &self,
+        keys: &[CheckpointKey],
+    ) -> impl Future<Output = Result<Vec<Option<Checkpoint>>, Error>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                out.push(self.load_checkpoint(key).await?);
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// Checkpoints as files: `<dir>/checkpoints/<user>/<folder>.json`.
