@@ -20,6 +20,9 @@ use tokio::sync::{watch, Semaphore};
 use crate::planner::{plan_user, PlanError, PlanRequest, PlannedFolder};
 use crate::report::{classify, FailureKind, Reporter};
 
+/// How long an idle connection waits for its user's next folder before it is closed.
+const IDLE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One user to migrate: where from, where to, and as whom.
 pub struct UserSpec {
     /// The user's id in jobs, state and reports (the mailbox address).
@@ -115,6 +118,20 @@ pub async fn run(
     }
     let store = store.expect("not a dry run");
 
+    // Connections idle for a while are logged out: a CSV of thousands of users must
+    // not keep a connection to each one it has finished.
+    let reaper = tokio::spawn({
+        let pools = pools.clone();
+        async move {
+            loop {
+                tokio::time::sleep(IDLE_LINGER / 2).await;
+                for (_, source, target) in &pools {
+                    source.close_idle_since(IDLE_LINGER).await;
+                    target.close_idle_since(IDLE_LINGER).await;
+                }
+            }
+        }
+    });
     let queue = Arc::new(MemoryQueue::new());
     let engine = Arc::new(Engine::new(
         store.clone(),
@@ -203,6 +220,7 @@ pub async fn run(
     while planners.join_next().await.is_some() {}
     queue.close();
     let _ = consumers.await;
+    reaper.abort();
     for (_, source, target) in &pools {
         source.close_idle().await;
         target.close_idle().await;

@@ -17,7 +17,7 @@
 //!   every worker while others wait), or, when none is open, ends the pass: Synced is
 //!   recorded, the next pass is scheduled, or a closing user is closed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,12 +40,12 @@ use crate::cluster::user_status;
 use crate::planner::{plan_user, PlanError, PlanRequest, SplitLimits};
 
 /// How often the active coordinator looks at the schedule and the dispatch set.
-const TICK: Duration = Duration::from_millis(250);
+const TICK: Duration = Duration::from_millis(100);
 /// Users planned at once (each planning logs in to both servers).
 const PLANNERS: usize = 16;
 /// A plan that failed for a passing reason (a server unreachable) is tried again after
 /// this long, or the batch's interval if that is shorter.
-const PLAN_RETRY: Duration = Duration::from_secs(300);
+const PLAN_RETRY: Duration = Duration::from_secs(60);
 /// How long the list of batches is trusted between reads.
 const BATCHES_TTL: Duration = Duration::from_secs(3);
 
@@ -76,6 +76,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         ttl: Duration::from_secs(settings.coordinator.leader_lease_secs),
     };
     let keys = Arc::new(keys);
+    let slots = mailferry_worker::cluster::shared_slots(&settings, &store);
     let mut shutdown = shutdown;
     let mut announced_standby = false;
     loop {
@@ -89,12 +90,14 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                 announced_standby = false;
                 let fence = Arc::new(Fence::until(timing.fence_deadline(sent)));
                 let coordinator = Arc::new(Coordinator {
+                    // Planning logs in too: its connections count against the caps.
                     accounts: RedisAccounts::new(
                         store.clone(),
                         keys.clone(),
                         Limits::default(),
                         settings.worker.connections_per_account as usize,
-                    ),
+                    )
+                    .with_shared_slots(slots.clone()),
                     settings: settings.clone(),
                     store: store.clone(),
                     queue: Mutex::new(None),
@@ -152,7 +155,9 @@ impl Coordinator {
         if let Err(e) = self.resume().await {
             tracing::warn!(error = %e, "could not look at the open passes; the recheck will");
         }
-        let mut planning: HashSet<(String, String)> = HashSet::new();
+        // Users being planned, by the planner task's id (so that a task that panics
+        // still frees its user).
+        let mut planning: HashMap<tokio::task::Id, (String, String)> = HashMap::new();
         let mut planners = tokio::task::JoinSet::new();
         loop {
             if let Err(why) = self.fence.check() {
@@ -165,35 +170,40 @@ impl Coordinator {
                 while planners.join_next().await.is_some() {}
                 return "shutting down".into();
             }
-            while let Some(done) = planners.try_join_next() {
-                if let Ok(key) = done {
-                    planning.remove(&key);
-                }
+            while let Some(done) = planners.try_join_next_with_id() {
+                let id = done.map_or_else(|e| e.id(), |(id, ())| id);
+                planning.remove(&id);
             }
             if let Err(e) = self.dispatch().await {
                 tracing::warn!(error = %e, "dispatch failed; trying again");
             }
             if planners.len() < PLANNERS {
-                match self.due(PLANNERS - planners.len(), &planning).await {
+                let busy: HashSet<(String, String)> = planning.values().cloned().collect();
+                match self.due(PLANNERS - planners.len(), &busy).await {
                     Ok(due) => {
                         for key in due {
-                            planning.insert(key.clone());
                             let me = self.clone();
-                            planners.spawn(async move {
-                                if let Err(e) = me.plan_pass(&key.0, &key.1).await {
-                                    tracing::warn!(batch = %key.0, user = %key.1, error = %e, "could not plan the user; trying again shortly");
-                                    let _ = me.store.schedule(&key.0, &key.1, now_ms() + 5_000).await;
+                            let (batch, user) = key.clone();
+                            let task = planners.spawn(async move {
+                                if let Err(e) = me.plan_pass(&batch, &user).await {
+                                    tracing::warn!(batch, user, error = %e, "could not plan the user; trying again shortly");
+                                    let _ = me.store.schedule(&batch, &user, now_ms() + 5_000).await;
                                 }
-                                key
                             });
+                            planning.insert(task.id(), key);
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot read the schedule"),
                 }
             }
+            // A finished plan makes room for the next at once, not at the next tick.
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
                 _ = shutdown.changed() => {}
+                Some(done) = planners.join_next_with_id(), if !planners.is_empty() => {
+                    let id = done.map_or_else(|e| e.id(), |(id, ())| id);
+                    planning.remove(&id);
+                }
             }
         }
     }

@@ -76,7 +76,10 @@ impl Error {
             Error::ConnectionRefused { .. }
             | Error::Timeout { .. }
             | Error::ConnectionLost { .. }
-            | Error::TlsHandshake { .. } => Disposition::Retry,
+            | Error::TlsHandshake { .. }
+            // Redis or RabbitMQ out of reach (restarting, failing over) passes too; a
+            // damaged record does not, but the attempts are capped.
+            | Error::Store(_) => Disposition::Retry,
             Error::Throttled { backoff, .. } => Disposition::Throttle(*backoff),
             Error::Command { response, .. } if is_throttling(response) => {
                 Disposition::Throttle(suggested_backoff(&response.text))
@@ -89,8 +92,7 @@ impl Error {
             | Error::TlsCertificate { .. }
             | Error::StartTlsNotOffered { .. }
             | Error::AuthRejected { .. }
-            | Error::Config(_)
-            | Error::Store(_) => Disposition::Fatal,
+            | Error::Config(_) => Disposition::Fatal,
         }
     }
 
@@ -120,6 +122,28 @@ pub fn is_throttling(response: &StatusResponse) -> bool {
         || text.contains("throttl")
 }
 
+/// What a refused login means. A server at its connection limit answers the login
+/// itself (Dovecot: `NO [LIMIT] Maximum number of connections from user+IP exceeded`;
+/// Gmail: "Too many simultaneous connections"): that is throttling, to wait out, not a
+/// wrong password to report to the admin.
+pub fn login_refused(response: &StatusResponse) -> Error {
+    let text = response.text.to_ascii_lowercase();
+    let at_limit = response.code_name().as_deref() == Some("LIMIT")
+        || text.contains("maximum number of connections")
+        || text.contains("too many connections")
+        || text.contains("simultaneous connections");
+    if at_limit || is_throttling(response) {
+        Error::Throttled {
+            server_says: response.describe(),
+            backoff: suggested_backoff(&response.text),
+        }
+    } else {
+        Error::AuthRejected {
+            server_says: response.describe(),
+        }
+    }
+}
+
 /// Parses Microsoft's "Suggested Backoff Time: 1234 milliseconds" hint.
 pub fn suggested_backoff(text: &str) -> Option<Duration> {
     let lower = text.to_ascii_lowercase();
@@ -146,6 +170,31 @@ mod tests {
                 text: text.into(),
             },
         }
+    }
+
+    fn refusal(code: Option<&str>, text: &str) -> StatusResponse {
+        StatusResponse {
+            status: Status::No,
+            code: code.map(|c| vec![crate::imap::parse::Value::Atom(c.to_string().into())]),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn a_login_refused_for_the_connection_limit_is_throttling_not_a_bad_password() {
+        let dovecot = refusal(
+            Some("LIMIT"),
+            "Maximum number of connections from user+IP exceeded (mail_max_userip_connections=2)",
+        );
+        assert!(matches!(login_refused(&dovecot), Error::Throttled { .. }));
+        let gmail = refusal(None, "Too many simultaneous connections. (Failure)");
+        assert!(matches!(login_refused(&gmail), Error::Throttled { .. }));
+        let wrong = refusal(Some("AUTHENTICATIONFAILED"), "Authentication failed.");
+        assert!(matches!(login_refused(&wrong), Error::AuthRejected { .. }));
+        assert_eq!(login_refused(&wrong).disposition(), Disposition::Fatal);
+        // a connection slot that could not be taken because Redis was restarting
+        let store = Error::Store("redis slot script: broken pipe".into());
+        assert_eq!(store.disposition(), Disposition::Retry);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod redis_store;
 pub mod seal;
 pub mod secret;
 pub mod settings;
+pub mod slots;
 pub mod status;
 pub mod store;
 pub mod users;

@@ -26,6 +26,9 @@ pub struct DovecotConfig {
     /// Advertise only these capabilities (the server still has the others): to test
     /// how mailferry copes with a server without LITERAL+, UIDPLUS, CONDSTORE, ...
     pub capabilities: Option<String>,
+    /// Connections one user may have open from one address (Dovecot refuses more,
+    /// as Gmail refuses a 16th).
+    pub max_user_connections: u32,
 }
 
 impl Default for DovecotConfig {
@@ -38,6 +41,7 @@ impl Default for DovecotConfig {
             master: None,
             layout_fs: true,
             capabilities: None,
+            max_user_connections: 200,
         }
     }
 }
@@ -194,7 +198,7 @@ namespace inbox {{
     special_use = \Junk
   }}
 }}
-mail_max_userip_connections = 200
+mail_max_userip_connections = {max_connections}
 {capability}
 imap_max_line_length = 1M
 {quota}{ssl}
@@ -217,6 +221,7 @@ service anvil {{
 "#,
             dir = dir.display(),
             sep = config.separator,
+            max_connections = config.max_user_connections,
             imaps = imaps_port.unwrap_or(0),
             layout = if config.layout_fs { ":LAYOUT=fs" } else { "" },
             capability = config

@@ -55,6 +55,8 @@ struct Setup<'a> {
     slow: Option<usize>,
     /// A Redis of the rig's own: `Some(true)` keeps its data across restarts.
     own_redis: Option<bool>,
+    /// The source server's limit of connections per user and address.
+    source_connections: Option<u32>,
 }
 
 /// Short leases, so that the tests of failures run in seconds.
@@ -94,6 +96,7 @@ impl Rig {
             settings,
             slow,
             own_redis,
+            source_connections,
         } = setup;
         let settings = if settings.is_empty() { FAST } else { settings };
         let own_redis = own_redis.map(RedisServer::start);
@@ -106,6 +109,7 @@ impl Rig {
         ];
         let src = Dovecot::start(DovecotConfig {
             users: logins.clone(),
+            max_user_connections: source_connections.unwrap_or(200),
             ..DovecotConfig::default()
         });
         let dst = Dovecot::start(DovecotConfig {
@@ -794,6 +798,7 @@ async fn redis_restarted_mid_run_loses_and_duplicates_nothing() {
         settings: &settings,
         slow: Some(60_000),
         own_redis: Some(true),
+        ..Setup::default()
     })
     .await;
     let _coordinator = rig.coordinator("coordinator");
@@ -827,6 +832,7 @@ async fn redis_wiped_mid_run_ends_in_reconciliation_without_duplicates() {
         settings: &settings,
         slow: Some(60_000),
         own_redis: Some(false),
+        ..Setup::default()
     })
     .await;
     let _coordinator = rig.coordinator("coordinator");
@@ -976,5 +982,43 @@ async fn big_folders_are_cut_into_uid_range_jobs() {
         alice,
         "nothing copied twice: {lines:?}"
     );
+    rig.clean_up().await;
+}
+
+/// Connection caps hold across processes: the source allows each user two connections
+/// (and refuses a third, as Gmail refuses a 16th); two workers with three job slots each
+/// and the coordinator's planning share `connections_per_account = 2` through Redis, so
+/// the source never has to refuse one, and the copy is exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_caps_hold_across_workers() {
+    // FAST: job_slots = 3, connections_per_account = 2
+    let rig = Rig::build(Setup {
+        per_folder: 8,
+        source_connections: Some(2),
+        ..Setup::default()
+    })
+    .await;
+    let mut coordinator = rig.coordinator("coordinator");
+    let mut workers = [rig.worker("worker1"), rig.worker("worker2")];
+    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
+    assert_eq!(code, Some(0), "{text}");
+    rig.wait_synced(Duration::from_secs(120)).await;
+    // Stopped before the checks: their idle connections hold the user's two.
+    for p in workers.iter_mut().chain([&mut coordinator]) {
+        assert!(stop(p).success());
+    }
+    let refused = rig
+        .src
+        .log()
+        .lines()
+        .filter(|l| l.contains("Maximum number of connections"))
+        .count();
+    assert_eq!(
+        refused,
+        0,
+        "the source refused connections:\n{}",
+        rig.src.log()
+    );
+    rig.assert_target_equals_source().await;
     rig.clean_up().await;
 }

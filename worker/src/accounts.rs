@@ -12,6 +12,7 @@ use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::imap::Limits;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
+use mailferry_shared::slots::SharedSlots;
 
 use crate::error::JobError;
 
@@ -63,6 +64,8 @@ pub struct RedisAccounts {
     keys: Arc<Keyring>,
     limits: Limits,
     connections_per_account: usize,
+    /// Connection caps shared with every other process of the installation.
+    slots: Option<Arc<SharedSlots>>,
     cache: Mutex<HashMap<(String, String), UserAccounts>>,
 }
 
@@ -78,8 +81,45 @@ impl RedisAccounts {
             keys,
             limits,
             connections_per_account,
+            slots: None,
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Keeps the cache small: every few seconds, connections idle for longer than
+    /// `linger` are logged out (a user's next folder job usually comes sooner, and
+    /// reuses them), and users whose pools are unused leave the cache. Without this a
+    /// worker that has served thousands of users would hold a connection to each.
+    pub fn start_reaper(self: &Arc<Self>, linger: std::time::Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(linger / 2).await;
+                let Some(me) = weak.upgrade() else { return };
+                let pools: Vec<UserAccounts> = me
+                    .cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .cloned()
+                    .collect();
+                for p in &pools {
+                    p.source.close_idle_since(linger).await;
+                    p.target.close_idle_since(linger).await;
+                }
+                me.cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|_, p| !(p.source.is_unused() && p.target.is_unused()));
+            }
+        });
+    }
+
+    /// New connections also take a slot of the caps shared through Redis: per account
+    /// on both sides, and per host on the source.
+    pub fn with_shared_slots(mut self, slots: Arc<SharedSlots>) -> Self {
+        self.slots = Some(slots);
+        self
     }
 
     /// The user's pools, fresh from Redis (not cached: the coordinator plans a user
@@ -106,7 +146,8 @@ impl RedisAccounts {
                 )))
             })
         };
-        let source = Pool::new(
+        let gate = |host_cap| self.slots.as_ref().map(|s| s.gate(host_cap));
+        let source = Pool::gated(
             batch_record.source,
             Credentials {
                 login: record.source_login.clone(),
@@ -115,8 +156,9 @@ impl RedisAccounts {
             },
             self.limits,
             self.connections_per_account,
+            gate(true),
         );
-        let target = Pool::new(
+        let target = Pool::gated(
             batch_record.target,
             Credentials {
                 login: record.target_login.clone(),
@@ -125,6 +167,7 @@ impl RedisAccounts {
             },
             self.limits,
             self.connections_per_account,
+            gate(false),
         );
         Ok(UserAccounts { source, target })
     }

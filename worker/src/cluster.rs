@@ -10,6 +10,7 @@ use mailferry_shared::lease::Fence;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::settings::Settings;
+use mailferry_shared::slots::SharedSlots;
 use mailferry_shared::Error;
 use tokio::sync::watch;
 
@@ -39,6 +40,20 @@ impl ProgressSink for CountingProgress {
     fn job_failed(&self, job: &FolderJob, _: &JobError, reason: &str, will_retry: bool) {
         tracing::warn!(job = %job.id(), will_retry, reason, "job failed");
     }
+}
+
+/// How long an idle connection waits for its user's next job before it is logged out.
+const IDLE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The installation's connection caps, shared through Redis by the workers and the
+/// coordinator; slots of a process that dies lapse after `worker.claim_secs`.
+pub fn shared_slots(settings: &Settings, store: &RedisStore) -> Arc<SharedSlots> {
+    SharedSlots::new(
+        store.clone(),
+        settings.worker.connections_per_account,
+        settings.worker.connections_per_host,
+        std::time::Duration::from_secs(settings.worker.claim_secs),
+    )
 }
 
 /// Connects to RabbitMQ and starts consuming, retrying for about half a minute: the
@@ -79,12 +94,16 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
         .map_err(|e| Error::Config(e.to_string()))
         .and_then(|k| Keyring::parse(&k).map_err(|e| Error::Config(e.to_string())))?;
     let store = RedisStore::connect(&settings.redis_url, &settings.key_prefix).await?;
-    let accounts = Arc::new(RedisAccounts::new(
-        store.clone(),
-        Arc::new(keys),
-        Limits::default(),
-        settings.worker.connections_per_account as usize,
-    ));
+    let accounts = Arc::new(
+        RedisAccounts::new(
+            store.clone(),
+            Arc::new(keys),
+            Limits::default(),
+            settings.worker.connections_per_account as usize,
+        )
+        .with_shared_slots(shared_slots(settings, &store)),
+    );
+    accounts.start_reaper(IDLE_LINGER);
     let pending = Arc::new(PendingCounts::default());
     let claims = Arc::new(RedisClaims::new(
         store.clone(),

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use super::parse::{lookup, parse_response, Framer, Response, Status, StatusResponse, Value};
 use super::tls;
 use crate::endpoint::{AuthMethod, Credentials, Endpoint, Security};
-use crate::error::{is_throttling, suggested_backoff, Error};
+use crate::error::{is_throttling, login_refused, suggested_backoff, Error};
 
 /// Bounds on what a server may make us buffer.
 #[derive(Debug, Clone, Copy)]
@@ -618,11 +618,7 @@ impl Session {
         };
         let status = match result {
             Ok(status) => status,
-            Err(Error::Command { response, .. }) => {
-                return Err(Error::AuthRejected {
-                    server_says: response.describe(),
-                })
-            }
+            Err(Error::Command { response, .. }) => return Err(login_refused(&response)),
             Err(e) => return Err(e),
         };
         match caps_from_code(&status) {

@@ -2,7 +2,10 @@
 //! the same pool, so "at most N connections per account" holds however many folders are
 //! copied at once, and a job after the first pays no connect or login round trips.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -14,9 +17,45 @@ pub struct Pool {
     endpoint: Endpoint,
     credentials: Credentials,
     limits: Limits,
-    idle: Mutex<Vec<Session>>,
+    /// Idle connections, each with the ticket that admitted it and when it went idle.
+    idle: Mutex<Vec<(Session, Ticket, Instant)>>,
     slots: Arc<Semaphore>,
     max: usize,
+    /// Admits each new connection against caps shared with other processes.
+    gate: Option<Arc<dyn ConnectionGate>>,
+}
+
+/// Admission of a new connection beyond this process: the cluster's connection caps
+/// per account and per host, shared through Redis ([`crate::slots`]).
+pub trait ConnectionGate: Send + Sync + 'static {
+    /// Waits until a connection to `login` at `endpoint` may be opened.
+    fn admit<'a>(
+        &'a self,
+        endpoint: &'a Endpoint,
+        login: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Ticket, Error>> + Send + 'a>>;
+}
+
+/// Held as long as its connection is open; gives the slot back when dropped.
+pub struct Ticket(Option<Box<dyn FnOnce() + Send>>);
+
+impl Ticket {
+    pub fn new(give_back: impl FnOnce() + Send + 'static) -> Self {
+        Ticket(Some(Box::new(give_back)))
+    }
+
+    /// For a connection no gate admitted.
+    pub fn none() -> Self {
+        Ticket(None)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(give_back) = self.0.take() {
+            give_back();
+        }
+    }
 }
 
 /// A session on loan from a pool. Give it back with [`release`](Self::release) when the
@@ -24,6 +63,7 @@ pub struct Pool {
 /// safe choice after any error).
 pub struct PooledSession {
     session: Option<Session>,
+    ticket: Option<Ticket>,
     pool: Arc<Pool>,
     _slot: OwnedSemaphorePermit,
 }
@@ -35,6 +75,17 @@ impl Pool {
         limits: Limits,
         max: usize,
     ) -> Arc<Self> {
+        Pool::gated(endpoint, credentials, limits, max, None)
+    }
+
+    /// A pool whose new connections `gate` admits too (the cluster's shared caps).
+    pub fn gated(
+        endpoint: Endpoint,
+        credentials: Credentials,
+        limits: Limits,
+        max: usize,
+        gate: Option<Arc<dyn ConnectionGate>>,
+    ) -> Arc<Self> {
         let max = max.max(1);
         Arc::new(Pool {
             endpoint,
@@ -43,6 +94,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(max)),
             max,
+            gate,
         })
     }
 
@@ -70,10 +122,11 @@ impl Pool {
         loop {
             let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match idle {
-                Some(s) if s.is_closed() => continue,
-                Some(s) => {
+                Some((s, _, _)) if s.is_closed() => continue,
+                Some((s, ticket, _)) => {
                     return Ok(PooledSession {
                         session: Some(s),
+                        ticket: Some(ticket),
                         pool: self.clone(),
                         _slot: slot,
                     })
@@ -81,10 +134,16 @@ impl Pool {
                 None => break,
             }
         }
+        let ticket = match &self.gate {
+            Some(gate) => gate.admit(&self.endpoint, &self.credentials.login).await?,
+            None => Ticket::none(),
+        };
+        // (A failed connect or login drops the ticket: the slot goes back.)
         let mut session = connect(&self.endpoint, self.limits).await?;
         session.authenticate(&self.credentials).await?;
         Ok(PooledSession {
             session: Some(session),
+            ticket: Some(ticket),
             pool: self.clone(),
             _slot: slot,
         })
@@ -93,21 +152,48 @@ impl Pool {
     /// Logs out every idle connection.
     pub async fn close_idle(&self) {
         let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
-        for s in idle {
+        for (s, ticket, _) in idle {
             s.logout().await;
+            drop(ticket);
         }
+    }
+
+    /// Logs out the connections idle for longer than `linger`.
+    pub async fn close_idle_since(&self, linger: Duration) {
+        let stale: Vec<(Session, Ticket, Instant)> = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let (stale, fresh) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|(_, _, since)| since.elapsed() >= linger);
+            *idle = fresh;
+            stale
+        };
+        for (s, ticket, _) in stale {
+            s.logout().await;
+            drop(ticket);
+        }
+    }
+
+    /// Connections lent out now or idle: none means the pool can be dropped.
+    pub fn is_unused(&self) -> bool {
+        self.slots.available_permits() == self.max
+            && self
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
     }
 }
 
 impl PooledSession {
     pub fn release(mut self) {
-        if let Some(s) = self.session.take() {
+        if let (Some(s), Some(ticket)) = (self.session.take(), self.ticket.take()) {
             if !s.is_closed() {
                 self.pool
                     .idle
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push(s);
+                    .push((s, ticket, Instant::now()));
             }
         }
     }
