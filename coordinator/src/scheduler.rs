@@ -304,6 +304,17 @@ impl Coordinator {
                     }),
                 })
                 .await;
+                if let Err(PlanError::Imap { side, source }) = &plan {
+                    if let Disposition::Throttle(hint) = source.disposition() {
+                        if !matches!(source, Error::Paused { .. }) {
+                            let pool = match side {
+                                mailferry_shared::Side::Source => &pools.source,
+                                mailferry_shared::Side::Target => &pools.target,
+                            };
+                            pool.report_throttled(hint).await;
+                        }
+                    }
+                }
                 pools.source.close_idle().await;
                 pools.target.close_idle().await;
                 plan.map_err(|e| {
@@ -330,7 +341,12 @@ impl Coordinator {
                 let interval = self.interval_ms(batch).await?;
                 let again = match disposition {
                     Disposition::Fatal => interval,
-                    _ => interval.min(PLAN_RETRY.as_millis() as u64),
+                    Disposition::Throttle(hint) => hint
+                        .unwrap_or(Duration::from_secs(
+                            self.settings.worker.throttle_pause_secs,
+                        ))
+                        .as_millis() as u64,
+                    Disposition::Retry => interval.min(PLAN_RETRY.as_millis() as u64),
                 };
                 self.write_allowed()?;
                 self.store

@@ -44,6 +44,9 @@ pub enum Error {
         server_says: String,
         backoff: Option<Duration>,
     },
+    /// No connection was tried: the account is paused after a throttling answer.
+    #[error("{what} is paused for another {} ms after the server's throttling answer", .left.as_millis())]
+    Paused { what: String, left: Duration },
     #[error("connection lost: {detail}")]
     ConnectionLost { detail: String },
     #[error("protocol error: {0}")]
@@ -81,6 +84,7 @@ impl Error {
             // damaged record does not, but the attempts are capped.
             | Error::Store(_) => Disposition::Retry,
             Error::Throttled { backoff, .. } => Disposition::Throttle(*backoff),
+            Error::Paused { left, .. } => Disposition::Throttle(Some(*left)),
             Error::Command { response, .. } if is_throttling(response) => {
                 Disposition::Throttle(suggested_backoff(&response.text))
             }

@@ -104,6 +104,9 @@ pub struct WorkerSettings {
     /// A worker that cannot renew (paused, cut off from Redis) stops writing before it
     /// lapses, and another worker may take the folder over once it has.
     pub claim_secs: u64,
+    /// How long an account is paused after a throttling answer that suggests no time
+    /// of its own (one with "Suggested Backoff Time" is paused for that).
+    pub throttle_pause_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -163,6 +166,7 @@ impl Default for WorkerSettings {
             bytes_in_flight: ByteSize(32 << 20),
             shutdown_grace_secs: 60,
             claim_secs: 30,
+            throttle_pause_secs: 30,
         }
     }
 }
@@ -262,6 +266,9 @@ impl Settings {
         }
         if self.coordinator.sync_interval_secs < MIN_SYNC_INTERVAL_SECS {
             return invalid("coordinator.sync_interval_secs", "must be at least 5");
+        }
+        if self.worker.throttle_pause_secs == 0 {
+            return invalid("worker.throttle_pause_secs", "must be at least 1");
         }
         if self.worker.claim_secs < 3 {
             return invalid("worker.claim_secs", "must be at least 3");

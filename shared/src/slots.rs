@@ -7,6 +7,11 @@
 //! `P:slots:host:<host>`) scored by its expiry. Its process renews all the slots it
 //! holds in one call every third of their time to live, so the slots of a process that
 //! dies lapse by themselves; a slot is given back when its connection closes.
+//!
+//! A throttling answer from a server pauses the account it came for
+//! (`P:slots:account:…:pause`, expiring after the server's suggested time or
+//! `worker.throttle_pause_secs`): no process opens a connection to it meanwhile, and
+//! every other account goes on.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,15 +25,18 @@ use crate::error::Error;
 use crate::imap::pool::{ConnectionGate, Ticket};
 use crate::redis_store::{store_error, RedisStore};
 
-/// Takes a slot in both sets if both have room. KEYS: account set, host set. ARGV:
-/// holder, now ms, expiry ms, account cap, host cap. Returns 'ok', or which cap is full.
+/// Takes a slot in both sets if both have room and the account is not paused. KEYS:
+/// account set, host set, account pause. ARGV: holder, now ms, expiry ms, account cap,
+/// host cap. Returns {'ok'}, {'paused', ms left}, or which cap is full.
 const TAKE: &str = r#"
+local left = redis.call('PTTL', KEYS[3])
+if left > 0 then return {'paused', tostring(left)} end
 for i = 1, 2 do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[2]) end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 'account' end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 'host' end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return {'account'} end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return {'host'} end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-return 'ok'
+return {'ok'}
 "#;
 
 /// Renews slots (re-adding one that lapsed: its connection is still open and counts).
@@ -54,6 +62,8 @@ pub struct SharedSlots {
     per_account: u32,
     per_host: u32,
     ttl: Duration,
+    /// How long an account pauses after a throttling answer that suggests no time.
+    default_pause: Duration,
     process: String,
     /// holder → (account set, host set)
     held: Mutex<HashMap<String, (String, String)>>,
@@ -62,12 +72,19 @@ pub struct SharedSlots {
 impl SharedSlots {
     /// Starts the renewal of the slots it will hold (a task that ends with the last
     /// reference).
-    pub fn new(store: RedisStore, per_account: u32, per_host: u32, ttl: Duration) -> Arc<Self> {
+    pub fn new(
+        store: RedisStore,
+        per_account: u32,
+        per_host: u32,
+        ttl: Duration,
+        default_pause: Duration,
+    ) -> Arc<Self> {
         let slots = Arc::new(SharedSlots {
             store,
             per_account: per_account.max(1),
             per_host: per_host.max(1),
             ttl,
+            default_pause,
             process: format!("{}-{:08x}", std::process::id(), fastrand::u32(..)),
             held: Mutex::new(HashMap::new()),
         });
@@ -114,20 +131,42 @@ impl SharedSlots {
         host: &str,
         holder: &str,
         host_cap: bool,
-    ) -> Result<String, Error> {
+    ) -> Result<(String, u64), Error> {
         let mut conn = self.store.conn.clone();
         let now = now_ms();
         redis::Script::new(TAKE)
             .key(account)
             .key(host)
+            .key(format!("{account}:pause"))
             .arg(holder)
             .arg(now)
             .arg(now + self.ttl.as_millis() as u64)
             .arg(self.per_account)
             .arg(if host_cap { self.per_host } else { u32::MAX })
-            .invoke_async(&mut conn)
+            .invoke_async::<Vec<String>>(&mut conn)
             .await
+            .map(|answer| {
+                let left = answer.get(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+                (answer.into_iter().next().unwrap_or_default(), left)
+            })
             .map_err(|e| store_error("slot script", e))
+    }
+
+    /// Pauses the account for `pause` (the server's hint) or the default.
+    async fn pause(&self, account: &str, pause: Option<Duration>) -> Result<Duration, Error> {
+        let pause = pause
+            .unwrap_or(self.default_pause)
+            .max(Duration::from_millis(100));
+        let mut conn = self.store.conn.clone();
+        redis::cmd("SET")
+            .arg(format!("{account}:pause"))
+            .arg(now_ms())
+            .arg("PX")
+            .arg(pause.as_millis() as u64)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| store_error("SET", e))?;
+        Ok(pause)
     }
 
     async fn renew(&self) -> Result<(), Error> {
@@ -200,12 +239,17 @@ impl ConnectionGate for SlotGate {
             let mut wait = Duration::from_millis(50);
             let mut waited = false;
             loop {
-                match slots
-                    .take(&account, &host, &holder, self.host_cap)
-                    .await?
-                    .as_str()
-                {
+                let (answer, left) = slots.take(&account, &host, &holder, self.host_cap).await?;
+                match answer.as_str() {
                     "ok" => break,
+                    // Not waited out here: the job goes back to the queue for that long
+                    // and the worker slot serves another account meanwhile.
+                    "paused" => {
+                        return Err(Error::Paused {
+                            what: format!("{login} at {}", endpoint.host),
+                            left: Duration::from_millis(left),
+                        })
+                    }
                     full => {
                         if !waited {
                             tracing::debug!(host = %endpoint.host, cap = full, "waiting for a connection slot");
@@ -223,6 +267,25 @@ impl ConnectionGate for SlotGate {
                 .insert(holder.clone(), (account, host));
             let slots = slots.clone();
             Ok(Ticket::new(move || slots.give_back(holder)))
+        })
+    }
+
+    fn throttled<'a>(
+        &'a self,
+        endpoint: &'a Endpoint,
+        login: &'a str,
+        hint: Option<Duration>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let (account, _) = self.slots.keys(endpoint, login, self.host_cap);
+            match self.slots.pause(&account, hint).await {
+                Ok(pause) => tracing::warn!(
+                    host = %endpoint.host,
+                    pause_ms = pause.as_millis() as u64,
+                    "the server throttles this account: pausing it"
+                ),
+                Err(e) => tracing::warn!(error = %e, "could not record the account's pause"),
+            }
         })
     }
 }

@@ -62,6 +62,12 @@ struct Setup<'a> {
 /// Short leases, so that the tests of failures run in seconds.
 const FAST: &str = "[worker]\njob_slots = 3\nconnections_per_account = 2\nclaim_secs = 6\n[coordinator]\nleader_lease_secs = 3\nrecheck_secs = 20\n";
 
+/// `FAST` with claims renewed every second: for tests in which a job must outlive a
+/// renewal (a slowed source) or a worker must lose its claims quickly.
+fn short_claims() -> String {
+    FAST.replace("claim_secs = 6", "claim_secs = 3")
+}
+
 impl Rig {
     /// Two users (alice's password is the canary) with `per_folder` messages per folder,
     /// a batch "b1" created through `mailferry batch create`.
@@ -181,6 +187,12 @@ impl Rig {
         ]);
         assert_eq!(code, Some(7), "one bad row: {text}");
         assert!(text.contains("line 4"), "{text}");
+    }
+
+    /// `mailferry batch start` for every user of "b1".
+    fn start(&self) {
+        let (code, _, text) = self.admin(&["start", "--batch", "b1"]);
+        assert_eq!(code, Some(0), "{text}");
     }
 
     /// Runs `mailferry batch ARGS`; asserts the password shows nowhere in its output.
@@ -406,8 +418,7 @@ async fn a_worker_killed_mid_folder_loses_and_duplicates_nothing() {
     let rig = Rig::new(60).await;
     let _coordinator = rig.coordinator("coordinator");
     let mut doomed = rig.worker_with("doomed", &[("MAILFERRY_FAILPOINT", "after-append:5")]);
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     let status = tokio::task::spawn_blocking(move || doomed.0.wait().unwrap())
         .await
         .unwrap();
@@ -479,8 +490,7 @@ async fn a_worker_reconnects_when_the_broker_drops_its_connection() {
         "the worker exited instead of reconnecting"
     );
 
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     rig.wait_synced(Duration::from_secs(60)).await;
     rig.assert_target_equals_source().await;
     let log = std::fs::read_to_string(rig.dir.join("reconnecting.log")).unwrap();
@@ -523,8 +533,7 @@ async fn synced_users_are_synced_again_on_sync_now_and_on_the_schedule() {
     let mut rig = Rig::new(4).await;
     let _coordinator = rig.coordinator("coordinator");
     let _worker = rig.worker("worker");
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     let first = rig.wait_synced(Duration::from_secs(60)).await;
     let alice_before = copied(&first);
     assert_eq!(alice_before, rig.users[0].2.len() as u64, "{first}");
@@ -589,13 +598,12 @@ async fn synced_users_are_synced_again_on_sync_now_and_on_the_schedule() {
 async fn stop_halts_jobs_in_progress_and_close_deletes_the_credentials() {
     // Claims renewed every second, and a source slowed to 40 kB/s: a folder job takes
     // longer than a renewal, so the stop reaches jobs while they copy.
-    let settings = FAST.replace("claim_secs = 6", "claim_secs = 3");
+    let settings = short_claims();
     let rig = Rig::slow(10, &format!("{settings}max_jobs_per_user = 1\n"), 40_000).await;
     let _coordinator = rig.coordinator("coordinator");
     let _worker = rig.worker("worker");
     let store = rig.store().await;
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     rig.wait_until("alice syncing", Duration::from_secs(60), |l| {
         Rig::status_of(l, "alice") == "syncing"
     })
@@ -672,8 +680,7 @@ async fn each_user_has_at_most_its_limit_of_jobs_in_flight() {
     let _coordinator = rig.coordinator("coordinator");
     let _workers = [rig.worker("worker1"), rig.worker("worker2")];
     let store = rig.store().await;
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut samples = 0;
     let mut busiest = 0;
@@ -728,8 +735,7 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _workers = [rig.worker("worker1"), rig.worker("worker2")];
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     rig.wait_until("syncing", Duration::from_secs(60), |l| {
         l.iter().any(|l| l.1 == "syncing")
     })
@@ -758,8 +764,7 @@ async fn a_stopping_worker_hands_its_jobs_back_after_the_grace_period() {
     let rig = Rig::slow(10, &settings, 40_000).await;
     let _coordinator = rig.coordinator("coordinator");
     let mut leaving = rig.worker("leaving");
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     rig.wait_until("syncing", Duration::from_secs(60), |l| {
         l.iter().any(|l| l.1 == "syncing")
     })
@@ -792,7 +797,7 @@ fn signal(worker: &Worker, sig: &str) {
 /// handed back, and the batch ends synced with the target equal to the source.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_restarted_mid_run_loses_and_duplicates_nothing() {
-    let settings = FAST.replace("claim_secs = 6", "claim_secs = 3");
+    let settings = short_claims();
     let mut rig = Rig::build(Setup {
         per_folder: 10,
         settings: &settings,
@@ -803,8 +808,7 @@ async fn redis_restarted_mid_run_loses_and_duplicates_nothing() {
     .await;
     let _coordinator = rig.coordinator("coordinator");
     let _workers = [rig.worker("worker1"), rig.worker("worker2")];
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     rig.wait_until("syncing", Duration::from_secs(60), |l| {
         l.iter().any(|l| l.1 == "syncing")
     })
@@ -826,7 +830,7 @@ async fn redis_restarted_mid_run_loses_and_duplicates_nothing() {
 /// target. Losing Redis costs a rescan, never a duplicate or a lost message.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_wiped_mid_run_ends_in_reconciliation_without_duplicates() {
-    let settings = FAST.replace("claim_secs = 6", "claim_secs = 3");
+    let settings = short_claims();
     let rig = Rig::build(Setup {
         per_folder: 10,
         settings: &settings,
@@ -837,8 +841,7 @@ async fn redis_wiped_mid_run_ends_in_reconciliation_without_duplicates() {
     .await;
     let _coordinator = rig.coordinator("coordinator");
     let _workers = [rig.worker("worker1"), rig.worker("worker2")];
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     rig.wait_until("some mail copied", Duration::from_secs(60), |l| {
         l.iter().any(|l| copied(&l.2) > 20)
     })
@@ -850,8 +853,7 @@ async fn redis_wiped_mid_run_ends_in_reconciliation_without_duplicates() {
     // Let the workers notice (a claim renewal) before the batch is back.
     tokio::time::sleep(Duration::from_secs(2)).await;
     rig.create_batch();
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     rig.wait_synced(Duration::from_secs(180)).await;
     rig.assert_target_equals_source().await;
 }
@@ -861,11 +863,10 @@ async fn redis_wiped_mid_run_ends_in_reconciliation_without_duplicates() {
 /// lost or doubled.
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_killed_again_and_again_lose_and_duplicate_nothing() {
-    let settings = FAST.replace("claim_secs = 6", "claim_secs = 3");
+    let settings = short_claims();
     let rig = Rig::slow(10, &settings, 60_000).await;
     let _coordinator = rig.coordinator("coordinator");
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     for round in 0..4 {
         let mut victim = rig.worker(&format!("victim{round}"));
         tokio::time::sleep(Duration::from_millis(700 + fastrand::u64(..1500))).await;
@@ -891,13 +892,12 @@ async fn workers_killed_again_and_again_lose_and_duplicate_nothing() {
 async fn a_worker_frozen_beyond_its_heartbeat_and_claims_does_no_harm() {
     let settings = format!(
         "amqp_url = \"amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=2\"\n{}",
-        FAST.replace("claim_secs = 6", "claim_secs = 3")
+        short_claims()
     );
     let rig = Rig::slow(10, &settings, 60_000).await;
     let _coordinator = rig.coordinator("coordinator");
     let frozen = rig.worker("frozen");
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     rig.wait_until("syncing", Duration::from_secs(60), |l| {
         l.iter().any(|l| l.1 == "syncing")
     })
@@ -926,8 +926,7 @@ async fn big_folders_are_cut_into_uid_range_jobs() {
     let _coordinator = rig.coordinator("coordinator");
     let _workers = [rig.worker("worker1"), rig.worker("worker2")];
     let store = rig.store().await;
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     rig.wait_synced(Duration::from_secs(120)).await;
     let jobs = store.job_states("b1", "alice@example.com").await.unwrap();
     let inbox: Vec<&String> = jobs
@@ -1000,8 +999,7 @@ async fn connection_caps_hold_across_workers() {
     .await;
     let mut coordinator = rig.coordinator("coordinator");
     let mut workers = [rig.worker("worker1"), rig.worker("worker2")];
-    let (code, _, text) = rig.admin(&["start", "--batch", "b1"]);
-    assert_eq!(code, Some(0), "{text}");
+    rig.start();
     rig.wait_synced(Duration::from_secs(120)).await;
     // Stopped before the checks: their idle connections hold the user's two.
     for p in workers.iter_mut().chain([&mut coordinator]) {
@@ -1019,6 +1017,52 @@ async fn connection_caps_hold_across_workers() {
         "the source refused connections:\n{}",
         rig.src.log()
     );
+    rig.assert_target_equals_source().await;
+    rig.clean_up().await;
+}
+
+/// A server that throttles: the source allows each user one connection, mailferry's cap
+/// is two. The second connection is refused (`NO [LIMIT] Maximum number of
+/// connections`): that account is paused for `throttle_pause_secs` across all processes,
+/// the user shows "syncing (throttled: …)" meanwhile, never "failed", and the batch
+/// ends exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_throttling_server_pauses_the_account_and_shows_throttled_not_failed() {
+    let settings = FAST.replace("claim_secs = 6", "claim_secs = 6\nthrottle_pause_secs = 1");
+    let rig = Rig::build(Setup {
+        per_folder: 6,
+        settings: &settings,
+        source_connections: Some(1),
+        ..Setup::default()
+    })
+    .await;
+    let mut coordinator = rig.coordinator("coordinator");
+    let mut workers = [rig.worker("worker1"), rig.worker("worker2")];
+    rig.start();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen_throttled = false;
+    loop {
+        let lines = rig.statuses();
+        seen_throttled |= lines.iter().any(|l| l.2.contains("throttled:"));
+        assert!(
+            lines.iter().all(|l| l.1 != "failed"),
+            "throttling made a user fail: {lines:?}"
+        );
+        if lines.iter().all(|l| l.1 == "synced") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not synced in time: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let logs = format!("{}{}", rig.log("worker1"), rig.log("worker2"));
+    assert!(
+        logs.contains("pausing it"),
+        "no account was paused:\n{logs}"
+    );
+    assert!(seen_throttled, "no status ever showed the throttling");
+    for p in workers.iter_mut().chain([&mut coordinator]) {
+        assert!(stop(p).success());
+    }
     rig.assert_target_equals_source().await;
     rig.clean_up().await;
 }

@@ -60,6 +60,8 @@ pub enum Claimed {
 pub enum JobEnd<'a> {
     Done(&'a JobReport),
     Failed(&'a str),
+    /// The server throttles the account: the job waits for the pause to end.
+    Throttled(&'a str),
     /// Not finished and not failed: handed back to the queue (or stopped by the admin).
     HandedBack,
 }
@@ -222,6 +224,9 @@ impl Claims for RedisClaims {
                     reason: reason.to_string(),
                 })
             }
+            JobEnd::Throttled(why) => Some(JobState::Throttled {
+                server_says: why.to_string(),
+            }),
             // Queued again: whoever runs it next (or the coordinator's recheck after a
             // restart of a stopped user) finds it open.
             JobEnd::HandedBack => Some(JobState::Queued),

@@ -53,6 +53,7 @@ pub fn shared_slots(settings: &Settings, store: &RedisStore) -> Arc<SharedSlots>
         settings.worker.connections_per_account,
         settings.worker.connections_per_host,
         std::time::Duration::from_secs(settings.worker.claim_secs),
+        std::time::Duration::from_secs(settings.worker.throttle_pause_secs),
     )
 }
 
@@ -149,7 +150,12 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
             engine.clone(),
             claims.clone(),
             settings.worker.job_slots as usize,
-            RetryPolicy::default(),
+            RetryPolicy {
+                throttle_default: std::time::Duration::from_secs(
+                    settings.worker.throttle_pause_secs,
+                ),
+                ..RetryPolicy::default()
+            },
             shutdown.clone(),
             drain.clone(),
         )

@@ -166,6 +166,19 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
                     queue.requeue(delivery, claims.busy_delay()).await;
                 }
             }
+            Err(e) if matches!(e.disposition(), Disposition::Throttle(_)) && delivery.attempt < policy.max_attempts => {
+                // Throttling is the server's to end, not a failure: the user shows it,
+                // and the job waits out the pause without spending an attempt.
+                let reason = e.to_string();
+                let delay = match e.disposition() {
+                    Disposition::Throttle(Some(hint)) => hint,
+                    _ => policy.throttle_default,
+                };
+                tracing::warn!(delay_ms = delay.as_millis() as u64, error = %reason, "throttled; the job waits");
+                engine.progress().job_failed(&job, &e, &reason, true);
+                let _ = claims.finish(claim, &job, JobEnd::Throttled(&reason)).await;
+                queue.requeue(delivery, delay).await;
+            }
             Err(e) => {
                 let reason = e.to_string();
                 match decide(

@@ -23,7 +23,7 @@ use mailferry_shared::imap::uidset;
 use mailferry_shared::job::{Checkpoint, FolderJob, InFlight, SkippedMessage, SourceState};
 use mailferry_shared::lease::Fence;
 use mailferry_shared::store::StateStore;
-use mailferry_shared::{failpoint, Error as SharedError};
+use mailferry_shared::{failpoint, Disposition, Error as SharedError, Side};
 
 use crate::accounts::AccountDirectory;
 use crate::copy::{copy_messages, ByteBudget, CopySettings, Outcome, TargetFolder};
@@ -97,13 +97,32 @@ impl<S: StateStore> Engine<S> {
         tracing::debug!(job = %job.id(), "job: looking up accounts");
         let accounts = self.accounts.accounts(&job.batch, &job.user).await?;
         tracing::debug!(job = %job.id(), "job: getting connections");
-        let mut source = accounts.source.get().await.map_err(JobError::source_side)?;
-        let mut target = accounts.target.get().await.map_err(JobError::target_side)?;
-        tracing::debug!(job = %job.id(), "job: connected");
-        let report = self.run_on(job, &mut source, &mut target, fence).await?;
+        let result = async {
+            let mut source = accounts.source.get().await.map_err(JobError::source_side)?;
+            let mut target = accounts.target.get().await.map_err(JobError::target_side)?;
+            tracing::debug!(job = %job.id(), "job: connected");
+            let report = self.run_on(job, &mut source, &mut target, fence).await?;
+            source.release();
+            target.release();
+            Ok(report)
+        }
+        .await;
+        if let Err(JobError::Imap { side, source: e }) = &result {
+            // A throttling answer pauses the account for every process (shared caps
+            // only; the embedded mode just waits its turn). A job refused because the
+            // account is paused already does not extend the pause.
+            if let (Disposition::Throttle(hint), false) =
+                (e.disposition(), matches!(e, SharedError::Paused { .. }))
+            {
+                let pool = match side {
+                    Side::Source => &accounts.source,
+                    Side::Target => &accounts.target,
+                };
+                pool.report_throttled(hint).await;
+            }
+        }
+        let report = result?;
         tracing::debug!(job = %job.id(), copied = report.copied, "job: done");
-        source.release();
-        target.release();
         Ok(report)
     }
 

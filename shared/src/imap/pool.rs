@@ -34,6 +34,15 @@ pub trait ConnectionGate: Send + Sync + 'static {
         endpoint: &'a Endpoint,
         login: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<Ticket, Error>> + Send + 'a>>;
+
+    /// The server answered a connection of this account with throttling: pause the
+    /// account (for `hint`, the server's suggested time, if it gave one).
+    fn throttled<'a>(
+        &'a self,
+        endpoint: &'a Endpoint,
+        login: &'a str,
+        hint: Option<Duration>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 }
 
 /// Held as long as its connection is open; gives the slot back when dropped.
@@ -147,6 +156,15 @@ impl Pool {
             pool: self.clone(),
             _slot: slot,
         })
+    }
+
+    /// Reports a throttling answer the account got (a refused login, a NO [UNAVAILABLE]
+    /// to a command), so that no process connects to it until the pause is over.
+    pub async fn report_throttled(&self, hint: Option<Duration>) {
+        if let Some(gate) = &self.gate {
+            gate.throttled(&self.endpoint, &self.credentials.login, hint)
+                .await;
+        }
     }
 
     /// Logs out every idle connection.
