@@ -8,7 +8,7 @@
 #
 #   tests/bench/cluster.sh                         # 40 users x 100 messages, 2 workers
 #   USERS=200 MSGS=20 WORKERS=4 tests/bench/cluster.sh
-#   USERS=10000 MSGS=1 EMBEDDED=0 tests/bench/cluster.sh   # the coordinator at scale
+#   USERS=10000 MSGS=0 EMBEDDED=0 tests/bench/cluster.sh   # the coordinator planning 10,000
 #
 # Prints wall seconds, messages/s, Redis commands per copied message, and the
 # coordinator's CPU seconds and peak RSS.
@@ -37,7 +37,10 @@ bash "$kit/dovecot.sh" destroy src >/dev/null 2>&1 || true
 bash "$kit/dovecot.sh" destroy dst >/dev/null 2>&1 || true
 bash "$kit/dovecot.sh" start src --port "$SRC_PORT" --users "$USERS" >/dev/null
 bash "$kit/dovecot.sh" start dst --port "$DST_PORT" --users "$USERS" >/dev/null
-python3 "$kit/corpus.py" --port "$SRC_PORT" --users "$USERS" --messages "$MSGS" --jobs 4 >/dev/null
+# MSGS=0: empty mailboxes, to measure the coordinator planning many users.
+if [[ $MSGS -gt 0 ]]; then
+    python3 "$kit/corpus.py" --port "$SRC_PORT" --users "$USERS" --messages "$MSGS" --jobs 4 >/dev/null
+fi
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
     --logfile "$work/redis.log" >/dev/null
 
@@ -85,6 +88,7 @@ redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | grep '^cmdstat' |
     sed -E 's/^cmdstat_([^:]+):calls=([0-9]+).*/\2 \1/' | sort -rn | head -12 > "$work/commandstats"
 summary=$(admin status --batch bench | tail -1)
 copied=$(sed -E 's/.*copied ([0-9]+) messages.*/\1/' <<<"$summary")
+[[ $copied =~ ^[0-9]+$ ]] || copied=0
 # The coordinator's CPU seconds (utime + stime, in clock ticks) and peak RSS (KiB).
 read -r -a stat < "/proc/$coordinator/stat"
 coord_cpu=$(( ${stat[13]} + ${stat[14]} ))
