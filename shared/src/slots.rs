@@ -67,7 +67,14 @@ pub struct SharedSlots {
     process: String,
     /// holder → (account set, host set)
     held: Mutex<HashMap<String, (String, String)>>,
+    /// Closes this process's idle connections to a host: called when a connection
+    /// finds the host's cap full, so that connections idling for their own user's next
+    /// job do not hold the slots other users wait for.
+    evict_idle: Mutex<Option<Evictor>>,
 }
+
+/// See [`SharedSlots::on_host_full`].
+pub type Evictor = Box<dyn Fn(&str) + Send + Sync>;
 
 impl SharedSlots {
     /// Starts the renewal of the slots it will hold (a task that ends with the last
@@ -87,6 +94,7 @@ impl SharedSlots {
             default_pause,
             process: format!("{}-{:08x}", std::process::id(), fastrand::u32(..)),
             held: Mutex::new(HashMap::new()),
+            evict_idle: Mutex::new(None),
         });
         let weak = Arc::downgrade(&slots);
         tokio::spawn(async move {
@@ -99,6 +107,12 @@ impl SharedSlots {
             }
         });
         slots
+    }
+
+    /// What to do when a host's cap is full: close this process's idle connections to
+    /// it (the account directory that owns the pools sets this).
+    pub fn on_host_full(&self, evict: Evictor) {
+        *self.evict_idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(evict);
     }
 
     /// A gate for an endpoint's pools: `host_cap` applies the per-host cap (the
@@ -251,6 +265,13 @@ impl ConnectionGate for SlotGate {
                         })
                     }
                     full => {
+                        if full == "host" {
+                            if let Some(evict) =
+                                &*slots.evict_idle.lock().unwrap_or_else(|e| e.into_inner())
+                            {
+                                evict(&endpoint.host);
+                            }
+                        }
                         if !waited {
                             tracing::debug!(host = %endpoint.host, cap = full, "waiting for a connection slot");
                             waited = true;

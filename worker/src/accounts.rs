@@ -122,6 +122,32 @@ impl RedisAccounts {
         self
     }
 
+    /// Lets the shared slots close this directory's idle connections to a host whose
+    /// cap is full (call once the directory is in its `Arc`).
+    pub fn evict_idle_when_host_full(self: &Arc<Self>) {
+        let Some(slots) = &self.slots else { return };
+        let weak = Arc::downgrade(self);
+        slots.on_host_full(Box::new(move |host: &str| {
+            let Some(me) = weak.upgrade() else { return };
+            let pools: Vec<Arc<Pool>> = me
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .flat_map(|p| [p.source.clone(), p.target.clone()])
+                .filter(|p| p.endpoint().host == host)
+                .collect();
+            if pools.is_empty() {
+                return;
+            }
+            tokio::spawn(async move {
+                for pool in pools {
+                    pool.close_idle_since(std::time::Duration::ZERO).await;
+                }
+            });
+        }));
+    }
+
     /// The user's pools, fresh from Redis (not cached: the coordinator plans a user
     /// once per pass and closes the pools after).
     pub async fn load(&self, batch: &str, user: &str) -> Result<UserAccounts, JobError> {

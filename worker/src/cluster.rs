@@ -105,6 +105,7 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
         .with_shared_slots(shared_slots(settings, &store)),
     );
     accounts.start_reaper(IDLE_LINGER);
+    accounts.evict_idle_when_host_full();
     let pending = Arc::new(PendingCounts::default());
     let claims = Arc::new(RedisClaims::new(
         store.clone(),
