@@ -151,9 +151,13 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
         match result {
             Ok(report) => match claims.finish(claim, &job, JobEnd::Done(&report)).await {
                 Ok(()) => queue.ack(&delivery).await,
-                // Unacked, the job is delivered again; its re-run finds the checkpoint
-                // current and costs two commands.
-                Err(e) => tracing::error!(job = %job.id(), error = %e, "could not record the job's end; it will run again"),
+                // Handed back, the job runs again: its re-run finds the checkpoint
+                // current, costs two commands, and records the end then. (Left
+                // unsettled, it would hold a prefetch slot until the connection drops.)
+                Err(e) => {
+                    tracing::error!(job = %job.id(), error = %e, "could not record the job's end; it will run again");
+                    queue.requeue(delivery, claims.busy_delay()).await;
+                }
             },
             Err(JobError::Fenced(why)) => {
                 let stopped = claim.user_stopped.load(std::sync::atomic::Ordering::SeqCst);
