@@ -228,9 +228,7 @@ impl Cluster {
 
     /// The interval between passes of `batch`'s users.
     pub fn interval_of(&self, record: &BatchRecord) -> u64 {
-        record
-            .sync_interval_secs
-            .unwrap_or(self.settings.coordinator.sync_interval_secs)
+        record.interval_secs(self.settings.coordinator.sync_interval_secs)
     }
 
     pub async fn status(&self, batch: &str) -> Result<(Vec<UserLine>, u64), Error> {

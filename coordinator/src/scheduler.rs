@@ -267,9 +267,8 @@ impl Coordinator {
 
     async fn interval_ms(&self, batch: &str) -> Result<u64, Error> {
         let record = self.store.batch(batch).await?;
-        let secs = record
-            .and_then(|r| r.sync_interval_secs)
-            .unwrap_or(self.settings.coordinator.sync_interval_secs);
+        let default = self.settings.coordinator.sync_interval_secs;
+        let secs = record.map_or(default, |r| r.interval_secs(default));
         Ok(secs * 1000)
     }
 
@@ -305,15 +304,7 @@ impl Coordinator {
                 })
                 .await;
                 if let Err(PlanError::Imap { side, source }) = &plan {
-                    if let Disposition::Throttle(hint) = source.disposition() {
-                        if !matches!(source, Error::Paused { .. }) {
-                            let pool = match side {
-                                mailferry_shared::Side::Source => &pools.source,
-                                mailferry_shared::Side::Target => &pools.target,
-                            };
-                            pool.report_throttled(hint).await;
-                        }
-                    }
+                    pools.report_throttling(*side, source).await;
                 }
                 pools.source.close_idle().await;
                 pools.target.close_idle().await;

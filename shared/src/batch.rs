@@ -17,6 +17,14 @@ pub struct BatchRecord {
     pub sync_interval_secs: Option<u64>,
 }
 
+impl BatchRecord {
+    /// Seconds between passes of the batch's synced users: its own interval, else the
+    /// installation's `default`.
+    pub fn interval_secs(&self, default: u64) -> u64 {
+        self.sync_interval_secs.unwrap_or(default)
+    }
+}
+
 /// One user of a batch. The secrets are sealed for this batch and user
 /// ([`crate::seal::Keyring`]); nothing here is a password.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

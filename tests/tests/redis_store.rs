@@ -200,7 +200,7 @@ async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
         store.progress("b1", "alice").await.unwrap().get("copied"),
         None
     );
-    // the stale holder's finish neither releases b's claim nor...
+    // the stale holder's finish does not release b's claim
     store
         .finish_job(&inbox, "a", None, 1, &vec![])
         .await

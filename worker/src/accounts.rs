@@ -13,6 +13,7 @@ use mailferry_shared::imap::Limits;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::slots::SharedSlots;
+use mailferry_shared::{Disposition, Error as SharedError, Side};
 
 use crate::error::JobError;
 
@@ -20,6 +21,24 @@ use crate::error::JobError;
 pub struct UserAccounts {
     pub source: Arc<Pool>,
     pub target: Arc<Pool>,
+}
+
+impl UserAccounts {
+    /// A throttling answer on `side` pauses that account for every process (where the
+    /// pools share caps; the embedded mode just waits its turn). A refusal because the
+    /// account is paused already does not extend the pause.
+    pub async fn report_throttling(&self, side: Side, error: &SharedError) {
+        if matches!(error, SharedError::Paused { .. }) {
+            return;
+        }
+        if let Disposition::Throttle(hint) = error.disposition() {
+            let pool = match side {
+                Side::Source => &self.source,
+                Side::Target => &self.target,
+            };
+            pool.report_throttled(hint).await;
+        }
+    }
 }
 
 pub type Lookup<'a> = Pin<Box<dyn Future<Output = Result<UserAccounts, JobError>> + Send + 'a>>;

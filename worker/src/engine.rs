@@ -23,7 +23,7 @@ use mailferry_shared::imap::uidset;
 use mailferry_shared::job::{Checkpoint, FolderJob, InFlight, SkippedMessage, SourceState};
 use mailferry_shared::lease::Fence;
 use mailferry_shared::store::StateStore;
-use mailferry_shared::{failpoint, Disposition, Error as SharedError, Side};
+use mailferry_shared::{failpoint, Error as SharedError};
 
 use crate::accounts::AccountDirectory;
 use crate::copy::{copy_messages, ByteBudget, CopySettings, Outcome, TargetFolder};
@@ -107,19 +107,8 @@ impl<S: StateStore> Engine<S> {
             Ok(report)
         }
         .await;
-        if let Err(JobError::Imap { side, source: e }) = &result {
-            // A throttling answer pauses the account for every process (shared caps
-            // only; the embedded mode just waits its turn). A job refused because the
-            // account is paused already does not extend the pause.
-            if let (Disposition::Throttle(hint), false) =
-                (e.disposition(), matches!(e, SharedError::Paused { .. }))
-            {
-                let pool = match side {
-                    Side::Source => &accounts.source,
-                    Side::Target => &accounts.target,
-                };
-                pool.report_throttled(hint).await;
-            }
+        if let Err(JobError::Imap { side, source }) = &result {
+            accounts.report_throttling(*side, source).await;
         }
         let report = result?;
         tracing::debug!(job = %job.id(), copied = report.copied, "job: done");
