@@ -60,6 +60,17 @@ admin() { "$bin" batch --config "$work/mailferry.toml" "$@"; }
 admin create --batch bench --source "127.0.0.1:$SRC_PORT" --source-security plain \
     --target "127.0.0.1:$DST_PORT" --target-security plain --csv "$work/users.csv" >/dev/null
 
+# Where the CPU goes: each process tree's seconds, read before and after each phase.
+src_master=$(<"$BENCH_ROOT/src/run/master.pid") dst_master=$(<"$BENCH_ROOT/dst/run/master.pid")
+redis_pid=$(redis-cli -p "$REDIS_PORT" info server | tr -d '\r' | awk -F: '/^process_id/ {print $2}')
+rabbit_pid=$(pgrep -o beam.smp || echo 0)
+cpu() { python3 tests/bench/cputree.py "$@" "dovecot-src=$src_master" "dovecot-dst=$dst_master" "redis=$redis_pid" "rabbitmq=$rabbit_pid"; }
+cpu_delta() {  # two readings -> "name +seconds ..."
+    python3 -c 'import sys
+a = dict(kv.split("=") for kv in sys.argv[1].split())
+b = dict(kv.split("=") for kv in sys.argv[2].split())
+print(" ".join(f"{k} {float(b[k]) - float(a.get(k, 0)):.1f}" for k in b))' "$1" "$2"
+}
 commands() { redis-cli -p "$REDIS_PORT" info stats | awk -F: '/^total_commands_processed/ {print $2+0}'; }
 "$bin" coordinator --config "$work/mailferry.toml" 2>"$work/coordinator.log" &
 coordinator=$!
@@ -71,6 +82,9 @@ done
 sleep 2
 redis-cli -p "$REDIS_PORT" config resetstat >/dev/null
 before=$(commands)
+workers_cpu=()
+for i in "${!pids[@]}"; do [[ $i -gt 0 ]] && workers_cpu+=("worker$i=${pids[$i]}"); done
+cpu_before=$(cpu "coordinator=$coordinator" "${workers_cpu[@]}")
 start=$(date +%s.%N)
 admin start --batch bench >/dev/null
 # Done when every user's pass record says synced: one HVALS a second (taken out of
@@ -83,6 +97,7 @@ while :; do
     sleep 1
 done
 end=$(date +%s.%N)
+cpu_cluster=$(cpu_delta "$cpu_before" "$(cpu "coordinator=$coordinator" "${workers_cpu[@]}")")
 after=$(( $(commands) - polls ))
 redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | grep '^cmdstat' |
     sed -E 's/^cmdstat_([^:]+):calls=([0-9]+).*/\2 \1/' | sort -rn | head -12 > "$work/commandstats"
@@ -106,11 +121,14 @@ if [[ ${EMBEDDED:-1} == 0 ]]; then
     exit 0
 fi
 bash "$kit/dovecot.sh" wipe dst >/dev/null
+dst_master=$(<"$BENCH_ROOT/dst/run/master.pid")
 estart=$(date +%s.%N)
+cpu_before=$(cpu "migrate=$$")
 "$bin" migrate --source "127.0.0.1:$SRC_PORT" --source-security plain \
     --target "127.0.0.1:$DST_PORT" --target-security plain --csv "$work/users.csv" \
     --state-dir "$work/state" --jobs "$JOBS" --progress lines >"$work/embedded.log" 2>&1 || true
 eend=$(date +%s.%N)
+cpu_embedded=$(cpu_delta "$cpu_before" "$(cpu "migrate=$$")")
 python3 "$kit/verify.py" --src-port "$SRC_PORT" --dst-port "$DST_PORT" --users "$USERS" | tail -1 > "$work/verify.embedded"
 
 python3 - "$USERS" "$MSGS" "$WORKERS" "$start" "$end" "$estart" "$eend" "$before" "$after" "$copied" \
@@ -130,5 +148,7 @@ print(f"| cluster | {wall:.1f} | {copied/wall:.0f} | {ewall/wall:.2f}x | {(after
 print(f"| embedded | {ewall:.1f} | {copied/ewall:.0f} | 1.00x | - | {ve} |")
 print(f"coordinator: {cu+cs:.2f} CPU s, peak RSS {crss/1024:.0f} MiB; Redis commands {after-before} for {copied} messages")
 EOF
+echo "CPU seconds, cluster phase:  $cpu_cluster"
+echo "CPU seconds, embedded phase: $cpu_embedded (migrate = this script's reaped children)"
 echo "Redis calls by command (including those inside scripts, and the status polling):"
 cat "$work/commandstats"
