@@ -204,7 +204,7 @@ pub async fn run(
                     jobs.sort_by_key(|j| std::cmp::Reverse(size_of(j)));
                     for job in jobs {
                         // The memory queue cannot refuse a job.
-                        let _ = queue.publish(job).await;
+                        let _ = queue.publish(vec![job]).await;
                     }
                 }
                 Err(e) => {

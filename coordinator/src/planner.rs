@@ -71,6 +71,62 @@ mod tests {
         max_bytes: 1 << 30,
     };
 
+    fn folder(name: &str, range: Option<(u32, u32)>) -> FolderJob {
+        FolderJob {
+            batch: "b".into(),
+            user: "u".into(),
+            source_folder: WireName(Bytes::from(name.to_string())),
+            target_folder: WireName(Bytes::from(name.to_string())),
+            uid_range: range,
+            pass: 1,
+            group: None,
+        }
+    }
+
+    #[test]
+    fn small_folders_are_grouped_within_a_tenth_of_the_limits() {
+        // (messages, bytes) by folder name
+        let size = |j: &FolderJob| match j.source_folder.display().as_str() {
+            "Big" => (5_000, 1 << 20),
+            "Huge mail" => (10, 200 << 20),
+            "A" | "B" => (600, 1 << 20),
+            _ => (10, 1 << 10),
+        };
+        let mut jobs: Vec<FolderJob> = ["Big", "Huge mail", "A", "B", "c1", "c2", "c3"]
+            .into_iter()
+            .map(|n| folder(n, None))
+            .collect();
+        jobs.push(folder("Ranged", Some((1, 100))));
+        jobs.push(folder("lonely", None));
+        jobs.swap(7, 8); // the range last
+        group_small_jobs(&mut jobs, size, &LIMITS);
+        let groups: Vec<(String, Option<u32>)> = jobs
+            .iter()
+            .map(|j| (j.source_folder.display(), j.group))
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                ("Big".into(), None),       // above 1,000 messages
+                ("Huge mail".into(), None), // above 100 MiB
+                // B would not fit with A (1,200 messages): A's group holds only A,
+                // which makes it a job alone
+                ("A".into(), None),
+                ("B".into(), Some(2)),
+                ("c1".into(), Some(2)),
+                ("c2".into(), Some(2)),
+                ("c3".into(), Some(2)),
+                ("lonely".into(), Some(2)),
+                ("Ranged".into(), None),
+            ]
+        );
+        // planned again, nothing of the old grouping is kept
+        let mut two = vec![folder("A", None), folder("B", None)];
+        two[0].group = Some(7);
+        group_small_jobs(&mut two, size, &LIMITS);
+        assert!(two.iter().all(|j| j.group.is_none()), "{two:?}");
+    }
+
     #[test]
     fn small_folders_and_small_remainders_stay_one_job() {
         assert!(range_starts(10_000, 10_000, None, LIMITS).is_empty());
@@ -121,6 +177,55 @@ pub struct PlanRequest<'a, S: StateStore> {
 pub struct SplitLimits {
     pub max_messages: u32,
     pub max_bytes: u64,
+}
+
+/// A bundle of small folders holds at most this share of [`SplitLimits`] (1,000
+/// messages or 100 MiB with the defaults): large enough that a mailbox of many small
+/// folders costs one message, one login and one dispatch, small enough that a user's
+/// bundles still spread over several workers.
+pub const BUNDLE_SHARE: u64 = 10;
+
+/// Puts a pass's small whole-folder jobs into groups that travel and run together
+/// ([`FolderJob::group`]), in the order given, each within `1 / BUNDLE_SHARE` of the
+/// limits; `size` gives a job's folder's (messages, bytes). UID ranges and larger
+/// folders stay alone, and so does a group that would hold one job.
+pub fn group_small_jobs(
+    jobs: &mut [FolderJob],
+    size: impl Fn(&FolderJob) -> (u64, u64),
+    limits: &SplitLimits,
+) {
+    let most_messages = (u64::from(limits.max_messages) / BUNDLE_SHARE).max(1);
+    let most_bytes = (limits.max_bytes / BUNDLE_SHARE).max(1);
+    let mut group = 0u32;
+    let mut members = 0usize;
+    let mut total = (0u64, 0u64);
+    for job in jobs.iter_mut() {
+        job.group = None;
+        let (messages, bytes) = size(job);
+        if job.uid_range.is_some() || messages > most_messages || bytes > most_bytes {
+            continue;
+        }
+        if members == 0 || total.0 + messages > most_messages || total.1 + bytes > most_bytes {
+            group += 1;
+            members = 0;
+            total = (0, 0);
+        }
+        job.group = Some(group);
+        members += 1;
+        total = (total.0 + messages, total.1 + bytes);
+    }
+    // Groups of one are just jobs.
+    let mut counts = std::collections::HashMap::new();
+    for job in jobs.iter() {
+        if let Some(g) = job.group {
+            *counts.entry(g).or_insert(0) += 1;
+        }
+    }
+    for job in jobs.iter_mut() {
+        if job.group.is_some_and(|g| counts[&g] == 1) {
+            job.group = None;
+        }
+    }
 }
 
 /// Where a folder is cut into UID-range jobs: the sequence numbers that begin a new
@@ -354,6 +459,7 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
                         target_folder: WireName(planned.mapping.target_wire.clone()),
                         uid_range: None,
                         pass: req.pass,
+                        group: None,
                     };
                     let cp = checkpoints.remove(&planned.mapping.source_wire);
                     let needed = match req.store {

@@ -37,7 +37,7 @@ use mailferry_worker::accounts::RedisAccounts;
 use tokio::sync::{watch, Mutex};
 
 use crate::cluster::user_status;
-use crate::planner::{plan_user, PlanError, PlanRequest, SplitLimits};
+use crate::planner::{group_small_jobs, plan_user, PlanError, PlanRequest, SplitLimits};
 
 /// How often the active coordinator looks at the schedule and the dispatch set.
 const TICK: Duration = Duration::from_millis(100);
@@ -359,18 +359,22 @@ impl Coordinator {
                 .map(|f| (f.size.unwrap_or(0), f.messages.unwrap_or(0)))
                 .unwrap_or((0, 0))
         };
+        let limits = SplitLimits {
+            max_messages: self.settings.coordinator.max_job_messages,
+            max_bytes: self.settings.coordinator.max_job_bytes.0,
+        };
         let mut jobs = plan.jobs.clone();
-        // Largest first, so the longest job does not start last.
+        // Largest first, so the longest job does not start last; the small folders
+        // that follow travel in bundles.
         jobs.sort_by_key(|j| std::cmp::Reverse(size(j)));
+        group_small_jobs(&mut jobs, |j| (size(j).1 as u64, size(j).0), &limits);
         let cap = self.settings.coordinator.max_jobs_per_user as usize;
         let mut states: Vec<(FolderJob, JobState)> =
             jobs.into_iter().map(|j| (j, JobState::Waiting)).collect();
-        let first: HashSet<String> = next_to_publish(&states, cap)
-            .iter()
-            .map(FolderJob::id)
-            .collect();
+        let first = next_to_publish(&states, cap);
+        let queued: HashSet<String> = first.iter().flatten().map(FolderJob::id).collect();
         for (job, state) in &mut states {
-            if first.contains(&job.id()) {
+            if queued.contains(&job.id()) {
                 *state = JobState::Queued;
             }
         }
@@ -391,11 +395,6 @@ impl Coordinator {
         if states.is_empty() {
             return self.end_pass(batch, user, intent, begun, &[]).await;
         }
-        let first: Vec<FolderJob> = states
-            .into_iter()
-            .filter(|(_, s)| *s == JobState::Queued)
-            .map(|(j, _)| j)
-            .collect();
         self.publish(batch, user, first).await
     }
 
@@ -433,7 +432,7 @@ impl Coordinator {
                 "publishing the open pass's jobs again"
             );
         }
-        self.publish(batch, user, specs).await?;
+        self.publish(batch, user, bundles(specs)).await?;
         // Waiting jobs may be due a slot (their dispatch mark may have been lost).
         self.dispatch_user(batch, user).await
     }
@@ -483,8 +482,11 @@ impl Coordinator {
             return Ok(());
         }
         self.write_allowed()?;
-        let queued: Vec<(String, JobState)> =
-            next.iter().map(|j| (j.id(), JobState::Queued)).collect();
+        let queued: Vec<(String, JobState)> = next
+            .iter()
+            .flatten()
+            .map(|j| (j.id(), JobState::Queued))
+            .collect();
         self.store.set_job_states(batch, user, &queued).await?;
         self.publish(batch, user, next).await
     }
@@ -544,8 +546,13 @@ impl Coordinator {
     /// Publishes with confirms; a failure drops the connection (the next publish
     /// reconnects) and makes the user due again shortly, so nothing waits for the
     /// recheck.
-    async fn publish(&self, batch: &str, user: &str, jobs: Vec<FolderJob>) -> Result<(), Error> {
-        if jobs.is_empty() {
+    async fn publish(
+        &self,
+        batch: &str,
+        user: &str,
+        bundles: Vec<Vec<FolderJob>>,
+    ) -> Result<(), Error> {
+        if bundles.is_empty() {
             return Ok(());
         }
         let mut queue = self.queue.lock().await;
@@ -561,9 +568,9 @@ impl Coordinator {
                 );
             }
             let q = queue.as_ref().expect("just connected");
-            for job in jobs {
+            for jobs in bundles {
                 self.write_allowed()?;
-                q.publish(job).await?;
+                q.publish(jobs).await?;
             }
             Ok::<_, Error>(())
         }
@@ -577,12 +584,15 @@ impl Coordinator {
     }
 }
 
-/// Which of a user's waiting jobs to publish now: at most `cap` in flight per user, and
-/// one job at a time per target folder, a folder's UID ranges in order (they share the
-/// folder's checkpoint and its claim; see the README's design notes). `jobs` are the
-/// pass's open jobs in planned order (largest folders first).
-pub fn next_to_publish(jobs: &[(FolderJob, JobState)], cap: usize) -> Vec<FolderJob> {
-    let in_flight = jobs.iter().filter(|(_, s)| s.in_flight()).count();
+/// Which of a user's waiting jobs to publish now, as bundles (one queue message each):
+/// at most `cap` bundles in flight per user — a group of small folders counts once, as
+/// it travels and runs as one — and one job at a time per target folder, a folder's UID
+/// ranges in order (they share the folder's checkpoint and its claim; see the README's
+/// design notes). `jobs` are the pass's open jobs in planned order (largest folders
+/// first).
+pub fn next_to_publish(jobs: &[(FolderJob, JobState)], cap: usize) -> Vec<Vec<FolderJob>> {
+    let flying = units_in_flight(jobs);
+    let in_flight = flying.len();
     let mut busy: HashSet<&[u8]> = jobs
         .iter()
         .filter(|(_, s)| s.in_flight())
@@ -594,20 +604,85 @@ pub fn next_to_publish(jobs: &[(FolderJob, JobState)], cap: usize) -> Vec<Folder
             .map(|(j, _)| j.uid_range.map_or(0, |r| r.0))
             .min()
     };
+    let mut taken: HashSet<u32> = HashSet::new();
     let mut out = Vec::new();
     for (job, state) in jobs {
         if out.len() + in_flight >= cap {
             break;
         }
-        let folder = job.target_folder.as_bytes();
-        if *state != JobState::Waiting
-            || busy.contains(folder)
-            || lowest(folder) != Some(job.uid_range.map_or(0, |r| r.0))
-        {
+        if *state != JobState::Waiting {
             continue;
         }
-        busy.insert(folder);
-        out.push(job.clone());
+        match job.group {
+            None => {
+                let folder = job.target_folder.as_bytes();
+                if busy.contains(folder) || lowest(folder) != Some(job.uid_range.map_or(0, |r| r.0))
+                {
+                    continue;
+                }
+                busy.insert(folder);
+                out.push(vec![job.clone()]);
+            }
+            Some(g) => {
+                if flying.contains(&Unit::Group(g)) || !taken.insert(g) {
+                    continue;
+                }
+                let members: Vec<&FolderJob> = jobs
+                    .iter()
+                    .filter(|(j, s)| j.group == Some(g) && *s == JobState::Waiting)
+                    .map(|(j, _)| j)
+                    .collect();
+                // Its jobs run one after another in one worker, so two of them may
+                // share a target folder; none may share one with a job in flight.
+                if members
+                    .iter()
+                    .any(|j| busy.contains(j.target_folder.as_bytes()))
+                {
+                    continue;
+                }
+                busy.extend(members.iter().map(|j| j.target_folder.as_bytes()));
+                out.push(members.into_iter().cloned().collect());
+            }
+        }
+    }
+    out
+}
+
+/// What travels as one: a group, or a job alone (by its index in the pass's jobs).
+#[derive(PartialEq, Eq, Hash)]
+enum Unit {
+    Group(u32),
+    Alone(usize),
+}
+
+fn units_in_flight(jobs: &[(FolderJob, JobState)]) -> HashSet<Unit> {
+    jobs.iter()
+        .enumerate()
+        .filter(|(_, (_, s))| s.in_flight())
+        .map(|(i, (j, _))| j.group.map_or(Unit::Alone(i), Unit::Group))
+        .collect()
+}
+
+/// How many bundles of a user's pass are queued or running: what `max_jobs_per_user`
+/// bounds.
+pub fn bundles_in_flight(jobs: &[(FolderJob, JobState)]) -> usize {
+    units_in_flight(jobs).len()
+}
+
+/// Jobs (of one user and pass) as the bundles they travel in: a group's jobs together,
+/// each other job alone, in the order given.
+pub fn bundles(jobs: Vec<FolderJob>) -> Vec<Vec<FolderJob>> {
+    let mut out: Vec<Vec<FolderJob>> = Vec::new();
+    let mut at: HashMap<u32, usize> = HashMap::new();
+    for job in jobs {
+        match job.group {
+            Some(g) if at.contains_key(&g) => out[at[&g]].push(job),
+            Some(g) => {
+                at.insert(g, out.len());
+                out.push(vec![job]);
+            }
+            None => out.push(vec![job]),
+        }
     }
     out
 }
@@ -625,11 +700,14 @@ mod tests {
             target_folder: WireName(folder.to_string().into()),
             uid_range: range,
             pass: 1,
+            group: None,
         }
     }
 
-    fn names(jobs: &[FolderJob]) -> Vec<String> {
-        jobs.iter()
+    fn names(bundles: &[Vec<FolderJob>]) -> Vec<String> {
+        bundles
+            .iter()
+            .flatten()
             .map(|j| {
                 format!(
                     "{} {:?}",
@@ -673,5 +751,57 @@ mod tests {
             (job("INBOX", Some((101, 200))), w.clone()),
         ];
         assert!(next_to_publish(&handed_back, 4).is_empty());
+    }
+
+    fn grouped(folder: &str, group: u32) -> FolderJob {
+        FolderJob {
+            group: Some(group),
+            ..job(folder, None)
+        }
+    }
+
+    #[test]
+    fn a_group_travels_as_one_bundle_and_counts_once_against_the_cap() {
+        let w = JobState::Waiting;
+        let plan = vec![
+            (job("INBOX", None), w.clone()),
+            (grouped("Sent", 1), w.clone()),
+            (grouped("Drafts", 1), w.clone()),
+            (grouped("Junk", 2), w.clone()),
+            (grouped("Trash", 2), w.clone()),
+        ];
+        let first = next_to_publish(&plan, 2);
+        assert_eq!(first.len(), 2);
+        assert_eq!(names(&first), ["INBOX None", "Sent None", "Drafts None"]);
+        // group 1 runs: with a cap of 2 one more bundle fits, group 2 whole
+        let mut later = plan.clone();
+        later[1].1 = JobState::Running;
+        later[2].1 = JobState::Queued;
+        let next = next_to_publish(&later, 2);
+        assert_eq!(names(&next), ["INBOX None"]);
+        later[0].1 = JobState::Queued;
+        assert!(
+            next_to_publish(&later, 2).is_empty(),
+            "INBOX and group 1 fly"
+        );
+        later[0].1 = JobState::Done {
+            verified: true,
+            mismatch: None,
+        };
+        assert_eq!(
+            names(&next_to_publish(&later, 2)),
+            ["Junk None", "Trash None"]
+        );
+        // a group waits while one of its folders has a job in flight
+        let blocked = vec![
+            (job("Junk", Some((1, 10))), JobState::Running),
+            (grouped("Junk", 3), w.clone()),
+            (grouped("Trash", 3), w.clone()),
+        ];
+        assert!(next_to_publish(&blocked, 4).is_empty());
+        // republishing what flies keeps the bundles
+        let flying: Vec<FolderJob> = plan.iter().map(|(j, _)| j.clone()).collect();
+        let b = bundles(flying);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [1, 2, 2]);
     }
 }

@@ -1,10 +1,12 @@
-//! The cluster's [`JobQueue`]: folder jobs on RabbitMQ (DESIGN.md invariant 4).
+//! The cluster's [`JobQueue`]: bundles of folder jobs on RabbitMQ (DESIGN.md invariant
+//! 4). A message's body is the bundle's jobs as a JSON array (a lone JSON object, one
+//! job, is read too).
 //!
 //! - `<prefix>.jobs` is a quorum queue with an explicit delivery limit; a job delivered
 //!   more often than that (a worker that keeps dying on it) goes to `<prefix>.dead`
 //!   by RabbitMQ's own dead-lettering.
 //! - Messages are persistent, carry only ids and names (never credentials), have the
-//!   job's deterministic id as message id, and are published with publisher confirms and
+//!   bundle's deterministic id as message id, and are published with publisher confirms and
 //!   `mandatory`: a nack or an unroutable message is retried, never dropped.
 //! - A job that fails for good is published to `<prefix>.dead` with the reason in the
 //!   `x-mailferry-reason` header (where the admin sees it), then acked.
@@ -47,10 +49,11 @@ pub struct AmqpQueue {
     dead: String,
 }
 
-/// A job that was dead-lettered, with the reason recorded.
+/// A bundle that was dead-lettered (the jobs of it that failed for good), with the
+/// reason recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadJob {
-    pub job: FolderJob,
+    pub jobs: Vec<FolderJob>,
     /// Our reason, or `None` when RabbitMQ dead-lettered it (delivery limit reached).
     pub reason: Option<String>,
 }
@@ -160,14 +163,14 @@ impl AmqpQueue {
     async fn publish_to(
         &self,
         queue: &str,
-        job: &FolderJob,
+        jobs: &[FolderJob],
         headers: FieldTable,
     ) -> Result<(), Error> {
-        let payload = serde_json::to_vec(job).map_err(|e| Error::Store(e.to_string()))?;
+        let payload = serde_json::to_vec(jobs).map_err(|e| Error::Store(e.to_string()))?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
-            .with_message_id(ShortString::from(job.id().as_str()))
+            .with_message_id(ShortString::from(FolderJob::bundle_id(jobs).as_str()))
             .with_headers(headers);
         let mut last = String::new();
         for attempt in 0..5u32 {
@@ -211,8 +214,9 @@ impl AmqpQueue {
             .await
             .map_err(|e| queue_error("basic_get", e))?
         {
-            let job = serde_json::from_slice(&message.delivery.data)
-                .map_err(|e| Error::Store(e.to_string()))?;
+            let jobs = decode(&message.delivery.data).ok_or_else(|| {
+                Error::Store("a malformed message in the dead-letter queue".into())
+            })?;
             let reason =
                 header(&message.delivery.properties, REASON_HEADER).and_then(|v| match v {
                     AMQPValue::LongString(s) => {
@@ -225,7 +229,7 @@ impl AmqpQueue {
                 .ack(BasicAckOptions::default())
                 .await
                 .map_err(|e| queue_error("ack", e))?;
-            out.push(DeadJob { job, reason });
+            out.push(DeadJob { jobs, reason });
         }
         Ok(out)
     }
@@ -265,15 +269,39 @@ impl AmqpQueue {
             .remove(&delivery.id)
     }
 
+    /// Publishes the delivery's jobs again (confirmed), then acks it. A crash in between
+    /// redelivers the original too: at-least-once, and jobs are idempotent.
+    async fn hand_back(&self, delivery: &Delivery, attempt: u32) {
+        let queue = self.jobs.clone();
+        match self
+            .publish_to(&queue, &delivery.jobs, attempt_headers(attempt))
+            .await
+        {
+            Ok(()) => self.settle(delivery).await,
+            Err(e) => {
+                tracing::error!(jobs = %delivery.bundle_id(), error = %e, "could not requeue; RabbitMQ will redeliver")
+            }
+        }
+    }
+
     async fn settle(&self, delivery: &Delivery) {
         let acker = self.take_acker(delivery);
         if let Some(acker) = acker {
             if let Err(e) = acker.ack(BasicAckOptions::default()).await {
                 // The channel died: RabbitMQ will redeliver, and the job is idempotent.
-                tracing::warn!(job = %delivery.job.id(), error = %e, "ack failed; the job will be redelivered");
+                tracing::warn!(jobs = %delivery.bundle_id(), error = %e, "ack failed; the jobs will be redelivered");
             }
         }
     }
+}
+
+/// A message body: a bundle (JSON array of jobs, not empty) or one job (JSON object).
+fn decode(body: &[u8]) -> Option<Vec<FolderJob>> {
+    let jobs = match serde_json::from_slice::<Vec<FolderJob>>(body) {
+        Ok(jobs) => jobs,
+        Err(_) => vec![serde_json::from_slice::<FolderJob>(body).ok()?],
+    };
+    (!jobs.is_empty()).then_some(jobs)
 }
 
 fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
@@ -287,9 +315,9 @@ fn attempt_headers(attempt: u32) -> FieldTable {
 }
 
 impl JobQueue for AmqpQueue {
-    async fn publish(&self, job: FolderJob) -> Result<(), Error> {
-        let jobs = self.jobs.clone();
-        self.publish_to(&jobs, &job, attempt_headers(1)).await
+    async fn publish(&self, jobs: Vec<FolderJob>) -> Result<(), Error> {
+        let queue = self.jobs.clone();
+        self.publish_to(&queue, &jobs, attempt_headers(1)).await
     }
 
     async fn next(&self) -> Option<Delivery> {
@@ -311,7 +339,7 @@ impl JobQueue for AmqpQueue {
                     return None;
                 }
             };
-            let Ok(job) = serde_json::from_slice::<FolderJob>(&message.data) else {
+            let Some(jobs) = decode(&message.data) else {
                 // Not a job of ours: it cannot run, and it must not loop.
                 tracing::error!("dropping a malformed job message to the dead-letter queue");
                 let _ = message
@@ -339,7 +367,7 @@ impl JobQueue for AmqpQueue {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(id, message.acker.clone());
             return Some(Delivery {
-                job,
+                jobs,
                 attempt: ours + redelivered,
                 id,
             });
@@ -352,33 +380,14 @@ impl JobQueue for AmqpQueue {
 
     async fn retry(&self, delivery: Delivery, delay: Duration) {
         // RabbitMQ has no delayed delivery without plugins: the worker waits, then
-        // publishes the next attempt (confirmed) before acking this one. A crash in
-        // between redelivers this one: at-least-once, and the job is idempotent.
+        // publishes the next attempt.
         tokio::time::sleep(delay).await;
-        let jobs = self.jobs.clone();
-        match self
-            .publish_to(&jobs, &delivery.job, attempt_headers(delivery.attempt + 1))
-            .await
-        {
-            Ok(()) => self.settle(&delivery).await,
-            Err(e) => {
-                tracing::error!(job = %delivery.job.id(), error = %e, "could not requeue; RabbitMQ will redeliver")
-            }
-        }
+        self.hand_back(&delivery, delivery.attempt + 1).await
     }
 
     async fn requeue(&self, delivery: Delivery, delay: Duration) {
         tokio::time::sleep(delay).await;
-        let jobs = self.jobs.clone();
-        match self
-            .publish_to(&jobs, &delivery.job, attempt_headers(delivery.attempt))
-            .await
-        {
-            Ok(()) => self.settle(&delivery).await,
-            Err(e) => {
-                tracing::error!(job = %delivery.job.id(), error = %e, "could not requeue; RabbitMQ will redeliver")
-            }
-        }
+        self.hand_back(&delivery, delivery.attempt).await
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: String) {
@@ -388,11 +397,36 @@ impl JobQueue for AmqpQueue {
             AMQPValue::LongString(reason.as_str().into()),
         );
         let dead = self.dead.clone();
-        match self.publish_to(&dead, &delivery.job, headers).await {
+        match self.publish_to(&dead, &delivery.jobs, headers).await {
             Ok(()) => self.settle(delivery).await,
             Err(e) => {
-                tracing::error!(job = %delivery.job.id(), error = %e, "could not dead-letter; RabbitMQ will redeliver")
+                tracing::error!(jobs = %delivery.bundle_id(), error = %e, "could not dead-letter; RabbitMQ will redeliver")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::WireName;
+
+    #[test]
+    fn a_body_is_a_bundle_or_one_job_and_never_empty() {
+        let job = FolderJob {
+            batch: "b".into(),
+            user: "u".into(),
+            source_folder: WireName("INBOX".into()),
+            target_folder: WireName("INBOX".into()),
+            uid_range: None,
+            pass: 1,
+            group: Some(1),
+        };
+        let bundle = serde_json::to_vec(&[job.clone(), job.clone()]).unwrap();
+        assert_eq!(decode(&bundle), Some(vec![job.clone(), job.clone()]));
+        let one = serde_json::to_vec(&job).unwrap();
+        assert_eq!(decode(&one), Some(vec![job]));
+        assert_eq!(decode(b"[]"), None);
+        assert_eq!(decode(b"{\"batch\": 1}"), None);
     }
 }

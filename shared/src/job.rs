@@ -1,6 +1,12 @@
 //! The unit of work and what is remembered about it: a [`FolderJob`] copies one source
 //! folder (or a UID range of it) to one target folder in one pass; a [`Checkpoint`]
 //! records how far a folder has been copied and what is in flight.
+//!
+//! A folder job is the unit of claims, checkpoints and job states. What travels on the
+//! queue is a *bundle*: one job, or several small whole-folder jobs of one user planned
+//! into the same [`FolderJob::group`], which one worker runs one after another on the
+//! same connections (one message, one login and one dispatch for a mailbox of many small
+//! folders instead of one per folder).
 
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -67,6 +73,10 @@ pub struct FolderJob {
     /// Inclusive source UID range; `None` for the whole folder.
     pub uid_range: Option<(u32, u32)>,
     pub pass: u64,
+    /// Jobs of a user's pass with the same group travel and run together (see the
+    /// module's notes); `None`: alone. Not part of the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u32>,
 }
 
 impl FolderJob {
@@ -84,6 +94,16 @@ impl FolderJob {
             range,
             self.pass
         )
+    }
+
+    /// The id of a bundle of jobs (one queue message): its first job's, and how many
+    /// follow. Deterministic like the jobs' own.
+    pub fn bundle_id(jobs: &[FolderJob]) -> String {
+        match jobs {
+            [] => String::new(),
+            [one] => one.id(),
+            [first, rest @ ..] => format!("{}+{}", first.id(), rest.len()),
+        }
     }
 
     pub fn checkpoint_key(&self) -> CheckpointKey {
@@ -311,10 +331,20 @@ mod tests {
             target_folder: WireName(Bytes::from_static(b"\xffraw")),
             uid_range: Some((1, 500)),
             pass: 3,
+            group: None,
         };
         assert_eq!(job.id(), "b1:alice@example.com:Entw&APw-rfe:1-500:3");
         let json = serde_json::to_string(&job).unwrap();
         assert!(json.contains("hex:ff726177"));
         assert_eq!(serde_json::from_str::<FolderJob>(&json).unwrap(), job);
+        let grouped = FolderJob {
+            group: Some(2),
+            ..job.clone()
+        };
+        assert_eq!(grouped.id(), job.id(), "the group is not part of the id");
+        assert_eq!(
+            FolderJob::bundle_id(&[job.clone(), grouped.clone(), grouped]),
+            format!("{}+2", job.id())
+        );
     }
 }

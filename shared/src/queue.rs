@@ -1,8 +1,9 @@
 //! Where folder jobs wait for a worker. [`JobQueue`] is the interface; [`MemoryQueue`]
 //! is the embedded implementation. The cluster implementation (RabbitMQ) fills the same
-//! interface.
+//! interface. What is queued is a bundle: one job, or a user's small jobs that run
+//! together (see [`crate::job`]).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -11,23 +12,45 @@ use tokio::sync::Notify;
 
 use crate::job::FolderJob;
 
-/// A job handed to a worker: which attempt this is (1 = first), and the queue's own id
-/// for settling it.
+/// A bundle handed to a worker: its jobs (one or more, of one user and pass), which
+/// attempt this is (1 = first), and the queue's own id for settling it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    pub job: FolderJob,
+    pub jobs: Vec<FolderJob>,
     pub attempt: u32,
     pub id: u64,
 }
 
+impl Delivery {
+    pub fn bundle_id(&self) -> String {
+        FolderJob::bundle_id(&self.jobs)
+    }
+
+    /// The same delivery (same id, same attempt) carrying only `jobs`: what is handed
+    /// back when some of a bundle's jobs are finished and others must run again.
+    pub fn narrowed(&self, jobs: Vec<FolderJob>) -> Delivery {
+        Delivery {
+            jobs,
+            attempt: self.attempt,
+            id: self.id,
+        }
+    }
+}
+
 pub trait JobQueue: Send + Sync + 'static {
-    /// Enqueues a job. Publishing a job whose id is already queued or running is a no-op.
-    fn publish(&self, job: FolderJob) -> impl Future<Output = Result<(), crate::Error>> + Send;
+    /// Enqueues a bundle of jobs. Publishing a bundle whose id is already queued or
+    /// running is harmless (a no-op here; on RabbitMQ the claims skip its copies).
+    fn publish(
+        &self,
+        jobs: Vec<FolderJob>,
+    ) -> impl Future<Output = Result<(), crate::Error>> + Send;
     /// The next job; `None` once the queue is closed and everything is settled.
     fn next(&self) -> impl Future<Output = Option<Delivery>> + Send;
     /// The job's work is at the target and its checkpoint written.
     fn ack(&self, delivery: &Delivery) -> impl Future<Output = ()> + Send;
-    /// Hands the job back to run again after `delay`, as its next attempt.
+    /// Hands the jobs back to run again after `delay`, as their next attempt; the
+    /// delivery is settled (its jobs may be fewer than were delivered: see
+    /// [`Delivery::narrowed`]).
     fn retry(&self, delivery: Delivery, delay: Duration) -> impl Future<Output = ()> + Send;
     /// Hands the job back after `delay` without counting an attempt: it did not fail,
     /// it could not run here (its folder was busy, or this worker lost its claim).
@@ -39,10 +62,14 @@ pub trait JobQueue: Send + Sync + 'static {
 #[derive(Default)]
 struct Inner {
     ready: VecDeque<Delivery>,
-    /// Ids published and not yet acked or dead-lettered.
-    outstanding: HashSet<String>,
+    /// Deliveries handed in and not yet acked or dead-lettered, by delivery id, with
+    /// their bundle ids (a narrowed bundle keeps its delivery id)…
+    outstanding: HashMap<u64, String>,
+    /// …and those bundle ids, to make publishing a bundle twice a no-op.
+    bundles: HashSet<String>,
+    next_id: u64,
     closed: bool,
-    dead: Vec<(FolderJob, String)>,
+    dead: Vec<(Vec<FolderJob>, String)>,
 }
 
 /// An in-process queue for the embedded mode.
@@ -67,24 +94,36 @@ impl MemoryQueue {
         self.changed.notify_waiters();
     }
 
-    pub fn dead_lettered(&self) -> Vec<(FolderJob, String)> {
+    pub fn dead_lettered(&self) -> Vec<(Vec<FolderJob>, String)> {
         self.lock().dead.clone()
     }
 
-    fn settle(&self, id: &str) {
-        self.lock().outstanding.remove(id);
+    /// Settles once: a delivery whose jobs were handed back meanwhile (the id now
+    /// stands for the narrowed bundle) is not settled again.
+    fn settle(&self, delivery: &Delivery) {
+        let mut inner = self.lock();
+        let bundle = delivery.bundle_id();
+        if inner.outstanding.get(&delivery.id) == Some(&bundle) {
+            inner.outstanding.remove(&delivery.id);
+            inner.bundles.remove(&bundle);
+        }
+        drop(inner);
         self.changed.notify_waiters();
     }
 }
 
 impl JobQueue for MemoryQueue {
-    async fn publish(&self, job: FolderJob) -> Result<(), crate::Error> {
+    async fn publish(&self, jobs: Vec<FolderJob>) -> Result<(), crate::Error> {
         let mut inner = self.lock();
-        if inner.outstanding.insert(job.id()) {
+        let bundle = FolderJob::bundle_id(&jobs);
+        if inner.bundles.insert(bundle.clone()) {
+            inner.next_id += 1;
+            let id = inner.next_id;
+            inner.outstanding.insert(id, bundle);
             inner.ready.push_back(Delivery {
-                job,
+                jobs,
                 attempt: 1,
-                id: 0,
+                id,
             });
             drop(inner);
             self.changed.notify_waiters();
@@ -111,28 +150,38 @@ impl JobQueue for MemoryQueue {
     }
 
     async fn ack(&self, delivery: &Delivery) {
-        self.settle(&delivery.job.id());
+        self.settle(delivery);
     }
 
     async fn retry(&self, delivery: Delivery, delay: Duration) {
-        tokio::time::sleep(delay).await;
-        let again = Delivery {
-            attempt: delivery.attempt + 1,
-            ..delivery
-        };
-        self.lock().ready.push_back(again);
-        self.changed.notify_waiters();
+        let attempt = delivery.attempt + 1;
+        self.requeue(
+            Delivery {
+                attempt,
+                ..delivery
+            },
+            delay,
+        )
+        .await;
     }
 
     async fn requeue(&self, delivery: Delivery, delay: Duration) {
         tokio::time::sleep(delay).await;
-        self.lock().ready.push_back(delivery);
+        // Narrowed, the bundle has a new id: it is what is outstanding now.
+        let bundle = delivery.bundle_id();
+        let mut inner = self.lock();
+        if let Some(old) = inner.outstanding.insert(delivery.id, bundle.clone()) {
+            inner.bundles.remove(&old);
+        }
+        inner.bundles.insert(bundle);
+        inner.ready.push_back(delivery);
+        drop(inner);
         self.changed.notify_waiters();
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: String) {
-        self.lock().dead.push((delivery.job.clone(), reason));
-        self.settle(&delivery.job.id());
+        self.lock().dead.push((delivery.jobs.clone(), reason));
+        self.settle(delivery);
     }
 }
 
@@ -149,38 +198,39 @@ mod tests {
             target_folder: WireName(folder.to_string().into()),
             uid_range: None,
             pass: 1,
+            group: None,
         }
     }
 
     #[tokio::test]
     async fn republishing_is_harmless_and_close_ends_consumers_once_settled() {
         let q = std::sync::Arc::new(MemoryQueue::new());
-        q.publish(job("A")).await.unwrap();
-        q.publish(job("A")).await.unwrap();
-        q.publish(job("B")).await.unwrap();
+        q.publish(vec![job("A")]).await.unwrap();
+        q.publish(vec![job("A")]).await.unwrap();
+        q.publish(vec![job("B"), job("C")]).await.unwrap();
         q.close();
         let a = q.next().await.unwrap();
         let b = q.next().await.unwrap();
-        assert_ne!(a.job.id(), b.job.id());
+        assert_eq!(a.bundle_id(), job("A").id());
+        assert_eq!(b.jobs.len(), 2);
         // B is retried: the consumer must keep waiting instead of seeing the end.
         let q2 = q.clone();
         let waiter = tokio::spawn(async move { q2.next().await.map(|d| d.attempt) });
         q.ack(&a).await;
-        q.retry(b, Duration::from_millis(10)).await;
+        // C is done; B goes back alone.
+        q.retry(b.narrowed(vec![job("B")]), Duration::from_millis(10))
+            .await;
         let again = tokio::time::timeout(Duration::from_secs(2), waiter)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(again, Some(2));
-        q.dead_letter(
-            &Delivery {
-                job: job("B"),
-                attempt: 2,
-                id: 0,
-            },
-            "bad".into(),
-        )
-        .await;
+        let b = Delivery {
+            jobs: vec![job("B")],
+            attempt: 2,
+            id: b.id,
+        };
+        q.dead_letter(&b, "bad".into()).await;
         assert!(tokio::time::timeout(Duration::from_secs(2), q.next())
             .await
             .unwrap()

@@ -23,6 +23,7 @@ fn job(folder: &str) -> FolderJob {
         target_folder: WireName(folder.to_string().into()),
         uid_range: None,
         pass: 1,
+        group: None,
     }
 }
 
@@ -34,7 +35,7 @@ async fn next(q: &AmqpQueue) -> Delivery {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn jobs_are_acked_retried_and_dead_lettered_with_their_reason() {
+async fn bundles_are_acked_retried_narrowed_and_dead_lettered_with_their_reason() {
     let prefix = format!("mft-{:016x}", fastrand::u64(..));
     let q = AmqpQueue::connect(&url(), &prefix, 5)
         .await
@@ -43,8 +44,9 @@ async fn jobs_are_acked_retried_and_dead_lettered_with_their_reason() {
     // declaring again (another worker starting) is harmless
     let again = AmqpQueue::connect(&url(), &prefix, 5).await.unwrap();
     drop(again);
-    for f in ["A", "B", "C"] {
-        q.publish(job(f)).await.unwrap();
+    // A and B alone, C and D as one bundle
+    for bundle in [vec![job("A")], vec![job("B")], vec![job("C"), job("D")]] {
+        q.publish(bundle).await.unwrap();
     }
     let mut got = Vec::new();
     for _ in 0..3 {
@@ -52,23 +54,35 @@ async fn jobs_are_acked_retried_and_dead_lettered_with_their_reason() {
     }
     let by = |f: &str| {
         got.iter()
-            .find(|d| d.job.source_folder.as_bytes() == f.as_bytes())
+            .find(|d| d.jobs[0].source_folder.as_bytes() == f.as_bytes())
             .unwrap()
             .clone()
     };
     assert!(got.iter().all(|d| d.attempt == 1));
+    assert_eq!(by("C").jobs, [job("C"), job("D")]);
     q.ack(&by("A")).await;
     q.retry(by("B"), Duration::from_millis(10)).await;
-    q.dead_letter(&by("C"), "source: authentication rejected".into())
+    // of the bundle, D runs again and C failed for good: what a worker does
+    let cd = by("C");
+    q.retry(cd.narrowed(vec![job("D")]), Duration::from_millis(10))
         .await;
+    q.dead_letter(
+        &cd.narrowed(vec![job("C")]),
+        "source: authentication rejected".into(),
+    )
+    .await;
 
-    let b = next(&q).await;
-    assert_eq!(b.job, job("B"));
-    assert_eq!(b.attempt, 2);
-    q.ack(&b).await;
+    let mut again = vec![next(&q).await, next(&q).await];
+    again.sort_by_key(|d| d.bundle_id());
+    assert_eq!(again[0].jobs, [job("B")]);
+    assert_eq!(again[1].jobs, [job("D")]);
+    assert!(again.iter().all(|d| d.attempt == 2));
+    for d in &again {
+        q.ack(d).await;
+    }
     let dead = q.drain_dead().await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].job, job("C"));
+    assert_eq!(dead[0].jobs, [job("C")]);
     assert_eq!(
         dead[0].reason.as_deref(),
         Some("source: authentication rejected")
@@ -87,7 +101,7 @@ async fn a_poison_job_stops_at_the_delivery_limit() {
     let prefix = format!("mft-{:016x}", fastrand::u64(..));
     let q = AmqpQueue::connect(&url(), &prefix, 2).await.unwrap();
     q.start_consuming(1).await.unwrap();
-    q.publish(job("poison")).await.unwrap();
+    q.publish(vec![job("poison")]).await.unwrap();
     let mut deliveries = 0;
     while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), q.next()).await {
         deliveries += 1;
@@ -100,7 +114,7 @@ async fn a_poison_job_stops_at_the_delivery_limit() {
     );
     let dead = q.drain_dead().await.unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].job, job("poison"));
+    assert_eq!(dead[0].jobs, [job("poison")]);
     assert_eq!(
         dead[0].reason, None,
         "dead-lettered by the broker, not by us"

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mailferry_coordinator::scheduler::bundles_in_flight;
 use mailferry_shared::amqp_queue::AmqpQueue;
+use mailferry_shared::job::FolderJob;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::secret::Secret;
@@ -61,6 +63,12 @@ struct Setup<'a> {
 
 /// Short leases, so that the tests of failures run in seconds.
 const FAST: &str = "[worker]\njob_slots = 3\nconnections_per_account = 2\nclaim_secs = 6\n[coordinator]\nleader_lease_secs = 3\nrecheck_secs = 20\n";
+
+/// Appended to `FAST`: bundles hold at most a tenth of `max_job_messages`, so with 6 or
+/// more messages per folder every folder is a job of its own. For tests that need a
+/// user's folders running at once on several workers, or a pass long enough to act
+/// in the middle of.
+const NO_BUNDLES: &str = "max_job_messages = 50\n";
 
 /// `FAST` with claims renewed every second: for tests in which a job must outlive a
 /// renewal (a slowed source) or a worker must lose its claims quickly.
@@ -396,6 +404,12 @@ async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
         "{status}"
     );
     rig.assert_target_equals_source().await;
+    // 12 messages a folder: a user's folders travel in bundles (one message, one login).
+    let logs = format!("{}{}", rig.log("worker1"), rig.log("worker2"));
+    assert!(
+        logs.contains("running a bundle of small folders"),
+        "no bundle ran:\n{logs}"
+    );
 
     // SIGTERM: each worker stops taking jobs and exits cleanly; so does the
     // coordinator, releasing its lease.
@@ -672,11 +686,11 @@ async fn stop_halts_jobs_in_progress_and_close_deletes_the_credentials() {
     rig.clean_up().await;
 }
 
-/// Fairness proper: while both users migrate with one job in flight each, sampled job
-/// states never show a user with two.
+/// Fairness proper: while both users migrate with one bundle in flight each, sampled
+/// job states never show a user with two.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_user_has_at_most_its_limit_of_jobs_in_flight() {
-    let rig = Rig::with(10, &format!("{FAST}max_jobs_per_user = 1\n")).await;
+    let rig = Rig::with(10, &format!("{FAST}{NO_BUNDLES}max_jobs_per_user = 1\n")).await;
     let _coordinator = rig.coordinator("coordinator");
     let _workers = [rig.worker("worker1"), rig.worker("worker2")];
     let store = rig.store().await;
@@ -688,10 +702,20 @@ async fn each_user_has_at_most_its_limit_of_jobs_in_flight() {
         let mut all_done = true;
         for user in ["alice@example.com", "bob@example.com"] {
             let jobs = store.job_states("b1", user).await.unwrap();
-            let in_flight = jobs.iter().filter(|(_, s)| s.in_flight()).count();
+            let ids: Vec<String> = jobs.iter().map(|(id, _)| id.clone()).collect();
+            let specs = store.job_specs("b1", user, &ids).await.unwrap();
+            let with_specs: Vec<(FolderJob, JobState)> = specs
+                .into_iter()
+                .filter_map(|job| {
+                    let state = jobs.iter().find(|(id, _)| *id == job.id())?.1.clone();
+                    Some((job, state))
+                })
+                .collect();
+            // A bundle of small folders (one queue message) counts once.
+            let in_flight = bundles_in_flight(&with_specs);
             assert!(
                 in_flight <= 1,
-                "{user} has {in_flight} jobs in flight: {jobs:?}"
+                "{user} has {in_flight} bundles in flight: {jobs:?}"
             );
             busiest = busiest.max(in_flight);
             all_done &= !jobs.is_empty() && jobs.iter().all(|(_, s)| !s.is_open());
@@ -718,7 +742,7 @@ async fn each_user_has_at_most_its_limit_of_jobs_in_flight() {
 /// is on its first pass, and the target equals the source.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
-    let rig = Rig::new(30).await;
+    let rig = Rig::with(30, &format!("{FAST}max_job_messages = 200\n")).await;
     let mut first = rig.coordinator("coordinator");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !rig.log("coordinator").contains("leading") {
@@ -1028,7 +1052,8 @@ async fn connection_caps_hold_across_workers() {
 /// ends exact.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_throttling_server_pauses_the_account_and_shows_throttled_not_failed() {
-    let settings = FAST.replace("claim_secs = 6", "claim_secs = 6\nthrottle_pause_secs = 1");
+    let settings =
+        FAST.replace("claim_secs = 6", "claim_secs = 6\nthrottle_pause_secs = 1") + NO_BUNDLES;
     let rig = Rig::build(Setup {
         per_folder: 6,
         settings: &settings,

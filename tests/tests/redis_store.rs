@@ -69,6 +69,7 @@ fn job(folder: &str, pass: u64) -> FolderJob {
         target_folder: WireName(folder.to_string().into()),
         uid_range: None,
         pass,
+        group: None,
     }
 }
 

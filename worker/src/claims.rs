@@ -330,6 +330,7 @@ mod tests {
             target_folder: WireName("INBOX".into()),
             uid_range: None,
             pass: 1,
+            group: None,
         };
         let pending = PendingCounts::default();
         let mut b = Batcher {

@@ -1,9 +1,11 @@
-//! The worker loop: take a job, run it, then ack, retry later or dead-letter — decided
-//! by [`decide`], a pure function of the error's disposition and the attempt number.
+//! The worker loop: take a delivery (a bundle of one or more jobs), run its jobs, then
+//! ack, retry later or dead-letter — each job's fate decided by [`decide`], a pure
+//! function of the error's disposition and the attempt number.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use mailferry_shared::job::FolderJob;
 use mailferry_shared::queue::{Delivery, JobQueue};
 use mailferry_shared::store::StateStore;
 use mailferry_shared::Disposition;
@@ -101,6 +103,29 @@ pub async fn consume<Q: JobQueue, S: StateStore, C: Claims>(
     while tasks.join_next().await.is_some() {}
 }
 
+/// What became of one job of a bundle.
+enum Outcome {
+    /// Nothing more to do here: done, skipped (finished already, superseded, the user
+    /// stopped), or stopped by the admin mid-run.
+    Settled,
+    /// Failed for good (recorded in its job state): to the dead-letter queue with this
+    /// reason.
+    DeadLetter(String),
+    /// To run again after `delay`. `attempt`: it failed and the next run counts towards
+    /// the delivery limit; else it could not run here (its folder busy, its claim lost,
+    /// the store unreachable).
+    Again { delay: Duration, attempt: bool },
+    /// The server throttles the account: this job and the rest of the bundle wait out
+    /// the pause (every job of a bundle is the same account's), no attempt spent.
+    Throttled(Duration),
+    /// The worker is draining: the delivery is left unsettled for the broker to hand to
+    /// another worker (the bundle's finished jobs are skipped there).
+    Drained,
+}
+
+/// Runs a delivery's jobs one after another (a bundle's share the user's connections),
+/// then settles it: what must run again goes back as one narrowed bundle, what failed
+/// for good to the dead-letter queue, and the delivery is acked.
 async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     queue: &Q,
     engine: &Engine<S>,
@@ -109,30 +134,92 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     policy: &RetryPolicy,
     drain: &Fence,
 ) {
-    let job = delivery.job.clone();
+    let mut again = Vec::new();
+    let mut delay = Duration::ZERO;
+    let mut counts_attempt = false;
+    let mut dead = Vec::new();
+    let mut reasons = Vec::new();
+    if delivery.jobs.len() > 1 {
+        tracing::debug!(bundle = %delivery.bundle_id(), jobs = delivery.jobs.len(), "running a bundle of small folders");
+    }
+    for (i, job) in delivery.jobs.iter().enumerate() {
+        match run_job(engine, claims, job, delivery.attempt, policy, drain).await {
+            Outcome::Settled => {}
+            Outcome::DeadLetter(why) => {
+                reasons.push(if delivery.jobs.len() > 1 {
+                    format!("{}: {why}", job.source_folder.display())
+                } else {
+                    why
+                });
+                dead.push(job.clone());
+            }
+            Outcome::Again { delay: d, attempt } => {
+                again.push(job.clone());
+                delay = delay.max(d);
+                counts_attempt |= attempt;
+            }
+            Outcome::Throttled(d) => {
+                again.extend(delivery.jobs[i..].iter().cloned());
+                delay = delay.max(d);
+                break;
+            }
+            Outcome::Drained => return,
+        }
+    }
+    let settled_by_hand_back = !again.is_empty();
+    if settled_by_hand_back {
+        // Published again (confirmed) before the delivery is acked.
+        let back = delivery.narrowed(again);
+        if counts_attempt {
+            queue.retry(back, delay).await;
+        } else {
+            queue.requeue(back, delay).await;
+        }
+    }
+    if !dead.is_empty() {
+        queue
+            .dead_letter(&delivery.narrowed(dead), reasons.join("; "))
+            .await;
+    } else if !settled_by_hand_back {
+        queue.ack(&delivery).await;
+    }
+}
+
+/// Claims one job, runs it, records its end; says what the delivery must do about it.
+async fn run_job<S: StateStore, C: Claims>(
+    engine: &Engine<S>,
+    claims: &C,
+    job: &FolderJob,
+    attempt: u32,
+    policy: &RetryPolicy,
+    drain: &Fence,
+) -> Outcome {
     let span = tracing::info_span!("job", batch = %job.batch, user = %job.user, folder = %job.source_folder.display());
     async {
-        let claim = match claims.claim(&job).await {
+        let claim = match claims.claim(job).await {
             Ok(Claimed::Run(claim)) => claim,
             Ok(Claimed::Skip(why)) => {
                 tracing::debug!(job = %job.id(), why, "nothing to do");
-                queue.ack(&delivery).await;
-                return;
+                return Outcome::Settled;
             }
             Ok(Claimed::Busy) => {
                 tracing::debug!(job = %job.id(), "the target folder is busy; offering the job again later");
-                queue.requeue(delivery, claims.busy_delay()).await;
-                return;
+                return Outcome::Again {
+                    delay: claims.busy_delay(),
+                    attempt: false,
+                };
             }
             Err(e) => {
                 // The store is unreachable: the job did not run, so no attempt is spent.
                 tracing::warn!(job = %job.id(), error = %e, "cannot claim the job; handing it back");
-                let delay = match decide(Disposition::Retry, delivery.attempt, policy, fastrand::f64(), "") {
+                let delay = match decide(Disposition::Retry, attempt, policy, fastrand::f64(), "") {
                     Decision::Retry(d) => d,
                     Decision::DeadLetter(_) => policy.cap,
                 };
-                queue.requeue(delivery, delay).await;
-                return;
+                return Outcome::Again {
+                    delay,
+                    attempt: false,
+                };
             }
         };
         let fence = claim.fence.clone();
@@ -140,37 +227,43 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
         // as a crash, which every step allows for); the engine checks it too, before
         // each APPEND group, so a run woken from a long pause sends nothing more.
         let result = tokio::select! {
-            r = engine.run_job(&job, &fence) => r,
+            r = engine.run_job(job, &fence) => r,
             why = fence.shut() => Err(JobError::Fenced(why)),
             why = drain.shut() => {
                 tracing::warn!(job = %job.id(), why, "handing the job back unfinished");
-                let _ = claims.finish(claim, &job, JobEnd::HandedBack).await;
-                return;
+                let _ = claims.finish(claim, job, JobEnd::HandedBack).await;
+                return Outcome::Drained;
             }
         };
         match result {
-            Ok(report) => match claims.finish(claim, &job, JobEnd::Done(&report)).await {
-                Ok(()) => queue.ack(&delivery).await,
+            Ok(report) => match claims.finish(claim, job, JobEnd::Done(&report)).await {
+                Ok(()) => Outcome::Settled,
                 // Handed back, the job runs again: its re-run finds the checkpoint
                 // current, costs two commands, and records the end then. (Left
                 // unsettled, it would hold a prefetch slot until the connection drops.)
                 Err(e) => {
                     tracing::error!(job = %job.id(), error = %e, "could not record the job's end; it will run again");
-                    queue.requeue(delivery, claims.busy_delay()).await;
+                    Outcome::Again {
+                        delay: claims.busy_delay(),
+                        attempt: false,
+                    }
                 }
             },
             Err(JobError::Fenced(why)) => {
                 let stopped = claim.user_stopped.load(std::sync::atomic::Ordering::SeqCst);
-                let _ = claims.finish(claim, &job, JobEnd::HandedBack).await;
+                let _ = claims.finish(claim, job, JobEnd::HandedBack).await;
                 if stopped {
                     tracing::info!(job = %job.id(), "stopped by the admin");
-                    queue.ack(&delivery).await;
+                    Outcome::Settled
                 } else {
                     tracing::warn!(job = %job.id(), why, "stopped writing; handing the job back");
-                    queue.requeue(delivery, claims.busy_delay()).await;
+                    Outcome::Again {
+                        delay: claims.busy_delay(),
+                        attempt: false,
+                    }
                 }
             }
-            Err(e) if matches!(e.disposition(), Disposition::Throttle(_)) && delivery.attempt < policy.max_attempts => {
+            Err(e) if matches!(e.disposition(), Disposition::Throttle(_)) && attempt < policy.max_attempts => {
                 // Throttling is the server's to end, not a failure: the user shows it,
                 // and the job waits out the pause without spending an attempt.
                 let reason = e.to_string();
@@ -179,33 +272,30 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
                     _ => policy.throttle_default,
                 };
                 tracing::warn!(delay_ms = delay.as_millis() as u64, error = %reason, "throttled; the job waits");
-                engine.progress().job_failed(&job, &e, &reason, true);
-                let _ = claims.finish(claim, &job, JobEnd::Throttled(&reason)).await;
-                queue.requeue(delivery, delay).await;
+                engine.progress().job_failed(job, &e, &reason, true);
+                let _ = claims.finish(claim, job, JobEnd::Throttled(&reason)).await;
+                Outcome::Throttled(delay)
             }
             Err(e) => {
                 let reason = e.to_string();
-                match decide(
-                    e.disposition(),
-                    delivery.attempt,
-                    policy,
-                    fastrand::f64(),
-                    &reason,
-                ) {
+                match decide(e.disposition(), attempt, policy, fastrand::f64(), &reason) {
                     Decision::Retry(delay) => {
-                        tracing::warn!(attempt = delivery.attempt, delay_ms = delay.as_millis() as u64, error = %reason, "job failed, will retry");
-                        engine.progress().job_failed(&job, &e, &reason, true);
-                        let _ = claims.finish(claim, &job, JobEnd::HandedBack).await;
-                        queue.retry(delivery, delay).await;
+                        tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, error = %reason, "job failed, will retry");
+                        engine.progress().job_failed(job, &e, &reason, true);
+                        let _ = claims.finish(claim, job, JobEnd::HandedBack).await;
+                        Outcome::Again {
+                            delay,
+                            attempt: true,
+                        }
                     }
                     Decision::DeadLetter(why) => {
                         tracing::error!(error = %why, "job failed for good");
                         let described = describe(&e, &why);
-                        engine.progress().job_failed(&job, &e, &described, false);
-                        if let Err(e) = claims.finish(claim, &job, JobEnd::Failed(&described)).await {
+                        engine.progress().job_failed(job, &e, &described, false);
+                        if let Err(e) = claims.finish(claim, job, JobEnd::Failed(&described)).await {
                             tracing::error!(job = %job.id(), error = %e, "could not record the job's failure");
                         }
-                        queue.dead_letter(&delivery, why).await;
+                        Outcome::DeadLetter(why)
                     }
                 }
             }
