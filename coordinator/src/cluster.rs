@@ -135,6 +135,11 @@ impl Cluster {
         self.store.import_users(batch, &ids).await
     }
 
+    /// Every batch's name.
+    pub async fn batches(&self) -> Result<Vec<String>, Error> {
+        self.store.batches().await
+    }
+
     async fn batch_record(&self, batch: &str) -> Result<BatchRecord, Error> {
         self.store
             .batch(batch)

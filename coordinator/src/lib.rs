@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod embedded;
+pub mod ops;
 pub mod planner;
 pub mod report;
 pub mod scheduler;

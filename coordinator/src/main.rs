@@ -7,12 +7,19 @@ use anyhow::Context;
 use clap::Parser;
 use mailferry_coordinator::cli::{prepare, Cli, Command, MigrateArgs};
 use mailferry_coordinator::embedded::{self, DryRun};
+use mailferry_coordinator::ops;
 use mailferry_coordinator::report::{exit_for, human_bytes, render_summary, Exit, Reporter};
+use mailferry_shared::settings::{LogFormat, Settings};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // The long-running processes log as their settings say (text or JSON): they start
+    // logging once those are read.
+    if !matches!(cli.command, Command::Coordinator(_) | Command::Worker(_)) {
+        init_logging(cli.verbose, LogFormat::Text);
+    }
     match cli.command {
         Command::Migrate(args) => match migrate(&args) {
             Ok(code) => ExitCode::from(code as u8),
@@ -28,14 +35,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Coordinator(args) => match coordinator(&args) {
+        Command::Coordinator(args) => match coordinator(&args, cli.verbose) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mailferry coordinator: {e:#}");
                 ExitCode::FAILURE
             }
         },
-        Command::Worker(args) => match worker(&args) {
+        Command::Worker(args) => match worker(&args, cli.verbose) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mailferry worker: {e:#}");
@@ -45,20 +52,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: LogFormat) {
     let level = match verbose {
         0 => tracing::Level::WARN,
         1 => tracing::Level::DEBUG,
         _ => tracing::Level::TRACE,
     };
-    // Colours only for a person at a terminal: log files and collectors get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_ansi(ansi)
+    let logs = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        // One JSON object per line, with the job's span (batch, user, folder) in it.
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+        // Colours only for a person at a terminal: log files get plain text.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 fn migrate(args: &MigrateArgs) -> anyhow::Result<Exit> {
@@ -140,24 +151,73 @@ fn cluster_setup(
     Ok((settings, runtime))
 }
 
-fn worker(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
+/// Logging and metrics of a long-running process (`process`: coordinator or worker),
+/// per its settings: metrics are recorded only when they are served (`ops.listen`).
+fn start_ops(
+    settings: &Settings,
+    verbose: u8,
+    process: &'static str,
+) -> anyhow::Result<Option<PrometheusHandle>> {
+    init_logging(verbose, settings.ops.log_format);
+    match settings.ops.listen_addr() {
+        Some(_) => Ok(Some(ops::install_metrics(process)?)),
+        None => Ok(None),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` when `ops.listen` is set; Redis
+/// answering is added to the process's own readiness conditions.
+async fn serve_ops(
+    settings: &Settings,
+    metrics: Option<PrometheusHandle>,
+    mut readiness: ops::Readiness,
+) -> anyhow::Result<()> {
+    let (Some(addr), Some(metrics)) = (settings.ops.listen_addr(), metrics) else {
+        return Ok(());
+    };
+    let store = mailferry_shared::redis_store::RedisStore::connect(
+        &settings.redis_url,
+        &settings.key_prefix,
+    )
+    .await?;
+    ops::watch_redis(store, readiness.check("redis unreachable"));
+    ops::serve(addr, metrics, readiness).await
+}
+
+fn worker(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> anyhow::Result<()> {
     let (settings, runtime) = cluster_setup(args.config.as_deref())?;
+    let metrics = start_ops(&settings, verbose, "worker")?;
     runtime.block_on(async {
+        let mut readiness = ops::Readiness::default();
+        let consuming = readiness.check("not consuming jobs from RabbitMQ");
+        serve_ops(&settings, metrics, readiness).await?;
         let shutdown = on_signal("stopping: finishing the jobs in progress");
-        mailferry_worker::cluster::run(&settings, shutdown).await
+        mailferry_worker::cluster::run(&settings, shutdown, consuming).await?;
+        Ok::<_, anyhow::Error>(())
     })?;
     Ok(())
 }
 
-fn coordinator(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
+fn coordinator(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> anyhow::Result<()> {
     let (settings, runtime) = cluster_setup(args.config.as_deref())?;
+    let metrics = start_ops(&settings, verbose, "coordinator")?;
     runtime.block_on(async {
+        if metrics.is_some() {
+            let mut readiness = ops::Readiness::default();
+            let amqp = readiness.check("RabbitMQ unreachable");
+            ops::watch_coordinator(settings.clone(), amqp, OPS_EVERY);
+            serve_ops(&settings, metrics, readiness).await?;
+        }
         let shutdown =
             on_signal("stopping: plans in progress finish, the leader lease is released");
-        mailferry_coordinator::scheduler::run(settings, shutdown).await
+        mailferry_coordinator::scheduler::run(settings, shutdown).await?;
+        Ok::<_, anyhow::Error>(())
     })?;
     Ok(())
 }
+
+/// How often the coordinator exports the queue depths and the users by status.
+const OPS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
     use mailferry_coordinator::cli::{parse_duration_secs, users_from, BatchCommand};

@@ -32,6 +32,7 @@ use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::settings::Settings;
 use mailferry_shared::status::{Intent, JobState, UserStatus};
+use mailferry_shared::telemetry;
 use mailferry_shared::{Disposition, Error};
 use mailferry_worker::accounts::RedisAccounts;
 use tokio::sync::{watch, Mutex};
@@ -87,6 +88,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         match store.acquire_leader(&me, timing.ttl).await {
             Ok(true) => {
                 tracing::info!(holder = %me, "leading: this coordinator schedules");
+                metrics::gauge!(telemetry::LEADER).set(1.0);
                 announced_standby = false;
                 let fence = Arc::new(Fence::until(timing.fence_deadline(sent)));
                 let coordinator = Arc::new(Coordinator {
@@ -112,6 +114,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                 ));
                 let why = coordinator.lead(shutdown.clone()).await;
                 keeper.abort();
+                metrics::gauge!(telemetry::LEADER).set(0.0);
                 if *shutdown.borrow() {
                     let _ = store.release_leader(&me).await;
                     tracing::info!("stopped; the leader lease is released");
@@ -577,6 +580,7 @@ impl Coordinator {
         .await;
         if let Err(e) = &result {
             tracing::warn!(batch, user, error = %e, "publishing failed; reconnecting to RabbitMQ");
+            metrics::counter!(telemetry::RECONNECTS, "service" => "amqp").increment(1);
             *queue = None;
             let _ = self.store.schedule(batch, user, now_ms() + 2_000).await;
         }

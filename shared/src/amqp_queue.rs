@@ -205,6 +205,26 @@ impl AmqpQueue {
         Err(Error::Store(format!("rabbitmq publish to {queue}: {last}")))
     }
 
+    /// Messages waiting in the jobs queue and in the dead-letter queue (passive
+    /// declarations: nothing is created or changed).
+    pub async fn depths(&self) -> Result<(u32, u32), Error> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut counts = [0u32; 2];
+        for (i, q) in [&self.jobs, &self.dead].into_iter().enumerate() {
+            counts[i] = self
+                .publisher
+                .queue_declare(q.as_str().into(), passive, FieldTable::default())
+                .await
+                .map_err(|e| queue_error(&format!("inspecting {q}"), e))?
+                .message_count();
+        }
+        Ok((counts[0], counts[1]))
+    }
+
     /// Jobs in the dead-letter queue (taken off it), with their reasons.
     pub async fn drain_dead(&self) -> Result<Vec<DeadJob>, Error> {
         let mut out = Vec::new();

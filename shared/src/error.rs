@@ -62,6 +62,29 @@ pub enum Error {
     Store(String),
 }
 
+impl Error {
+    /// A short, stable name of the kind of error (a metric label: no hosts, no words
+    /// of the server's).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Dns { .. } => "dns",
+            Error::ConnectionRefused { .. } => "connection_refused",
+            Error::Timeout { .. } => "timeout",
+            Error::TlsCertificate { .. } => "tls_certificate",
+            Error::TlsHandshake { .. } => "tls_handshake",
+            Error::StartTlsNotOffered { .. } => "starttls_not_offered",
+            Error::AuthRejected { .. } => "authentication_rejected",
+            Error::Throttled { .. } => "throttled",
+            Error::Paused { .. } => "paused",
+            Error::ConnectionLost { .. } => "connection_lost",
+            Error::Protocol(_) => "protocol",
+            Error::Command { .. } => "command_refused",
+            Error::Config(_) => "config",
+            Error::Store(_) => "store",
+        }
+    }
+}
+
 /// What to do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {

@@ -22,6 +22,7 @@ pub mod settings;
 pub mod slots;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 pub mod users;
 
 pub use error::{Disposition, Error, Side};

@@ -25,10 +25,21 @@ impl std::fmt::Debug for RedisStore {
 }
 
 pub(crate) fn store_error(what: &str, e: redis::RedisError) -> Error {
+    metrics::counter!(crate::telemetry::REDIS_ERRORS).increment(1);
     Error::Store(format!("redis {what}: {e}"))
 }
 
 impl RedisStore {
+    /// One PING: is Redis answering?
+    pub async fn ping(&self) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| store_error("PING", e))
+    }
+
     /// Connects (and reconnects by itself later: the connection manager re-establishes a
     /// lost connection on the next command).
     pub async fn connect(url: &Secret, prefix: &str) -> Result<Self, Error> {

@@ -85,6 +85,7 @@ pub struct Settings {
     pub coordinator: CoordinatorSettings,
     pub queue: QueueSettings,
     pub sealing: SealingSettings,
+    pub ops: OpsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,6 +135,33 @@ pub struct QueueSettings {
     pub delivery_limit: u32,
 }
 
+/// What an operator's tooling talks to: the HTTP endpoint for Prometheus and probes,
+/// and the log format.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsSettings {
+    /// Address of `/metrics`, `/healthz` and `/readyz` (e.g. `0.0.0.0:9464`); unset:
+    /// not served (several processes on one machine would need a port each). The Helm
+    /// chart sets it.
+    pub listen: Option<String>,
+    /// `text` (for people) or `json` (one object per line, for collectors).
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl OpsSettings {
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.as_deref().and_then(|a| a.parse().ok())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SealingSettings {
@@ -153,6 +181,7 @@ impl Default for Settings {
             coordinator: CoordinatorSettings::default(),
             queue: QueueSettings::default(),
             sealing: SealingSettings::default(),
+            ops: OpsSettings::default(),
         }
     }
 }
@@ -187,6 +216,15 @@ impl Default for CoordinatorSettings {
 impl Default for QueueSettings {
     fn default() -> Self {
         QueueSettings { delivery_limit: 5 }
+    }
+}
+
+impl Default for OpsSettings {
+    fn default() -> Self {
+        OpsSettings {
+            listen: None,
+            log_format: LogFormat::Text,
+        }
     }
 }
 
@@ -285,6 +323,14 @@ impl Settings {
                 "job limits must be at least 1",
             );
         }
+        if let Some(listen) = &self.ops.listen {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return invalid(
+                    "ops.listen",
+                    "must be an address and port, e.g. 0.0.0.0:9464",
+                );
+            }
+        }
         if self.queue.delivery_limit == 0 {
             return invalid("queue.delivery_limit", "must be at least 1");
         }
@@ -355,6 +401,19 @@ mod tests {
         let file = write("[worker]\nbytes_in_flight = \"12Q\"\n");
         let err = Settings::load(Some(&file), []).unwrap_err().to_string();
         assert!(err.contains("12Q"), "{err}");
+        std::fs::remove_file(file).unwrap();
+        let err = Settings::load(None, [("MAILFERRY__OPS__LISTEN".into(), "9464".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ops.listen"), "{err}");
+        let file = write("[ops]\nlog_format = \"yaml\"\n");
+        let err = Settings::load(Some(&file), []).unwrap_err().to_string();
+        assert!(err.contains("yaml"), "{err}");
+        std::fs::remove_file(file).unwrap();
+        let file = write("[ops]\nlisten = \"127.0.0.1:9464\"\nlog_format = \"json\"\n");
+        let ok = Settings::load(Some(&file), []).unwrap();
+        assert_eq!(ok.ops.log_format, LogFormat::Json);
+        assert_eq!(ok.ops.listen_addr().unwrap().port(), 9464);
         std::fs::remove_file(file).unwrap();
     }
 

@@ -168,6 +168,7 @@ impl SharedSlots {
 
     /// Pauses the account for `pause` (the server's hint) or the default.
     async fn pause(&self, account: &str, pause: Option<Duration>) -> Result<Duration, Error> {
+        metrics::counter!(crate::telemetry::THROTTLE_PAUSES).increment(1);
         let pause = pause
             .unwrap_or(self.default_pause)
             .max(Duration::from_millis(100));
@@ -273,6 +274,9 @@ impl ConnectionGate for SlotGate {
                             }
                         }
                         if !waited {
+                            let scope = if full == "host" { "host" } else { "account" };
+                            metrics::counter!(crate::telemetry::SLOT_WAITS, "scope" => scope)
+                                .increment(1);
                             tracing::debug!(host = %endpoint.host, cap = full, "waiting for a connection slot");
                             waited = true;
                         }

@@ -99,6 +99,18 @@ impl JobState {
 
 impl UserStatus {
     /// The status's name as the CLI, the API and the metrics spell it.
+    /// Every status's [`name`](Self::name).
+    pub const NAMES: &'static [&'static str] = &[
+        "notstarted",
+        "starting",
+        "queued",
+        "syncing",
+        "synced",
+        "failed",
+        "stopped",
+        "completed",
+    ];
+
     pub fn name(&self) -> &'static str {
         match self {
             UserStatus::NotStarted => "notstarted",

@@ -1091,3 +1091,176 @@ async fn a_throttling_server_pauses_the_account_and_shows_throttled_not_failed()
     rig.assert_target_equals_source().await;
     rig.clean_up().await;
 }
+
+/// `GET path` on 127.0.0.1:`port`: (status code, body), or `None` when nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_string();
+    Some((code, body))
+}
+
+/// The value of a series in a Prometheus scrape: `series` is the name with its labels as
+/// rendered (e.g. `mailferry_users{batch="b1",status="synced"}`), or just the name.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The SRE's view, on a coordinator and a worker serving `ops.listen` and logging JSON:
+/// liveness and readiness, then a migration, whose counts the metrics must tell exactly;
+/// every exported series is one of the catalogue's and no label holds an address; job
+/// log lines carry the job's span; and readiness turns to 503 while Redis is down.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_health_and_readiness_tell_what_happened() {
+    let mut rig = Rig::build(Setup {
+        per_folder: 10,
+        settings: FAST,
+        own_redis: Some(true),
+        ..Setup::default()
+    })
+    .await;
+    let (cport, wport) = (
+        mailferry_tests::dovecot::free_port(),
+        mailferry_tests::dovecot::free_port(),
+    );
+    let (clisten, wlisten) = (format!("127.0.0.1:{cport}"), format!("127.0.0.1:{wport}"));
+    let json = ("MAILFERRY__OPS__LOG_FORMAT", "json");
+    let _coordinator = rig.process(
+        "coordinator",
+        "coordinator",
+        &[("MAILFERRY__OPS__LISTEN", &clisten), json],
+    );
+    let _worker = rig.worker_with("worker1", &[("MAILFERRY__OPS__LISTEN", &wlisten), json]);
+    for port in [cport, wport] {
+        wait_for("/healthz", Duration::from_secs(20), || {
+            http_get(port, "/healthz").map(|r| r.0) == Some(200)
+        });
+        wait_for("/readyz", Duration::from_secs(30), || {
+            http_get(port, "/readyz").map(|r| r.0) == Some(200)
+        });
+    }
+    rig.start();
+    rig.wait_synced(Duration::from_secs(90)).await;
+    rig.assert_target_equals_source().await;
+
+    let messages: usize = rig.users.iter().map(|u| u.2.len()).sum();
+    let (_, worker) = http_get(wport, "/metrics").unwrap();
+    assert_eq!(
+        sample(&worker, "mailferry_messages_copied_total"),
+        Some(messages as f64),
+        "{worker}"
+    );
+    assert_eq!(sample(&worker, "mailferry_job_slots"), Some(3.0));
+    assert_eq!(sample(&worker, "mailferry_jobs_in_flight"), Some(0.0));
+    let done = sample(&worker, r#"mailferry_jobs_finished_total{outcome="done"}"#).unwrap_or(0.0);
+    let runs = sample(&worker, "mailferry_job_duration_seconds_count").unwrap_or(0.0);
+    assert!(done >= 2.0 && runs >= done, "{worker}");
+    assert_eq!(
+        sample(&worker, "mailferry_message_size_bytes_count"),
+        Some(messages as f64)
+    );
+    assert!(
+        worker.contains(r#"mailferry_build_info{version=""#)
+            && worker.contains(r#"process="worker""#)
+    );
+    // The coordinator exports what it sees every 10 s.
+    let mut coordinator = String::new();
+    wait_for(
+        "the coordinator's users by status",
+        Duration::from_secs(30),
+        || {
+            coordinator = http_get(cport, "/metrics").unwrap().1;
+            sample(
+                &coordinator,
+                r#"mailferry_users{batch="b1",status="synced"}"#,
+            ) == Some(2.0)
+        },
+    );
+    assert_eq!(
+        sample(&coordinator, "mailferry_coordinator_leader"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&coordinator, "mailferry_queue_messages"), Some(0.0));
+    assert_eq!(
+        sample(&coordinator, "mailferry_queue_dead_messages"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &coordinator,
+            r#"mailferry_batch_messages_copied{batch="b1"}"#
+        ),
+        Some(messages as f64)
+    );
+    for line in worker.lines().chain(coordinator.lines()) {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let name = line.split(['{', ' ']).next().unwrap();
+        assert!(
+            mailferry_shared::telemetry::family(name).is_some(),
+            "{name} is not in the catalogue"
+        );
+        assert!(!line.contains('@'), "an address in a label: {line}");
+    }
+    // JSON logs, with the job's span (batch, user, folder) on the job's lines.
+    let log = rig.log("worker1");
+    let job_line = log
+        .lines()
+        .find(|l| l.contains(r#""name":"job""#))
+        .unwrap_or_else(|| panic!("no job span in the logs:\n{log}"));
+    assert!(
+        job_line.starts_with('{') && job_line.contains(r#""batch":"b1""#),
+        "{job_line}"
+    );
+    assert!(
+        job_line.contains(r#""folder":"#) && job_line.contains(r#""user":"#),
+        "{job_line}"
+    );
+
+    // Redis goes away for 6 s: both processes say not ready, naming it, then recover.
+    let mut redis = rig.own_redis.take().unwrap();
+    let outage = std::thread::spawn(move || {
+        redis.restart(Duration::from_secs(6));
+        redis
+    });
+    for port in [wport, cport] {
+        wait_for(
+            "/readyz 503 while Redis is down",
+            Duration::from_secs(5),
+            || http_get(port, "/readyz").is_some_and(|(c, b)| c == 503 && b.contains("redis")),
+        );
+        assert_eq!(
+            http_get(port, "/healthz").map(|r| r.0),
+            Some(200),
+            "alive all the same"
+        );
+    }
+    rig.own_redis = Some(outage.join().unwrap());
+    for port in [wport, cport] {
+        wait_for("/readyz 200 again", Duration::from_secs(20), || {
+            http_get(port, "/readyz").map(|r| r.0) == Some(200)
+        });
+    }
+    rig.clean_up().await;
+}

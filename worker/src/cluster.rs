@@ -11,6 +11,7 @@ use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::settings::Settings;
 use mailferry_shared::slots::SharedSlots;
+use mailferry_shared::telemetry;
 use mailferry_shared::Error;
 use tokio::sync::watch;
 
@@ -29,16 +30,29 @@ struct CountingProgress {
 impl ProgressSink for CountingProgress {
     fn job_started(&self, _: &FolderJob, _: u64, _: u64) {}
     fn copied(&self, job: &FolderJob, messages: u64, bytes: u64) {
+        metrics::counter!(telemetry::MESSAGES_COPIED).increment(messages);
+        metrics::counter!(telemetry::BYTES_COPIED).increment(bytes);
         self.pending.add(job, "copied", messages as i64);
         self.pending.add(job, "copied_bytes", bytes as i64);
     }
     fn skipped(&self, job: &FolderJob, m: &SkippedMessage) {
         tracing::warn!(job = %job.id(), uid = m.uid, size = m.size, reason = %m.reason, "message skipped");
+        metrics::counter!(telemetry::MESSAGES_SKIPPED, "reason" => skip_kind(&m.reason))
+            .increment(1);
         self.pending.add(job, "skipped", 1);
     }
     fn job_finished(&self, _: &FolderJob, _: &JobReport) {}
     fn job_failed(&self, job: &FolderJob, _: &JobError, reason: &str, will_retry: bool) {
         tracing::warn!(job = %job.id(), will_retry, reason, "job failed");
+    }
+}
+
+/// A skip reason's kind, for a metric label (the reason itself names sizes and limits).
+fn skip_kind(reason: &str) -> &'static str {
+    if reason.starts_with("larger than") {
+        "too_large"
+    } else {
+        "other"
     }
 }
 
@@ -89,7 +103,12 @@ async fn consuming_queue(settings: &Settings) -> Result<AmqpQueue, Error> {
 
 /// Runs until `shutdown` turns true, then finishes the jobs in progress. A lost broker
 /// connection is re-established; it is an error only if RabbitMQ stays unreachable.
-pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+/// `consuming` is true while jobs are taken from RabbitMQ (the readiness probe's).
+pub async fn run(
+    settings: &Settings,
+    shutdown: watch::Receiver<bool>,
+    consuming: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), Error> {
     let keys = settings
         .sealing_keys()
         .map_err(|e| Error::Config(e.to_string()))
@@ -146,6 +165,8 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
             Err(e) => break Err(e),
         };
         tracing::info!(slots = settings.worker.job_slots, "worker consuming");
+        metrics::gauge!(telemetry::JOB_SLOTS).set(settings.worker.job_slots as f64);
+        consuming.store(true, std::sync::atomic::Ordering::SeqCst);
         consume(
             queue,
             engine.clone(),
@@ -166,8 +187,11 @@ pub async fn run(settings: &Settings, shutdown: watch::Receiver<bool>) -> Result
         }
         // The consumer ended without a shutdown: the broker connection is gone. Jobs in
         // progress could not be acked and will be redelivered (they are idempotent).
+        consuming.store(false, std::sync::atomic::Ordering::SeqCst);
+        metrics::counter!(telemetry::RECONNECTS, "service" => "amqp").increment(1);
         tracing::warn!("lost the RabbitMQ connection; reconnecting");
     };
+    consuming.store(false, std::sync::atomic::Ordering::SeqCst);
     // Every job in progress has finished (and recorded its end) or been handed back.
     result
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use mailferry_shared::job::FolderJob;
 use mailferry_shared::queue::{Delivery, JobQueue};
 use mailferry_shared::store::StateStore;
+use mailferry_shared::telemetry;
 use mailferry_shared::Disposition;
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -200,6 +201,7 @@ async fn run_job<S: StateStore, C: Claims>(
             Ok(Claimed::Run(claim)) => claim,
             Ok(Claimed::Skip(why)) => {
                 tracing::debug!(job = %job.id(), why, "nothing to do");
+                finished("skipped");
                 return Outcome::Settled;
             }
             Ok(Claimed::Busy) => {
@@ -223,6 +225,8 @@ async fn run_job<S: StateStore, C: Claims>(
             }
         };
         let fence = claim.fence.clone();
+        let _in_flight = InFlight::enter();
+        let started = std::time::Instant::now();
         // The run stops at the fence at once (dropping the engine's future is as safe
         // as a crash, which every step allows for); the engine checks it too, before
         // each APPEND group, so a run woken from a long pause sends nothing more.
@@ -232,12 +236,26 @@ async fn run_job<S: StateStore, C: Claims>(
             why = drain.shut() => {
                 tracing::warn!(job = %job.id(), why, "handing the job back unfinished");
                 let _ = claims.finish(claim, job, JobEnd::HandedBack).await;
+                finished("handed_back");
                 return Outcome::Drained;
             }
         };
+        if result.is_ok() {
+            metrics::histogram!(telemetry::JOB_DURATION).record(started.elapsed().as_secs_f64());
+        }
         match result {
             Ok(report) => match claims.finish(claim, job, JobEnd::Done(&report)).await {
-                Ok(()) => Outcome::Settled,
+                Ok(()) => {
+                    let outcome = if report.mismatch(&job.source_folder.display()).is_some() {
+                        "mismatch"
+                    } else if report.unchanged {
+                        "unchanged"
+                    } else {
+                        "done"
+                    };
+                    finished(outcome);
+                    Outcome::Settled
+                }
                 // Handed back, the job runs again: its re-run finds the checkpoint
                 // current, costs two commands, and records the end then. (Left
                 // unsettled, it would hold a prefetch slot until the connection drops.)
@@ -254,8 +272,10 @@ async fn run_job<S: StateStore, C: Claims>(
                 let _ = claims.finish(claim, job, JobEnd::HandedBack).await;
                 if stopped {
                     tracing::info!(job = %job.id(), "stopped by the admin");
+                    finished("stopped");
                     Outcome::Settled
                 } else {
+                    finished("handed_back");
                     tracing::warn!(job = %job.id(), why, "stopped writing; handing the job back");
                     Outcome::Again {
                         delay: claims.busy_delay(),
@@ -273,6 +293,7 @@ async fn run_job<S: StateStore, C: Claims>(
                 };
                 tracing::warn!(delay_ms = delay.as_millis() as u64, error = %reason, "throttled; the job waits");
                 engine.progress().job_failed(job, &e, &reason, true);
+                failed(&e, "throttled");
                 let _ = claims.finish(claim, job, JobEnd::Throttled(&reason)).await;
                 Outcome::Throttled(delay)
             }
@@ -282,6 +303,7 @@ async fn run_job<S: StateStore, C: Claims>(
                     Decision::Retry(delay) => {
                         tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, error = %reason, "job failed, will retry");
                         engine.progress().job_failed(job, &e, &reason, true);
+                        failed(&e, "retry");
                         let _ = claims.finish(claim, job, JobEnd::HandedBack).await;
                         Outcome::Again {
                             delay,
@@ -292,6 +314,7 @@ async fn run_job<S: StateStore, C: Claims>(
                         tracing::error!(error = %why, "job failed for good");
                         let described = describe(&e, &why);
                         engine.progress().job_failed(job, &e, &described, false);
+                        failed(&e, "dead_letter");
                         if let Err(e) = claims.finish(claim, job, JobEnd::Failed(&described)).await {
                             tracing::error!(job = %job.id(), error = %e, "could not record the job's failure");
                         }
@@ -304,6 +327,32 @@ async fn run_job<S: StateStore, C: Claims>(
     // `instrument`, not `enter`: a guard held across .await tags other tasks' events.
     .instrument(span)
     .await
+}
+
+/// Counts the jobs this worker is running, for as long as it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        metrics::gauge!(telemetry::JOBS_IN_FLIGHT).increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(telemetry::JOBS_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+fn finished(outcome: &'static str) {
+    metrics::counter!(telemetry::JOBS_FINISHED, "outcome" => outcome).increment(1);
+}
+
+fn failed(e: &JobError, outcome: &'static str) {
+    let (side, reason) = e.kind();
+    metrics::counter!(telemetry::JOB_FAILURES, "side" => side, "reason" => reason, "outcome" => outcome)
+        .increment(1);
 }
 
 fn describe(e: &JobError, why: &str) -> String {

@@ -374,6 +374,10 @@ async fn settle(
                 .and_then(|set| uidset::parse(&set))
                 .filter(|uids| uids.len() == done.uids.len());
             let bytes: u64 = done.sizes.iter().sum();
+            let sizes = metrics::histogram!(mailferry_shared::telemetry::MESSAGE_SIZE);
+            for size in &done.sizes {
+                sizes.record(*size as f64);
+            }
             for (i, (uid, size)) in done.uids.iter().zip(&done.sizes).enumerate() {
                 outcomes.push((
                     *uid,

@@ -25,6 +25,23 @@ pub enum JobError {
 }
 
 impl JobError {
+    /// (side, kind) for a metric label: `side` is source, target or none.
+    pub fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            JobError::Imap { side, source } => (
+                match side {
+                    Side::Source => "source",
+                    Side::Target => "target",
+                },
+                source.kind(),
+            ),
+            JobError::TargetOverQuota { .. } => ("target", "over_quota"),
+            JobError::UnknownUser(_) => ("none", "unknown_user"),
+            JobError::Store(_) => ("none", "store"),
+            JobError::Fenced(_) => ("none", "fenced"),
+        }
+    }
+
     pub fn source_side(e: SharedError) -> Self {
         JobError::Imap {
             side: Side::Source,

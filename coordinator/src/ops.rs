@@ -1,0 +1,191 @@
+//! The operator's endpoint of the cluster processes (`ops.listen`):
+//!
+//! - `/metrics`: Prometheus text format, the metrics of [`telemetry::CATALOGUE`];
+//! - `/healthz`: 200 while the process runs (liveness);
+//! - `/readyz`: 200 when the process can do its work — Redis answers, RabbitMQ answers
+//!   (the coordinator) or jobs are being consumed (a worker) — else 503 naming what is
+//!   missing (readiness).
+//!
+//! Readiness is a set of named flags kept current by the process and by [`watch_redis`]
+//! and [`watch_coordinator`]; the probe only reads them, so a scrape never waits on a
+//! dead dependency.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use mailferry_shared::amqp_queue::AmqpQueue;
+use mailferry_shared::redis_store::RedisStore;
+use mailferry_shared::settings::Settings;
+use mailferry_shared::status::UserStatus;
+use mailferry_shared::telemetry;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::cluster::{summarize, Cluster};
+
+/// Named conditions that must all hold for `/readyz` to answer 200.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    checks: Vec<(&'static str, Arc<AtomicBool>)>,
+}
+
+impl Readiness {
+    /// Adds a condition (false until set) and returns its flag.
+    pub fn check(&mut self, what: &'static str) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.checks.push((what, flag.clone()));
+        flag
+    }
+
+    /// The conditions that do not hold now.
+    pub fn missing(&self) -> Vec<&'static str> {
+        self.checks
+            .iter()
+            .filter(|(_, f)| !f.load(Ordering::SeqCst))
+            .map(|(w, _)| *w)
+            .collect()
+    }
+}
+
+/// Installs the Prometheus recorder for this process (`process`: coordinator or
+/// worker) and records the build info.
+pub fn install_metrics(process: &'static str) -> anyhow::Result<PrometheusHandle> {
+    const SECONDS: &[f64] = &[
+        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+    ];
+    const BYTES: &[f64] = &[
+        1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(telemetry::JOB_DURATION.into()), SECONDS)?
+        .set_buckets_for_metric(Matcher::Full(telemetry::MESSAGE_SIZE.into()), BYTES)?
+        .install_recorder()?;
+    telemetry::describe();
+    metrics::gauge!(telemetry::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "process" => process)
+        .set(1.0);
+    Ok(handle)
+}
+
+/// Binds `addr` (an error names it, so a port in use is reported at start-up) and
+/// serves the three paths until the process ends.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: PrometheusHandle,
+    readiness: Readiness,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("ops.listen {addr}: {e}"))?;
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render();
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let missing = readiness.missing();
+                async move {
+                    if missing.is_empty() {
+                        (StatusCode::OK, "ready\n".to_string()).into_response()
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {}\n", missing.join(", ")),
+                        )
+                            .into_response()
+                    }
+                }
+            }),
+        );
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the ops endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Keeps `ok` telling whether Redis answers a PING (every 2 s, 1 s to answer).
+pub fn watch_redis(store: RedisStore, ok: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        loop {
+            let answered = tokio::time::timeout(Duration::from_secs(1), store.ping()).await;
+            ok.store(matches!(answered, Ok(Ok(()))), Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+}
+
+/// What the coordinator sees, exported every `every`: the queue depths (which also
+/// tell whether RabbitMQ answers, into `amqp_ok`) and each batch's users by status and
+/// messages copied.
+pub fn watch_coordinator(settings: Settings, amqp_ok: Arc<AtomicBool>, every: Duration) {
+    tokio::spawn(async move {
+        let mut queue: Option<AmqpQueue> = None;
+        let mut cluster: Option<Cluster> = None;
+        loop {
+            if queue.is_none() {
+                queue = AmqpQueue::connect(
+                    &settings.amqp_url,
+                    &settings.key_prefix,
+                    settings.queue.delivery_limit,
+                )
+                .await
+                .map_err(|e| tracing::warn!(error = %e, "RabbitMQ unreachable"))
+                .ok();
+            }
+            match &queue {
+                Some(q) => match q.depths().await {
+                    Ok((jobs, dead)) => {
+                        metrics::gauge!(telemetry::QUEUE_JOBS).set(jobs as f64);
+                        metrics::gauge!(telemetry::QUEUE_DEAD).set(dead as f64);
+                        amqp_ok.store(true, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the queue depths; reconnecting");
+                        metrics::counter!(telemetry::RECONNECTS, "service" => "amqp").increment(1);
+                        amqp_ok.store(false, Ordering::SeqCst);
+                        queue = None;
+                    }
+                },
+                None => amqp_ok.store(false, Ordering::SeqCst),
+            }
+            if cluster.is_none() {
+                cluster = Cluster::connect(settings.clone()).await.ok();
+            }
+            if let Some(c) = &cluster {
+                if let Err(e) = export_batches(c).await {
+                    tracing::warn!(error = %e, "cannot read the batches' statuses");
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+}
+
+async fn export_batches(cluster: &Cluster) -> Result<(), mailferry_shared::Error> {
+    for batch in cluster.batches().await? {
+        let (lines, _) = cluster.status(&batch).await?;
+        let sum = summarize(&lines);
+        // Every status, so one that no user has any more reads 0, not its last value.
+        for status in UserStatus::NAMES {
+            let n = sum.users_by_status.get(status).copied().unwrap_or(0);
+            metrics::gauge!(telemetry::USERS, "batch" => batch.clone(), "status" => *status)
+                .set(n as f64);
+        }
+        metrics::gauge!(telemetry::BATCH_MESSAGES_COPIED, "batch" => batch.clone())
+            .set(sum.copied as f64);
+    }
+    Ok(())
+}
