@@ -69,3 +69,5 @@ echo "== build"
 cargo build --workspace --bins --locked -q
 echo "== tests"
 cargo test --workspace --locked 2>&1 | tee "${TMPDIR:-/tmp}/mailferry-test.log"
+echo "== Helm chart"
+bash tests/chart/check.sh

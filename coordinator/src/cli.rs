@@ -84,6 +84,9 @@ pub enum BatchCommand {
         #[arg(long)]
         batch: String,
     },
+    /// Key rotation: seal every stored secret of every batch again with the newest
+    /// sealing key (list the new key last, keep the old ones until this has run).
+    Reseal,
 }
 
 /// Which users of a batch a command is for.
@@ -142,6 +145,9 @@ pub struct WorkerArgs {
     /// The settings file (TOML); `MAILFERRY__…` environment variables override it.
     #[arg(long, value_name = "PATH", env = "MAILFERRY_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Check the settings and the sealing keys, print them (secrets redacted) and exit.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 macro_rules! endpoint_args {

@@ -135,6 +135,41 @@ impl Cluster {
         self.store.import_users(batch, &ids).await
     }
 
+    /// Key rotation: every stored secret not sealed with the keyring's newest key is
+    /// opened with the key it names and sealed again with the newest. Returns (secrets
+    /// resealed, secrets already current). A secret no listed key opens stops it with
+    /// an error naming the user: nothing is rewritten that could not be read back.
+    pub async fn reseal_all(&self) -> Result<(usize, usize), Error> {
+        let (mut resealed, mut current) = (0, 0);
+        for batch in self.store.batches().await? {
+            for user in self.store.users(&batch).await? {
+                // Closed users' credentials are deleted: nothing to reseal.
+                let Some(mut record) = self.store.user(&batch, &user).await? else {
+                    continue;
+                };
+                let mut changed = false;
+                for secret in [&mut record.source_secret, &mut record.target_secret] {
+                    match self
+                        .keys
+                        .reseal(secret, &batch, &user)
+                        .map_err(|e| Error::Config(format!("batch {batch}, user {user}: {e}")))?
+                    {
+                        Some(again) => {
+                            *secret = again;
+                            changed = true;
+                            resealed += 1;
+                        }
+                        None => current += 1,
+                    }
+                }
+                if changed {
+                    self.store.put_user(&batch, &user, &record).await?;
+                }
+            }
+        }
+        Ok((resealed, current))
+    }
+
     /// Every batch's name.
     pub async fn batches(&self) -> Result<Vec<String>, Error> {
         self.store.batches().await

@@ -137,6 +137,15 @@ fn migrate(args: &MigrateArgs) -> anyhow::Result<Exit> {
 }
 
 /// The settings (file, then environment) and a runtime, for the cluster commands.
+/// `--check-config`: the settings load and validate, and the sealing keys parse.
+fn check_config(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
+    let settings = Settings::load(args.config.as_deref(), std::env::vars())?;
+    let keys = settings.sealing_keys()?;
+    mailferry_shared::seal::Keyring::parse(&keys).context("the sealing keys")?;
+    println!("settings OK: {settings:?}");
+    Ok(())
+}
+
 fn cluster_setup(
     config: Option<&std::path::Path>,
 ) -> anyhow::Result<(
@@ -185,6 +194,9 @@ async fn serve_ops(
 }
 
 fn worker(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> anyhow::Result<()> {
+    if args.check_config {
+        return check_config(args);
+    }
     let (settings, runtime) = cluster_setup(args.config.as_deref())?;
     let metrics = start_ops(&settings, verbose, "worker")?;
     runtime.block_on(async {
@@ -199,6 +211,9 @@ fn worker(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> anyhow:
 }
 
 fn coordinator(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> anyhow::Result<()> {
+    if args.check_config {
+        return check_config(args);
+    }
     let (settings, runtime) = cluster_setup(args.config.as_deref())?;
     let metrics = start_ops(&settings, verbose, "coordinator")?;
     runtime.block_on(async {
@@ -275,6 +290,13 @@ fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
                 let secs = parse_duration_secs(every).map_err(anyhow::Error::msg)?;
                 cluster.set_interval(batch, secs).await?;
                 println!("batch {batch}: synced users are synced again every {secs} s");
+                Ok(0)
+            }
+            BatchCommand::Reseal => {
+                let (resealed, current) = cluster.reseal_all().await?;
+                println!(
+                    "{resealed} secrets sealed again with the newest key; {current} were already"
+                );
                 Ok(0)
             }
             BatchCommand::Status { batch } => {

@@ -1264,3 +1264,71 @@ async fn metrics_health_and_readiness_tell_what_happened() {
     }
     rig.clean_up().await;
 }
+
+/// Key rotation without losing stored credentials: the batch is sealed with k1; k2 is
+/// added as the newest key and `batch reseal` seals every stored secret again with it;
+/// then k1 is removed altogether, and the migration runs on k2 alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sealing_key_rotates_without_losing_stored_credentials() {
+    let mut rig = Rig::new(5).await;
+    let k1 = rig.keys.clone();
+    let k2 = Keyring::generate("k2").unwrap();
+    let stored = |rig: &Rig| {
+        let store = rig.redis_url.clone();
+        let prefix = rig.prefix.clone();
+        async move {
+            let client = redis::Client::open(store).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}:*"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let mut sealed = Vec::new();
+            for key in keys {
+                let kind: String = redis::cmd("TYPE")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                if kind == "string" {
+                    let v: String = redis::cmd("GET")
+                        .arg(&key)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    for part in v.split('"').filter(|p| p.starts_with("v1:")) {
+                        sealed.push(part.to_string());
+                    }
+                }
+            }
+            sealed
+        }
+    };
+    let before = stored(&rig).await;
+    assert_eq!(before.len(), 4, "two users, two secrets each: {before:?}");
+    assert!(before.iter().all(|s| s.starts_with("v1:k1:")));
+
+    rig.keys = Secret::new(format!("{}\n{}", k1.expose(), k2.expose()));
+    let (code, stdout, text) = rig.admin(&["reseal"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(stdout.contains("4 secrets sealed again"), "{stdout}");
+    let after = stored(&rig).await;
+    assert_eq!(after.len(), 4);
+    assert!(after.iter().all(|s| s.starts_with("v1:k2:")), "{after:?}");
+    // Running it again changes nothing.
+    let (_, stdout, _) = rig.admin(&["reseal"]);
+    assert!(
+        stdout.starts_with("0 secrets sealed again") && stdout.contains("4 were already"),
+        "{stdout}"
+    );
+
+    // The old key is gone for good: the migration runs on the new key alone.
+    rig.keys = k2;
+    let _coordinator = rig.coordinator("coordinator");
+    let _worker = rig.worker("worker1");
+    rig.start();
+    rig.wait_synced(Duration::from_secs(90)).await;
+    rig.assert_target_equals_source().await;
+    rig.clean_up().await;
+}

