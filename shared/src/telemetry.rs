@@ -41,7 +41,7 @@ pub const CATALOGUE: &[(&str, Kind, &[&str], &str)] = &[
     (BYTES_COPIED, Kind::Counter, &[], "Bytes of the messages appended to target folders."),
     (MESSAGES_SKIPPED, Kind::Counter, &["reason"], "Messages not copied, by reason (too_large)."),
     (JOB_FAILURES, Kind::Counter, &["side", "reason", "outcome"], "Folder jobs that failed, by side, kind of error and outcome (retry, dead_letter, throttled)."),
-    (JOBS_FINISHED, Kind::Counter, &["outcome"], "Folder jobs ended, by outcome (done, unchanged, mismatch, skipped, handed_back, stopped)."),
+    (JOBS_FINISHED, Kind::Counter, &["outcome"], "Folder jobs ended, by outcome (done, unchanged, mismatch, skipped, handed_back, stopped; failed_unrun: not tried, its account was refused in the same bundle)."),
     (JOB_DURATION, Kind::Histogram, &[], "Wall time of folder job runs that reached the end."),
     (MESSAGE_SIZE, Kind::Histogram, &[], "Sizes of the messages copied."),
     (JOBS_IN_FLIGHT, Kind::Gauge, &[], "Folder jobs this worker is running."),

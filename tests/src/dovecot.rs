@@ -272,6 +272,35 @@ service anvil {{
             .expect("a configured user")
     }
 
+    /// Changes a user's password: the passwd-file is rewritten and the server reloaded
+    /// (SIGHUP; its auth processes read the file again). Connections already logged in
+    /// stay.
+    pub fn change_password(&self, user: &str, password: &str) {
+        let path = self.dir.join("users");
+        let text = std::fs::read_to_string(&path).expect("users file");
+        let prefix = format!("{user}:{{PLAIN}}");
+        let changed: String = text
+            .lines()
+            .map(|line| match line.strip_prefix(&prefix) {
+                Some(rest) => {
+                    let rest = rest.split_once(':').map_or("", |(_, r)| r);
+                    format!("{prefix}{password}:{rest}\n")
+                }
+                None => format!("{line}\n"),
+            })
+            .collect();
+        assert_ne!(changed, text, "no user {user}");
+        std::fs::write(&path, changed).expect("users file");
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "SIGHUP to dovecot");
+        // The reload takes a moment; logins refused from then on.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     /// The log, for assertion messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log/dovecot.log")).unwrap_or_default()

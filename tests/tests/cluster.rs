@@ -1332,3 +1332,82 @@ async fn the_sealing_key_rotates_without_losing_stored_credentials() {
     rig.assert_target_equals_source().await;
     rig.clean_up().await;
 }
+
+/// A wrong password: the user fails with the server's refusal named, the pass ends (it
+/// is not left syncing), the other user migrates, and the password is in no output.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_password_fails_its_user_with_the_reason_and_nobody_else() {
+    let mut rig = Rig::new(5).await;
+    let bob = rig.users[1].clone();
+    rig.users[1].1 = "not-bobs-password".into();
+    rig.create_batch(); // stored again, with bob's wrong password
+    let _coordinator = rig.coordinator("coordinator");
+    let _worker = rig.worker("worker1");
+    rig.start();
+    let lines = rig
+        .wait_until("alice synced, bob failed", Duration::from_secs(60), |l| {
+            l.iter()
+                .any(|l| l.0 == "alice@example.com" && l.1 == "synced")
+                && l.iter()
+                    .any(|l| l.0 == "bob@example.com" && l.1 == "failed")
+        })
+        .await;
+    let bob_line = &lines.iter().find(|l| l.0 == "bob@example.com").unwrap().2;
+    assert!(
+        bob_line.contains("source") && bob_line.contains("authentication rejected"),
+        "{bob_line}"
+    );
+    assert!(!bob_line.contains("not-bobs-password"), "{bob_line}");
+    rig.users.truncate(1);
+    rig.assert_target_equals_source().await;
+    rig.users.push(bob);
+    rig.clean_up().await;
+}
+
+/// The password changes after planning: the worker's first login for the user is
+/// refused, and the rest of the user's bundle fails with that reason without logging in
+/// again (one refusal at the server, not one per folder: repeated refusals can lock an
+/// account). Every job of the user ends failed, so the pass ends and the user shows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_login_fails_the_whole_bundle_with_one_attempt() {
+    let rig = Rig::new(5).await;
+    let _coordinator = rig.coordinator("coordinator");
+    rig.start();
+    rig.wait_until("both users queued", Duration::from_secs(60), |l| {
+        l.len() == 2 && l.iter().all(|l| l.1 == "queued")
+    })
+    .await;
+    let store = rig.store().await;
+    let jobs = store.job_states("b1", "bob@example.com").await.unwrap();
+    assert!(jobs.len() >= 3, "bob's folders: {jobs:?}");
+    // bob's source password changes.
+    rig.src.change_password("bob", "changed");
+    let refusals = || {
+        rig.src
+            .log()
+            .lines()
+            .filter(|l| l.contains("auth failed") && l.contains("user=<bob>"))
+            .count()
+    };
+    assert_eq!(refusals(), 0);
+
+    let _worker = rig.worker("worker1");
+    let lines = rig
+        .wait_until("alice synced, bob failed", Duration::from_secs(60), |l| {
+            l.iter()
+                .any(|l| l.0 == "alice@example.com" && l.1 == "synced")
+                && l.iter()
+                    .any(|l| l.0 == "bob@example.com" && l.1 == "failed")
+        })
+        .await;
+    let bob = &lines.iter().find(|l| l.0 == "bob@example.com").unwrap().2;
+    assert!(bob.contains("authentication rejected"), "{bob}");
+    let jobs = store.job_states("b1", "bob@example.com").await.unwrap();
+    assert!(
+        jobs.iter()
+            .all(|(_, s)| matches!(s, JobState::Failed { .. })),
+        "{jobs:?}"
+    );
+    assert_eq!(refusals(), 1, "{}", rig.src.log());
+    rig.clean_up().await;
+}

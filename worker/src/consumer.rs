@@ -110,8 +110,9 @@ enum Outcome {
     /// stopped), or stopped by the admin mid-run.
     Settled,
     /// Failed for good (recorded in its job state): to the dead-letter queue with this
-    /// reason.
-    DeadLetter(String),
+    /// reason. `account`: the failure is the account's, not the folder's (a login
+    /// refused, the user unknown), so the bundle's other jobs would fail the same way.
+    DeadLetter { why: String, account: bool },
     /// To run again after `delay`. `attempt`: it failed and the next run counts towards
     /// the delivery limit; else it could not run here (its folder busy, its claim lost,
     /// the store unreachable).
@@ -146,7 +147,17 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     for (i, job) in delivery.jobs.iter().enumerate() {
         match run_job(engine, claims, job, delivery.attempt, policy, drain).await {
             Outcome::Settled => {}
-            Outcome::DeadLetter(why) => {
+            Outcome::DeadLetter { why, account } => {
+                if account {
+                    // Logging in again for every folder would only repeat the refusal
+                    // (and can lock the account): the rest fail with the same reason.
+                    for rest in &delivery.jobs[i + 1..] {
+                        fail_unrun(claims, rest, &why).await;
+                    }
+                    dead.extend(delivery.jobs[i..].iter().cloned());
+                    reasons.push(why);
+                    break;
+                }
                 reasons.push(if delivery.jobs.len() > 1 {
                     format!("{}: {why}", job.source_folder.display())
                 } else {
@@ -318,7 +329,18 @@ async fn run_job<S: StateStore, C: Claims>(
                         if let Err(e) = claims.finish(claim, job, JobEnd::Failed(&described)).await {
                             tracing::error!(job = %job.id(), error = %e, "could not record the job's failure");
                         }
-                        Outcome::DeadLetter(why)
+                        let account = matches!(
+                            &e,
+                            JobError::UnknownUser(_)
+                                | JobError::Imap {
+                                    source: mailferry_shared::Error::AuthRejected { .. },
+                                    ..
+                                }
+                        );
+                        Outcome::DeadLetter {
+                            why: described,
+                            account,
+                        }
                     }
                 }
             }
@@ -327,6 +349,25 @@ async fn run_job<S: StateStore, C: Claims>(
     // `instrument`, not `enter`: a guard held across .await tags other tasks' events.
     .instrument(span)
     .await
+}
+
+/// Records a job of a bundle as failed for `why` without running it (its account
+/// failed for good in an earlier job of the bundle).
+async fn fail_unrun<C: Claims>(claims: &C, job: &FolderJob, why: &str) {
+    match claims.claim(job).await {
+        Ok(Claimed::Run(claim)) => {
+            finished("failed_unrun");
+            if let Err(e) = claims.finish(claim, job, JobEnd::Failed(why)).await {
+                tracing::error!(job = %job.id(), error = %e, "could not record the job's failure");
+            }
+        }
+        // Done, superseded or stopped already; or running elsewhere, which will meet
+        // the same refusal and record it.
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(job = %job.id(), error = %e, "could not record the job's failure")
+        }
+    }
 }
 
 /// Counts the jobs this worker is running, for as long as it lives.
