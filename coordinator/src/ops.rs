@@ -136,14 +136,10 @@ pub fn watch_coordinator(settings: Settings, amqp_ok: Arc<AtomicBool>, every: Du
         let mut cluster: Option<Cluster> = None;
         loop {
             if queue.is_none() {
-                queue = AmqpQueue::connect(
-                    &settings.amqp_url,
-                    &settings.key_prefix,
-                    settings.queue.delivery_limit,
-                )
-                .await
-                .map_err(|e| tracing::warn!(error = %e, "RabbitMQ unreachable"))
-                .ok();
+                queue = AmqpQueue::from_settings(&settings)
+                    .await
+                    .map_err(|e| tracing::warn!(error = %e, "RabbitMQ unreachable"))
+                    .ok();
             }
             match &queue {
                 Some(q) => match q.depths().await {

@@ -561,14 +561,7 @@ impl Coordinator {
         let mut queue = self.queue.lock().await;
         let result = async {
             if queue.is_none() {
-                *queue = Some(
-                    AmqpQueue::connect(
-                        &self.settings.amqp_url,
-                        &self.settings.key_prefix,
-                        self.settings.queue.delivery_limit,
-                    )
-                    .await?,
-                );
+                *queue = Some(AmqpQueue::from_settings(&self.settings).await?);
             }
             let q = queue.as_ref().expect("just connected");
             for jobs in bundles {

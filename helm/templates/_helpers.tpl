@@ -42,6 +42,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- $_ := set $ops "listen" (printf "0.0.0.0:%d" (int .Values.opsPort)) -}}
 {{- $_ := set $config "ops" $ops -}}
 {{- $_ := set $config "sealing" (dict "key_file" "/etc/mailferry/sealing/keys") -}}
+{{- if .Values.secrets.amqpCa.existingSecret -}}
+{{- $_ := set $config "amqp_ca_file" "/etc/mailferry/amqp-ca/ca.pem" -}}
+{{- end -}}
 {{- toToml $config -}}
 {{- end -}}
 
@@ -106,6 +109,9 @@ spec:
         - {name: config, mountPath: /etc/mailferry/mailferry.toml, subPath: mailferry.toml, readOnly: true}
         - {name: sealing, mountPath: /etc/mailferry/sealing, readOnly: true}
         - {name: tmp, mountPath: /tmp}
+        {{- if $.Values.secrets.amqpCa.existingSecret }}
+        - {name: amqp-ca, mountPath: /etc/mailferry/amqp-ca, readOnly: true}
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -117,6 +123,13 @@ spec:
           - {key: {{ $.Values.secrets.sealing.key }}, path: keys}
     - name: tmp
       emptyDir: {sizeLimit: 64Mi}
+    {{- if $.Values.secrets.amqpCa.existingSecret }}
+    - name: amqp-ca
+      secret:
+        secretName: {{ $.Values.secrets.amqpCa.existingSecret }}
+        items:
+          - {key: {{ $.Values.secrets.amqpCa.key }}, path: ca.pem}
+    {{- end }}
   {{- with $values.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}

@@ -59,9 +59,39 @@ pub struct DeadJob {
 }
 
 impl AmqpQueue {
+    /// [`connect`](Self::connect) as the settings say: their URL (`amqps://` over TLS),
+    /// CA file, key prefix and delivery limit.
+    pub async fn from_settings(settings: &crate::settings::Settings) -> Result<Self, Error> {
+        let ca = match &settings.amqp_ca_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| Error::Config(format!("amqp_ca_file {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        Self::connect_with(
+            &settings.amqp_url,
+            ca,
+            &settings.key_prefix,
+            settings.queue.delivery_limit,
+        )
+        .await
+    }
+
     /// Connects and declares the queues (idempotently). Publishing works at once; call
     /// [`start_consuming`](Self::start_consuming) to take jobs.
     pub async fn connect(url: &Secret, prefix: &str, delivery_limit: u32) -> Result<Self, Error> {
+        Self::connect_with(url, None, prefix, delivery_limit).await
+    }
+
+    /// [`connect`](Self::connect), trusting the CA certificates in `ca_pem` (for
+    /// `amqps://` to a server with a private CA) instead of the public roots.
+    pub async fn connect_with(
+        url: &Secret,
+        ca_pem: Option<String>,
+        prefix: &str,
+        delivery_limit: u32,
+    ) -> Result<Self, Error> {
         // Named, so an operator (or a test) can find this process's connection in
         // `rabbitmqctl list_connections client_properties`.
         let properties = ConnectionProperties::default().with_connection_name(
@@ -69,7 +99,12 @@ impl AmqpQueue {
                 .as_str()
                 .into(),
         );
-        let connection = Connection::connect(url.expose(), properties)
+        let runtime = lapin::runtime::default_runtime().map_err(|e| queue_error("runtime", e))?;
+        let tls = lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: ca_pem,
+        };
+        let connection = Connection::connect_with_config(url.expose(), properties, tls, runtime)
             .await
             .map_err(|e| queue_error("connect", e))?;
         let jobs = format!("{prefix}.jobs");

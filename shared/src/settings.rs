@@ -75,8 +75,12 @@ pub const MIN_SYNC_INTERVAL_SECS: u64 = 5;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    /// RabbitMQ, e.g. `amqp://user:pass@rabbitmq:5672/%2f` (a secret: it may hold a password).
+    /// RabbitMQ, e.g. `amqp://user:pass@rabbitmq:5672/%2f` or `amqps://…:5671/…` (a
+    /// secret: it may hold a password).
     pub amqp_url: Secret,
+    /// With `amqps://`: a PEM file of the CA certificates to trust instead of the public
+    /// roots (a private CA).
+    pub amqp_ca_file: Option<PathBuf>,
     /// Redis, e.g. `redis://:pass@redis:6379/0`.
     pub redis_url: Secret,
     /// Prefix of every Redis key and RabbitMQ queue of this installation.
@@ -175,6 +179,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             amqp_url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            amqp_ca_file: None,
             redis_url: Secret::new("redis://127.0.0.1:6379/0"),
             key_prefix: "mailferry".into(),
             worker: WorkerSettings::default(),
@@ -277,12 +282,23 @@ impl Settings {
             })
         };
         let scheme = |url: &Secret| url.expose().split("://").next().unwrap_or("").to_string();
-        if scheme(&self.amqp_url) != "amqp" {
-            // lapin's TLS would bring a second TLS stack into the build; not yet.
-            return invalid(
-                "amqp_url",
-                "must start with amqp:// (amqps:// is not supported yet)",
-            );
+        if !matches!(scheme(&self.amqp_url).as_str(), "amqp" | "amqps") {
+            return invalid("amqp_url", "must start with amqp:// or amqps://");
+        }
+        if let Some(path) = &self.amqp_ca_file {
+            if scheme(&self.amqp_url) != "amqps" {
+                return invalid("amqp_ca_file", "is for amqps:// URLs only");
+            }
+            match std::fs::read_to_string(path) {
+                Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {}
+                Ok(_) => {
+                    return invalid(
+                        "amqp_ca_file",
+                        &format!("{}: no PEM certificate in it", path.display()),
+                    )
+                }
+                Err(e) => return invalid("amqp_ca_file", &format!("{}: {e}", path.display())),
+            }
         }
         if !matches!(scheme(&self.redis_url).as_str(), "redis" | "rediss") {
             return invalid("redis_url", "must start with redis:// or rediss://");
@@ -410,6 +426,29 @@ mod tests {
         let err = Settings::load(Some(&file), []).unwrap_err().to_string();
         assert!(err.contains("yaml"), "{err}");
         std::fs::remove_file(file).unwrap();
+        let err = Settings::load(
+            None,
+            [
+                ("MAILFERRY__AMQP_URL".into(), "amqp://h/%2f".into()),
+                ("MAILFERRY__AMQP_CA_FILE".into(), "/etc/hosts".into()),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("amqp_ca_file") && err.contains("amqps"),
+            "{err}"
+        );
+        let err = Settings::load(
+            None,
+            [
+                ("MAILFERRY__AMQP_URL".into(), "amqps://h/%2f".into()),
+                ("MAILFERRY__AMQP_CA_FILE".into(), "/etc/hosts".into()),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no PEM certificate"), "{err}");
         let file = write("[ops]\nlisten = \"127.0.0.1:9464\"\nlog_format = \"json\"\n");
         let ok = Settings::load(Some(&file), []).unwrap();
         assert_eq!(ok.ops.log_format, LogFormat::Json);

@@ -86,7 +86,14 @@ if "ServiceMonitor" in kinds:
     need(kinds["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "ops", "ServiceMonitor port")
 need(all(d["kind"] != "Secret" for d in docs), "the chart templated a Secret")
 PY
-    MAILFERRY__SEALING__KEY_FILE="$out/keys" "$bin" worker --config "$out/$name.toml" --check-config >/dev/null
+    # In the cluster the URLs come from the Secret: here stand-ins of the right kind.
+    env=(MAILFERRY__SEALING__KEY_FILE="$out/keys")
+    if grep -q '^amqp_ca_file' "$out/$name.toml"; then
+        [[ -f $out/ca.pem ]] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+            -nodes -days 1 -subj /CN=ca -keyout "$out/ca.key" -out "$out/ca.pem" 2>/dev/null
+        env+=(MAILFERRY__AMQP_URL="amqps://u:p@rabbitmq:5671/%2f" MAILFERRY__AMQP_CA_FILE="$out/ca.pem")
+    fi
+    env "${env[@]}" "$bin" worker --config "$out/$name.toml" --check-config >/dev/null
 done
 echo "== values.schema.json refuses mistakes"
 for bad in "worker.jobSlots=3" "config.worker.job_slots=0" "config.ops.log_format=yaml"; do

@@ -9,3 +9,4 @@ pub mod proxy;
 pub mod redis;
 pub mod run;
 pub mod tls;
+pub mod tls_proxy;

@@ -1411,3 +1411,37 @@ async fn a_refused_login_fails_the_whole_bundle_with_one_attempt() {
     assert_eq!(refusals(), 1, "{}", rig.src.log());
     rig.clean_up().await;
 }
+
+/// RabbitMQ over TLS: the coordinator and a worker reach the broker only through
+/// `amqps://` (a TLS-terminating proxy in front of the machine's RabbitMQ, its
+/// certificate from a private CA given as `amqp_ca_file`), and the migration runs.
+/// Without the CA file the server's certificate is refused, naming the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_runs_over_amqps_with_a_private_ca() {
+    let dir = temp_dir("amqps");
+    let ca = mailferry_tests::tls::TestCa::create(&dir);
+    let proxy = mailferry_tests::tls_proxy::TlsProxy::start(&ca, 5672).await;
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", proxy.port);
+
+    let refused = AmqpQueue::connect(&Secret::new(&url), "mft-untrusted", 5)
+        .await
+        .err()
+        .expect("a certificate from an unknown CA must be refused");
+    assert!(
+        refused.to_string().to_lowercase().contains("certificate")
+            || refused.to_string().contains("UnknownIssuer"),
+        "{refused}"
+    );
+
+    let settings = format!(
+        "amqp_url = \"{url}\"\namqp_ca_file = \"{}\"\n{FAST}",
+        ca.ca_cert.display()
+    );
+    let rig = Rig::with(5, &settings).await;
+    let _coordinator = rig.coordinator("coordinator");
+    let _worker = rig.worker("worker1");
+    rig.start();
+    rig.wait_synced(Duration::from_secs(90)).await;
+    rig.assert_target_equals_source().await;
+    rig.clean_up().await;
+}

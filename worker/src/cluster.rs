@@ -78,12 +78,7 @@ async fn consuming_queue(settings: &Settings) -> Result<AmqpQueue, Error> {
     let mut attempt = 0u32;
     loop {
         let result = async {
-            let queue = AmqpQueue::connect(
-                &settings.amqp_url,
-                &settings.key_prefix,
-                settings.queue.delivery_limit,
-            )
-            .await?;
+            let queue = AmqpQueue::from_settings(settings).await?;
             queue.start_consuming(settings.worker.job_slots).await?;
             Ok::<_, Error>(queue)
         }
