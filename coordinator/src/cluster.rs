@@ -276,19 +276,15 @@ impl Cluster {
         let intents = self.store.intents(batch).await?;
         let passes = self.store.pass_records(batch).await?;
         let due = self.store.due_times(batch).await?;
-        let mut out = Vec::new();
-        for user in self.store.users(batch).await? {
+        let users = self.store.users(batch).await?;
+        let states = self.store.users_jobs_and_progress(batch, &users).await?;
+        let mut out = Vec::with_capacity(users.len());
+        for (user, state) in users.into_iter().zip(states) {
             let pass = passes.get(&user).cloned().unwrap_or_default();
-            let jobs: Vec<JobState> = self
-                .store
-                .job_states(batch, &user)
-                .await?
-                .into_iter()
-                .map(|(_, s)| s)
-                .collect();
+            let jobs: Vec<JobState> = state.jobs.into_iter().map(|(_, s)| s).collect();
             let intent = intents.get(&user).copied().unwrap_or(Intent::Idle);
             let status = user_status(intent, &pass, &jobs);
-            let counters = self.store.progress(batch, &user).await?;
+            let counters = state.progress;
             out.push(UserLine {
                 jobs_done: jobs.iter().filter(|j| !j.is_open()).count(),
                 jobs: jobs.len(),

@@ -76,6 +76,16 @@ pub enum Renewal {
     Lost,
 }
 
+/// Users read per pipeline by [`RedisStore::users_jobs_and_progress`].
+const STATUS_CHUNK: usize = 500;
+
+/// A user's current pass's job states and its progress counters.
+#[derive(Debug, Clone, Default)]
+pub struct UserState {
+    pub jobs: Vec<(String, JobState)>,
+    pub progress: std::collections::BTreeMap<String, i64>,
+}
+
 /// Counters a job run adds to its user's progress.
 pub type Counts = Vec<(&'static str, i64)>;
 
@@ -463,6 +473,46 @@ impl RedisStore {
     }
 
     /// The current pass's jobs, by id.
+    /// For many users at once: each one's job states (sorted by id) and progress
+    /// counters, read in pipelines of `STATUS_CHUNK` users (one round trip each), in the
+    /// order of `users`.
+    pub async fn users_jobs_and_progress(
+        &self,
+        batch: &str,
+        users: &[String],
+    ) -> Result<Vec<UserState>, Error> {
+        let mut out = Vec::with_capacity(users.len());
+        let mut conn = self.conn.clone();
+        for chunk in users.chunks(STATUS_CHUNK) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.hgetall(self.jobs_key(batch, user))
+                    .hgetall(self.progress_key(batch, user));
+            }
+            type Answer = (
+                HashMap<String, String>,
+                std::collections::BTreeMap<String, i64>,
+            );
+            let answers: Vec<Answer> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| store_error("HGETALL (pipelined)", e))?;
+            for (jobs, progress) in answers {
+                let mut jobs = jobs
+                    .into_iter()
+                    .map(|(id, v)| {
+                        serde_json::from_str(&v)
+                            .map(|s| (id, s))
+                            .map_err(|e| Error::Store(format!("job state: {e}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                jobs.sort_by(|a, b| a.0.cmp(&b.0));
+                out.push(UserState { jobs, progress });
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn job_states(
         &self,
         batch: &str,

@@ -88,7 +88,7 @@ cpu_before=$(cpu "coordinator=$coordinator" "${workers_cpu[@]}")
 start=$(date +%s.%N)
 admin start --batch bench >/dev/null
 # Done when every user's pass record says synced: one HVALS a second (taken out of
-# the count below), where `batch status` would cost two reads per user.
+# the count below), where `batch status` reads every user's job states and counters.
 polls=0
 while :; do
     synced=$(redis-cli -p "$REDIS_PORT" hvals "$prefix:pass:bench" | grep -c '"synced_ms":[0-9]' || true)

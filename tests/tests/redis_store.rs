@@ -283,3 +283,43 @@ async fn one_coordinator_leads_and_another_takes_over_when_it_lapses() {
     assert_eq!(store.leader().await.unwrap(), None);
     store.delete_all().await.unwrap();
 }
+
+/// Status reads for a batch go in pipelines of 500 users: 1,201 users (three pipelines)
+/// come back in order, each with its own job states and counters, and users without
+/// any come back empty.
+#[tokio::test]
+async fn many_users_states_are_read_in_pipelines_in_order() {
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let users: Vec<String> = (0..1201).map(|i| format!("user{i:04}")).collect();
+    let client = redis::Client::open(redis_url().expose()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut pipe = redis::pipe();
+    for (i, user) in users.iter().enumerate().filter(|(i, _)| i % 3 != 0) {
+        pipe.hset(
+            format!("{prefix}:jobs:b1:{user}"),
+            format!("job-{i}"),
+            r#"{"state":"queued"}"#,
+        )
+        .hset(format!("{prefix}:progress:b1:{user}"), "copied", i);
+    }
+    pipe.query_async::<()>(&mut conn).await.unwrap();
+    let states = store.users_jobs_and_progress("b1", &users).await.unwrap();
+    assert_eq!(states.len(), users.len());
+    for (i, state) in states.iter().enumerate() {
+        if i % 3 == 0 {
+            assert!(
+                state.jobs.is_empty() && state.progress.is_empty(),
+                "user {i}"
+            );
+        } else {
+            assert_eq!(
+                state.jobs,
+                [(format!("job-{i}"), JobState::Queued)],
+                "user {i}"
+            );
+            assert_eq!(state.progress.get("copied"), Some(&(i as i64)), "user {i}");
+        }
+    }
+    store.delete_all().await.unwrap();
+}
