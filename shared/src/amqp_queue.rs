@@ -10,6 +10,13 @@
 //!   `mandatory`: a nack or an unroutable message is retried, never dropped.
 //! - A job that fails for good is published to `<prefix>.dead` with the reason in the
 //!   `x-mailferry-reason` header (where the admin sees it), then acked.
+//! - A job handed back for later (a retry's backoff, a throttled account's pause, a busy
+//!   folder) is published to a delay queue, `<prefix>.delay.<N>s`, whose messages
+//!   expire after N seconds into `<prefix>.jobs` (RabbitMQ's own dead-lettering,
+//!   at-least-once): the worker's slot is free at once instead of sleeping out the
+//!   delay. One queue per delay in [`DELAYS_SECS`] (a delay is rounded up to the next),
+//!   because a queue expires messages only at its head: mixed delays in one queue
+//!   would hold the short behind the long.
 //! - Declarations are idempotent and work on RabbitMQ 3.10.
 
 use std::collections::HashMap;
@@ -31,6 +38,25 @@ use crate::queue::{Delivery, JobQueue};
 use crate::secret::Secret;
 
 const ATTEMPT_HEADER: &str = "x-mailferry-attempt";
+
+/// The delay queues' delays. A hand-back asking for more waits the longest.
+pub const DELAYS_SECS: &[u64] = &[1, 2, 5, 10, 30, 60, 300];
+
+/// The delay queue for `delay`: the shortest at least as long, or the longest; `None`
+/// for a delay too short to be worth a queue (published to the jobs queue at once).
+fn delay_bucket(delay: Duration) -> Option<u64> {
+    if delay < Duration::from_millis(250) {
+        return None;
+    }
+    let secs = delay.as_secs_f64();
+    Some(
+        DELAYS_SECS
+            .iter()
+            .copied()
+            .find(|&d| d as f64 >= secs)
+            .unwrap_or(DELAYS_SECS[DELAYS_SECS.len() - 1]),
+    )
+}
 const REASON_HEADER: &str = "x-mailferry-reason";
 
 fn queue_error(what: &str, e: lapin::Error) -> Error {
@@ -47,6 +73,7 @@ pub struct AmqpQueue {
     open: Mutex<HashMap<u64, Acker>>,
     jobs: String,
     dead: String,
+    prefix: String,
 }
 
 /// A bundle that was dead-lettered (the jobs of it that failed for good), with the
@@ -153,6 +180,41 @@ impl AmqpQueue {
                 )
             })?;
 
+        for secs in DELAYS_SECS {
+            let name = format!("{prefix}.delay.{secs}s");
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt((*secs * 1000) as i64),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(jobs.as_str().into()),
+            );
+            // Expired messages move to the jobs queue at least once, never dropped
+            // (RabbitMQ requires reject-publish overflow for that strategy).
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+            setup
+                .queue_declare(name.as_str().into(), durable, args)
+                .await
+                .map_err(|e| queue_error(&format!("declaring {name}"), e))?;
+        }
+
         let publisher = connection
             .create_channel()
             .await
@@ -168,6 +230,7 @@ impl AmqpQueue {
             open: Mutex::new(HashMap::new()),
             jobs,
             dead,
+            prefix: prefix.to_string(),
         })
     }
 
@@ -289,9 +352,15 @@ impl AmqpQueue {
         Ok(out)
     }
 
-    /// Deletes both queues (tests, and removing an installation).
+    /// Deletes the installation's queues (tests, and removing an installation).
     pub async fn delete_queues(&self) -> Result<(), Error> {
-        for q in [&self.jobs, &self.dead] {
+        let delays = DELAYS_SECS
+            .iter()
+            .map(|s| format!("{}.delay.{s}s", self.prefix));
+        for q in [self.jobs.clone(), self.dead.clone()]
+            .into_iter()
+            .chain(delays)
+        {
             self.publisher
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await
@@ -324,10 +393,14 @@ impl AmqpQueue {
             .remove(&delivery.id)
     }
 
-    /// Publishes the delivery's jobs again (confirmed), then acks it. A crash in between
-    /// redelivers the original too: at-least-once, and jobs are idempotent.
-    async fn hand_back(&self, delivery: &Delivery, attempt: u32) {
-        let queue = self.jobs.clone();
+    /// Publishes the delivery's jobs again (confirmed), to the delay queue for `delay`,
+    /// then acks it. A crash in between redelivers the original too: at-least-once, and
+    /// jobs are idempotent.
+    async fn hand_back(&self, delivery: &Delivery, attempt: u32, delay: Duration) {
+        let queue = match delay_bucket(delay) {
+            Some(secs) => format!("{}.delay.{secs}s", self.prefix),
+            None => self.jobs.clone(),
+        };
         match self
             .publish_to(&queue, &delivery.jobs, attempt_headers(attempt))
             .await
@@ -434,15 +507,11 @@ impl JobQueue for AmqpQueue {
     }
 
     async fn retry(&self, delivery: Delivery, delay: Duration) {
-        // RabbitMQ has no delayed delivery without plugins: the worker waits, then
-        // publishes the next attempt.
-        tokio::time::sleep(delay).await;
-        self.hand_back(&delivery, delivery.attempt + 1).await
+        self.hand_back(&delivery, delivery.attempt + 1, delay).await
     }
 
     async fn requeue(&self, delivery: Delivery, delay: Duration) {
-        tokio::time::sleep(delay).await;
-        self.hand_back(&delivery, delivery.attempt).await
+        self.hand_back(&delivery, delivery.attempt, delay).await
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: String) {
@@ -465,6 +534,16 @@ impl JobQueue for AmqpQueue {
 mod tests {
     use super::*;
     use crate::job::WireName;
+
+    #[test]
+    fn delays_go_to_the_next_longer_queue() {
+        assert_eq!(delay_bucket(Duration::from_millis(100)), None);
+        assert_eq!(delay_bucket(Duration::from_millis(600)), Some(1));
+        assert_eq!(delay_bucket(Duration::from_secs(1)), Some(1));
+        assert_eq!(delay_bucket(Duration::from_millis(1001)), Some(2));
+        assert_eq!(delay_bucket(Duration::from_secs(45)), Some(60));
+        assert_eq!(delay_bucket(Duration::from_secs(3600)), Some(300));
+    }
 
     #[test]
     fn a_body_is_a_bundle_or_one_job_and_never_empty() {

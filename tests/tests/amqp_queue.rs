@@ -121,3 +121,38 @@ async fn a_poison_job_stops_at_the_delivery_limit() {
     );
     q.delete_queues().await.unwrap();
 }
+
+/// A job handed back for later does not hold the worker: `retry` returns at once, the
+/// job waits in a delay queue (1.5 s asked: the 2 s queue) and comes back to the jobs
+/// queue by itself, as its next attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delayed_hand_back_waits_in_rabbitmq_not_in_the_worker() {
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let q = AmqpQueue::connect(&url(), &prefix, 5).await.unwrap();
+    q.start_consuming(2).await.unwrap();
+    q.publish(vec![job("later")]).await.unwrap();
+    let first = next(&q).await;
+    let handed = std::time::Instant::now();
+    q.retry(first, Duration::from_millis(1500)).await;
+    assert!(
+        handed.elapsed() < Duration::from_millis(500),
+        "retry held the caller for {:?}",
+        handed.elapsed()
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1200), q.next())
+            .await
+            .is_err(),
+        "delivered again before its delay"
+    );
+    let again = next(&q).await;
+    let waited = handed.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    assert_eq!(again.jobs, [job("later")]);
+    assert_eq!(again.attempt, 2);
+    q.ack(&again).await;
+    q.delete_queues().await.unwrap();
+}

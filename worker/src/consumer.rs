@@ -296,7 +296,8 @@ async fn run_job<S: StateStore, C: Claims>(
             }
             Err(e) if matches!(e.disposition(), Disposition::Throttle(_)) && attempt < policy.max_attempts => {
                 // Throttling is the server's to end, not a failure: the user shows it,
-                // and the job waits out the pause without spending an attempt.
+                // and the job waits out the pause (in a delay queue, not in this slot)
+                // without spending an attempt.
                 let reason = e.to_string();
                 let delay = match e.disposition() {
                     Disposition::Throttle(Some(hint)) => hint,
