@@ -471,15 +471,7 @@ impl Coordinator {
         }
         let cap = self.settings.coordinator.max_jobs_per_user as usize;
         let open: Vec<(String, JobState)> = jobs.into_iter().filter(|(_, s)| s.is_open()).collect();
-        let ids: Vec<String> = open.iter().map(|(id, _)| id.clone()).collect();
-        let specs = self.store.job_specs(batch, user, &ids).await?;
-        let states: Vec<(FolderJob, JobState)> = specs
-            .into_iter()
-            .filter_map(|job| {
-                let state = open.iter().find(|(id, _)| *id == job.id())?.1.clone();
-                Some((job, state))
-            })
-            .collect();
+        let states = self.store.with_specs(batch, user, &open).await?;
         let next = next_to_publish(&states, cap);
         if next.is_empty() {
             return Ok(());

@@ -76,6 +76,22 @@ pub enum Renewal {
     Lost,
 }
 
+/// A user's job states hash (job id → JSON), parsed and sorted by id.
+fn parse_job_states(
+    all: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<(String, JobState)>, Error> {
+    let mut out = all
+        .into_iter()
+        .map(|(id, v)| {
+            serde_json::from_str(&v)
+                .map(|s| (id, s))
+                .map_err(|e| Error::Store(format!("job state: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 /// Users read per pipeline by [`RedisStore::users_jobs_and_progress`].
 const STATUS_CHUNK: usize = 500;
 
@@ -498,16 +514,10 @@ impl RedisStore {
                 .await
                 .map_err(|e| store_error("HGETALL (pipelined)", e))?;
             for (jobs, progress) in answers {
-                let mut jobs = jobs
-                    .into_iter()
-                    .map(|(id, v)| {
-                        serde_json::from_str(&v)
-                            .map(|s| (id, s))
-                            .map_err(|e| Error::Store(format!("job state: {e}")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                jobs.sort_by(|a, b| a.0.cmp(&b.0));
-                out.push(UserState { jobs, progress });
+                out.push(UserState {
+                    jobs: parse_job_states(jobs)?,
+                    progress,
+                });
             }
         }
         Ok(out)
@@ -523,16 +533,28 @@ impl RedisStore {
             .hgetall(self.jobs_key(batch, user))
             .await
             .map_err(|e| store_error("HGETALL", e))?;
-        let mut out = all
+        parse_job_states(all)
+    }
+
+    /// The specs of the jobs in `states` paired with their states (in the order of the
+    /// specs found; a state without a spec is left out).
+    pub async fn with_specs(
+        &self,
+        batch: &str,
+        user: &str,
+        states: &[(String, JobState)],
+    ) -> Result<Vec<(FolderJob, JobState)>, Error> {
+        let ids: Vec<String> = states.iter().map(|(id, _)| id.clone()).collect();
+        let specs = self.job_specs(batch, user, &ids).await?;
+        let by_id: HashMap<&str, &JobState> =
+            states.iter().map(|(id, s)| (id.as_str(), s)).collect();
+        Ok(specs
             .into_iter()
-            .map(|(id, v)| {
-                serde_json::from_str(&v)
-                    .map(|s| (id, s))
-                    .map_err(|e| Error::Store(format!("job state: {e}")))
+            .filter_map(|job| {
+                let state = (*by_id.get(job.id().as_str())?).clone();
+                Some((job, state))
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+            .collect())
     }
 
     /// The jobs behind `ids`, as the coordinator planned them.

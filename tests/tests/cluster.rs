@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use mailferry_coordinator::scheduler::bundles_in_flight;
 use mailferry_shared::amqp_queue::AmqpQueue;
-use mailferry_shared::job::FolderJob;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::secret::Secret;
@@ -702,15 +701,7 @@ async fn each_user_has_at_most_its_limit_of_jobs_in_flight() {
         let mut all_done = true;
         for user in ["alice@example.com", "bob@example.com"] {
             let jobs = store.job_states("b1", user).await.unwrap();
-            let ids: Vec<String> = jobs.iter().map(|(id, _)| id.clone()).collect();
-            let specs = store.job_specs("b1", user, &ids).await.unwrap();
-            let with_specs: Vec<(FolderJob, JobState)> = specs
-                .into_iter()
-                .filter_map(|job| {
-                    let state = jobs.iter().find(|(id, _)| *id == job.id())?.1.clone();
-                    Some((job, state))
-                })
-                .collect();
+            let with_specs = store.with_specs("b1", user, &jobs).await.unwrap();
             // A bundle of small folders (one queue message) counts once.
             let in_flight = bundles_in_flight(&with_specs);
             assert!(
@@ -1333,6 +1324,11 @@ async fn the_sealing_key_rotates_without_losing_stored_credentials() {
     rig.clean_up().await;
 }
 
+fn alice_synced_bob_failed(lines: &[(String, String, String)]) -> bool {
+    let is = |user: &str, status: &str| lines.iter().any(|l| l.0 == user && l.1 == status);
+    is("alice@example.com", "synced") && is("bob@example.com", "failed")
+}
+
 /// A wrong password: the user fails with the server's refusal named, the pass ends (it
 /// is not left syncing), the other user migrates, and the password is in no output.
 #[tokio::test(flavor = "multi_thread")]
@@ -1345,12 +1341,11 @@ async fn a_wrong_password_fails_its_user_with_the_reason_and_nobody_else() {
     let _worker = rig.worker("worker1");
     rig.start();
     let lines = rig
-        .wait_until("alice synced, bob failed", Duration::from_secs(60), |l| {
-            l.iter()
-                .any(|l| l.0 == "alice@example.com" && l.1 == "synced")
-                && l.iter()
-                    .any(|l| l.0 == "bob@example.com" && l.1 == "failed")
-        })
+        .wait_until(
+            "alice synced, bob failed",
+            Duration::from_secs(60),
+            alice_synced_bob_failed,
+        )
         .await;
     let bob_line = &lines.iter().find(|l| l.0 == "bob@example.com").unwrap().2;
     assert!(
@@ -1393,12 +1388,11 @@ async fn a_refused_login_fails_the_whole_bundle_with_one_attempt() {
 
     let _worker = rig.worker("worker1");
     let lines = rig
-        .wait_until("alice synced, bob failed", Duration::from_secs(60), |l| {
-            l.iter()
-                .any(|l| l.0 == "alice@example.com" && l.1 == "synced")
-                && l.iter()
-                    .any(|l| l.0 == "bob@example.com" && l.1 == "failed")
-        })
+        .wait_until(
+            "alice synced, bob failed",
+            Duration::from_secs(60),
+            alice_synced_bob_failed,
+        )
         .await;
     let bob = &lines.iter().find(|l| l.0 == "bob@example.com").unwrap().2;
     assert!(bob.contains("authentication rejected"), "{bob}");
