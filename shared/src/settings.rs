@@ -119,10 +119,12 @@ pub struct WorkerSettings {
 pub struct CoordinatorSettings {
     /// Default time between passes of a synced user (per batch it can differ).
     pub sync_interval_secs: u64,
-    /// A folder above either limit is split into UID-range jobs.
+    /// A folder above either limit is split into UID-range jobs; folders below a tenth
+    /// of both travel together in bundles.
     pub max_job_messages: u32,
     pub max_job_bytes: ByteSize,
-    /// Jobs of one user queued or running at once (fairness between users).
+    /// Queue messages (a job, or a bundle of small folders' jobs) of one user queued or
+    /// running at once (fairness between users).
     pub max_jobs_per_user: u32,
     /// Time to live of the active coordinator's lease: a standby takes over this long
     /// after the active one stops renewing it.
