@@ -42,6 +42,11 @@ const ATTEMPT_HEADER: &str = "x-mailferry-attempt";
 /// The delay queues' delays. A hand-back asking for more waits the longest.
 pub const DELAYS_SECS: &[u64] = &[1, 2, 5, 10, 30, 60, 300];
 
+/// The name of the delay queue of `secs`.
+fn delay_queue(prefix: &str, secs: u64) -> String {
+    format!("{prefix}.delay.{secs}s")
+}
+
 /// The delay queue for `delay`: the shortest at least as long, or the longest; `None`
 /// for a delay too short to be worth a queue (published to the jobs queue at once).
 fn delay_bucket(delay: Duration) -> Option<u64> {
@@ -144,75 +149,59 @@ impl AmqpQueue {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        let mut dead_args = FieldTable::default();
-        dead_args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        setup
-            .queue_declare(dead.as_str().into(), durable, dead_args)
-            .await
-            .map_err(|e| queue_error(&format!("declaring {dead}"), e))?;
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongInt(delivery_limit as i32),
-        );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(dead.as_str().into()),
-        );
-        setup
-            .queue_declare(jobs.as_str().into(), durable, args)
-            .await
-            .map_err(|e| {
-                queue_error(
-                    &format!("declaring {jobs} (an existing queue with other arguments must be deleted or migrated)"),
-                    e,
-                )
-            })?;
-
+        let declare = |name: String, args: Vec<(&'static str, AMQPValue)>| {
+            let setup = &setup;
+            async move {
+                let mut table = FieldTable::default();
+                table.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString("quorum".into()),
+                );
+                for (key, value) in args {
+                    table.insert(key.into(), value);
+                }
+                setup
+                    .queue_declare(name.as_str().into(), durable, table)
+                    .await
+                    .map_err(|e| {
+                        queue_error(
+                            &format!("declaring {name} (an existing queue with other arguments must be deleted or migrated)"),
+                            e,
+                        )
+                    })
+            }
+        };
+        let text = |s: &str| AMQPValue::LongString(s.into());
+        declare(dead.clone(), vec![]).await?;
+        declare(
+            jobs.clone(),
+            vec![
+                (
+                    "x-delivery-limit",
+                    AMQPValue::LongInt(delivery_limit as i32),
+                ),
+                ("x-dead-letter-exchange", text("")),
+                ("x-dead-letter-routing-key", text(&dead)),
+            ],
+        )
+        .await?;
         for secs in DELAYS_SECS {
-            let name = format!("{prefix}.delay.{secs}s");
-            let mut args = FieldTable::default();
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt((*secs * 1000) as i64),
-            );
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString("".into()),
-            );
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(jobs.as_str().into()),
-            );
-            // Expired messages move to the jobs queue at least once, never dropped
-            // (RabbitMQ requires reject-publish overflow for that strategy).
-            args.insert(
-                "x-dead-letter-strategy".into(),
-                AMQPValue::LongString("at-least-once".into()),
-            );
-            args.insert(
-                "x-overflow".into(),
-                AMQPValue::LongString("reject-publish".into()),
-            );
-            setup
-                .queue_declare(name.as_str().into(), durable, args)
-                .await
-                .map_err(|e| queue_error(&format!("declaring {name}"), e))?;
+            declare(
+                delay_queue(prefix, *secs),
+                vec![
+                    (
+                        "x-message-ttl",
+                        AMQPValue::LongLongInt((*secs * 1000) as i64),
+                    ),
+                    ("x-dead-letter-exchange", text("")),
+                    ("x-dead-letter-routing-key", text(&jobs)),
+                    // Expired messages move to the jobs queue at least once, never
+                    // dropped (RabbitMQ requires reject-publish overflow for that).
+                    ("x-dead-letter-strategy", text("at-least-once")),
+                    ("x-overflow", text("reject-publish")),
+                ],
+            )
+            .await?;
         }
 
         let publisher = connection
@@ -354,9 +343,7 @@ impl AmqpQueue {
 
     /// Deletes the installation's queues (tests, and removing an installation).
     pub async fn delete_queues(&self) -> Result<(), Error> {
-        let delays = DELAYS_SECS
-            .iter()
-            .map(|s| format!("{}.delay.{s}s", self.prefix));
+        let delays = DELAYS_SECS.iter().map(|s| delay_queue(&self.prefix, *s));
         for q in [self.jobs.clone(), self.dead.clone()]
             .into_iter()
             .chain(delays)
@@ -398,7 +385,7 @@ impl AmqpQueue {
     /// jobs are idempotent.
     async fn hand_back(&self, delivery: &Delivery, attempt: u32, delay: Duration) {
         let queue = match delay_bucket(delay) {
-            Some(secs) => format!("{}.delay.{secs}s", self.prefix),
+            Some(secs) => delay_queue(&self.prefix, secs),
             None => self.jobs.clone(),
         };
         match self

@@ -1324,9 +1324,17 @@ async fn the_sealing_key_rotates_without_losing_stored_credentials() {
     rig.clean_up().await;
 }
 
-fn alice_synced_bob_failed(lines: &[(String, String, String)]) -> bool {
-    let is = |user: &str, status: &str| lines.iter().any(|l| l.0 == user && l.1 == status);
-    is("alice@example.com", "synced") && is("bob@example.com", "failed")
+/// Waits until alice is synced and bob failed; returns the status lines.
+async fn alice_synced_bob_failed(rig: &Rig) -> Vec<(String, String, String)> {
+    rig.wait_until(
+        "alice synced, bob failed",
+        Duration::from_secs(60),
+        |lines| {
+            let is = |user: &str, status: &str| lines.iter().any(|l| l.0 == user && l.1 == status);
+            is("alice@example.com", "synced") && is("bob@example.com", "failed")
+        },
+    )
+    .await
 }
 
 /// A wrong password: the user fails with the server's refusal named, the pass ends (it
@@ -1340,13 +1348,7 @@ async fn a_wrong_password_fails_its_user_with_the_reason_and_nobody_else() {
     let _coordinator = rig.coordinator("coordinator");
     let _worker = rig.worker("worker1");
     rig.start();
-    let lines = rig
-        .wait_until(
-            "alice synced, bob failed",
-            Duration::from_secs(60),
-            alice_synced_bob_failed,
-        )
-        .await;
+    let lines = alice_synced_bob_failed(&rig).await;
     let bob_line = &lines.iter().find(|l| l.0 == "bob@example.com").unwrap().2;
     assert!(
         bob_line.contains("source") && bob_line.contains("authentication rejected"),
@@ -1387,13 +1389,7 @@ async fn a_refused_login_fails_the_whole_bundle_with_one_attempt() {
     assert_eq!(refusals(), 0);
 
     let _worker = rig.worker("worker1");
-    let lines = rig
-        .wait_until(
-            "alice synced, bob failed",
-            Duration::from_secs(60),
-            alice_synced_bob_failed,
-        )
-        .await;
+    let lines = alice_synced_bob_failed(&rig).await;
     let bob = &lines.iter().find(|l| l.0 == "bob@example.com").unwrap().2;
     assert!(bob.contains("authentication rejected"), "{bob}");
     let jobs = store.job_states("b1", "bob@example.com").await.unwrap();
