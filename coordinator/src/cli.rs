@@ -514,6 +514,13 @@ pub fn users_from(
                     None
                 };
             for row in parsed.users {
+                let Some(source_secret) = row.source_password else {
+                    bad_rows.push(RowError {
+                        line: row.line,
+                        reason: format!("Password is empty for {}", row.email),
+                    });
+                    continue;
+                };
                 let target_secret = match (&row.target_password, &shared_target_secret) {
                     (Some(p), _) => p.clone(),
                     (None, Some(s)) => s.clone(),
@@ -533,7 +540,7 @@ pub fn users_from(
                     source: source.clone(),
                     source_credentials: Credentials {
                         login: row.source_login,
-                        secret: row.source_password,
+                        secret: source_secret,
                         method: source_method.clone(),
                     },
                     target: target.clone(),

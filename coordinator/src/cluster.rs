@@ -17,9 +17,9 @@ use mailferry_shared::Error;
 use crate::embedded::UserSpec;
 
 pub struct Cluster {
-    settings: Settings,
-    store: RedisStore,
-    keys: std::sync::Arc<Keyring>,
+    pub(crate) settings: Settings,
+    pub(crate) store: RedisStore,
+    pub(crate) keys: std::sync::Arc<Keyring>,
 }
 
 /// What the admin asks of users.
@@ -114,7 +114,8 @@ impl Cluster {
             source_auth: first.source_credentials.method.clone(),
             target: first.target.clone(),
             target_auth: first.target_credentials.method.clone(),
-            sync_interval_secs: previous.and_then(|b| b.sync_interval_secs),
+            sync_interval_secs: previous.as_ref().and_then(|b| b.sync_interval_secs),
+            owner: previous.and_then(|b| b.owner),
         };
         self.store.put_batch(batch, &record).await?;
         for u in users {
@@ -125,9 +126,9 @@ impl Cluster {
             };
             let user = UserRecord {
                 source_login: u.source_credentials.login.clone(),
-                source_secret: seal(&u.source_credentials.secret)?,
+                source_secret: Some(seal(&u.source_credentials.secret)?),
                 target_login: u.target_credentials.login.clone(),
-                target_secret: seal(&u.target_credentials.secret)?,
+                target_secret: Some(seal(&u.target_credentials.secret)?),
             };
             self.store.put_user(batch, &u.id, &user).await?;
         }
@@ -148,7 +149,8 @@ impl Cluster {
                     continue;
                 };
                 let mut changed = false;
-                for secret in [&mut record.source_secret, &mut record.target_secret] {
+                let secrets = [&mut record.source_secret, &mut record.target_secret];
+                for secret in secrets.into_iter().flatten() {
                     match self
                         .keys
                         .reseal(secret, &batch, &user)
@@ -188,12 +190,15 @@ impl Cluster {
         self.batch_record(batch).await?;
         let mut users = self.store.users(batch).await?;
         if !only.is_empty() {
-            if let Some(unknown) = only.iter().find(|name| !users.contains(name)) {
+            // Sets: a selection of 100,000 users among as many is checked in linear time.
+            let known: std::collections::HashSet<&String> = users.iter().collect();
+            if let Some(unknown) = only.iter().find(|name| !known.contains(name)) {
                 return Err(Error::Config(format!(
                     "batch {batch:?} has no user {unknown:?}"
                 )));
             }
-            users.retain(|u| only.contains(u));
+            let wanted: std::collections::HashSet<&String> = only.iter().collect();
+            users.retain(|u| wanted.contains(u));
         }
         Ok(users)
     }
@@ -273,10 +278,16 @@ impl Cluster {
 
     pub async fn status(&self, batch: &str) -> Result<(Vec<UserLine>, u64), Error> {
         let record = self.batch_record(batch).await?;
+        let users = self.store.users(batch).await?;
+        let lines = self.status_of(batch, users).await?;
+        Ok((lines, self.interval_of(&record)))
+    }
+
+    /// The status lines of some of a batch's users, in the order given.
+    pub async fn status_of(&self, batch: &str, users: Vec<String>) -> Result<Vec<UserLine>, Error> {
         let intents = self.store.intents(batch).await?;
         let passes = self.store.pass_records(batch).await?;
         let due = self.store.due_times(batch).await?;
-        let users = self.store.users(batch).await?;
         let states = self.store.users_jobs_and_progress(batch, &users).await?;
         let mut out = Vec::with_capacity(users.len());
         for (user, state) in users.into_iter().zip(states) {
@@ -295,7 +306,7 @@ impl Cluster {
                 pass,
             });
         }
-        Ok((out, self.interval_of(&record)))
+        Ok(out)
     }
 }
 

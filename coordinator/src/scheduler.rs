@@ -331,6 +331,7 @@ impl Coordinator {
                     synced_ms: record.synced_ms,
                     plan_error: Some(reason),
                     final_pass: intent == Intent::Closing,
+                    ..PassRecord::default()
                 };
                 let interval = self.interval_ms(batch).await?;
                 let again = match disposition {
@@ -381,6 +382,7 @@ impl Coordinator {
                 *state = JobState::Queued;
             }
         }
+        let copied_so_far = self.store.progress(batch, user).await?;
         let begun = PassRecord {
             pass,
             planned_ms,
@@ -388,6 +390,13 @@ impl Coordinator {
             synced_ms: record.synced_ms,
             plan_error: None,
             final_pass: intent == Intent::Closing,
+            source_messages: Some(
+                plan.folders
+                    .iter()
+                    .map(|f| u64::from(f.messages.unwrap_or(0)))
+                    .sum(),
+            ),
+            copied_at_plan: Some(copied_so_far.get("copied").copied().unwrap_or(0)),
         };
         let recheck = now_ms() + self.settings.coordinator.recheck_secs * 1000;
         self.write_allowed()?;

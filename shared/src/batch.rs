@@ -15,6 +15,28 @@ pub struct BatchRecord {
     /// Time between passes of a synced user; `None`: the installation's default.
     #[serde(default)]
     pub sync_interval_secs: Option<u64>,
+    /// Who owns the batch when it was made through the HTTP API (`None`: made by the
+    /// `mailferry batch` command, which the API does not show).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+}
+
+/// A batch made through the API: its tenant, the name its admin gave it, and the
+/// endpoints it was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub tenant: String,
+    pub name: String,
+    pub source_endpoint: String,
+    pub target_endpoint: String,
+    pub created_ms: u64,
+    /// The endpoints' admin or master passwords when they have one, sealed for their
+    /// endpoint ([`crate::directory::endpoint_seal_scope`]): a user imported without
+    /// its own password logs in with these.
+    #[serde(default)]
+    pub source_admin_secret: Option<String>,
+    #[serde(default)]
+    pub target_admin_secret: Option<String>,
 }
 
 impl BatchRecord {
@@ -26,11 +48,12 @@ impl BatchRecord {
 }
 
 /// One user of a batch. The secrets are sealed for this batch and user
-/// ([`crate::seal::Keyring`]); nothing here is a password.
+/// ([`crate::seal::Keyring`]); nothing here is a password. A user imported through the
+/// API may have no secret yet (the admin types it when starting the user).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {
     pub source_login: String,
-    pub source_secret: String,
+    pub source_secret: Option<String>,
     pub target_login: String,
-    pub target_secret: String,
+    pub target_secret: Option<String>,
 }

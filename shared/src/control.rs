@@ -54,6 +54,13 @@ pub struct PassRecord {
     /// Planned after the admin pressed Close: when it ends, the user is closed.
     #[serde(default)]
     pub final_pass: bool,
+    /// Messages at the source when the pass was planned (for the admin's ETA).
+    #[serde(default)]
+    pub source_messages: Option<u64>,
+    /// The user's `copied` counter when the pass was planned: what the pass has copied
+    /// since is the difference (its rate, for the admin).
+    #[serde(default)]
+    pub copied_at_plan: Option<i64>,
 }
 
 /// What a worker's claim on a job found.
@@ -221,7 +228,7 @@ return 1
 "#;
 
 impl RedisStore {
-    fn k(&self, parts: &[&str]) -> String {
+    pub(crate) fn k(&self, parts: &[&str]) -> String {
         let mut key = self.prefix.clone();
         for p in parts {
             key.push(':');

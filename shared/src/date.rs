@@ -45,9 +45,34 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// (year, month, day) of a day counted from 1970-01-01: the inverse of
+/// [`days_from_civil`] (Howard Hinnant's algorithm).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn days_go_both_ways() {
+        for (y, m, d) in [(1970, 1, 1), (2000, 2, 29), (2026, 12, 1), (1969, 12, 31)] {
+            assert_eq!(
+                civil_from_days(days_from_civil(y, m, d)),
+                (y, m as u32, d as u32)
+            );
+        }
+    }
 
     #[test]
     fn zones_compare_as_instants() {

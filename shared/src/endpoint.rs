@@ -112,7 +112,9 @@ pub fn preset(name: &str) -> Option<&'static Preset> {
 pub enum AuthMethod {
     /// AUTHENTICATE PLAIN when offered, LOGIN otherwise: a password or app password.
     Password,
-    /// AUTHENTICATE XOAUTH2 with an access token as the secret.
+    /// AUTHENTICATE XOAUTH2 with an access token as the secret. (Spelt `xoauth2`; the
+    /// derived spelling of earlier versions is still read.)
+    #[serde(rename = "xoauth2", alias = "x_o_auth2")]
     XOAuth2,
     /// SASL PLAIN with an authorization identity: log in as `admin` (whose password is
     /// the secret) acting for the user.

@@ -6,6 +6,7 @@ pub mod amqp_queue;
 pub mod batch;
 pub mod control;
 pub mod date;
+pub mod directory;
 pub mod endpoint;
 pub mod error;
 pub mod failpoint;

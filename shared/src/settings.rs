@@ -90,6 +90,7 @@ pub struct Settings {
     pub queue: QueueSettings,
     pub sealing: SealingSettings,
     pub ops: OpsSettings,
+    pub api: ApiSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -154,6 +155,93 @@ pub struct OpsSettings {
     pub log_format: LogFormat,
 }
 
+/// The admin's HTTP API and web console, served by the coordinator.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// Address of the API and the console (e.g. `0.0.0.0:8080`); unset: not served.
+    pub listen: Option<String>,
+    /// A file of bearer tokens, one `tenant:token` per line (`#` starts a comment), e.g.
+    /// a mounted Kubernetes secret. Read at start-up.
+    pub tokens_file: Option<PathBuf>,
+    /// Tokens written in the settings themselves (tests and demonstrations).
+    pub tokens: Vec<ApiToken>,
+    /// Refuse source servers whose names resolve to loopback, private, link-local or
+    /// otherwise internal addresses: a tenant cannot point mailferry at the
+    /// installation's own network. The Helm chart turns it on.
+    pub forbid_private_sources: bool,
+}
+
+/// One API token and the tenant it acts for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    pub tenant: String,
+    pub token: Secret,
+}
+
+/// The shortest token accepted: a guessable token is no authentication.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+impl ApiSettings {
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.as_deref().and_then(|a| a.parse().ok())
+    }
+
+    /// Every token (inline and from the file), each checked: a tenant is a word of
+    /// letters, digits, '-' and '_'; a token has at least [`MIN_TOKEN_LEN`] characters.
+    pub fn all_tokens(&self) -> Result<Vec<ApiToken>, SettingsError> {
+        let invalid = |key, problem: String| SettingsError::Invalid { key, problem };
+        let mut all = self.tokens.clone();
+        if let Some(path) = &self.tokens_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("api.tokens_file", format!("{}: {e}", path.display())))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let (tenant, token) = line.split_once(':').ok_or_else(|| {
+                    invalid(
+                        "api.tokens_file",
+                        format!("{} line {}: expected tenant:token", path.display(), n + 1),
+                    )
+                })?;
+                all.push(ApiToken {
+                    tenant: tenant.trim().to_string(),
+                    token: Secret::new(token.trim()),
+                });
+            }
+        }
+        for t in &all {
+            let word = !t.tenant.is_empty()
+                && t.tenant.len() <= 64
+                && t.tenant
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !word {
+                return Err(invalid(
+                    "api.tokens",
+                    format!(
+                        "tenant {:?}: use up to 64 letters, digits, '-' and '_'",
+                        t.tenant
+                    ),
+                ));
+            }
+            if t.token.expose().len() < MIN_TOKEN_LEN {
+                return Err(invalid(
+                    "api.tokens",
+                    format!(
+                        "the token of tenant {} is shorter than {MIN_TOKEN_LEN} characters",
+                        t.tenant
+                    ),
+                ));
+            }
+        }
+        Ok(all)
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -189,6 +277,7 @@ impl Default for Settings {
             queue: QueueSettings::default(),
             sealing: SealingSettings::default(),
             ops: OpsSettings::default(),
+            api: ApiSettings::default(),
         }
     }
 }
@@ -346,6 +435,20 @@ impl Settings {
                 return invalid(
                     "ops.listen",
                     "must be an address and port, e.g. 0.0.0.0:9464",
+                );
+            }
+        }
+        if let Some(listen) = &self.api.listen {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return invalid(
+                    "api.listen",
+                    "must be an address and port, e.g. 0.0.0.0:8080",
+                );
+            }
+            if self.api.all_tokens()?.is_empty() {
+                return invalid(
+                    "api.tokens",
+                    "the API is served (api.listen) but no token is set: add api.tokens or api.tokens_file",
                 );
             }
         }

@@ -184,7 +184,17 @@ impl RedisAccounts {
             .await
             .map_err(JobError::Store)?
             .ok_or_else(|| JobError::UnknownUser(user.to_string()))?;
-        let unseal = |sealed: &str| {
+        // Without a stored secret there is nothing to log in with: the user fails with
+        // the reason, as a rejected login would (the API refuses to start such a user).
+        let unseal = |sealed: &Option<String>, side: Side| {
+            let sealed = sealed.as_deref().ok_or_else(|| JobError::Imap {
+                side,
+                source: mailferry_shared::Error::AuthRejected {
+                    server_says: format!(
+                        "no password is stored for {user}: enter it and start the user again"
+                    ),
+                },
+            })?;
             self.keys.open(sealed, batch, user).map_err(|e| {
                 JobError::Store(mailferry_shared::Error::Config(format!(
                     "credentials of {user}: {e}"
@@ -196,7 +206,7 @@ impl RedisAccounts {
             batch_record.source,
             Credentials {
                 login: record.source_login.clone(),
-                secret: unseal(&record.source_secret)?,
+                secret: unseal(&record.source_secret, Side::Source)?,
                 method: batch_record.source_auth,
             },
             self.limits,
@@ -207,7 +217,7 @@ impl RedisAccounts {
             batch_record.target,
             Credentials {
                 login: record.target_login.clone(),
-                secret: unseal(&record.target_secret)?,
+                secret: unseal(&record.target_secret, Side::Target)?,
                 method: batch_record.target_auth,
             },
             self.limits,
