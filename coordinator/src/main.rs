@@ -225,6 +225,19 @@ fn coordinator(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> an
         }
         let shutdown =
             on_signal("stopping: plans in progress finish, the leader lease is released");
+        if let Some(addr) = settings.api.listen_addr() {
+            let cluster =
+                mailferry_coordinator::cluster::Cluster::connect(settings.clone()).await?;
+            let api = mailferry_coordinator::api::Api::new(cluster).await?;
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = mailferry_coordinator::api::serve(addr, api, stop).await {
+                    tracing::error!(error = %e, "the API stopped");
+                    eprintln!("mailferry coordinator: the API stopped: {e:#}");
+                    std::process::exit(1);
+                }
+            });
+        }
         mailferry_coordinator::scheduler::run(settings, shutdown).await?;
         Ok::<_, anyhow::Error>(())
     })?;

@@ -1,0 +1,462 @@
+//! Endpoints: the IMAP servers a tenant migrates from and to, made from a provider
+//! preset or custom settings, and the connection test an admin runs before using one.
+
+use std::net::IpAddr;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Extension;
+use mailferry_shared::control::now_ms;
+use mailferry_shared::directory::{endpoint_seal_scope, EndpointRecord, Role};
+use mailferry_shared::endpoint::{preset, AuthMethod, Credentials, Endpoint, Security, PRESETS};
+use mailferry_shared::imap::Limits;
+use mailferry_shared::secret::Secret;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, Json, Path, Shared, Tenant};
+
+#[derive(Serialize)]
+pub struct PresetView {
+    name: &'static str,
+    host: &'static str,
+    port: u16,
+    security: Security,
+    note: &'static str,
+}
+
+pub async fn presets() -> Json<Vec<PresetView>> {
+    Json(
+        PRESETS
+            .iter()
+            .map(|p| PresetView {
+                name: p.name,
+                host: p.host,
+                port: p.port,
+                security: Security::Tls,
+                note: p.note,
+            })
+            .collect(),
+    )
+}
+
+/// What a client sends to make an endpoint.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEndpoint {
+    name: String,
+    role: Role,
+    /// A preset's name, or `custom` (the default) with host and port.
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    security: Option<Security>,
+    #[serde(default)]
+    accept_invalid_certs: bool,
+    #[serde(default)]
+    auth: Option<AuthMethod>,
+    /// The admin's or master user's password, with `admin_plain` or `dovecot_master`.
+    #[serde(default)]
+    admin_password: Option<String>,
+}
+
+/// An endpoint as the API shows it (never its admin password).
+#[derive(Serialize)]
+pub struct EndpointView {
+    id: String,
+    name: String,
+    role: Role,
+    provider: String,
+    host: String,
+    port: u16,
+    security: Security,
+    accept_invalid_certs: bool,
+    auth: AuthMethod,
+    has_admin_password: bool,
+    /// What the admin must know about the provider (app passwords, limits).
+    note: Option<&'static str>,
+    created_ms: u64,
+}
+
+impl From<&EndpointRecord> for EndpointView {
+    fn from(r: &EndpointRecord) -> Self {
+        EndpointView {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            role: r.role,
+            provider: r.provider.clone(),
+            host: r.endpoint.host.clone(),
+            port: r.endpoint.port,
+            security: r.endpoint.security,
+            accept_invalid_certs: r.endpoint.accept_invalid_certs,
+            auth: r.auth.clone(),
+            has_admin_password: r.admin_secret.is_some(),
+            note: preset(&r.provider).map(|p| p.note),
+            created_ms: r.created_ms,
+        }
+    }
+}
+
+/// A random id for a new object: a letter (its kind) and 16 hex digits.
+pub fn new_id(kind: char) -> String {
+    format!("{kind}{:016x}", fastrand::u64(..))
+}
+
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+}
+
+pub async fn create(
+    State(api): State<Shared>,
+    Extension(Tenant(tenant)): Extension<Tenant>,
+    Json(new): Json<NewEndpoint>,
+) -> Result<(StatusCode, Json<EndpointView>), ApiError> {
+    let name = new.name.trim();
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(ApiError::invalid("name: give 1 to 100 characters"));
+    }
+    let provider = new
+        .provider
+        .as_deref()
+        .unwrap_or("custom")
+        .to_ascii_lowercase();
+    let mut endpoint = match (preset(&provider), provider.as_str()) {
+        (Some(p), _) => {
+            if new.host.is_some() || new.port.is_some() {
+                return Err(ApiError::invalid(format!(
+                    "provider {}: its host and port are fixed (use provider custom for others)",
+                    p.name
+                )));
+            }
+            Endpoint::new(p.host, p.port, Security::Tls)
+        }
+        (None, "custom") => {
+            let host = new.host.as_deref().map(str::trim).unwrap_or("");
+            if !valid_host(host) {
+                return Err(ApiError::invalid(
+                    "host: give the IMAP server's name or address",
+                ));
+            }
+            let security = new.security.unwrap_or(Security::Tls);
+            let port = new.port.unwrap_or(match security {
+                Security::Tls => 993,
+                Security::StartTls | Security::Plain => 143,
+            });
+            if port == 0 {
+                return Err(ApiError::invalid("port: 1 to 65535"));
+            }
+            Endpoint::new(host, port, security)
+        }
+        (None, other) => {
+            let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+            return Err(ApiError::invalid(format!(
+                "provider {other:?}: expected {} or custom",
+                names.join(", ")
+            )));
+        }
+    };
+    if let Some(security) = new.security {
+        endpoint.security = security;
+    }
+    endpoint.accept_invalid_certs = new.accept_invalid_certs;
+    let auth = new.auth.unwrap_or(AuthMethod::Password);
+    let admin = matches!(
+        auth,
+        AuthMethod::AdminPlain { .. } | AuthMethod::DovecotMaster { .. }
+    );
+    let admin_password = new.admin_password.filter(|p| !p.is_empty());
+    match (&auth, admin, &admin_password) {
+        (
+            AuthMethod::AdminPlain { admin: who } | AuthMethod::DovecotMaster { master: who },
+            _,
+            _,
+        ) if who.trim().is_empty() => {
+            return Err(ApiError::invalid("auth: name the admin or master user"))
+        }
+        (_, true, None) => {
+            return Err(ApiError::invalid(
+                "admin_password: an admin or master login needs its password",
+            ))
+        }
+        (_, false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "admin_password: only for auth admin_plain or dovecot_master",
+            ))
+        }
+        _ => {}
+    }
+    if new.role == Role::Source {
+        refuse_internal(&api, &endpoint).await?;
+    }
+    let id = new_id('e');
+    let admin_secret = match admin_password {
+        Some(p) => {
+            let (scope, who) = endpoint_seal_scope(&tenant, &id);
+            Some(
+                api.cluster
+                    .keys
+                    .seal(&Secret::new(p), &scope, &who)
+                    .map_err(|e| ApiError::invalid(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
+    let record = EndpointRecord {
+        id,
+        name: name.to_string(),
+        role: new.role,
+        provider,
+        endpoint,
+        auth,
+        admin_secret,
+        created_ms: now_ms(),
+    };
+    api.cluster.store.put_endpoint(&tenant, &record).await?;
+    Ok((StatusCode::CREATED, Json(EndpointView::from(&record))))
+}
+
+pub async fn list(
+    State(api): State<Shared>,
+    Extension(Tenant(tenant)): Extension<Tenant>,
+) -> Result<Json<Vec<EndpointView>>, ApiError> {
+    let all = api.cluster.store.endpoints(&tenant).await?;
+    Ok(Json(all.iter().map(EndpointView::from).collect()))
+}
+
+/// The tenant's endpoint `id`, or 404.
+pub async fn record_of(api: &Shared, tenant: &str, id: &str) -> Result<EndpointRecord, ApiError> {
+    api.cluster
+        .store
+        .endpoint(tenant, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("endpoint"))
+}
+
+pub async fn show(
+    State(api): State<Shared>,
+    Extension(Tenant(tenant)): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Result<Json<EndpointView>, ApiError> {
+    let record = record_of(&api, &tenant, &id).await?;
+    Ok(Json(EndpointView::from(&record)))
+}
+
+pub async fn remove(
+    State(api): State<Shared>,
+    Extension(Tenant(tenant)): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    // Batches keep their own copy of the endpoint's settings: removing it changes none.
+    if api.cluster.store.delete_endpoint(&tenant, &id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("endpoint"))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestAccount {
+    login: String,
+    /// Optional with an admin or master login: the endpoint's own password is used.
+    #[serde(default)]
+    password: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct TestVerdict {
+    ok: bool,
+    /// The server's capabilities after logging in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capabilities: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure: Option<Failure>,
+}
+
+#[derive(Serialize)]
+pub struct Failure {
+    /// dns, connection_refused, timeout, tls_certificate, tls_handshake,
+    /// starttls_not_offered, authentication_rejected, throttled, connection_lost, …
+    code: &'static str,
+    /// What happened, with the server's own words where it said something.
+    message: String,
+}
+
+/// Connects, logs in with the test account and logs out. The answer is 200 either
+/// way: the verdict says whether the server can be used, and if not, why.
+pub async fn test(
+    State(api): State<Shared>,
+    Extension(Tenant(tenant)): Extension<Tenant>,
+    Path(id): Path<String>,
+    Json(account): Json<TestAccount>,
+) -> Result<Json<TestVerdict>, ApiError> {
+    let record = record_of(&api, &tenant, &id).await?;
+    if account.login.trim().is_empty() {
+        return Err(ApiError::invalid("login: give the test account's login"));
+    }
+    let secret = match (
+        account.password.filter(|p| !p.is_empty()),
+        &record.admin_secret,
+    ) {
+        (Some(p), _) => Secret::new(p),
+        (None, Some(sealed)) => {
+            let (scope, who) = endpoint_seal_scope(&tenant, &record.id);
+            api.cluster
+                .keys
+                .open(sealed, &scope, &who)
+                .map_err(|e| ApiError::invalid(format!("the endpoint's admin password: {e}")))?
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "password: give the test account's password",
+            ))
+        }
+    };
+    if record.role == Role::Source {
+        refuse_internal(&api, &record.endpoint).await?;
+    }
+    let credentials = Credentials {
+        login: account.login.trim().to_string(),
+        secret,
+        method: record.auth.clone(),
+    };
+    let verdict = match try_login(&record.endpoint, &credentials).await {
+        Ok(capabilities) => TestVerdict {
+            ok: true,
+            capabilities: Some(capabilities),
+            failure: None,
+        },
+        Err(e) => TestVerdict {
+            ok: false,
+            capabilities: None,
+            failure: Some(Failure {
+                code: e.kind(),
+                message: e.to_string(),
+            }),
+        },
+    };
+    Ok(Json(verdict))
+}
+
+/// How long a connection test may take in all (each step has its own timeouts too).
+const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
+
+async fn try_login(
+    endpoint: &Endpoint,
+    credentials: &Credentials,
+) -> Result<Vec<String>, mailferry_shared::Error> {
+    let attempt = async {
+        let mut session =
+            mailferry_shared::imap::client::connect(endpoint, Limits::default()).await?;
+        session.authenticate(credentials).await?;
+        let capabilities: Vec<String> = session.capabilities().iter().map(str::to_string).collect();
+        session.logout().await;
+        Ok(capabilities)
+    };
+    tokio::time::timeout(TEST_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(mailferry_shared::Error::Timeout {
+                what: format!("testing {}", endpoint.address()),
+            })
+        })
+}
+
+/// With `api.forbid_private_sources`: refuses a source server whose name resolves to
+/// an internal address (loopback, private, link-local, carrier-grade NAT, unique
+/// local, unspecified, multicast). Checked when the endpoint is made and each time it
+/// is tested.
+async fn refuse_internal(api: &Shared, endpoint: &Endpoint) -> Result<(), ApiError> {
+    if !api.cluster.settings.api.forbid_private_sources {
+        return Ok(());
+    }
+    let host = endpoint.host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<IpAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => tokio::net::lookup_host((host, endpoint.port))
+            .await
+            .map_err(|e| {
+                ApiError::invalid(format!(
+                    "host {host}: cannot resolve it ({e}), so it cannot be checked"
+                ))
+            })?
+            .map(|a| a.ip())
+            .collect(),
+    };
+    match addrs.iter().find(|ip| is_internal(ip)) {
+        Some(ip) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "forbidden_host",
+            format!(
+                "host {host} resolves to {ip}, an internal address: this installation migrates only from public servers"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+pub fn is_internal(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(&IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_addresses_are_recognised() {
+        for internal in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_internal(&internal.parse().unwrap()), "{internal}");
+        }
+        for public in [
+            "142.250.1.108",
+            "2a00:1450:4001::6d",
+            "100.128.0.1",
+            "172.32.0.1",
+        ] {
+            assert!(!is_internal(&public.parse().unwrap()), "{public}");
+        }
+    }
+}

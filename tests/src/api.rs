@@ -1,0 +1,252 @@
+//! A cluster served through its HTTP API, for the API's and the console's tests: a
+//! Dovecot pair (the target with a master user), a `mailferry coordinator` serving
+//! `api.listen` with two tenants' tokens, optional workers, the machine's RabbitMQ and
+//! Redis under a key prefix of the rig's own.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mailferry_coordinator::client::{Answer, ApiClient};
+use mailferry_shared::amqp_queue::AmqpQueue;
+use mailferry_shared::redis_store::RedisStore;
+use mailferry_shared::seal::Keyring;
+use mailferry_shared::secret::Secret;
+
+use crate::dovecot::{free_port, temp_dir, Dovecot, DovecotConfig};
+use crate::mail::{self, corpus, TestMessage};
+
+/// alice's source password: it must show up in no response, event, log or Redis value.
+pub const CANARY: &str = "canary-7d41b2aa-api-password";
+pub const ACME: &str = "acme-token-4f1e2d3c4b5a6978";
+pub const GLOBEX: &str = "globex-token-0a9b8c7d6e5f4321";
+/// The target's master user, with whose password the workers log in as each user.
+pub const MASTER: (&str, &str) = ("admin", "master-secret-31337");
+
+/// A mailferry process, killed when the rig goes.
+pub struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct ApiRig {
+    pub src: Dovecot,
+    pub dst: Dovecot,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub keys: Secret,
+    pub prefix: String,
+    pub api_port: u16,
+    /// (login = address, source password, the corpus loaded for it)
+    pub users: Vec<(String, String, Vec<TestMessage>)>,
+    processes: Vec<Process>,
+}
+
+/// How a rig is built.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RigOptions {
+    /// Messages per folder of each user's corpus (0: empty mailboxes).
+    pub per_folder: usize,
+    /// Worker processes.
+    pub workers: usize,
+    /// `api.forbid_private_sources`.
+    pub forbid_private_sources: bool,
+}
+
+impl ApiRig {
+    pub async fn start(options: RigOptions) -> ApiRig {
+        let logins = vec![
+            ("alice@example.com".to_string(), CANARY.to_string()),
+            ("bob@example.com".to_string(), "bob-source-pw".to_string()),
+        ];
+        let src = Dovecot::start(DovecotConfig {
+            users: logins.clone(),
+            ..DovecotConfig::default()
+        });
+        // The target has the same passwords (so the verifier can log in), but the API is
+        // never told them: the master user logs in for each user.
+        let dst = Dovecot::start(DovecotConfig {
+            users: logins.clone(),
+            master: Some((MASTER.0.into(), MASTER.1.into())),
+            ..DovecotConfig::default()
+        });
+        let mut users = Vec::new();
+        for (i, (login, password)) in logins.into_iter().enumerate() {
+            let messages = if options.per_folder > 0 {
+                corpus(300 + i as u64, options.per_folder)
+            } else {
+                Vec::new()
+            };
+            if !messages.is_empty() {
+                mail::load(src.port, &login, &password, '/', &messages).await;
+            }
+            users.push((login, password, messages));
+        }
+        let prefix = format!("mfa-{:016x}", fastrand::u64(..));
+        let dir = temp_dir("api");
+        let config = dir.join("mailferry.toml");
+        let api_port = free_port();
+        std::fs::write(
+            &config,
+            format!(
+                "key_prefix = \"{prefix}\"\n\
+                 [worker]\njob_slots = 3\nclaim_secs = 6\n\
+                 [coordinator]\nleader_lease_secs = 3\nrecheck_secs = 20\n\
+                 [api]\nlisten = \"127.0.0.1:{api_port}\"\nforbid_private_sources = {}\n\
+                 tokens = [{{ tenant = \"acme\", token = \"{ACME}\" }}, {{ tenant = \"globex\", token = \"{GLOBEX}\" }}]\n",
+                options.forbid_private_sources
+            ),
+        )
+        .unwrap();
+        let mut rig = ApiRig {
+            src,
+            dst,
+            dir,
+            config,
+            keys: Keyring::generate("k1").unwrap(),
+            prefix,
+            api_port,
+            users,
+            processes: Vec::new(),
+        };
+        let coordinator = rig.process("coordinator", "coordinator");
+        rig.processes.push(coordinator);
+        for i in 0..options.workers {
+            let worker = rig.process("worker", &format!("worker{i}"));
+            rig.processes.push(worker);
+        }
+        rig.wait_for_api().await;
+        rig
+    }
+
+    fn process(&self, command: &str, name: &str) -> Process {
+        let log = self.dir.join(format!("{name}.log"));
+        Process(
+            Command::new(crate::run::binary())
+                .arg("-v")
+                .arg(command)
+                .arg("--config")
+                .arg(&self.config)
+                .env("MAILFERRY_SEALING_KEYS", self.keys.expose())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .expect("starting a mailferry process"),
+        )
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    pub fn client(&self, token: &str) -> ApiClient {
+        ApiClient::new(&self.base_url(), Secret::new(token)).unwrap()
+    }
+
+    async fn wait_for_api(&self) {
+        let client = self.client(ACME);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(a) = client.get("/api/v1/openapi.json").await {
+                if a.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the API did not come up:\n{}",
+                self.log("coordinator")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// The JSON to make this rig's source endpoint (plain IMAP on loopback).
+    pub fn source_endpoint(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": "Old server", "role": "source", "provider": "custom",
+            "host": "127.0.0.1", "port": self.src.port, "security": "plain"
+        })
+    }
+
+    /// The JSON to make this rig's target endpoint (the master user logs in).
+    pub fn target_endpoint(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": "New server", "role": "target", "provider": "custom",
+            "host": "127.0.0.1", "port": self.dst.port, "security": "plain",
+            "auth": {"method": "dovecot_master", "master": MASTER.0},
+            "admin_password": MASTER.1
+        })
+    }
+
+    /// Every log of the rig's processes, for a check that no password shows in any.
+    pub fn all_logs(&self) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(&self.dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "log") {
+                all.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+        all
+    }
+
+    /// The canary is in no Redis value of the rig and no log.
+    pub async fn assert_no_canary_at_rest(&self) {
+        let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(!keys.is_empty());
+        for key in &keys {
+            let dump: Vec<u8> = redis::cmd("DUMP")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&dump).contains(CANARY),
+                "{key} holds the password"
+            );
+        }
+        assert!(
+            !self.all_logs().contains(CANARY),
+            "a log shows the password"
+        );
+    }
+
+    pub async fn clean_up(&self) {
+        RedisStore::connect(&Secret::new("redis://127.0.0.1:6379/0"), &self.prefix)
+            .await
+            .unwrap()
+            .delete_all()
+            .await
+            .unwrap();
+        let amqp = Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f");
+        if let Ok(queue) = AmqpQueue::connect(&amqp, &self.prefix, 5).await {
+            let _ = queue.delete_queues().await;
+        }
+    }
+}
+
+/// An answer's body as text, after checking the canary is not in it.
+pub fn checked(answer: &Answer) -> String {
+    let text = answer.text();
+    assert!(
+        !text.contains(CANARY),
+        "an API answer shows the password: {text}"
+    );
+    text
+}

@@ -1,0 +1,751 @@
+//! The admin's HTTP API against a real coordinator (and workers), RabbitMQ, Redis and
+//! a Dovecot pair: the whole workflow, tenants kept apart, errors a person can act on,
+//! CSV imports and connection tests that name what went wrong.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use mailferry_coordinator::client::{Answer, ApiClient};
+use mailferry_tests::api::{checked, ApiRig, RigOptions, ACME, CANARY, GLOBEX, MASTER};
+use mailferry_tests::dovecot::{free_port, Dovecot, DovecotConfig};
+use mailferry_tests::mail::{self, Pair};
+use serde_json::{json, Value};
+
+/// The JSON of a successful answer with the expected status (and no password in it).
+fn expect(answer: Answer, status: u16) -> Value {
+    let text = checked(&answer);
+    assert_eq!(answer.status, status, "{text}");
+    if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    }
+}
+
+/// An error answer: its status and its stable code, returning the message.
+fn expect_error(answer: Answer, status: u16, code: &str) -> String {
+    let body = expect(answer, status);
+    assert_eq!(body["error"]["code"], code, "{body}");
+    let message = body["error"]["message"].as_str().unwrap().to_string();
+    assert!(!message.is_empty());
+    message
+}
+
+async fn post(client: &ApiClient, path: &str, body: Value) -> Answer {
+    client.post_json(path, &body).await.unwrap()
+}
+
+async fn get(client: &ApiClient, path: &str) -> Answer {
+    client.get(path).await.unwrap()
+}
+
+/// Makes the rig's two endpoints and a batch of them; returns (source, target, batch).
+async fn batch_of(rig: &ApiRig, client: &ApiClient) -> (String, String, String) {
+    let source = expect(
+        post(client, "/api/v1/endpoints", rig.source_endpoint()).await,
+        201,
+    );
+    let target = expect(
+        post(client, "/api/v1/endpoints", rig.target_endpoint()).await,
+        201,
+    );
+    let batch = expect(
+        post(
+            client,
+            "/api/v1/batches",
+            json!({"name": "Sales", "source_endpoint": source["id"], "target_endpoint": target["id"], "sync_interval_secs": 3600}),
+        )
+        .await,
+        201,
+    );
+    let id = |v: &Value| v["id"].as_str().unwrap().to_string();
+    (id(&source), id(&target), id(&batch))
+}
+
+/// The admin's whole workflow through the API: endpoints made and tested (a wrong
+/// password named as such), users imported from a CSV with a bad row and one without a
+/// password (refused at start until it is given), both migrated by a worker, the live
+/// event stream showing them synced, the user's detail and the reports telling the
+/// counts, the mail at the target equal to the source — and alice's password in no
+/// answer, event, log line or Redis value.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_migrates_a_batch_through_the_api_and_no_password_comes_out() {
+    let rig = ApiRig::start(RigOptions {
+        per_folder: 3,
+        workers: 1,
+        ..RigOptions::default()
+    })
+    .await;
+    let acme = rig.client(ACME);
+
+    let source = expect(
+        post(&acme, "/api/v1/endpoints", rig.source_endpoint()).await,
+        201,
+    );
+    let sid = source["id"].as_str().unwrap();
+    let ok = expect(
+        post(
+            &acme,
+            &format!("/api/v1/endpoints/{sid}/test"),
+            json!({"login": "alice@example.com", "password": CANARY}),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(ok["ok"], true, "{ok}");
+    assert!(
+        ok["capabilities"].as_array().unwrap().iter().any(|c| c
+            .as_str()
+            .is_some_and(|c| c.eq_ignore_ascii_case("IMAP4rev1"))),
+        "{ok}"
+    );
+    let wrong = expect(
+        post(
+            &acme,
+            &format!("/api/v1/endpoints/{sid}/test"),
+            json!({"login": "alice@example.com", "password": "not-it"}),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(wrong["ok"], false);
+    assert_eq!(
+        wrong["failure"]["code"], "authentication_rejected",
+        "{wrong}"
+    );
+    assert!(
+        wrong["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Authentication failed"),
+        "the server's own words: {wrong}"
+    );
+
+    let target = expect(
+        post(&acme, "/api/v1/endpoints", rig.target_endpoint()).await,
+        201,
+    );
+    assert_eq!(target["has_admin_password"], true);
+    assert!(
+        !target.to_string().contains(MASTER.1),
+        "the master password came back"
+    );
+    let tid = target["id"].as_str().unwrap();
+    let ok = expect(
+        post(
+            &acme,
+            &format!("/api/v1/endpoints/{tid}/test"),
+            json!({"login": "bob@example.com"}),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(ok["ok"], true, "the master user logs in for bob: {ok}");
+
+    let batch = expect(
+        post(
+            &acme,
+            "/api/v1/batches",
+            json!({"name": "Sales", "source_endpoint": sid, "target_endpoint": tid}),
+        )
+        .await,
+        201,
+    );
+    let b = batch["id"].as_str().unwrap().to_string();
+    let csv = format!(
+        "EmailAddress,UserName,Password\nalice@example.com,alice@example.com,{CANARY}\nbroken,x,y\nbob@example.com,bob@example.com,\n"
+    );
+    let import = expect(
+        acme.call(
+            "POST",
+            &format!("/api/v1/batches/{b}/users/import"),
+            Some(("text/csv", csv.into_bytes())),
+        )
+        .await
+        .unwrap(),
+        200,
+    );
+    assert_eq!(import["added"], 2, "{import}");
+    assert_eq!(import["errors"][0]["line"], 3, "{import}");
+    assert!(import["errors"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not an email address"));
+
+    // Live events from here on, until both users are synced.
+    let watcher = {
+        let client = rig.client(ACME);
+        let path = format!("/api/v1/batches/{b}/events");
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut synced = BTreeSet::new();
+            let outcome = tokio::time::timeout(
+                Duration::from_secs(180),
+                client.events(&path, |event, data| {
+                    seen.push((event.to_string(), data.to_string()));
+                    if event == "user" {
+                        let user: Value = serde_json::from_str(data).unwrap();
+                        if user["status"] == "synced" {
+                            synced.insert(user["id"].as_str().unwrap().to_string());
+                        }
+                    }
+                    synced.len() < 2
+                }),
+            )
+            .await;
+            (outcome.is_ok(), seen)
+        })
+    };
+
+    let started = expect(
+        post(&acme, &format!("/api/v1/batches/{b}/start"), json!({})).await,
+        200,
+    );
+    assert_eq!(
+        started["applied"],
+        json!(["alice@example.com"]),
+        "{started}"
+    );
+    assert_eq!(started["refused"][0]["user"], "bob@example.com");
+    assert!(started["refused"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no source password"));
+    let started = expect(
+        post(
+            &acme,
+            &format!("/api/v1/batches/{b}/start"),
+            json!({"users": ["bob@example.com"], "source_passwords": {"bob@example.com": "bob-source-pw"}}),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(started["applied"], json!(["bob@example.com"]), "{started}");
+
+    let (finished, events) = watcher.await.unwrap();
+    assert!(
+        finished,
+        "the event stream did not show both users synced: {events:?}\n{}",
+        rig.log("coordinator")
+    );
+    for (_, data) in &events {
+        assert!(!data.contains(CANARY), "an event shows the password");
+    }
+    let statuses: Vec<Value> = events
+        .iter()
+        .filter(|(e, _)| e == "user")
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        statuses.iter().any(|u| u["status"] == "notstarted"
+            || u["status"] == "starting"
+            || u["status"] == "queued"
+            || u["status"] == "syncing"),
+        "the stream showed the way to synced, not only the end: {statuses:?}"
+    );
+    assert!(events.iter().any(|(e, _)| e == "summary"));
+
+    let page = expect(get(&acme, &format!("/api/v1/batches/{b}/users")).await, 200);
+    assert_eq!(page["total"], 2);
+    for user in page["users"].as_array().unwrap() {
+        assert_eq!(user["status"], "synced", "{user}");
+    }
+    let alice_messages = rig.users[0].2.len() as u64;
+    let detail = expect(
+        get(
+            &acme,
+            &format!("/api/v1/batches/{b}/users/alice@example.com"),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(detail["copied"], alice_messages, "{detail}");
+    assert_eq!(detail["has_source_password"], true);
+    let folders = detail["folders"].as_array().unwrap();
+    let corpus_folders: BTreeSet<&str> = rig.users[0].2.iter().map(|m| m.folder.as_str()).collect();
+    for name in &corpus_folders {
+        assert!(
+            folders.iter().any(|f| f["source"] == *name),
+            "{name} missing: {detail}"
+        );
+    }
+    let at_target: u64 = folders
+        .iter()
+        .map(|f| f["at_target"].as_u64().unwrap())
+        .sum();
+    assert_eq!(at_target, alice_messages, "{detail}");
+    assert!(
+        folders
+            .iter()
+            .all(|f| f["state"] == "done" && f["verified"] == true),
+        "{detail}"
+    );
+    assert!(detail["last_synced_ms"].as_u64().is_some());
+
+    let summary = expect(get(&acme, &format!("/api/v1/batches/{b}")).await, 200);
+    assert_eq!(
+        summary["summary"]["users_by_status"]["synced"], 2,
+        "{summary}"
+    );
+    let total: u64 = rig.users.iter().map(|u| u.2.len() as u64).sum();
+    assert_eq!(summary["summary"]["copied"], total);
+    let report = get(&acme, &format!("/api/v1/batches/{b}/report.csv")).await;
+    assert_eq!(report.status, 200);
+    assert!(report.content_type.starts_with("text/csv"));
+    let csv = checked(&report);
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    assert!(rows[0].starts_with("user,status,reason,copied"));
+    assert!(
+        rows[1].starts_with(&format!("alice@example.com,synced,,{alice_messages},")),
+        "{csv}"
+    );
+    let report = expect(
+        get(&acme, &format!("/api/v1/batches/{b}/report.json")).await,
+        200,
+    );
+    assert_eq!(report["summary"]["users"], 2);
+
+    for (login, password, messages) in &rig.users {
+        let pair = Pair::dovecots(&rig.src, &rig.dst, login, password);
+        mail::assert_same_mail(&pair, messages, |p| p.to_string()).await;
+    }
+    rig.assert_no_canary_at_rest().await;
+    rig.clean_up().await;
+}
+
+/// Tokens name tenants and tenants see only their own: another tenant's batch,
+/// endpoint, users, events and actions answer 404 as if they did not exist; and every
+/// mistake is a JSON error with a stable code.
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_are_kept_apart_and_mistakes_are_json_errors() {
+    let rig = ApiRig::start(RigOptions::default()).await;
+    let acme = rig.client(ACME);
+    let globex = rig.client(GLOBEX);
+
+    let nobody =
+        ApiClient::new(&rig.base_url(), mailferry_shared::secret::Secret::new("")).unwrap();
+    let answer = get(&nobody, "/api/v1/batches").await;
+    expect_error(answer, 401, "unauthorized");
+    let guess = rig.client(&ACME.replace('4', "5"));
+    expect_error(get(&guess, "/api/v1/batches").await, 401, "unauthorized");
+
+    let (source, target, b) = batch_of(&rig, &acme).await;
+    let user = expect(
+        post(
+            &acme,
+            &format!("/api/v1/batches/{b}/users"),
+            json!({"email": "carol@example.com", "source_password": "pw"}),
+        )
+        .await,
+        201,
+    );
+    assert_eq!(user["has_source_password"], true);
+    assert_eq!(
+        user["has_target_password"], true,
+        "the master password serves carol"
+    );
+
+    assert_eq!(
+        expect(get(&globex, "/api/v1/batches").await, 200),
+        json!([])
+    );
+    assert_eq!(
+        expect(get(&globex, "/api/v1/endpoints").await, 200),
+        json!([])
+    );
+    for path in [
+        format!("/api/v1/batches/{b}"),
+        format!("/api/v1/batches/{b}/users"),
+        format!("/api/v1/batches/{b}/users/carol@example.com"),
+        format!("/api/v1/batches/{b}/report.csv"),
+        format!("/api/v1/batches/{b}/events"),
+        format!("/api/v1/endpoints/{source}"),
+    ] {
+        expect_error(get(&globex, &path).await, 404, "not_found");
+    }
+    for verb in ["start", "stop", "sync-now", "close"] {
+        expect_error(
+            post(&globex, &format!("/api/v1/batches/{b}/{verb}"), json!({})).await,
+            404,
+            "not_found",
+        );
+    }
+    expect_error(
+        post(
+            &globex,
+            &format!("/api/v1/endpoints/{source}/test"),
+            json!({"login": "x", "password": "y"}),
+        )
+        .await,
+        404,
+        "not_found",
+    );
+    expect_error(
+        globex
+            .call("DELETE", &format!("/api/v1/endpoints/{target}"), None)
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    );
+    expect_error(
+        globex
+            .call(
+                "DELETE",
+                &format!("/api/v1/batches/{b}/users/carol@example.com"),
+                None,
+            )
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    );
+    let theft = post(
+        &globex,
+        "/api/v1/batches",
+        json!({"name": "x", "source_endpoint": source, "target_endpoint": target}),
+    )
+    .await;
+    expect_error(theft, 422, "invalid");
+    // acme still has everything
+    expect(
+        get(
+            &acme,
+            &format!("/api/v1/batches/{b}/users/carol@example.com"),
+        )
+        .await,
+        200,
+    );
+    expect(
+        get(&acme, &format!("/api/v1/endpoints/{source}")).await,
+        200,
+    );
+
+    // Mistakes, each with its code.
+    let bad_json = acme
+        .call(
+            "POST",
+            "/api/v1/batches",
+            Some(("application/json", b"{\"name\":".to_vec())),
+        )
+        .await
+        .unwrap();
+    expect_error(bad_json, 400, "bad_json");
+    let no_type = acme
+        .call(
+            "POST",
+            "/api/v1/batches",
+            Some(("text/plain", b"{}".to_vec())),
+        )
+        .await
+        .unwrap();
+    expect_error(no_type, 415, "unsupported_media_type");
+    let unknown = post(
+        &acme,
+        "/api/v1/batches",
+        json!({"name": "x", "source_endpoint": source, "target_endpoint": target, "colour": "red"}),
+    )
+    .await;
+    assert!(expect_error(unknown, 422, "invalid").contains("colour"));
+    let swapped = post(
+        &acme,
+        "/api/v1/batches",
+        json!({"name": "x", "source_endpoint": target, "target_endpoint": source}),
+    )
+    .await;
+    assert!(expect_error(swapped, 422, "invalid").contains("target endpoint"));
+    expect_error(get(&acme, "/api/v1/no-such-thing").await, 404, "not_found");
+    expect_error(
+        acme.call("PUT", "/api/v1/batches", None).await.unwrap(),
+        405,
+        "method_not_allowed",
+    );
+    let batch_path = format!("/api/v1/batches/{b}");
+    let edit = |body: Value| {
+        acme.call(
+            "PATCH",
+            &batch_path,
+            Some(("application/json", body.to_string().into_bytes())),
+        )
+    };
+    expect_error(
+        edit(json!({"sync_interval_secs": 1})).await.unwrap(),
+        422,
+        "invalid",
+    );
+    let edited = expect(
+        edit(json!({"sync_interval_secs": 7200, "name": "Sales, March"}))
+            .await
+            .unwrap(),
+        200,
+    );
+    assert_eq!(edited["sync_interval_secs"], 7200);
+    assert_eq!(edited["name"], "Sales, March");
+    expect_error(
+        post(
+            &acme,
+            &format!("/api/v1/batches/{b}/users"),
+            json!({"email": "carol@example.com"}),
+        )
+        .await,
+        409,
+        "conflict",
+    );
+    expect_error(
+        post(
+            &acme,
+            &format!("/api/v1/batches/{b}/start"),
+            json!({"users": ["dave@example.com"]}),
+        )
+        .await,
+        422,
+        "invalid",
+    );
+    expect_error(
+        get(&acme, &format!("/api/v1/batches/{b}/users?limit=0")).await,
+        422,
+        "invalid",
+    );
+    expect_error(
+        get(&acme, &format!("/api/v1/batches/{b}/users?limit=x")).await,
+        400,
+        "bad_query",
+    );
+    let preset = expect(
+        post(
+            &acme,
+            "/api/v1/endpoints",
+            json!({"name": "Gmail", "role": "source", "provider": "gmail"}),
+        )
+        .await,
+        201,
+    );
+    assert_eq!(preset["host"], "imap.gmail.com");
+    assert!(preset["note"].as_str().unwrap().contains("app password"));
+    let bad_preset = post(
+        &acme,
+        "/api/v1/endpoints",
+        json!({"name": "x", "role": "source", "provider": "aol"}),
+    )
+    .await;
+    assert!(expect_error(bad_preset, 422, "invalid").contains("gmail"));
+    let no_admin_password = post(&acme, "/api/v1/endpoints", json!({"name": "x", "role": "target", "host": "h", "auth": {"method": "dovecot_master", "master": "m"}})).await;
+    expect_error(no_admin_password, 422, "invalid");
+
+    // Removing: a user that is not migrating, an endpoint.
+    assert_eq!(
+        acme.call(
+            "DELETE",
+            &format!("/api/v1/batches/{b}/users/carol@example.com"),
+            None
+        )
+        .await
+        .unwrap()
+        .status,
+        204
+    );
+    expect_error(
+        get(
+            &acme,
+            &format!("/api/v1/batches/{b}/users/carol@example.com"),
+        )
+        .await,
+        404,
+        "not_found",
+    );
+    assert_eq!(
+        acme.call(
+            "DELETE",
+            &format!("/api/v1/endpoints/{}", preset["id"].as_str().unwrap()),
+            None
+        )
+        .await
+        .unwrap()
+        .status,
+        204
+    );
+
+    // The OpenAPI document is served without a token and names every path.
+    let doc = expect(get(&nobody, "/api/v1/openapi.json").await, 200);
+    assert!(doc["paths"]["/batches/{batch}/users/import"]["post"].is_object());
+    // The console's page and its files.
+    let page = get(&nobody, "/").await;
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("console.js"));
+    rig.clean_up().await;
+}
+
+/// CSV imports: a wrong header fails the file and names what it found; in a file with
+/// a BOM, CRLF endings and quoting, each bad row is reported with its line and the
+/// good rows import (an empty password too: it is asked for at start); a second import
+/// updates; and 100,000 rows import in seconds.
+#[tokio::test(flavor = "multi_thread")]
+async fn csv_imports_report_each_bad_row_and_take_100k_rows() {
+    let rig = ApiRig::start(RigOptions::default()).await;
+    let acme = rig.client(ACME);
+    let (_, _, b) = batch_of(&rig, &acme).await;
+    let import_path = format!("/api/v1/batches/{b}/users/import");
+    let import = |body: Vec<u8>| acme.call("POST", &import_path, Some(("text/csv", body)));
+
+    let wrong = import(b"Mail,Login,Secret\na@example.com,a,b\n".to_vec())
+        .await
+        .unwrap();
+    assert!(expect_error(wrong, 422, "bad_csv_header").contains("Mail,Login,Secret"));
+    let empty = import(Vec::new()).await.unwrap();
+    expect_error(empty, 422, "bad_csv_header");
+
+    let csv = "\u{feff}EmailAddress,UserName,Password,TargetUserName\r\n\
+               ann@example.com,ann,\"pa,ss\"\"word\",\r\n\
+               ben@example.com,,pw,\r\n\
+               cat@example.com,cat,,\r\n\
+               ANN@example.com,ann2,pw,\r\n\
+               dan@example.com,dan,pw,dan.target\r\n\
+               \"eve@example.com\",\"eve\",\"multi\r\nline\",\r\n";
+    let r = expect(import(csv.as_bytes().to_vec()).await.unwrap(), 200);
+    assert_eq!(r["added"], 4, "{r}");
+    let lines: Vec<u64> = r["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, [3, 5], "{r}");
+    assert!(r["errors"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("UserName is empty"));
+    assert!(r["errors"][1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("more than once"));
+    let user = |id: &str| {
+        let acme = &acme;
+        let path = format!("/api/v1/batches/{b}/users/{id}");
+        async move { expect(get(acme, &path).await, 200) }
+    };
+    assert_eq!(user("cat@example.com").await["has_source_password"], false);
+    assert_eq!(user("ann@example.com").await["has_source_password"], true);
+    assert_eq!(user("dan@example.com").await["target_login"], "dan.target");
+    assert_eq!(user("eve@example.com").await["source_login"], "eve");
+
+    // LF endings; ann again, without a password: updated, and her password kept.
+    let again = expect(
+        import(b"EmailAddress,UserName,Password\nann@example.com,ann.new,\n".to_vec())
+            .await
+            .unwrap(),
+        200,
+    );
+    assert_eq!(
+        (again["added"].as_u64(), again["updated"].as_u64()),
+        (Some(0), Some(1)),
+        "{again}"
+    );
+    let ann = user("ann@example.com").await;
+    assert_eq!(ann["source_login"], "ann.new");
+    assert_eq!(ann["has_source_password"], true);
+
+    let mut big = String::from("EmailAddress,UserName,Password\n");
+    for i in 0..100_000 {
+        big.push_str(&format!(
+            "user{i:06}@big.example,user{i:06},secret-{i:06}\n"
+        ));
+    }
+    let at = Instant::now();
+    let r = expect(import(big.into_bytes()).await.unwrap(), 200);
+    let took = at.elapsed();
+    assert_eq!(r["added"], 100_000);
+    assert_eq!(r["errors"], json!([]));
+    println!("100,000 rows imported in {took:?}");
+    assert!(took < Duration::from_secs(30), "100,000 rows took {took:?}");
+    let page = expect(
+        get(
+            &acme,
+            &format!("/api/v1/batches/{b}/users?offset=99998&limit=5"),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(page["total"], 100_004, "the 4 users before and the 100,000");
+    assert_eq!(page["users"].as_array().unwrap().len(), 5);
+    rig.clean_up().await;
+}
+
+/// A connection test names what went wrong: nothing listening, a certificate nobody
+/// trusts, no STARTTLS, a name that does not resolve. With `forbid_private_sources`,
+/// a source on an internal address is refused with its own code (targets are not).
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden() {
+    let rig = ApiRig::start(RigOptions::default()).await;
+    let acme = rig.client(ACME);
+    let tls = Dovecot::start(DovecotConfig {
+        tls: true,
+        ..DovecotConfig::default()
+    });
+    let cases = [
+        (
+            json!({"host": "127.0.0.1", "port": free_port(), "security": "plain"}),
+            "connection_refused",
+        ),
+        (
+            json!({"host": "127.0.0.1", "port": tls.imaps_port.unwrap(), "security": "tls"}),
+            "tls_certificate",
+        ),
+        (
+            json!({"host": "127.0.0.1", "port": rig.src.port, "security": "starttls"}),
+            "starttls_not_offered",
+        ),
+        (
+            json!({"host": "no-such-host.invalid", "port": 993, "security": "tls"}),
+            "dns",
+        ),
+    ];
+    for (settings, code) in cases {
+        let mut body = json!({"name": code, "role": "source", "provider": "custom"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(settings.as_object().unwrap().clone());
+        let e = expect(post(&acme, "/api/v1/endpoints", body).await, 201);
+        let verdict = expect(
+            post(
+                &acme,
+                &format!("/api/v1/endpoints/{}/test", e["id"].as_str().unwrap()),
+                json!({"login": "alice", "password": "alice-secret"}),
+            )
+            .await,
+            200,
+        );
+        assert_eq!(verdict["ok"], false, "{verdict}");
+        assert_eq!(verdict["failure"]["code"], code, "{verdict}");
+    }
+    rig.clean_up().await;
+    drop(rig);
+
+    let strict = ApiRig::start(RigOptions {
+        forbid_private_sources: true,
+        ..RigOptions::default()
+    })
+    .await;
+    let acme = strict.client(ACME);
+    for host in [
+        "127.0.0.1",
+        "localhost",
+        "10.0.0.8",
+        "169.254.169.254",
+        "[::1]",
+    ] {
+        let refused = post(
+            &acme,
+            "/api/v1/endpoints",
+            json!({"name": "x", "role": "source", "host": host, "port": 143}),
+        )
+        .await;
+        let message = expect_error(refused, 422, "forbidden_host");
+        assert!(message.contains("internal address"), "{message}");
+    }
+    expect(
+        post(&acme, "/api/v1/endpoints", strict.target_endpoint()).await,
+        201,
+    );
+    strict.clean_up().await;
+}
