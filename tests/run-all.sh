@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the tests need (Dovecot,
-# openssl) when missing, then format and lint checks, the unit tests and the end-to-end
-# tests against real IMAP servers. `.ci/run` calls exactly this.
+# openssl, Cyrus, Chromium, playwright-core, schemathesis) when missing, then format and
+# lint checks, the unit tests and the end-to-end tests against real IMAP servers.
+# `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +39,34 @@ if [[ ! -x $cyrus_root/usr/lib/cyrus/bin/master ]]; then
     rm -rf "$work"
 fi
 export MAILFERRY_CYRUS_ROOT=$cyrus_root
+
+# The console's and the API's tools: Debian's Chromium, playwright-core from npm (the
+# version tests/console/package-lock.json pins) and schemathesis from PyPI, each into
+# $MAILFERRY_TOOLS once.
+tools=${MAILFERRY_TOOLS:-/var/tmp/mailferry-tools}
+export MAILFERRY_TOOLS=$tools
+mkdir -p "$tools"
+if [[ ! -x /usr/bin/chromium ]] || ! command -v node >/dev/null; then
+    echo "== installing chromium and node"
+    [[ $(id -u) -eq 0 ]] || { echo "run as root (or install chromium and nodejs first)" >&2; exit 1; }
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends chromium nodejs npm >/dev/null
+fi
+if ! cmp -s tests/console/package-lock.json "$tools/console/package-lock.json" \
+    || [[ ! -d $tools/console/node_modules/playwright-core ]]; then
+    echo "== installing playwright-core (npm) into $tools/console"
+    mkdir -p "$tools/console"
+    cp tests/console/package.json tests/console/package-lock.json "$tools/console/"
+    (cd "$tools/console" && npm ci --no-audit --no-fund --silent)
+fi
+if [[ ! -x $tools/st-venv/bin/schemathesis ]]; then
+    echo "== installing schemathesis (PyPI) into $tools/st-venv"
+    python3 -m venv "$tools/st-venv"
+    "$tools/st-venv/bin/pip" install -q "schemathesis==4.32.5"
+fi
+# Screenshots of the console test are kept here.
+export MAILFERRY_ARTIFACTS=${MAILFERRY_ARTIFACTS:-/var/tmp/mailferry-artifacts}
 
 # Redis: the cluster store's tests use the machine's instance (own key prefix each).
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then

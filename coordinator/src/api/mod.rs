@@ -216,13 +216,21 @@ impl From<Error> for ApiError {
 /// `axum::Json`, with its rejections answered as [`ApiError`]s.
 pub struct Json<T>(pub T);
 
+/// Every request body is a JSON object: serde would also take a struct written as an
+/// array (`[null, null]`), which the document does not describe (the fuzz test found it).
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(e) => Err(json_rejection(e)),
+        let value = match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => v,
+            Err(e) => return Err(json_rejection(e)),
+        };
+        if !value.is_object() {
+            return Err(ApiError::invalid("the body must be a JSON object"));
         }
+        serde_json::from_value(value)
+            .map(Json)
+            .map_err(|e| ApiError::invalid(e.to_string()))
     }
 }
 

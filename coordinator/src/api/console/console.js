@@ -85,7 +85,7 @@ function go(hash) {
 function show(title, ...content) {
   if (stream) { stream.abort(); stream = null; }
   const main = document.getElementById("main");
-  main.replaceChildren(h("h1", { tabindex: "-1" }, title), ...content);
+  main.replaceChildren(h("h1", { tabindex: "-1" }, title), ...content.filter(Boolean));
   document.title = `${title} · mailferry`;
   main.querySelector("h1").focus();
 }
@@ -142,10 +142,19 @@ function verdictBox(verdict) {
     h("strong", {}, `Connection failed (${verdict.failure.code.replace(/_/g, " ")}). `), verdict.failure.message);
 }
 
-/** Saves an endpoint and tests it with one account; resolves to the endpoint if the test passed. */
+/**
+ * Saves an endpoint and tests it with one account: resolves to the endpoint if the test
+ * passed; otherwise the endpoint is removed again and the verdict says why.
+ */
 async function saveAndTest(body, login, password, out) {
   const endpoint = await api("POST", "/endpoints", body);
-  const verdict = await api("POST", `/endpoints/${encodeURIComponent(endpoint.id)}/test`, { login, password: password || null });
+  const path = `/endpoints/${encodeURIComponent(endpoint.id)}`;
+  let verdict;
+  try {
+    verdict = await api("POST", `${path}/test`, { login, password: password || null });
+  } finally {
+    if (!verdict || !verdict.ok) await api("DELETE", path).catch(() => {});
+  }
   out.replaceChildren(verdictBox(verdict));
   announce(verdict.ok ? "Connection works." : `Connection failed: ${verdict.failure.message}`);
   return verdict.ok ? endpoint : null;
@@ -173,10 +182,14 @@ async function newMigration() {
   const batchSection = h("section", { "aria-labelledby": "batch-h", hidden: true });
 
   // 1. Source
+  // Each provider's note is the radio button's description, read after its name.
   const radios = PROVIDERS.map((p) => h("div", { class: "choice" },
-    h("input", { type: "radio", name: "provider", id: `provider-${p.name}`, value: p.name, checked: p.name === "gmail" }),
-    h("label", { for: `provider-${p.name}` }, p.label,
-      notes[p.name] ? h("span", { class: "hint block" }, notes[p.name]) : null)));
+    h("input", {
+      type: "radio", name: "provider", id: `provider-${p.name}`, value: p.name, checked: p.name === "gmail",
+      "aria-describedby": notes[p.name] ? `note-${p.name}` : null,
+    }),
+    h("div", {}, h("label", { for: `provider-${p.name}` }, p.label),
+      notes[p.name] ? h("p", { class: "hint", id: `note-${p.name}` }, notes[p.name]) : null)));
   const custom = serverFields("source", {});
   const customBox = h("div", { hidden: true }, field("Server name", custom.host), field("Port", custom.port), field("Security", custom.security));
   const sourceLogin = h("input", { type: "text", name: "source-login", autocomplete: "off" });
@@ -476,7 +489,8 @@ async function userPage(batchId, userId) {
     h("li", {}, `Next sync: ${when(u.next_sync_ms)}`));
   const folders = h("div", { class: "table-wrap" }, h("table", {},
     h("caption", { class: "visually-hidden" }, "Folders"),
-    h("thead", {}, h("tr", {}, ["Source folder", "Target folder", "State", "At target", "Skipped", "Verified"].map((t) => h("th", { scope: "col" }, t)))),
+    h("thead", {}, h("tr", {}, ["Source folder", "Target folder", "State", "At target", "Skipped", "Verified"]
+      .map((t) => h("th", { scope: "col", class: ["At target", "Skipped"].includes(t) ? "num" : null }, t)))),
     h("tbody", {}, u.folders.map((f) => h("tr", {},
       h("td", {}, f.source), h("td", {}, f.target),
       h("td", {}, f.state, f.reason ? h("div", { class: "hint" }, f.reason) : null),
@@ -485,7 +499,7 @@ async function userPage(batchId, userId) {
   const skipped = u.skipped_messages.length
     ? h("div", { class: "table-wrap" }, h("table", {},
       h("caption", { class: "visually-hidden" }, "Skipped messages"),
-      h("thead", {}, h("tr", {}, ["Folder", "Size", "Date", "Reason"].map((t) => h("th", { scope: "col" }, t)))),
+      h("thead", {}, h("tr", {}, ["Folder", "Size", "Date", "Reason"].map((t) => h("th", { scope: "col", class: t === "Size" ? "num" : null }, t)))),
       h("tbody", {}, u.skipped_messages.map((m) => h("tr", {},
         h("td", {}, m.folder), h("td", { class: "num" }, `${m.size} bytes`), h("td", {}, m.date), h("td", {}, m.reason))))))
     : h("p", {}, "No message was skipped.");
