@@ -44,8 +44,11 @@ pub enum Command {
     Coordinator(WorkerArgs),
     /// Cluster batches: create one from endpoints and a CSV; start, stop, sync now or
     /// close its users; show their status. Needs Redis only: a running coordinator acts
-    /// on what these commands record.
+    /// on what these commands record. (The operator's tool; admins use `api`.)
     Batch(BatchArgs),
+    /// The admin's workflow through the coordinator's HTTP API (as the web console):
+    /// endpoints, batches, CSV imports, start/stop/sync now/close, a live `watch`.
+    Api(crate::api_cli::ApiArgs),
 }
 
 #[derive(Debug, Args)]
@@ -357,44 +360,49 @@ impl Side<'_> {
 
     /// The secret from the file, the environment, or a prompt — never from the command line.
     fn secret(&self, for_whom: &str) -> Result<Secret, UsageError> {
-        if let Some(path) = self.password_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                usage(format!(
-                    "--{}-password-file {}: {e}",
-                    self.name,
-                    path.display()
-                ))
-            })?;
-            let line = text.lines().next().unwrap_or("").to_string();
-            if line.is_empty() {
-                return Err(usage(format!(
-                    "--{}-password-file {} is empty",
-                    self.name,
-                    path.display()
-                )));
-            }
-            return Ok(Secret::new(line));
+        read_secret(
+            &format!("--{}-password-file", self.name),
+            self.password_file.as_deref(),
+            self.env,
+            &format!("{} password for {for_whom}", self.name),
+        )
+        .map_err(usage)
+    }
+}
+
+/// A secret from a file (`flag` names the option that gave it; its first line), else
+/// the environment variable `env`, else a prompt (`what`) when standard input is a
+/// terminal. Never from a command-line value: other users can read those.
+pub fn read_secret(
+    flag: &str,
+    file: Option<&Path>,
+    env: &str,
+    what: &str,
+) -> Result<Secret, String> {
+    if let Some(path) = file {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+        let line = text.lines().next().unwrap_or("").to_string();
+        if line.is_empty() {
+            return Err(format!("{flag} {} is empty", path.display()));
         }
-        if let Ok(value) = std::env::var(self.env) {
-            if !value.is_empty() {
-                return Ok(Secret::new(value));
-            }
-        }
-        use std::io::IsTerminal;
-        if std::io::stdin().is_terminal() {
-            let value =
-                rpassword::prompt_password(format!("{} password for {for_whom}: ", self.name))
-                    .map_err(|e| usage(format!("reading the {} password: {e}", self.name)))?;
-            if value.is_empty() {
-                return Err(usage(format!("empty {} password", self.name)));
-            }
+        return Ok(Secret::new(line));
+    }
+    if let Ok(value) = std::env::var(env) {
+        if !value.is_empty() {
             return Ok(Secret::new(value));
         }
-        Err(usage(format!(
-            "no {0} password: set {1}, or use --{0}-password-file PATH",
-            self.name, self.env
-        )))
     }
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        let value = rpassword::prompt_password(format!("{what}: "))
+            .map_err(|e| format!("reading the {what}: {e}"))?;
+        if value.is_empty() {
+            return Err(format!("empty {what}"));
+        }
+        return Ok(Secret::new(value));
+    }
+    Err(format!("no {what}: set {env}, or use {flag} PATH"))
 }
 
 fn split_host_port(spec: &str, security: Security) -> Result<(String, u16), String> {

@@ -35,6 +35,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Api(args) => match mailferry_coordinator::api_cli::run(&args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("mailferry api: {e:#}");
+                ExitCode::from(Exit::Usage as u8)
+            }
+        },
         Command::Coordinator(args) => match coordinator(&args, cli.verbose) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

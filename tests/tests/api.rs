@@ -749,3 +749,164 @@ async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden
     );
     strict.clean_up().await;
 }
+
+/// Runs `mailferry api ARGS` against the rig with acme's token; (exit code, stdout,
+/// stdout and stderr), after checking the canary shows in neither.
+fn cli(rig: &ApiRig, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(mailferry_tests::run::binary())
+        .arg("api")
+        .args(args)
+        .env("MAILFERRY_API_URL", rig.base_url())
+        .env("MAILFERRY_API_TOKEN", ACME)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running mailferry api");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let all = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!all.contains(CANARY), "the CLI printed the password: {all}");
+    (out.status.code(), stdout, all)
+}
+
+/// The `mailferry api` commands drive the same API: endpoints made (the master's
+/// password from the environment) and tested, a batch, a CSV import with a bad row,
+/// start, `watch --until-settled` ending when both users are synced, a CSV report;
+/// and a missing token or URL is named.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_drives_the_api_from_endpoints_to_the_report() {
+    let rig = ApiRig::start(RigOptions {
+        per_folder: 2,
+        workers: 1,
+        ..RigOptions::default()
+    })
+    .await;
+    let port = |d: &Dovecot| d.port.to_string();
+    let (code, source, text) = cli(
+        &rig,
+        &[
+            "endpoint-create",
+            "--name",
+            "old",
+            "--role",
+            "source",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port(&rig.src),
+            "--security",
+            "plain",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    let source = source.trim().to_string();
+    let (code, out, text) = cli(
+        &rig,
+        &["endpoint-test", &source, "--login", "alice@example.com"],
+        &[("MAILFERRY_TEST_PASSWORD", "wrong")],
+    );
+    assert_eq!(code, Some(1), "{text}");
+    assert!(out.contains("failed (authentication_rejected)"), "{out}");
+    let (code, target, text) = cli(
+        &rig,
+        &[
+            "endpoint-create",
+            "--name",
+            "new",
+            "--role",
+            "target",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port(&rig.dst),
+            "--security",
+            "plain",
+            "--auth",
+            &format!("master:{}", MASTER.0),
+        ],
+        &[("MAILFERRY_ADMIN_PASSWORD", MASTER.1)],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    let target = target.trim().to_string();
+    let (code, out, text) = cli(
+        &rig,
+        &["endpoint-test", &target, "--login", "alice@example.com"],
+        &[],
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (Some(0), "ok: alice@example.com logged in"),
+        "{text}"
+    );
+    let (code, batch, text) = cli(
+        &rig,
+        &[
+            "batch-create",
+            "--name",
+            "Ops",
+            "--source",
+            &source,
+            "--target",
+            &target,
+            "--every",
+            "6h",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    let batch = batch.trim().to_string();
+    let csv = rig.dir.join("users.csv");
+    let mut rows = String::from("EmailAddress,UserName,Password\n");
+    for (login, password, _) in &rig.users {
+        rows.push_str(&format!("{login},{login},{password}\n"));
+    }
+    rows.push_str("nobody,x,y\n");
+    std::fs::write(&csv, rows).unwrap();
+    let (code, out, text) = cli(&rig, &["import", &batch, csv.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(7), "one bad row: {text}");
+    assert!(out.contains("2 added, 0 updated, 1 rows refused"), "{out}");
+    assert!(text.contains("line 4"), "{text}");
+    let (code, out, text) = cli(&rig, &["start", &batch], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        out.contains("alice@example.com: started") && out.contains("bob@example.com: started"),
+        "{out}"
+    );
+    let (code, out, text) = cli(&rig, &["watch", &batch, "--until-settled"], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        out.contains("alice@example.com\tsynced") && out.contains("bob@example.com\tsynced"),
+        "{out}"
+    );
+    let (code, out, _) = cli(&rig, &["status", &batch], &[]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("2 users (2 synced)"), "{out}");
+    let report = rig.dir.join("report.csv");
+    let (code, _, text) = cli(
+        &rig,
+        &["report", &batch, "--output", report.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    let report = std::fs::read_to_string(report).unwrap();
+    assert_eq!(report.lines().count(), 3, "{report}");
+
+    let (code, _, text) = cli(&rig, &["batches"], &[("MAILFERRY_API_TOKEN", "")]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("MAILFERRY_API_TOKEN"), "{text}");
+    let (code, _, text) = cli(
+        &rig,
+        &["batches"],
+        &[("MAILFERRY_API_TOKEN", "wrong-token-of-enough-length")],
+    );
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("not known here (unauthorized, HTTP 401)"),
+        "{text}"
+    );
+    for (login, password, messages) in &rig.users {
+        let pair = Pair::dovecots(&rig.src, &rig.dst, login, password);
+        mail::assert_same_mail(&pair, messages, |p| p.to_string()).await;
+    }
+    rig.clean_up().await;
+}

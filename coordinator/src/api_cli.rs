@@ -1,0 +1,547 @@
+//! `mailferry api …`: the admin's workflow from a terminal, through the coordinator's
+//! HTTP API (the same API as the web console): endpoints made and tested, batches made,
+//! users imported, started, stopped, synced now and closed, a batch watched with live
+//! progress bars, reports downloaded. The base URL and the token come from flags or
+//! the environment; passwords never from a flag (other users can read those).
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use mailferry_shared::secret::Secret;
+use serde_json::{json, Value};
+
+use crate::cli::{parse_duration_secs, read_secret};
+use crate::client::ApiClient;
+use crate::report::human_bytes;
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// The API's base URL, e.g. https://mailferry.example.net.
+    #[arg(long, env = "MAILFERRY_API_URL", value_name = "URL", global = true)]
+    pub url: Option<String>,
+    /// A file holding the API token; else $MAILFERRY_API_TOKEN.
+    #[arg(long, value_name = "PATH", global = true)]
+    pub token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: ApiCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiCommand {
+    /// The tenant's endpoints.
+    Endpoints,
+    /// Make an endpoint (a source or target server) from a preset or custom settings.
+    EndpointCreate(EndpointCreate),
+    /// Test an endpoint with one account: log in and out, and say what went wrong if
+    /// it did. The password comes from --password-file, $MAILFERRY_TEST_PASSWORD or a
+    /// prompt; with an admin or master login it may be left out.
+    EndpointTest {
+        endpoint: String,
+        #[arg(long)]
+        login: String,
+        #[arg(long, value_name = "PATH")]
+        password_file: Option<PathBuf>,
+    },
+    /// The tenant's batches.
+    Batches,
+    /// Make a batch from a source and a target endpoint; prints its id.
+    BatchCreate {
+        #[arg(long)]
+        name: String,
+        /// The source endpoint's id.
+        #[arg(long)]
+        source: String,
+        /// The target endpoint's id.
+        #[arg(long)]
+        target: String,
+        /// Time between passes of synced users: 90s, 30m, 6h, 1d.
+        #[arg(long, value_name = "DURATION")]
+        every: Option<String>,
+    },
+    /// Import users from a CSV (EmailAddress,UserName,Password; optional
+    /// TargetUserName,TargetPassword). Bad rows are listed with their line.
+    Import { batch: String, csv: PathBuf },
+    /// Start users (all, or those named with --user).
+    Start(Selection),
+    /// Stop users: no more passes; jobs in progress stop.
+    Stop(Selection),
+    /// Sync started users now.
+    SyncNow(Selection),
+    /// Close users: a final pass, then their stored credentials are deleted.
+    Close(Selection),
+    /// Each user's status and counts, and the batch's totals.
+    Status { batch: String },
+    /// Live progress bars of a batch's users (from its event stream).
+    Watch {
+        batch: String,
+        /// Exit once no user is starting, queued or syncing (exit code 1 if one failed).
+        #[arg(long)]
+        until_settled: bool,
+    },
+    /// The batch report, as CSV or JSON, to a file or standard output.
+    Report {
+        batch: String,
+        #[arg(long, default_value = "csv", value_parser = ["csv", "json"])]
+        format: String,
+        #[arg(long, short, value_name = "PATH")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EndpointCreate {
+    #[arg(long)]
+    name: String,
+    #[arg(long, value_parser = ["source", "target"])]
+    role: String,
+    /// gmail, outlook, hotmail, yahoo, or custom (with --host).
+    #[arg(long, default_value = "custom")]
+    provider: String,
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long)]
+    port: Option<u16>,
+    /// tls, starttls or plain.
+    #[arg(long)]
+    security: Option<String>,
+    /// password (the default), xoauth2, admin:NAME or master:NAME. With admin or master,
+    /// its password comes from --admin-password-file, $MAILFERRY_ADMIN_PASSWORD or a prompt.
+    #[arg(long, default_value = "password")]
+    auth: String,
+    #[arg(long, value_name = "PATH")]
+    admin_password_file: Option<PathBuf>,
+    /// Accept any TLS certificate (a server with a self-signed one, on a trusted network).
+    #[arg(long)]
+    accept_invalid_certs: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct Selection {
+    batch: String,
+    /// Only this user (repeatable).
+    #[arg(long = "user", value_name = "ADDRESS")]
+    users: Vec<String>,
+    /// Start only: read the source password of the --user given from this file (else
+    /// from $MAILFERRY_SOURCE_PASSWORD, if set).
+    #[arg(long, value_name = "PATH")]
+    password_file: Option<PathBuf>,
+}
+
+fn client(args: &ApiArgs) -> anyhow::Result<ApiClient> {
+    let url = args
+        .url
+        .as_deref()
+        .context("no API URL: give --url or set MAILFERRY_API_URL")?;
+    let token = read_secret(
+        "--token-file",
+        args.token_file.as_deref(),
+        "MAILFERRY_API_TOKEN",
+        "API token",
+    )
+    .map_err(anyhow::Error::msg)?;
+    ApiClient::new(url, token)
+}
+
+/// A path segment, percent-encoded (user ids are addresses).
+fn seg(text: &str) -> String {
+    let mut out = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub fn run(args: &ApiArgs) -> anyhow::Result<u8> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: &ApiArgs) -> anyhow::Result<u8> {
+    let api = client(args)?;
+    match &args.command {
+        ApiCommand::Endpoints => {
+            let all = api.get("/api/v1/endpoints").await?.ok()?;
+            for e in all.as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}\t{}\t{}:{} ({})\t{}",
+                    e["id"].as_str().unwrap_or(""),
+                    e["role"].as_str().unwrap_or(""),
+                    e["name"].as_str().unwrap_or(""),
+                    e["host"].as_str().unwrap_or(""),
+                    e["port"],
+                    e["security"].as_str().unwrap_or(""),
+                    e["provider"].as_str().unwrap_or(""),
+                );
+            }
+            Ok(0)
+        }
+        ApiCommand::EndpointCreate(e) => {
+            let mut body = json!({
+                "name": e.name, "role": e.role, "provider": e.provider,
+                "accept_invalid_certs": e.accept_invalid_certs,
+            });
+            if let Some(host) = &e.host {
+                body["host"] = json!(host);
+            }
+            if let Some(port) = e.port {
+                body["port"] = json!(port);
+            }
+            if let Some(security) = &e.security {
+                body["security"] = json!(security);
+            }
+            let auth = match e.auth.split_once(':') {
+                None if e.auth == "password" || e.auth == "xoauth2" => json!({"method": e.auth}),
+                Some(("admin", who)) => json!({"method": "admin_plain", "admin": who}),
+                Some(("master", who)) => json!({"method": "dovecot_master", "master": who}),
+                _ => anyhow::bail!(
+                    "--auth {}: expected password, xoauth2, admin:NAME or master:NAME",
+                    e.auth
+                ),
+            };
+            if auth["method"] == "admin_plain" || auth["method"] == "dovecot_master" {
+                let secret = read_secret(
+                    "--admin-password-file",
+                    e.admin_password_file.as_deref(),
+                    "MAILFERRY_ADMIN_PASSWORD",
+                    "admin password",
+                )
+                .map_err(anyhow::Error::msg)?;
+                body["admin_password"] = json!(secret.expose());
+            }
+            body["auth"] = auth;
+            let made = api.post_json("/api/v1/endpoints", &body).await?.ok()?;
+            if let Some(note) = made["note"].as_str() {
+                eprintln!("note: {note}");
+            }
+            println!("{}", made["id"].as_str().unwrap_or(""));
+            Ok(0)
+        }
+        ApiCommand::EndpointTest {
+            endpoint,
+            login,
+            password_file,
+        } => {
+            let record = api
+                .get(&format!("/api/v1/endpoints/{}", seg(endpoint)))
+                .await?
+                .ok()?;
+            let password = if record["has_admin_password"] == true
+                && password_file.is_none()
+                && std::env::var_os("MAILFERRY_TEST_PASSWORD").is_none()
+            {
+                None
+            } else {
+                Some(
+                    read_secret(
+                        "--password-file",
+                        password_file.as_deref(),
+                        "MAILFERRY_TEST_PASSWORD",
+                        &format!("password of {login}"),
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                )
+            };
+            let verdict = api
+                .post_json(
+                    &format!("/api/v1/endpoints/{}/test", seg(endpoint)),
+                    &json!({"login": login, "password": password.as_ref().map(Secret::expose)}),
+                )
+                .await?
+                .ok()?;
+            if verdict["ok"] == true {
+                println!("ok: {login} logged in");
+                Ok(0)
+            } else {
+                println!(
+                    "failed ({}): {}",
+                    verdict["failure"]["code"].as_str().unwrap_or("?"),
+                    verdict["failure"]["message"].as_str().unwrap_or("")
+                );
+                Ok(1)
+            }
+        }
+        ApiCommand::Batches => {
+            let all = api.get("/api/v1/batches").await?.ok()?;
+            for b in all.as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}\tsource {}\ttarget {}",
+                    b["id"].as_str().unwrap_or(""),
+                    b["name"].as_str().unwrap_or(""),
+                    b["source_endpoint"].as_str().unwrap_or(""),
+                    b["target_endpoint"].as_str().unwrap_or(""),
+                );
+            }
+            Ok(0)
+        }
+        ApiCommand::BatchCreate {
+            name,
+            source,
+            target,
+            every,
+        } => {
+            let mut body =
+                json!({"name": name, "source_endpoint": source, "target_endpoint": target});
+            if let Some(every) = every {
+                body["sync_interval_secs"] =
+                    json!(parse_duration_secs(every).map_err(anyhow::Error::msg)?);
+            }
+            let made = api.post_json("/api/v1/batches", &body).await?.ok()?;
+            println!("{}", made["id"].as_str().unwrap_or(""));
+            Ok(0)
+        }
+        ApiCommand::Import { batch, csv } => {
+            let bytes = std::fs::read(csv).with_context(|| format!("reading {}", csv.display()))?;
+            let report = api
+                .call(
+                    "POST",
+                    &format!("/api/v1/batches/{}/users/import", seg(batch)),
+                    Some(("text/csv", bytes)),
+                )
+                .await?
+                .ok()?;
+            let errors = report["errors"].as_array().cloned().unwrap_or_default();
+            for e in &errors {
+                eprintln!(
+                    "{}: line {}: {}",
+                    csv.display(),
+                    e["line"],
+                    e["reason"].as_str().unwrap_or("")
+                );
+            }
+            println!(
+                "{} added, {} updated, {} rows refused",
+                report["added"],
+                report["updated"],
+                errors.len()
+            );
+            Ok(if errors.is_empty() {
+                0
+            } else {
+                crate::report::Exit::BadRows as u8
+            })
+        }
+        ApiCommand::Start(sel)
+        | ApiCommand::Stop(sel)
+        | ApiCommand::SyncNow(sel)
+        | ApiCommand::Close(sel) => {
+            let (verb, done) = match &args.command {
+                ApiCommand::Start(_) => ("start", "started"),
+                ApiCommand::Stop(_) => ("stop", "stopped"),
+                ApiCommand::SyncNow(_) => ("sync-now", "to sync now"),
+                _ => (
+                    "close",
+                    "closing (a final pass, then its credentials are deleted)",
+                ),
+            };
+            let mut body = json!({"users": sel.users});
+            let typed = sel.password_file.is_some()
+                || std::env::var_os("MAILFERRY_SOURCE_PASSWORD").is_some();
+            if typed {
+                if verb != "start" || sel.users.len() != 1 {
+                    anyhow::bail!("a source password is given when starting one --user");
+                }
+                let secret = read_secret(
+                    "--password-file",
+                    sel.password_file.as_deref(),
+                    "MAILFERRY_SOURCE_PASSWORD",
+                    "source password",
+                )
+                .map_err(anyhow::Error::msg)?;
+                body["source_passwords"] = json!({ &sel.users[0]: secret.expose() });
+            }
+            let report = api
+                .post_json(
+                    &format!("/api/v1/batches/{}/{verb}", seg(&sel.batch)),
+                    &body,
+                )
+                .await?
+                .ok()?;
+            for user in report["applied"].as_array().into_iter().flatten() {
+                println!("{}: {done}", user.as_str().unwrap_or(""));
+            }
+            let refused = report["refused"].as_array().cloned().unwrap_or_default();
+            for r in &refused {
+                println!(
+                    "{}: not {done}: {}",
+                    r["user"].as_str().unwrap_or(""),
+                    r["reason"].as_str().unwrap_or("")
+                );
+            }
+            Ok(if refused.is_empty() { 0 } else { 1 })
+        }
+        ApiCommand::Status { batch } => {
+            let detail = api
+                .get(&format!("/api/v1/batches/{}", seg(batch)))
+                .await?
+                .ok()?;
+            let page = api
+                .get(&format!("/api/v1/batches/{}/users?limit=10000", seg(batch)))
+                .await?
+                .ok()?;
+            for u in page["users"].as_array().into_iter().flatten() {
+                println!("{}", user_line(u));
+            }
+            println!("{}", summary_line(&detail["summary"]));
+            Ok(0)
+        }
+        ApiCommand::Watch {
+            batch,
+            until_settled,
+        } => watch(&api, batch, *until_settled).await,
+        ApiCommand::Report {
+            batch,
+            format,
+            output,
+        } => {
+            let answer = api
+                .get(&format!("/api/v1/batches/{}/report.{format}", seg(batch)))
+                .await?;
+            if answer.status != 200 {
+                answer.ok()?;
+                unreachable!("a non-200 answer is an error");
+            }
+            match output {
+                Some(path) => std::fs::write(path, &answer.body)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&answer.body)?;
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn user_line(u: &Value) -> String {
+    let reason = u["reason"]
+        .as_str()
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    format!(
+        "{}\t{}{reason}\tfolders {}/{}\tcopied {}\t{}\tskipped {}",
+        u["id"].as_str().unwrap_or(""),
+        u["status"].as_str().unwrap_or(""),
+        u["jobs_done"],
+        u["jobs"],
+        u["copied"],
+        human_bytes(u["copied_bytes"].as_u64().unwrap_or(0)),
+        u["skipped"],
+    )
+}
+
+fn summary_line(s: &Value) -> String {
+    let by_status: Vec<String> = s["users_by_status"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect();
+    format!(
+        "{} users ({}); copied {} messages, {}; skipped {}",
+        s["users"],
+        by_status.join(", "),
+        s["copied"],
+        human_bytes(s["copied_bytes"].as_u64().unwrap_or(0)),
+        s["skipped"]
+    )
+}
+
+/// A user is settled when nothing runs for it now.
+fn settled(status: &str) -> bool {
+    !matches!(status, "starting" | "queued" | "syncing")
+}
+
+/// Per-user bars drawn at most: a batch of thousands is summed up in the first bar.
+const MAX_BARS: usize = 30;
+
+/// Follows the batch's event stream: one bar for the batch (users settled of all) and
+/// one per user (folders done of the pass) for the first users; without a terminal,
+/// one line per change instead.
+async fn watch(api: &ApiClient, batch: &str, until_settled: bool) -> anyhow::Result<u8> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let terminal = std::io::stderr().is_terminal();
+    let bars = MultiProgress::with_draw_target(if terminal {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template("{prefix:<32} [{bar:24}] {pos}/{len} {msg}")
+        .expect("a valid template")
+        .progress_chars("=> ");
+    let total = bars.add(ProgressBar::new(0).with_style(style.clone()));
+    total.set_prefix("batch (users settled)");
+    let mut users: BTreeMap<String, Value> = BTreeMap::new();
+    let mut user_bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
+    let path = format!("/api/v1/batches/{}/events", seg(batch));
+    let mut failed = false;
+    api.events(&path, |event, data| {
+        let Ok(value) = serde_json::from_str::<Value>(data) else {
+            return true;
+        };
+        match event {
+            "user" => {
+                let id = value["id"].as_str().unwrap_or("").to_string();
+                if !terminal && users.get(&id).map(|u| &u["status"]) != Some(&value["status"]) {
+                    println!("{}", user_line(&value));
+                }
+                if user_bars.len() < MAX_BARS || user_bars.contains_key(&id) {
+                    let bar = user_bars.entry(id.clone()).or_insert_with(|| {
+                        let bar = bars.add(ProgressBar::new(0).with_style(style.clone()));
+                        bar.set_prefix(id.clone());
+                        bar
+                    });
+                    bar.set_length(value["jobs"].as_u64().unwrap_or(0));
+                    bar.set_position(value["jobs_done"].as_u64().unwrap_or(0));
+                    bar.set_message(format!(
+                        "{} · {} copied{}",
+                        value["status"].as_str().unwrap_or(""),
+                        value["copied"],
+                        value["reason"]
+                            .as_str()
+                            .map(|r| format!(" · {r}"))
+                            .unwrap_or_default()
+                    ));
+                }
+                users.insert(id, value);
+            }
+            "summary" => {
+                total.set_message(summary_line(&value));
+                if !terminal {
+                    println!("{}", summary_line(&value));
+                }
+            }
+            "problem" => {
+                let _ = bars.println(format!(
+                    "problem: {}",
+                    value["message"].as_str().unwrap_or("")
+                ));
+            }
+            _ => {}
+        }
+        let done = users
+            .values()
+            .filter(|u| settled(u["status"].as_str().unwrap_or("")))
+            .count();
+        total.set_length(users.len() as u64);
+        total.set_position(done as u64);
+        failed = users.values().any(|u| u["status"] == "failed");
+        !(until_settled && !users.is_empty() && done == users.len())
+    })
+    .await?;
+    total.finish();
+    for bar in user_bars.values() {
+        bar.finish();
+    }
+    Ok(u8::from(failed))
+}
