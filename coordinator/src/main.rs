@@ -145,10 +145,18 @@ fn migrate(args: &MigrateArgs) -> anyhow::Result<Exit> {
 
 /// The settings (file, then environment) and a runtime, for the cluster commands.
 /// `--check-config`: the settings load and validate, and the sealing keys parse.
-fn check_config(args: &mailferry_coordinator::cli::WorkerArgs) -> anyhow::Result<()> {
+/// The coordinator (`serves_api`) also reads its API tokens.
+fn check_config(
+    args: &mailferry_coordinator::cli::WorkerArgs,
+    serves_api: bool,
+) -> anyhow::Result<()> {
     let settings = Settings::load(args.config.as_deref(), std::env::vars())?;
     let keys = settings.sealing_keys()?;
     mailferry_shared::seal::Keyring::parse(&keys).context("the sealing keys")?;
+    if serves_api && settings.api.listen.is_some() {
+        let tokens = settings.api.all_tokens()?;
+        println!("API tokens OK: {} (secrets redacted)", tokens.len());
+    }
     println!("settings OK: {settings:?}");
     Ok(())
 }
@@ -202,7 +210,7 @@ async fn serve_ops(
 
 fn worker(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> anyhow::Result<()> {
     if args.check_config {
-        return check_config(args);
+        return check_config(args, false);
     }
     let (settings, runtime) = cluster_setup(args.config.as_deref())?;
     let metrics = start_ops(&settings, verbose, "worker")?;
@@ -219,7 +227,7 @@ fn worker(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> anyhow:
 
 fn coordinator(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> anyhow::Result<()> {
     if args.check_config {
-        return check_config(args);
+        return check_config(args, true);
     }
     let (settings, runtime) = cluster_setup(args.config.as_deref())?;
     let metrics = start_ops(&settings, verbose, "coordinator")?;

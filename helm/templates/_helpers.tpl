@@ -34,8 +34,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
-{{/* mailferry.toml: the values' config, plus what the chart decides (the ops port, the
-     sealing key file). URLs come from the Secret as environment variables. */}}
+{{/* mailferry.toml: the values' config, plus what the chart decides (the ops and API
+     ports, the sealing key and API token files). URLs come from the Secret as
+     environment variables. */}}
 {{- define "mailferry.config" -}}
 {{- $config := deepCopy .Values.config -}}
 {{- $ops := default dict $config.ops -}}
@@ -44,6 +45,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- $_ := set $config "sealing" (dict "key_file" "/etc/mailferry/sealing/keys") -}}
 {{- if .Values.secrets.amqpCa.existingSecret -}}
 {{- $_ := set $config "amqp_ca_file" "/etc/mailferry/amqp-ca/ca.pem" -}}
+{{- end -}}
+{{- if .Values.api.enabled -}}
+{{- $_ := set $config "api" (dict "listen" (printf "0.0.0.0:%d" (int .Values.api.port)) "tokens_file" "/etc/mailferry/api/tokens" "forbid_private_sources" .Values.api.forbidPrivateSources) -}}
 {{- end -}}
 {{- toToml $config -}}
 {{- end -}}
@@ -89,6 +93,11 @@ spec:
         - name: ops
           containerPort: {{ $.Values.opsPort }}
           protocol: TCP
+        {{- if and $.Values.api.enabled (eq $component "coordinator") }}
+        - name: api
+          containerPort: {{ $.Values.api.port }}
+          protocol: TCP
+        {{- end }}
       livenessProbe:
         httpGet: {path: /healthz, port: ops}
         periodSeconds: 10
@@ -112,6 +121,9 @@ spec:
         {{- if $.Values.secrets.amqpCa.existingSecret }}
         - {name: amqp-ca, mountPath: /etc/mailferry/amqp-ca, readOnly: true}
         {{- end }}
+        {{- if and $.Values.api.enabled (eq $component "coordinator") }}
+        - {name: api-tokens, mountPath: /etc/mailferry/api, readOnly: true}
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -129,6 +141,13 @@ spec:
         secretName: {{ $.Values.secrets.amqpCa.existingSecret }}
         items:
           - {key: {{ $.Values.secrets.amqpCa.key }}, path: ca.pem}
+    {{- end }}
+    {{- if and $.Values.api.enabled (eq $component "coordinator") }}
+    - name: api-tokens
+      secret:
+        secretName: {{ $.Values.secrets.apiTokens.existingSecret }}
+        items:
+          - {key: {{ $.Values.secrets.apiTokens.key }}, path: tokens}
     {{- end }}
   {{- with $values.nodeSelector }}
   nodeSelector:

@@ -189,7 +189,9 @@ impl ApiSettings {
     }
 
     /// Every token (inline and from the file), each checked: a tenant is a word of
-    /// letters, digits, '-' and '_'; a token has at least [`MIN_TOKEN_LEN`] characters.
+    /// letters, digits, '-' and '_'; a token has at least [`MIN_TOKEN_LEN`] characters;
+    /// and there is at least one. (Checked by the coordinator, which serves the API: the
+    /// workers share the settings file but not the token file.)
     pub fn all_tokens(&self) -> Result<Vec<ApiToken>, SettingsError> {
         let invalid = |key, problem: String| SettingsError::Invalid { key, problem };
         let mut all = self.tokens.clone();
@@ -212,6 +214,12 @@ impl ApiSettings {
                     token: Secret::new(token.trim()),
                 });
             }
+        }
+        if all.is_empty() {
+            return Err(invalid(
+                "api.tokens",
+                "the API is served (api.listen) but no token is set: add api.tokens or api.tokens_file".into(),
+            ));
         }
         for t in &all {
             let word = !t.tenant.is_empty()
@@ -445,12 +453,6 @@ impl Settings {
                     "must be an address and port, e.g. 0.0.0.0:8080",
                 );
             }
-            if self.api.all_tokens()?.is_empty() {
-                return invalid(
-                    "api.tokens",
-                    "the API is served (api.listen) but no token is set: add api.tokens or api.tokens_file",
-                );
-            }
         }
         if self.queue.delivery_limit == 0 {
             return invalid("queue.delivery_limit", "must be at least 1");
@@ -503,6 +505,44 @@ mod tests {
         assert_eq!(s.worker.job_slots, 5, "the environment wins over the file");
         assert_eq!(s.worker.bytes_in_flight, ByteSize(32 << 20));
         std::fs::remove_file(file).unwrap();
+    }
+
+    #[test]
+    fn api_tokens_come_from_the_settings_and_a_file_and_are_checked() {
+        let tokens = write(
+            "# tenant:token\nacme: acme-0123456789abcdef \n\nglobex:globex-0123456789abcdef\n",
+        );
+        let file = write(&format!(
+            "[api]\nlisten = \"127.0.0.1:8080\"\ntokens_file = \"{}\"\ntokens = [{{ tenant = \"initech\", token = \"initech-0123456789ab\" }}]\n",
+            tokens.display()
+        ));
+        let s = Settings::load(Some(&file), []).unwrap();
+        let all = s.api.all_tokens().unwrap();
+        let tenants: Vec<&str> = all.iter().map(|t| t.tenant.as_str()).collect();
+        assert_eq!(tenants, ["initech", "acme", "globex"]);
+        assert_eq!(all[1].token.expose(), "acme-0123456789abcdef");
+        let check = |text: &str| {
+            std::fs::write(&tokens, text).unwrap();
+            s.api.all_tokens().unwrap_err().to_string()
+        };
+        assert!(check("acme-0123456789abcdef\n").contains("line 1: expected tenant:token"));
+        assert!(check("acme:short\n").contains("shorter than 16"));
+        assert!(check("ac me:acme-0123456789abcdef\n").contains("tenant \"ac me\""));
+        let none = ApiSettings {
+            listen: Some("127.0.0.1:8080".into()),
+            ..ApiSettings::default()
+        };
+        assert!(none
+            .all_tokens()
+            .unwrap_err()
+            .to_string()
+            .contains("no token is set"));
+        let err = Settings::load(None, [("MAILFERRY__API__LISTEN".into(), "8080".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("api.listen"), "{err}");
+        std::fs::remove_file(file).unwrap();
+        std::fs::remove_file(tokens).unwrap();
     }
 
     #[test]

@@ -43,6 +43,7 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 head -c 32 /dev/urandom | base64 | sed 's/^/k1:/' > "$out/keys"
+head -c 24 /dev/urandom | base64 | sed 's/^/acme:/' > "$out/tokens"
 for values in default helm/examples/*.yaml; do
     name=$(basename "$values" .yaml)
     args=()
@@ -85,6 +86,17 @@ if "ScaledObject" in kinds:
 if "ServiceMonitor" in kinds:
     need(kinds["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "ops", "ServiceMonitor port")
 need(all(d["kind"] != "Secret" for d in docs), "the chart templated a Secret")
+# The API: on the coordinators only, its tokens from the Secret, internal sources refused.
+coordinator = next(d for n, d in deployments.items() if n.endswith("-coordinator"))
+if "[api]" in config:
+    c = coordinator["spec"]["template"]["spec"]["containers"][0]
+    need(any(p["name"] == "api" for p in c["ports"]), "no api port on the coordinator")
+    need(any(m["mountPath"] == "/etc/mailferry/api" for m in c["volumeMounts"]), "API tokens not mounted")
+    w = deployments[worker]["spec"]["template"]["spec"]["containers"][0]
+    need(all(m["mountPath"] != "/etc/mailferry/api" for m in w["volumeMounts"]), "API tokens mounted in workers")
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-coordinator"))
+    need(any(p["name"] == "api" for p in service["spec"]["ports"]), "no api port on the coordinator Service")
+    need("forbid_private_sources = true" in config, "internal sources not refused by default")
 PY
     # In the cluster the URLs come from the Secret: here stand-ins of the right kind.
     env=(MAILFERRY__SEALING__KEY_FILE="$out/keys")
@@ -94,6 +106,8 @@ PY
         env+=(MAILFERRY__AMQP_URL="amqps://u:p@rabbitmq:5671/%2f" MAILFERRY__AMQP_CA_FILE="$out/ca.pem")
     fi
     env "${env[@]}" "$bin" worker --config "$out/$name.toml" --check-config >/dev/null
+    env "${env[@]}" MAILFERRY__API__TOKENS_FILE="$out/tokens" \
+        "$bin" coordinator --config "$out/$name.toml" --check-config >/dev/null
 done
 echo "== values.schema.json refuses mistakes"
 for bad in "worker.jobSlots=3" "config.worker.job_slots=0" "config.ops.log_format=yaml"; do
