@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use mailferry_shared::batch::{BatchRecord, UserRecord};
 use mailferry_shared::control::PassRecord;
+use mailferry_shared::directory::endpoint_seal_scope;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::settings::{Settings, MIN_SYNC_INTERVAL_SECS};
@@ -136,12 +137,64 @@ impl Cluster {
         self.store.import_users(batch, &ids).await
     }
 
-    /// Key rotation: every stored secret not sealed with the keyring's newest key is
-    /// opened with the key it names and sealed again with the newest. Returns (secrets
+    /// Key rotation: every stored secret not sealed with the keyring's newest key (users'
+    /// passwords, the API's endpoints' admin passwords and the batches' copies of them)
+    /// is opened with the key it names and sealed again with the newest. Returns (secrets
     /// resealed, secrets already current). A secret no listed key opens stops it with
     /// an error naming the user: nothing is rewritten that could not be read back.
     pub async fn reseal_all(&self) -> Result<(usize, usize), Error> {
         let (mut resealed, mut current) = (0, 0);
+        let mut count = |again: Option<String>, secret: &mut String| match again {
+            Some(again) => {
+                *secret = again;
+                resealed += 1;
+                true
+            }
+            None => {
+                current += 1;
+                false
+            }
+        };
+        // The API's endpoints' admin passwords, and the batches' copies of them.
+        for tenant in self.store.tenants().await? {
+            for mut endpoint in self.store.endpoints(&tenant).await? {
+                let (scope, who) = endpoint_seal_scope(&tenant, &endpoint.id);
+                let Some(secret) = endpoint.admin_secret.as_mut() else {
+                    continue;
+                };
+                let again = self.keys.reseal(secret, &scope, &who).map_err(|e| {
+                    Error::Config(format!("tenant {tenant}, endpoint {}: {e}", endpoint.id))
+                })?;
+                if count(again, secret) {
+                    self.store.put_endpoint(&tenant, &endpoint).await?;
+                }
+            }
+        }
+        for batch in self.store.batches().await? {
+            let Some(mut record) = self.store.batch(&batch).await? else {
+                continue;
+            };
+            if let Some(owner) = record.owner.as_mut() {
+                let mut changed = false;
+                let sides = [
+                    (&owner.source_endpoint, &mut owner.source_admin_secret),
+                    (&owner.target_endpoint, &mut owner.target_admin_secret),
+                ];
+                for (endpoint, secret) in sides {
+                    let Some(secret) = secret.as_mut() else {
+                        continue;
+                    };
+                    let (scope, who) = endpoint_seal_scope(&owner.tenant, endpoint);
+                    let again = self.keys.reseal(secret, &scope, &who).map_err(|e| {
+                        Error::Config(format!("batch {batch}, endpoint {endpoint}: {e}"))
+                    })?;
+                    changed |= count(again, secret);
+                }
+                if changed {
+                    self.store.put_batch(&batch, &record).await?;
+                }
+            }
+        }
         for batch in self.store.batches().await? {
             for user in self.store.users(&batch).await? {
                 // Closed users' credentials are deleted: nothing to reseal.
@@ -151,18 +204,11 @@ impl Cluster {
                 let mut changed = false;
                 let secrets = [&mut record.source_secret, &mut record.target_secret];
                 for secret in secrets.into_iter().flatten() {
-                    match self
+                    let again = self
                         .keys
                         .reseal(secret, &batch, &user)
-                        .map_err(|e| Error::Config(format!("batch {batch}, user {user}: {e}")))?
-                    {
-                        Some(again) => {
-                            *secret = again;
-                            changed = true;
-                            resealed += 1;
-                        }
-                        None => current += 1,
-                    }
+                        .map_err(|e| Error::Config(format!("batch {batch}, user {user}: {e}")))?;
+                    changed |= count(again, secret);
                 }
                 if changed {
                     self.store.put_user(&batch, &user, &record).await?;

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | `P:endpoints:<tenant>` | hash id → [`EndpointRecord`] | the tenant's IMAP servers |
 //! | `P:tenant-batches:<tenant>` | set | the tenant's batch ids |
+//! | `P:tenants` | set | tenants that have made an endpoint (key rotation visits them) |
 //!
 //! A batch made through the API carries its [`crate::batch::Owner`]; the API shows a
 //! tenant only what it owns, and another tenant's object is as absent as a missing one.
@@ -59,9 +60,26 @@ fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
 impl RedisStore {
     pub async fn put_endpoint(&self, tenant: &str, record: &EndpointRecord) -> Result<(), Error> {
         let mut conn = self.conn.clone();
-        conn.hset::<_, _, _, ()>(self.k(&["endpoints", tenant]), &record.id, json(record)?)
+        redis::pipe()
+            .atomic()
+            .hset(self.k(&["endpoints", tenant]), &record.id, json(record)?)
+            .ignore()
+            .sadd(self.k(&["tenants"]), tenant)
+            .ignore()
+            .query_async::<()>(&mut conn)
             .await
-            .map_err(|e| store_error("HSET", e))
+            .map_err(|e| store_error("MULTI", e))
+    }
+
+    /// Tenants that have made an endpoint.
+    pub async fn tenants(&self) -> Result<Vec<String>, Error> {
+        let mut conn = self.conn.clone();
+        let mut all: Vec<String> = conn
+            .smembers(self.k(&["tenants"]))
+            .await
+            .map_err(|e| store_error("SMEMBERS", e))?;
+        all.sort();
+        Ok(all)
     }
 
     pub async fn endpoint(&self, tenant: &str, id: &str) -> Result<Option<EndpointRecord>, Error> {

@@ -123,6 +123,30 @@ impl ApiRig {
         rig
     }
 
+    /// Stops every process, then starts the coordinator again with `keys` (key
+    /// rotation), waiting for its API.
+    pub async fn restart_coordinator(&mut self, keys: Secret) {
+        self.processes.clear();
+        self.keys = keys;
+        let coordinator = self.process("coordinator", "coordinator-again");
+        self.processes.push(coordinator);
+        self.wait_for_api().await;
+    }
+
+    /// `mailferry batch ARGS` (the operator's commands, on Redis): (exit code, output).
+    pub fn operator(&self, args: &[&str]) -> (Option<i32>, String) {
+        let out = Command::new(crate::run::binary())
+            .arg("batch")
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("MAILFERRY_SEALING_KEYS", self.keys.expose())
+            .stdin(Stdio::null())
+            .output()
+            .expect("running mailferry batch");
+        (out.status.code(), crate::run::text(&out))
+    }
+
     fn process(&self, command: &str, name: &str) -> Process {
         let log = self.dir.join(format!("{name}.log"));
         Process(

@@ -910,3 +910,66 @@ async fn the_cli_drives_the_api_from_endpoints_to_the_report() {
     }
     rig.clean_up().await;
 }
+
+/// Key rotation reaches what the API stores: an endpoint's master password and the
+/// batch's copy of it are resealed with the new key beside the users' passwords, and
+/// with the old key gone the stored master password still logs in and still serves a
+/// user added afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn key_rotation_reseals_the_endpoints_admin_passwords_too() {
+    let mut rig = ApiRig::start(RigOptions::default()).await;
+    let acme = rig.client(ACME);
+    let (_, target, b) = batch_of(&rig, &acme).await;
+    expect(
+        post(
+            &acme,
+            &format!("/api/v1/batches/{b}/users"),
+            json!({"email": "carol@example.com", "source_password": "pw"}),
+        )
+        .await,
+        201,
+    );
+
+    let k1 = rig.keys.clone();
+    let k2 = mailferry_shared::seal::Keyring::generate("k2").unwrap();
+    rig.restart_coordinator(mailferry_shared::secret::Secret::new(format!(
+        "{}\n{}",
+        k1.expose(),
+        k2.expose()
+    )))
+    .await;
+    let (code, text) = rig.operator(&["reseal"]);
+    assert_eq!(code, Some(0), "{text}");
+    // the endpoint's, the batch's copy, carol's two
+    assert!(
+        text.contains("4 secrets sealed again with the newest key; 0 were already"),
+        "{text}"
+    );
+
+    rig.restart_coordinator(k2).await;
+    let acme = rig.client(ACME);
+    let verdict = expect(
+        post(
+            &acme,
+            &format!("/api/v1/endpoints/{target}/test"),
+            json!({"login": "alice@example.com"}),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(
+        verdict["ok"], true,
+        "the resealed master password logs in: {verdict}"
+    );
+    let dave = expect(
+        post(
+            &acme,
+            &format!("/api/v1/batches/{b}/users"),
+            json!({"email": "dave@example.com", "source_password": "pw"}),
+        )
+        .await,
+        201,
+    );
+    assert_eq!(dave["has_target_password"], true, "{dave}");
+    rig.clean_up().await;
+}
