@@ -55,6 +55,8 @@ pub struct RigOptions {
     pub workers: usize,
     /// `api.forbid_private_sources`.
     pub forbid_private_sources: bool,
+    /// The target refuses messages larger than this (bytes).
+    pub target_max_mail_size: Option<u64>,
 }
 
 impl ApiRig {
@@ -72,6 +74,7 @@ impl ApiRig {
         let dst = Dovecot::start(DovecotConfig {
             users: logins.clone(),
             master: Some((MASTER.0.into(), MASTER.1.into())),
+            max_mail_size: options.target_max_mail_size,
             ..DovecotConfig::default()
         });
         let mut users = Vec::new();
@@ -188,6 +191,17 @@ impl ApiRig {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The coordinator's peak resident memory so far (VmHWM), in KiB.
+    pub fn coordinator_peak_rss_kib(&self) -> u64 {
+        let pid = self.processes[0].0.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status")
     }
 
     pub fn log(&self, name: &str) -> String {

@@ -651,13 +651,22 @@ async fn csv_imports_report_each_bad_row_and_take_100k_rows() {
             "user{i:06}@big.example,user{i:06},secret-{i:06}\n"
         ));
     }
+    let size = big.len();
+    let before = rig.coordinator_peak_rss_kib();
     let at = Instant::now();
     let r = expect(import(big.into_bytes()).await.unwrap(), 200);
     let took = at.elapsed();
     assert_eq!(r["added"], 100_000);
     assert_eq!(r["errors"], json!([]));
-    println!("100,000 rows imported in {took:?}");
+    let peak = rig.coordinator_peak_rss_kib();
+    println!(
+        "100,000 rows ({size} bytes) imported in {took:?}; coordinator peak RSS {before} KiB before, {peak} KiB after"
+    );
     assert!(took < Duration::from_secs(30), "100,000 rows took {took:?}");
+    assert!(
+        peak < 256 * 1024,
+        "the coordinator peaked at {peak} KiB importing 100,000 rows"
+    );
     let page = expect(
         get(
             &acme,
@@ -971,5 +980,93 @@ async fn key_rotation_reseals_the_endpoints_admin_passwords_too() {
         201,
     );
     assert_eq!(dave["has_target_password"], true, "{dave}");
+    rig.clean_up().await;
+}
+
+/// A message the target refuses is skipped, and the user's detail lists it with its
+/// folder, size, date and the server's reason, never its subject; the folder is still
+/// verified (the skipped message is accounted for) and the user synced.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_skipped_message_is_listed_in_the_users_detail_without_its_subject() {
+    let rig = ApiRig::start(RigOptions {
+        per_folder: 1,
+        workers: 1,
+        target_max_mail_size: Some(200_000),
+        ..RigOptions::default()
+    })
+    .await;
+    let (alice, password, _) = &rig.users[0];
+    let big = mail::TestMessage {
+        folder: "INBOX".into(),
+        bytes: format!(
+            "Subject: quarterly-secret-plans\r\n\r\n{}\r\n",
+            "y".repeat(300_000)
+        )
+        .into_bytes(),
+        flags: vec![],
+        date: "01-Jan-2024 00:00:00 +0000".into(),
+    };
+    mail::load(
+        rig.src.port,
+        alice,
+        password,
+        '/',
+        std::slice::from_ref(&big),
+    )
+    .await;
+    let acme = rig.client(ACME);
+    let (_, _, b) = batch_of(&rig, &acme).await;
+    expect(
+        post(
+            &acme,
+            &format!("/api/v1/batches/{b}/users"),
+            json!({"email": alice, "source_password": password}),
+        )
+        .await,
+        201,
+    );
+    expect(
+        post(&acme, &format!("/api/v1/batches/{b}/start"), json!({})).await,
+        200,
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let detail = loop {
+        let detail = expect(
+            get(&acme, &format!("/api/v1/batches/{b}/users/{alice}")).await,
+            200,
+        );
+        if detail["status"] == "synced" || detail["status"] == "failed" {
+            break detail;
+        }
+        assert!(Instant::now() < deadline, "not synced in time: {detail}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(detail["status"], "synced", "{detail}");
+    assert_eq!(detail["skipped"], 1, "{detail}");
+    let skipped = &detail["skipped_messages"][0];
+    assert_eq!(skipped["folder"], "INBOX", "{detail}");
+    assert!(skipped["size"].as_u64().unwrap() > 300_000, "{detail}");
+    assert!(
+        skipped["date"].as_str().unwrap().contains("2024"),
+        "{detail}"
+    );
+    assert!(!skipped["reason"].as_str().unwrap().is_empty(), "{detail}");
+    let inbox = detail["folders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["source"] == "INBOX")
+        .unwrap();
+    assert_eq!(
+        (inbox["skipped"].as_u64(), inbox["verified"].as_bool()),
+        (Some(1), Some(true)),
+        "{detail}"
+    );
+    assert!(
+        !detail.to_string().contains("quarterly-secret-plans"),
+        "a subject in the detail: {detail}"
+    );
+    let report = checked(&get(&acme, &format!("/api/v1/batches/{b}/report.csv")).await);
+    assert!(!report.contains("quarterly-secret-plans"));
     rig.clean_up().await;
 }
