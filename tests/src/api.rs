@@ -240,25 +240,7 @@ impl ApiRig {
 
     /// The canary is in no Redis value of the rig and no log.
     pub async fn assert_no_canary_at_rest(&self) {
-        let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.prefix))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(!keys.is_empty());
-        for key in &keys {
-            let dump: Vec<u8> = redis::cmd("DUMP")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            assert!(
-                !String::from_utf8_lossy(&dump).contains(CANARY),
-                "{key} holds the password"
-            );
-        }
+        crate::redis::assert_absent("redis://127.0.0.1:6379/0", &self.prefix, CANARY).await;
         assert!(
             !self.all_logs().contains(CANARY),
             "a log shows the password"

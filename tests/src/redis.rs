@@ -88,3 +88,27 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Asserts that no value under `prefix` in the Redis at `url` holds `needle` (a canary
+/// password), in any type of value: each key is DUMPed.
+pub async fn assert_absent(url: &str, prefix: &str, needle: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "nothing under {prefix} to look in");
+    for key in &keys {
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&dump).contains(needle),
+            "{key} holds the password"
+        );
+    }
+}

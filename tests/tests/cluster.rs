@@ -327,25 +327,7 @@ impl Rig {
 
     /// The canary password is in no Redis value and no worker log.
     async fn assert_no_password_at_rest(&self) {
-        let client = redis::Client::open(self.redis_url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.prefix))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(!keys.is_empty());
-        for key in &keys {
-            let dump: Vec<u8> = redis::cmd("DUMP")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            assert!(
-                !String::from_utf8_lossy(&dump).contains(CANARY),
-                "{key} holds the password"
-            );
-        }
+        mailferry_tests::redis::assert_absent(&self.redis_url, &self.prefix, CANARY).await;
         for entry in std::fs::read_dir(&self.dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "log") {
