@@ -681,7 +681,8 @@ async fn csv_imports_report_each_bad_row_and_take_100k_rows() {
 }
 
 /// A connection test names what went wrong: nothing listening, a certificate nobody
-/// trusts, no STARTTLS, a name that does not resolve. With `forbid_private_sources`,
+/// trusts, no STARTTLS, a name that does not resolve, TLS to a plaintext port, a server
+/// that never greets (within the test's 10 s). With `forbid_private_sources`,
 /// a source on an internal address is refused with its own code (targets are not).
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden() {
@@ -691,6 +692,9 @@ async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden
         tls: true,
         ..DovecotConfig::default()
     });
+    // Takes connections (the kernel does, from the backlog) and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
     let cases = [
         (
             json!({"host": "127.0.0.1", "port": free_port(), "security": "plain"}),
@@ -707,6 +711,14 @@ async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden
         (
             json!({"host": "no-such-host.invalid", "port": 993, "security": "tls"}),
             "dns",
+        ),
+        (
+            json!({"host": "127.0.0.1", "port": rig.src.port, "security": "tls"}),
+            "tls_handshake",
+        ),
+        (
+            json!({"host": "127.0.0.1", "port": silent_port, "security": "plain"}),
+            "timeout",
         ),
     ];
     for (settings, code) in cases {

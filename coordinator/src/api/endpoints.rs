@@ -345,13 +345,20 @@ pub async fn test(
     Ok(Json(verdict))
 }
 
-/// How long a connection test may take in all (each step has its own timeouts too).
+/// How long a connection test may take in all.
 const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
+/// A test waits this long at most for the connection and for each answer (a migration
+/// waits longer: the admin is looking at the page).
+const TEST_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn try_login(
     endpoint: &Endpoint,
     credentials: &Credentials,
 ) -> Result<Vec<String>, mailferry_shared::Error> {
+    let mut endpoint = endpoint.clone();
+    endpoint.connect_timeout = endpoint.connect_timeout.min(TEST_STEP_TIMEOUT);
+    endpoint.read_timeout = endpoint.read_timeout.min(TEST_STEP_TIMEOUT);
+    let endpoint = &endpoint;
     let attempt = async {
         let mut session =
             mailferry_shared::imap::client::connect(endpoint, Limits::default()).await?;
