@@ -662,7 +662,13 @@ impl Session {
                 }
                 cont = self.continuations.recv() => {
                     if cont.is_none() {
-                        return Err(self.shared.lost());
+                        // The connection ended; its last words may be this command's
+                        // tagged answer (Dovecot: NO [LIMIT], then it closes), which the
+                        // reader delivered before closing: prefer it to "lost".
+                        return match (&mut handle.done).await {
+                            Ok(status) => check("AUTHENTICATE", status),
+                            Err(_) => Err(self.shared.lost()),
+                        };
                     }
                     let reply = if sent_initial { String::new() } else { encoded.clone() };
                     sent_initial = true;
