@@ -682,7 +682,7 @@ async fn csv_imports_report_each_bad_row_and_take_100k_rows() {
 
 /// A connection test names what went wrong: nothing listening, a certificate nobody
 /// trusts, no STARTTLS, a name that does not resolve, TLS to a plaintext port, a server
-/// that never greets (within the test's 10 s). With `forbid_private_sources`,
+/// that never greets (within the test's 10 s), a server refusing one more connection. With `forbid_private_sources`,
 /// a source on an internal address is refused with its own code (targets are not).
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden() {
@@ -692,6 +692,13 @@ async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden
         tls: true,
         ..DovecotConfig::default()
     });
+    // One connection per user and address: alice holds it, so the test's login is
+    // refused with Dovecot's [UNAVAILABLE] "Maximum number of connections".
+    let busy = Dovecot::start(DovecotConfig {
+        max_user_connections: 1,
+        ..DovecotConfig::default()
+    });
+    let _held = mail::session(busy.port, "alice", "alice-secret").await;
     // Takes connections (the kernel does, from the backlog) and never says a word.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_port = silent.local_addr().unwrap().port();
@@ -719,6 +726,10 @@ async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden
         (
             json!({"host": "127.0.0.1", "port": silent_port, "security": "plain"}),
             "timeout",
+        ),
+        (
+            json!({"host": "127.0.0.1", "port": busy.port, "security": "plain"}),
+            "throttled",
         ),
     ];
     for (settings, code) in cases {
