@@ -29,6 +29,36 @@ async function assertLabelled(page, where) {
   if (unlabelled.length) throw new Error(`${where}: controls without a label: ${unlabelled.join(" | ")}`);
 }
 
+/** Text contrast at least 4.5:1 (WCAG AA) against the background it sits on. */
+async function assertContrast(page, where) {
+  const poor = await page.evaluate(() => {
+    const rgb = (c) => (c.match(/[\d.]+/g) || []).map(Number);
+    const lum = ([r, g, b]) => {
+      const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+      return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+    };
+    const background = (el) => {
+      for (let e = el; e; e = e.parentElement) {
+        const c = rgb(getComputedStyle(e).backgroundColor);
+        if (c.length === 3 || (c.length === 4 && c[3] > 0.9)) return c.slice(0, 3);
+      }
+      return [255, 255, 255];
+    };
+    const out = [];
+    for (const el of document.querySelectorAll("body *")) {
+      const text = [...el.childNodes].filter((n) => n.nodeType === 3).map((n) => n.textContent.trim()).join("");
+      if (!text || !el.getClientRects().length || getComputedStyle(el).visibility === "hidden") continue;
+      if (el.closest(".visually-hidden, .skip")) continue;
+      const fg = lum(rgb(getComputedStyle(el).color).slice(0, 3));
+      const bg = lum(background(el));
+      const ratio = (Math.max(fg, bg) + 0.05) / (Math.min(fg, bg) + 0.05);
+      if (ratio < 4.5) out.push(`${text.slice(0, 40)} (${ratio.toFixed(2)}:1)`);
+    }
+    return out;
+  });
+  if (poor.length) throw new Error(`${where}: text below 4.5:1 contrast: ${poor.join(" | ")}`);
+}
+
 /** No value leaks out as JavaScript's placeholders. */
 async function assertNoJunk(page, where) {
   const text = await page.locator("main").innerText();
@@ -77,12 +107,18 @@ async function waitStatus(page, user, want, seconds) {
   if (!box || box.x < 0) throw new Error("the focused skip link is off screen");
   await page.getByLabel("API token").fill("not-a-token-at-all");
   await page.getByRole("button", { name: "Sign in" }).click();
-  await page.getByRole("heading", { name: "Sign in" }).waitFor();
+  await page.getByRole("alert").getByText("This token was not accepted").waitFor();
   // The wrong token's 401 is the one error the browser may report.
   problems.length = 0;
-  await page.getByLabel("API token").fill(env("TOKEN"));
-  await page.getByRole("button", { name: "Sign in" }).click();
+  // With the keyboard only: the token field, typing, Enter.
+  await page.getByLabel("API token").focus();
+  await page.keyboard.press("Control+A");
+  await page.keyboard.press("Backspace");
+  await page.keyboard.type(env("TOKEN"));
+  await page.keyboard.press("Enter");
   await page.getByRole("heading", { name: "Migrations" }).waitFor();
+  const focused = await page.evaluate(() => document.activeElement.tagName);
+  if (focused !== "H1") throw new Error(`after navigating, the focus is on ${focused}, not the page's heading`);
   await shot(page, "01-migrations");
 
   // New migration: the source provider, with each preset's note.
@@ -102,6 +138,7 @@ async function waitStatus(page, user, want, seconds) {
   await shot(page, "02-source");
   await source.getByRole("button", { name: "Save and test the connection" }).click();
   await source.getByText("Connection failed (authentication rejected)").waitFor();
+  await assertContrast(page, "the source form with its verdict");
   await shot(page, "03-source-rejected");
   await source.getByLabel("Password or app password").fill(env("ALICE_PASSWORD"));
   await source.getByRole("button", { name: "Save and test the connection" }).click();
@@ -146,6 +183,7 @@ async function waitStatus(page, user, want, seconds) {
   await waitStatus(page, "alice@example.com", "Synced", 120);
   await waitStatus(page, "bob@example.com", "Synced", 120);
   await assertNoJunk(page, "the batch page");
+  await assertContrast(page, "the batch page");
   await shot(page, "06-synced");
 
   // alice's detail: her folders, each done and verified.
@@ -155,6 +193,7 @@ async function waitStatus(page, user, want, seconds) {
   const rows = await page.locator("table tbody tr").count();
   if (rows < 3) throw new Error(`alice's detail shows ${rows} folders`);
   await assertNoJunk(page, "alice's detail");
+  await assertContrast(page, "alice's detail");
   await shot(page, "07-detail");
   await page.getByRole("link", { name: "Back to the migration" }).click();
   await page.getByRole("heading", { name: "Sales team" }).waitFor();

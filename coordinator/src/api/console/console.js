@@ -66,8 +66,9 @@ async function api(method, path, body, contentType) {
   const res = await fetch(`/api/v1${path}`, { method, headers, body: payload });
   if (res.status === 401) {
     sessionStorage.removeItem(TOKEN_KEY);
-    go("#/signin");
-    throw new ApiError(401, "unauthorized", "Your token was not accepted: sign in again.");
+    // On the sign-in page itself the form shows the error; elsewhere, back to it.
+    if (location.hash !== "#/signin") go("#/signin");
+    throw new ApiError(401, "unauthorized", "This token was not accepted: check it and sign in again.");
   }
   if (res.status === 204) return null;
   const data = await res.json().catch(() => null);
