@@ -44,6 +44,7 @@ pub struct ApiRig {
     /// (login = address, source password, the corpus loaded for it)
     pub users: Vec<(String, String, Vec<TestMessage>)>,
     processes: Vec<Process>,
+    slow: Option<crate::proxy::SlowProxy>,
 }
 
 /// How a rig is built.
@@ -57,6 +58,9 @@ pub struct RigOptions {
     pub forbid_private_sources: bool,
     /// The target refuses messages larger than this (bytes).
     pub target_max_mail_size: Option<u64>,
+    /// The source endpoint reaches the source through a proxy sending at most this
+    /// many bytes a second.
+    pub slow_source: Option<usize>,
 }
 
 impl ApiRig {
@@ -115,7 +119,11 @@ impl ApiRig {
             api_port,
             users,
             processes: Vec::new(),
+            slow: None,
         };
+        if let Some(rate) = options.slow_source {
+            rig.slow = Some(crate::proxy::SlowProxy::start(rig.src.port, rate).await);
+        }
         let coordinator = rig.process("coordinator", "coordinator");
         rig.processes.push(coordinator);
         for i in 0..options.workers {
@@ -208,11 +216,13 @@ impl ApiRig {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    /// The JSON to make this rig's source endpoint (plain IMAP on loopback).
+    /// The JSON to make this rig's source endpoint (plain IMAP on loopback, through
+    /// the slow proxy when there is one).
     pub fn source_endpoint(&self) -> serde_json::Value {
+        let port = self.slow.as_ref().map_or(self.src.port, |p| p.port);
         serde_json::json!({
             "name": "Old server", "role": "source", "provider": "custom",
-            "host": "127.0.0.1", "port": self.src.port, "security": "plain"
+            "host": "127.0.0.1", "port": port, "security": "plain"
         })
     }
 

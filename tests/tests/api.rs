@@ -1093,3 +1093,64 @@ async fn a_skipped_message_is_listed_in_the_users_detail_without_its_subject() {
     assert!(!report.contains("quarterly-secret-plans"));
     rig.clean_up().await;
 }
+
+/// While a pass runs, a user's detail tells its rate and the time left; once synced,
+/// neither (nothing is running).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_users_detail_tells_its_rate_and_time_left() {
+    let rig = ApiRig::start(RigOptions {
+        per_folder: 6,
+        workers: 1,
+        slow_source: Some(60_000),
+        ..RigOptions::default()
+    })
+    .await;
+    let acme = rig.client(ACME);
+    let (_, _, b) = batch_of(&rig, &acme).await;
+    let (alice, password, messages) = &rig.users[0];
+    expect(
+        post(
+            &acme,
+            &format!("/api/v1/batches/{b}/users"),
+            json!({"email": alice, "source_password": password}),
+        )
+        .await,
+        201,
+    );
+    expect(
+        post(&acme, &format!("/api/v1/batches/{b}/start"), json!({})).await,
+        200,
+    );
+    let path = format!("/api/v1/batches/{b}/users/{alice}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut seen_running = None;
+    let last = loop {
+        let detail = expect(get(&acme, &path).await, 200);
+        if detail["status"] == "syncing"
+            && detail["copied"].as_u64() > Some(0)
+            && seen_running.is_none()
+        {
+            seen_running = Some(detail.clone());
+        }
+        if detail["status"] == "synced" {
+            break detail;
+        }
+        assert!(Instant::now() < deadline, "not synced in time: {detail}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let running = seen_running.expect("the pass was never seen running with copies made");
+    let rate = running["rate_messages_per_sec"].as_f64().unwrap_or(0.0);
+    assert!(rate > 0.0, "no rate while running: {running}");
+    let eta = running["eta_secs"]
+        .as_u64()
+        .expect("no time left while running");
+    println!(
+        "mid-pass: {rate} messages/s, {eta} s left, {} of {} copied",
+        running["copied"],
+        messages.len()
+    );
+    assert!(eta < 600, "{running}");
+    assert_eq!(last["rate_messages_per_sec"], Value::Null, "{last}");
+    assert_eq!(last["eta_secs"], Value::Null, "{last}");
+    rig.clean_up().await;
+}
