@@ -10,6 +10,6 @@ RUN cargo build --release --locked -p mailferry-coordinator \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/mailferry /usr/local/bin/mailferry
 USER 10001:10001
-EXPOSE 9464
+EXPOSE 9464 8080
 ENTRYPOINT ["/usr/local/bin/mailferry"]
 CMD ["worker", "--config", "/etc/mailferry/mailferry.toml"]
