@@ -407,8 +407,10 @@ async fn run_async(args: &ApiArgs) -> anyhow::Result<u8> {
                 .get(&format!("/api/v1/batches/{}/report.{format}", seg(batch)))
                 .await?;
             if answer.status != 200 {
-                answer.ok()?;
-                unreachable!("a non-200 answer is an error");
+                let status = answer.status;
+                return Err(answer.ok().err().unwrap_or_else(|| {
+                    anyhow::anyhow!("the API answered {status} without a report")
+                }));
             }
             match output {
                 Some(path) => std::fs::write(path, &answer.body)
