@@ -37,6 +37,12 @@ use crate::job::FolderJob;
 use crate::queue::{Delivery, JobQueue};
 use crate::secret::Secret;
 
+/// How long connecting, opening the channels and declaring the queues may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a publish may wait for the broker's confirm (then the connection is
+/// dropped and the publish retried on a new one: it is idempotent by job id).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
 const ATTEMPT_HEADER: &str = "x-mailferry-attempt";
 
 /// The delay queues' delays. A hand-back asking for more waits the longest.
@@ -119,6 +125,28 @@ impl AmqpQueue {
     /// [`connect`](Self::connect), trusting the CA certificates in `ca_pem` (for
     /// `amqps://` to a server with a private CA) instead of the public roots.
     pub async fn connect_with(
+        url: &Secret,
+        ca_pem: Option<String>,
+        prefix: &str,
+        delivery_limit: u32,
+    ) -> Result<Self, Error> {
+        // Bounded: a broker that takes the TCP connection and then never finishes the
+        // handshake or a declaration (seen under load in the tests) must be reported
+        // and retried, not waited for forever.
+        tokio::time::timeout(
+            SETUP_TIMEOUT,
+            Self::connect_unbounded(url, ca_pem, prefix, delivery_limit),
+        )
+        .await
+        .map_err(|_| {
+            Error::Store(format!(
+                "rabbitmq connect: no answer within {} s (connection, channels, declarations)",
+                SETUP_TIMEOUT.as_secs()
+            ))
+        })?
+    }
+
+    async fn connect_unbounded(
         url: &Secret,
         ca_pem: Option<String>,
         prefix: &str,
@@ -279,7 +307,14 @@ impl AmqpQueue {
                 .await;
             match confirm {
                 Err(e) => return Err(queue_error("publish", e)),
-                Ok(pending) => match pending.await {
+                Ok(pending) => match tokio::time::timeout(CONFIRM_TIMEOUT, pending)
+                    .await
+                    .map_err(|_| {
+                        Error::Store(format!(
+                            "rabbitmq publish to {queue}: no confirm within {} s",
+                            CONFIRM_TIMEOUT.as_secs()
+                        ))
+                    })? {
                     Ok(c) if c.is_ack() => match c.take_message() {
                         None => return Ok(()),
                         Some(_) => last = format!("{queue} does not exist (message returned)"),
