@@ -45,6 +45,8 @@ pub struct ApiRig {
     pub users: Vec<(String, String, Vec<TestMessage>)>,
     processes: Vec<Process>,
     slow: Option<crate::proxy::SlowProxy>,
+    /// Set by [`ApiRig::clean_up`].
+    cleaned: std::sync::atomic::AtomicBool,
 }
 
 /// How a rig is built.
@@ -120,6 +122,7 @@ impl ApiRig {
             users,
             processes: Vec::new(),
             slow: None,
+            cleaned: std::sync::atomic::AtomicBool::new(false),
         };
         if let Some(rate) = options.slow_source {
             rig.slow = Some(crate::proxy::SlowProxy::start(rig.src.port, rate).await);
@@ -257,17 +260,49 @@ impl ApiRig {
         );
     }
 
+    /// Deletes the rig's Redis keys and RabbitMQ queues (the machine's shared
+    /// instances). A rig dropped without it (a failed test) does it in its drop.
     pub async fn clean_up(&self) {
-        RedisStore::connect(&Secret::new("redis://127.0.0.1:6379/0"), &self.prefix)
-            .await
-            .unwrap()
-            .delete_all()
-            .await
-            .unwrap();
-        let amqp = Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f");
-        if let Ok(queue) = AmqpQueue::connect(&amqp, &self.prefix, 5).await {
-            let _ = queue.delete_queues().await;
+        // The rig's processes first: a worker whose queue is deleted reconnects and
+        // declares it again.
+        crate::run::stop_processes_of(&self.config);
+        remove_traces(&self.prefix).await;
+        self.cleaned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn remove_traces(prefix: &str) {
+    if let Ok(store) = RedisStore::connect(&Secret::new("redis://127.0.0.1:6379/0"), prefix).await {
+        let _ = store.delete_all().await;
+    }
+    let amqp = Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f");
+    if let Ok(queue) = AmqpQueue::connect(&amqp, prefix, 5).await {
+        let _ = queue.delete_queues().await;
+    }
+}
+
+impl Drop for ApiRig {
+    fn drop(&mut self) {
+        self.processes.clear();
+        crate::run::stop_processes_of(&self.config);
+        if self.cleaned.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
         }
+        // Inside the test's runtime no other can be started: a thread of its own.
+        let prefix = self.prefix.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(async {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(60), remove_traces(&prefix)).await;
+                });
+            }
+        })
+        .join();
     }
 }
 

@@ -120,3 +120,14 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// Kills (SIGKILL) every process started with `config` on its command line: a rig's
+/// coordinators and workers, before its queues and keys are deleted (a worker whose
+/// queue is deleted would declare it again).
+pub fn stop_processes_of(config: &std::path::Path) {
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-f", "--"])
+        .arg(format!("--config {}", config.display()))
+        .status();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+}

@@ -342,6 +342,9 @@ impl Rig {
     }
 
     async fn clean_up(&self) {
+        // The rig's processes first: a worker whose queue is deleted reconnects and
+        // declares it again.
+        mailferry_tests::run::stop_processes_of(&self.config);
         let redis = Secret::new(&self.redis_url);
         RedisStore::connect(&redis, &self.prefix)
             .await
