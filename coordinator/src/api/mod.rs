@@ -36,7 +36,7 @@ use crate::cluster::Cluster;
 pub use auth::Tokens;
 
 /// The OpenAPI document, written by hand and checked against the server by the fuzz
-/// test (`tests/api/fuzz.sh`): every status and body the server sends is described.
+/// test (`tests/tests/api_fuzz.rs`): every status and body the server sends is described.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Live event streams served at once by one coordinator: each polls Redis, so they
