@@ -166,6 +166,15 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Whether `user` is one of the batch's users (a closed user still is, without its
+    /// record).
+    pub async fn has_user(&self, batch: &str, user: &str) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        conn.sismember(self.k(&["users", batch]), user)
+            .await
+            .map_err(|e| store_error("SISMEMBER", e))
+    }
+
     /// Many users' records at once (`None` for a missing one), in the order of `ids`.
     pub async fn user_records(
         &self,

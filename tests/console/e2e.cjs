@@ -208,6 +208,13 @@ async function waitStatus(page, user, want, seconds) {
   await page.getByRole("button", { name: "Close connection" }).click();
   await waitStatus(page, "alice@example.com", "Completed", 120);
   await shot(page, "08-closed");
+  // A closed user's page still tells what happened (its logins are gone with its secrets).
+  await page.getByRole("link", { name: "alice@example.com" }).click();
+  await page.getByRole("heading", { name: "alice@example.com" }).waitFor();
+  await page.locator("main .status.completed").first().waitFor();
+  await assertNoJunk(page, "alice's detail after Close");
+  await page.getByRole("link", { name: "Back to the migration" }).click();
+  await page.getByRole("heading", { name: "Sales team" }).waitFor();
 
   // A narrow window: nothing wider than the screen.
   await page.setViewportSize({ width: 360, height: 740 });

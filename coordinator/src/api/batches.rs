@@ -686,7 +686,18 @@ pub async fn user_detail(
     Path((id, user)): Path<(String, String)>,
 ) -> Result<Json<UserDetail>, ApiError> {
     owned(&api, &tenant, &id).await?;
-    let record = user_record(&api, &id, &user).await?;
+    // A closed user keeps its status and counts, not its logins (deleted with its
+    // credentials).
+    let record = match api.cluster.store.user(&id, &user).await? {
+        Some(record) => record,
+        None if api.cluster.store.has_user(&id, &user).await? => UserRecord {
+            source_login: String::new(),
+            source_secret: None,
+            target_login: String::new(),
+            target_secret: None,
+        },
+        None => return Err(ApiError::not_found("user")),
+    };
     let line = api
         .cluster
         .status_of(&id, vec![user.clone()])
@@ -858,7 +869,14 @@ async fn act(
         let mut ready = Vec::with_capacity(users.len());
         let mut changed = Vec::new();
         for (user, record) in users.into_iter().zip(records) {
-            let Some(mut record) = record else { continue };
+            // A closed user's stored logins are deleted with its credentials.
+            let Some(mut record) = record else {
+                refused.push(Refusal {
+                    user,
+                    reason: "closed already (its credentials are deleted)".into(),
+                });
+                continue;
+            };
             if let Some(p) = selection
                 .source_passwords
                 .get(&user)
