@@ -822,6 +822,7 @@ async fn redis_restarted_mid_run_loses_and_duplicates_nothing() {
         logs.contains("stopped writing") || logs.contains("state store"),
         "the restart went unnoticed: it did not test anything"
     );
+    rig.clean_up().await;
 }
 
 /// Redis is wiped mid-run (FLUSHALL): the batch, its credentials, the schedule and every
@@ -856,6 +857,7 @@ async fn redis_wiped_mid_run_ends_in_reconciliation_without_duplicates() {
     rig.start();
     rig.wait_synced(Duration::from_secs(180)).await;
     rig.assert_target_equals_source().await;
+    rig.clean_up().await;
 }
 
 /// Workers are killed with SIGKILL again and again at random moments of the copy (the
