@@ -149,15 +149,7 @@ impl ApiRig {
 
     /// `mailferry batch ARGS` (the operator's commands, on Redis): (exit code, output).
     pub fn operator(&self, args: &[&str]) -> (Option<i32>, String) {
-        let out = Command::new(crate::run::binary())
-            .arg("batch")
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .env("MAILFERRY_SEALING_KEYS", self.keys.expose())
-            .stdin(Stdio::null())
-            .output()
-            .expect("running mailferry batch");
+        let out = crate::run::operator(&self.config, self.keys.expose(), args);
         (out.status.code(), crate::run::text(&out))
     }
 

@@ -131,3 +131,17 @@ pub fn stop_processes_of(config: &std::path::Path) {
         .status();
     std::thread::sleep(std::time::Duration::from_millis(100));
 }
+
+/// Runs `mailferry batch --config CONFIG ARGS` (the operator's commands, on Redis) with
+/// the sealing `keys`, no standard input.
+pub fn operator(config: &std::path::Path, keys: &str, args: &[&str]) -> Output {
+    Command::new(binary())
+        .arg("batch")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("MAILFERRY_SEALING_KEYS", keys)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running mailferry batch")
+}

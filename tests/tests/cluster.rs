@@ -204,15 +204,7 @@ impl Rig {
 
     /// Runs `mailferry batch ARGS`; asserts the password shows nowhere in its output.
     fn admin(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let out = Command::new(mailferry_tests::run::binary())
-            .arg("batch")
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .env("MAILFERRY_SEALING_KEYS", self.keys.expose())
-            .stdin(Stdio::null())
-            .output()
-            .expect("running mailferry batch");
+        let out = mailferry_tests::run::operator(&self.config, self.keys.expose(), args);
         let text = mailferry_tests::run::text(&out);
         assert!(!text.contains(CANARY), "the password was printed: {text}");
         (
