@@ -330,26 +330,22 @@ impl Cluster {
     }
 
     /// The status lines of some of a batch's users, in the order given.
+    /// Reads only these users' records (pipelined), so a page of a large batch or one
+    /// user's detail costs what it shows, not the whole batch.
     pub async fn status_of(&self, batch: &str, users: Vec<String>) -> Result<Vec<UserLine>, Error> {
-        let intents = self.store.intents(batch).await?;
-        let passes = self.store.pass_records(batch).await?;
-        let due = self.store.due_times(batch).await?;
-        let states = self.store.users_jobs_and_progress(batch, &users).await?;
+        let states = self.store.user_states(batch, &users).await?;
         let mut out = Vec::with_capacity(users.len());
         for (user, state) in users.into_iter().zip(states) {
-            let pass = passes.get(&user).cloned().unwrap_or_default();
             let jobs: Vec<JobState> = state.jobs.into_iter().map(|(_, s)| s).collect();
-            let intent = intents.get(&user).copied().unwrap_or(Intent::Idle);
-            let status = user_status(intent, &pass, &jobs);
-            let counters = state.progress;
+            let status = user_status(state.intent, &state.pass, &jobs);
             out.push(UserLine {
                 jobs_done: jobs.iter().filter(|j| !j.is_open()).count(),
                 jobs: jobs.len(),
-                next_due_ms: due.get(&user).copied(),
+                next_due_ms: state.due_ms,
                 user,
                 status,
-                counters,
-                pass,
+                counters: state.progress,
+                pass: state.pass,
             });
         }
         Ok(out)

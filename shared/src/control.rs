@@ -99,12 +99,16 @@ fn parse_job_states(
     Ok(out)
 }
 
-/// Users read per pipeline by [`RedisStore::users_jobs_and_progress`].
+/// Users read per pipeline by [`RedisStore::user_states`].
 const STATUS_CHUNK: usize = 500;
 
-/// A user's current pass's job states and its progress counters.
+/// What a user's status is made of: the admin's intent, the pass record, when the next
+/// pass is due, the current pass's job states and the progress counters.
 #[derive(Debug, Clone, Default)]
 pub struct UserState {
+    pub intent: Intent,
+    pub pass: PassRecord,
+    pub due_ms: Option<u64>,
     pub jobs: Vec<(String, JobState)>,
     pub progress: std::collections::BTreeMap<String, i64>,
 }
@@ -496,10 +500,10 @@ impl RedisStore {
     }
 
     /// The current pass's jobs, by id.
-    /// For many users at once: each one's job states (sorted by id) and progress
-    /// counters, read in pipelines of `STATUS_CHUNK` users (one round trip each), in the
-    /// order of `users`.
-    pub async fn users_jobs_and_progress(
+    /// For many users at once: each one's intent, pass record, due time, job states
+    /// (sorted by id) and progress counters, read in pipelines of `STATUS_CHUNK` users
+    /// (one round trip each), in the order of `users`.
+    pub async fn user_states(
         &self,
         batch: &str,
         users: &[String],
@@ -509,19 +513,35 @@ impl RedisStore {
         for chunk in users.chunks(STATUS_CHUNK) {
             let mut pipe = redis::pipe();
             for user in chunk {
-                pipe.hgetall(self.jobs_key(batch, user))
+                pipe.hget(self.k(&["intent", batch]), user)
+                    .hget(self.k(&["pass", batch]), user)
+                    .zscore(self.k(&["due", batch]), user)
+                    .hgetall(self.jobs_key(batch, user))
                     .hgetall(self.progress_key(batch, user));
             }
             type Answer = (
+                Option<String>,
+                Option<String>,
+                Option<f64>,
                 HashMap<String, String>,
                 std::collections::BTreeMap<String, i64>,
             );
             let answers: Vec<Answer> = pipe
                 .query_async(&mut conn)
                 .await
-                .map_err(|e| store_error("HGETALL (pipelined)", e))?;
-            for (jobs, progress) in answers {
+                .map_err(|e| store_error("status reads (pipelined)", e))?;
+            for (intent, pass, due, jobs, progress) in answers {
+                let pass = pass
+                    .map(|v| {
+                        serde_json::from_str(&v)
+                            .map_err(|e| Error::Store(format!("pass record: {e}")))
+                    })
+                    .transpose()?
+                    .unwrap_or_default();
                 out.push(UserState {
+                    intent: intent.as_deref().map_or(Intent::Idle, parse_intent),
+                    pass,
+                    due_ms: due.map(|d| d as u64),
                     jobs: parse_job_states(jobs)?,
                     progress,
                 });

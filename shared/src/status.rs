@@ -5,10 +5,11 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Intent {
     /// Imported, not started yet.
+    #[default]
     Idle,
     /// Migrate, and keep re-syncing on the schedule.
     Active,

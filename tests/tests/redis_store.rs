@@ -285,8 +285,8 @@ async fn one_coordinator_leads_and_another_takes_over_when_it_lapses() {
 }
 
 /// Status reads for a batch go in pipelines of 500 users: 1,201 users (three pipelines)
-/// come back in order, each with its own job states and counters, and users without
-/// any come back empty.
+/// come back in order, each with its own intent, pass, due time, job states and
+/// counters, and users without any come back empty (not started).
 #[tokio::test]
 async fn many_users_states_are_read_in_pipelines_in_order() {
     let prefix = format!("mft-{:016x}", fastrand::u64(..));
@@ -301,15 +301,27 @@ async fn many_users_states_are_read_in_pipelines_in_order() {
             format!("job-{i}"),
             r#"{"state":"queued"}"#,
         )
-        .hset(format!("{prefix}:progress:b1:{user}"), "copied", i);
+        .hset(format!("{prefix}:progress:b1:{user}"), "copied", i)
+        .hset(format!("{prefix}:intent:b1"), user, "active")
+        .hset(
+            format!("{prefix}:pass:b1"),
+            user,
+            format!(r#"{{"pass":{i},"planned_ms":1}}"#),
+        )
+        .zadd(format!("{prefix}:due:b1"), user, 1000 + i);
     }
     pipe.query_async::<()>(&mut conn).await.unwrap();
-    let states = store.users_jobs_and_progress("b1", &users).await.unwrap();
+    let states = store.user_states("b1", &users).await.unwrap();
     assert_eq!(states.len(), users.len());
     for (i, state) in states.iter().enumerate() {
         if i % 3 == 0 {
             assert!(
                 state.jobs.is_empty() && state.progress.is_empty(),
+                "user {i}"
+            );
+            assert_eq!(
+                (state.intent, state.pass.pass, state.due_ms),
+                (Intent::Idle, 0, None),
                 "user {i}"
             );
         } else {
@@ -319,6 +331,11 @@ async fn many_users_states_are_read_in_pipelines_in_order() {
                 "user {i}"
             );
             assert_eq!(state.progress.get("copied"), Some(&(i as i64)), "user {i}");
+            assert_eq!(
+                (state.intent, state.pass.pass, state.due_ms),
+                (Intent::Active, i as u64, Some(1000 + i as u64)),
+                "user {i}"
+            );
         }
     }
     store.delete_all().await.unwrap();
