@@ -4,7 +4,7 @@
 //! Redis under a key prefix of the rig's own.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use mailferry_coordinator::client::{Answer, ApiClient};
@@ -155,19 +155,13 @@ impl ApiRig {
 
     fn process(&self, command: &str, name: &str) -> Process {
         let log = self.dir.join(format!("{name}.log"));
-        Process(
-            Command::new(crate::run::binary())
-                .arg("-v")
-                .arg(command)
-                .arg("--config")
-                .arg(&self.config)
-                .env("MAILFERRY_SEALING_KEYS", self.keys.expose())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(log).unwrap())
-                .spawn()
-                .expect("starting a mailferry process"),
-        )
+        Process(crate::run::spawn_process(
+            command,
+            &self.config,
+            self.keys.expose(),
+            &log,
+            &[],
+        ))
     }
 
     pub fn base_url(&self) -> String {

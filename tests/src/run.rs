@@ -145,3 +145,26 @@ pub fn operator(config: &std::path::Path, keys: &str, args: &[&str]) -> Output {
         .output()
         .expect("running mailferry batch")
 }
+
+/// Starts `mailferry -v COMMAND --config CONFIG` (a coordinator or a worker) with the
+/// sealing `keys` and `env`, its log in `log`; `stop_processes_of(config)` ends it.
+pub fn spawn_process(
+    command: &str,
+    config: &std::path::Path,
+    keys: &str,
+    log: &std::path::Path,
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    Command::new(binary())
+        .arg("-v")
+        .arg(command)
+        .arg("--config")
+        .arg(config)
+        .envs(env.iter().copied())
+        .env("MAILFERRY_SEALING_KEYS", keys)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("creating the process's log"))
+        .spawn()
+        .expect("starting a mailferry process")
+}

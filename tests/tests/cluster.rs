@@ -3,7 +3,7 @@
 //! (unique prefixes), a Dovecot pair.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use mailferry_coordinator::scheduler::bundles_in_flight;
@@ -232,20 +232,13 @@ impl Rig {
 
     fn process(&self, command: &str, name: &str, env: &[(&str, &str)]) -> Worker {
         let log = self.dir.join(format!("{name}.log"));
-        Worker(
-            Command::new(mailferry_tests::run::binary())
-                .arg("-v")
-                .arg(command)
-                .arg("--config")
-                .arg(&self.config)
-                .envs(env.iter().copied())
-                .env("MAILFERRY_SEALING_KEYS", self.keys.expose())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(log).unwrap())
-                .spawn()
-                .expect("starting a mailferry process"),
-        )
+        Worker(mailferry_tests::run::spawn_process(
+            command,
+            &self.config,
+            self.keys.expose(),
+            &log,
+            env,
+        ))
     }
 
     /// `batch status` as (user, status, the whole line) per user.
