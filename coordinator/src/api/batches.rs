@@ -771,7 +771,12 @@ pub async fn user_detail(
         }
         out.push(view);
     }
-    let running = line.pass.pass > 0 && line.pass.finished_ms.is_none();
+    // Migrating now, as the status says: a pass whose jobs are all done reads synced
+    // before the coordinator has closed its record.
+    let running = matches!(
+        line.status,
+        UserStatus::Starting | UserStatus::Queued | UserStatus::Syncing { .. }
+    );
     let copied_now = line.counters.get("copied").copied().unwrap_or(0);
     let rate = match (running, line.pass.copied_at_plan) {
         (true, Some(at_plan)) => {
