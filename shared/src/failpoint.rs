@@ -2,7 +2,8 @@
 //! process abort (no destructors, no flushing: as abrupt as `kill -9`) the N-th time it
 //! passes the point `name`. Unset, a failpoint costs one relaxed atomic load.
 //!
-//! Points: `after-window` (in-flight window recorded, nothing appended yet),
+//! Points: `before-chunk` (a chunk of messages about to be copied, the last one
+//! checkpointed),
 //! `mid-fetch` (a message body received), `after-append` (an APPEND completed at the
 //! target, its checkpoint not yet written), `mid-checkpoint` (checkpoint temp file
 //! written, not yet renamed into place).

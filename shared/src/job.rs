@@ -174,8 +174,8 @@ pub struct SkippedMessage {
     pub reason: String,
 }
 
-/// APPENDs that may or may not have reached the target: recorded before they are sent,
-/// cleared once their result is in the checkpoint.
+/// APPENDs that may or may not have reached the target, as the older checkpoint format
+/// recorded them before sending (now `Checkpoint::target_uidnext` bounds them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InFlight {
     pub source_uids: Vec<u32>,
@@ -202,7 +202,15 @@ pub struct Checkpoint {
     /// next pass asks for them again (if they still exist).
     #[serde(default)]
     pub missed: Vec<u32>,
+    /// Written by the versions before `target_uidnext`; read, resolved and dropped.
     pub in_flight: Option<InFlight>,
+    /// Every target message at or above this UID that `uid_map` does not name may be a
+    /// copy made by a run that ended before writing its checkpoint: the next run matches
+    /// those to the pending source messages before copying any (no write-ahead record,
+    /// so a store may keep checkpoints in memory until the job ends). `None` in
+    /// checkpoints of the older format.
+    #[serde(default)]
+    pub target_uidnext: Option<u32>,
     /// The lowest HIGHESTMODSEQ seen by the UID-range jobs of the pass so far; the
     /// folder's last range makes it `source_modseq`.
     #[serde(default)]

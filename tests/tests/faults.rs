@@ -34,12 +34,12 @@ impl Setup {
     }
 }
 
-/// Aborts the engine at each named point, then re-runs: the in-flight window is
-/// resolved by content and the target ends equal to the source.
+/// Aborts the engine at each named point, then re-runs: the copies above the last
+/// checkpoint's bound are found and the target ends equal to the source.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_at_any_point_is_repaired_by_the_next_run() {
     for point in [
-        "after-window:2",
+        "before-chunk:2",
         "mid-fetch:40",
         "after-append:2",
         "mid-checkpoint:3",
@@ -75,6 +75,33 @@ async fn a_crash_at_any_point_is_repaired_by_the_next_run() {
             text(&out)
         );
     }
+}
+
+/// An incremental pass that dies after its APPENDs and before its checkpoint: the next
+/// run finds those copies above the bound the first pass recorded (the checkpoint
+/// exists, so nothing reconciles the whole folder) and copies nothing twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_in_an_incremental_pass_duplicates_nothing() {
+    let mut s = setup(54, 6).await;
+    let state = temp_dir("state");
+    let out = s.migrate(&state).run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let newer = corpus(540, 4);
+    mail::load(s.src.port, "alice", "alice-secret", '/', &newer).await;
+    s.messages.extend(newer);
+    let crash = s
+        .migrate(&state)
+        .env("MAILFERRY_FAILPOINT", "after-append:5")
+        .run();
+    assert_eq!(
+        crash.status.code(),
+        None,
+        "should have aborted\n{}",
+        text(&crash)
+    );
+    let out = s.migrate(&state).run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    s.assert_equal().await;
 }
 
 /// SIGKILL at random moments, several times in a row, then a clean run.

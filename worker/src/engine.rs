@@ -20,7 +20,7 @@ use std::sync::Arc;
 use mailferry_shared::imap::client::{Command, Session};
 use mailferry_shared::imap::mailbox::MailboxInfo;
 use mailferry_shared::imap::uidset;
-use mailferry_shared::job::{Checkpoint, FolderJob, InFlight, SkippedMessage, SourceState};
+use mailferry_shared::job::{Checkpoint, FolderJob, SkippedMessage, SourceState};
 use mailferry_shared::lease::Fence;
 use mailferry_shared::store::StateStore;
 use mailferry_shared::{failpoint, Error as SharedError};
@@ -176,14 +176,19 @@ impl<S: StateStore> Engine<S> {
             return Ok(report);
         }
 
-        if let Some(window) = cp.in_flight.take() {
-            let pairs = recover::resolve_window(source, target, &cp.uid_map, &window).await?;
-            report.matched += pairs.len() as u64;
-            for (s, d) in pairs {
-                cp.uid_map.insert(s, d);
-            }
-            self.save(job, &cp, fence).await?;
-        }
+        // Copies this checkpoint does not know of can only be at or above this target
+        // UID (a run that ended without writing its checkpoint made them). A checkpoint
+        // of the older format names an in-flight window instead; one with neither was
+        // written with nothing in flight.
+        let bound = if incremental {
+            lowest(
+                cp.in_flight.take().map(|w| w.target_uidnext as u64),
+                cp.target_uidnext.map(u64::from),
+            )
+            .map(|b| b as u32)
+        } else {
+            None
+        };
 
         // With CONDSTORE a pass reads only new messages' metadata and changed flags;
         // without it, the flags of every message are compared.
@@ -249,6 +254,27 @@ impl<S: StateStore> Engine<S> {
             }
             to_copy.push(m.clone());
         }
+        // Target messages above the bound that match none of this job's pending
+        // messages: the folder's other ranges may own them, so a range job keeps them
+        // inside the bound it writes (a whole-folder job has seen every pending message:
+        // what is left was delivered by someone else).
+        let mut held_bound: Option<u32> = None;
+        if let Some(bound) = bound.filter(|b| dst.uidnext > *b && !to_copy.is_empty()) {
+            let window =
+                recover::resolve_since(source, target, &cp.uid_map, bound, &to_copy).await?;
+            if !window.pairs.is_empty() {
+                tracing::info!(job = %job.id(), found = window.pairs.len(), "found copies of an earlier run that ended without its checkpoint");
+            }
+            report.matched += window.pairs.len() as u64;
+            let found: HashSet<u32> = window.pairs.iter().map(|p| p.0).collect();
+            for (s, d) in window.pairs {
+                cp.uid_map.insert(s, d);
+            }
+            to_copy.retain(|m| !found.contains(&m.uid));
+            if hi != u32::MAX {
+                held_bound = window.lowest_unmatched;
+            }
+        }
         self.progress.job_started(
             job,
             to_copy.len() as u64,
@@ -271,12 +297,10 @@ impl<S: StateStore> Engine<S> {
             .chunks(self.settings.chunk_messages.max(1))
             .collect();
         for chunk in chunks {
-            cp.in_flight = Some(InFlight {
-                source_uids: chunk.iter().map(|m| m.uid).collect(),
-                target_uidnext,
-            });
-            self.save(job, &cp, fence).await?;
-            failpoint::hit("after-window");
+            // No write-ahead record: copies made from here on are at or above the bound
+            // the last checkpoint holds, which is what the next run searches.
+            let chunk_bound = target_uidnext;
+            failpoint::hit("before-chunk");
 
             let progress = self.progress.clone();
             let mut on_copied = |n: u64, bytes: u64| progress.copied(job, n, bytes);
@@ -356,11 +380,7 @@ impl<S: StateStore> Engine<S> {
                 // Without APPENDUID: what arrived at or above the window's bound is our
                 // APPENDs in order, unless someone else delivered meanwhile; map it only
                 // when count and sizes agree. Its highest UID bounds the next window.
-                let bound = cp
-                    .in_flight
-                    .as_ref()
-                    .map_or(target_uidnext, |w| w.target_uidnext);
-                let arrived = arrived_since(target, bound)
+                let arrived = arrived_since(target, chunk_bound)
                     .await
                     .map_err(JobError::target_side)?;
                 let aligned = arrived.len() == unmapped.len()
@@ -380,7 +400,8 @@ impl<S: StateStore> Engine<S> {
             if contiguous(&cp, lo) {
                 cp.source_uid_done = cp.source_uid_done.max(last + 1);
             }
-            cp.in_flight = None;
+            cp.target_uidnext = Some(held_bound.map_or(target_uidnext, |h| h.min(target_uidnext)));
+            self.save(job, &cp, fence).await?;
         }
         // Every source message of the range that existed when the job looked is handled
         // now (copied, found, skipped, or listed as missed to be asked for again).
@@ -439,6 +460,7 @@ impl<S: StateStore> Engine<S> {
             cp.range_modseq = seen_modseq;
         }
         report.whole_folder = hi == u32::MAX;
+        cp.target_uidnext = Some(held_bound.map_or(target_uidnext, |h| h.min(target_uidnext)));
         self.save(job, &cp, fence).await?;
         report.skipped_total = cp.skipped.len() as u32;
         // Measured, not computed: the count the reconciliation compares with the source.

@@ -1,8 +1,8 @@
 //! Finding out what is already at the target, without marker headers.
 //!
-//! - [`resolve_window`]: after a crash between APPEND and checkpoint, the target messages
-//!   at or above the recorded UIDNEXT are matched by content to the in-flight source
-//!   messages. Only a bounded window is read.
+//! - [`resolve_since`]: after a run that ended without writing its checkpoint, the
+//!   target messages at or above the checkpoint's recorded UIDNEXT are matched to the
+//!   source messages still to copy. Only that window is read.
 //! - [`reconcile`]: with no usable checkpoint (first run against a non-empty target,
 //!   state lost, UIDVALIDITY changed) the whole folder is matched by a cheap identity:
 //!   INTERNALDATE and a hash of the header section.
@@ -15,58 +15,77 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use mailferry_shared::date::internal_date_epoch;
 use mailferry_shared::imap::client::Session;
 use mailferry_shared::imap::uidset;
-use mailferry_shared::job::{InFlight, UidMap};
+use mailferry_shared::job::UidMap;
 
 use crate::error::JobError;
-use crate::message::{content_hash, header_section, uid_fetch, uid_range};
+use crate::message::{content_hash, header_section, uid_fetch, uid_range, Meta};
 
-/// Pairs `(source uid, target uid)` for in-flight messages that did reach the target.
-pub async fn resolve_window(
+/// What [`resolve_since`] found among the target messages above the checkpoint's bound.
+#[derive(Debug, Default)]
+pub struct Window {
+    /// `(source uid, target uid)`: copies made by a run whose checkpoint was lost.
+    pub pairs: Vec<(u32, u32)>,
+    /// The lowest target UID above the bound that matched none of the pending source
+    /// messages (delivered by someone else, or copied by another range of the folder).
+    pub lowest_unmatched: Option<u32>,
+}
+
+/// After a run ended without writing its checkpoint (a crash, a lost claim, a store
+/// that did not answer), the target messages at or above the checkpoint's
+/// `target_uidnext` that the UID map does not name may be its copies. They are matched
+/// by identity (INTERNALDATE and a hash of the header section, as [`reconcile`] does)
+/// to the `pending` source messages, those the checkpoint says are still to copy. Only
+/// the window is read at the target, and at the source only the pending messages whose
+/// INTERNALDATE one of the window's messages has.
+pub async fn resolve_since(
     source: &mut Session,
     target: &mut Session,
     uid_map: &UidMap,
-    window: &InFlight,
-) -> Result<Vec<(u32, u32)>, JobError> {
-    if window.source_uids.is_empty() {
-        return Ok(Vec::new());
+    bound: u32,
+    pending: &[Meta],
+) -> Result<Window, JobError> {
+    let bound = bound.max(1);
+    if pending.is_empty() {
+        return Ok(Window::default());
     }
     let mapped: HashSet<u32> = uid_map.iter().map(|(_, d)| d).collect();
-    // Target side: everything at or above the recorded UIDNEXT not already accounted for.
-    let set = uid_range(window.target_uidnext.max(1), u32::MAX);
-    let mut candidates = uid_fetch(target, &set, "(UID BODY.PEEK[])", |f| {
-        match (f.uid, f.body) {
-            (Some(uid), Some(body)) if uid >= window.target_uidnext && !mapped.contains(&uid) => {
-                Some((uid, content_hash(&body)))
-            }
-            _ => None,
-        }
+    let candidates: Vec<(u32, Identity)> = identities(target, &uid_range(bound, u32::MAX), |uid| {
+        uid >= bound && !mapped.contains(&uid)
     })
     .await
     .map_err(JobError::target_side)?;
     if candidates.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Window::default());
     }
-    candidates.sort_unstable_by_key(|c| c.0);
-    let mut by_hash: HashMap<[u8; 32], VecDeque<u32>> = HashMap::new();
-    for (uid, hash) in candidates {
-        by_hash.entry(hash).or_default().push_back(uid);
+    let dates: HashSet<Option<i64>> = candidates.iter().map(|(_, id)| id.0).collect();
+    let wanted: Vec<u32> = pending
+        .iter()
+        .filter(|m| dates.contains(&internal_date_epoch(&m.internal_date)))
+        .map(|m| m.uid)
+        .collect();
+    let mut by_identity: HashMap<Identity, VecDeque<u32>> = HashMap::new();
+    for (uid, id) in &candidates {
+        by_identity.entry(*id).or_default().push_back(*uid);
     }
-
-    let set = uidset::format(&window.source_uids);
-    let mut source_hashes = uid_fetch(source, &set, "(UID BODY.PEEK[])", |f| {
-        Some((f.uid?, content_hash(&f.body?)))
-    })
-    .await
-    .map_err(JobError::source_side)?;
-    source_hashes.sort_unstable_by_key(|s| s.0);
-
     let mut pairs = Vec::new();
-    for (uid, hash) in source_hashes {
-        if let Some(t) = by_hash.get_mut(&hash).and_then(VecDeque::pop_front) {
-            pairs.push((uid, t));
+    if !wanted.is_empty() {
+        let wanted_set: HashSet<u32> = wanted.iter().copied().collect();
+        let source_ids = identities(source, &uidset::format(&wanted), |uid| {
+            wanted_set.contains(&uid)
+        })
+        .await
+        .map_err(JobError::source_side)?;
+        for (uid, id) in source_ids {
+            if let Some(t) = by_identity.get_mut(&id).and_then(VecDeque::pop_front) {
+                pairs.push((uid, t));
+            }
         }
     }
-    Ok(pairs)
+    let lowest_unmatched = by_identity.values().flatten().copied().min();
+    Ok(Window {
+        pairs,
+        lowest_unmatched,
+    })
 }
 
 /// A message's identity for reconciliation.
@@ -74,15 +93,14 @@ type Identity = (Option<i64>, [u8; 32]);
 
 async fn identities(
     session: &mut Session,
-    (lo, hi): (u32, u32),
+    set: &str,
+    wanted: impl Fn(u32) -> bool,
 ) -> Result<Vec<(u32, Identity)>, mailferry_shared::Error> {
     let items = "(UID INTERNALDATE BODY.PEEK[HEADER])";
-    let mut out = uid_fetch(session, &uid_range(lo, hi), items, |f| {
+    let mut out = uid_fetch(session, set, items, |f| {
         let (uid, header) = (f.uid?, f.header?);
         let date = f.internal_date.as_deref().and_then(internal_date_epoch);
-        (lo..=hi)
-            .contains(&uid)
-            .then(|| (uid, (date, content_hash(header_section(&header)))))
+        wanted(uid).then(|| (uid, (date, content_hash(header_section(&header)))))
     })
     .await?;
     out.sort_unstable_by_key(|x| x.0);
@@ -98,7 +116,7 @@ pub async fn reconcile(
     (lo, hi): (u32, u32),
 ) -> Result<Vec<(u32, u32)>, JobError> {
     let mapped_targets: HashSet<u32> = uid_map.iter().map(|(_, d)| d).collect();
-    let target_ids = identities(target, (1, u32::MAX))
+    let target_ids = identities(target, "1:*", |_| true)
         .await
         .map_err(JobError::target_side)?;
     let mut by_identity: HashMap<Identity, VecDeque<u32>> = HashMap::new();
@@ -110,7 +128,7 @@ pub async fn reconcile(
     if by_identity.is_empty() {
         return Ok(Vec::new());
     }
-    let source_ids = identities(source, (lo, hi))
+    let source_ids = identities(source, &uid_range(lo, hi), |uid| (lo..=hi).contains(&uid))
         .await
         .map_err(JobError::source_side)?;
     let mut pairs = Vec::new();
