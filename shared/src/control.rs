@@ -11,13 +11,14 @@
 //! | `P:jobs:<batch>:<user>` | hash job id → [`JobState`] | coordinator, workers | the current pass's jobs |
 //! | `P:specs:<batch>:<user>` | hash job id → [`FolderJob`] | coordinator | what to publish |
 //! | `P:dispatch` | set of `batch\tuser` | workers | users whose jobs ended since the coordinator looked |
-//! | `P:claim:<batch>:<user>:<target folder>` | string, expires | workers | one writer per target folder |
+//! | `P:claims:<batch>` | hash `user\ttarget folder` → `holder expiry-ms` | workers | one writer per target folder |
 //! | `P:run:<token>` | string, expires | workers | the last progress batch applied for one run of a job |
 //! | `P:leader` | string, expires | coordinators | which coordinator schedules |
 //!
-//! The workers' three calls per job (claim, renew with progress, finish) are Lua
-//! scripts: each is atomic and one round trip, and progress carries a sequence number
-//! per run so a replayed batch is never counted twice.
+//! The workers' three calls per delivery (claim, renew with progress and checkpoints,
+//! finish) are Lua scripts that take all of a delivery's jobs at once: each is atomic
+//! and one round trip, and progress carries a sequence number per run so a replayed
+//! batch is never counted twice.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,7 +27,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::job::FolderJob;
+use crate::job::{Checkpoint, CheckpointKey, FolderJob};
 use crate::redis_store::{store_error, RedisStore};
 use crate::status::{Intent, JobState};
 
@@ -77,8 +78,8 @@ pub enum ClaimAnswer {
 /// What renewing a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Renewal {
-    /// Still ours; the user's intent as the admin last set it.
-    Held(Intent),
+    /// Still ours; each user's intent as the admin last set it.
+    Held(HashMap<String, Intent>),
     /// The claim lapsed and may be someone else's now.
     Lost,
 }
@@ -140,53 +141,255 @@ fn json<T: Serialize>(value: &T) -> Result<String, Error> {
     serde_json::to_string(value).map_err(|e| Error::Store(e.to_string()))
 }
 
-/// A claim: grants the job's target folder to this run unless the job is finished,
-/// superseded by a newer pass, or its user stopped; or another run holds the folder.
-/// KEYS: jobs hash, intent hash, claim key. ARGV: job id, user, holder, ttl ms, running json.
+static CLAIM_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(&format!("{PROLOGUE}{CLAIM}")));
+static RENEW_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(&format!("{PROLOGUE}{RENEW}")));
+static FINISH_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(&format!("{PROLOGUE}{FINISH}")));
+
+/// A job's field in `P:claims:<batch>`: its user and target folder.
+fn claim_field(job: &FolderJob) -> Vec<u8> {
+    let mut field = job.user.as_bytes().to_vec();
+    field.push(b'\t');
+    field.extend_from_slice(job.target_folder.as_bytes());
+    field
+}
+
+/// The distinct users of some jobs, in order of first appearance.
+fn users_of<'a>(jobs: impl Iterator<Item = &'a FolderJob>) -> Vec<&'a str> {
+    let mut users: Vec<&str> = Vec::new();
+    for job in jobs {
+        if !users.contains(&job.user.as_str()) {
+            users.push(&job.user);
+        }
+    }
+    users
+}
+
+fn one_batch(jobs: &[FolderJob]) -> Result<&str, Error> {
+    let batch = jobs.first().map_or("", |j| j.batch.as_str());
+    if jobs.iter().any(|j| j.batch != batch) {
+        return Err(Error::Store("a delivery's jobs are of one batch".into()));
+    }
+    Ok(batch)
+}
+
+/// Each user's counters, as the scripts read them: a count, then field/delta pairs.
+fn push_counts(
+    call: &mut redis::ScriptInvocation<'_>,
+    users: &[&str],
+    counts: &[(String, Counts)],
+) {
+    for user in users {
+        push_user_counts(call, user, counts);
+    }
+}
+
+fn push_user_counts(
+    call: &mut redis::ScriptInvocation<'_>,
+    user: &str,
+    counts: &[(String, Counts)],
+) {
+    let mine: Vec<&(&'static str, i64)> = counts
+        .iter()
+        .filter(|(u, _)| u == user)
+        .flat_map(|(_, c)| c.iter())
+        .filter(|(_, d)| *d != 0)
+        .collect();
+    call.arg(mine.len());
+    for (field, delta) in mine {
+        call.arg(*field).arg(*delta);
+    }
+}
+
+// The claim scripts take a delivery's jobs at once (one round trip and a handful of
+// commands for a bundle, not a claim per folder). A claim is a field of
+// `P:claims:<batch>`, `<user>\t<target folder>` → `<holder> <expiry ms>`, expiry on
+// Redis's clock. They share this prologue: the time, and the delivery's users.
+// KEYS[1] intent hash, KEYS[2] claims hash, KEYS[3..] per script.
+// ARGV[1] holder, ARGV[2] ttl ms, ARGV[3] number of users U, ARGV[4..3+U] the users.
+const PROLOGUE: &str = r#"
+local holder, ttl, nu = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local users = {}
+for u = 1, nu do users[u] = ARGV[3 + u] end
+local function holder_of(value)
+  if not value then return nil, 0 end
+  local sp = string.find(value, ' ', 1, true)
+  return string.sub(value, 1, sp - 1), tonumber(string.sub(value, sp + 1))
+end
+local function intent_of(v) if v then return v end return 'idle' end
+"#;
+
+/// Grants each job's target folder to this run unless the job is finished, superseded
+/// by a newer pass, or its user stopped; or another run holds the folder. Then reads the
+/// jobs' checkpoints.
+/// KEYS: intent hash, claims hash, each user's jobs hash (U), each job's checkpoint (J).
+/// ARGV: prologue, running state json, then per job: user index, job id, claim field.
+/// Returns {answers, checkpoints}: answers 'granted', 'busy' or 'skip:<why>'.
 const CLAIM: &str = r#"
-local state = redis.call('HGET', KEYS[1], ARGV[1])
-if not state then return {'skip', 'superseded by a newer pass'} end
-local s = cjson.decode(state)['state']
-if s == 'done' or s == 'failed' then return {'skip', 'already ' .. s} end
-local intent = redis.call('HGET', KEYS[2], ARGV[2])
-if intent == 'stopped' or intent == 'closed' or intent == 'idle' then
-  return {'skip', 'the user is ' .. intent}
+local running = ARGV[4 + nu]
+local base = 4 + nu
+local nj = (#ARGV - base) / 3
+local fields, by_user = {}, {}
+for j = 1, nj do
+  local u = tonumber(ARGV[base + 3 * j - 2])
+  by_user[u] = by_user[u] or {}
+  table.insert(by_user[u], j)
+  fields[j] = ARGV[base + 3 * j]
 end
-if not redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then return {'busy'} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
-return {'granted'}
+local intents = redis.call('HMGET', KEYS[1], unpack(users))
+local held = redis.call('HMGET', KEYS[2], unpack(fields))
+local states = {}
+for u, js in pairs(by_user) do
+  local ids = {}
+  for k, j in ipairs(js) do ids[k] = ARGV[base + 3 * j - 1] end
+  local got = redis.call('HMGET', KEYS[2 + u], unpack(ids))
+  for k, j in ipairs(js) do states[j] = got[k] end
+end
+local answers, grant, running_by_user = {}, {}, {}
+local value = holder .. ' ' .. string.format('%.0f', now + ttl)
+for j = 1, nj do
+  local u = tonumber(ARGV[base + 3 * j - 2])
+  local intent = intents[u]
+  local state = states[j]
+  if not state then
+    answers[j] = 'skip:superseded by a newer pass'
+  else
+    local s = cjson.decode(state)['state']
+    local who, expiry = holder_of(held[j])
+    if s == 'done' or s == 'failed' then
+      answers[j] = 'skip:already ' .. s
+    elseif intent == 'stopped' or intent == 'closed' or intent == 'idle' then
+      answers[j] = 'skip:the user is ' .. intent
+    elseif who and who ~= holder and expiry > now then
+      answers[j] = 'busy'
+    else
+      answers[j] = 'granted'
+      table.insert(grant, fields[j])
+      table.insert(grant, value)
+      running_by_user[u] = running_by_user[u] or {}
+      table.insert(running_by_user[u], ARGV[base + 3 * j - 1])
+      table.insert(running_by_user[u], running)
+    end
+  end
+end
+if #grant > 0 then redis.call('HSET', KEYS[2], unpack(grant)) end
+for u, kv in pairs(running_by_user) do redis.call('HSET', KEYS[2 + u], unpack(kv)) end
+local cps = {}
+if #KEYS > 2 + nu then cps = redis.call('MGET', unpack(KEYS, 3 + nu)) end
+return {answers, cps}
 "#;
 
-/// Renews a claim and applies a progress batch of this run (once per sequence number).
-/// KEYS: claim key, intent hash, progress hash, run key. ARGV: holder, ttl ms, user, seq,
-/// then field/delta pairs. Returns the intent, or false when the claim is not ours.
+/// Renews a run's claims and applies its progress batch (once per sequence number)
+/// and the checkpoints it wrote since the last call; refused, with nothing applied, when
+/// any claim is no longer this run's.
+/// KEYS: intent hash, claims hash, run key, each user's progress hash (U), then the
+/// checkpoints to write (C).
+/// ARGV: prologue, seq, number of claim fields F, the fields, then per user: number of
+/// counters, field/delta pairs; then the C checkpoint values.
+/// Returns the users' intents, or false when a claim is lost.
 const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local last = tonumber(redis.call('GET', KEYS[4]) or '0')
-if tonumber(ARGV[4]) > last then
-  redis.call('SET', KEYS[4], ARGV[4], 'EX', 86400)
-  for i = 5, #ARGV, 2 do redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) end
+local seq = tonumber(ARGV[4 + nu])
+local nf = tonumber(ARGV[5 + nu])
+local at = 5 + nu
+local fields = {}
+for f = 1, nf do fields[f] = ARGV[at + f] end
+at = at + nf
+if nf > 0 then
+  local held = redis.call('HMGET', KEYS[2], unpack(fields))
+  for f = 1, nf do
+    local who, expiry = holder_of(held[f])
+    if who ~= holder or expiry <= now then return false end
+  end
+  local value = holder .. ' ' .. string.format('%.0f', now + ttl)
+  local kv = {}
+  for f = 1, nf do kv[2 * f - 1] = fields[f]; kv[2 * f] = value end
+  redis.call('HSET', KEYS[2], unpack(kv))
 end
-return redis.call('HGET', KEYS[2], ARGV[3]) or 'idle'
+local last = tonumber(redis.call('GET', KEYS[3]) or '0')
+local fresh = seq > last
+if fresh then redis.call('SET', KEYS[3], ARGV[4 + nu], 'EX', 86400) end
+for u = 1, nu do
+  local n = tonumber(ARGV[at + 1])
+  if fresh then
+    for i = 1, n do
+      redis.call('HINCRBY', KEYS[3 + u], ARGV[at + 2 * i], ARGV[at + 2 * i + 1])
+    end
+  end
+  at = at + 1 + 2 * n
+end
+local nc = #KEYS - 3 - nu
+if nc > 0 then
+  local kv = {}
+  for c = 1, nc do kv[2 * c - 1] = KEYS[3 + nu + c]; kv[2 * c] = ARGV[at + c] end
+  redis.call('MSET', unpack(kv))
+end
+local intents = redis.call('HMGET', KEYS[1], unpack(users))
+for u = 1, nu do intents[u] = intent_of(intents[u]) end
+return intents
 "#;
 
-/// Ends a run: its last progress batch, the job's new state (unless a newer pass
-/// replaced the job meanwhile), the claim released, the user marked for the
-/// coordinator's dispatcher.
-/// KEYS: claim key, jobs hash, progress hash, run key, dispatch set.
-/// ARGV: holder, job id, state json ('' keeps the state), dispatch member, seq, pairs.
+/// Ends a run: its last progress batch, the jobs' new states (unless a newer pass
+/// replaced a job meanwhile), its checkpoints (only while every claim is still this
+/// run's: else another run owns the folders now), the claims released, the users
+/// marked for the coordinator's dispatcher.
+/// KEYS: intent hash, claims hash, run key, dispatch set, each user's jobs hash (U),
+/// each user's progress hash (U), then the checkpoints to write (C).
+/// ARGV: prologue, seq, number of claim fields F, the fields, then per user: its
+/// dispatch member, number of states, id/json pairs ('' keeps the state), number of
+/// counters, field/delta pairs; then the C checkpoint values.
 const FINISH: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+local seq = tonumber(ARGV[4 + nu])
+local nf = tonumber(ARGV[5 + nu])
+local at = 5 + nu
+local ours, all_ours = {}, true
+if nf > 0 then
+  local fields = {}
+  for f = 1, nf do fields[f] = ARGV[at + f] end
+  local held = redis.call('HMGET', KEYS[2], unpack(fields))
+  for f = 1, nf do
+    if holder_of(held[f]) == holder then table.insert(ours, fields[f]) else all_ours = false end
+  end
 end
-local last = tonumber(redis.call('GET', KEYS[4]) or '0')
-if tonumber(ARGV[5]) > last then
-  redis.call('SET', KEYS[4], ARGV[5], 'EX', 86400)
-  for i = 6, #ARGV, 2 do redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) end
+at = at + nf
+local last = tonumber(redis.call('GET', KEYS[3]) or '0')
+local fresh = seq > last
+if fresh then redis.call('SET', KEYS[3], ARGV[4 + nu], 'EX', 86400) end
+local members = {}
+for u = 1, nu do
+  members[u] = ARGV[at + 1]
+  local ns = tonumber(ARGV[at + 2])
+  at = at + 2
+  if ns > 0 then
+    local ids, vals = {}, {}
+    for i = 1, ns do ids[i] = ARGV[at + 2 * i - 1]; vals[i] = ARGV[at + 2 * i] end
+    local exists = redis.call('HMGET', KEYS[4 + u], unpack(ids))
+    local kv = {}
+    for i = 1, ns do
+      if exists[i] and vals[i] ~= '' then table.insert(kv, ids[i]); table.insert(kv, vals[i]) end
+    end
+    if #kv > 0 then redis.call('HSET', KEYS[4 + u], unpack(kv)) end
+  end
+  at = at + 2 * ns
+  local n = tonumber(ARGV[at + 1])
+  if fresh then
+    for i = 1, n do
+      redis.call('HINCRBY', KEYS[4 + nu + u], ARGV[at + 2 * i], ARGV[at + 2 * i + 1])
+    end
+  end
+  at = at + 1 + 2 * n
 end
-redis.call('SADD', KEYS[5], ARGV[4])
+local nc = #KEYS - 4 - 2 * nu
+if nc > 0 and all_ours then
+  local kv = {}
+  for c = 1, nc do kv[2 * c - 1] = KEYS[4 + 2 * nu + c]; kv[2 * c] = ARGV[at + c] end
+  redis.call('MSET', unpack(kv))
+end
+if #ours > 0 then redis.call('HDEL', KEYS[2], unpack(ours)) end
+redis.call('SADD', KEYS[4], unpack(members))
 return 1
 "#;
 
@@ -238,13 +441,6 @@ impl RedisStore {
             key.push(':');
             key.push_str(p);
         }
-        key
-    }
-
-    fn claim_key(&self, job: &FolderJob) -> Vec<u8> {
-        let mut key = self.k(&["claim", &job.batch, &job.user]).into_bytes();
-        key.push(b':');
-        key.extend_from_slice(job.target_folder.as_bytes());
         key
     }
 
@@ -646,96 +842,190 @@ impl RedisStore {
             .collect())
     }
 
-    // ---- a worker's claim on a job ----
+    // ---- a worker's claims on a delivery's jobs ----
 
-    pub async fn claim_job(
+    /// Claims a delivery's jobs (all of one batch) for `holder`: an answer per job, in
+    /// order, and the jobs' checkpoints as stored (read in the same round trip).
+    pub async fn claim_jobs(
         &self,
-        job: &FolderJob,
+        jobs: &[FolderJob],
         holder: &str,
         ttl: Duration,
-    ) -> Result<ClaimAnswer, Error> {
-        let mut conn = self.conn.clone();
-        let answer: Vec<String> = redis::Script::new(CLAIM)
-            .key(self.jobs_key(&job.batch, &job.user))
-            .key(self.k(&["intent", &job.batch]))
-            .key(self.claim_key(job))
-            .arg(job.id())
-            .arg(&job.user)
-            .arg(holder)
-            .arg(ttl.as_millis() as u64)
-            .arg(json(&JobState::Running)?)
-            .invoke_async(&mut conn)
+    ) -> Result<(Vec<ClaimAnswer>, Vec<Option<Checkpoint>>), Error> {
+        if jobs.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let batch = one_batch(jobs)?;
+        let users = users_of(jobs.iter());
+        let mut call = self.claim_call(&CLAIM_SCRIPT, batch, holder, ttl, &users);
+        for user in &users {
+            call.key(self.jobs_key(batch, user));
+        }
+        for job in jobs {
+            call.key(self.checkpoint_key(&job.checkpoint_key()));
+        }
+        call.arg(json(&JobState::Running)?);
+        for job in jobs {
+            let u = users
+                .iter()
+                .position(|u| *u == job.user.as_str())
+                .unwrap_or(0)
+                + 1;
+            call.arg(u).arg(job.id()).arg(claim_field(job));
+        }
+        let (answers, checkpoints): (Vec<String>, Vec<Option<Vec<u8>>>) = call
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| store_error("claim script", e))?;
-        Ok(match answer.first().map(String::as_str) {
-            Some("granted") => ClaimAnswer::Granted,
-            Some("busy") => ClaimAnswer::Busy,
-            _ => ClaimAnswer::Skip(answer.get(1).cloned().unwrap_or_default()),
-        })
+        let answers = answers
+            .into_iter()
+            .map(|a| match a.as_str() {
+                "granted" => ClaimAnswer::Granted,
+                "busy" => ClaimAnswer::Busy,
+                other => {
+                    ClaimAnswer::Skip(other.strip_prefix("skip:").unwrap_or(other).to_string())
+                }
+            })
+            .collect();
+        let checkpoints = jobs
+            .iter()
+            .zip(checkpoints.into_iter().chain(std::iter::repeat(None)))
+            .map(|(job, bytes)| {
+                bytes.and_then(|b| crate::redis_store::decode_checkpoint(&job.checkpoint_key(), &b))
+            })
+            .collect();
+        Ok((answers, checkpoints))
     }
 
-    /// Renews the claim and adds this run's progress batch number `seq`.
-    pub async fn renew_claim(
+    /// Renews the claims on `jobs` (those granted to `holder`), adds its progress batch
+    /// number `seq` (per user) and writes the checkpoints saved since the last call.
+    pub async fn renew_claims(
         &self,
-        job: &FolderJob,
+        jobs: &[FolderJob],
         holder: &str,
         ttl: Duration,
         seq: u64,
-        counts: &Counts,
+        counts: &[(String, Counts)],
+        checkpoints: &[(CheckpointKey, Checkpoint)],
     ) -> Result<Renewal, Error> {
-        let mut conn = self.conn.clone();
-        let script = redis::Script::new(RENEW);
-        let mut call = script.key(self.claim_key(job));
-        call.key(self.k(&["intent", &job.batch]))
-            .key(self.progress_key(&job.batch, &job.user))
-            .key(self.k(&["run", holder]))
-            .arg(holder)
-            .arg(ttl.as_millis() as u64)
-            .arg(&job.user)
-            .arg(seq);
-        for (field, delta) in counts {
-            call.arg(*field).arg(*delta);
+        if jobs.is_empty() {
+            return Ok(Renewal::Held(HashMap::new()));
         }
-        let intent: Option<String> = call
-            .invoke_async(&mut conn)
+        let batch = one_batch(jobs)?;
+        let users = users_of(jobs.iter());
+        let mut call = self.claim_call(&RENEW_SCRIPT, batch, holder, ttl, &users);
+        call.key(self.k(&["run", holder]));
+        for user in &users {
+            call.key(self.progress_key(batch, user));
+        }
+        for (key, _) in checkpoints {
+            call.key(self.checkpoint_key(key));
+        }
+        call.arg(seq).arg(jobs.len());
+        for job in jobs {
+            call.arg(claim_field(job));
+        }
+        push_counts(&mut call, &users, counts);
+        for (_, cp) in checkpoints {
+            call.arg(serde_json::to_vec(cp).map_err(|e| Error::Store(e.to_string()))?);
+        }
+        let intents: Option<Vec<String>> = call
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| store_error("renew script", e))?;
-        Ok(match intent {
-            Some(i) => Renewal::Held(parse_intent(&i)),
+        Ok(match intents {
+            Some(intents) => Renewal::Held(
+                users
+                    .iter()
+                    .zip(intents)
+                    .map(|(u, i)| (u.to_string(), parse_intent(&i)))
+                    .collect(),
+            ),
             None => Renewal::Lost,
         })
     }
 
-    /// Ends a run: `state` (None: leave the job as it is, e.g. handed back), the run's
-    /// last progress batch `seq`, the claim released, the coordinator told.
-    pub async fn finish_job(
+    /// Ends a run of a delivery's granted jobs: each job's new state (None: leave it,
+    /// e.g. handed back), the last progress batch `seq`, the checkpoints not yet written
+    /// (only while every claim is still this run's), the claims released, the
+    /// coordinator told.
+    pub async fn finish_claims(
         &self,
-        job: &FolderJob,
+        jobs: &[(FolderJob, Option<JobState>)],
         holder: &str,
-        state: Option<&JobState>,
         seq: u64,
-        counts: &Counts,
+        counts: &[(String, Counts)],
+        checkpoints: &[(CheckpointKey, Checkpoint)],
     ) -> Result<(), Error> {
-        let mut conn = self.conn.clone();
-        let state = state.map(json).transpose()?.unwrap_or_default();
-        let script = redis::Script::new(FINISH);
-        let mut call = script.key(self.claim_key(job));
-        call.key(self.jobs_key(&job.batch, &job.user))
-            .key(self.progress_key(&job.batch, &job.user))
-            .key(self.k(&["run", holder]))
-            .key(self.k(&["dispatch"]))
-            .arg(holder)
-            .arg(job.id())
-            .arg(state)
-            .arg(Self::dispatch_member(&job.batch, &job.user))
-            .arg(seq);
-        for (field, delta) in counts {
-            call.arg(*field).arg(*delta);
+        let Some((first, _)) = jobs.first() else {
+            return Ok(());
+        };
+        let batch = first.batch.as_str();
+        if jobs.iter().any(|(j, _)| j.batch != batch) {
+            return Err(Error::Store("a delivery's jobs are of one batch".into()));
         }
-        call.invoke_async::<i64>(&mut conn)
+        let users = users_of(jobs.iter().map(|(j, _)| j));
+        let mut call = self.claim_call(&FINISH_SCRIPT, batch, holder, Duration::ZERO, &users);
+        call.key(self.k(&["run", holder]))
+            .key(self.k(&["dispatch"]));
+        for user in &users {
+            call.key(self.jobs_key(batch, user));
+        }
+        for user in &users {
+            call.key(self.progress_key(batch, user));
+        }
+        for (key, _) in checkpoints {
+            call.key(self.checkpoint_key(key));
+        }
+        call.arg(seq).arg(jobs.len());
+        for (job, _) in jobs {
+            call.arg(claim_field(job));
+        }
+        for user in &users {
+            call.arg(Self::dispatch_member(batch, user));
+            let states = jobs
+                .iter()
+                .filter(|(j, _)| j.user == *user)
+                .map(|(j, s)| {
+                    Ok((
+                        j.id(),
+                        s.as_ref().map(json).transpose()?.unwrap_or_default(),
+                    ))
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
+            call.arg(states.len());
+            for (id, state) in states {
+                call.arg(id).arg(state);
+            }
+            push_user_counts(&mut call, user, counts);
+        }
+        for (_, cp) in checkpoints {
+            call.arg(serde_json::to_vec(cp).map_err(|e| Error::Store(e.to_string()))?);
+        }
+        call.invoke_async::<i64>(&mut self.conn.clone())
             .await
             .map_err(|e| store_error("finish script", e))?;
         Ok(())
+    }
+
+    /// A claim script's call with the prologue's keys and arguments filled in.
+    fn claim_call<'a>(
+        &self,
+        script: &'a std::sync::LazyLock<redis::Script>,
+        batch: &str,
+        holder: &str,
+        ttl: Duration,
+        users: &[&str],
+    ) -> redis::ScriptInvocation<'a> {
+        let mut call = script.key(self.k(&["intent", batch]));
+        call.key(self.k(&["claims", batch]))
+            .arg(holder)
+            .arg(ttl.as_millis() as u64)
+            .arg(users.len());
+        for user in users {
+            call.arg(*user);
+        }
+        call
     }
 
     // ---- leadership ----

@@ -68,7 +68,7 @@ impl RedisStore {
     }
 
     /// `<prefix>:cp:<user>:<folder wire name>` (Redis keys are binary-safe).
-    fn key(&self, key: &CheckpointKey) -> Vec<u8> {
+    pub(crate) fn checkpoint_key(&self, key: &CheckpointKey) -> Vec<u8> {
         let mut k = format!("{}:cp:{}:", self.prefix, key.user).into_bytes();
         k.extend_from_slice(key.source_folder.as_bytes());
         k
@@ -102,7 +102,7 @@ impl RedisStore {
 
 /// A checkpoint value, or `None` (with a warning) when it is damaged: without it the
 /// folder is reconciled against the target, which costs time but never duplicates.
-fn decode_checkpoint(key: &CheckpointKey, bytes: &[u8]) -> Option<Checkpoint> {
+pub(crate) fn decode_checkpoint(key: &CheckpointKey, bytes: &[u8]) -> Option<Checkpoint> {
     match serde_json::from_slice(bytes) {
         Ok(cp) => Some(cp),
         Err(e) => {
@@ -116,7 +116,7 @@ impl StateStore for RedisStore {
     async fn load_checkpoint(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, Error> {
         let mut conn = self.conn.clone();
         let value: Option<Vec<u8>> = conn
-            .get(self.key(key))
+            .get(self.checkpoint_key(key))
             .await
             .map_err(|e| store_error("GET", e))?;
         Ok(value.and_then(|bytes| decode_checkpoint(key, &bytes)))
@@ -130,7 +130,7 @@ impl StateStore for RedisStore {
             return Ok(Vec::new());
         }
         let mut conn = self.conn.clone();
-        let names: Vec<Vec<u8>> = keys.iter().map(|k| self.key(k)).collect();
+        let names: Vec<Vec<u8>> = keys.iter().map(|k| self.checkpoint_key(k)).collect();
         let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
             .arg(&names)
             .query_async(&mut conn)
@@ -150,7 +150,7 @@ impl StateStore for RedisStore {
     ) -> Result<(), Error> {
         let mut conn = self.conn.clone();
         let json = serde_json::to_vec(checkpoint).map_err(|e| Error::Store(e.to_string()))?;
-        conn.set::<_, _, ()>(self.key(key), json)
+        conn.set::<_, _, ()>(self.checkpoint_key(key), json)
             .await
             .map_err(|e| store_error("SET", e))
     }

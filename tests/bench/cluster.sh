@@ -118,6 +118,8 @@ if [[ ${EMBEDDED:-1} == 0 ]]; then
         "Redis commands $((after - before)) for $copied messages," \
         "coordinator $(awk -v t="$coord_cpu" -v hz="$(getconf CLK_TCK)" 'BEGIN {print t / hz}') CPU s, peak RSS $((coord_rss / 1024)) MiB;" \
         "$(cat "$work/verify.cluster")"
+    echo "Redis calls by command (including those inside scripts):"
+    cat "$work/commandstats"
     exit 0
 fi
 bash "$kit/dovecot.sh" wipe dst >/dev/null

@@ -91,6 +91,59 @@ async fn begin(store: &RedisStore, jobs: &[FolderJob]) {
         .unwrap();
 }
 
+async fn claim(store: &RedisStore, job: &FolderJob, holder: &str, ttl: Duration) -> ClaimAnswer {
+    let (mut answers, _) = store
+        .claim_jobs(std::slice::from_ref(job), holder, ttl)
+        .await
+        .unwrap();
+    answers.remove(0)
+}
+
+async fn renew(
+    store: &RedisStore,
+    job: &FolderJob,
+    holder: &str,
+    ttl: Duration,
+    seq: u64,
+    counts: &Counts,
+) -> Renewal {
+    store
+        .renew_claims(
+            std::slice::from_ref(job),
+            holder,
+            ttl,
+            seq,
+            &[(job.user.clone(), counts.clone())],
+            &[],
+        )
+        .await
+        .unwrap()
+}
+
+async fn finish(
+    store: &RedisStore,
+    job: &FolderJob,
+    holder: &str,
+    state: Option<&JobState>,
+    seq: u64,
+    counts: &Counts,
+) {
+    store
+        .finish_claims(
+            &[(job.clone(), state.cloned())],
+            holder,
+            seq,
+            &[(job.user.clone(), counts.clone())],
+            &[],
+        )
+        .await
+        .unwrap()
+}
+
+fn held_by_alice(intent: Intent) -> Renewal {
+    Renewal::Held([("alice".to_string(), intent)].into_iter().collect())
+}
+
 #[tokio::test]
 async fn progress_batches_count_once_even_when_replayed() {
     let prefix = format!("mft-{:016x}", fastrand::u64(..));
@@ -99,57 +152,54 @@ async fn progress_batches_count_once_even_when_replayed() {
     begin(&store, &[inbox.clone(), sent.clone()]).await;
     let ttl = Duration::from_secs(30);
     assert_eq!(
-        store.claim_job(&inbox, "run-1", ttl).await.unwrap(),
+        claim(&store, &inbox, "run-1", ttl).await,
         ClaimAnswer::Granted
     );
     let counts: Counts = vec![("copied", 50), ("copied_bytes", 1_000_000)];
-    let held = store
-        .renew_claim(&inbox, "run-1", ttl, 1, &counts)
-        .await
-        .unwrap();
-    assert_eq!(held, Renewal::Held(Intent::Active));
+    let held = renew(&store, &inbox, "run-1", ttl, 1, &counts).await;
+    assert_eq!(held, held_by_alice(Intent::Active));
     // the reply was lost and the worker sends the same batch again
-    store
-        .renew_claim(&inbox, "run-1", ttl, 1, &counts)
-        .await
-        .unwrap();
-    store
-        .renew_claim(
-            &inbox,
-            "run-1",
-            ttl,
-            2,
-            &vec![("copied", 7), ("skipped", 1)],
-        )
-        .await
-        .unwrap();
+    renew(&store, &inbox, "run-1", ttl, 1, &counts).await;
+    renew(
+        &store,
+        &inbox,
+        "run-1",
+        ttl,
+        2,
+        &vec![("copied", 7), ("skipped", 1)],
+    )
+    .await;
     // an older batch arriving late changes nothing either
-    store
-        .renew_claim(&inbox, "run-1", ttl, 1, &counts)
-        .await
-        .unwrap();
+    renew(&store, &inbox, "run-1", ttl, 1, &counts).await;
     let done = JobState::Done {
         verified: true,
         mismatch: None,
     };
-    store
-        .finish_job(&inbox, "run-1", Some(&done), 3, &vec![("copied", 3)])
-        .await
-        .unwrap();
+    finish(
+        &store,
+        &inbox,
+        "run-1",
+        Some(&done),
+        3,
+        &vec![("copied", 3)],
+    )
+    .await;
     // the finish replayed (its reply lost): not counted twice
-    store
-        .finish_job(&inbox, "run-1", Some(&done), 3, &vec![("copied", 3)])
-        .await
-        .unwrap();
+    finish(
+        &store,
+        &inbox,
+        "run-1",
+        Some(&done),
+        3,
+        &vec![("copied", 3)],
+    )
+    .await;
     // another run of another job counts on its own sequence
     assert_eq!(
-        store.claim_job(&sent, "run-2", ttl).await.unwrap(),
+        claim(&store, &sent, "run-2", ttl).await,
         ClaimAnswer::Granted
     );
-    store
-        .finish_job(&sent, "run-2", Some(&done), 1, &vec![("copied", 1)])
-        .await
-        .unwrap();
+    finish(&store, &sent, "run-2", Some(&done), 1, &vec![("copied", 1)]).await;
     let p = store.progress("b1", "alice").await.unwrap();
     assert_eq!(p.get("copied"), Some(&61));
     assert_eq!(p.get("copied_bytes"), Some(&1_000_000));
@@ -172,62 +222,41 @@ async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
     let ttl = Duration::from_millis(1500);
     let inbox = job("INBOX", 1);
     begin(&store, std::slice::from_ref(&inbox)).await;
-    assert_eq!(
-        store.claim_job(&inbox, "a", ttl).await.unwrap(),
-        ClaimAnswer::Granted
-    );
+    assert_eq!(claim(&store, &inbox, "a", ttl).await, ClaimAnswer::Granted);
     assert_eq!(
         store.job_states("b1", "alice").await.unwrap()[0].1,
         JobState::Running
     );
     // a second delivery of the same job (a redelivery, a republish) waits
-    assert_eq!(
-        store.claim_job(&inbox, "b", ttl).await.unwrap(),
-        ClaimAnswer::Busy
-    );
+    assert_eq!(claim(&store, &inbox, "b", ttl).await, ClaimAnswer::Busy);
     // the first holder pauses past its claim: the claim lapses, the other run takes it,
     // and the first holder's renewal (with its progress) is refused
     tokio::time::sleep(Duration::from_millis(1700)).await;
-    assert_eq!(
-        store.claim_job(&inbox, "b", ttl).await.unwrap(),
-        ClaimAnswer::Granted
-    );
-    let late = store
-        .renew_claim(&inbox, "a", ttl, 1, &vec![("copied", 99)])
-        .await
-        .unwrap();
+    assert_eq!(claim(&store, &inbox, "b", ttl).await, ClaimAnswer::Granted);
+    let late = renew(&store, &inbox, "a", ttl, 1, &vec![("copied", 99)]).await;
     assert_eq!(late, Renewal::Lost);
     assert_eq!(
         store.progress("b1", "alice").await.unwrap().get("copied"),
         None
     );
     // the stale holder's finish does not release b's claim
-    store
-        .finish_job(&inbox, "a", None, 1, &vec![])
-        .await
-        .unwrap();
-    assert_eq!(
-        store.claim_job(&inbox, "c", ttl).await.unwrap(),
-        ClaimAnswer::Busy
-    );
+    finish(&store, &inbox, "a", None, 1, &vec![]).await;
+    assert_eq!(claim(&store, &inbox, "c", ttl).await, ClaimAnswer::Busy);
     let done = JobState::Done {
         verified: true,
         mismatch: None,
     };
-    store
-        .finish_job(&inbox, "b", Some(&done), 1, &vec![])
-        .await
-        .unwrap();
+    finish(&store, &inbox, "b", Some(&done), 1, &vec![]).await;
     // done: a later copy of the job is skipped
     assert!(matches!(
-        store.claim_job(&inbox, "d", ttl).await.unwrap(),
+        claim(&store, &inbox, "d", ttl).await,
         ClaimAnswer::Skip(why) if why.contains("done")
     ));
     // a job of an older pass is skipped; so is any job of a stopped user
     let newer = job("INBOX", 2);
     begin(&store, std::slice::from_ref(&newer)).await;
     assert!(matches!(
-        store.claim_job(&inbox, "e", ttl).await.unwrap(),
+        claim(&store, &inbox, "e", ttl).await,
         ClaimAnswer::Skip(why) if why.contains("superseded")
     ));
     store
@@ -235,7 +264,7 @@ async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
         .await
         .unwrap();
     assert!(matches!(
-        store.claim_job(&newer, "f", ttl).await.unwrap(),
+        claim(&store, &newer, "f", ttl).await,
         ClaimAnswer::Skip(why) if why.contains("stopped")
     ));
     // a running job learns of the stop at its next renewal
@@ -243,20 +272,117 @@ async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
         .set_intent("b1", &["alice".to_string()], Intent::Active, false)
         .await
         .unwrap();
-    assert_eq!(
-        store.claim_job(&newer, "g", ttl).await.unwrap(),
-        ClaimAnswer::Granted
-    );
+    assert_eq!(claim(&store, &newer, "g", ttl).await, ClaimAnswer::Granted);
     store
         .set_intent("b1", &["alice".to_string()], Intent::Stopped, false)
         .await
         .unwrap();
     assert_eq!(
-        store
-            .renew_claim(&newer, "g", ttl, 1, &vec![])
-            .await
-            .unwrap(),
-        Renewal::Held(Intent::Stopped)
+        renew(&store, &newer, "g", ttl, 1, &vec![]).await,
+        held_by_alice(Intent::Stopped)
+    );
+    store.delete_all().await.unwrap();
+}
+
+/// A delivery's jobs are claimed in one call, each with its own answer and its stored
+/// checkpoint; a run's checkpoints are written only while it holds every claim.
+#[tokio::test]
+async fn a_delivery_is_claimed_at_once_and_writes_checkpoints_only_while_it_holds_them() {
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let ttl = Duration::from_millis(1500);
+    let (inbox, sent, drafts) = (job("INBOX", 1), job("Sent", 1), job("Drafts", 1));
+    // Drafts is not in the pass (a delivery of an older plan)
+    begin(&store, &[inbox.clone(), sent.clone()]).await;
+    let stored = Checkpoint {
+        source_uidvalidity: 7,
+        target_uidvalidity: 8,
+        source_uid_done: 5,
+        target_uidnext: Some(6),
+        ..Checkpoint::default()
+    };
+    store
+        .save_checkpoint(&inbox.checkpoint_key(), &stored)
+        .await
+        .unwrap();
+    assert_eq!(
+        claim(&store, &sent, "other", ttl).await,
+        ClaimAnswer::Granted
+    );
+    let (answers, found) = store
+        .claim_jobs(&[inbox.clone(), sent.clone(), drafts.clone()], "run", ttl)
+        .await
+        .unwrap();
+    assert_eq!(answers[0], ClaimAnswer::Granted);
+    assert_eq!(answers[1], ClaimAnswer::Busy);
+    assert!(
+        matches!(&answers[2], ClaimAnswer::Skip(why) if why.contains("superseded")),
+        "{answers:?}"
+    );
+    assert_eq!(found, vec![Some(stored.clone()), None, None]);
+    let done = JobState::Done {
+        verified: true,
+        mismatch: None,
+    };
+    let newer = Checkpoint {
+        source_uid_done: 9,
+        target_uidnext: Some(10),
+        ..stored.clone()
+    };
+    store
+        .finish_claims(
+            &[(inbox.clone(), Some(done.clone()))],
+            "run",
+            1,
+            &[],
+            &[(inbox.checkpoint_key(), newer.clone())],
+        )
+        .await
+        .unwrap();
+    let key = inbox.checkpoint_key();
+    assert_eq!(
+        store.load_checkpoint(&key).await.unwrap(),
+        Some(newer.clone())
+    );
+    // the finish released INBOX and left Sent to its holder
+    let next = job("INBOX", 2);
+    begin(&store, std::slice::from_ref(&next)).await;
+    assert_eq!(claim(&store, &next, "a", ttl).await, ClaimAnswer::Granted);
+    // a pauses past its claim and b takes the folder over: a's renewal and finish
+    // write none of a's checkpoints
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(claim(&store, &next, "b", ttl).await, ClaimAnswer::Granted);
+    let stale = Checkpoint {
+        source_uid_done: 1,
+        ..newer.clone()
+    };
+    let renewed = store
+        .renew_claims(
+            std::slice::from_ref(&next),
+            "a",
+            ttl,
+            1,
+            &[],
+            &[(key.clone(), stale.clone())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewed, Renewal::Lost);
+    store
+        .finish_claims(
+            &[(next.clone(), None)],
+            "a",
+            2,
+            &[],
+            &[(key.clone(), stale)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.load_checkpoint(&key).await.unwrap(), Some(newer));
+    assert_eq!(
+        claim(&store, &next, "c", ttl).await,
+        ClaimAnswer::Busy,
+        "a's finish let b's claim go"
     );
     store.delete_all().await.unwrap();
 }

@@ -1,8 +1,10 @@
-//! Claims: before a job runs, its worker claims the job's target folder (DESIGN.md
-//! invariant 5: one writer per target folder) and learns whether the job is still
-//! wanted. While it runs, a keeper renews the claim, carries the job's progress counts
-//! to Redis in batches, and shuts the run's [`Fence`] when the claim is lost or the
-//! admin stops the user. The consumer loop settles the delivery by what it finds.
+//! Claims: before a delivery's jobs run, its worker claims their target folders (DESIGN.md
+//! invariant 5: one writer per target folder) and learns which jobs are still wanted, in
+//! one call for the whole delivery. While they run, a keeper renews the claims, carries
+//! the jobs' progress counts and the checkpoints they saved to Redis in batches, and
+//! shuts the run's [`Fence`] when the claims are lost or the admin stops the user. The
+//! delivery's end is recorded in one call too; the consumer loop then settles the
+//! delivery by what it found.
 //!
 //! The embedded mode has one process and one writer per folder by construction: its
 //! [`Unclaimed`] grants every job with a fence that never shuts.
@@ -14,65 +16,58 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mailferry_shared::control::{ClaimAnswer, Counts, Renewal};
-use mailferry_shared::job::FolderJob;
+use mailferry_shared::job::{Checkpoint, CheckpointKey, FolderJob};
 use mailferry_shared::lease::{Fence, LeaseTiming};
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::status::{Intent, JobState};
+use mailferry_shared::store::StateStore;
 use mailferry_shared::Error as SharedError;
 
-use crate::progress::JobReport;
-
-/// A run's hold on its job.
+/// A run's hold on a delivery's jobs.
 pub struct Claim {
+    /// One answer per job of the delivery, in order.
+    pub answers: Vec<ClaimAnswer>,
+    /// Shuts when the claims lapse or the admin stops the user.
     pub fence: Arc<Fence>,
-    /// The admin stopped (or closed) the user while the job ran: the delivery is
+    /// The admin stopped (or closed) the user while the jobs ran: the delivery is
     /// settled, not handed back.
     pub user_stopped: Arc<AtomicBool>,
     run: Option<Run>,
 }
 
-impl Claim {
-    fn unbounded() -> Self {
-        Claim {
-            fence: Arc::new(Fence::open_ended()),
-            user_stopped: Arc::new(AtomicBool::new(false)),
-            run: None,
-        }
-    }
-}
-
-/// A cluster run: its holder token (unique per run) and the keeper task.
+/// A cluster run: its holder token (unique per run), the jobs granted to it, the keeper.
 struct Run {
     holder: String,
+    granted: Vec<FolderJob>,
     keeper: tokio::task::JoinHandle<Batcher>,
     stop_keeper: Arc<tokio::sync::Notify>,
 }
 
-pub enum Claimed {
-    Run(Claim),
-    /// Nothing to do (finished already, superseded by a newer pass, the user stopped).
-    Skip(String),
-    /// Another run writes to the same target folder now.
-    Busy,
-}
-
-/// How a run ended, for its job's state.
-pub enum JobEnd<'a> {
-    Done(&'a JobReport),
-    Failed(&'a str),
+/// How a job's run ended, for its state.
+#[derive(Debug, Clone)]
+pub enum JobEnd {
+    Done {
+        matched: u64,
+        flags_updated: u64,
+        /// The folder's counts disagree after the pass (see `JobReport::mismatch`).
+        mismatch: Option<String>,
+    },
+    Failed(String),
     /// The server throttles the account: the job waits for the pause to end.
-    Throttled(&'a str),
+    Throttled(String),
     /// Not finished and not failed: handed back to the queue (or stopped by the admin).
     HandedBack,
 }
 
 pub trait Claims: Send + Sync + 'static {
-    fn claim(&self, job: &FolderJob) -> impl Future<Output = Result<Claimed, SharedError>> + Send;
+    /// Claims a delivery's jobs (one round trip in the cluster).
+    fn claim(&self, jobs: &[FolderJob]) -> impl Future<Output = Result<Claim, SharedError>> + Send;
+    /// Records how the granted jobs ended (`ends`: by job id; a granted job without an
+    /// end keeps its state) and lets the claims go.
     fn finish(
         &self,
         claim: Claim,
-        job: &FolderJob,
-        end: JobEnd<'_>,
+        ends: &[(FolderJob, JobEnd)],
     ) -> impl Future<Output = Result<(), SharedError>> + Send;
     /// How long to wait before a busy job is offered again.
     fn busy_delay(&self) -> Duration;
@@ -82,10 +77,15 @@ pub trait Claims: Send + Sync + 'static {
 pub struct Unclaimed;
 
 impl Claims for Unclaimed {
-    async fn claim(&self, _: &FolderJob) -> Result<Claimed, SharedError> {
-        Ok(Claimed::Run(Claim::unbounded()))
+    async fn claim(&self, jobs: &[FolderJob]) -> Result<Claim, SharedError> {
+        Ok(Claim {
+            answers: vec![ClaimAnswer::Granted; jobs.len()],
+            fence: Arc::new(Fence::open_ended()),
+            user_stopped: Arc::new(AtomicBool::new(false)),
+            run: None,
+        })
     }
-    async fn finish(&self, _: Claim, _: &FolderJob, _: JobEnd<'_>) -> Result<(), SharedError> {
+    async fn finish(&self, _: Claim, _: &[(FolderJob, JobEnd)]) -> Result<(), SharedError> {
         Ok(())
     }
     fn busy_delay(&self) -> Duration {
@@ -109,28 +109,140 @@ impl PendingCounts {
         *all.entry(job.id()).or_default().entry(field).or_default() += delta;
     }
 
-    fn take(&self, job_id: &str) -> Counts {
+    /// What the jobs have counted since the last take, summed per user.
+    fn take(&self, jobs: &[FolderJob]) -> Vec<(String, Counts)> {
         let mut all = self.by_job.lock().unwrap_or_else(|e| e.into_inner());
-        let mut counts: Counts = all.remove(job_id).unwrap_or_default().into_iter().collect();
-        counts.sort();
-        counts
+        let mut per_user: HashMap<&str, HashMap<&'static str, i64>> = HashMap::new();
+        for job in jobs {
+            if let Some(counts) = all.remove(&job.id()) {
+                let user = per_user.entry(job.user.as_str()).or_default();
+                for (field, delta) in counts {
+                    *user.entry(field).or_default() += delta;
+                }
+            }
+        }
+        let mut out: Vec<(String, Counts)> = per_user
+            .into_iter()
+            .map(|(user, counts)| {
+                let mut counts: Counts = counts.into_iter().collect();
+                counts.sort();
+                (user.to_string(), counts)
+            })
+            .collect();
+        out.sort();
+        out
     }
 }
 
-/// A run's progress batches: numbered, and a batch whose reply was lost is sent again
-/// with the same number (Redis applies each number once), never merged into the next.
+/// The cluster worker's checkpoint store: what a claim read comes first, what the
+/// engine saves waits in memory until the run's keeper or its end writes it, in the
+/// claim's own script (so a run that lost its claim writes none). Nothing is written
+/// ahead of a copy: a checkpoint that never reaches Redis costs the next run a search
+/// above its bound (`Checkpoint::target_uidnext`), never a duplicate.
+pub struct BufferedCheckpoints {
+    store: RedisStore,
+    /// Read by a claim, for the jobs it granted; taken by the engine's first load.
+    claimed: Mutex<HashMap<CheckpointKey, Option<Checkpoint>>>,
+    /// Saved by the engine, not yet written.
+    saved: Mutex<HashMap<CheckpointKey, Checkpoint>>,
+}
+
+impl BufferedCheckpoints {
+    pub fn new(store: RedisStore) -> Self {
+        BufferedCheckpoints {
+            store,
+            claimed: Mutex::default(),
+            saved: Mutex::default(),
+        }
+    }
+
+    fn remember(&self, jobs: &[FolderJob], found: Vec<Option<Checkpoint>>) {
+        let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+        for (job, cp) in jobs.iter().zip(found) {
+            claimed.insert(job.checkpoint_key(), cp);
+        }
+    }
+
+    fn forget(&self, jobs: &[FolderJob]) {
+        let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+        for job in jobs {
+            claimed.remove(&job.checkpoint_key());
+        }
+    }
+
+    /// The checkpoints the jobs saved since the last take.
+    fn take(&self, jobs: &[FolderJob]) -> Vec<(CheckpointKey, Checkpoint)> {
+        let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for job in jobs {
+            let key = job.checkpoint_key();
+            if let Some(cp) = saved.remove(&key) {
+                out.push((key, cp));
+            }
+        }
+        out
+    }
+}
+
+impl StateStore for BufferedCheckpoints {
+    async fn load_checkpoint(
+        &self,
+        key: &CheckpointKey,
+    ) -> Result<Option<Checkpoint>, SharedError> {
+        if let Some(cp) = self
+            .saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+        {
+            return Ok(Some(cp.clone()));
+        }
+        let claimed = self
+            .claimed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        match claimed {
+            Some(cp) => Ok(cp),
+            None => self.store.load_checkpoint(key).await,
+        }
+    }
+
+    async fn save_checkpoint(
+        &self,
+        key: &CheckpointKey,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), SharedError> {
+        self.saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), checkpoint.clone());
+        Ok(())
+    }
+}
+
+/// A numbered batch of a run's progress and checkpoints.
+type Sent = (u64, Vec<(String, Counts)>, Vec<(CheckpointKey, Checkpoint)>);
+
+/// A run's batches: numbered, and a batch whose reply was lost is sent again with the
+/// same number (Redis applies each number's counts once), never merged into the next.
 struct Batcher {
     seq: u64,
-    unconfirmed: Option<(u64, Counts)>,
+    unconfirmed: Option<Sent>,
 }
 
 impl Batcher {
-    fn next(&mut self, pending: &PendingCounts, job_id: &str) -> (u64, Counts) {
+    /// The unconfirmed batch again, or a new one of what `take` collects.
+    fn next(
+        &mut self,
+        take: impl FnOnce() -> (Vec<(String, Counts)>, Vec<(CheckpointKey, Checkpoint)>),
+    ) -> Sent {
         if let Some(batch) = &self.unconfirmed {
             return batch.clone();
         }
         self.seq += 1;
-        let batch = (self.seq, pending.take(job_id));
+        let (counts, cps) = take();
+        let batch = (self.seq, counts, cps);
         self.unconfirmed = Some(batch.clone());
         batch
     }
@@ -141,59 +253,79 @@ pub struct RedisClaims {
     store: RedisStore,
     timing: LeaseTiming,
     pending: Arc<PendingCounts>,
+    checkpoints: Arc<BufferedCheckpoints>,
     worker: String,
 }
 
 impl RedisClaims {
-    pub fn new(store: RedisStore, claim_ttl: Duration, pending: Arc<PendingCounts>) -> Self {
+    pub fn new(
+        store: RedisStore,
+        claim_ttl: Duration,
+        pending: Arc<PendingCounts>,
+        checkpoints: Arc<BufferedCheckpoints>,
+    ) -> Self {
         RedisClaims {
             store,
             timing: LeaseTiming { ttl: claim_ttl },
             pending,
+            checkpoints,
             worker: format!("{}-{}", std::process::id(), fastrand::u64(..) & 0xffff_ffff),
         }
     }
 }
 
 impl Claims for RedisClaims {
-    async fn claim(&self, job: &FolderJob) -> Result<Claimed, SharedError> {
+    async fn claim(&self, jobs: &[FolderJob]) -> Result<Claim, SharedError> {
         let holder = format!("{}-{:016x}", self.worker, fastrand::u64(..));
         let sent = Instant::now();
-        match self.store.claim_job(job, &holder, self.timing.ttl).await? {
-            ClaimAnswer::Skip(why) => return Ok(Claimed::Skip(why)),
-            ClaimAnswer::Busy => return Ok(Claimed::Busy),
-            ClaimAnswer::Granted => {}
-        }
+        let (answers, found) = self
+            .store
+            .claim_jobs(jobs, &holder, self.timing.ttl)
+            .await?;
+        let granted: Vec<FolderJob> = jobs
+            .iter()
+            .zip(&answers)
+            .filter(|(_, a)| **a == ClaimAnswer::Granted)
+            .map(|(j, _)| j.clone())
+            .collect();
+        let found = jobs
+            .iter()
+            .zip(&answers)
+            .zip(found)
+            .filter(|((_, a), _)| **a == ClaimAnswer::Granted)
+            .map(|(_, cp)| cp)
+            .collect();
+        self.checkpoints.remember(&granted, found);
         let fence = Arc::new(Fence::until(self.timing.fence_deadline(sent)));
         let user_stopped = Arc::new(AtomicBool::new(false));
         let stop_keeper = Arc::new(tokio::sync::Notify::new());
         let keeper = tokio::spawn(keep(
-            self.store.clone(),
-            self.timing,
-            self.pending.clone(),
-            job.clone(),
-            holder.clone(),
+            Keeper {
+                store: self.store.clone(),
+                timing: self.timing,
+                pending: self.pending.clone(),
+                checkpoints: self.checkpoints.clone(),
+                jobs: granted.clone(),
+                holder: holder.clone(),
+            },
             fence.clone(),
             user_stopped.clone(),
             stop_keeper.clone(),
         ));
-        Ok(Claimed::Run(Claim {
+        Ok(Claim {
+            answers,
             fence,
             user_stopped,
             run: Some(Run {
                 holder,
+                granted,
                 keeper,
                 stop_keeper,
             }),
-        }))
+        })
     }
 
-    async fn finish(
-        &self,
-        claim: Claim,
-        job: &FolderJob,
-        end: JobEnd<'_>,
-    ) -> Result<(), SharedError> {
+    async fn finish(&self, claim: Claim, ends: &[(FolderJob, JobEnd)]) -> Result<(), SharedError> {
         let Some(run) = claim.run else {
             return Ok(());
         };
@@ -204,53 +336,72 @@ impl Claims for RedisClaims {
             seq: u64::MAX / 2,
             unconfirmed: None,
         });
-        let state = match end {
-            JobEnd::Done(report) => {
-                for (field, n) in [
-                    ("matched", report.matched),
-                    ("flags_updated", report.flags_updated),
-                ] {
-                    self.pending.add(job, field, n as i64);
-                }
-                let mismatch = report.mismatch(&job.source_folder.display());
-                Some(JobState::Done {
-                    verified: mismatch.is_none(),
+        self.checkpoints.forget(&run.granted);
+        let end_of: HashMap<String, &JobEnd> = ends.iter().map(|(j, e)| (j.id(), e)).collect();
+        let mut states = Vec::with_capacity(run.granted.len());
+        for job in &run.granted {
+            let state = match end_of.get(&job.id()) {
+                Some(JobEnd::Done {
+                    matched,
+                    flags_updated,
                     mismatch,
-                })
-            }
-            JobEnd::Failed(reason) => {
-                self.pending.add(job, "failed_jobs", 1);
-                Some(JobState::Failed {
-                    reason: reason.to_string(),
-                })
-            }
-            JobEnd::Throttled(why) => Some(JobState::Throttled {
-                server_says: why.to_string(),
-            }),
-            // Queued again: whoever runs it next (or the coordinator's recheck after a
-            // restart of a stopped user) finds it open.
-            JobEnd::HandedBack => Some(JobState::Queued),
-        };
+                }) => {
+                    self.pending.add(job, "matched", *matched as i64);
+                    self.pending
+                        .add(job, "flags_updated", *flags_updated as i64);
+                    Some(JobState::Done {
+                        verified: mismatch.is_none(),
+                        mismatch: mismatch.clone(),
+                    })
+                }
+                Some(JobEnd::Failed(reason)) => {
+                    self.pending.add(job, "failed_jobs", 1);
+                    Some(JobState::Failed {
+                        reason: reason.clone(),
+                    })
+                }
+                Some(JobEnd::Throttled(why)) => Some(JobState::Throttled {
+                    server_says: why.clone(),
+                }),
+                // Queued again: whoever runs it next (or the coordinator's recheck after
+                // a restart of a stopped user) finds it open.
+                Some(JobEnd::HandedBack) => Some(JobState::Queued),
+                None => None,
+            };
+            states.push((job.clone(), state));
+        }
         // An unconfirmed batch goes first, under its own number; what is left goes
         // with the finish under the next.
-        if let Some((seq, counts)) = batcher.unconfirmed.take() {
+        if let Some((seq, counts, cps)) = batcher.unconfirmed.take() {
             let _ = self
                 .store
-                .renew_claim(job, &run.holder, self.timing.ttl, seq, &counts)
+                .renew_claims(
+                    &run.granted,
+                    &run.holder,
+                    self.timing.ttl,
+                    seq,
+                    &counts,
+                    &cps,
+                )
                 .await;
         }
-        let (seq, counts) = batcher.next(&self.pending, &job.id());
+        let (seq, counts, cps) = batcher.next(|| {
+            (
+                self.pending.take(&run.granted),
+                self.checkpoints.take(&run.granted),
+            )
+        });
         let mut attempt = 0;
         loop {
             match self
                 .store
-                .finish_job(job, &run.holder, state.as_ref(), seq, &counts)
+                .finish_claims(&states, &run.holder, seq, &counts, &cps)
                 .await
             {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt < 3 => {
                     attempt += 1;
-                    tracing::warn!(job = %job.id(), error = %e, "could not record the job's end; retrying");
+                    tracing::warn!(holder = %run.holder, error = %e, "could not record the jobs' end; retrying");
                     tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
                 }
                 Err(e) => return Err(e),
@@ -266,51 +417,66 @@ impl Claims for RedisClaims {
     }
 }
 
-/// Renews the claim every third of its time to live, carrying the run's progress, until
-/// told to stop. Returns the progress batcher so the finish can go on numbering.
-#[allow(clippy::too_many_arguments)]
-async fn keep(
+/// What a run's keeper needs.
+struct Keeper {
     store: RedisStore,
     timing: LeaseTiming,
     pending: Arc<PendingCounts>,
-    job: FolderJob,
+    checkpoints: Arc<BufferedCheckpoints>,
+    jobs: Vec<FolderJob>,
     holder: String,
+}
+
+/// Renews the claims every third of their time to live, carrying the run's progress and
+/// checkpoints, until told to stop. Returns the batcher so the finish can go on
+/// numbering.
+async fn keep(
+    k: Keeper,
     fence: Arc<Fence>,
     user_stopped: Arc<AtomicBool>,
     stop: Arc<tokio::sync::Notify>,
 ) -> Batcher {
-    let job_id = job.id();
     let mut batcher = Batcher {
         seq: 0,
         unconfirmed: None,
     };
+    if k.jobs.is_empty() {
+        stop.notified().await;
+        return batcher;
+    }
     loop {
         tokio::select! {
             _ = stop.notified() => return batcher,
-            _ = tokio::time::sleep(timing.renew_every()) => {}
+            _ = tokio::time::sleep(k.timing.renew_every()) => {}
         }
-        let (seq, counts) = batcher.next(&pending, &job_id);
+        let (seq, counts, cps) =
+            batcher.next(|| (k.pending.take(&k.jobs), k.checkpoints.take(&k.jobs)));
         let sent = Instant::now();
-        match store
-            .renew_claim(&job, &holder, timing.ttl, seq, &counts)
+        match k
+            .store
+            .renew_claims(&k.jobs, &k.holder, k.timing.ttl, seq, &counts, &cps)
             .await
         {
-            Ok(Renewal::Held(intent)) => {
+            Ok(Renewal::Held(intents)) => {
                 batcher.unconfirmed = None;
-                fence.extend(timing.fence_deadline(sent));
-                if matches!(intent, Intent::Stopped | Intent::Closed | Intent::Idle) {
+                fence.extend(k.timing.fence_deadline(sent));
+                if intents
+                    .values()
+                    .any(|i| matches!(i, Intent::Stopped | Intent::Closed | Intent::Idle))
+                {
                     user_stopped.store(true, Ordering::SeqCst);
                     fence.revoke("the admin stopped the user");
                 }
             }
             Ok(Renewal::Lost) => {
-                // The numbered batch was not applied (the script checks the claim first).
+                // Nothing of the batch was applied (the script checks the claims first),
+                // and its checkpoints must not be: another run owns the folders now.
                 batcher.unconfirmed = None;
                 fence.revoke("the claim on the folder lapsed and may be another worker's");
             }
             Err(e) => {
-                // The fence shuts by itself if this goes on past the claim's lifetime.
-                tracing::warn!(job = %job_id, error = %e, "could not renew the claim");
+                // The fence shuts by itself if this goes on past the claims' lifetime.
+                tracing::warn!(holder = %k.holder, error = %e, "could not renew the claims");
             }
         }
     }
@@ -321,29 +487,66 @@ mod tests {
     use super::*;
     use mailferry_shared::job::WireName;
 
-    #[test]
-    fn an_unconfirmed_batch_is_resent_unchanged_and_new_counts_wait() {
-        let job = FolderJob {
+    fn job(user: &str, folder: &str) -> FolderJob {
+        FolderJob {
             batch: "b".into(),
-            user: "u".into(),
-            source_folder: WireName("INBOX".into()),
-            target_folder: WireName("INBOX".into()),
+            user: user.into(),
+            source_folder: WireName(folder.to_string().into()),
+            target_folder: WireName(folder.to_string().into()),
             uid_range: None,
             pass: 1,
             group: None,
-        };
+        }
+    }
+
+    #[test]
+    fn an_unconfirmed_batch_is_resent_unchanged_and_new_counts_wait() {
+        let a = job("u", "INBOX");
         let pending = PendingCounts::default();
         let mut b = Batcher {
             seq: 0,
             unconfirmed: None,
         };
-        pending.add(&job, "copied", 5);
-        let first = b.next(&pending, &job.id());
-        assert_eq!(first, (1, vec![("copied", 5)]));
-        pending.add(&job, "copied", 2);
+        pending.add(&a, "copied", 5);
+        let jobs = [a.clone()];
+        let take = || (pending.take(&jobs), Vec::new());
+        let first = b.next(take);
+        assert_eq!(first.0, 1);
+        assert_eq!(first.1, vec![("u".to_string(), vec![("copied", 5)])]);
+        pending.add(&a, "copied", 2);
         // the reply was lost: the same batch again, the 2 wait for the next number
-        assert_eq!(b.next(&pending, &job.id()), first);
+        let again = b.next(|| (pending.take(&jobs), Vec::new()));
+        assert_eq!((again.0, &again.1), (1, &first.1));
         b.unconfirmed = None;
-        assert_eq!(b.next(&pending, &job.id()), (2, vec![("copied", 2)]));
+        let next = b.next(|| (pending.take(&jobs), Vec::new()));
+        assert_eq!(
+            (next.0, next.1),
+            (2, vec![("u".to_string(), vec![("copied", 2)])])
+        );
+    }
+
+    #[test]
+    fn counts_are_summed_per_user_and_taken_once() {
+        let (a, b, c) = (job("u", "INBOX"), job("u", "Sent"), job("v", "INBOX"));
+        let pending = PendingCounts::default();
+        pending.add(&a, "copied", 5);
+        pending.add(&b, "copied", 2);
+        pending.add(&c, "skipped", 1);
+        let jobs = [a.clone(), b.clone(), c.clone()];
+        assert_eq!(
+            pending.take(&jobs),
+            vec![
+                ("u".to_string(), vec![("copied", 7)]),
+                ("v".to_string(), vec![("skipped", 1)])
+            ]
+        );
+        assert!(pending.take(&jobs).is_empty());
+        // a job not asked for keeps its counts
+        pending.add(&a, "copied", 1);
+        assert!(pending.take(&[b]).is_empty());
+        assert_eq!(
+            pending.take(&[a]),
+            vec![("u".to_string(), vec![("copied", 1)])]
+        );
     }
 }

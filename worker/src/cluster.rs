@@ -16,13 +16,13 @@ use mailferry_shared::Error;
 use tokio::sync::watch;
 
 use crate::accounts::RedisAccounts;
-use crate::claims::{PendingCounts, RedisClaims};
+use crate::claims::{BufferedCheckpoints, PendingCounts, RedisClaims};
 use crate::consumer::{consume, RetryPolicy};
 use crate::{Engine, EngineSettings, JobError, JobReport, ProgressSink};
 
-/// Collects each running job's counts for its claim's keeper, which carries them to
-/// Redis with every renewal and the job's end: a few round trips per job, never one
-/// per message.
+/// Collects each running job's counts for its claims' keeper, which carries them to
+/// Redis with every renewal and the delivery's end: a few round trips per delivery,
+/// never one per message.
 struct CountingProgress {
     pending: Arc<PendingCounts>,
 }
@@ -121,13 +121,15 @@ pub async fn run(
     accounts.start_reaper(IDLE_LINGER);
     accounts.evict_idle_when_host_full();
     let pending = Arc::new(PendingCounts::default());
+    let checkpoints = Arc::new(BufferedCheckpoints::new(store.clone()));
     let claims = Arc::new(RedisClaims::new(
         store.clone(),
         std::time::Duration::from_secs(settings.worker.claim_secs),
         pending.clone(),
+        checkpoints.clone(),
     ));
     let engine = Arc::new(Engine::new(
-        Arc::new(store),
+        checkpoints,
         accounts,
         Arc::new(CountingProgress { pending }),
         EngineSettings {

@@ -13,9 +13,10 @@ use mailferry_shared::Disposition;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::claims::{Claimed, Claims, JobEnd};
+use crate::claims::{Claim, Claims, JobEnd};
 use crate::engine::Engine;
 use crate::error::JobError;
+use mailferry_shared::control::ClaimAnswer;
 use mailferry_shared::lease::Fence;
 
 #[derive(Debug, Clone, Copy)]
@@ -125,9 +126,10 @@ enum Outcome {
     Drained,
 }
 
-/// Runs a delivery's jobs one after another (a bundle's share the user's connections),
-/// then settles it: what must run again goes back as one narrowed bundle, what failed
-/// for good to the dead-letter queue, and the delivery is acked.
+/// Claims a delivery's jobs (one call), runs the granted ones one after another (a
+/// bundle's share the user's connections), records their ends (one call), then settles
+/// the delivery: what must run again goes back as one narrowed bundle, what failed for
+/// good to the dead-letter queue, and the delivery is acked.
 async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     queue: &Q,
     engine: &Engine<S>,
@@ -136,33 +138,132 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     policy: &RetryPolicy,
     drain: &Fence,
 ) {
+    let jobs = &delivery.jobs;
+    let bundle = delivery.bundle_id();
+    if jobs.len() > 1 {
+        tracing::debug!(%bundle, jobs = jobs.len(), "running a bundle of small folders");
+    }
+    let claim = match claims.claim(jobs).await {
+        Ok(claim) => claim,
+        Err(e) => {
+            // The store is unreachable: nothing ran, so no attempt is spent.
+            tracing::warn!(%bundle, error = %e, "cannot claim the jobs; handing them back");
+            let delay = match decide(
+                Disposition::Retry,
+                delivery.attempt,
+                policy,
+                fastrand::f64(),
+                "",
+            ) {
+                Decision::Retry(d) => d,
+                Decision::DeadLetter(_) => policy.cap,
+            };
+            queue.requeue(delivery.narrowed(jobs.clone()), delay).await;
+            return;
+        }
+    };
+    let mut ends: Vec<(FolderJob, JobEnd)> = Vec::new();
+    let mut outcomes: Vec<(usize, Outcome)> = Vec::new();
+    // Set when a job's outcome decides the rest of the bundle's.
+    let mut rest: Option<Outcome> = None;
+    let mut drained = false;
+    for (i, job) in jobs.iter().enumerate() {
+        match &claim.answers[i] {
+            ClaimAnswer::Skip(why) => {
+                tracing::debug!(job = %job.id(), why, "nothing to do");
+                finished("skipped");
+                outcomes.push((i, Outcome::Settled));
+                continue;
+            }
+            ClaimAnswer::Busy => {
+                tracing::debug!(job = %job.id(), "the target folder is busy; offering the job again later");
+                outcomes.push((
+                    i,
+                    Outcome::Again {
+                        delay: claims.busy_delay(),
+                        attempt: false,
+                    },
+                ));
+                continue;
+            }
+            ClaimAnswer::Granted => {}
+        }
+        if drained {
+            ends.push((job.clone(), JobEnd::HandedBack));
+            continue;
+        }
+        match &rest {
+            // Logging in again for every folder would only repeat the refusal (and can
+            // lock the account): the rest fail with the same reason.
+            Some(Outcome::DeadLetter { why, .. }) => {
+                finished("failed_unrun");
+                ends.push((job.clone(), JobEnd::Failed(why.clone())));
+                outcomes.push((
+                    i,
+                    Outcome::DeadLetter {
+                        why: why.clone(),
+                        account: true,
+                    },
+                ));
+                continue;
+            }
+            Some(Outcome::Throttled(d)) => {
+                ends.push((job.clone(), JobEnd::HandedBack));
+                outcomes.push((i, Outcome::Throttled(*d)));
+                continue;
+            }
+            _ => {}
+        }
+        let (end, outcome) = run_job(engine, job, &claim, delivery.attempt, policy, drain).await;
+        ends.push((job.clone(), end));
+        match &outcome {
+            Outcome::DeadLetter { account: true, .. } | Outcome::Throttled(_) => {
+                rest = Some(clone_outcome(&outcome));
+            }
+            Outcome::Drained => drained = true,
+            _ => {}
+        }
+        outcomes.push((i, outcome));
+    }
+    if let Err(e) = claims.finish(claim, &ends).await {
+        // The ends are not recorded: what is done runs again (its re-run finds the
+        // target complete and costs a search, not a copy), and records its end then.
+        tracing::error!(%bundle, error = %e, "could not record the jobs' end; they will run again");
+        let done: std::collections::HashSet<String> = ends
+            .iter()
+            .filter(|(_, end)| matches!(end, JobEnd::Done { .. }))
+            .map(|(j, _)| j.id())
+            .collect();
+        for (i, outcome) in &mut outcomes {
+            if done.contains(&jobs[*i].id()) {
+                *outcome = Outcome::Again {
+                    delay: claims.busy_delay(),
+                    attempt: false,
+                };
+            }
+        }
+    }
+    if drained {
+        return;
+    }
+
     let mut again = Vec::new();
     let mut delay = Duration::ZERO;
     let mut counts_attempt = false;
     let mut dead = Vec::new();
-    let mut reasons = Vec::new();
-    if delivery.jobs.len() > 1 {
-        tracing::debug!(bundle = %delivery.bundle_id(), jobs = delivery.jobs.len(), "running a bundle of small folders");
-    }
-    for (i, job) in delivery.jobs.iter().enumerate() {
-        match run_job(engine, claims, job, delivery.attempt, policy, drain).await {
-            Outcome::Settled => {}
+    let mut reasons: Vec<String> = Vec::new();
+    for (i, outcome) in outcomes {
+        let job = &jobs[i];
+        match outcome {
+            Outcome::Settled | Outcome::Drained => {}
             Outcome::DeadLetter { why, account } => {
-                if account {
-                    // Logging in again for every folder would only repeat the refusal
-                    // (and can lock the account): the rest fail with the same reason.
-                    for rest in &delivery.jobs[i + 1..] {
-                        fail_unrun(claims, rest, &why).await;
-                    }
-                    dead.extend(delivery.jobs[i..].iter().cloned());
-                    reasons.push(why);
-                    break;
-                }
-                reasons.push(if delivery.jobs.len() > 1 {
-                    format!("{}: {why}", job.source_folder.display())
+                if account && reasons.contains(&why) {
+                    // one reason for the whole account
+                } else if jobs.len() > 1 && !account {
+                    reasons.push(format!("{}: {why}", job.source_folder.display()));
                 } else {
-                    why
-                });
+                    reasons.push(why);
+                }
                 dead.push(job.clone());
             }
             Outcome::Again { delay: d, attempt } => {
@@ -171,11 +272,9 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
                 counts_attempt |= attempt;
             }
             Outcome::Throttled(d) => {
-                again.extend(delivery.jobs[i..].iter().cloned());
+                again.push(job.clone());
                 delay = delay.max(d);
-                break;
             }
-            Outcome::Drained => return,
         }
     }
     let settled_by_hand_back = !again.is_empty();
@@ -197,44 +296,29 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     }
 }
 
-/// Claims one job, runs it, records its end; says what the delivery must do about it.
-async fn run_job<S: StateStore, C: Claims>(
+fn clone_outcome(outcome: &Outcome) -> Outcome {
+    match outcome {
+        Outcome::DeadLetter { why, account } => Outcome::DeadLetter {
+            why: why.clone(),
+            account: *account,
+        },
+        Outcome::Throttled(d) => Outcome::Throttled(*d),
+        _ => Outcome::Settled,
+    }
+}
+
+/// Runs one granted job; says how it ended (for its state) and what the delivery must
+/// do about it.
+async fn run_job<S: StateStore>(
     engine: &Engine<S>,
-    claims: &C,
     job: &FolderJob,
+    claim: &Claim,
     attempt: u32,
     policy: &RetryPolicy,
     drain: &Fence,
-) -> Outcome {
+) -> (JobEnd, Outcome) {
     let span = tracing::info_span!("job", batch = %job.batch, user = %job.user, folder = %job.source_folder.display());
     async {
-        let claim = match claims.claim(job).await {
-            Ok(Claimed::Run(claim)) => claim,
-            Ok(Claimed::Skip(why)) => {
-                tracing::debug!(job = %job.id(), why, "nothing to do");
-                finished("skipped");
-                return Outcome::Settled;
-            }
-            Ok(Claimed::Busy) => {
-                tracing::debug!(job = %job.id(), "the target folder is busy; offering the job again later");
-                return Outcome::Again {
-                    delay: claims.busy_delay(),
-                    attempt: false,
-                };
-            }
-            Err(e) => {
-                // The store is unreachable: the job did not run, so no attempt is spent.
-                tracing::warn!(job = %job.id(), error = %e, "cannot claim the job; handing it back");
-                let delay = match decide(Disposition::Retry, attempt, policy, fastrand::f64(), "") {
-                    Decision::Retry(d) => d,
-                    Decision::DeadLetter(_) => policy.cap,
-                };
-                return Outcome::Again {
-                    delay,
-                    attempt: false,
-                };
-            }
-        };
         let fence = claim.fence.clone();
         let _in_flight = InFlight::enter();
         let started = std::time::Instant::now();
@@ -246,52 +330,47 @@ async fn run_job<S: StateStore, C: Claims>(
             why = fence.shut() => Err(JobError::Fenced(why)),
             why = drain.shut() => {
                 tracing::warn!(job = %job.id(), why, "handing the job back unfinished");
-                let _ = claims.finish(claim, job, JobEnd::HandedBack).await;
                 finished("handed_back");
-                return Outcome::Drained;
+                return (JobEnd::HandedBack, Outcome::Drained);
             }
         };
         if result.is_ok() {
             metrics::histogram!(telemetry::JOB_DURATION).record(started.elapsed().as_secs_f64());
         }
         match result {
-            Ok(report) => match claims.finish(claim, job, JobEnd::Done(&report)).await {
-                Ok(()) => {
-                    let outcome = if report.mismatch(&job.source_folder.display()).is_some() {
-                        "mismatch"
-                    } else if report.unchanged {
-                        "unchanged"
-                    } else {
-                        "done"
-                    };
-                    finished(outcome);
-                    Outcome::Settled
-                }
-                // Handed back, the job runs again: its re-run finds the checkpoint
-                // current, costs two commands, and records the end then. (Left
-                // unsettled, it would hold a prefetch slot until the connection drops.)
-                Err(e) => {
-                    tracing::error!(job = %job.id(), error = %e, "could not record the job's end; it will run again");
-                    Outcome::Again {
-                        delay: claims.busy_delay(),
-                        attempt: false,
-                    }
-                }
-            },
+            Ok(report) => {
+                let mismatch = report.mismatch(&job.source_folder.display());
+                finished(if mismatch.is_some() {
+                    "mismatch"
+                } else if report.unchanged {
+                    "unchanged"
+                } else {
+                    "done"
+                });
+                (
+                    JobEnd::Done {
+                        matched: report.matched,
+                        flags_updated: report.flags_updated,
+                        mismatch,
+                    },
+                    Outcome::Settled,
+                )
+            }
             Err(JobError::Fenced(why)) => {
-                let stopped = claim.user_stopped.load(std::sync::atomic::Ordering::SeqCst);
-                let _ = claims.finish(claim, job, JobEnd::HandedBack).await;
-                if stopped {
+                if claim.user_stopped.load(std::sync::atomic::Ordering::SeqCst) {
                     tracing::info!(job = %job.id(), "stopped by the admin");
                     finished("stopped");
-                    Outcome::Settled
+                    (JobEnd::HandedBack, Outcome::Settled)
                 } else {
                     finished("handed_back");
                     tracing::warn!(job = %job.id(), why, "stopped writing; handing the job back");
-                    Outcome::Again {
-                        delay: claims.busy_delay(),
-                        attempt: false,
-                    }
+                    (
+                        JobEnd::HandedBack,
+                        Outcome::Again {
+                            delay: Duration::from_secs(1),
+                            attempt: false,
+                        },
+                    )
                 }
             }
             Err(e) if matches!(e.disposition(), Disposition::Throttle(_)) && attempt < policy.max_attempts => {
@@ -306,8 +385,7 @@ async fn run_job<S: StateStore, C: Claims>(
                 tracing::warn!(delay_ms = delay.as_millis() as u64, error = %reason, "throttled; the job waits");
                 engine.progress().job_failed(job, &e, &reason, true);
                 failed(&e, "throttled");
-                let _ = claims.finish(claim, job, JobEnd::Throttled(&reason)).await;
-                Outcome::Throttled(delay)
+                (JobEnd::Throttled(reason), Outcome::Throttled(delay))
             }
             Err(e) => {
                 let reason = e.to_string();
@@ -316,20 +394,19 @@ async fn run_job<S: StateStore, C: Claims>(
                         tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, error = %reason, "job failed, will retry");
                         engine.progress().job_failed(job, &e, &reason, true);
                         failed(&e, "retry");
-                        let _ = claims.finish(claim, job, JobEnd::HandedBack).await;
-                        Outcome::Again {
-                            delay,
-                            attempt: true,
-                        }
+                        (
+                            JobEnd::HandedBack,
+                            Outcome::Again {
+                                delay,
+                                attempt: true,
+                            },
+                        )
                     }
                     Decision::DeadLetter(why) => {
                         tracing::error!(error = %why, "job failed for good");
                         let described = describe(&e, &why);
                         engine.progress().job_failed(job, &e, &described, false);
                         failed(&e, "dead_letter");
-                        if let Err(e) = claims.finish(claim, job, JobEnd::Failed(&described)).await {
-                            tracing::error!(job = %job.id(), error = %e, "could not record the job's failure");
-                        }
                         let account = matches!(
                             &e,
                             JobError::UnknownUser(_)
@@ -338,10 +415,13 @@ async fn run_job<S: StateStore, C: Claims>(
                                     ..
                                 }
                         );
-                        Outcome::DeadLetter {
-                            why: described,
-                            account,
-                        }
+                        (
+                            JobEnd::Failed(described.clone()),
+                            Outcome::DeadLetter {
+                                why: described,
+                                account,
+                            },
+                        )
                     }
                 }
             }
@@ -350,25 +430,6 @@ async fn run_job<S: StateStore, C: Claims>(
     // `instrument`, not `enter`: a guard held across .await tags other tasks' events.
     .instrument(span)
     .await
-}
-
-/// Records a job of a bundle as failed for `why` without running it (its account
-/// failed for good in an earlier job of the bundle).
-async fn fail_unrun<C: Claims>(claims: &C, job: &FolderJob, why: &str) {
-    match claims.claim(job).await {
-        Ok(Claimed::Run(claim)) => {
-            finished("failed_unrun");
-            if let Err(e) = claims.finish(claim, job, JobEnd::Failed(why)).await {
-                tracing::error!(job = %job.id(), error = %e, "could not record the job's failure");
-            }
-        }
-        // Done, superseded or stopped already; or running elsewhere, which will meet
-        // the same refusal and record it.
-        Ok(_) => {}
-        Err(e) => {
-            tracing::error!(job = %job.id(), error = %e, "could not record the job's failure")
-        }
-    }
 }
 
 /// Counts the jobs this worker is running, for as long as it lives.
