@@ -387,6 +387,71 @@ async fn a_delivery_is_claimed_at_once_and_writes_checkpoints_only_while_it_hold
     store.delete_all().await.unwrap();
 }
 
+/// Two processes share an account's cap (2) and a host's (3) through their leases; a
+/// closed connection's lease is given back at the next renewal, a dead process's lapses,
+/// and a paused account admits nobody.
+#[tokio::test]
+async fn connection_leases_hold_the_caps_across_processes_and_lapse_with_them() {
+    use mailferry_shared::endpoint::{Endpoint, Security};
+    use mailferry_shared::slots::SharedSlots;
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let ttl = Duration::from_millis(1500);
+    let a = SharedSlots::new(store.clone(), 2, 3, ttl, Duration::from_secs(1));
+    let b = SharedSlots::new(store.clone(), 2, 3, ttl, Duration::from_secs(1));
+    let (ga, gb) = (a.gate(true), b.gate(true));
+    let ep = Endpoint {
+        host: "imap.example".into(),
+        port: 993,
+        security: Security::Tls,
+        ca_file: None,
+        accept_invalid_certs: false,
+        connect_timeout: Duration::from_secs(5),
+        read_timeout: Duration::from_secs(5),
+    };
+    let waits = |gate: &std::sync::Arc<dyn mailferry_shared::imap::pool::ConnectionGate>,
+                 login: &'static str| {
+        let gate = gate.clone();
+        let ep = ep.clone();
+        async move {
+            tokio::time::timeout(Duration::from_millis(400), gate.admit(&ep, login))
+                .await
+                .is_err()
+        }
+    };
+    let alice_a = ga.admit(&ep, "alice").await.unwrap();
+    let alice_b = gb.admit(&ep, "alice").await.unwrap();
+    assert!(waits(&ga, "alice").await, "a third connection to alice");
+    let bob_b = gb.admit(&ep, "bob").await.unwrap();
+    assert!(waits(&ga, "carol").await, "a fourth connection to the host");
+    // bob's connection closes: b gives the host's slot back at its next renewal
+    drop(bob_b);
+    let carol = tokio::time::timeout(Duration::from_secs(3), ga.admit(&ep, "carol"))
+        .await
+        .expect("the host's slot came back")
+        .unwrap();
+    // b dies holding alice's second connection: its lease lapses with it
+    std::mem::forget(alice_b);
+    drop((gb, b));
+    let alice_again = tokio::time::timeout(Duration::from_secs(4), ga.admit(&ep, "alice"))
+        .await
+        .expect("the dead process's lease lapsed")
+        .unwrap();
+    // a throttling answer pauses alice for every process
+    ga.throttled(&ep, "alice", Some(Duration::from_secs(5)))
+        .await;
+    drop((alice_a, alice_again));
+    let c = SharedSlots::new(store.clone(), 2, 3, ttl, Duration::from_secs(1));
+    let paused = c.gate(true).admit(&ep, "alice").await;
+    assert!(
+        matches!(paused, Err(mailferry_shared::Error::Paused { .. })),
+        "{:?}",
+        paused.map(|_| ())
+    );
+    drop(carol);
+    store.delete_all().await.unwrap();
+}
+
 #[tokio::test]
 async fn one_coordinator_leads_and_another_takes_over_when_it_lapses() {
     let prefix = format!("mft-{:016x}", fastrand::u64(..));
