@@ -176,6 +176,18 @@ impl RedisStore {
     }
 }
 
+/// A record stored as JSON under `key`, or an error naming the damaged key.
+fn decode_json<T: serde::de::DeserializeOwned>(
+    key: &str,
+    value: Option<Vec<u8>>,
+) -> Result<Option<T>, Error> {
+    value
+        .map(|v| {
+            serde_json::from_slice(&v).map_err(|e| Error::Store(format!("{key} is damaged: {e}")))
+        })
+        .transpose()
+}
+
 impl RedisStore {
     fn batch_key(&self, batch: &str) -> String {
         format!("{}:batch:{batch}", self.prefix)
@@ -195,12 +207,7 @@ impl RedisStore {
     ) -> Result<Option<T>, Error> {
         let mut conn = self.conn.clone();
         let value: Option<Vec<u8>> = conn.get(&key).await.map_err(|e| store_error("GET", e))?;
-        value
-            .map(|v| {
-                serde_json::from_slice(&v)
-                    .map_err(|e| Error::Store(format!("{key} is damaged: {e}")))
-            })
-            .transpose()
+        decode_json(&key, value)
     }
 
     pub async fn put_batch(
@@ -247,6 +254,31 @@ impl RedisStore {
         user: &str,
     ) -> Result<Option<crate::batch::UserRecord>, Error> {
         self.get_json(self.user_key(batch, user)).await
+    }
+
+    /// The batch's record and the user's, in one MGET (a job's or a plan's logins).
+    pub async fn batch_and_user(
+        &self,
+        batch: &str,
+        user: &str,
+    ) -> Result<
+        (
+            Option<crate::batch::BatchRecord>,
+            Option<crate::batch::UserRecord>,
+        ),
+        Error,
+    > {
+        let mut conn = self.conn.clone();
+        let (b, u): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("MGET")
+            .arg(self.batch_key(batch))
+            .arg(self.user_key(batch, user))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| store_error("MGET", e))?;
+        Ok((
+            decode_json(&self.batch_key(batch), b)?,
+            decode_json(&self.user_key(batch, user), u)?,
+        ))
     }
 
     pub async fn users(&self, batch: &str) -> Result<Vec<String>, Error> {

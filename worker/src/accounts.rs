@@ -170,20 +170,15 @@ impl RedisAccounts {
     /// The user's pools, fresh from Redis (not cached: the coordinator plans a user
     /// once per pass and closes the pools after).
     pub async fn load(&self, batch: &str, user: &str) -> Result<UserAccounts, JobError> {
-        let batch_record = self
+        let (batch_record, record) = self
             .store
-            .batch(batch)
+            .batch_and_user(batch, user)
             .await
-            .map_err(JobError::Store)?
-            .ok_or_else(|| {
-                JobError::UnknownUser(format!("{user} (batch {batch} does not exist)"))
-            })?;
-        let record = self
-            .store
-            .user(batch, user)
-            .await
-            .map_err(JobError::Store)?
-            .ok_or_else(|| JobError::UnknownUser(user.to_string()))?;
+            .map_err(JobError::Store)?;
+        let batch_record = batch_record.ok_or_else(|| {
+            JobError::UnknownUser(format!("{user} (batch {batch} does not exist)"))
+        })?;
+        let record = record.ok_or_else(|| JobError::UnknownUser(user.to_string()))?;
         // Without a stored secret there is nothing to log in with: the user fails with
         // the reason, as a rejected login would (the API refuses to start such a user).
         let unseal = |sealed: &Option<String>, side: Side| {
