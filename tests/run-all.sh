@@ -46,12 +46,18 @@ export MAILFERRY_CYRUS_ROOT=$cyrus_root
 tools=${MAILFERRY_TOOLS:-/var/tmp/mailferry-tools}
 export MAILFERRY_TOOLS=$tools
 mkdir -p "$tools"
-if [[ ! -x /usr/bin/chromium ]] || ! command -v node >/dev/null; then
-    echo "== installing chromium and node"
-    [[ $(id -u) -eq 0 ]] || { echo "run as root (or install chromium and nodejs first)" >&2; exit 1; }
+# Only what is missing: a machine's own Node (NodeSource's, say, which bundles npm)
+# conflicts with Debian's npm package.
+wanted=()
+[[ -x /usr/bin/chromium ]] || wanted+=(chromium)
+command -v node >/dev/null || wanted+=(nodejs)
+command -v npm >/dev/null || wanted+=(npm)
+if [[ ${#wanted[@]} -gt 0 ]]; then
+    echo "== installing ${wanted[*]}"
+    [[ $(id -u) -eq 0 ]] || { echo "run as root (or install ${wanted[*]} first)" >&2; exit 1; }
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends chromium nodejs npm >/dev/null
+    apt-get install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
 fi
 if ! cmp -s tests/console/package-lock.json "$tools/console/package-lock.json" \
     || [[ ! -d $tools/console/node_modules/playwright-core ]]; then

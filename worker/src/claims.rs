@@ -143,8 +143,9 @@ pub struct BufferedCheckpoints {
     store: RedisStore,
     /// Read by a claim, for the jobs it granted; taken by the engine's first load.
     claimed: Mutex<HashMap<CheckpointKey, Option<Checkpoint>>>,
-    /// Saved by the engine, not yet written.
-    saved: Mutex<HashMap<CheckpointKey, Checkpoint>>,
+    /// The engine's latest save of each folder the delivery holds, and whether it is
+    /// still to be written (a later job of the delivery loads it from here).
+    saved: Mutex<HashMap<CheckpointKey, (Checkpoint, bool)>>,
 }
 
 impl BufferedCheckpoints {
@@ -163,10 +164,13 @@ impl BufferedCheckpoints {
         }
     }
 
+    /// The delivery ended: what it read and saved is Redis's business again.
     fn forget(&self, jobs: &[FolderJob]) {
         let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
         for job in jobs {
             claimed.remove(&job.checkpoint_key());
+            saved.remove(&job.checkpoint_key());
         }
     }
 
@@ -176,8 +180,10 @@ impl BufferedCheckpoints {
         let mut out = Vec::new();
         for job in jobs {
             let key = job.checkpoint_key();
-            if let Some(cp) = saved.remove(&key) {
-                out.push((key, cp));
+            if let Some((cp, unwritten)) = saved.get_mut(&key) {
+                if std::mem::take(unwritten) && !out.iter().any(|(k, _)| *k == key) {
+                    out.push((key, cp.clone()));
+                }
             }
         }
         out
@@ -189,7 +195,7 @@ impl StateStore for BufferedCheckpoints {
         &self,
         key: &CheckpointKey,
     ) -> Result<Option<Checkpoint>, SharedError> {
-        if let Some(cp) = self
+        if let Some((cp, _)) = self
             .saved
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -216,7 +222,7 @@ impl StateStore for BufferedCheckpoints {
         self.saved
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), checkpoint.clone());
+            .insert(key.clone(), (checkpoint.clone(), true));
         Ok(())
     }
 }
@@ -336,7 +342,6 @@ impl Claims for RedisClaims {
             seq: u64::MAX / 2,
             unconfirmed: None,
         });
-        self.checkpoints.forget(&run.granted);
         let end_of: HashMap<String, &JobEnd> = ends.iter().map(|(j, e)| (j.id(), e)).collect();
         let mut states = Vec::with_capacity(run.granted.len());
         for job in &run.granted {
@@ -391,6 +396,7 @@ impl Claims for RedisClaims {
                 self.checkpoints.take(&run.granted),
             )
         });
+        self.checkpoints.forget(&run.granted);
         let mut attempt = 0;
         loop {
             match self

@@ -258,8 +258,11 @@ impl<S: StateStore> Engine<S> {
         // messages: the folder's other ranges may own them, so a range job keeps them
         // inside the bound it writes (a whole-folder job has seen every pending message:
         // what is left was delivered by someone else).
-        let mut held_bound: Option<u32> = None;
-        if let Some(bound) = bound.filter(|b| dst.uidnext > *b && !to_copy.is_empty()) {
+        // (A range job that does not search keeps the bound it found.) A target that
+        // does not say its UIDNEXT is searched every time.
+        let above = |b: &u32| dst.uidnext == 0 || dst.uidnext > *b;
+        let mut held_bound: Option<u32> = bound.filter(|b| hi != u32::MAX && above(b));
+        if let Some(bound) = bound.filter(|b| above(b) && !to_copy.is_empty()) {
             let window =
                 recover::resolve_since(source, target, &cp.uid_map, bound, &to_copy).await?;
             if !window.pairs.is_empty() {
