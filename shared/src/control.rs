@@ -11,8 +11,8 @@
 //! | `P:jobs:<batch>:<user>` | hash job id → [`JobState`] | coordinator, workers | the current pass's jobs |
 //! | `P:specs:<batch>:<user>` | hash job id → [`FolderJob`] | coordinator | what to publish |
 //! | `P:dispatch` | set of `batch\tuser` | workers | users whose jobs ended since the coordinator looked |
-//! | `P:claims:<batch>` | hash `user\ttarget folder` → `holder expiry-ms` | workers | one writer per target folder |
-//! | `P:run:<token>` | string, expires | workers | the last progress batch applied for one run of a job |
+//! | `P:claims:<batch>` | hash `user\ttarget folder` → `holder expiry-ms` | workers | one writer per target folder (a dead run's field stays until the folder is claimed again) |
+//! | `P:run:<token>` | string, expires | workers | the last progress batch applied for one run of a delivery |
 //! | `P:leader` | string, expires | coordinators | which coordinator schedules |
 //!
 //! The workers' three calls per delivery (claim, renew with progress and checkpoints,
