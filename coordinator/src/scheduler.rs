@@ -58,9 +58,6 @@ struct Coordinator {
     /// Shut when leadership is lost: nothing more is written or published.
     fence: Arc<Fence>,
     batches: Mutex<Option<(Instant, Vec<String>)>>,
-    /// Each batch's sync interval (ms), read again at most every `BATCHES_TTL`: an
-    /// interval the admin changes applies from the next pass planned after that.
-    intervals: std::sync::Mutex<HashMap<String, (Instant, u64)>>,
 }
 
 /// Runs until `shutdown` turns true: stands by, schedules while it holds the leader
@@ -108,7 +105,6 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                     queue: Mutex::new(None),
                     fence: fence.clone(),
                     batches: Mutex::new(None),
-                    intervals: std::sync::Mutex::default(),
                 });
                 let keeper = tokio::spawn(keep_leadership(
                     store.clone(),
@@ -272,25 +268,13 @@ impl Coordinator {
             .map_err(|why| Error::Store(format!("not leading any more: {why}")))
     }
 
+    /// The batch's sync interval, read fresh: an interval the admin just set applies to
+    /// the pass that ends next.
     async fn interval_ms(&self, batch: &str) -> Result<u64, Error> {
-        let cached = self
-            .intervals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(batch)
-            .filter(|(at, _)| at.elapsed() < BATCHES_TTL)
-            .map(|(_, ms)| *ms);
-        if let Some(ms) = cached {
-            return Ok(ms);
-        }
         let record = self.store.batch(batch).await?;
         let default = self.settings.coordinator.sync_interval_secs;
-        let ms = record.map_or(default, |r| r.interval_secs(default)) * 1000;
-        self.intervals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(batch.to_string(), (Instant::now(), ms));
-        Ok(ms)
+        let secs = record.map_or(default, |r| r.interval_secs(default));
+        Ok(secs * 1000)
     }
 
     /// A due user: a new pass, or a look at the open one.

@@ -206,13 +206,16 @@ fn push_user_counts(
 // The claim scripts take a delivery's jobs at once (one round trip and a handful of
 // commands for a bundle, not a claim per folder). A claim is a field of
 // `P:claims:<batch>`, `<user>\t<target folder>` → `<holder> <expiry ms>`, expiry on
-// Redis's clock. They share this prologue: the time, and the delivery's users.
+// Redis's clock. They share this prologue: the delivery's users, and Redis's time for
+// the scripts that need it.
 // KEYS[1] intent hash, KEYS[2] claims hash, KEYS[3..] per script.
 // ARGV[1] holder, ARGV[2] ttl ms, ARGV[3] number of users U, ARGV[4..3+U] the users.
 const PROLOGUE: &str = r#"
 local holder, ttl, nu = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local users = {}
 for u = 1, nu do users[u] = ARGV[3 + u] end
 local function holder_of(value)
@@ -230,6 +233,7 @@ local function intent_of(v) if v then return v end return 'idle' end
 /// ARGV: prologue, running state json, then per job: user index, job id, claim field.
 /// Returns {answers, checkpoints}: answers 'granted', 'busy' or 'skip:<why>'.
 const CLAIM: &str = r#"
+local now = server_now()
 local running = ARGV[4 + nu]
 local base = 4 + nu
 local nj = (#ARGV - base) / 3
@@ -292,6 +296,7 @@ return {answers, cps}
 /// counters, field/delta pairs; then the C checkpoint values.
 /// Returns the users' intents, or false when a claim is lost.
 const RENEW: &str = r#"
+local now = server_now()
 local seq = tonumber(ARGV[4 + nu])
 local nf = tonumber(ARGV[5 + nu])
 local at = 5 + nu

@@ -61,6 +61,12 @@ async fn a_wrong_url_is_a_named_error_without_the_password() {
     assert!(!err.contains("s3cret"), "{err}");
 }
 
+/// A store under a key prefix of its own (the test deletes its keys at the end).
+async fn fresh_store() -> RedisStore {
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    RedisStore::connect(&redis_url(), &prefix).await.unwrap()
+}
+
 fn job(folder: &str, pass: u64) -> FolderJob {
     FolderJob {
         batch: "b1".into(),
@@ -146,8 +152,7 @@ fn held_by_alice(intent: Intent) -> Renewal {
 
 #[tokio::test]
 async fn progress_batches_count_once_even_when_replayed() {
-    let prefix = format!("mft-{:016x}", fastrand::u64(..));
-    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let store = fresh_store().await;
     let (inbox, sent) = (job("INBOX", 1), job("Sent", 1));
     begin(&store, &[inbox.clone(), sent.clone()]).await;
     let ttl = Duration::from_secs(30);
@@ -217,8 +222,7 @@ async fn progress_batches_count_once_even_when_replayed() {
 
 #[tokio::test]
 async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
-    let prefix = format!("mft-{:016x}", fastrand::u64(..));
-    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let store = fresh_store().await;
     let ttl = Duration::from_millis(1500);
     let inbox = job("INBOX", 1);
     begin(&store, std::slice::from_ref(&inbox)).await;
@@ -288,8 +292,7 @@ async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
 /// checkpoint; a run's checkpoints are written only while it holds every claim.
 #[tokio::test]
 async fn a_delivery_is_claimed_at_once_and_writes_checkpoints_only_while_it_holds_them() {
-    let prefix = format!("mft-{:016x}", fastrand::u64(..));
-    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let store = fresh_store().await;
     let ttl = Duration::from_millis(1500);
     let (inbox, sent, drafts) = (job("INBOX", 1), job("Sent", 1), job("Drafts", 1));
     // Drafts is not in the pass (a delivery of an older plan)
@@ -394,8 +397,7 @@ async fn a_delivery_is_claimed_at_once_and_writes_checkpoints_only_while_it_hold
 async fn connection_leases_hold_the_caps_across_processes_and_lapse_with_them() {
     use mailferry_shared::endpoint::{Endpoint, Security};
     use mailferry_shared::slots::SharedSlots;
-    let prefix = format!("mft-{:016x}", fastrand::u64(..));
-    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let store = fresh_store().await;
     let ttl = Duration::from_millis(1500);
     let a = SharedSlots::new(store.clone(), 2, 3, ttl, Duration::from_secs(1));
     let b = SharedSlots::new(store.clone(), 2, 3, ttl, Duration::from_secs(1));
@@ -454,8 +456,7 @@ async fn connection_leases_hold_the_caps_across_processes_and_lapse_with_them() 
 
 #[tokio::test]
 async fn one_coordinator_leads_and_another_takes_over_when_it_lapses() {
-    let prefix = format!("mft-{:016x}", fastrand::u64(..));
-    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let store = fresh_store().await;
     let ttl = Duration::from_millis(1000);
     assert!(store.acquire_leader("one", ttl).await.unwrap());
     assert!(!store.acquire_leader("two", ttl).await.unwrap());
