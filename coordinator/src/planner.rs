@@ -128,6 +128,20 @@ mod tests {
     }
 
     #[test]
+    fn thousands_of_empty_folders_make_groups_of_at_most_the_cap() {
+        let mut jobs: Vec<FolderJob> = (0..1_201).map(|i| folder(&format!("f{i}"), None)).collect();
+        group_small_jobs(&mut jobs, |_| (0, 0), &LIMITS);
+        let mut sizes = std::collections::BTreeMap::new();
+        for job in &jobs {
+            *sizes.entry(job.group).or_insert(0) += 1;
+        }
+        assert_eq!(
+            sizes.into_iter().collect::<Vec<_>>(),
+            [(Some(1), 500), (Some(2), 500), (Some(3), 201)]
+        );
+    }
+
+    #[test]
     fn small_folders_and_small_remainders_stay_one_job() {
         assert!(range_starts(10_000, 10_000, None, LIMITS).is_empty());
         // a big folder with little new mail since the last pass
@@ -184,6 +198,10 @@ pub struct SplitLimits {
 /// folders costs one message, one login and one dispatch, small enough that a user's
 /// bundles still spread over several workers.
 pub const BUNDLE_SHARE: u64 = 10;
+/// Jobs in one group at most, whatever their size: a mailbox of thousands of empty
+/// folders makes several bundles, and a claim script's arguments stay bounded (Redis's
+/// Lua unpacks at most about 8,000 values at once).
+pub const MAX_GROUP_JOBS: usize = 500;
 
 /// Puts a pass's small whole-folder jobs into groups that travel and run together
 /// ([`FolderJob::group`]), in the order given, each within `1 / BUNDLE_SHARE` of the
@@ -205,7 +223,11 @@ pub fn group_small_jobs(
         if job.uid_range.is_some() || messages > most_messages || bytes > most_bytes {
             continue;
         }
-        if members == 0 || total.0 + messages > most_messages || total.1 + bytes > most_bytes {
+        if members == 0
+            || members >= MAX_GROUP_JOBS
+            || total.0 + messages > most_messages
+            || total.1 + bytes > most_bytes
+        {
             group += 1;
             members = 0;
             total = (0, 0);
