@@ -8,8 +8,6 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use mailferry_coordinator::client::{Answer, ApiClient};
-use mailferry_shared::amqp_queue::AmqpQueue;
-use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
 use mailferry_shared::secret::Secret;
 
@@ -252,21 +250,14 @@ impl ApiRig {
         // The rig's processes first: a worker whose queue is deleted reconnects and
         // declares it again.
         crate::run::stop_processes_of(&self.config);
-        remove_traces(&self.prefix).await;
+        crate::run::remove_traces(MACHINE_REDIS, &self.prefix).await;
         self.cleaned
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
-async fn remove_traces(prefix: &str) {
-    if let Ok(store) = RedisStore::connect(&Secret::new("redis://127.0.0.1:6379/0"), prefix).await {
-        let _ = store.delete_all().await;
-    }
-    let amqp = Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f");
-    if let Ok(queue) = AmqpQueue::connect(&amqp, prefix, 5).await {
-        let _ = queue.delete_queues().await;
-    }
-}
+/// The machine's Redis, where the API rigs keep their keys.
+const MACHINE_REDIS: &str = "redis://127.0.0.1:6379/0";
 
 impl Drop for ApiRig {
     fn drop(&mut self) {
@@ -275,20 +266,7 @@ impl Drop for ApiRig {
         if self.cleaned.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        // Inside the test's runtime no other can be started: a thread of its own.
-        let prefix = self.prefix.clone();
-        let _ = std::thread::spawn(move || {
-            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                runtime.block_on(async {
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(60), remove_traces(&prefix)).await;
-                });
-            }
-        })
-        .join();
+        crate::run::remove_traces_blocking(MACHINE_REDIS, &self.prefix);
     }
 }
 

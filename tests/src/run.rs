@@ -168,3 +168,38 @@ pub fn spawn_process(
         .spawn()
         .expect("starting a mailferry process")
 }
+
+/// Deletes what a rig left in Redis (`redis_url`) and RabbitMQ under `prefix`. Errors
+/// are ignored: this is the clean-up of a test that may have failed half-way.
+pub async fn remove_traces(redis_url: &str, prefix: &str) {
+    use mailferry_shared::secret::Secret;
+    let redis = Secret::new(redis_url);
+    if let Ok(store) = mailferry_shared::redis_store::RedisStore::connect(&redis, prefix).await {
+        let _ = store.delete_all().await;
+    }
+    let amqp = Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f");
+    if let Ok(queue) = mailferry_shared::amqp_queue::AmqpQueue::connect(&amqp, prefix, 5).await {
+        let _ = queue.delete_queues().await;
+    }
+}
+
+/// [`remove_traces`] from a destructor (a rig dropped by a failing test): inside the
+/// test's runtime no other can be started, so on a thread of its own, within a minute.
+pub fn remove_traces_blocking(redis_url: &str, prefix: &str) {
+    let (redis_url, prefix) = (redis_url.to_string(), prefix.to_string());
+    let _ = std::thread::spawn(move || {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            runtime.block_on(async {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(60),
+                    remove_traces(&redis_url, &prefix),
+                )
+                .await;
+            });
+        }
+    })
+    .join();
+}

@@ -44,6 +44,18 @@ struct Rig {
     /// machine's (under the rig's own key prefix).
     redis_url: String,
     own_redis: Option<RedisServer>,
+    /// Set by [`Rig::clean_up`]; a rig dropped without it (a failed test) cleans up in
+    /// its drop.
+    cleaned: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        mailferry_tests::run::stop_processes_of(&self.config);
+        if !self.cleaned.load(std::sync::atomic::Ordering::SeqCst) {
+            mailferry_tests::run::remove_traces_blocking(&self.redis_url, &self.prefix);
+        }
+    }
 }
 
 /// How a rig is built.
@@ -151,6 +163,7 @@ impl Rig {
             _slow: slow,
             redis_url,
             own_redis,
+            cleaned: std::sync::atomic::AtomicBool::new(false),
             src,
             dst,
             dir,
@@ -330,20 +343,9 @@ impl Rig {
         // The rig's processes first: a worker whose queue is deleted reconnects and
         // declares it again.
         mailferry_tests::run::stop_processes_of(&self.config);
-        let redis = Secret::new(&self.redis_url);
-        RedisStore::connect(&redis, &self.prefix)
-            .await
-            .unwrap()
-            .delete_all()
-            .await
-            .unwrap();
-        let amqp = Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f");
-        AmqpQueue::connect(&amqp, &self.prefix, 5)
-            .await
-            .unwrap()
-            .delete_queues()
-            .await
-            .unwrap();
+        mailferry_tests::run::remove_traces(&self.redis_url, &self.prefix).await;
+        self.cleaned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
