@@ -235,26 +235,28 @@ impl SharedSlots {
         if self.open_locally(account, host) {
             return Ok(("ok".to_string(), 0));
         }
-        let (want, host_min, host_max) = {
-            let leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-            let acc = leases.get(account);
-            let want = acc.map_or(0, |l| l.open) + 1;
-            let want = want.max(acc.map_or(0, |l| l.leased));
-            let (host_min, host_max) = match host.map(|h| leases.get(h)) {
+        // This connection is counted at once (so that no other connection of the
+        // process can take the room it asks for meanwhile) and uncounted if refused.
+        let (want, host_min, host_max, host_reserved) = {
+            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            let acc = leases.entry(account.to_string()).or_default();
+            acc.open += 1;
+            let want = acc.open.max(acc.leased);
+            let (host_min, host_max, host_reserved) = match host {
                 Some(h) => {
-                    let (open, leased) = h.map_or((0, 0), |l| (l.open, l.leased));
-                    if open < leased {
-                        (0, 0) // the host's lease has room: not asked for
+                    let lease = leases.entry(h.to_string()).or_default();
+                    if lease.open < lease.leased {
+                        lease.open += 1;
+                        (0, 0, true) // the host's lease has room: not asked for
                     } else {
-                        (open + 1, open + self.host_block)
+                        (lease.open + 1, lease.open + self.host_block, false)
                     }
                 }
-                None => (0, 0),
+                None => (0, 0, false),
             };
-            (want, host_min, host_max)
+            (want, host_min, host_max, host_reserved)
         };
-        let mut conn = self.store.conn.clone();
-        let answer: Vec<String> = TAKE_SCRIPT
+        let answer: Result<Vec<String>, Error> = TAKE_SCRIPT
             .key(account)
             .key(host.unwrap_or(account))
             .arg(&self.process)
@@ -264,27 +266,39 @@ impl SharedSlots {
             .arg(self.per_host)
             .arg(host_min)
             .arg(host_max)
-            .invoke_async(&mut conn)
+            .invoke_async(&mut self.store.conn.clone())
             .await
-            .map_err(|e| store_error("slot script", e))?;
-        let verdict = answer.first().cloned().unwrap_or_default();
-        let number = answer.get(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+            .map_err(|e| store_error("slot script", e));
+        let (verdict, number) = match &answer {
+            Ok(a) => (
+                a.first().cloned().unwrap_or_default(),
+                a.get(1).and_then(|n| n.parse().ok()).unwrap_or(0),
+            ),
+            Err(_) => (String::new(), 0),
+        };
+        let now = Instant::now();
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         if verdict == "ok" {
-            let now = Instant::now();
-            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
             let acc = leases.entry(account.to_string()).or_default();
             acc.leased = want;
-            acc.open += 1;
             acc.written = Some(now);
             if let Some(h) = host {
                 let lease = leases.entry(h.to_string()).or_default();
-                if host_min > 0 {
+                if !host_reserved {
                     lease.leased = number as u32;
                     lease.written = Some(now);
+                    lease.open += 1;
                 }
-                lease.open += 1;
+            }
+        } else {
+            for key in std::iter::once(account).chain(host.filter(|_| host_reserved)) {
+                if let Some(l) = leases.get_mut(key) {
+                    l.open = l.open.saturating_sub(1);
+                }
             }
         }
+        drop(leases);
+        answer?;
         Ok((verdict, number))
     }
 
