@@ -167,9 +167,10 @@ fn users_of<'a>(jobs: impl Iterator<Item = &'a FolderJob>) -> Vec<&'a str> {
     users
 }
 
-fn one_batch(jobs: &[FolderJob]) -> Result<&str, Error> {
-    let batch = jobs.first().map_or("", |j| j.batch.as_str());
-    if jobs.iter().any(|j| j.batch != batch) {
+/// The batch of a delivery's jobs, which are all of one batch.
+fn one_batch<'a>(mut jobs: impl Iterator<Item = &'a FolderJob>) -> Result<&'a str, Error> {
+    let batch = jobs.next().map_or("", |j| j.batch.as_str());
+    if jobs.any(|j| j.batch != batch) {
         return Err(Error::Store("a delivery's jobs are of one batch".into()));
     }
     Ok(batch)
@@ -860,7 +861,7 @@ impl RedisStore {
         if jobs.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let batch = one_batch(jobs)?;
+        let batch = one_batch(jobs.iter())?;
         let users = users_of(jobs.iter());
         let mut call = self.claim_call(&CLAIM_SCRIPT, batch, holder, ttl, &users);
         for user in &users {
@@ -916,7 +917,7 @@ impl RedisStore {
         if jobs.is_empty() {
             return Ok(Renewal::Held(HashMap::new()));
         }
-        let batch = one_batch(jobs)?;
+        let batch = one_batch(jobs.iter())?;
         let users = users_of(jobs.iter());
         let mut call = self.claim_call(&RENEW_SCRIPT, batch, holder, ttl, &users);
         call.key(self.k(&["run", holder]));
@@ -962,13 +963,10 @@ impl RedisStore {
         counts: &[(String, Counts)],
         checkpoints: &[(CheckpointKey, Checkpoint)],
     ) -> Result<(), Error> {
-        let Some((first, _)) = jobs.first() else {
+        if jobs.is_empty() {
             return Ok(());
-        };
-        let batch = first.batch.as_str();
-        if jobs.iter().any(|(j, _)| j.batch != batch) {
-            return Err(Error::Store("a delivery's jobs are of one batch".into()));
         }
+        let batch = one_batch(jobs.iter().map(|(j, _)| j))?;
         let users = users_of(jobs.iter().map(|(j, _)| j));
         let mut call = self.claim_call(&FINISH_SCRIPT, batch, holder, Duration::ZERO, &users);
         call.key(self.k(&["run", holder]))

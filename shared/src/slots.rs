@@ -121,6 +121,9 @@ struct Lease {
     /// When it was last written (a lease written within a third of the time to live
     /// needs no renewal yet).
     written: Option<Instant>,
+    /// Unused connections a renewal keeps while some are open: part of a block for a
+    /// host, none for an account.
+    spare: u32,
 }
 
 /// The slots this process holds, and how to take more.
@@ -244,7 +247,10 @@ impl SharedSlots {
             let want = acc.open.max(acc.leased);
             let (host_min, host_max, host_reserved) = match host {
                 Some(h) => {
-                    let lease = leases.entry(h.to_string()).or_default();
+                    let lease = leases.entry(h.to_string()).or_insert_with(|| Lease {
+                        spare: self.host_block - 1,
+                        ..Lease::default()
+                    });
                     if lease.open < lease.leased {
                         lease.open += 1;
                         (0, 0, true) // the host's lease has room: not asked for
@@ -327,15 +333,10 @@ impl SharedSlots {
             let now = Instant::now();
             let mut due = Vec::new();
             for (key, lease) in leases.iter_mut() {
-                let spare = if key.contains(":slots:host:") {
-                    self.host_block - 1
-                } else {
-                    0
-                };
                 let keep = if lease.open == 0 {
                     0
                 } else {
-                    lease.leased.min(lease.open + spare)
+                    lease.leased.min(lease.open + lease.spare)
                 };
                 // (Renewed every third of the time to live, a lease written a sixth ago
                 // is renewed now: none reaches half its life without a renewal.)

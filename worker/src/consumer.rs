@@ -126,6 +126,17 @@ enum Outcome {
     Drained,
 }
 
+/// What an earlier job's end decides for the delivery's granted jobs after it.
+enum Rest {
+    Run,
+    /// The account failed for good: the rest fail with this reason, unrun.
+    AccountFailed(String),
+    /// The server throttles the account: the rest wait out the pause with it.
+    Throttled(Duration),
+    /// The worker is draining: the rest go back unrun, the delivery unsettled.
+    Drained,
+}
+
 /// Claims a delivery's jobs (one call), runs the granted ones one after another (a
 /// bundle's share the user's connections), records their ends (one call), then settles
 /// the delivery: what must run again goes back as one narrowed bundle, what failed for
@@ -164,9 +175,7 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     };
     let mut ends: Vec<(FolderJob, JobEnd)> = Vec::new();
     let mut outcomes: Vec<(usize, Outcome)> = Vec::new();
-    // Set when a job's outcome decides the rest of the bundle's.
-    let mut rest: Option<Outcome> = None;
-    let mut drained = false;
+    let mut rest = Rest::Run;
     for (i, job) in jobs.iter().enumerate() {
         match &claim.answers[i] {
             ClaimAnswer::Skip(why) => {
@@ -188,14 +197,15 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
             }
             ClaimAnswer::Granted => {}
         }
-        if drained {
-            ends.push((job.clone(), JobEnd::HandedBack));
-            continue;
-        }
         match &rest {
+            Rest::Run => {}
+            Rest::Drained => {
+                ends.push((job.clone(), JobEnd::HandedBack));
+                continue;
+            }
             // Logging in again for every folder would only repeat the refusal (and can
             // lock the account): the rest fail with the same reason.
-            Some(Outcome::DeadLetter { why, .. }) => {
+            Rest::AccountFailed(why) => {
                 finished("failed_unrun");
                 ends.push((job.clone(), JobEnd::Failed(why.clone())));
                 outcomes.push((
@@ -207,24 +217,23 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
                 ));
                 continue;
             }
-            Some(Outcome::Throttled(d)) => {
+            Rest::Throttled(d) => {
                 ends.push((job.clone(), JobEnd::HandedBack));
                 outcomes.push((i, Outcome::Throttled(*d)));
                 continue;
             }
-            _ => {}
         }
         let (end, outcome) = run_job(engine, job, &claim, delivery.attempt, policy, drain).await;
         ends.push((job.clone(), end));
-        match &outcome {
-            Outcome::DeadLetter { account: true, .. } | Outcome::Throttled(_) => {
-                rest = Some(clone_outcome(&outcome));
-            }
-            Outcome::Drained => drained = true,
-            _ => {}
-        }
+        rest = match &outcome {
+            Outcome::DeadLetter { why, account: true } => Rest::AccountFailed(why.clone()),
+            Outcome::Throttled(d) => Rest::Throttled(*d),
+            Outcome::Drained => Rest::Drained,
+            _ => Rest::Run,
+        };
         outcomes.push((i, outcome));
     }
+    let drained = matches!(rest, Rest::Drained);
     if let Err(e) = claims.finish(claim, &ends).await {
         // The ends are not recorded: what is done runs again (its re-run finds the
         // target complete and costs a search, not a copy), and records its end then.
@@ -293,17 +302,6 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
             .await;
     } else if !settled_by_hand_back {
         queue.ack(&delivery).await;
-    }
-}
-
-fn clone_outcome(outcome: &Outcome) -> Outcome {
-    match outcome {
-        Outcome::DeadLetter { why, account } => Outcome::DeadLetter {
-            why: why.clone(),
-            account: *account,
-        },
-        Outcome::Throttled(d) => Outcome::Throttled(*d),
-        _ => Outcome::Settled,
     }
 }
 

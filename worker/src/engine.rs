@@ -403,7 +403,7 @@ impl<S: StateStore> Engine<S> {
             if contiguous(&cp, lo) {
                 cp.source_uid_done = cp.source_uid_done.max(last + 1);
             }
-            cp.target_uidnext = Some(held_bound.map_or(target_uidnext, |h| h.min(target_uidnext)));
+            cp.target_uidnext = Some(bound_to_write(held_bound, target_uidnext));
             self.save(job, &cp, fence).await?;
         }
         // Every source message of the range that existed when the job looked is handled
@@ -463,7 +463,7 @@ impl<S: StateStore> Engine<S> {
             cp.range_modseq = seen_modseq;
         }
         report.whole_folder = hi == u32::MAX;
-        cp.target_uidnext = Some(held_bound.map_or(target_uidnext, |h| h.min(target_uidnext)));
+        cp.target_uidnext = Some(bound_to_write(held_bound, target_uidnext));
         self.save(job, &cp, fence).await?;
         report.skipped_total = cp.skipped.len() as u32;
         // Measured, not computed: the count the reconciliation compares with the source.
@@ -497,6 +497,12 @@ impl<S: StateStore> Engine<S> {
 /// order); otherwise its copies are remembered in the UID map alone.
 fn contiguous(cp: &Checkpoint, lo: u32) -> bool {
     cp.source_uid_done.max(1) >= lo
+}
+
+/// The bound a checkpoint records: the target's UIDNEXT as this run knows it, unless
+/// a range job holds it lower for messages another range may own.
+fn bound_to_write(held: Option<u32>, target_uidnext: u32) -> u32 {
+    held.map_or(target_uidnext, |h| h.min(target_uidnext))
 }
 
 fn lowest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
