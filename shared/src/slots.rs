@@ -3,104 +3,172 @@
 //! across all workers and the coordinator. Gmail allows 15 per account; a provider's
 //! server may allow a few hundred per host.
 //!
-//! Each process holds a *lease* on an account (`P:slots:account:<host>:<port>:<login>`)
-//! or a host (`P:slots:host:<host>`): a field of that hash, `<process>` → `<count>
-//! <expiry ms>`, on Redis's clock. A process counts its own connections against its
-//! leases without asking Redis; it asks only for more than it holds (a host's lease
-//! grows by a block at a time, so that opening connections to a thousand accounts on
-//! one host costs a lease per account, not two Redis calls per connection). Once every
-//! third of the time to live, one call renews what is still in use and gives back what
-//! is not, so the leases of a process that dies lapse by themselves.
+//! Each process holds a *lease* on an account or a host: an entry `<process> <count>
+//! <expiry ms>` in that account's or host's field of one hash, `P:slots` (fields
+//! `a:<host>:<port>:<login>` and `h:<host>`; the expiry is on Redis's clock). A process
+//! counts its own connections against its leases without asking Redis; it asks only for
+//! more than it holds (a host's lease grows by a block at a time, so that opening
+//! connections to a thousand accounts on one host costs a lease per account, not two
+//! Redis calls per connection). Once every third of the time to live, one call renews
+//! what is still in use and gives back what is not, so the leases of a process that dies
+//! lapse by themselves.
 //!
-//! A throttling answer from a server pauses the account it came for (the hash's `pause`
-//! field, until the server's suggested time or `worker.throttle_pause_secs`): no process
-//! opens a connection to it meanwhile, and every other account goes on.
+//! The asks of a process go through one writer task that sends together what came in
+//! within a few milliseconds: one script reads the fields it needs once and writes them
+//! once, whatever the number of asks, so that a planner or a worker opening connections
+//! to many accounts at once costs Redis a few commands, not a few per account (issue 3's
+//! Redis budget).
+//!
+//! A throttling answer from a server pauses the account it came for (a `!pause` entry
+//! in its field, until the server's suggested time or `worker.throttle_pause_secs`): no
+//! process opens a connection to it meanwhile, and every other account goes on.
+//!
+//! A field holds only live entries: each script drops the lapsed ones of the fields it
+//! touches, and deletes a field left empty. A dead process's entry stays in its field,
+//! harmless (its expiry has passed), until some process touches that account again.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
 
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::imap::pool::{ConnectionGate, Ticket};
 use crate::redis_store::{store_error, RedisStore};
 
-/// The time (ms) and a lease hash's other holders. KEYS/ARGV per script.
+/// How long the writer waits for more asks after the first before sending them.
+const LINGER: Duration = Duration::from_millis(3);
+/// Asks sent at most in one script (five arguments each, well within what Lua unpacks).
+const MAX_ASKS: usize = 200;
+
+/// The time (ms), and the reading and writing of lease fields. KEYS[1] the hash.
 const COMMON: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function at(v)
-  local sp = string.find(v, ' ', 1, true)
-  return tonumber(string.sub(v, 1, sp - 1)), tonumber(string.sub(v, sp + 1))
-end
--- Sum of the other processes' live leases, the pause, and the lapsed leases removed.
-local function others(key, me)
-  local all = redis.call('HGETALL', key)
-  local sum, pause, lapsed = 0, 0, {}
-  for i = 1, #all, 2 do
-    local f, v = all[i], all[i + 1]
-    if f == 'pause' then
-      pause = tonumber(v)
-    elseif f ~= me then
-      local n, expiry = at(v)
-      if expiry > now then sum = sum + n else table.insert(lapsed, f) end
+-- A field's live entries: holder -> {count, expiry}.
+local function parse(v)
+  local h = {}
+  if v then
+    for name, n, exp in string.gmatch(v, '([^ ,]+) (%d+) (%d+)') do
+      if tonumber(exp) > now then h[name] = {tonumber(n), tonumber(exp)} end
     end
   end
-  if #lapsed > 0 then redis.call('HDEL', key, unpack(lapsed)) end
-  return sum, pause
+  return h
+end
+local function others(h, me)
+  local sum = 0
+  for name, e in pairs(h) do
+    if name ~= me and name ~= '!pause' then sum = sum + e[1] end
+  end
+  return sum
+end
+-- Reads the fields once: field -> entries, and which fields exist.
+local function load(fields)
+  local held, existed = {}, {}
+  if #fields > 0 then
+    local got = redis.call('HMGET', KEYS[1], unpack(fields))
+    for i, f in ipairs(fields) do
+      held[f] = parse(got[i] or nil)
+      if got[i] then existed[f] = true end
+    end
+  end
+  return held, existed
+end
+-- Writes them once: an empty field is deleted.
+local function store(held, existed)
+  local set, del = {}, {}
+  for f, h in pairs(held) do
+    local out = {}
+    for name, e in pairs(h) do
+      table.insert(out, name .. ' ' .. e[1] .. ' ' .. string.format('%.0f', e[2]))
+    end
+    if #out > 0 then
+      table.sort(out)
+      table.insert(set, f)
+      table.insert(set, table.concat(out, ','))
+    elseif existed[f] then
+      table.insert(del, f)
+    end
+  end
+  if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
+  if #del > 0 then redis.call('HDEL', KEYS[1], unpack(del)) end
 end
 "#;
 
-/// Grows this process's lease on an account to `want` connections (and on the host to
-/// between `host min` and `host max`, when `host min` > 0) if the other processes'
-/// leases leave room and the account is not paused.
-/// KEYS: account hash, host hash. ARGV: process, ttl ms, account cap, want, host cap,
-/// host min, host max. Returns {'ok', host lease}, {'paused', ms left}, or which cap
-/// is full.
+/// Asks, in order, each for this process's lease on an account to grow to `want`
+/// connections (and, when `host min` is not 0, on the host to between `host min` and
+/// `host max`) if the other processes' leases leave room and the account is not paused.
+/// ARGV: process, ttl ms, account cap, host cap, then per ask: account field, want,
+/// host field ('' for none), host min, host max. Returns per ask two values: 'ok' and
+/// the host lease, 'paused' and the ms left, or which cap is full ('account', 'host')
+/// and 0.
 const TAKE: &str = r#"
 local me, ttl = ARGV[1], tonumber(ARGV[2])
-local taken, pause = others(KEYS[1], me)
-if pause > now then return {'paused', tostring(pause - now)} end
-local want = tonumber(ARGV[4])
-if taken + want > tonumber(ARGV[3]) then return {'account'} end
-local host = 0
-local host_min = tonumber(ARGV[6])
-if host_min > 0 then
-  local room = tonumber(ARGV[5]) - others(KEYS[2], me)
-  if room < host_min then return {'host'} end
-  host = math.min(room, tonumber(ARGV[7]))
-  redis.call('HSET', KEYS[2], me, host .. ' ' .. string.format('%.0f', now + ttl))
-  redis.call('PEXPIRE', KEYS[2], ttl)
-end
-redis.call('HSET', KEYS[1], me, want .. ' ' .. string.format('%.0f', now + ttl))
-redis.call('PEXPIRE', KEYS[1], math.max(ttl, pause - now))
-return {'ok', tostring(host)}
-"#;
-
-/// Sets this process's leases: KEYS the hashes, ARGV process, ttl ms, then a count per
-/// key (0 gives the lease back).
-const SET_LEASES: &str = r#"
-local me, ttl = ARGV[1], tonumber(ARGV[2])
-local value = ' ' .. string.format('%.0f', now + ttl)
-for i = 1, #KEYS do
-  local n = tonumber(ARGV[2 + i])
-  if n > 0 then
-    redis.call('HSET', KEYS[i], me, n .. value)
-    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
-  else
-    redis.call('HDEL', KEYS[i], me)
+local account_cap, host_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
+local fields, seen = {}, {}
+for i = 5, #ARGV, 5 do
+  for _, f in ipairs({ARGV[i], ARGV[i + 2]}) do
+    if f ~= '' and not seen[f] then
+      seen[f] = true
+      table.insert(fields, f)
+    end
   end
 end
+local held, existed = load(fields)
+local expiry = now + ttl
+local out = {}
+for i = 5, #ARGV, 5 do
+  local account = held[ARGV[i]]
+  local want, host_min, host_max = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  local verdict, number = 'ok', 0
+  if account['!pause'] then
+    verdict, number = 'paused', account['!pause'][2] - now
+  elseif others(account, me) + want > account_cap then
+    verdict = 'account'
+  elseif host_min > 0 then
+    local host = held[ARGV[i + 2]]
+    local room = host_cap - others(host, me)
+    if room < host_min then
+      verdict = 'host'
+    else
+      number = math.min(room, host_max)
+      host[me] = {number, expiry}
+    end
+  end
+  if verdict == 'ok' then account[me] = {want, expiry} end
+  table.insert(out, verdict)
+  table.insert(out, string.format('%.0f', number))
+end
+store(held, existed)
+return out
+"#;
+
+/// Sets this process's leases: ARGV process, ttl ms, then per lease its field and
+/// count (0 gives the lease back).
+const SET_LEASES: &str = r#"
+local me, ttl = ARGV[1], tonumber(ARGV[2])
+local fields = {}
+for i = 3, #ARGV, 2 do table.insert(fields, ARGV[i]) end
+local held, existed = load(fields)
+for i = 3, #ARGV, 2 do
+  local n = tonumber(ARGV[i + 1])
+  if n > 0 then held[ARGV[i]][me] = {n, now + ttl} else held[ARGV[i]][me] = nil end
+end
+store(held, existed)
 return 1
 "#;
 
-/// Pauses an account: KEYS the account hash, ARGV the pause in ms.
+/// Pauses an account: ARGV its field and the pause in ms (a longer pause stays).
 const PAUSE: &str = r#"
-local until_ = now + tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], 'pause', string.format('%.0f', until_))
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local held, existed = load({ARGV[1]})
+local h = held[ARGV[1]]
+local until_ = now + tonumber(ARGV[2])
+if not h['!pause'] or h['!pause'][2] < until_ then h['!pause'] = {0, until_} end
+store(held, existed)
 return 1
 "#;
 
@@ -116,7 +184,8 @@ static PAUSE_SCRIPT: std::sync::LazyLock<redis::Script> =
 struct Lease {
     /// Connections it allows this process (as last written to Redis).
     leased: u32,
-    /// Connections of this process open now under it.
+    /// Connections of this process open now under it, and those asked for in the call
+    /// in flight.
     open: u32,
     /// When it was last written (a lease written within a third of the time to live
     /// needs no renewal yet).
@@ -126,9 +195,29 @@ struct Lease {
     spare: u32,
 }
 
+/// What Redis said to a connection's ask.
+enum Verdict {
+    Admitted,
+    Paused(Duration),
+    /// The account's or the host's cap is full ("account", "host").
+    Full(&'static str),
+}
+
+/// A connection's ask, waiting for the writer.
+struct Ask {
+    account: String,
+    host: Option<String>,
+    /// A connection opens under it (else it only grows the leases ahead of the
+    /// connections: [`SharedSlots::prefetch`]).
+    open: bool,
+    reply: oneshot::Sender<Result<Verdict, Error>>,
+}
+
 /// The slots this process holds, and how to take more.
 pub struct SharedSlots {
     store: RedisStore,
+    /// The hash of every lease.
+    key: String,
     per_account: u32,
     per_host: u32,
     /// How many connections a host lease grows by at a time: a thirty-second of the
@@ -138,11 +227,12 @@ pub struct SharedSlots {
     /// How long an account pauses after a throttling answer that suggests no time.
     default_pause: Duration,
     process: String,
-    /// This process's leases, by hash key.
+    /// This process's leases, by field.
     leases: Mutex<HashMap<String, Lease>>,
-    /// Held while a lease is written to Redis: the writes of one process go in order,
-    /// so Redis never keeps a smaller number than the one its connections count on.
-    writes: tokio::sync::Mutex<()>,
+    /// To the writer task, which alone writes this process's leases: its calls go in
+    /// order, so Redis never keeps a smaller number than the one its connections count
+    /// on.
+    asks: mpsc::UnboundedSender<Ask>,
     /// Closes this process's idle connections to a host: called when a connection
     /// finds the host's cap full, so that connections idling for their own user's next
     /// job do not hold the slots other users wait for.
@@ -153,7 +243,7 @@ pub struct SharedSlots {
 pub type Evictor = Box<dyn Fn(&str) + Send + Sync>;
 
 impl SharedSlots {
-    /// Starts the renewal of the slots it will hold (a task that ends with the last
+    /// Starts the writer of the slots it will hold (a task that ends with the last
     /// reference).
     pub fn new(
         store: RedisStore,
@@ -162,7 +252,9 @@ impl SharedSlots {
         ttl: Duration,
         default_pause: Duration,
     ) -> Arc<Self> {
+        let (asks, inbox) = mpsc::unbounded_channel();
         let slots = Arc::new(SharedSlots {
+            key: format!("{}:slots", store.prefix),
             store,
             per_account: per_account.max(1),
             per_host: per_host.max(1),
@@ -171,19 +263,10 @@ impl SharedSlots {
             default_pause,
             process: format!("{}-{:08x}", std::process::id(), fastrand::u32(..)),
             leases: Mutex::new(HashMap::new()),
-            writes: tokio::sync::Mutex::new(()),
+            asks,
             evict_idle: Mutex::new(None),
         });
-        let weak = Arc::downgrade(&slots);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(ttl / 3).await;
-                let Some(slots) = weak.upgrade() else { return };
-                if let Err(e) = slots.renew().await {
-                    tracing::warn!(error = %e, "could not renew the connection leases");
-                }
-            }
-        });
+        tokio::spawn(writer(Arc::downgrade(&slots), inbox, ttl / 3));
         slots
     }
 
@@ -202,110 +285,170 @@ impl SharedSlots {
         })
     }
 
-    /// The account's lease hash, and the host's when the host cap applies.
-    fn keys(&self, endpoint: &Endpoint, login: &str, host_cap: bool) -> (String, Option<String>) {
-        let prefix = self.store.prefix.as_str();
-        let account = format!(
-            "{prefix}:slots:account:{}:{}:{login}",
-            endpoint.host, endpoint.port
-        );
-        let host = host_cap.then(|| format!("{prefix}:slots:host:{}", endpoint.host));
+    /// The account's lease field, and the host's when the host cap applies.
+    fn fields(endpoint: &Endpoint, login: &str, host_cap: bool) -> (String, Option<String>) {
+        let account = format!("a:{}:{}:{login}", endpoint.host, endpoint.port);
+        let host = host_cap.then(|| format!("h:{}", endpoint.host));
         (account, host)
     }
 
     /// Counts a connection against this process's leases if they have room.
     fn open_locally(&self, account: &str, host: Option<&str>) -> bool {
         let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        let fits = |key: &str, leases: &HashMap<String, Lease>| {
-            leases.get(key).is_some_and(|l| l.open < l.leased)
-        };
-        if !fits(account, &leases) || host.is_some_and(|h| !fits(h, &leases)) {
-            return false;
-        }
-        for key in std::iter::once(account).chain(host) {
-            if let Some(l) = leases.get_mut(key) {
-                l.open += 1;
-            }
-        }
-        true
+        open_within(&mut leases, account, host)
     }
 
-    /// Asks Redis for one more connection than this process has open to the account
-    /// (and, when the host's lease is used up, for a block more of the host).
-    async fn take(&self, account: &str, host: Option<&str>) -> Result<(String, u64), Error> {
-        let _writing = self.writes.lock().await;
-        // Another connection's call may have grown the leases while this one waited.
-        if self.open_locally(account, host) {
-            return Ok(("ok".to_string(), 0));
-        }
-        // This connection is counted at once (so that no other connection of the
-        // process can take the room it asks for meanwhile) and uncounted if refused.
-        let (want, host_min, host_max, host_reserved) = {
-            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-            let acc = leases.entry(account.to_string()).or_default();
-            acc.open += 1;
-            let want = acc.open.max(acc.leased);
-            let (host_min, host_max, host_reserved) = match host {
-                Some(h) => {
-                    let lease = leases.entry(h.to_string()).or_insert_with(|| Lease {
-                        spare: self.host_block - 1,
-                        ..Lease::default()
-                    });
-                    if lease.open < lease.leased {
-                        lease.open += 1;
-                        (0, 0, true) // the host's lease has room: not asked for
-                    } else {
-                        (lease.open + 1, lease.open + self.host_block, false)
-                    }
-                }
-                None => (0, 0, false),
-            };
-            (want, host_min, host_max, host_reserved)
+    /// Asks the writer for a connection to the account (and the host).
+    async fn take(&self, account: &str, host: Option<&str>) -> Result<Verdict, Error> {
+        self.ask(account, host, true).await
+    }
+
+    /// Hands an ask to the writer at once; the answer comes when awaited.
+    fn ask(
+        &self,
+        account: &str,
+        host: Option<&str>,
+        open: bool,
+    ) -> impl Future<Output = Result<Verdict, Error>> + 'static {
+        let (reply, answer) = oneshot::channel();
+        let ask = Ask {
+            account: account.to_string(),
+            host: host.map(str::to_string),
+            open,
+            reply,
         };
-        let answer: Result<Vec<String>, Error> = TAKE_SCRIPT
-            .key(account)
-            .key(host.unwrap_or(account))
-            .arg(&self.process)
+        let sent = self.asks.send(ask).is_ok();
+        async move {
+            let stopped = || Error::Store("the connection-lease writer has stopped".into());
+            if !sent {
+                return Err(stopped());
+            }
+            answer.await.unwrap_or_else(|_| Err(stopped()))
+        }
+    }
+
+    /// Grows this process's leases by a connection on each account (and its host, for
+    /// `host_cap`) that has no room left, in one call, ahead of the connections about
+    /// to open: a user's pools ask for both sides at once, not once per side. A lease
+    /// nobody opens under is given back at the next renewal; one that the caps refuse
+    /// is asked for again, and waited for, when its connection opens.
+    pub async fn prefetch(&self, accounts: &[(&Endpoint, &str, bool)]) {
+        let asks: Vec<_> = accounts
+            .iter()
+            .map(|(endpoint, login, host_cap)| {
+                let (account, host) = Self::fields(endpoint, login, *host_cap);
+                self.ask(&account, host.as_deref(), false)
+            })
+            .collect();
+        for ask in asks {
+            let _ = ask.await;
+        }
+    }
+
+    /// Sends asks in one call and answers each. An ask that the leases grown since can
+    /// admit is admitted without asking; each other one is counted at once (so that no
+    /// connection of the process takes the room it asks for meanwhile, and two asks for
+    /// one account ask for one and two more) and uncounted if refused.
+    async fn send(&self, asks: Vec<Ask>) {
+        struct Asked {
+            ask: Ask,
+            want: u32,
+            host_min: u32,
+        }
+        let mut asked = Vec::new();
+        {
+            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            for ask in asks {
+                if open_within(&mut leases, &ask.account, ask.host.as_deref()) {
+                    admit(&mut leases, ask);
+                    continue;
+                }
+                let acc = leases.entry(ask.account.clone()).or_default();
+                acc.open += 1;
+                let want = acc.open.max(acc.leased);
+                let host_min = match &ask.host {
+                    Some(h) => {
+                        let lease = leases.entry(h.clone()).or_insert_with(|| Lease {
+                            spare: self.host_block - 1,
+                            ..Lease::default()
+                        });
+                        lease.open += 1;
+                        if lease.open <= lease.leased {
+                            0 // the host's lease has room: not asked for
+                        } else {
+                            lease.open
+                        }
+                    }
+                    None => 0,
+                };
+                asked.push(Asked {
+                    ask,
+                    want,
+                    host_min,
+                });
+            }
+        }
+        if asked.is_empty() {
+            return;
+        }
+        let mut call = TAKE_SCRIPT.key(&self.key);
+        call.arg(&self.process)
             .arg(self.ttl.as_millis() as u64)
             .arg(self.per_account)
-            .arg(want)
-            .arg(self.per_host)
-            .arg(host_min)
-            .arg(host_max)
+            .arg(self.per_host);
+        for a in &asked {
+            let host = a.ask.host.as_deref().filter(|_| a.host_min > 0);
+            call.arg(&a.ask.account)
+                .arg(a.want)
+                .arg(host.unwrap_or(""))
+                .arg(a.host_min)
+                .arg(a.host_min.saturating_sub(1) + self.host_block);
+        }
+        let answers: Result<Vec<String>, Error> = call
             .invoke_async(&mut self.store.conn.clone())
             .await
             .map_err(|e| store_error("slot script", e));
-        let (verdict, number) = match &answer {
-            Ok(a) => (
-                a.first().cloned().unwrap_or_default(),
-                a.get(1).and_then(|n| n.parse().ok()).unwrap_or(0),
-            ),
-            Err(_) => (String::new(), 0),
-        };
         let now = Instant::now();
         let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        if verdict == "ok" {
-            let acc = leases.entry(account.to_string()).or_default();
-            acc.leased = want;
-            acc.written = Some(now);
-            if let Some(h) = host {
-                let lease = leases.entry(h.to_string()).or_default();
-                if !host_reserved {
-                    lease.leased = number as u32;
-                    lease.written = Some(now);
-                    lease.open += 1;
+        let answers = match answers {
+            Ok(a) if a.len() == 2 * asked.len() => a,
+            other => {
+                // Every ask shares the failure (the error's text: an Error is not Clone).
+                let why = match other {
+                    Err(Error::Store(why)) => why,
+                    Err(e) => e.to_string(),
+                    Ok(_) => "the slot script answered a different number of asks".into(),
+                };
+                for a in asked {
+                    uncount(&mut leases, &a.ask.account, a.ask.host.as_deref());
+                    let _ = a.ask.reply.send(Err(Error::Store(why.clone())));
                 }
+                return;
             }
-        } else {
-            for key in std::iter::once(account).chain(host.filter(|_| host_reserved)) {
-                if let Some(l) = leases.get_mut(key) {
-                    l.open = l.open.saturating_sub(1);
+        };
+        for (a, pair) in asked.into_iter().zip(answers.chunks(2)) {
+            let number: u64 = pair[1].parse().unwrap_or(0);
+            let verdict = match pair[0].as_str() {
+                "ok" => Verdict::Admitted,
+                "paused" => Verdict::Paused(Duration::from_millis(number)),
+                "host" => Verdict::Full("host"),
+                _ => Verdict::Full("account"),
+            };
+            if matches!(verdict, Verdict::Admitted) {
+                let acc = leases.entry(a.ask.account.clone()).or_default();
+                acc.leased = acc.leased.max(a.want);
+                acc.written = Some(now);
+                if let (Some(h), true) = (&a.ask.host, a.host_min > 0) {
+                    let lease = leases.entry(h.clone()).or_default();
+                    lease.leased = lease.leased.max(number as u32);
+                    lease.written = Some(now);
                 }
+                admit(&mut leases, a.ask);
+            } else {
+                uncount(&mut leases, &a.ask.account, a.ask.host.as_deref());
+                let _ = a.ask.reply.send(Ok(verdict));
             }
         }
-        drop(leases);
-        answer?;
-        Ok((verdict, number))
     }
 
     /// Pauses the account for `pause` (the server's hint) or the default.
@@ -316,7 +459,8 @@ impl SharedSlots {
             .max(Duration::from_millis(100));
         let mut conn = self.store.conn.clone();
         PAUSE_SCRIPT
-            .key(account)
+            .key(&self.key)
+            .arg(account)
             .arg(pause.as_millis() as u64)
             .invoke_async::<i64>(&mut conn)
             .await
@@ -327,7 +471,6 @@ impl SharedSlots {
     /// Renews the leases in use that were written a third of their time to live ago,
     /// and gives back what no connection uses (a host keeps a block spare): one call.
     async fn renew(&self) -> Result<(), Error> {
-        let _writing = self.writes.lock().await;
         let due: Vec<(String, u32)> = {
             let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
@@ -356,13 +499,10 @@ impl SharedSlots {
             return Ok(());
         }
         let mut conn = self.store.conn.clone();
-        let mut call = SET_SCRIPT.prepare_invoke();
-        for (key, _) in &due {
-            call.key(key);
-        }
+        let mut call = SET_SCRIPT.key(&self.key);
         call.arg(&self.process).arg(self.ttl.as_millis() as u64);
-        for (_, n) in &due {
-            call.arg(*n);
+        for (field, n) in &due {
+            call.arg(field).arg(*n);
         }
         call.invoke_async::<i64>(&mut conn)
             .await
@@ -382,6 +522,74 @@ impl SharedSlots {
     }
 }
 
+/// Counts a connection against the leases if both have room.
+fn open_within(leases: &mut HashMap<String, Lease>, account: &str, host: Option<&str>) -> bool {
+    let fits = |key: &str, leases: &HashMap<String, Lease>| {
+        leases.get(key).is_some_and(|l| l.open < l.leased)
+    };
+    if !fits(account, leases) || host.is_some_and(|h| !fits(h, leases)) {
+        return false;
+    }
+    for key in std::iter::once(account).chain(host) {
+        if let Some(l) = leases.get_mut(key) {
+            l.open += 1;
+        }
+    }
+    true
+}
+
+/// Takes back an ask's count.
+fn uncount(leases: &mut HashMap<String, Lease>, account: &str, host: Option<&str>) {
+    for key in std::iter::once(account).chain(host) {
+        if let Some(l) = leases.get_mut(key) {
+            l.open = l.open.saturating_sub(1);
+        }
+    }
+}
+
+/// Answers an admitted ask; if no connection opens under it (a prefetch, or a
+/// connection that gave up waiting meanwhile), its count goes back and the lease stays.
+fn admit(leases: &mut HashMap<String, Lease>, ask: Ask) {
+    if ask.reply.send(Ok(Verdict::Admitted)).is_err() || !ask.open {
+        uncount(leases, &ask.account, ask.host.as_deref());
+    }
+}
+
+/// The one writer of a process's leases: sends the asks that came in together, and
+/// renews every `renew_every`. Ends with the last reference to the slots.
+async fn writer(
+    slots: Weak<SharedSlots>,
+    mut inbox: mpsc::UnboundedReceiver<Ask>,
+    renew_every: Duration,
+) {
+    let mut renewal = tokio::time::interval(renew_every);
+    renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    renewal.tick().await;
+    loop {
+        tokio::select! {
+            ask = inbox.recv() => {
+                let Some(ask) = ask else { return };
+                let mut asks = vec![ask];
+                let until = tokio::time::Instant::now() + LINGER;
+                while asks.len() < MAX_ASKS {
+                    match tokio::time::timeout_at(until, inbox.recv()).await {
+                        Ok(Some(ask)) => asks.push(ask),
+                        _ => break,
+                    }
+                }
+                let Some(slots) = slots.upgrade() else { return };
+                slots.send(asks).await;
+            }
+            _ = renewal.tick() => {
+                let Some(slots) = slots.upgrade() else { return };
+                if let Err(e) = slots.renew().await {
+                    tracing::warn!(error = %e, "could not renew the connection leases");
+                }
+            }
+        }
+    }
+}
+
 struct SlotGate {
     slots: Arc<SharedSlots>,
     host_cap: bool,
@@ -395,25 +603,24 @@ impl ConnectionGate for SlotGate {
     ) -> Pin<Box<dyn Future<Output = Result<Ticket, Error>> + Send + 'a>> {
         Box::pin(async move {
             let slots = &self.slots;
-            let (account, host) = slots.keys(endpoint, login, self.host_cap);
+            let (account, host) = SharedSlots::fields(endpoint, login, self.host_cap);
             let mut wait = Duration::from_millis(50);
             let mut waited = false;
             loop {
                 if slots.open_locally(&account, host.as_deref()) {
                     break;
                 }
-                let (answer, left) = slots.take(&account, host.as_deref()).await?;
-                match answer.as_str() {
-                    "ok" => break,
+                match slots.take(&account, host.as_deref()).await? {
+                    Verdict::Admitted => break,
                     // Not waited out here: the job goes back to the queue for that long
                     // and the worker slot serves another account meanwhile.
-                    "paused" => {
+                    Verdict::Paused(left) => {
                         return Err(Error::Paused {
                             what: format!("{login} at {}", endpoint.host),
-                            left: Duration::from_millis(left),
+                            left,
                         })
                     }
-                    full => {
+                    Verdict::Full(full) => {
                         if full == "host" {
                             if let Some(evict) =
                                 &*slots.evict_idle.lock().unwrap_or_else(|e| e.into_inner())
@@ -449,7 +656,7 @@ impl ConnectionGate for SlotGate {
         hint: Option<Duration>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            let (account, _) = self.slots.keys(endpoint, login, self.host_cap);
+            let (account, _) = SharedSlots::fields(endpoint, login, self.host_cap);
             match self.slots.pause(&account, hint).await {
                 Ok(pause) => tracing::warn!(
                     host = %endpoint.host,

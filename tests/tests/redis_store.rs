@@ -532,3 +532,79 @@ async fn many_users_states_are_read_in_pipelines_in_order() {
     }
     store.delete_all().await.unwrap();
 }
+
+/// Asks that come in together go to Redis together, and still count one by one: seven
+/// connections asked at once, three to each of two accounts and one to a third, with
+/// two allowed per account and five per host, admit two, two and one; another process
+/// then finds the host full, and gets its slot when one closes. A lease prefetched
+/// ahead of a connection holds its slot.
+#[tokio::test]
+async fn connection_asks_sent_together_each_count_against_the_caps() {
+    use mailferry_shared::endpoint::{Endpoint, Security};
+    use mailferry_shared::slots::SharedSlots;
+    let store = fresh_store().await;
+    let ttl = Duration::from_millis(1500);
+    let a = SharedSlots::new(store.clone(), 2, 5, ttl, Duration::from_secs(1));
+    let b = SharedSlots::new(store.clone(), 2, 5, ttl, Duration::from_secs(1));
+    let ep = Endpoint {
+        host: "imap.example".into(),
+        port: 993,
+        security: Security::Tls,
+        ca_file: None,
+        accept_invalid_certs: false,
+        connect_timeout: Duration::from_secs(5),
+        read_timeout: Duration::from_secs(5),
+    };
+    let gate = a.gate(true);
+    let mut asks = tokio::task::JoinSet::new();
+    for login in ["dave", "erin", "dave", "erin", "dave", "erin", "gina"] {
+        let (gate, ep) = (gate.clone(), ep.clone());
+        asks.spawn(async move {
+            let admitted = tokio::time::timeout(Duration::from_millis(600), gate.admit(&ep, login))
+                .await
+                .ok()
+                .map(Result::unwrap);
+            (login, admitted)
+        });
+    }
+    let mut tickets = Vec::new();
+    let mut per_login = std::collections::HashMap::new();
+    while let Some(done) = asks.join_next().await {
+        let (login, admitted) = done.unwrap();
+        if let Some(ticket) = admitted {
+            *per_login.entry(login).or_insert(0) += 1;
+            tickets.push(ticket);
+        }
+    }
+    assert_eq!(per_login.get("dave"), Some(&2), "{per_login:?}");
+    assert_eq!(per_login.get("erin"), Some(&2), "{per_login:?}");
+    assert_eq!(per_login.get("gina"), Some(&1), "{per_login:?}");
+    let gb = b.gate(true);
+    let frank = tokio::time::timeout(Duration::from_millis(400), gb.admit(&ep, "frank")).await;
+    assert!(frank.is_err(), "the host is full");
+    drop(tickets.pop());
+    let frank = tokio::time::timeout(Duration::from_secs(3), gb.admit(&ep, "frank"))
+        .await
+        .expect("a closed connection's host slot came back")
+        .unwrap();
+    drop((frank, tickets));
+    // a prefetched lease holds its slot (c renews every 10 s: not during this test)
+    let c = SharedSlots::new(
+        store.clone(),
+        2,
+        5,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    );
+    c.prefetch(&[(&ep, "hank", false)]).await;
+    let target_side = b.gate(false);
+    let first = target_side.admit(&ep, "hank").await.unwrap();
+    let second =
+        tokio::time::timeout(Duration::from_millis(400), target_side.admit(&ep, "hank")).await;
+    assert!(
+        second.is_err(),
+        "c's prefetched lease holds hank's second slot"
+    );
+    drop(first);
+    store.delete_all().await.unwrap();
+}

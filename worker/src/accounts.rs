@@ -219,6 +219,15 @@ impl RedisAccounts {
             self.connections_per_account,
             gate(false),
         );
+        if let Some(slots) = &self.slots {
+            // Both sides' leases in one call, before the first connection of either.
+            slots
+                .prefetch(&[
+                    (source.endpoint(), &record.source_login, true),
+                    (target.endpoint(), &record.target_login, false),
+                ])
+                .await;
+        }
         Ok(UserAccounts { source, target })
     }
 }
