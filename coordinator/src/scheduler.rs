@@ -17,12 +17,12 @@
 //!   every worker while others wait), or, when none is open, ends the pass: Synced is
 //!   recorded, the next pass is scheduled, or a closing user is closed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailferry_shared::amqp_queue::AmqpQueue;
-use mailferry_shared::control::{now_ms, PassRecord};
+use mailferry_shared::control::{now_ms, DispatchView, PassRecord, PassStart};
 use mailferry_shared::folders::Rules;
 use mailferry_shared::imap::Limits;
 use mailferry_shared::job::FolderJob;
@@ -34,16 +34,27 @@ use mailferry_shared::settings::Settings;
 use mailferry_shared::status::{Intent, JobState, UserStatus};
 use mailferry_shared::telemetry;
 use mailferry_shared::{Disposition, Error};
-use mailferry_worker::accounts::RedisAccounts;
+use mailferry_worker::accounts::{RedisAccounts, UserAccounts};
+use mailferry_worker::error::JobError;
 use tokio::sync::{watch, Mutex};
 
 use crate::cluster::user_status;
-use crate::planner::{group_small_jobs, plan_user, PlanError, PlanRequest, SplitLimits};
+use crate::planner::{
+    group_small_jobs, plan_user, PlanError, PlanRequest, SplitLimits, MAX_GROUP_JOBS,
+};
 
-/// How often the active coordinator looks at the schedule and the dispatch set.
-const TICK: Duration = Duration::from_millis(100);
+/// How often the active coordinator reads the schedule at least (while planners are
+/// free); it reads it at once when a quarter of its planners have come free since.
+const TICK: Duration = Duration::from_secs(1);
+/// How often it reads the dispatch set (users whose jobs ended): the ends of half a
+/// second are dispatched together.
+const DISPATCH_EVERY: Duration = Duration::from_millis(500);
+/// How long a small user's bundle waits for others to share its queue message.
+const COHORT_LINGER: Duration = Duration::from_secs(1);
+/// How long the loop sleeps when nothing wakes it.
+const WAKE: Duration = Duration::from_millis(50);
 /// Users planned at once (each planning logs in to both servers).
-const PLANNERS: usize = 16;
+const PLANNERS: usize = 32;
 /// A plan that failed for a passing reason (a server unreachable) is tried again after
 /// this long, or the batch's interval if that is shorter.
 const PLAN_RETRY: Duration = Duration::from_secs(60);
@@ -58,6 +69,16 @@ struct Coordinator {
     /// Shut when leadership is lost: nothing more is written or published.
     fence: Arc<Fence>,
     batches: Mutex<Option<(Instant, Vec<String>)>>,
+    /// Small users' bundles waiting to share a queue message, by batch.
+    cohorts: std::sync::Mutex<HashMap<String, Cohort>>,
+}
+
+/// A pass whose jobs have all ended, to be recorded.
+struct PassEnd {
+    user: String,
+    intent: Intent,
+    record: PassRecord,
+    jobs: Vec<JobState>,
 }
 
 /// Runs until `shutdown` turns true: stands by, schedules while it holds the leader
@@ -103,6 +124,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                     settings: settings.clone(),
                     store: store.clone(),
                     queue: Mutex::new(None),
+                    cohorts: std::sync::Mutex::new(HashMap::new()),
                     fence: fence.clone(),
                     batches: Mutex::new(None),
                 });
@@ -162,6 +184,11 @@ impl Coordinator {
         // still frees its user).
         let mut planning: HashMap<tokio::task::Id, (String, String)> = HashMap::new();
         let mut planners = tokio::task::JoinSet::new();
+        let mut last_dispatch: Option<Instant> = None;
+        let mut last_due: Option<Instant> = None;
+        // Planners that came free since the schedule was last read.
+        let mut freed = PLANNERS;
+        let since = |at: Option<Instant>| at.map_or(Duration::MAX, |at| at.elapsed());
         loop {
             if let Err(why) = self.fence.check() {
                 planners.abort_all();
@@ -171,42 +198,114 @@ impl Coordinator {
                 // Plans in progress finish; what they did not publish is republished by
                 // the next coordinator's resume.
                 while planners.join_next().await.is_some() {}
+                self.flush_cohorts(true).await;
                 return "shutting down".into();
             }
             while let Some(done) = planners.try_join_next_with_id() {
                 let id = done.map_or_else(|e| e.id(), |(id, ())| id);
                 planning.remove(&id);
+                freed += 1;
             }
-            if let Err(e) = self.dispatch().await {
-                tracing::warn!(error = %e, "dispatch failed; trying again");
+            self.flush_cohorts(false).await;
+            if since(last_dispatch) >= DISPATCH_EVERY {
+                last_dispatch = Some(Instant::now());
+                if let Err(e) = self.dispatch().await {
+                    tracing::warn!(error = %e, "dispatch failed; trying again");
+                }
             }
-            if planners.len() < PLANNERS {
-                let busy: HashSet<(String, String)> = planning.values().cloned().collect();
-                match self.due(PLANNERS - planners.len(), &busy).await {
-                    Ok(due) => {
-                        for key in due {
-                            let me = self.clone();
-                            let (batch, user) = key.clone();
-                            let task = planners.spawn(async move {
-                                if let Err(e) = me.plan_pass(&batch, &user).await {
-                                    tracing::warn!(batch, user, error = %e, "could not plan the user; trying again shortly");
-                                    let _ = me.store.schedule(&batch, &user, now_ms() + 5_000).await;
-                                }
-                            });
-                            planning.insert(task.id(), key);
-                        }
-                    }
+            // The schedule is read when a quarter of the planners have come free, or at
+            // the tick: due users are read, and their logins loaded, a group at a time.
+            let free = PLANNERS - planners.len();
+            if free > 0 && (freed >= PLANNERS / 4 || since(last_due) >= TICK) {
+                last_due = Some(Instant::now());
+                freed = 0;
+                let mut busy: HashSet<(String, String)> = planning.values().cloned().collect();
+                busy.extend(self.cohort_members());
+                match self.due(free, &busy).await {
+                    Ok(due) => self.start_plans(due, &mut planners, &mut planning).await,
                     Err(e) => tracing::warn!(error = %e, "cannot read the schedule"),
                 }
             }
             // A finished plan makes room for the next at once, not at the next tick.
             tokio::select! {
-                _ = tokio::time::sleep(TICK) => {}
+                _ = tokio::time::sleep(WAKE) => {}
                 _ = shutdown.changed() => {}
                 Some(done) = planners.join_next_with_id(), if !planners.is_empty() => {
                     let id = done.map_or_else(|e| e.id(), |(id, ())| id);
                     planning.remove(&id);
+                    freed += 1;
                 }
+            }
+        }
+    }
+
+    /// Starts due users' plans, a batch's users read together: their intents and pass
+    /// records (one round trip), the logins and connection leases of those that begin
+    /// a pass (one MGET, one lease call). A user no longer active leaves the schedule;
+    /// an open pass is looked at again ([`recheck`](Self::recheck)).
+    async fn start_plans(
+        self: &Arc<Self>,
+        due: Vec<(String, String)>,
+        planners: &mut tokio::task::JoinSet<()>,
+        planning: &mut HashMap<tokio::task::Id, (String, String)>,
+    ) {
+        let mut by_batch: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (batch, user) in due {
+            by_batch.entry(batch).or_default().push(user);
+        }
+        for (batch, users) in by_batch {
+            let views = match self.store.intents_and_records(&batch, &users).await {
+                Ok(views) => views,
+                Err(e) => {
+                    // They stay due: the next read of the schedule tries again.
+                    tracing::warn!(batch, error = %e, "cannot read the due users' passes");
+                    continue;
+                }
+            };
+            let (mut off, mut fresh) = (Vec::new(), Vec::new());
+            for (user, (intent, record)) in users.into_iter().zip(views) {
+                if !matches!(intent, Intent::Active | Intent::Closing) {
+                    off.push(user);
+                } else if record.pass > 0 && record.finished_ms.is_none() {
+                    let me = self.clone();
+                    let key = (batch.clone(), user.clone());
+                    let task = planners.spawn(async move {
+                        let (batch, user) = (key.0.as_str(), key.1.as_str());
+                        if let Err(e) = me.recheck(batch, user, record).await {
+                            tracing::warn!(batch, user, error = %e, "could not look at the open pass; trying again shortly");
+                            let _ = me.store.schedule_recheck(batch, user, now_ms() + 5_000).await;
+                        }
+                    });
+                    planning.insert(task.id(), (batch.clone(), user));
+                } else {
+                    fresh.push((user, intent, record));
+                }
+            }
+            if !off.is_empty() {
+                let off: Vec<&str> = off.iter().map(String::as_str).collect();
+                let unscheduled = match self.write_allowed() {
+                    Ok(()) => self.store.schedule_many(&batch, &off, None).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = unscheduled {
+                    tracing::warn!(batch, error = %e, "could not take stopped users off the schedule");
+                }
+            }
+            if fresh.is_empty() {
+                continue;
+            }
+            let names: Vec<String> = fresh.iter().map(|(u, _, _)| u.clone()).collect();
+            let loaded = self.accounts.load_many(&batch, &names).await;
+            for ((user, intent, record), pools) in fresh.into_iter().zip(loaded) {
+                let me = self.clone();
+                let (b, u) = (batch.clone(), user.clone());
+                let task = planners.spawn(async move {
+                    if let Err(e) = me.plan_pass(&b, &u, intent, record, pools).await {
+                        tracing::warn!(batch = b, user = u, error = %e, "could not plan the user; trying again shortly");
+                        let _ = me.store.schedule(&b, &u, now_ms() + 5_000).await;
+                    }
+                });
+                planning.insert(task.id(), (batch.clone(), user));
             }
         }
     }
@@ -218,7 +317,7 @@ impl Coordinator {
         for batch in self.store.batches().await? {
             for (user, record) in self.store.pass_records(&batch).await? {
                 if record.pass > 0 && record.finished_ms.is_none() {
-                    self.store.schedule(&batch, &user, now).await?;
+                    self.store.schedule_recheck(&batch, &user, now).await?;
                 }
             }
         }
@@ -277,21 +376,19 @@ impl Coordinator {
         Ok(secs * 1000)
     }
 
-    /// A due user: a new pass, or a look at the open one.
-    async fn plan_pass(&self, batch: &str, user: &str) -> Result<(), Error> {
-        let intent = self.store.intent(batch, user).await?;
-        if !matches!(intent, Intent::Active | Intent::Closing) {
-            self.write_allowed()?;
-            return self.store.unschedule(batch, user).await;
-        }
-        let record = self.store.pass_record(batch, user).await?;
-        if record.pass > 0 && record.finished_ms.is_none() {
-            return self.recheck(batch, user, record).await;
-        }
-
+    /// A due user's new pass: planned with the pools [`start_plans`](Self::start_plans)
+    /// loaded (or the reason it could not), recorded, its first jobs published.
+    async fn plan_pass(
+        &self,
+        batch: &str,
+        user: &str,
+        intent: Intent,
+        record: PassRecord,
+        loaded: Result<UserAccounts, JobError>,
+    ) -> Result<(), Error> {
         let pass = record.pass + 1;
         let planned_ms = now_ms();
-        let planned = match self.accounts.load(batch, user).await {
+        let planned = match loaded {
             Err(e) => Err((e.to_string(), e.disposition())),
             Ok(pools) => {
                 let plan = plan_user(PlanRequest {
@@ -400,6 +497,27 @@ impl Coordinator {
             ),
             copied_at_plan: Some(copied_so_far.get("copied").copied().unwrap_or(0)),
         };
+        // A pass that travels as one bundle is a small user's: it begins and is
+        // published a moment later, together with other small users' (their records,
+        // claims, leases and ends then cost Redis one call for all).
+        if self.settings.coordinator.users_per_delivery > 1
+            && first.len() == 1
+            && first[0].len() == states.len()
+        {
+            tracing::info!(batch, user, pass, jobs = states.len(), "pass planned");
+            let bundle = first.into_iter().next().expect("one bundle");
+            return self
+                .join_cohort(
+                    batch,
+                    Planned {
+                        user: user.to_string(),
+                        record: begun,
+                        states,
+                    },
+                    bundle,
+                )
+                .await;
+        }
         let recheck = now_ms() + self.settings.coordinator.recheck_secs * 1000;
         self.write_allowed()?;
         self.store
@@ -432,7 +550,7 @@ impl Coordinator {
         let specs = self.store.job_specs(batch, user, &queued).await?;
         self.write_allowed()?;
         self.store
-            .schedule(
+            .schedule_recheck(
                 batch,
                 user,
                 now_ms() + self.settings.coordinator.recheck_secs * 1000,
@@ -448,32 +566,62 @@ impl Coordinator {
         }
         self.publish(batch, user, bundles(specs)).await?;
         // Waiting jobs may be due a slot (their dispatch mark may have been lost).
-        self.dispatch_user(batch, user).await
+        self.dispatch_users(batch, &[user.to_string()]).await
     }
 
-    /// Users whose jobs ended: publish their next waiting jobs or end their pass.
+    /// Users whose jobs ended: publish their next waiting jobs or end their pass. A
+    /// batch's marked users are read together and their ends written together.
     async fn dispatch(&self) -> Result<(), Error> {
         let marked = self.store.take_dispatch(500).await?;
+        let mut by_batch: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (batch, user) in marked {
-            if let Err(e) = self.dispatch_user(&batch, &user).await {
-                // The recheck of the open pass repairs what is left undone here.
-                tracing::warn!(batch, user, error = %e, "could not dispatch the user's jobs");
+            by_batch.entry(batch).or_default().push(user);
+        }
+        for (batch, users) in by_batch {
+            if let Err(e) = self.dispatch_users(&batch, &users).await {
+                // The recheck of the open passes repairs what is left undone here.
+                tracing::warn!(batch, users = users.len(), error = %e, "could not dispatch the users' jobs");
             }
         }
         Ok(())
     }
 
-    async fn dispatch_user(&self, batch: &str, user: &str) -> Result<(), Error> {
-        let record = self.store.pass_record(batch, user).await?;
-        if record.pass == 0 || record.finished_ms.is_some() {
-            return Ok(());
+    async fn dispatch_users(&self, batch: &str, users: &[String]) -> Result<(), Error> {
+        let views = self.store.dispatch_views(batch, users).await?;
+        let mut ended = Vec::new();
+        for (user, view) in users.iter().zip(views) {
+            let DispatchView {
+                record,
+                intent,
+                jobs,
+            } = view;
+            if record.pass == 0 || record.finished_ms.is_some() {
+                continue;
+            }
+            if !jobs.iter().any(|(_, s)| s.is_open()) {
+                ended.push(PassEnd {
+                    user: user.clone(),
+                    intent,
+                    record,
+                    jobs: jobs.into_iter().map(|(_, s)| s).collect(),
+                });
+                continue;
+            }
+            if let Err(e) = self.publish_next(batch, user, intent, jobs).await {
+                tracing::warn!(batch, user, error = %e, "could not dispatch the user's jobs");
+            }
         }
-        let intent = self.store.intent(batch, user).await?;
-        let jobs = self.store.job_states(batch, user).await?;
-        if !jobs.iter().any(|(_, s)| s.is_open()) {
-            let states: Vec<JobState> = jobs.into_iter().map(|(_, s)| s).collect();
-            return self.end_pass(batch, user, intent, record, &states).await;
-        }
+        self.end_passes(batch, ended).await
+    }
+
+    /// A user's next waiting jobs, as many as its cap allows.
+    async fn publish_next(
+        &self,
+        batch: &str,
+        user: &str,
+        intent: Intent,
+        jobs: Vec<(String, JobState)>,
+    ) -> Result<(), Error> {
         if !matches!(intent, Intent::Active | Intent::Closing) {
             return Ok(());
         }
@@ -497,45 +645,75 @@ impl Coordinator {
         self.publish(batch, user, next).await
     }
 
-    /// Records the pass's end and what comes next: the next pass at the interval, or,
-    /// for a closing user, the close.
+    /// Records a pass's end and what comes next: [`end_passes`](Self::end_passes).
     async fn end_pass(
         &self,
         batch: &str,
         user: &str,
         intent: Intent,
-        mut record: PassRecord,
+        record: PassRecord,
         jobs: &[JobState],
     ) -> Result<(), Error> {
-        let status = user_status(Intent::Active, &record, jobs);
+        let end = PassEnd {
+            user: user.to_string(),
+            intent,
+            record,
+            jobs: jobs.to_vec(),
+        };
+        self.end_passes(batch, vec![end]).await
+    }
+
+    /// Records the passes' ends (one write) and what comes next for each: the next
+    /// pass at the interval (one call for all), or, for a closing user, the final pass
+    /// or the close.
+    async fn end_passes(&self, batch: &str, mut ends: Vec<PassEnd>) -> Result<(), Error> {
+        if ends.is_empty() {
+            return Ok(());
+        }
         let now = now_ms();
-        record.finished_ms = Some(now);
-        if status == UserStatus::Synced {
-            record.synced_ms = Some(now);
+        for end in &mut ends {
+            let status = user_status(Intent::Active, &end.record, &end.jobs);
+            end.record.finished_ms = Some(now);
+            if status == UserStatus::Synced {
+                end.record.synced_ms = Some(now);
+            }
+            tracing::info!(
+                batch,
+                user = end.user,
+                pass = end.record.pass,
+                status = status.name(),
+                "pass ended"
+            );
         }
         self.write_allowed()?;
-        self.store.put_pass_record(batch, user, &record).await?;
-        tracing::info!(
-            batch,
-            user,
-            pass = record.pass,
-            status = status.name(),
-            "pass ended"
-        );
-        match intent {
-            Intent::Closing if record.final_pass => self.close(batch, user).await,
-            // Close was pressed during this pass: the final pass follows at once, so
-            // mail that arrived meanwhile is copied too.
-            Intent::Closing => self.store.schedule(batch, user, now).await,
-            Intent::Active => {
-                let interval = self.interval_ms(batch).await?;
-                self.store
-                    .schedule_next(batch, user, now, now + interval)
-                    .await
-                    .map(|_| ())
+        let records: Vec<(&str, &PassRecord)> =
+            ends.iter().map(|e| (e.user.as_str(), &e.record)).collect();
+        self.store.put_pass_records(batch, &records).await?;
+        let (mut active, mut again_now, mut off) = (Vec::new(), Vec::new(), Vec::new());
+        for end in &ends {
+            match end.intent {
+                Intent::Closing if end.record.final_pass => {
+                    if let Err(e) = self.close(batch, &end.user).await {
+                        tracing::warn!(batch, user = end.user, error = %e, "could not close the user; the recheck will");
+                    }
+                }
+                // Close was pressed during this pass: the final pass follows at once, so
+                // mail that arrived meanwhile is copied too.
+                Intent::Closing => again_now.push(end.user.as_str()),
+                Intent::Active => active.push(end.user.as_str()),
+                _ => off.push(end.user.as_str()),
             }
-            _ => self.store.unschedule(batch, user).await,
         }
+        if !active.is_empty() {
+            let interval = self.interval_ms(batch).await?;
+            self.store
+                .schedule_next_many(batch, &active, now, now + interval)
+                .await?;
+        }
+        self.store
+            .schedule_many(batch, &again_now, Some(now))
+            .await?;
+        self.store.schedule_many(batch, &off, None).await
     }
 
     /// The final pass has ended: the schedule ends and the credentials are deleted.
@@ -549,13 +727,23 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Publishes with confirms; a failure drops the connection (the next publish
-    /// reconnects) and makes the user due again shortly, so nothing waits for the
-    /// recheck.
+    /// Publishes a user's bundles: [`publish_for`](Self::publish_for).
     async fn publish(
         &self,
         batch: &str,
         user: &str,
+        bundles: Vec<Vec<FolderJob>>,
+    ) -> Result<(), Error> {
+        self.publish_for(batch, &[user], bundles).await
+    }
+
+    /// Publishes with confirms; a failure drops the connection (the next publish
+    /// reconnects) and makes the bundles' users due again shortly, so nothing waits for
+    /// the recheck (theirs republishes what is still queued).
+    async fn publish_for(
+        &self,
+        batch: &str,
+        users: &[&str],
         bundles: Vec<Vec<FolderJob>>,
     ) -> Result<(), Error> {
         if bundles.is_empty() {
@@ -575,12 +763,132 @@ impl Coordinator {
         }
         .await;
         if let Err(e) = &result {
-            tracing::warn!(batch, user, error = %e, "publishing failed; reconnecting to RabbitMQ");
+            tracing::warn!(batch, users = users.len(), error = %e, "publishing failed; reconnecting to RabbitMQ");
             metrics::counter!(telemetry::RECONNECTS, "service" => "amqp").increment(1);
             *queue = None;
-            let _ = self.store.schedule(batch, user, now_ms() + 2_000).await;
+            let _ = self
+                .store
+                .schedule_rechecks(batch, users, now_ms() + 2_000)
+                .await;
         }
         result
+    }
+
+    /// A small user's planned pass (one bundle) waits to begin and be published with the
+    /// batch's next small users: once `users_per_delivery` users or [`MAX_GROUP_JOBS`]
+    /// jobs are in, or [`COHORT_LINGER`] after the first came. Until then the user stays
+    /// due in Redis (a coordinator that dies meanwhile leaves it to be planned again)
+    /// and [`cohort_members`](Self::cohort_members) keeps it from being planned twice.
+    async fn join_cohort(
+        &self,
+        batch: &str,
+        planned: Planned,
+        jobs: Vec<FolderJob>,
+    ) -> Result<(), Error> {
+        let cap = self.settings.coordinator.users_per_delivery as usize;
+        let mut full = Vec::new();
+        {
+            let mut cohorts = self.cohorts.lock().unwrap_or_else(|e| e.into_inner());
+            let cohort = cohorts.entry(batch.to_string()).or_insert_with(Cohort::new);
+            if cohort.jobs.len() + jobs.len() > MAX_GROUP_JOBS && !cohort.passes.is_empty() {
+                full.push(std::mem::replace(cohort, Cohort::new()));
+            }
+            cohort.passes.push(planned);
+            cohort.jobs.extend(jobs);
+            if cohort.passes.len() >= cap || cohort.jobs.len() >= MAX_GROUP_JOBS {
+                full.push(cohorts.remove(batch).expect("just filled"));
+            }
+        }
+        let mut result = Ok(());
+        for cohort in full {
+            let published = self.publish_cohort(batch, cohort).await;
+            result = result.and(published);
+        }
+        result
+    }
+
+    /// The users waiting in cohorts (planned, not begun yet).
+    fn cohort_members(&self) -> Vec<(String, String)> {
+        let cohorts = self.cohorts.lock().unwrap_or_else(|e| e.into_inner());
+        cohorts
+            .iter()
+            .flat_map(|(batch, c)| c.passes.iter().map(|p| (batch.clone(), p.user.clone())))
+            .collect()
+    }
+
+    /// Publishes the cohorts that have waited [`COHORT_LINGER`] (all of them, with
+    /// `all`: the coordinator is stopping).
+    async fn flush_cohorts(&self, all: bool) {
+        let due: Vec<(String, Cohort)> = {
+            let mut cohorts = self.cohorts.lock().unwrap_or_else(|e| e.into_inner());
+            let batches: Vec<String> = cohorts
+                .iter()
+                .filter(|(_, c)| all || c.since.elapsed() >= COHORT_LINGER)
+                .map(|(b, _)| b.clone())
+                .collect();
+            batches
+                .into_iter()
+                .filter_map(|b| cohorts.remove(&b).map(|c| (b, c)))
+                .collect()
+        };
+        for (batch, cohort) in due {
+            // A failure makes the users due again shortly (publish_for).
+            let _ = self.publish_cohort(&batch, cohort).await;
+        }
+    }
+
+    /// Begins the cohort's passes (one call) and publishes its jobs as one message. If
+    /// the passes cannot begin, the users are planned again shortly.
+    async fn publish_cohort(&self, batch: &str, cohort: Cohort) -> Result<(), Error> {
+        let users: Vec<&str> = cohort.passes.iter().map(|p| p.user.as_str()).collect();
+        let passes: Vec<PassStart> = cohort
+            .passes
+            .iter()
+            .map(|p| (p.user.as_str(), &p.record, p.states.as_slice()))
+            .collect();
+        let recheck = now_ms() + self.settings.coordinator.recheck_secs * 1000;
+        self.write_allowed()?;
+        if let Err(e) = self.store.begin_passes(batch, &passes, recheck).await {
+            tracing::warn!(batch, users = users.len(), error = %e, "could not begin the passes; planning them again shortly");
+            let _ = self
+                .store
+                .schedule_many(batch, &users, Some(now_ms() + 5_000))
+                .await;
+            return Err(e);
+        }
+        if users.len() > 1 {
+            tracing::debug!(
+                batch,
+                users = users.len(),
+                jobs = cohort.jobs.len(),
+                "publishing small users together"
+            );
+        }
+        self.publish_for(batch, &users, vec![cohort.jobs]).await
+    }
+}
+
+/// A small user's planned pass, waiting in a cohort to begin.
+struct Planned {
+    user: String,
+    record: PassRecord,
+    states: Vec<(FolderJob, JobState)>,
+}
+
+/// Small users' passes waiting to begin and travel in one queue message.
+struct Cohort {
+    passes: Vec<Planned>,
+    jobs: Vec<FolderJob>,
+    since: Instant,
+}
+
+impl Cohort {
+    fn new() -> Self {
+        Cohort {
+            passes: Vec::new(),
+            jobs: Vec::new(),
+            since: Instant::now(),
+        }
     }
 }
 

@@ -100,6 +100,24 @@ fn parse_job_states(
     Ok(out)
 }
 
+/// What the coordinator reads to dispatch a user: [`RedisStore::dispatch_views`].
+#[derive(Debug, Clone, Default)]
+pub struct DispatchView {
+    pub record: PassRecord,
+    pub intent: Intent,
+    pub jobs: Vec<(String, JobState)>,
+}
+
+/// A pass to begin ([`RedisStore::begin_passes`]): the user, its pass record, its jobs
+/// with their first states.
+pub type PassStart<'a> = (&'a str, &'a PassRecord, &'a [(FolderJob, JobState)]);
+
+/// One reply of a pipeline, typed.
+fn from_reply<T: redis::FromRedisValue>(v: Option<redis::Value>) -> Result<T, Error> {
+    let v = v.ok_or_else(|| Error::Store("a pipeline answered fewer replies than asked".into()))?;
+    redis::from_redis_value(&v).map_err(|e| store_error("pipeline reply", e))
+}
+
 /// Users read per pipeline by [`RedisStore::user_states`].
 const STATUS_CHUNK: usize = 500;
 
@@ -147,6 +165,10 @@ static RENEW_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(&format!("{PROLOGUE}{RENEW}")));
 static FINISH_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(&format!("{PROLOGUE}{FINISH}")));
+static BEGIN_PASS_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(BEGIN_PASS));
+static SCHEDULE_NEXT_MANY_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SCHEDULE_NEXT_MANY));
 
 /// A job's field in `P:claims:<batch>`: its user and target folder.
 fn claim_field(job: &FolderJob) -> Vec<u8> {
@@ -422,14 +444,68 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 "#;
 
-/// Schedules a user's next pass unless the admin asked for one meanwhile (a sync now
-/// or start during the pass left it due already): the sooner time wins.
-/// KEYS: due zset. ARGV: user, now ms, next ms.
-const SCHEDULE_NEXT: &str = r#"
-local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if at and tonumber(at) <= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-return 1
+/// Passes begin. KEYS: the pass records, the due zset, then per user its job states
+/// and its job specs. ARGV: recheck ms, then per user: user, pass record, job count,
+/// then per job: id, state, spec.
+const BEGIN_PASS: &str = r#"
+local del = {unpack(KEYS, 3)}
+redis.call('DEL', unpack(del))
+-- HSETs of at most 500 fields (what Lua unpacks is bounded), one for most users.
+local function put(key, from, to, offset)
+  local kv = {}
+  for i = from, to, 3 do
+    table.insert(kv, ARGV[i])
+    table.insert(kv, ARGV[i + offset])
+    if #kv >= 1000 then
+      redis.call('HSET', key, unpack(kv))
+      kv = {}
+    end
+  end
+  if #kv > 0 then redis.call('HSET', key, unpack(kv)) end
+end
+local records, due = {}, {}
+local at, u = 2, 0
+while at <= #ARGV do
+  local user, record, n = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
+  local first, last = at + 3, at + 2 + 3 * n
+  put(KEYS[3 + 2 * u], first, last, 1)
+  put(KEYS[4 + 2 * u], first, last, 2)
+  table.insert(records, user)
+  table.insert(records, record)
+  table.insert(due, ARGV[1])
+  table.insert(due, user)
+  at, u = last + 1, u + 1
+end
+redis.call('HSET', KEYS[1], unpack(records))
+redis.call('ZADD', KEYS[2], unpack(due))
+return u
+"#;
+
+/// The due score of an open pass's recheck at `ms`: half a millisecond later, so that
+/// the pass's end can tell it from the admin's sync now ([`SCHEDULE_NEXT_MANY`]).
+pub fn recheck_score(ms: u64) -> String {
+    format!("{ms}.5")
+}
+
+/// Schedules users' next passes unless the admin asked for one meanwhile (a sync now or
+/// start during the pass left the user due already): the sooner time wins. An open
+/// pass's recheck time is not the admin's ask, overdue or not: its score ends in .5
+/// ([`recheck_score`]), the admin's and the schedule's are whole milliseconds. Two
+/// commands, whatever the number of users.
+/// KEYS: due zset. ARGV: now ms, next ms, then the users.
+const SCHEDULE_NEXT_MANY: &str = r#"
+local users = {unpack(ARGV, 3)}
+local at = redis.call('ZMSCORE', KEYS[1], unpack(users))
+local kv = {}
+for i, user in ipairs(users) do
+  local t = at[i] and tonumber(at[i])
+  if not (t and t <= tonumber(ARGV[1]) and math.floor(t) == t) then
+    table.insert(kv, ARGV[2])
+    table.insert(kv, user)
+  end
+end
+if #kv > 0 then redis.call('ZADD', KEYS[1], unpack(kv)) end
+return #kv / 2
 "#;
 
 /// Closing → closed, only if the admin has not changed the intent meanwhile.
@@ -514,21 +590,29 @@ impl RedisStore {
         due: bool,
     ) -> Result<(), Error> {
         let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
         let now = now_ms();
-        for user in users {
-            pipe.hset(self.k(&["intent", batch]), user, intent_name(intent))
+        // One multi-field HSET and one ZADD (or ZREM) per chunk, not a command per user.
+        for chunk in users.chunks(STATUS_CHUNK) {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            let fields: Vec<(&str, &str)> = chunk
+                .iter()
+                .map(|u| (u.as_str(), intent_name(intent)))
+                .collect();
+            pipe.hset_multiple(self.k(&["intent", batch]), &fields)
                 .ignore();
             if due {
-                pipe.zadd(self.k(&["due", batch]), user, now).ignore();
+                let members: Vec<(u64, &str)> = chunk.iter().map(|u| (now, u.as_str())).collect();
+                pipe.zadd_multiple(self.k(&["due", batch]), &members)
+                    .ignore();
             } else if matches!(intent, Intent::Stopped | Intent::Closed) {
-                pipe.zrem(self.k(&["due", batch]), user).ignore();
+                pipe.zrem(self.k(&["due", batch]), chunk).ignore();
             }
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| store_error("MULTI", e))?;
         }
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| store_error("MULTI", e))
+        Ok(())
     }
 
     /// Closing → Closed, unless the admin changed the intent meanwhile.
@@ -553,6 +637,33 @@ impl RedisStore {
 
     // ---- the schedule ----
 
+    /// Puts the look at the user's open pass at `at_ms` ([`recheck_score`]).
+    pub async fn schedule_recheck(&self, batch: &str, user: &str, at_ms: u64) -> Result<(), Error> {
+        self.schedule_rechecks(batch, &[user], at_ms).await
+    }
+
+    /// Puts the look at each user's open pass at `at_ms` (one ZADD).
+    pub async fn schedule_rechecks(
+        &self,
+        batch: &str,
+        users: &[&str],
+        at_ms: u64,
+    ) -> Result<(), Error> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let score = recheck_score(at_ms);
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(self.k(&["due", batch]));
+        for user in users {
+            cmd.arg(&score).arg(*user);
+        }
+        cmd.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| store_error("ZADD", e))
+    }
+
     /// Puts the user's next pass at `at_ms`.
     pub async fn schedule(&self, batch: &str, user: &str, at_ms: u64) -> Result<(), Error> {
         let mut conn = self.conn.clone();
@@ -561,25 +672,51 @@ impl RedisStore {
             .map_err(|e| store_error("ZADD", e))
     }
 
-    /// After a pass: the next one at `next_ms`, unless one is due already (the admin
-    /// pressed "sync now" while the pass ran). Returns whether `next_ms` was set.
-    pub async fn schedule_next(
+    /// After a pass: each user's next one at `next_ms`, unless one is due already (the
+    /// admin pressed "sync now" while the pass ran): one call per 500 users.
+    pub async fn schedule_next_many(
         &self,
         batch: &str,
-        user: &str,
+        users: &[&str],
         now_ms: u64,
         next_ms: u64,
-    ) -> Result<bool, Error> {
+    ) -> Result<(), Error> {
+        for chunk in users.chunks(STATUS_CHUNK) {
+            let mut conn = self.conn.clone();
+            let mut call = SCHEDULE_NEXT_MANY_SCRIPT.key(self.k(&["due", batch]));
+            call.arg(now_ms).arg(next_ms).arg(chunk);
+            call.invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| store_error("schedule script", e))?;
+        }
+        Ok(())
+    }
+
+    /// Puts each user's next pass at `at_ms` (one ZADD), or takes it off the schedule
+    /// (`None`: one ZREM).
+    pub async fn schedule_many(
+        &self,
+        batch: &str,
+        users: &[&str],
+        at_ms: Option<u64>,
+    ) -> Result<(), Error> {
+        if users.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.conn.clone();
-        let set: i64 = redis::Script::new(SCHEDULE_NEXT)
-            .key(self.k(&["due", batch]))
-            .arg(user)
-            .arg(now_ms)
-            .arg(next_ms)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| store_error("schedule script", e))?;
-        Ok(set == 1)
+        let key = self.k(&["due", batch]);
+        match at_ms {
+            Some(at) => {
+                let members: Vec<(u64, &str)> = users.iter().map(|u| (at, *u)).collect();
+                conn.zadd_multiple::<_, _, _, ()>(key, &members)
+                    .await
+                    .map_err(|e| store_error("ZADD", e))
+            }
+            None => conn
+                .zrem::<_, _, ()>(key, users)
+                .await
+                .map_err(|e| store_error("ZREM", e)),
+        }
     }
 
     pub async fn unschedule(&self, batch: &str, user: &str) -> Result<(), Error> {
@@ -647,6 +784,100 @@ impl RedisStore {
             .map(Option::unwrap_or_default)
     }
 
+    /// Many users' pass records, intents and job states: two HMGETs and an HGETALL a
+    /// user, in one round trip (what the coordinator needs to dispatch them).
+    pub async fn dispatch_views(
+        &self,
+        batch: &str,
+        users: &[String],
+    ) -> Result<Vec<DispatchView>, Error> {
+        let mut out = Vec::with_capacity(users.len());
+        for chunk in users.chunks(STATUS_CHUNK) {
+            let mut conn = self.conn.clone();
+            let mut pipe = redis::pipe();
+            pipe.cmd("HMGET").arg(self.k(&["pass", batch])).arg(chunk);
+            pipe.cmd("HMGET").arg(self.k(&["intent", batch])).arg(chunk);
+            for user in chunk {
+                pipe.hgetall(self.jobs_key(batch, user));
+            }
+            let replies: Vec<redis::Value> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| store_error("pipeline", e))?;
+            let mut replies = replies.into_iter();
+            let records: Vec<Option<String>> = from_reply(replies.next())?;
+            let intents: Vec<Option<String>> = from_reply(replies.next())?;
+            for (record, intent) in records.into_iter().zip(intents) {
+                let record = record
+                    .map(|v| {
+                        serde_json::from_str(&v)
+                            .map_err(|e| Error::Store(format!("pass record: {e}")))
+                    })
+                    .transpose()?
+                    .unwrap_or_default();
+                let jobs: Vec<(String, String)> = from_reply(replies.next())?;
+                out.push(DispatchView {
+                    record,
+                    intent: intent.as_deref().map_or(Intent::Idle, parse_intent),
+                    jobs: parse_job_states(jobs)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Many users' intents and pass records: two HMGETs in one round trip.
+    pub async fn intents_and_records(
+        &self,
+        batch: &str,
+        users: &[String],
+    ) -> Result<Vec<(Intent, PassRecord)>, Error> {
+        let mut out = Vec::with_capacity(users.len());
+        for chunk in users.chunks(STATUS_CHUNK) {
+            let mut conn = self.conn.clone();
+            let (intents, records): (Vec<Option<String>>, Vec<Option<String>>) = redis::pipe()
+                .cmd("HMGET")
+                .arg(self.k(&["intent", batch]))
+                .arg(chunk)
+                .cmd("HMGET")
+                .arg(self.k(&["pass", batch]))
+                .arg(chunk)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| store_error("HMGET (pipelined)", e))?;
+            for (intent, record) in intents.into_iter().zip(records) {
+                let record = record
+                    .map(|v| {
+                        serde_json::from_str(&v)
+                            .map_err(|e| Error::Store(format!("pass record: {e}")))
+                    })
+                    .transpose()?
+                    .unwrap_or_default();
+                out.push((intent.as_deref().map_or(Intent::Idle, parse_intent), record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes many users' pass records in one HSET.
+    pub async fn put_pass_records(
+        &self,
+        batch: &str,
+        records: &[(&str, &PassRecord)],
+    ) -> Result<(), Error> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut fields = Vec::with_capacity(records.len());
+        for (user, record) in records {
+            fields.push((*user, json(record)?));
+        }
+        let mut conn = self.conn.clone();
+        conn.hset_multiple::<_, _, _, ()>(self.k(&["pass", batch]), &fields)
+            .await
+            .map_err(|e| store_error("HSET", e))
+    }
+
     pub async fn put_pass_record(
         &self,
         batch: &str,
@@ -661,8 +892,7 @@ impl RedisStore {
 
     /// Starts a pass: replaces the user's jobs with `jobs` (specs and first states),
     /// records the pass, and sets when the user is due again if the pass never ends
-    /// (`recheck_ms`: the coordinator then republishes what is still queued). One
-    /// transaction.
+    /// (`recheck_ms`: the coordinator then republishes what is still queued).
     pub async fn begin_pass(
         &self,
         batch: &str,
@@ -671,34 +901,41 @@ impl RedisStore {
         jobs: &[(FolderJob, JobState)],
         recheck_ms: u64,
     ) -> Result<(), Error> {
-        let mut conn = self.conn.clone();
-        let jobs_key = self.jobs_key(batch, user);
-        let specs_key = self.k(&["specs", batch, user]);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .del(&jobs_key)
-            .ignore()
-            .del(&specs_key)
-            .ignore();
-        // One multi-field HSET per hash, not one command per job.
-        let mut states = Vec::with_capacity(jobs.len());
-        let mut specs = Vec::with_capacity(jobs.len());
-        for (job, state) in jobs {
-            let id = job.id();
-            states.push((id.clone(), json(state)?));
-            specs.push((id, json(job)?));
-        }
-        if !jobs.is_empty() {
-            pipe.hset_multiple(&jobs_key, &states).ignore();
-            pipe.hset_multiple(&specs_key, &specs).ignore();
-        }
-        pipe.hset(self.k(&["pass", batch]), user, json(record)?)
-            .ignore();
-        pipe.zadd(self.k(&["due", batch]), user, recheck_ms)
-            .ignore();
-        pipe.query_async::<()>(&mut conn)
+        self.begin_passes(batch, &[(user, record, jobs)], recheck_ms)
             .await
-            .map_err(|e| store_error("MULTI", e))
+    }
+
+    /// [`begin_pass`](Self::begin_pass) for several users of a batch, in one script
+    /// (atomic): one DEL of their jobs, a multi-field HSET of each user's job states and
+    /// specs, one HSET of the records, one ZADD of the recheck times.
+    pub async fn begin_passes(
+        &self,
+        batch: &str,
+        passes: &[PassStart<'_>],
+        recheck_ms: u64,
+    ) -> Result<(), Error> {
+        if passes.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut call = BEGIN_PASS_SCRIPT.prepare_invoke();
+        call.key(self.k(&["pass", batch]))
+            .key(self.k(&["due", batch]));
+        for (user, _, _) in passes {
+            call.key(self.jobs_key(batch, user))
+                .key(self.k(&["specs", batch, user]));
+        }
+        call.arg(recheck_score(recheck_ms));
+        for (user, record, jobs) in passes {
+            call.arg(*user).arg(json(record)?).arg(jobs.len());
+            for (job, state) in *jobs {
+                call.arg(job.id()).arg(json(state)?).arg(json(job)?);
+            }
+        }
+        call.invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| store_error("begin-pass script", e))?;
+        Ok(())
     }
 
     /// The current pass's jobs, by id.
@@ -963,14 +1200,49 @@ impl RedisStore {
         counts: &[(String, Counts)],
         checkpoints: &[(CheckpointKey, Checkpoint)],
     ) -> Result<(), Error> {
+        self.finish_as(
+            jobs,
+            holder,
+            &self.k(&["run", holder]),
+            seq,
+            counts,
+            checkpoints,
+        )
+        .await
+    }
+
+    /// [`finish_claims`](Self::finish_claims) for one user's jobs of a run that goes on
+    /// with other users' (the admin stopped this one): these calls are numbered apart
+    /// from the run's (`P:run:<holder>:released`), so a replay applies its counts once.
+    pub async fn finish_user_claims(
+        &self,
+        jobs: &[(FolderJob, Option<JobState>)],
+        holder: &str,
+        seq: u64,
+        counts: &[(String, Counts)],
+        checkpoints: &[(CheckpointKey, Checkpoint)],
+    ) -> Result<(), Error> {
+        let run = self.k(&["run", holder, "released"]);
+        self.finish_as(jobs, holder, &run, seq, counts, checkpoints)
+            .await
+    }
+
+    async fn finish_as(
+        &self,
+        jobs: &[(FolderJob, Option<JobState>)],
+        holder: &str,
+        run: &str,
+        seq: u64,
+        counts: &[(String, Counts)],
+        checkpoints: &[(CheckpointKey, Checkpoint)],
+    ) -> Result<(), Error> {
         if jobs.is_empty() {
             return Ok(());
         }
         let batch = one_batch(jobs.iter().map(|(j, _)| j))?;
         let users = users_of(jobs.iter().map(|(j, _)| j));
         let mut call = self.claim_call(&FINISH_SCRIPT, batch, holder, Duration::ZERO, &users);
-        call.key(self.k(&["run", holder]))
-            .key(self.k(&["dispatch"]));
+        call.key(run).key(self.k(&["dispatch"]));
         for user in &users {
             call.key(self.jobs_key(batch, user));
         }

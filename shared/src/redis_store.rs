@@ -268,17 +268,46 @@ impl RedisStore {
         ),
         Error,
     > {
+        let (b, mut users) = self.batch_and_users(batch, &[user.to_string()]).await?;
+        Ok((b, users.pop().transpose()?.flatten()))
+    }
+
+    /// The batch's record and each user's, in one MGET (the logins of many plans); a
+    /// user's record that cannot be read is that user's error alone.
+    pub async fn batch_and_users(
+        &self,
+        batch: &str,
+        users: &[String],
+    ) -> Result<
+        (
+            Option<crate::batch::BatchRecord>,
+            Vec<Result<Option<crate::batch::UserRecord>, Error>>,
+        ),
+        Error,
+    > {
         let mut conn = self.conn.clone();
-        let (b, u): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("MGET")
+        let keys: Vec<String> = users.iter().map(|u| self.user_key(batch, u)).collect();
+        let mut values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
             .arg(self.batch_key(batch))
-            .arg(self.user_key(batch, user))
+            .arg(&keys)
             .query_async(&mut conn)
             .await
             .map_err(|e| store_error("MGET", e))?;
-        Ok((
-            decode_json(&self.batch_key(batch), b)?,
-            decode_json(&self.user_key(batch, user), u)?,
-        ))
+        if values.len() != users.len() + 1 {
+            return Err(Error::Store(format!(
+                "MGET answered {} values for {} keys",
+                values.len(),
+                users.len() + 1
+            )));
+        }
+        let records = values
+            .split_off(1)
+            .into_iter()
+            .zip(&keys)
+            .map(|(v, key)| decode_json(key, v))
+            .collect();
+        let batch_record = decode_json(&self.batch_key(batch), values.pop().flatten())?;
+        Ok((batch_record, records))
     }
 
     pub async fn users(&self, batch: &str) -> Result<Vec<String>, Error> {

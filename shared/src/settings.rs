@@ -127,6 +127,11 @@ pub struct CoordinatorSettings {
     /// Queue messages (a job, or a bundle of small folders' jobs) of one user queued or
     /// running at once (fairness between users).
     pub max_jobs_per_user: u32,
+    /// Small users (a pass that travels as one bundle) planned within a moment of each
+    /// other share a queue message, up to this many: their claims, connection leases
+    /// and ends cost Redis one call for all of them. A worker runs their jobs one after
+    /// another. 1 gives every user its own messages.
+    pub users_per_delivery: u32,
     /// Time to live of the active coordinator's lease: a standby takes over this long
     /// after the active one stops renewing it.
     pub leader_lease_secs: u64,
@@ -311,6 +316,7 @@ impl Default for CoordinatorSettings {
             max_job_messages: 10_000,
             max_job_bytes: ByteSize(1 << 30),
             max_jobs_per_user: 4,
+            users_per_delivery: 16,
             leader_lease_secs: 15,
             recheck_secs: 900,
         }
@@ -431,6 +437,9 @@ impl Settings {
         }
         if self.coordinator.recheck_secs < 10 {
             return invalid("coordinator.recheck_secs", "must be at least 10");
+        }
+        if !(1..=64).contains(&self.coordinator.users_per_delivery) {
+            return invalid("coordinator.users_per_delivery", "must be between 1 and 64");
         }
         if self.coordinator.max_job_messages == 0 || self.coordinator.max_jobs_per_user == 0 {
             return invalid(

@@ -589,8 +589,10 @@ async fn stop_halts_jobs_in_progress_and_close_deletes_the_credentials() {
     let _worker = rig.worker("worker");
     let store = rig.store().await;
     rig.start();
-    rig.wait_until("alice syncing", Duration::from_secs(60), |l| {
-        Rig::status_of(l, "alice") == "syncing"
+    // Copying, not only claimed: started together, the two small users share a
+    // delivery, whose users all show syncing from its claim while they copy in turn.
+    rig.wait_until("alice copying", Duration::from_secs(60), |l| {
+        Rig::status_of(l, "alice") == "syncing" && copied(line_of(l, "alice")) > 0
     })
     .await;
     let (code, _, text) = rig.admin(&["stop", "--batch", "b1", "--user", "alice@example.com"]);
@@ -650,7 +652,16 @@ async fn stop_halts_jobs_in_progress_and_close_deletes_the_credentials() {
         .unwrap()
         .contains_key("bob@example.com"));
     let record = store.pass_record("b1", "bob@example.com").await.unwrap();
-    assert!(record.final_pass && record.pass == 2, "{record:?}");
+    let passes: Vec<String> = rig
+        .log("coordinator")
+        .lines()
+        .filter(|l| l.contains("bob@example.com") && l.contains("pass "))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        record.final_pass && record.pass == 2,
+        "{record:?}\n{passes:#?}"
+    );
     let (code, stdout, _) = rig.admin(&["sync-now", "--batch", "b1", "--user", "bob@example.com"]);
     assert_eq!(code, Some(2), "{stdout}");
     assert!(stdout.contains("closed already"), "{stdout}");

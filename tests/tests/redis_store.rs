@@ -608,3 +608,36 @@ async fn connection_asks_sent_together_each_count_against_the_caps() {
     drop(first);
     store.delete_all().await.unwrap();
 }
+
+/// A pass's end schedules the next pass at the interval, except where the admin asked
+/// for one during the pass (a sync now, overdue by the end: it stays). An overdue
+/// recheck of the open pass is not such an ask: it used to start a needless pass.
+#[tokio::test]
+async fn a_pass_end_keeps_the_admins_sync_now_but_not_an_overdue_recheck() {
+    let store = fresh_store().await;
+    let now = mailferry_shared::control::now_ms();
+    store.schedule("b1", "asked", now - 10).await.unwrap();
+    store
+        .schedule_recheck("b1", "overdue", now - 10)
+        .await
+        .unwrap();
+    store
+        .schedule_recheck("b1", "later", now + 100_000)
+        .await
+        .unwrap();
+    store
+        .schedule_next_many(
+            "b1",
+            &["asked", "overdue", "later", "new"],
+            now,
+            now + 5_000,
+        )
+        .await
+        .unwrap();
+    let due = store.due_times("b1").await.unwrap();
+    assert_eq!(due["asked"], now - 10);
+    for user in ["overdue", "later", "new"] {
+        assert_eq!(due[user], now + 5_000, "{user}");
+    }
+    store.delete_all().await.unwrap();
+}

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 
+use mailferry_shared::batch::{BatchRecord, UserRecord};
 use mailferry_shared::endpoint::Credentials;
 use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::imap::Limits;
@@ -47,6 +48,17 @@ pub trait AccountDirectory: Send + Sync + 'static {
     /// The pools of `user` in `batch`. The same pools for every job of the user, so the
     /// per-account connection cap holds across them.
     fn accounts<'a>(&'a self, batch: &'a str, user: &'a str) -> Lookup<'a>;
+
+    /// Loads several users' pools ahead of their jobs, together where that is cheaper
+    /// (a delivery of several small users). A failure is left for
+    /// [`accounts`](Self::accounts) to report.
+    fn preload<'a>(
+        &'a self,
+        _batch: &'a str,
+        _users: &'a [String],
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async {})
+    }
 }
 
 /// Accounts held in memory (the embedded mode).
@@ -170,15 +182,71 @@ impl RedisAccounts {
     /// The user's pools, fresh from Redis (not cached: the coordinator plans a user
     /// once per pass and closes the pools after).
     pub async fn load(&self, batch: &str, user: &str) -> Result<UserAccounts, JobError> {
-        let (batch_record, record) = self
-            .store
-            .batch_and_user(batch, user)
-            .await
-            .map_err(JobError::Store)?;
-        let batch_record = batch_record.ok_or_else(|| {
-            JobError::UnknownUser(format!("{user} (batch {batch} does not exist)"))
-        })?;
-        let record = record.ok_or_else(|| JobError::UnknownUser(user.to_string()))?;
+        let mut loaded = self.load_many(batch, &[user.to_string()]).await;
+        loaded
+            .pop()
+            .unwrap_or_else(|| Err(JobError::UnknownUser(user.to_string())))
+    }
+
+    /// Many users' pools, fresh from Redis: their logins in one MGET, and their
+    /// connection leases (both sides of every user) in one call. One answer per user,
+    /// in order; a user's bad record is that user's error alone.
+    pub async fn load_many(
+        &self,
+        batch: &str,
+        users: &[String],
+    ) -> Vec<Result<UserAccounts, JobError>> {
+        let (batch_record, records) = match self.store.batch_and_users(batch, users).await {
+            Ok(found) => found,
+            Err(e) => {
+                let why = e.to_string();
+                return users
+                    .iter()
+                    .map(|_| Err(JobError::Store(mailferry_shared::Error::Store(why.clone()))))
+                    .collect();
+            }
+        };
+        let Some(batch_record) = batch_record else {
+            return users
+                .iter()
+                .map(|user| {
+                    Err(JobError::UnknownUser(format!(
+                        "{user} (batch {batch} does not exist)"
+                    )))
+                })
+                .collect();
+        };
+        let out: Vec<Result<UserAccounts, JobError>> = users
+            .iter()
+            .zip(records)
+            .map(|(user, record)| {
+                let record = record
+                    .map_err(JobError::Store)?
+                    .ok_or_else(|| JobError::UnknownUser(user.to_string()))?;
+                self.pools(batch, user, &batch_record, &record)
+            })
+            .collect();
+        if let Some(slots) = &self.slots {
+            // Both sides' leases of every user in one call, before the first
+            // connection of any.
+            let mut ask = Vec::new();
+            for pools in out.iter().flatten() {
+                ask.push((pools.source.endpoint(), pools.source.login(), true));
+                ask.push((pools.target.endpoint(), pools.target.login(), false));
+            }
+            slots.prefetch(&ask).await;
+        }
+        out
+    }
+
+    /// A user's two pools, from the batch's record and the user's.
+    fn pools(
+        &self,
+        batch: &str,
+        user: &str,
+        batch_record: &BatchRecord,
+        record: &UserRecord,
+    ) -> Result<UserAccounts, JobError> {
         // Without a stored secret there is nothing to log in with: the user fails with
         // the reason, as a rejected login would (the API refuses to start such a user).
         let unseal = |sealed: &Option<String>, side: Side| {
@@ -198,36 +266,27 @@ impl RedisAccounts {
         };
         let gate = |host_cap| self.slots.as_ref().map(|s| s.gate(host_cap));
         let source = Pool::gated(
-            batch_record.source,
+            batch_record.source.clone(),
             Credentials {
                 login: record.source_login.clone(),
                 secret: unseal(&record.source_secret, Side::Source)?,
-                method: batch_record.source_auth,
+                method: batch_record.source_auth.clone(),
             },
             self.limits,
             self.connections_per_account,
             gate(true),
         );
         let target = Pool::gated(
-            batch_record.target,
+            batch_record.target.clone(),
             Credentials {
                 login: record.target_login.clone(),
                 secret: unseal(&record.target_secret, Side::Target)?,
-                method: batch_record.target_auth,
+                method: batch_record.target_auth.clone(),
             },
             self.limits,
             self.connections_per_account,
             gate(false),
         );
-        if let Some(slots) = &self.slots {
-            // Both sides' leases in one call, before the first connection of either.
-            slots
-                .prefetch(&[
-                    (source.endpoint(), &record.source_login, true),
-                    (target.endpoint(), &record.target_login, false),
-                ])
-                .await;
-        }
         Ok(UserAccounts { source, target })
     }
 }
@@ -253,6 +312,36 @@ impl AccountDirectory for RedisAccounts {
                 .entry(key)
                 .or_insert(loaded)
                 .clone())
+        })
+    }
+
+    /// The users not cached yet, in one MGET and one lease call ([`load_many`]).
+    ///
+    /// [`load_many`]: RedisAccounts::load_many
+    fn preload<'a>(
+        &'a self,
+        batch: &'a str,
+        users: &'a [String],
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let missing: Vec<String> = {
+                let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                users
+                    .iter()
+                    .filter(|u| !cache.contains_key(&(batch.to_string(), u.to_string())))
+                    .cloned()
+                    .collect()
+            };
+            if missing.len() < 2 {
+                return; // one user loads as cheaply on its first job
+            }
+            let loaded = self.load_many(batch, &missing).await;
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            for (user, pools) in missing.into_iter().zip(loaded) {
+                if let Ok(pools) = pools {
+                    cache.entry((batch.to_string(), user)).or_insert(pools);
+                }
+            }
         })
     }
 }

@@ -27,20 +27,145 @@ use mailferry_shared::Error as SharedError;
 pub struct Claim {
     /// One answer per job of the delivery, in order.
     pub answers: Vec<ClaimAnswer>,
-    /// Shuts when the claims lapse or the admin stops the user.
-    pub fence: Arc<Fence>,
-    /// The admin stopped (or closed) the user while the jobs ran: the delivery is
-    /// settled, not handed back.
-    pub user_stopped: Arc<AtomicBool>,
+    /// Per user of the delivery (a delivery may carry several small users' jobs).
+    fences: HashMap<String, UserFence>,
     run: Option<Run>,
 }
 
-/// A cluster run: its holder token (unique per run), the jobs granted to it, the keeper.
+/// What stops a user's jobs of a run.
+#[derive(Clone)]
+pub struct UserFence {
+    /// Shuts when the claims lapse (every user's) or the admin stops this user.
+    pub fence: Arc<Fence>,
+    /// The admin stopped (or closed) the user while its jobs ran: they are settled,
+    /// not handed back.
+    pub stopped: Arc<AtomicBool>,
+}
+
+impl Claim {
+    /// The fence of `user`'s jobs (a user the claim does not know gets one that is shut).
+    pub fn fence(&self, user: &str) -> UserFence {
+        self.fences.get(user).cloned().unwrap_or_else(|| {
+            let fence = Arc::new(Fence::open_ended());
+            fence.revoke("the claim does not cover this user");
+            UserFence {
+                fence,
+                stopped: Arc::new(AtomicBool::new(false)),
+            }
+        })
+    }
+}
+
+impl Claim {
+    /// Says which job runs now (`None` between jobs): a stopped user's other jobs are
+    /// recorded at once, this one when it returns.
+    pub fn running(&self, job: Option<&FolderJob>) {
+        if let Some(run) = &self.run {
+            *run.release
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = job.map(FolderJob::id);
+        }
+    }
+}
+
+/// One fence per user of `jobs`, each until `deadline` (`None`: open-ended).
+fn fences_for(jobs: &[FolderJob], deadline: Option<Instant>) -> HashMap<String, UserFence> {
+    let mut out = HashMap::new();
+    for job in jobs {
+        out.entry(job.user.clone()).or_insert_with(|| UserFence {
+            fence: Arc::new(deadline.map_or_else(Fence::open_ended, Fence::until)),
+            stopped: Arc::new(AtomicBool::new(false)),
+        });
+    }
+    out
+}
+
+/// A cluster run: its holder token (unique per run), the jobs granted to it and not
+/// released yet (shared with the keeper, which holds the lock while it renews), the
+/// keeper.
 struct Run {
     holder: String,
-    granted: Vec<FolderJob>,
+    granted: Arc<tokio::sync::Mutex<Vec<FolderJob>>>,
     keeper: tokio::task::JoinHandle<Batcher>,
     stop_keeper: Arc<tokio::sync::Notify>,
+    release: Arc<Release>,
+}
+
+/// Records one user's ends while its run goes on with other users' jobs (the admin
+/// stopped that user): the keeper for the user's jobs not started, the consumer for the
+/// one that was running. Each call is numbered (`P:run:<holder>:released`), so a replay
+/// applies its counts once.
+struct Release {
+    store: RedisStore,
+    pending: Arc<PendingCounts>,
+    checkpoints: Arc<BufferedCheckpoints>,
+    holder: String,
+    granted: Arc<tokio::sync::Mutex<Vec<FolderJob>>>,
+    /// The job the consumer runs now (the keeper leaves it to the consumer).
+    running: Mutex<Option<String>>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl Release {
+    /// Records how `user`'s granted jobs ended (by `ends`; one without an end is handed
+    /// back) and lets their claims go, except the running job with `skip_running`.
+    /// Held meanwhile, the lock on the granted jobs keeps any renewal from counting on
+    /// the released claims. A call that fails puts the jobs back for the finish; its
+    /// counts, which it may or may not have applied, are not sent again.
+    async fn user(&self, user: &str, ends: &[(FolderJob, JobEnd)], skip_running: bool) {
+        let running = if skip_running {
+            self.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        } else {
+            None
+        };
+        let mut granted = self.granted.lock().await;
+        let (mine, others): (Vec<FolderJob>, Vec<FolderJob>) = granted
+            .drain(..)
+            .partition(|j| j.user == user && running.as_deref() != Some(j.id().as_str()));
+        *granted = others;
+        if mine.is_empty() {
+            return;
+        }
+        let mut ends = ends.to_vec();
+        for job in &mine {
+            if !ends.iter().any(|(j, _)| j.id() == job.id()) {
+                ends.push((job.clone(), JobEnd::HandedBack));
+            }
+        }
+        let states = states_of(&self.pending, &mine, &ends);
+        let counts = self.pending.take(&mine);
+        let cps = self.checkpoints.take(&mine);
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut attempt = 0;
+        loop {
+            match self
+                .store
+                .finish_user_claims(&states, &self.holder, seq, &counts, &cps)
+                .await
+            {
+                Ok(()) => {
+                    self.checkpoints.forget(&mine);
+                    tracing::info!(user, jobs = mine.len(), "the stopped user's jobs are recorded; the delivery goes on with the others");
+                    return;
+                }
+                Err(e) if attempt < 2 => {
+                    attempt += 1;
+                    tracing::warn!(holder = %self.holder, user, error = %e, "could not record the stopped user's jobs; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(holder = %self.holder, user, error = %e, "could not record the stopped user's jobs; the delivery's end will");
+                    self.checkpoints.restore(cps);
+                    granted.extend(mine);
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// How a job's run ended, for its state.
@@ -69,6 +194,18 @@ pub trait Claims: Send + Sync + 'static {
         claim: Claim,
         ends: &[(FolderJob, JobEnd)],
     ) -> impl Future<Output = Result<(), SharedError>> + Send;
+    /// Records how one user's granted jobs ended and lets their claims go while the run
+    /// goes on with other users' jobs (the admin stopped this user): its jobs show
+    /// their ends at once, not when the delivery's last user is done. If that fails
+    /// they are recorded with the rest at the finish.
+    fn release_user(
+        &self,
+        _claim: &Claim,
+        _user: &str,
+        _ends: &[(FolderJob, JobEnd)],
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// How long to wait before a busy job is offered again.
     fn busy_delay(&self) -> Duration;
 }
@@ -80,8 +217,7 @@ impl Claims for Unclaimed {
     async fn claim(&self, jobs: &[FolderJob]) -> Result<Claim, SharedError> {
         Ok(Claim {
             answers: vec![ClaimAnswer::Granted; jobs.len()],
-            fence: Arc::new(Fence::open_ended()),
-            user_stopped: Arc::new(AtomicBool::new(false)),
+            fences: fences_for(jobs, None),
             run: None,
         })
     }
@@ -171,6 +307,14 @@ impl BufferedCheckpoints {
         for job in jobs {
             claimed.remove(&job.checkpoint_key());
             saved.remove(&job.checkpoint_key());
+        }
+    }
+
+    /// Checkpoints taken for a write that failed: to be written with the next.
+    fn restore(&self, cps: Vec<(CheckpointKey, Checkpoint)>) {
+        let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, cp) in cps {
+            saved.entry(key).or_insert((cp, true)).1 = true;
         }
     }
 
@@ -280,6 +424,48 @@ impl RedisClaims {
     }
 }
 
+/// The states to record for `jobs` from their ends (a job without an end keeps its
+/// state); their end counts are added to the pending counts.
+fn states_of(
+    pending: &PendingCounts,
+    jobs: &[FolderJob],
+    ends: &[(FolderJob, JobEnd)],
+) -> Vec<(FolderJob, Option<JobState>)> {
+    let end_of: HashMap<String, &JobEnd> = ends.iter().map(|(j, e)| (j.id(), e)).collect();
+    let mut states = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let state = match end_of.get(&job.id()) {
+            Some(JobEnd::Done {
+                matched,
+                flags_updated,
+                mismatch,
+            }) => {
+                pending.add(job, "matched", *matched as i64);
+                pending.add(job, "flags_updated", *flags_updated as i64);
+                Some(JobState::Done {
+                    verified: mismatch.is_none(),
+                    mismatch: mismatch.clone(),
+                })
+            }
+            Some(JobEnd::Failed(reason)) => {
+                pending.add(job, "failed_jobs", 1);
+                Some(JobState::Failed {
+                    reason: reason.clone(),
+                })
+            }
+            Some(JobEnd::Throttled(why)) => Some(JobState::Throttled {
+                server_says: why.clone(),
+            }),
+            // Queued again: whoever runs it next (or the coordinator's recheck after
+            // a restart of a stopped user) finds it open.
+            Some(JobEnd::HandedBack) => Some(JobState::Queued),
+            None => None,
+        };
+        states.push((job.clone(), state));
+    }
+    states
+}
+
 impl Claims for RedisClaims {
     async fn claim(&self, jobs: &[FolderJob]) -> Result<Claim, SharedError> {
         let holder = format!("{}-{:016x}", self.worker, fastrand::u64(..));
@@ -302,9 +488,18 @@ impl Claims for RedisClaims {
             .map(|(_, cp)| cp)
             .collect();
         self.checkpoints.remember(&granted, found);
-        let fence = Arc::new(Fence::until(self.timing.fence_deadline(sent)));
-        let user_stopped = Arc::new(AtomicBool::new(false));
+        let fences = fences_for(jobs, Some(self.timing.fence_deadline(sent)));
         let stop_keeper = Arc::new(tokio::sync::Notify::new());
+        let granted = Arc::new(tokio::sync::Mutex::new(granted));
+        let release = Arc::new(Release {
+            store: self.store.clone(),
+            pending: self.pending.clone(),
+            checkpoints: self.checkpoints.clone(),
+            holder: holder.clone(),
+            granted: granted.clone(),
+            running: Mutex::new(None),
+            seq: std::sync::atomic::AtomicU64::new(0),
+        });
         let keeper = tokio::spawn(keep(
             Keeper {
                 store: self.store.clone(),
@@ -314,19 +509,19 @@ impl Claims for RedisClaims {
                 jobs: granted.clone(),
                 holder: holder.clone(),
             },
-            fence.clone(),
-            user_stopped.clone(),
+            fences.clone(),
             stop_keeper.clone(),
+            release.clone(),
         ));
         Ok(Claim {
             answers,
-            fence,
-            user_stopped,
+            fences,
             run: Some(Run {
                 holder,
                 granted,
                 keeper,
                 stop_keeper,
+                release,
             }),
         })
     }
@@ -342,61 +537,19 @@ impl Claims for RedisClaims {
             seq: u64::MAX / 2,
             unconfirmed: None,
         });
-        let end_of: HashMap<String, &JobEnd> = ends.iter().map(|(j, e)| (j.id(), e)).collect();
-        let mut states = Vec::with_capacity(run.granted.len());
-        for job in &run.granted {
-            let state = match end_of.get(&job.id()) {
-                Some(JobEnd::Done {
-                    matched,
-                    flags_updated,
-                    mismatch,
-                }) => {
-                    self.pending.add(job, "matched", *matched as i64);
-                    self.pending
-                        .add(job, "flags_updated", *flags_updated as i64);
-                    Some(JobState::Done {
-                        verified: mismatch.is_none(),
-                        mismatch: mismatch.clone(),
-                    })
-                }
-                Some(JobEnd::Failed(reason)) => {
-                    self.pending.add(job, "failed_jobs", 1);
-                    Some(JobState::Failed {
-                        reason: reason.clone(),
-                    })
-                }
-                Some(JobEnd::Throttled(why)) => Some(JobState::Throttled {
-                    server_says: why.clone(),
-                }),
-                // Queued again: whoever runs it next (or the coordinator's recheck after
-                // a restart of a stopped user) finds it open.
-                Some(JobEnd::HandedBack) => Some(JobState::Queued),
-                None => None,
-            };
-            states.push((job.clone(), state));
-        }
+        let granted = std::mem::take(&mut *run.granted.lock().await);
+        let states = states_of(&self.pending, &granted, ends);
         // An unconfirmed batch goes first, under its own number; what is left goes
         // with the finish under the next.
         if let Some((seq, counts, cps)) = batcher.unconfirmed.take() {
             let _ = self
                 .store
-                .renew_claims(
-                    &run.granted,
-                    &run.holder,
-                    self.timing.ttl,
-                    seq,
-                    &counts,
-                    &cps,
-                )
+                .renew_claims(&granted, &run.holder, self.timing.ttl, seq, &counts, &cps)
                 .await;
         }
-        let (seq, counts, cps) = batcher.next(|| {
-            (
-                self.pending.take(&run.granted),
-                self.checkpoints.take(&run.granted),
-            )
-        });
-        self.checkpoints.forget(&run.granted);
+        let (seq, counts, cps) =
+            batcher.next(|| (self.pending.take(&granted), self.checkpoints.take(&granted)));
+        self.checkpoints.forget(&granted);
         let mut attempt = 0;
         loop {
             match self
@@ -415,6 +568,12 @@ impl Claims for RedisClaims {
         }
     }
 
+    async fn release_user(&self, claim: &Claim, user: &str, ends: &[(FolderJob, JobEnd)]) {
+        if let Some(run) = &claim.run {
+            run.release.user(user, ends, false).await;
+        }
+    }
+
     fn busy_delay(&self) -> Duration {
         let third = self.timing.renew_every();
         third
@@ -429,24 +588,25 @@ struct Keeper {
     timing: LeaseTiming,
     pending: Arc<PendingCounts>,
     checkpoints: Arc<BufferedCheckpoints>,
-    jobs: Vec<FolderJob>,
+    jobs: Arc<tokio::sync::Mutex<Vec<FolderJob>>>,
     holder: String,
 }
 
 /// Renews the claims every third of their time to live, carrying the run's progress and
-/// checkpoints, until told to stop. Returns the batcher so the finish can go on
-/// numbering.
+/// checkpoints, until told to stop: extends every user's fence while the claims hold,
+/// shuts a user's when the admin stops it, and every one when the claims are lost.
+/// Returns the batcher so the finish can go on numbering.
 async fn keep(
     k: Keeper,
-    fence: Arc<Fence>,
-    user_stopped: Arc<AtomicBool>,
+    fences: HashMap<String, UserFence>,
     stop: Arc<tokio::sync::Notify>,
+    release: Arc<Release>,
 ) -> Batcher {
     let mut batcher = Batcher {
         seq: 0,
         unconfirmed: None,
     };
-    if k.jobs.is_empty() {
+    if k.jobs.lock().await.is_empty() {
         stop.notified().await;
         return batcher;
     }
@@ -455,30 +615,48 @@ async fn keep(
             _ = stop.notified() => return batcher,
             _ = tokio::time::sleep(k.timing.renew_every()) => {}
         }
+        let jobs = k.jobs.lock().await;
+        if jobs.is_empty() {
+            continue; // every user's jobs were released; the finish comes
+        }
         let (seq, counts, cps) =
-            batcher.next(|| (k.pending.take(&k.jobs), k.checkpoints.take(&k.jobs)));
+            batcher.next(|| (k.pending.take(&jobs), k.checkpoints.take(&jobs)));
         let sent = Instant::now();
-        match k
+        let renewed = k
             .store
-            .renew_claims(&k.jobs, &k.holder, k.timing.ttl, seq, &counts, &cps)
-            .await
-        {
+            .renew_claims(&jobs, &k.holder, k.timing.ttl, seq, &counts, &cps)
+            .await;
+        drop(jobs);
+        match renewed {
             Ok(Renewal::Held(intents)) => {
                 batcher.unconfirmed = None;
-                fence.extend(k.timing.fence_deadline(sent));
-                if intents
-                    .values()
-                    .any(|i| matches!(i, Intent::Stopped | Intent::Closed | Intent::Idle))
-                {
-                    user_stopped.store(true, Ordering::SeqCst);
-                    fence.revoke("the admin stopped the user");
+                let mut stopped = Vec::new();
+                for (user, f) in &fences {
+                    f.fence.extend(k.timing.fence_deadline(sent));
+                    if intents.get(user).is_some_and(|i| {
+                        matches!(i, Intent::Stopped | Intent::Closed | Intent::Idle)
+                    }) && !f.stopped.swap(true, Ordering::SeqCst)
+                    {
+                        f.fence.revoke("the admin stopped the user");
+                        stopped.push(user.clone());
+                    }
+                }
+                // A stopped user's jobs not running are recorded now, if the run has
+                // other users' to go on with (else its finish comes at once).
+                for user in stopped {
+                    if fences.len() > 1 {
+                        release.user(&user, &[], true).await;
+                    }
                 }
             }
             Ok(Renewal::Lost) => {
                 // Nothing of the batch was applied (the script checks the claims first),
                 // and its checkpoints must not be: another run owns the folders now.
                 batcher.unconfirmed = None;
-                fence.revoke("the claim on the folder lapsed and may be another worker's");
+                for f in fences.values() {
+                    f.fence
+                        .revoke("the claim on the folder lapsed and may be another worker's");
+                }
             }
             Err(e) => {
                 // The fence shuts by itself if this goes on past the claims' lifetime.

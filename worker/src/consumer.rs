@@ -2,6 +2,7 @@
 //! ack, retry later or dead-letter — each job's fate decided by [`decide`], a pure
 //! function of the error's disposition and the attempt number.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,29 +119,34 @@ enum Outcome {
     /// the delivery limit; else it could not run here (its folder busy, its claim lost,
     /// the store unreachable).
     Again { delay: Duration, attempt: bool },
-    /// The server throttles the account: this job and the rest of the bundle wait out
-    /// the pause (every job of a bundle is the same account's), no attempt spent.
+    /// The server throttles the account: this job and the rest of its user's jobs in
+    /// the bundle wait out the pause, no attempt spent.
     Throttled(Duration),
     /// The worker is draining: the delivery is left unsettled for the broker to hand to
     /// another worker (the bundle's finished jobs are skipped there).
     Drained,
 }
 
-/// What an earlier job's end decides for the delivery's granted jobs after it.
+/// What an earlier job's end decides for the granted jobs after it: of its user (the
+/// account's failure or pause), or of the whole delivery (the drain).
 enum Rest {
     Run,
-    /// The account failed for good: the rest fail with this reason, unrun.
+    /// The account failed for good: the user's rest fail with this reason, unrun.
     AccountFailed(String),
-    /// The server throttles the account: the rest wait out the pause with it.
+    /// The server throttles the account: the user's rest wait out the pause with it.
     Throttled(Duration),
+    /// The admin stopped the user: its rest are settled unrun (their ends recorded
+    /// already).
+    Stopped,
     /// The worker is draining: the rest go back unrun, the delivery unsettled.
     Drained,
 }
 
 /// Claims a delivery's jobs (one call), runs the granted ones one after another (a
-/// bundle's share the user's connections), records their ends (one call), then settles
-/// the delivery: what must run again goes back as one narrowed bundle, what failed for
-/// good to the dead-letter queue, and the delivery is acked.
+/// user's jobs share its connections; a delivery may carry several small users, whose
+/// logins and connection leases are loaded together first), records their ends (one
+/// call), then settles the delivery: what must run again goes back as one narrowed
+/// bundle, what failed for good to the dead-letter queue, and the delivery is acked.
 async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     queue: &Q,
     engine: &Engine<S>,
@@ -173,9 +179,12 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
             return;
         }
     };
+    engine.preload_accounts(jobs).await;
     let mut ends: Vec<(FolderJob, JobEnd)> = Vec::new();
     let mut outcomes: Vec<(usize, Outcome)> = Vec::new();
-    let mut rest = Rest::Run;
+    // By user: what an earlier job of the user decided for its rest.
+    let mut rests: std::collections::HashMap<&str, Rest> = std::collections::HashMap::new();
+    let mut drained = false;
     for (i, job) in jobs.iter().enumerate() {
         match &claim.answers[i] {
             ClaimAnswer::Skip(why) => {
@@ -197,7 +206,12 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
             }
             ClaimAnswer::Granted => {}
         }
-        match &rest {
+        let rest = if drained {
+            &Rest::Drained
+        } else {
+            rests.get(job.user.as_str()).unwrap_or(&Rest::Run)
+        };
+        match rest {
             Rest::Run => {}
             Rest::Drained => {
                 ends.push((job.clone(), JobEnd::HandedBack));
@@ -222,18 +236,56 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
                 outcomes.push((i, Outcome::Throttled(*d)));
                 continue;
             }
+            Rest::Stopped => {
+                outcomes.push((i, Outcome::Settled));
+                continue;
+            }
         }
+        if claim.fence(&job.user).stopped.load(Ordering::SeqCst) {
+            // Stopped while other users' jobs ran: recorded by the keeper already (or,
+            // should that have failed, by this end at the finish).
+            ends.push((job.clone(), JobEnd::HandedBack));
+            outcomes.push((i, Outcome::Settled));
+            continue;
+        }
+        claim.running(Some(job));
         let (end, outcome) = run_job(engine, job, &claim, delivery.attempt, policy, drain).await;
         ends.push((job.clone(), end));
-        rest = match &outcome {
-            Outcome::DeadLetter { why, account: true } => Rest::AccountFailed(why.clone()),
-            Outcome::Throttled(d) => Rest::Throttled(*d),
-            Outcome::Drained => Rest::Drained,
-            _ => Rest::Run,
-        };
+        match &outcome {
+            Outcome::DeadLetter { why, account: true } => {
+                rests.insert(&job.user, Rest::AccountFailed(why.clone()));
+            }
+            Outcome::Throttled(d) => {
+                rests.insert(&job.user, Rest::Throttled(*d));
+            }
+            Outcome::Drained => drained = true,
+            Outcome::Settled if claim.fence(&job.user).stopped.load(Ordering::SeqCst) => {
+                // The admin stopped the user: its jobs not run yet are handed back
+                // unrun, and, while the delivery goes on with other users, their ends
+                // are recorded now.
+                let user = job.user.as_str();
+                for (k, later) in jobs.iter().enumerate().skip(i + 1) {
+                    if later.user == user && claim.answers[k] == ClaimAnswer::Granted {
+                        ends.push((later.clone(), JobEnd::HandedBack));
+                    }
+                }
+                if jobs[i + 1..].iter().any(|j| j.user != user) {
+                    let mine: Vec<(FolderJob, JobEnd)> = ends
+                        .iter()
+                        .filter(|(j, _)| j.user == user)
+                        .cloned()
+                        .collect();
+                    claims.release_user(&claim, user, &mine).await;
+                }
+                rests.insert(user, Rest::Stopped);
+            }
+            _ => {}
+        }
+        // (Cleared only now: a keeper that finds the user stopped meanwhile leaves this
+        // job, whose end is in `ends`, to the consumer.)
+        claim.running(None);
         outcomes.push((i, outcome));
     }
-    let drained = matches!(rest, Rest::Drained);
     if let Err(e) = claims.finish(claim, &ends).await {
         // The ends are not recorded: what is done runs again (its re-run finds the
         // target complete and costs a search, not a copy), and records its end then.
@@ -261,11 +313,18 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     let mut counts_attempt = false;
     let mut dead = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
+    // A delivery of several users names the user in each reason.
+    let several_users = jobs.iter().any(|j| j.user != jobs[0].user);
     for (i, outcome) in outcomes {
         let job = &jobs[i];
         match outcome {
             Outcome::Settled | Outcome::Drained => {}
             Outcome::DeadLetter { why, account } => {
+                let why = if several_users {
+                    format!("{}: {why}", job.user)
+                } else {
+                    why
+                };
                 if account && reasons.contains(&why) {
                     // one reason for the whole account
                 } else if jobs.len() > 1 && !account {
@@ -317,7 +376,8 @@ async fn run_job<S: StateStore>(
 ) -> (JobEnd, Outcome) {
     let span = tracing::info_span!("job", batch = %job.batch, user = %job.user, folder = %job.source_folder.display());
     async {
-        let fence = claim.fence.clone();
+        let user = claim.fence(&job.user);
+        let fence = user.fence.clone();
         let _in_flight = InFlight::enter();
         let started = std::time::Instant::now();
         // The run stops at the fence at once (dropping the engine's future is as safe
@@ -355,7 +415,7 @@ async fn run_job<S: StateStore>(
                 )
             }
             Err(JobError::Fenced(why)) => {
-                if claim.user_stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                if user.stopped.load(Ordering::SeqCst) {
                     tracing::info!(job = %job.id(), "stopped by the admin");
                     finished("stopped");
                     (JobEnd::HandedBack, Outcome::Settled)

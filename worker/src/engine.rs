@@ -90,6 +90,21 @@ impl<S: StateStore> Engine<S> {
         &self.progress
     }
 
+    /// Loads the accounts of a delivery's users ahead of its jobs (together, where the
+    /// directory can: see [`AccountDirectory::preload`]).
+    pub async fn preload_accounts(&self, jobs: &[FolderJob]) {
+        let mut by_batch: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        for job in jobs {
+            let users = by_batch.entry(job.batch.as_str()).or_default();
+            if !users.contains(&job.user) {
+                users.push(job.user.clone());
+            }
+        }
+        for (batch, users) in by_batch {
+            self.accounts.preload(batch, &users).await;
+        }
+    }
+
     /// Runs one job to the end. On error nothing is lost: the checkpoint and the target
     /// stay consistent and the job can simply run again.
     /// `fence` says when this run must stop writing (see [`Fence`]).
