@@ -938,7 +938,6 @@ impl RedisStore {
         Ok(())
     }
 
-    /// The current pass's jobs, by id.
     /// For many users at once: each one's intent, pass record, due time, job states
     /// (sorted by id) and progress counters, read in pipelines of `STATUS_CHUNK` users
     /// (one round trip each), in the order of `users`.
@@ -989,6 +988,7 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// The current pass's jobs, by id.
     pub async fn job_states(
         &self,
         batch: &str,

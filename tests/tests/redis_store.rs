@@ -390,19 +390,10 @@ async fn a_delivery_is_claimed_at_once_and_writes_checkpoints_only_while_it_hold
     store.delete_all().await.unwrap();
 }
 
-/// Two processes share an account's cap (2) and a host's (3) through their leases; a
-/// closed connection's lease is given back at the next renewal, a dead process's lapses,
-/// and a paused account admits nobody.
-#[tokio::test]
-async fn connection_leases_hold_the_caps_across_processes_and_lapse_with_them() {
+/// The server the lease tests ask slots of (no connection is made).
+fn lease_test_endpoint() -> mailferry_shared::endpoint::Endpoint {
     use mailferry_shared::endpoint::{Endpoint, Security};
-    use mailferry_shared::slots::SharedSlots;
-    let store = fresh_store().await;
-    let ttl = Duration::from_millis(1500);
-    let a = SharedSlots::new(store.clone(), 2, 3, ttl, Duration::from_secs(1));
-    let b = SharedSlots::new(store.clone(), 2, 3, ttl, Duration::from_secs(1));
-    let (ga, gb) = (a.gate(true), b.gate(true));
-    let ep = Endpoint {
+    Endpoint {
         host: "imap.example".into(),
         port: 993,
         security: Security::Tls,
@@ -410,7 +401,21 @@ async fn connection_leases_hold_the_caps_across_processes_and_lapse_with_them() 
         accept_invalid_certs: false,
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(5),
-    };
+    }
+}
+
+/// Two processes share an account's cap (2) and a host's (3) through their leases; a
+/// closed connection's lease is given back at the next renewal, a dead process's lapses,
+/// and a paused account admits nobody.
+#[tokio::test]
+async fn connection_leases_hold_the_caps_across_processes_and_lapse_with_them() {
+    use mailferry_shared::slots::SharedSlots;
+    let store = fresh_store().await;
+    let ttl = Duration::from_millis(1500);
+    let a = SharedSlots::new(store.clone(), 2, 3, ttl, Duration::from_secs(1));
+    let b = SharedSlots::new(store.clone(), 2, 3, ttl, Duration::from_secs(1));
+    let (ga, gb) = (a.gate(true), b.gate(true));
+    let ep = lease_test_endpoint();
     let waits = |gate: &std::sync::Arc<dyn mailferry_shared::imap::pool::ConnectionGate>,
                  login: &'static str| {
         let gate = gate.clone();
@@ -540,21 +545,12 @@ async fn many_users_states_are_read_in_pipelines_in_order() {
 /// ahead of a connection holds its slot.
 #[tokio::test]
 async fn connection_asks_sent_together_each_count_against_the_caps() {
-    use mailferry_shared::endpoint::{Endpoint, Security};
     use mailferry_shared::slots::SharedSlots;
     let store = fresh_store().await;
     let ttl = Duration::from_millis(1500);
     let a = SharedSlots::new(store.clone(), 2, 5, ttl, Duration::from_secs(1));
     let b = SharedSlots::new(store.clone(), 2, 5, ttl, Duration::from_secs(1));
-    let ep = Endpoint {
-        host: "imap.example".into(),
-        port: 993,
-        security: Security::Tls,
-        ca_file: None,
-        accept_invalid_certs: false,
-        connect_timeout: Duration::from_secs(5),
-        read_timeout: Duration::from_secs(5),
-    };
+    let ep = lease_test_endpoint();
     let gate = a.gate(true);
     let mut asks = tokio::task::JoinSet::new();
     for login in ["dave", "erin", "dave", "erin", "dave", "erin", "gina"] {
