@@ -70,7 +70,7 @@ struct Coordinator {
     fence: Arc<Fence>,
     batches: Mutex<Option<(Instant, Vec<String>)>>,
     /// Small users' bundles waiting to share a queue message, by batch.
-    cohorts: std::sync::Mutex<HashMap<String, Cohort>>,
+    cohorts: std::sync::Mutex<Cohorts>,
 }
 
 /// A pass whose jobs have all ended, to be recorded.
@@ -124,7 +124,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                     settings: settings.clone(),
                     store: store.clone(),
                     queue: Mutex::new(None),
-                    cohorts: std::sync::Mutex::new(HashMap::new()),
+                    cohorts: std::sync::Mutex::new(Cohorts::default()),
                     fence: fence.clone(),
                     batches: Mutex::new(None),
                 });
@@ -789,14 +789,20 @@ impl Coordinator {
         let mut full = Vec::new();
         {
             let mut cohorts = self.cohorts.lock().unwrap_or_else(|e| e.into_inner());
-            let cohort = cohorts.entry(batch.to_string()).or_insert_with(Cohort::new);
+            let cohort = cohorts
+                .waiting
+                .entry(batch.to_string())
+                .or_insert_with(Cohort::new);
             if cohort.jobs.len() + jobs.len() > MAX_GROUP_JOBS && !cohort.passes.is_empty() {
                 full.push(std::mem::replace(cohort, Cohort::new()));
             }
             cohort.passes.push(planned);
             cohort.jobs.extend(jobs);
             if cohort.passes.len() >= cap || cohort.jobs.len() >= MAX_GROUP_JOBS {
-                full.push(cohorts.remove(batch).expect("just filled"));
+                full.push(cohorts.waiting.remove(batch).expect("just filled"));
+            }
+            for cohort in &full {
+                cohorts.beginning(batch, cohort);
             }
         }
         let mut result = Ok(());
@@ -807,12 +813,15 @@ impl Coordinator {
         result
     }
 
-    /// The users waiting in cohorts (planned, not begun yet).
+    /// The users in cohorts: planned, their passes not begun yet (waiting, or being
+    /// begun and published now).
     fn cohort_members(&self) -> Vec<(String, String)> {
         let cohorts = self.cohorts.lock().unwrap_or_else(|e| e.into_inner());
         cohorts
+            .waiting
             .iter()
             .flat_map(|(batch, c)| c.passes.iter().map(|p| (batch.clone(), p.user.clone())))
+            .chain(cohorts.beginning.iter().cloned())
             .collect()
     }
 
@@ -822,14 +831,19 @@ impl Coordinator {
         let due: Vec<(String, Cohort)> = {
             let mut cohorts = self.cohorts.lock().unwrap_or_else(|e| e.into_inner());
             let batches: Vec<String> = cohorts
+                .waiting
                 .iter()
                 .filter(|(_, c)| all || c.since.elapsed() >= COHORT_LINGER)
                 .map(|(b, _)| b.clone())
                 .collect();
-            batches
+            let due: Vec<(String, Cohort)> = batches
                 .into_iter()
-                .filter_map(|b| cohorts.remove(&b).map(|c| (b, c)))
-                .collect()
+                .filter_map(|b| cohorts.waiting.remove(&b).map(|c| (b, c)))
+                .collect();
+            for (batch, cohort) in &due {
+                cohorts.beginning(batch, cohort);
+            }
+            due
         };
         for (batch, cohort) in due {
             // A failure makes the users due again shortly (publish_for).
@@ -838,8 +852,23 @@ impl Coordinator {
     }
 
     /// Begins the cohort's passes (one call) and publishes its jobs as one message. If
-    /// the passes cannot begin, the users are planned again shortly.
+    /// the passes cannot begin, the users are planned again shortly. Its users leave
+    /// [`Cohorts::beginning`] when it is done.
     async fn publish_cohort(&self, batch: &str, cohort: Cohort) -> Result<(), Error> {
+        let users: Vec<(String, String)> = cohort
+            .passes
+            .iter()
+            .map(|p| (batch.to_string(), p.user.clone()))
+            .collect();
+        let result = self.begin_and_publish(batch, cohort).await;
+        let mut cohorts = self.cohorts.lock().unwrap_or_else(|e| e.into_inner());
+        for user in &users {
+            cohorts.beginning.remove(user);
+        }
+        result
+    }
+
+    async fn begin_and_publish(&self, batch: &str, cohort: Cohort) -> Result<(), Error> {
         let users: Vec<&str> = cohort.passes.iter().map(|p| p.user.as_str()).collect();
         let passes: Vec<PassStart> = cohort
             .passes
@@ -873,6 +902,27 @@ struct Planned {
     user: String,
     record: PassRecord,
     states: Vec<(FolderJob, JobState)>,
+}
+
+/// The coordinator's cohorts.
+#[derive(Default)]
+struct Cohorts {
+    /// Filling, by batch.
+    waiting: HashMap<String, Cohort>,
+    /// The users of cohorts being begun and published now: until their passes are
+    /// recorded they are still due in Redis, and must not be planned again meanwhile.
+    beginning: HashSet<(String, String)>,
+}
+
+impl Cohorts {
+    fn beginning(&mut self, batch: &str, cohort: &Cohort) {
+        self.beginning.extend(
+            cohort
+                .passes
+                .iter()
+                .map(|p| (batch.to_string(), p.user.clone())),
+        );
+    }
 }
 
 /// Small users' passes waiting to begin and travel in one queue message.

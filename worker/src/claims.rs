@@ -61,10 +61,7 @@ impl Claim {
     /// recorded at once, this one when it returns.
     pub fn running(&self, job: Option<&FolderJob>) {
         if let Some(run) = &self.run {
-            *run.release
-                .running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = job.map(FolderJob::id);
+            *run.state.running.lock().unwrap_or_else(|e| e.into_inner()) = job.map(FolderJob::id);
         }
     }
 }
@@ -89,14 +86,15 @@ struct Run {
     granted: Arc<tokio::sync::Mutex<Vec<FolderJob>>>,
     keeper: tokio::task::JoinHandle<Batcher>,
     stop_keeper: Arc<tokio::sync::Notify>,
-    release: Arc<Release>,
+    state: Arc<RunState>,
 }
 
-/// Records one user's ends while its run goes on with other users' jobs (the admin
-/// stopped that user): the keeper for the user's jobs not started, the consumer for the
-/// one that was running. Each call is numbered (`P:run:<holder>:released`), so a replay
-/// applies its counts once.
-struct Release {
+/// What a run's claim, keeper and consumer share, and how one user's ends are recorded
+/// while the run goes on with other users' jobs (the admin stopped that user): by the
+/// keeper for the user's jobs not started, by the consumer for the one that was
+/// running. Each such call is numbered (`P:run:<holder>:released`), so a replay applies
+/// its counts once.
+struct RunState {
     store: RedisStore,
     pending: Arc<PendingCounts>,
     checkpoints: Arc<BufferedCheckpoints>,
@@ -107,13 +105,13 @@ struct Release {
     seq: std::sync::atomic::AtomicU64,
 }
 
-impl Release {
+impl RunState {
     /// Records how `user`'s granted jobs ended (by `ends`; one without an end is handed
     /// back) and lets their claims go, except the running job with `skip_running`.
     /// Held meanwhile, the lock on the granted jobs keeps any renewal from counting on
     /// the released claims. A call that fails puts the jobs back for the finish; its
     /// counts, which it may or may not have applied, are not sent again.
-    async fn user(&self, user: &str, ends: &[(FolderJob, JobEnd)], skip_running: bool) {
+    async fn release_user(&self, user: &str, ends: &[(FolderJob, JobEnd)], skip_running: bool) {
         let running = if skip_running {
             self.running
                 .lock()
@@ -491,7 +489,7 @@ impl Claims for RedisClaims {
         let fences = fences_for(jobs, Some(self.timing.fence_deadline(sent)));
         let stop_keeper = Arc::new(tokio::sync::Notify::new());
         let granted = Arc::new(tokio::sync::Mutex::new(granted));
-        let release = Arc::new(Release {
+        let state = Arc::new(RunState {
             store: self.store.clone(),
             pending: self.pending.clone(),
             checkpoints: self.checkpoints.clone(),
@@ -501,17 +499,10 @@ impl Claims for RedisClaims {
             seq: std::sync::atomic::AtomicU64::new(0),
         });
         let keeper = tokio::spawn(keep(
-            Keeper {
-                store: self.store.clone(),
-                timing: self.timing,
-                pending: self.pending.clone(),
-                checkpoints: self.checkpoints.clone(),
-                jobs: granted.clone(),
-                holder: holder.clone(),
-            },
+            self.timing,
+            state.clone(),
             fences.clone(),
             stop_keeper.clone(),
-            release.clone(),
         ));
         Ok(Claim {
             answers,
@@ -521,7 +512,7 @@ impl Claims for RedisClaims {
                 granted,
                 keeper,
                 stop_keeper,
-                release,
+                state,
             }),
         })
     }
@@ -570,7 +561,7 @@ impl Claims for RedisClaims {
 
     async fn release_user(&self, claim: &Claim, user: &str, ends: &[(FolderJob, JobEnd)]) {
         if let Some(run) = &claim.run {
-            run.release.user(user, ends, false).await;
+            run.state.release_user(user, ends, false).await;
         }
     }
 
@@ -582,49 +573,39 @@ impl Claims for RedisClaims {
     }
 }
 
-/// What a run's keeper needs.
-struct Keeper {
-    store: RedisStore,
-    timing: LeaseTiming,
-    pending: Arc<PendingCounts>,
-    checkpoints: Arc<BufferedCheckpoints>,
-    jobs: Arc<tokio::sync::Mutex<Vec<FolderJob>>>,
-    holder: String,
-}
-
 /// Renews the claims every third of their time to live, carrying the run's progress and
 /// checkpoints, until told to stop: extends every user's fence while the claims hold,
 /// shuts a user's when the admin stops it, and every one when the claims are lost.
 /// Returns the batcher so the finish can go on numbering.
 async fn keep(
-    k: Keeper,
+    timing: LeaseTiming,
+    run: Arc<RunState>,
     fences: HashMap<String, UserFence>,
     stop: Arc<tokio::sync::Notify>,
-    release: Arc<Release>,
 ) -> Batcher {
     let mut batcher = Batcher {
         seq: 0,
         unconfirmed: None,
     };
-    if k.jobs.lock().await.is_empty() {
+    if run.granted.lock().await.is_empty() {
         stop.notified().await;
         return batcher;
     }
     loop {
         tokio::select! {
             _ = stop.notified() => return batcher,
-            _ = tokio::time::sleep(k.timing.renew_every()) => {}
+            _ = tokio::time::sleep(timing.renew_every()) => {}
         }
-        let jobs = k.jobs.lock().await;
+        let jobs = run.granted.lock().await;
         if jobs.is_empty() {
             continue; // every user's jobs were released; the finish comes
         }
         let (seq, counts, cps) =
-            batcher.next(|| (k.pending.take(&jobs), k.checkpoints.take(&jobs)));
+            batcher.next(|| (run.pending.take(&jobs), run.checkpoints.take(&jobs)));
         let sent = Instant::now();
-        let renewed = k
+        let renewed = run
             .store
-            .renew_claims(&jobs, &k.holder, k.timing.ttl, seq, &counts, &cps)
+            .renew_claims(&jobs, &run.holder, timing.ttl, seq, &counts, &cps)
             .await;
         drop(jobs);
         match renewed {
@@ -632,7 +613,7 @@ async fn keep(
                 batcher.unconfirmed = None;
                 let mut stopped = Vec::new();
                 for (user, f) in &fences {
-                    f.fence.extend(k.timing.fence_deadline(sent));
+                    f.fence.extend(timing.fence_deadline(sent));
                     if intents.get(user).is_some_and(|i| {
                         matches!(i, Intent::Stopped | Intent::Closed | Intent::Idle)
                     }) && !f.stopped.swap(true, Ordering::SeqCst)
@@ -645,7 +626,7 @@ async fn keep(
                 // other users' to go on with (else its finish comes at once).
                 for user in stopped {
                     if fences.len() > 1 {
-                        release.user(&user, &[], true).await;
+                        run.release_user(&user, &[], true).await;
                     }
                 }
             }
@@ -660,7 +641,7 @@ async fn keep(
             }
             Err(e) => {
                 // The fence shuts by itself if this goes on past the claims' lifetime.
-                tracing::warn!(holder = %k.holder, error = %e, "could not renew the claims");
+                tracing::warn!(holder = %run.holder, error = %e, "could not renew the claims");
             }
         }
     }
