@@ -16,6 +16,12 @@
 //!   `max_jobs_per_user` queued or running per user, so a 50 GB mailbox does not hold
 //!   every worker while others wait), or, when none is open, ends the pass: Synced is
 //!   recorded, the next pass is scheduled, or a closing user is closed.
+//! - **Cohorts**: a small user (its pass in one bundle) waits up to a second after its
+//!   plan for other small users of the batch; then their passes begin together and their
+//!   jobs travel in one queue message (`coordinator.users_per_delivery`).
+//!
+//! Due users and marked users are read, and their passes written, a group at a time:
+//! the Redis cost of a user is what its own keys need, plus a share of the group calls.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -69,7 +75,7 @@ struct Coordinator {
     /// Shut when leadership is lost: nothing more is written or published.
     fence: Arc<Fence>,
     batches: Mutex<Option<(Instant, Vec<String>)>>,
-    /// Small users' bundles waiting to share a queue message, by batch.
+    /// Small users' passes waiting to begin and share a queue message.
     cohorts: std::sync::Mutex<Cohorts>,
 }
 
@@ -672,8 +678,8 @@ impl Coordinator {
         }
         let now = now_ms();
         for end in &mut ends {
-            let status = user_status(Intent::Active, &end.record, &end.jobs);
             end.record.finished_ms = Some(now);
+            let status = user_status(Intent::Active, &end.record, &end.jobs);
             if status == UserStatus::Synced {
                 end.record.synced_ms = Some(now);
             }

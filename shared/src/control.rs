@@ -6,19 +6,23 @@
 //! |---|---|---|---|
 //! | `P:batches` | set | CLI | batch names |
 //! | `P:intent:<batch>` | hash user → intent | CLI, coordinator (closing → closed) | Idle, Active, Stopped, Closing, Closed |
-//! | `P:due:<batch>` | sorted set user → ms | CLI (start, sync now), coordinator | when the user's next pass is due |
+//! | `P:due:<batch>` | sorted set user → ms | CLI (start, sync now), coordinator | when the user's next pass is due (an open pass's recheck at ms + 0.5: [`recheck_score`]) |
 //! | `P:pass:<batch>` | hash user → [`PassRecord`] | coordinator | the current pass and the last sync |
 //! | `P:jobs:<batch>:<user>` | hash job id → [`JobState`] | coordinator, workers | the current pass's jobs |
 //! | `P:specs:<batch>:<user>` | hash job id → [`FolderJob`] | coordinator | what to publish |
 //! | `P:dispatch` | set of `batch\tuser` | workers | users whose jobs ended since the coordinator looked |
 //! | `P:claims:<batch>` | hash `user\ttarget folder` → `holder expiry-ms` | workers | one writer per target folder (a dead run's field stays until the folder is claimed again) |
 //! | `P:run:<token>` | string, expires | workers | the last progress batch applied for one run of a delivery |
+//! | `P:run:<token>:released` | string, expires | workers | the same, for the stopped users' jobs a run recorded early |
+//! | `P:slots` | hash account or host → leases | every process | connection leases and pauses ([`crate::slots`]) |
 //! | `P:leader` | string, expires | coordinators | which coordinator schedules |
 //!
 //! The workers' three calls per delivery (claim, renew with progress and checkpoints,
-//! finish) are Lua scripts that take all of a delivery's jobs at once: each is atomic
-//! and one round trip, and progress carries a sequence number per run so a replayed
-//! batch is never counted twice.
+//! finish) are Lua scripts that take all of a delivery's jobs at once, of one user or
+//! several: each is atomic and one round trip, and progress carries a sequence number
+//! per run so a replayed batch is never counted twice. The coordinator's reads and
+//! writes take a group of users at once too (`intents_and_records`, `dispatch_views`,
+//! `begin_passes`, `put_pass_records`, `schedule_next_many`).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
