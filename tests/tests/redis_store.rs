@@ -456,6 +456,9 @@ async fn connection_leases_hold_the_caps_across_processes_and_lapse_with_them() 
         paused.map(|_| ())
     );
     drop(carol);
+    // (The processes go first: a renewal after the delete would leave their hash.)
+    drop((ga, a, c));
+    tokio::time::sleep(Duration::from_millis(100)).await;
     store.delete_all().await.unwrap();
 }
 
@@ -602,6 +605,9 @@ async fn connection_asks_sent_together_each_count_against_the_caps() {
         "c's prefetched lease holds hank's second slot"
     );
     drop(first);
+    // (The processes go first: a renewal after the delete would leave their hash.)
+    drop((gate, gb, target_side, a, b, c));
+    tokio::time::sleep(Duration::from_millis(100)).await;
     store.delete_all().await.unwrap();
 }
 
