@@ -882,18 +882,6 @@ impl RedisStore {
             .map_err(|e| store_error("HSET", e))
     }
 
-    pub async fn put_pass_record(
-        &self,
-        batch: &str,
-        user: &str,
-        record: &PassRecord,
-    ) -> Result<(), Error> {
-        let mut conn = self.conn.clone();
-        conn.hset::<_, _, _, ()>(self.k(&["pass", batch]), user, json(record)?)
-            .await
-            .map_err(|e| store_error("HSET", e))
-    }
-
     /// Starts a pass: replaces the user's jobs with `jobs` (specs and first states),
     /// records the pass, and sets when the user is due again if the pass never ends
     /// (`recheck_ms`: the coordinator then republishes what is still queued).

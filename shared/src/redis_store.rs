@@ -256,22 +256,6 @@ impl RedisStore {
         self.get_json(self.user_key(batch, user)).await
     }
 
-    /// The batch's record and the user's, in one MGET (a job's or a plan's logins).
-    pub async fn batch_and_user(
-        &self,
-        batch: &str,
-        user: &str,
-    ) -> Result<
-        (
-            Option<crate::batch::BatchRecord>,
-            Option<crate::batch::UserRecord>,
-        ),
-        Error,
-    > {
-        let (b, mut users) = self.batch_and_users(batch, &[user.to_string()]).await?;
-        Ok((b, users.pop().transpose()?.flatten()))
-    }
-
     /// The batch's record and each user's, in one MGET (the logins of many plans); a
     /// user's record that cannot be read is that user's error alone.
     pub async fn batch_and_users(
