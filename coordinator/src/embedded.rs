@@ -80,10 +80,7 @@ pub async fn run(
         accounts.insert(
             &opts.batch,
             &u.id,
-            UserAccounts {
-                source: source.clone(),
-                target: target.clone(),
-            },
+            UserAccounts::new(source.clone(), target.clone()),
         );
         pools.push((u.id.clone(), source, target));
     }

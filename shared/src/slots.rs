@@ -193,6 +193,9 @@ struct Lease {
     /// Unused connections a renewal keeps while some are open: part of a block for a
     /// host, none for an account.
     spare: u32,
+    /// Holders of a [`Pinned`]: while there are any, a renewal keeps one connection
+    /// of the lease even when none is open.
+    pinned: u32,
 }
 
 /// What Redis said to a connection's ask.
@@ -329,19 +332,39 @@ impl SharedSlots {
 
     /// Grows this process's leases by a connection on each account (and its host, for
     /// `host_cap`) that has no room left, in one call, ahead of the connections about
-    /// to open: a user's pools ask for both sides at once, not once per side. A lease
-    /// nobody opens under is given back at the next renewal; one that the caps refuse
-    /// is asked for again, and waited for, when its connection opens.
-    pub async fn prefetch(&self, accounts: &[(&Endpoint, &str, bool)]) {
-        let asks: Vec<_> = accounts
-            .iter()
-            .map(|(endpoint, login, host_cap)| {
-                let (account, host) = Self::fields(endpoint, login, *host_cap);
-                self.ask(&account, host.as_deref(), false)
-            })
-            .collect();
+    /// to open: a user's pools ask for both sides at once, not once per side, and a
+    /// delivery's users all at once.
+    ///
+    /// Each account's lease stays while its [`Pinned`] (one per entry, in order) is
+    /// held, even with no connection open: a delivery's users run one after another,
+    /// and a lease given back at a renewal before its user's turn would be asked for
+    /// again on its own. The host's lease is not pinned: the host cap counts open
+    /// connections, and waiting users must not hold them from other processes. A host
+    /// lease, or an account lease no longer pinned, that nobody opens under is given
+    /// back at the next renewal; a lease the caps refuse is asked for again, and
+    /// waited for, when its connection opens.
+    pub async fn prefetch(self: &Arc<Self>, accounts: &[(&Endpoint, &str, bool)]) -> Vec<Pinned> {
+        let mut pins = Vec::with_capacity(accounts.len());
+        let mut asks = Vec::with_capacity(accounts.len());
+        for (endpoint, login, host_cap) in accounts {
+            let (account, host) = Self::fields(endpoint, login, *host_cap);
+            // Pinned before asking: a renewal between the answer and the pin would
+            // give the new lease back.
+            pins.push(self.pin(&account));
+            asks.push(self.ask(&account, host.as_deref(), false));
+        }
         for ask in asks {
             let _ = ask.await;
+        }
+        pins
+    }
+
+    fn pin(self: &Arc<Self>, account: &str) -> Pinned {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        leases.entry(account.to_string()).or_default().pinned += 1;
+        Pinned {
+            slots: Arc::downgrade(self),
+            account: account.to_string(),
         }
     }
 
@@ -476,10 +499,12 @@ impl SharedSlots {
             let now = Instant::now();
             let mut due = Vec::new();
             for (key, lease) in leases.iter_mut() {
-                let keep = if lease.open == 0 {
-                    0
-                } else {
+                let keep = if lease.open > 0 {
                     lease.leased.min(lease.open + lease.spare)
+                } else if lease.pinned > 0 {
+                    lease.leased.min(1)
+                } else {
+                    0
                 };
                 // (Renewed every third of the time to live, a lease written a sixth ago
                 // is renewed now: none reaches half its life without a renewal.)
@@ -492,7 +517,7 @@ impl SharedSlots {
                     due.push((key.clone(), keep));
                 }
             }
-            leases.retain(|_, l| l.leased > 0 || l.open > 0);
+            leases.retain(|_, l| l.leased > 0 || l.open > 0 || l.pinned > 0);
             due
         };
         if due.is_empty() {
@@ -518,6 +543,24 @@ impl SharedSlots {
             if let Some(l) = leases.get_mut(key) {
                 l.open = l.open.saturating_sub(1);
             }
+        }
+    }
+}
+
+/// Keeps an account's lease of this process's while held ([`SharedSlots::prefetch`]).
+pub struct Pinned {
+    slots: Weak<SharedSlots>,
+    account: String,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let Some(slots) = self.slots.upgrade() else {
+            return;
+        };
+        let mut leases = slots.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = leases.get_mut(&self.account) {
+            l.pinned = l.pinned.saturating_sub(1);
         }
     }
 }

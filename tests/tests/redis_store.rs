@@ -611,6 +611,49 @@ async fn connection_asks_sent_together_each_count_against_the_caps() {
     store.delete_all().await.unwrap();
 }
 
+/// A delivery's users wait their turn without a connection: the account leases
+/// prefetched for them outlive the renewals while pinned, and go back at the first
+/// renewal after the pins are dropped.
+#[tokio::test]
+async fn a_pinned_prefetched_lease_outlives_renewals_until_unpinned() {
+    use mailferry_shared::slots::SharedSlots;
+    let store = fresh_store().await;
+    // renewals every 300 ms
+    let c = SharedSlots::new(
+        store.clone(),
+        2,
+        5,
+        Duration::from_millis(900),
+        Duration::from_secs(1),
+    );
+    let b = SharedSlots::new(
+        store.clone(),
+        2,
+        5,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    );
+    let ep = lease_test_endpoint();
+    let pins = c.prefetch(&[(&ep, "ivan", false)]).await;
+    assert_eq!(pins.len(), 1);
+    tokio::time::sleep(Duration::from_millis(1300)).await; // four renewals
+    let gate = b.gate(false);
+    let first = gate.admit(&ep, "ivan").await.unwrap();
+    let second = tokio::time::timeout(Duration::from_millis(300), gate.admit(&ep, "ivan")).await;
+    assert!(
+        second.is_err(),
+        "the pinned lease still holds ivan's second slot"
+    );
+    drop(pins);
+    let second = tokio::time::timeout(Duration::from_secs(3), gate.admit(&ep, "ivan"))
+        .await
+        .expect("the unpinned lease went back at the next renewal")
+        .unwrap();
+    drop((first, second, gate, b, c));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store.delete_all().await.unwrap();
+}
+
 /// A pass's end schedules the next pass at the interval, except where the admin asked
 /// for one during the pass (a sync now, overdue by the end: it stays). An overdue
 /// recheck of the open pass is not such an ask: it used to start a needless pass.

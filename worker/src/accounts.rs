@@ -13,7 +13,7 @@ use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::imap::Limits;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::Keyring;
-use mailferry_shared::slots::SharedSlots;
+use mailferry_shared::slots::{Pinned, SharedSlots};
 use mailferry_shared::{Disposition, Error as SharedError, Side};
 
 use crate::error::JobError;
@@ -22,9 +22,22 @@ use crate::error::JobError;
 pub struct UserAccounts {
     pub source: Arc<Pool>,
     pub target: Arc<Pool>,
+    /// The two accounts' shared leases, kept while these pools are ([`load_many`]).
+    ///
+    /// [`load_many`]: RedisAccounts::load_many
+    pins: Arc<Vec<Pinned>>,
 }
 
 impl UserAccounts {
+    /// Pools whose leases, if any, are taken when their connections open.
+    pub fn new(source: Arc<Pool>, target: Arc<Pool>) -> Self {
+        UserAccounts {
+            source,
+            target,
+            pins: Arc::default(),
+        }
+    }
+
     /// A throttling answer on `side` pauses that account for every process (where the
     /// pools share caps; the embedded mode just waits its turn). A refusal because the
     /// account is paused already does not extend the pause.
@@ -50,14 +63,15 @@ pub trait AccountDirectory: Send + Sync + 'static {
     fn accounts<'a>(&'a self, batch: &'a str, user: &'a str) -> Lookup<'a>;
 
     /// Loads several users' pools ahead of their jobs, together where that is cheaper
-    /// (a delivery of several small users). A failure is left for
-    /// [`accounts`](Self::accounts) to report.
+    /// (a delivery of several small users), and returns them: while the caller holds
+    /// them, they stay loaded. A failure is left for [`accounts`](Self::accounts) to
+    /// report.
     fn preload<'a>(
         &'a self,
         _batch: &'a str,
         _users: &'a [String],
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-        Box::pin(async {})
+    ) -> Pin<Box<dyn Future<Output = Vec<UserAccounts>> + Send + 'a>> {
+        Box::pin(async { Vec::new() })
     }
 }
 
@@ -121,6 +135,8 @@ impl RedisAccounts {
     /// `linger` are logged out (a user's next folder job usually comes sooner, and
     /// reuses them), and users whose pools are unused leave the cache. Without this a
     /// worker that has served thousands of users would hold a connection to each.
+    /// Pools held outside the cache stay: a delivery's preloaded users wait their turn
+    /// without a connection, and evicting them would load each again on its own.
     pub fn start_reaper(self: &Arc<Self>, linger: std::time::Duration) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -138,10 +154,15 @@ impl RedisAccounts {
                     p.source.close_idle_since(linger).await;
                     p.target.close_idle_since(linger).await;
                 }
+                drop(pools); // its clones would count as held below
                 me.cache
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .retain(|_, p| !(p.source.is_unused() && p.target.is_unused()));
+                    .retain(|_, p| {
+                        let held =
+                            Arc::strong_count(&p.source) > 1 || Arc::strong_count(&p.target) > 1;
+                        held || !(p.source.is_unused() && p.target.is_unused())
+                    });
             }
         });
     }
@@ -216,7 +237,7 @@ impl RedisAccounts {
                 })
                 .collect();
         };
-        let out: Vec<Result<UserAccounts, JobError>> = users
+        let mut out: Vec<Result<UserAccounts, JobError>> = users
             .iter()
             .zip(records)
             .map(|(user, record)| {
@@ -229,12 +250,16 @@ impl RedisAccounts {
         if let Some(slots) = &self.slots {
             // Both sides' leases of every user in one call, before the first
             // connection of any.
+            // The leases stay while the pools are held (`UserAccounts::pins`).
             let mut ask = Vec::new();
             for pools in out.iter().flatten() {
                 ask.push((pools.source.endpoint(), pools.source.login(), true));
                 ask.push((pools.target.endpoint(), pools.target.login(), false));
             }
-            slots.prefetch(&ask).await;
+            let mut pins = slots.prefetch(&ask).await.into_iter();
+            for pools in out.iter_mut().flatten() {
+                pools.pins = Arc::new(pins.by_ref().take(2).collect());
+            }
         }
         out
     }
@@ -287,7 +312,7 @@ impl RedisAccounts {
             self.connections_per_account,
             gate(false),
         );
-        Ok(UserAccounts { source, target })
+        Ok(UserAccounts::new(source, target))
     }
 }
 
@@ -315,33 +340,41 @@ impl AccountDirectory for RedisAccounts {
         })
     }
 
-    /// The users not cached yet, in one MGET and one lease call ([`load_many`]).
+    /// The users not cached yet, in one MGET and one lease call ([`load_many`]); then
+    /// every user's pools, cached or new, for the caller to hold.
     ///
     /// [`load_many`]: RedisAccounts::load_many
     fn preload<'a>(
         &'a self,
         batch: &'a str,
         users: &'a [String],
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Vec<UserAccounts>> + Send + 'a>> {
         Box::pin(async move {
+            let key = |u: &str| (batch.to_string(), u.to_string());
             let missing: Vec<String> = {
                 let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
                 users
                     .iter()
-                    .filter(|u| !cache.contains_key(&(batch.to_string(), u.to_string())))
+                    .filter(|u| !cache.contains_key(&key(u)))
                     .cloned()
                     .collect()
             };
-            if missing.len() < 2 {
-                return; // one user loads as cheaply on its first job
-            }
-            let loaded = self.load_many(batch, &missing).await;
+            // One user loads as cheaply on its first job.
+            let loaded = if missing.len() < 2 {
+                Vec::new()
+            } else {
+                self.load_many(batch, &missing).await
+            };
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            for (user, pools) in missing.into_iter().zip(loaded) {
+            for (user, pools) in missing.iter().zip(loaded) {
                 if let Ok(pools) = pools {
-                    cache.entry((batch.to_string(), user)).or_insert(pools);
+                    cache.entry(key(user)).or_insert(pools);
                 }
             }
+            users
+                .iter()
+                .filter_map(|u| cache.get(&key(u)).cloned())
+                .collect()
         })
     }
 }

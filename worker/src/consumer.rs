@@ -179,7 +179,7 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
             return;
         }
     };
-    engine.preload_accounts(jobs).await;
+    let _held = engine.preload_accounts(jobs).await;
     let mut ends: Vec<(FolderJob, JobEnd)> = Vec::new();
     let mut outcomes: Vec<(usize, Outcome)> = Vec::new();
     // By user: what an earlier job of the user decided for its rest.

@@ -25,7 +25,7 @@ use mailferry_shared::lease::Fence;
 use mailferry_shared::store::StateStore;
 use mailferry_shared::{failpoint, Error as SharedError};
 
-use crate::accounts::AccountDirectory;
+use crate::accounts::{AccountDirectory, UserAccounts};
 use crate::copy::{copy_messages, ByteBudget, CopySettings, Outcome, TargetFolder};
 use crate::error::JobError;
 use crate::message::{flag_key, uid_fetch, uid_range, Meta};
@@ -91,8 +91,10 @@ impl<S: StateStore> Engine<S> {
     }
 
     /// Loads the accounts of a delivery's users ahead of its jobs (together, where the
-    /// directory can: see [`AccountDirectory::preload`]).
-    pub async fn preload_accounts(&self, jobs: &[FolderJob]) {
+    /// directory can: see [`AccountDirectory::preload`]). Hold the answer until the
+    /// delivery's jobs are done: the accounts stay loaded while it is held.
+    #[must_use = "the preloaded accounts stay loaded only while held"]
+    pub async fn preload_accounts(&self, jobs: &[FolderJob]) -> Vec<UserAccounts> {
         let mut by_batch: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
         for job in jobs {
             let users = by_batch.entry(job.batch.as_str()).or_default();
@@ -100,9 +102,11 @@ impl<S: StateStore> Engine<S> {
                 users.push(job.user.clone());
             }
         }
+        let mut held = Vec::new();
         for (batch, users) in by_batch {
-            self.accounts.preload(batch, &users).await;
+            held.extend(self.accounts.preload(batch, &users).await);
         }
+        held
     }
 
     /// Runs one job to the end. On error nothing is lost: the checkpoint and the target
