@@ -101,6 +101,7 @@ pub async fn run(
                 target,
                 rules: &opts.rules,
                 store: None,
+                first_pass: false,
                 split: None,
             })
             .await;
@@ -177,6 +178,8 @@ pub async fn run(
                 target: &target,
                 rules: &rules,
                 store: Some(&*store),
+                // The state directory may hold an earlier run's checkpoints.
+                first_pass: false,
                 split: None,
             })
             .await;

@@ -180,6 +180,10 @@ pub struct PlanRequest<'a, S: StateStore> {
     pub rules: &'a Rules,
     /// `None` in a dry run: nothing is created and no checkpoint is consulted.
     pub store: Option<&'a S>,
+    /// No pass of the user has run before: the store holds no checkpoint of it, and
+    /// none is read (each folder with messages gets a job; the worker's claim reads
+    /// the checkpoint anyway, so a stray one is still honoured).
+    pub first_pass: bool,
     /// Cut folders with more than this much left to copy into UID-range jobs
     /// (`None`: one job per folder, as the embedded mode runs them).
     pub split: Option<SplitLimits>,
@@ -434,6 +438,7 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
     // Every copied folder's checkpoint, in one round trip where the store can.
     let mut checkpoints: std::collections::HashMap<Bytes, Checkpoint> = match req.store {
         None => std::collections::HashMap::new(),
+        Some(_) if req.first_pass => std::collections::HashMap::new(),
         Some(store) => {
             let names: Vec<Bytes> = mappings
                 .iter()

@@ -79,6 +79,15 @@ struct Coordinator {
     cohorts: std::sync::Mutex<Cohorts>,
 }
 
+/// What a due user's new pass starts from, read with the other due users'.
+struct PassBasis {
+    intent: Intent,
+    /// The last pass.
+    record: PassRecord,
+    /// The user's `copied` counter now.
+    copied: i64,
+}
+
 /// A pass whose jobs have all ended, to be recorded.
 struct PassEnd {
     user: String,
@@ -269,7 +278,7 @@ impl Coordinator {
                 }
             };
             let (mut off, mut fresh) = (Vec::new(), Vec::new());
-            for (user, (intent, record)) in users.into_iter().zip(views) {
+            for (user, (intent, record, copied)) in users.into_iter().zip(views) {
                 if !matches!(intent, Intent::Active | Intent::Closing) {
                     off.push(user);
                 } else if record.pass > 0 && record.finished_ms.is_none() {
@@ -284,7 +293,7 @@ impl Coordinator {
                     });
                     planning.insert(task.id(), (batch.clone(), user));
                 } else {
-                    fresh.push((user, intent, record));
+                    fresh.push((user, intent, record, copied));
                 }
             }
             if !off.is_empty() {
@@ -300,13 +309,18 @@ impl Coordinator {
             if fresh.is_empty() {
                 continue;
             }
-            let names: Vec<String> = fresh.iter().map(|(u, _, _)| u.clone()).collect();
+            let names: Vec<String> = fresh.iter().map(|(u, ..)| u.clone()).collect();
             let loaded = self.accounts.load_many(&batch, &names).await;
-            for ((user, intent, record), pools) in fresh.into_iter().zip(loaded) {
+            for ((user, intent, record, copied), pools) in fresh.into_iter().zip(loaded) {
                 let me = self.clone();
                 let (b, u) = (batch.clone(), user.clone());
                 let task = planners.spawn(async move {
-                    if let Err(e) = me.plan_pass(&b, &u, intent, record, pools).await {
+                    let start = PassBasis {
+                        intent,
+                        record,
+                        copied,
+                    };
+                    if let Err(e) = me.plan_pass(&b, &u, start, pools).await {
                         tracing::warn!(batch = b, user = u, error = %e, "could not plan the user; trying again shortly");
                         let _ = me.store.schedule(&b, &u, now_ms() + 5_000).await;
                     }
@@ -388,10 +402,14 @@ impl Coordinator {
         &self,
         batch: &str,
         user: &str,
-        intent: Intent,
-        record: PassRecord,
+        basis: PassBasis,
         loaded: Result<UserAccounts, JobError>,
     ) -> Result<(), Error> {
+        let PassBasis {
+            intent,
+            record,
+            copied,
+        } = basis;
         let pass = record.pass + 1;
         let planned_ms = now_ms();
         let planned = match loaded {
@@ -405,6 +423,8 @@ impl Coordinator {
                     target: &pools.target,
                     rules: &Rules::default(),
                     store: Some(&self.store),
+                    // Nothing of a user never planned was copied: no checkpoint to read.
+                    first_pass: record.pass == 0,
                     split: Some(SplitLimits {
                         max_messages: self.settings.coordinator.max_job_messages,
                         max_bytes: self.settings.coordinator.max_job_bytes.0,
@@ -487,7 +507,6 @@ impl Coordinator {
                 *state = JobState::Queued;
             }
         }
-        let copied_so_far = self.store.progress(batch, user).await?;
         let begun = PassRecord {
             pass,
             planned_ms,
@@ -501,7 +520,7 @@ impl Coordinator {
                     .map(|f| u64::from(f.messages.unwrap_or(0)))
                     .sum(),
             ),
-            copied_at_plan: Some(copied_so_far.get("copied").copied().unwrap_or(0)),
+            copied_at_plan: Some(copied),
         };
         // A pass that travels as one bundle is a small user's: it begins and is
         // published a moment later, together with other small users' (their records,

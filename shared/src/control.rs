@@ -8,8 +8,9 @@
 //! | `P:intent:<batch>` | hash user → intent | CLI, coordinator (closing → closed) | Idle, Active, Stopped, Closing, Closed |
 //! | `P:due:<batch>` | sorted set user → ms | CLI (start, sync now), coordinator | when the user's next pass is due (an open pass's recheck at ms + 0.5: [`recheck_score`]) |
 //! | `P:pass:<batch>` | hash user → [`PassRecord`] | coordinator | the current pass and the last sync |
-//! | `P:jobs:<batch>:<user>` | hash job id → [`JobState`] | coordinator, workers | the current pass's jobs |
-//! | `P:specs:<batch>:<user>` | hash job id → [`FolderJob`] | coordinator | what to publish |
+//! | `P:jobs:<batch>` | hash user → JSON object job id → [`JobState`] | coordinator, workers | the current pass's jobs |
+//! | `P:specs:<batch>` | hash user → JSON object job id → [`FolderJob`] | coordinator | what to publish |
+//! | `P:progress:<batch>` | hash user → counters (`name value name value …`, [`parse_counts`]) | workers | what was copied, summed over all passes |
 //! | `P:dispatch` | set of `batch\tuser` | workers | users whose jobs ended since the coordinator looked |
 //! | `P:claims:<batch>` | hash `user\ttarget folder` → `holder expiry-ms` | workers | one writer per target folder (a dead run's field stays until the folder is claimed again) |
 //! | `P:run:<token>` | string, expires | workers | the last progress batch applied for one run of a delivery |
@@ -20,7 +21,10 @@
 //! The workers' three calls per delivery (claim, renew with progress and checkpoints,
 //! finish) are Lua scripts that take all of a delivery's jobs at once, of one user or
 //! several: each is atomic and one round trip, and progress carries a sequence number
-//! per run so a replayed batch is never counted twice. The coordinator's reads and
+//! per run so a replayed batch is never counted twice. A user's job states, specs and
+//! counters are one field of a per-batch hash, not keys of their own, so that a call
+//! for a delivery of sixteen small users reads and writes each hash once (an HMGET and
+//! an HSET), not sixteen times; the scripts decode and re-encode a user's value. The coordinator's reads and
 //! writes take a group of users at once too (`intents_and_records`, `dispatch_views`,
 //! `begin_passes`, `put_pass_records`, `schedule_next_many`).
 
@@ -88,19 +92,35 @@ pub enum Renewal {
     Lost,
 }
 
-/// A user's job states hash (job id → JSON), parsed and sorted by id.
-fn parse_job_states(
-    all: impl IntoIterator<Item = (String, String)>,
-) -> Result<Vec<(String, JobState)>, Error> {
-    let mut out = all
-        .into_iter()
-        .map(|(id, v)| {
-            serde_json::from_str(&v)
-                .map(|s| (id, s))
-                .map_err(|e| Error::Store(format!("job state: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+/// A user's field of `P:jobs:<batch>` (a JSON object, job id → state), parsed and
+/// sorted by id; no field: no jobs.
+fn parse_job_states(user: &str, value: Option<&str>) -> Result<Vec<(String, JobState)>, Error> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let all: std::collections::BTreeMap<String, JobState> = serde_json::from_str(value)
+        .map_err(|e| Error::Store(format!("job states of {user} are damaged: {e}")))?;
+    Ok(all.into_iter().collect())
+}
+
+/// A user's field of `P:progress:<batch>`: counter names and values, separated by
+/// spaces (`copied 20 copied_bytes 1020630`), which the scripts add to without a JSON
+/// round trip (Lua's JSON encoder keeps only 14 digits); no field: no counters.
+pub fn parse_counts(
+    user: &str,
+    value: Option<&str>,
+) -> Result<std::collections::BTreeMap<String, i64>, Error> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(value) = value else { return Ok(out) };
+    let damaged = || Error::Store(format!("counters of {user} are damaged: {value:?}"));
+    let mut words = value.split_ascii_whitespace();
+    while let Some(name) = words.next() {
+        let n: i64 = words
+            .next()
+            .and_then(|w| w.parse().ok())
+            .ok_or_else(damaged)?;
+        out.insert(name.to_string(), n);
+    }
     Ok(out)
 }
 
@@ -116,11 +136,8 @@ pub struct DispatchView {
 /// with their first states.
 pub type PassStart<'a> = (&'a str, &'a PassRecord, &'a [(FolderJob, JobState)]);
 
-/// One reply of a pipeline, typed.
-fn from_reply<T: redis::FromRedisValue>(v: Option<redis::Value>) -> Result<T, Error> {
-    let v = v.ok_or_else(|| Error::Store("a pipeline answered fewer replies than asked".into()))?;
-    redis::from_redis_value(&v).map_err(|e| store_error("pipeline reply", e))
-}
+/// One HMGET's answer: a value or nothing per field asked.
+type Column = Vec<Option<String>>;
 
 /// Users read per pipeline by [`RedisStore::user_states`].
 const STATUS_CHUNK: usize = 500;
@@ -171,6 +188,8 @@ static FINISH_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(&format!("{PROLOGUE}{FINISH}")));
 static BEGIN_PASS_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(BEGIN_PASS));
+static SET_STATES_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SET_STATES));
 static SCHEDULE_NEXT_MANY_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(SCHEDULE_NEXT_MANY));
 
@@ -251,12 +270,30 @@ local function holder_of(value)
   return string.sub(value, 1, sp - 1), tonumber(string.sub(value, sp + 1))
 end
 local function intent_of(v) if v then return v end return 'idle' end
+-- A user's job states (a field of the jobs hash): decoded, changed, encoded again.
+local function decode_states(v) if v then return cjson.decode(v) end return nil end
+-- A user's counters (`name value ...`) plus ARGV's n name/delta pairs after `at`.
+local function add_counts(text, at, n)
+  local c, order = {}, {}
+  for k, v in string.gmatch(text or '', '(%S+) (%S+)') do
+    if not c[k] then table.insert(order, k) end
+    c[k] = tonumber(v)
+  end
+  for i = 1, n do
+    local k, d = ARGV[at + 2 * i], tonumber(ARGV[at + 2 * i + 1])
+    if not c[k] then c[k] = 0; table.insert(order, k) end
+    c[k] = c[k] + d
+  end
+  local out = {}
+  for _, k in ipairs(order) do table.insert(out, k .. ' ' .. string.format('%.0f', c[k])) end
+  return table.concat(out, ' ')
+end
 "#;
 
 /// Grants each job's target folder to this run unless the job is finished, superseded
 /// by a newer pass, or its user stopped; or another run holds the folder. Then reads the
 /// jobs' checkpoints.
-/// KEYS: intent hash, claims hash, each user's jobs hash (U), each job's checkpoint (J).
+/// KEYS: intent hash, claims hash, jobs hash, each job's checkpoint (J).
 /// ARGV: prologue, running state json, then per job: user index, job id, claim field.
 /// Returns {answers, checkpoints}: answers 'granted', 'busy' or 'skip:<why>'.
 const CLAIM: &str = r#"
@@ -264,32 +301,24 @@ local now = server_now()
 local running = ARGV[4 + nu]
 local base = 4 + nu
 local nj = (#ARGV - base) / 3
-local fields, by_user = {}, {}
-for j = 1, nj do
-  local u = tonumber(ARGV[base + 3 * j - 2])
-  by_user[u] = by_user[u] or {}
-  table.insert(by_user[u], j)
-  fields[j] = ARGV[base + 3 * j]
-end
+local fields = {}
+for j = 1, nj do fields[j] = ARGV[base + 3 * j] end
 local intents = redis.call('HMGET', KEYS[1], unpack(users))
 local held = redis.call('HMGET', KEYS[2], unpack(fields))
-local states = {}
-for u, js in pairs(by_user) do
-  local ids = {}
-  for k, j in ipairs(js) do ids[k] = ARGV[base + 3 * j - 1] end
-  local got = redis.call('HMGET', KEYS[2 + u], unpack(ids))
-  for k, j in ipairs(js) do states[j] = got[k] end
-end
-local answers, grant, running_by_user = {}, {}, {}
+local stored = redis.call('HMGET', KEYS[3], unpack(users))
+local maps = {}
+for u = 1, nu do maps[u] = decode_states(stored[u]) end
+local answers, grant, changed = {}, {}, {}
 local value = holder .. ' ' .. string.format('%.0f', now + ttl)
 for j = 1, nj do
   local u = tonumber(ARGV[base + 3 * j - 2])
+  local id = ARGV[base + 3 * j - 1]
   local intent = intents[u]
-  local state = states[j]
+  local state = maps[u] and maps[u][id]
   if not state then
     answers[j] = 'skip:superseded by a newer pass'
   else
-    local s = cjson.decode(state)['state']
+    local s = state['state']
     local who, expiry = holder_of(held[j])
     if s == 'done' or s == 'failed' then
       answers[j] = 'skip:already ' .. s
@@ -301,24 +330,27 @@ for j = 1, nj do
       answers[j] = 'granted'
       table.insert(grant, fields[j])
       table.insert(grant, value)
-      running_by_user[u] = running_by_user[u] or {}
-      table.insert(running_by_user[u], ARGV[base + 3 * j - 1])
-      table.insert(running_by_user[u], running)
+      maps[u][id] = cjson.decode(running)
+      changed[u] = true
     end
   end
 end
 if #grant > 0 then redis.call('HSET', KEYS[2], unpack(grant)) end
-for u, kv in pairs(running_by_user) do redis.call('HSET', KEYS[2 + u], unpack(kv)) end
+local kv = {}
+for u = 1, nu do
+  if changed[u] then table.insert(kv, users[u]); table.insert(kv, cjson.encode(maps[u])) end
+end
+if #kv > 0 then redis.call('HSET', KEYS[3], unpack(kv)) end
 local cps = {}
-if #KEYS > 2 + nu then cps = redis.call('MGET', unpack(KEYS, 3 + nu)) end
+if #KEYS > 3 then cps = redis.call('MGET', unpack(KEYS, 4)) end
 return {answers, cps}
 "#;
 
 /// Renews a run's claims and applies its progress batch (once per sequence number)
 /// and the checkpoints it wrote since the last call; refused, with nothing applied, when
 /// any claim is no longer this run's.
-/// KEYS: intent hash, claims hash, run key, each user's progress hash (U), then the
-/// checkpoints to write (C).
+/// KEYS: intent hash, claims hash, run key, progress hash, then the checkpoints to
+/// write (C).
 /// ARGV: prologue, seq, number of claim fields F, the fields, then per user: number of
 /// counters, field/delta pairs; then the C checkpoint values.
 /// Returns the users' intents, or false when a claim is lost.
@@ -344,19 +376,24 @@ end
 local last = tonumber(redis.call('GET', KEYS[3]) or '0')
 local fresh = seq > last
 if fresh then redis.call('SET', KEYS[3], ARGV[4 + nu], 'EX', 86400) end
+local counted, any = {}, false
 for u = 1, nu do
   local n = tonumber(ARGV[at + 1])
-  if fresh then
-    for i = 1, n do
-      redis.call('HINCRBY', KEYS[3 + u], ARGV[at + 2 * i], ARGV[at + 2 * i + 1])
-    end
-  end
+  if fresh and n > 0 then counted[u] = {at, n}; any = true end
   at = at + 1 + 2 * n
 end
-local nc = #KEYS - 3 - nu
+if any then
+  local old = redis.call('HMGET', KEYS[4], unpack(users))
+  local kv = {}
+  for u, c in pairs(counted) do
+    table.insert(kv, users[u]); table.insert(kv, add_counts(old[u], c[1], c[2]))
+  end
+  redis.call('HSET', KEYS[4], unpack(kv))
+end
+local nc = #KEYS - 4
 if nc > 0 then
   local kv = {}
-  for c = 1, nc do kv[2 * c - 1] = KEYS[3 + nu + c]; kv[2 * c] = ARGV[at + c] end
+  for c = 1, nc do kv[2 * c - 1] = KEYS[4 + c]; kv[2 * c] = ARGV[at + c] end
   redis.call('MSET', unpack(kv))
 end
 local intents = redis.call('HMGET', KEYS[1], unpack(users))
@@ -368,8 +405,8 @@ return intents
 /// replaced a job meanwhile), its checkpoints (only while every claim is still this
 /// run's: else another run owns the folders now), the claims released, the users
 /// marked for the coordinator's dispatcher.
-/// KEYS: intent hash, claims hash, run key, dispatch set, each user's jobs hash (U),
-/// each user's progress hash (U), then the checkpoints to write (C).
+/// KEYS: intent hash, claims hash, run key, dispatch set, jobs hash, progress hash,
+/// then the checkpoints to write (C).
 /// ARGV: prologue, seq, number of claim fields F, the fields, then per user: its
 /// dispatch member, number of states, id/json pairs ('' keeps the state), number of
 /// counters, field/delta pairs; then the C checkpoint values.
@@ -390,34 +427,45 @@ at = at + nf
 local last = tonumber(redis.call('GET', KEYS[3]) or '0')
 local fresh = seq > last
 if fresh then redis.call('SET', KEYS[3], ARGV[4 + nu], 'EX', 86400) end
-local members = {}
+local members, stored, maps = {}, nil, {}
+local states_kv, counted = {}, {}
 for u = 1, nu do
   members[u] = ARGV[at + 1]
   local ns = tonumber(ARGV[at + 2])
   at = at + 2
   if ns > 0 then
-    local ids, vals = {}, {}
-    for i = 1, ns do ids[i] = ARGV[at + 2 * i - 1]; vals[i] = ARGV[at + 2 * i] end
-    local exists = redis.call('HMGET', KEYS[4 + u], unpack(ids))
-    local kv = {}
-    for i = 1, ns do
-      if exists[i] and vals[i] ~= '' then table.insert(kv, ids[i]); table.insert(kv, vals[i]) end
+    if not stored then
+      stored = redis.call('HMGET', KEYS[5], unpack(users))
     end
-    if #kv > 0 then redis.call('HSET', KEYS[4 + u], unpack(kv)) end
+    local map = decode_states(stored[u])
+    local changed = false
+    for i = 1, ns do
+      local id, val = ARGV[at + 2 * i - 1], ARGV[at + 2 * i]
+      -- a job a newer pass replaced stays replaced
+      if map and map[id] and val ~= '' then map[id] = cjson.decode(val); changed = true end
+    end
+    if changed then
+      table.insert(states_kv, users[u]); table.insert(states_kv, cjson.encode(map))
+    end
   end
   at = at + 2 * ns
   local n = tonumber(ARGV[at + 1])
-  if fresh then
-    for i = 1, n do
-      redis.call('HINCRBY', KEYS[4 + nu + u], ARGV[at + 2 * i], ARGV[at + 2 * i + 1])
-    end
-  end
+  if fresh and n > 0 then counted[u] = {at, n} end
   at = at + 1 + 2 * n
 end
-local nc = #KEYS - 4 - 2 * nu
+if #states_kv > 0 then redis.call('HSET', KEYS[5], unpack(states_kv)) end
+if next(counted) then
+  local old = redis.call('HMGET', KEYS[6], unpack(users))
+  local kv = {}
+  for u, c in pairs(counted) do
+    table.insert(kv, users[u]); table.insert(kv, add_counts(old[u], c[1], c[2]))
+  end
+  redis.call('HSET', KEYS[6], unpack(kv))
+end
+local nc = #KEYS - 6
 if nc > 0 and all_ours then
   local kv = {}
-  for c = 1, nc do kv[2 * c - 1] = KEYS[4 + 2 * nu + c]; kv[2 * c] = ARGV[at + c] end
+  for c = 1, nc do kv[2 * c - 1] = KEYS[6 + c]; kv[2 * c] = ARGV[at + c] end
   redis.call('MSET', unpack(kv))
 end
 if #ours > 0 then redis.call('HDEL', KEYS[2], unpack(ours)) end
@@ -448,41 +496,38 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 "#;
 
-/// Passes begin. KEYS: the pass records, the due zset, then per user its job states
-/// and its job specs. ARGV: recheck ms, then per user: user, pass record, job count,
-/// then per job: id, state, spec.
+/// Passes begin: each user's pass record, job states and specs replace the old ones
+/// (a field of each hash per user), and the recheck time is set. Four commands,
+/// whatever the number of users.
+/// KEYS: the pass records, the due zset, the jobs hash, the specs hash.
+/// ARGV: recheck ms, then per user: user, pass record, job states, job specs.
 const BEGIN_PASS: &str = r#"
-local del = {unpack(KEYS, 3)}
-redis.call('DEL', unpack(del))
--- HSETs of at most 500 fields (what Lua unpacks is bounded), one for most users.
-local function put(key, from, to, offset)
-  local kv = {}
-  for i = from, to, 3 do
-    table.insert(kv, ARGV[i])
-    table.insert(kv, ARGV[i + offset])
-    if #kv >= 1000 then
-      redis.call('HSET', key, unpack(kv))
-      kv = {}
-    end
-  end
-  if #kv > 0 then redis.call('HSET', key, unpack(kv)) end
-end
-local records, due = {}, {}
-local at, u = 2, 0
-while at <= #ARGV do
-  local user, record, n = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
-  local first, last = at + 3, at + 2 + 3 * n
-  put(KEYS[3 + 2 * u], first, last, 1)
-  put(KEYS[4 + 2 * u], first, last, 2)
-  table.insert(records, user)
-  table.insert(records, record)
-  table.insert(due, ARGV[1])
-  table.insert(due, user)
-  at, u = last + 1, u + 1
+local records, states, specs, due = {}, {}, {}, {}
+for at = 2, #ARGV, 4 do
+  local user = ARGV[at]
+  table.insert(records, user); table.insert(records, ARGV[at + 1])
+  table.insert(states, user); table.insert(states, ARGV[at + 2])
+  table.insert(specs, user); table.insert(specs, ARGV[at + 3])
+  table.insert(due, ARGV[1]); table.insert(due, user)
 end
 redis.call('HSET', KEYS[1], unpack(records))
+redis.call('HSET', KEYS[3], unpack(states))
+redis.call('HSET', KEYS[4], unpack(specs))
 redis.call('ZADD', KEYS[2], unpack(due))
-return u
+return #due / 2
+"#;
+
+/// Sets some of a user's job states (waiting → queued), leaving out a job its pass no
+/// longer has. KEYS: the jobs hash. ARGV: the user, then id/state pairs.
+const SET_STATES: &str = r#"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local map, n = cjson.decode(v), 0
+for i = 2, #ARGV, 2 do
+  if map[ARGV[i]] then map[ARGV[i]] = cjson.decode(ARGV[i + 1]); n = n + 1 end
+end
+if n > 0 then redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(map)) end
+return n
 "#;
 
 /// The due score of an open pass's recheck at `ms`: half a millisecond later, so that
@@ -788,8 +833,8 @@ impl RedisStore {
             .map(Option::unwrap_or_default)
     }
 
-    /// Many users' pass records, intents and job states: two HMGETs and an HGETALL a
-    /// user, in one round trip (what the coordinator needs to dispatch them).
+    /// Many users' pass records, intents and job states: three HMGETs in one round trip
+    /// (what the coordinator needs to dispatch them).
     pub async fn dispatch_views(
         &self,
         batch: &str,
@@ -801,17 +846,13 @@ impl RedisStore {
             let mut pipe = redis::pipe();
             pipe.cmd("HMGET").arg(self.k(&["pass", batch])).arg(chunk);
             pipe.cmd("HMGET").arg(self.k(&["intent", batch])).arg(chunk);
-            for user in chunk {
-                pipe.hgetall(self.jobs_key(batch, user));
-            }
-            let replies: Vec<redis::Value> = pipe
+            pipe.cmd("HMGET").arg(self.jobs_key(batch)).arg(chunk);
+            let (records, intents, jobs): (Column, Column, Column) = pipe
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| store_error("pipeline", e))?;
-            let mut replies = replies.into_iter();
-            let records: Vec<Option<String>> = from_reply(replies.next())?;
-            let intents: Vec<Option<String>> = from_reply(replies.next())?;
-            for (record, intent) in records.into_iter().zip(intents) {
+            for (((user, record), intent), jobs) in chunk.iter().zip(records).zip(intents).zip(jobs)
+            {
                 let record = record
                     .map(|v| {
                         serde_json::from_str(&v)
@@ -819,37 +860,47 @@ impl RedisStore {
                     })
                     .transpose()?
                     .unwrap_or_default();
-                let jobs: Vec<(String, String)> = from_reply(replies.next())?;
                 out.push(DispatchView {
                     record,
                     intent: intent.as_deref().map_or(Intent::Idle, parse_intent),
-                    jobs: parse_job_states(jobs)?,
+                    jobs: parse_job_states(user, jobs.as_deref())?,
                 });
             }
         }
         Ok(out)
     }
 
-    /// Many users' intents and pass records: two HMGETs in one round trip.
+    /// Many users' intents, pass records and `copied` counters (what a pass to plan
+    /// starts from): three HMGETs in one round trip.
     pub async fn intents_and_records(
         &self,
         batch: &str,
         users: &[String],
-    ) -> Result<Vec<(Intent, PassRecord)>, Error> {
+    ) -> Result<Vec<(Intent, PassRecord, i64)>, Error> {
         let mut out = Vec::with_capacity(users.len());
         for chunk in users.chunks(STATUS_CHUNK) {
             let mut conn = self.conn.clone();
-            let (intents, records): (Vec<Option<String>>, Vec<Option<String>>) = redis::pipe()
+            type Answer = (
+                Vec<Option<String>>,
+                Vec<Option<String>>,
+                Vec<Option<String>>,
+            );
+            let (intents, records, counts): Answer = redis::pipe()
                 .cmd("HMGET")
                 .arg(self.k(&["intent", batch]))
                 .arg(chunk)
                 .cmd("HMGET")
                 .arg(self.k(&["pass", batch]))
                 .arg(chunk)
+                .cmd("HMGET")
+                .arg(self.progress_key(batch))
+                .arg(chunk)
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| store_error("HMGET (pipelined)", e))?;
-            for (intent, record) in intents.into_iter().zip(records) {
+            for (((user, intent), record), counts) in
+                chunk.iter().zip(intents).zip(records).zip(counts)
+            {
                 let record = record
                     .map(|v| {
                         serde_json::from_str(&v)
@@ -857,7 +908,15 @@ impl RedisStore {
                     })
                     .transpose()?
                     .unwrap_or_default();
-                out.push((intent.as_deref().map_or(Intent::Idle, parse_intent), record));
+                let copied = parse_counts(user, counts.as_deref())?
+                    .get("copied")
+                    .copied()
+                    .unwrap_or(0);
+                out.push((
+                    intent.as_deref().map_or(Intent::Idle, parse_intent),
+                    record,
+                    copied,
+                ));
             }
         }
         Ok(out)
@@ -898,8 +957,8 @@ impl RedisStore {
     }
 
     /// [`begin_pass`](Self::begin_pass) for several users of a batch, in one script
-    /// (atomic): one DEL of their jobs, a multi-field HSET of each user's job states and
-    /// specs, one HSET of the records, one ZADD of the recheck times.
+    /// (atomic): one HSET each of their records, job states and specs, one ZADD of the
+    /// recheck times.
     pub async fn begin_passes(
         &self,
         batch: &str,
@@ -912,17 +971,19 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let mut call = BEGIN_PASS_SCRIPT.prepare_invoke();
         call.key(self.k(&["pass", batch]))
-            .key(self.k(&["due", batch]));
-        for (user, _, _) in passes {
-            call.key(self.jobs_key(batch, user))
-                .key(self.k(&["specs", batch, user]));
-        }
+            .key(self.k(&["due", batch]))
+            .key(self.jobs_key(batch))
+            .key(self.specs_key(batch));
         call.arg(recheck_score(recheck_ms));
         for (user, record, jobs) in passes {
-            call.arg(*user).arg(json(record)?).arg(jobs.len());
-            for (job, state) in *jobs {
-                call.arg(job.id()).arg(json(state)?).arg(json(job)?);
-            }
+            let states: std::collections::BTreeMap<String, &JobState> =
+                jobs.iter().map(|(j, s)| (j.id(), s)).collect();
+            let specs: std::collections::BTreeMap<String, &FolderJob> =
+                jobs.iter().map(|(j, _)| (j.id(), j)).collect();
+            call.arg(*user)
+                .arg(json(record)?)
+                .arg(json(&states)?)
+                .arg(json(&specs)?);
         }
         call.invoke_async::<i64>(&mut conn)
             .await
@@ -931,8 +992,8 @@ impl RedisStore {
     }
 
     /// For many users at once: each one's intent, pass record, due time, job states
-    /// (sorted by id) and progress counters, read in pipelines of `STATUS_CHUNK` users
-    /// (one round trip each), in the order of `users`.
+    /// (sorted by id) and progress counters, read `STATUS_CHUNK` users at a time (five
+    /// commands in one round trip each), in the order of `users`.
     pub async fn user_states(
         &self,
         batch: &str,
@@ -942,25 +1003,24 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         for chunk in users.chunks(STATUS_CHUNK) {
             let mut pipe = redis::pipe();
-            for user in chunk {
-                pipe.hget(self.k(&["intent", batch]), user)
-                    .hget(self.k(&["pass", batch]), user)
-                    .zscore(self.k(&["due", batch]), user)
-                    .hgetall(self.jobs_key(batch, user))
-                    .hgetall(self.progress_key(batch, user));
-            }
-            type Answer = (
-                Option<String>,
-                Option<String>,
-                Option<f64>,
-                HashMap<String, String>,
-                std::collections::BTreeMap<String, i64>,
-            );
-            let answers: Vec<Answer> = pipe
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| store_error("status reads (pipelined)", e))?;
-            for (intent, pass, due, jobs, progress) in answers {
+            pipe.cmd("HMGET").arg(self.k(&["intent", batch])).arg(chunk);
+            pipe.cmd("HMGET").arg(self.k(&["pass", batch])).arg(chunk);
+            pipe.cmd("ZMSCORE").arg(self.k(&["due", batch])).arg(chunk);
+            pipe.cmd("HMGET").arg(self.jobs_key(batch)).arg(chunk);
+            pipe.cmd("HMGET").arg(self.progress_key(batch)).arg(chunk);
+            type Answer = (Column, Column, Vec<Option<f64>>, Column, Column);
+            let (intents, passes, dues, jobs, counts): Answer =
+                pipe.query_async(&mut conn)
+                    .await
+                    .map_err(|e| store_error("status reads (pipelined)", e))?;
+            let rows = chunk
+                .iter()
+                .zip(intents)
+                .zip(passes)
+                .zip(dues)
+                .zip(jobs)
+                .zip(counts);
+            for (((((user, intent), pass), due), jobs), counts) in rows {
                 let pass = pass
                     .map(|v| {
                         serde_json::from_str(&v)
@@ -972,8 +1032,8 @@ impl RedisStore {
                     intent: intent.as_deref().map_or(Intent::Idle, parse_intent),
                     pass,
                     due_ms: due.map(|d| d as u64),
-                    jobs: parse_job_states(jobs)?,
-                    progress,
+                    jobs: parse_job_states(user, jobs.as_deref())?,
+                    progress: parse_counts(user, counts.as_deref())?,
                 });
             }
         }
@@ -987,11 +1047,11 @@ impl RedisStore {
         user: &str,
     ) -> Result<Vec<(String, JobState)>, Error> {
         let mut conn = self.conn.clone();
-        let all: Vec<(String, String)> = conn
-            .hgetall(self.jobs_key(batch, user))
+        let value: Option<String> = conn
+            .hget(self.jobs_key(batch), user)
             .await
-            .map_err(|e| store_error("HGETALL", e))?;
-        parse_job_states(all)
+            .map_err(|e| store_error("HGET", e))?;
+        parse_job_states(user, value.as_deref())
     }
 
     /// The specs of the jobs in `states` paired with their states (in the order of the
@@ -1015,7 +1075,8 @@ impl RedisStore {
             .collect())
     }
 
-    /// The jobs behind `ids`, as the coordinator planned them.
+    /// The jobs behind `ids` (in that order, leaving out an id the pass does not
+    /// have), as the coordinator planned them.
     pub async fn job_specs(
         &self,
         batch: &str,
@@ -1026,20 +1087,21 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let mut conn = self.conn.clone();
-        let specs: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(self.k(&["specs", batch, user]))
-            .arg(ids)
-            .query_async(&mut conn)
+        let value: Option<String> = conn
+            .hget(self.specs_key(batch), user)
             .await
-            .map_err(|e| store_error("HMGET", e))?;
-        specs
-            .into_iter()
-            .flatten()
-            .map(|s| serde_json::from_str(&s).map_err(|e| Error::Store(format!("job spec: {e}"))))
-            .collect()
+            .map_err(|e| store_error("HGET", e))?;
+        let Some(value) = value else {
+            return Ok(Vec::new());
+        };
+        let mut specs: HashMap<String, FolderJob> = serde_json::from_str(&value)
+            .map_err(|e| Error::Store(format!("job specs of {user} are damaged: {e}")))?;
+        Ok(ids.iter().filter_map(|id| specs.remove(id)).collect())
     }
 
-    /// Sets several jobs' states at once (the coordinator: waiting → queued).
+    /// Sets several of a user's job states at once (the coordinator: waiting →
+    /// queued), in one script: the user's states are one value, which the workers'
+    /// scripts change too. A job its pass no longer has is left out.
     pub async fn set_job_states(
         &self,
         batch: &str,
@@ -1049,14 +1111,15 @@ impl RedisStore {
         if states.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
-        let fields = states
-            .iter()
-            .map(|(id, state)| Ok((id.as_str(), json(state)?)))
-            .collect::<Result<Vec<_>, Error>>()?;
-        conn.hset_multiple::<_, _, _, ()>(self.jobs_key(batch, user), &fields)
+        let mut call = SET_STATES_SCRIPT.key(self.jobs_key(batch));
+        call.arg(user);
+        for (id, state) in states {
+            call.arg(id).arg(json(state)?);
+        }
+        call.invoke_async::<i64>(&mut self.conn.clone())
             .await
-            .map_err(|e| store_error("HSET", e))
+            .map_err(|e| store_error("set-states script", e))?;
+        Ok(())
     }
 
     /// Users whose jobs ended since the last call, at most `limit` (taken off the set).
@@ -1093,9 +1156,7 @@ impl RedisStore {
         let batch = one_batch(jobs.iter())?;
         let users = users_of(jobs.iter());
         let mut call = self.claim_call(&CLAIM_SCRIPT, batch, holder, ttl, &users);
-        for user in &users {
-            call.key(self.jobs_key(batch, user));
-        }
+        call.key(self.jobs_key(batch));
         for job in jobs {
             call.key(self.checkpoint_key(&job.checkpoint_key()));
         }
@@ -1149,10 +1210,8 @@ impl RedisStore {
         let batch = one_batch(jobs.iter())?;
         let users = users_of(jobs.iter());
         let mut call = self.claim_call(&RENEW_SCRIPT, batch, holder, ttl, &users);
-        call.key(self.k(&["run", holder]));
-        for user in &users {
-            call.key(self.progress_key(batch, user));
-        }
+        call.key(self.k(&["run", holder]))
+            .key(self.progress_key(batch));
         for (key, _) in checkpoints {
             call.key(self.checkpoint_key(key));
         }
@@ -1234,13 +1293,10 @@ impl RedisStore {
         let batch = one_batch(jobs.iter().map(|(j, _)| j))?;
         let users = users_of(jobs.iter().map(|(j, _)| j));
         let mut call = self.claim_call(&FINISH_SCRIPT, batch, holder, Duration::ZERO, &users);
-        call.key(run).key(self.k(&["dispatch"]));
-        for user in &users {
-            call.key(self.jobs_key(batch, user));
-        }
-        for user in &users {
-            call.key(self.progress_key(batch, user));
-        }
+        call.key(run)
+            .key(self.k(&["dispatch"]))
+            .key(self.jobs_key(batch))
+            .key(self.progress_key(batch));
         for (key, _) in checkpoints {
             call.key(self.checkpoint_key(key));
         }

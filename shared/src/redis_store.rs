@@ -157,8 +157,9 @@ impl StateStore for RedisStore {
 }
 
 impl RedisStore {
-    pub(crate) fn progress_key(&self, batch: &str, user: &str) -> String {
-        format!("{}:progress:{batch}:{user}", self.prefix)
+    /// Every user's counters in the batch, a field per user.
+    pub(crate) fn progress_key(&self, batch: &str) -> String {
+        format!("{}:progress:{batch}", self.prefix)
     }
 
     /// The user's counters, summed over all passes.
@@ -168,11 +169,11 @@ impl RedisStore {
         user: &str,
     ) -> Result<std::collections::BTreeMap<String, i64>, Error> {
         let mut conn = self.conn.clone();
-        let all: std::collections::BTreeMap<String, i64> = conn
-            .hgetall(self.progress_key(batch, user))
+        let value: Option<String> = conn
+            .hget(self.progress_key(batch), user)
             .await
-            .map_err(|e| store_error("HGETALL", e))?;
-        Ok(all)
+            .map_err(|e| store_error("HGET", e))?;
+        crate::control::parse_counts(user, value.as_deref())
     }
 }
 
@@ -306,7 +307,13 @@ impl RedisStore {
 }
 
 impl RedisStore {
-    pub(crate) fn jobs_key(&self, batch: &str, user: &str) -> String {
-        format!("{}:jobs:{batch}:{user}", self.prefix)
+    /// Every user's job states of its current pass, a field per user.
+    pub(crate) fn jobs_key(&self, batch: &str) -> String {
+        format!("{}:jobs:{batch}", self.prefix)
+    }
+
+    /// Every user's job specs of its current pass, a field per user.
+    pub(crate) fn specs_key(&self, batch: &str) -> String {
+        format!("{}:specs:{batch}", self.prefix)
     }
 }

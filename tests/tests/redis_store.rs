@@ -390,6 +390,130 @@ async fn a_delivery_is_claimed_at_once_and_writes_checkpoints_only_while_it_hold
     store.delete_all().await.unwrap();
 }
 
+/// Users who share a delivery share the per-batch hashes of job states, specs and
+/// counters, a field each: one claim, renewal and finish for two users keep each
+/// user's states and counts apart, counters stay exact past what Lua's JSON keeps (14
+/// digits), and a folder name with a slash and 8-bit text survives the scripts' decode
+/// and re-encode.
+#[tokio::test]
+async fn users_sharing_a_delivery_keep_their_states_and_counts_apart() {
+    let store = fresh_store().await;
+    let ttl = Duration::from_secs(30);
+    let users = ["alice".to_string(), "bob".to_string()];
+    store
+        .set_intent("b1", &users, Intent::Active, true)
+        .await
+        .unwrap();
+    let of = |user: &str, folder: &str| FolderJob {
+        user: user.into(),
+        ..job(folder, 1)
+    };
+    let (a_inbox, b_inbox, b_drafts, b_later) = (
+        of("alice", "INBOX"),
+        of("bob", "INBOX"),
+        of("bob", "Entwürfe/2024 \"q\""),
+        of("bob", "Archive"),
+    );
+    let record = PassRecord {
+        pass: 1,
+        ..PassRecord::default()
+    };
+    let a_states = vec![(a_inbox.clone(), JobState::Queued)];
+    let b_states = vec![
+        (b_inbox.clone(), JobState::Queued),
+        (b_drafts.clone(), JobState::Queued),
+        (b_later.clone(), JobState::Waiting),
+    ];
+    store
+        .begin_passes(
+            "b1",
+            &[("alice", &record, &a_states), ("bob", &record, &b_states)],
+            u64::MAX / 2,
+        )
+        .await
+        .unwrap();
+    let delivery = [a_inbox.clone(), b_inbox.clone(), b_drafts.clone()];
+    let (answers, _) = store.claim_jobs(&delivery, "run", ttl).await.unwrap();
+    assert_eq!(answers, vec![ClaimAnswer::Granted; 3]);
+    let big = (1i64 << 52) + 1; // beyond 14 digits, exact as a double
+    let held = store
+        .renew_claims(
+            &delivery,
+            "run",
+            ttl,
+            1,
+            &[
+                ("alice".into(), vec![("copied", 5), ("copied_bytes", big)]),
+                ("bob".into(), vec![("copied", 7)]),
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(held, Renewal::Held(_)), "{held:?}");
+    let done = JobState::Done {
+        verified: false,
+        mismatch: Some("source 3, target 2 — 1 missing".into()),
+    };
+    store
+        .finish_claims(
+            &[
+                (a_inbox.clone(), Some(done.clone())),
+                (b_inbox.clone(), Some(done.clone())),
+                (b_drafts.clone(), None), // handed back: stays running
+            ],
+            "run",
+            2,
+            &[
+                ("alice".into(), vec![("copied_bytes", 2)]),
+                ("bob".into(), vec![("skipped", 1)]),
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    // the coordinator queues bob's waiting job; an id the pass lacks is left out
+    store
+        .set_job_states(
+            "b1",
+            "bob",
+            &[
+                (b_later.id(), JobState::Queued),
+                (of("bob", "Gone").id(), JobState::Queued),
+            ],
+        )
+        .await
+        .unwrap();
+    let states = store.user_states("b1", &users).await.unwrap();
+    assert_eq!(states[0].jobs, vec![(a_inbox.id(), done.clone())]);
+    let mut bob = vec![
+        (b_inbox.id(), done),
+        (b_drafts.id(), JobState::Running),
+        (b_later.id(), JobState::Queued),
+    ];
+    bob.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(states[1].jobs, bob);
+    let counts = |pairs: &[(&str, i64)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(
+        states[0].progress,
+        counts(&[("copied", 5), ("copied_bytes", big + 2)])
+    );
+    assert_eq!(states[1].progress, counts(&[("copied", 7), ("skipped", 1)]));
+    assert_eq!(
+        store
+            .job_specs("b1", "bob", &[b_drafts.id(), b_inbox.id()])
+            .await
+            .unwrap(),
+        vec![b_drafts, b_inbox]
+    );
+    store.delete_all().await.unwrap();
+}
+
 /// The server the lease tests ask slots of (no connection is made).
 fn lease_test_endpoint() -> mailferry_shared::endpoint::Endpoint {
     use mailferry_shared::endpoint::{Endpoint, Security};
@@ -497,11 +621,11 @@ async fn many_users_states_are_read_in_pipelines_in_order() {
     let mut pipe = redis::pipe();
     for (i, user) in users.iter().enumerate().filter(|(i, _)| i % 3 != 0) {
         pipe.hset(
-            format!("{prefix}:jobs:b1:{user}"),
-            format!("job-{i}"),
-            r#"{"state":"queued"}"#,
+            format!("{prefix}:jobs:b1"),
+            user,
+            format!(r#"{{"job-{i}":{{"state":"queued"}}}}"#),
         )
-        .hset(format!("{prefix}:progress:b1:{user}"), "copied", i)
+        .hset(format!("{prefix}:progress:b1"), user, format!("copied {i}"))
         .hset(format!("{prefix}:intent:b1"), user, "active")
         .hset(
             format!("{prefix}:pass:b1"),
