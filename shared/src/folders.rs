@@ -395,6 +395,11 @@ pub fn map_folders(
         )
     });
 
+    // A target folder with a source folder's own name is that folder's, not a special
+    // use's to take: else what a run finds at the target decides the mapping, and an
+    // interrupted run that created "Entwürfe" but not yet "Drafts" would send the
+    // source's \Drafts there on the next run, onto the source's own "Entwürfe".
+    let source_paths: BTreeSet<String> = candidates.iter().map(|c| c.path.clone()).collect();
     let mut claimed: BTreeMap<String, String> = BTreeMap::new(); // target path → source path
     let mut out: Vec<(usize, FolderMapping)> = Vec::new();
     for c in candidates {
@@ -421,7 +426,18 @@ pub fn map_folders(
         } else if let Some(t) = c
             .special
             .and_then(|s| target_special.get(&s))
-            .and_then(|all| all.iter().find(|l| !claimed.contains_key(&l.join("/"))))
+            .and_then(|all| {
+                // its own name first, then the first that no other source folder is named
+                let free = |l: &&Vec<String>| {
+                    let path = l.join("/");
+                    !claimed.contains_key(&path)
+                        && (**l == c.levels || !source_paths.contains(&path))
+                };
+                all.iter()
+                    .filter(free)
+                    .find(|l| **l == c.levels)
+                    .or_else(|| all.iter().find(free))
+            })
         {
             t.clone()
         } else if c.special == Some(SpecialUse::Inbox) {
@@ -512,6 +528,37 @@ mod tests {
         assert_eq!(find(&m, "Entwürfe").target_path, "Entwürfe");
         assert_eq!(find(&m, "Entwürfe").target_wire.as_ref(), b"Entw&APw-rfe");
         assert_eq!(find(&m, "INBOX").target_wire.as_ref(), b"INBOX");
+    }
+
+    /// A killed run created some target folders: the next run maps as the first did.
+    #[test]
+    fn a_half_created_target_does_not_change_the_mapping() {
+        let src = [
+            entry("INBOX", '/', &[]),
+            entry("Drafts", '/', &["\\Drafts"]),
+            entry("Entwürfe", '/', &[]),
+            entry("Sent", '/', &["\\Sent"]),
+        ];
+        let fresh = [entry("INBOX", '/', &[])];
+        // no attributes at the target: "Entwürfe" is guessed to be its drafts folder
+        let half = [entry("INBOX", '/', &[]), entry("Entwürfe", '/', &[])];
+        let full = [
+            entry("INBOX", '/', &[]),
+            entry("Entwürfe", '/', &[]),
+            entry("Drafts", '/', &[]),
+            entry("Sent", '/', &[]),
+        ];
+        for dst in [&fresh[..], &half[..], &full[..]] {
+            let m = map_folders(&src, &ns("", '/'), dst, &ns("", '/'), &Rules::default())
+                .unwrap_or_else(|e| panic!("{e} (target {} folders)", dst.len()));
+            assert_eq!(find(&m, "Drafts").target_path, "Drafts", "{}", dst.len());
+            assert_eq!(
+                find(&m, "Entwürfe").target_path,
+                "Entwürfe",
+                "{}",
+                dst.len()
+            );
+        }
     }
 
     #[test]
