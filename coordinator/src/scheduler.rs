@@ -60,7 +60,7 @@ const COHORT_LINGER: Duration = Duration::from_secs(1);
 /// How long the loop sleeps when nothing wakes it.
 const WAKE: Duration = Duration::from_millis(50);
 /// Users planned at once (each planning logs in to both servers).
-const PLANNERS: usize = 32;
+const PLANNERS: usize = 64;
 /// A plan that failed for a passing reason (a server unreachable) is tried again after
 /// this long, or the batch's interval if that is shorter.
 const PLAN_RETRY: Duration = Duration::from_secs(60);
