@@ -288,6 +288,16 @@ local function add_counts(text, at, n)
   for _, k in ipairs(order) do table.insert(out, k .. ' ' .. string.format('%.0f', c[k])) end
   return table.concat(out, ' ')
 end
+-- Adds each counted user's pairs (counted[u] = {at, n}) to its counters in hash `key`.
+local function apply_counts(key, counted)
+  if not next(counted) then return end
+  local old = redis.call('HMGET', key, unpack(users))
+  local kv = {}
+  for u, c in pairs(counted) do
+    table.insert(kv, users[u]); table.insert(kv, add_counts(old[u], c[1], c[2]))
+  end
+  redis.call('HSET', key, unpack(kv))
+end
 "#;
 
 /// Grants each job's target folder to this run unless the job is finished, superseded
@@ -376,20 +386,13 @@ end
 local last = tonumber(redis.call('GET', KEYS[3]) or '0')
 local fresh = seq > last
 if fresh then redis.call('SET', KEYS[3], ARGV[4 + nu], 'EX', 86400) end
-local counted, any = {}, false
+local counted = {}
 for u = 1, nu do
   local n = tonumber(ARGV[at + 1])
-  if fresh and n > 0 then counted[u] = {at, n}; any = true end
+  if fresh and n > 0 then counted[u] = {at, n} end
   at = at + 1 + 2 * n
 end
-if any then
-  local old = redis.call('HMGET', KEYS[4], unpack(users))
-  local kv = {}
-  for u, c in pairs(counted) do
-    table.insert(kv, users[u]); table.insert(kv, add_counts(old[u], c[1], c[2]))
-  end
-  redis.call('HSET', KEYS[4], unpack(kv))
-end
+apply_counts(KEYS[4], counted)
 local nc = #KEYS - 4
 if nc > 0 then
   local kv = {}
@@ -454,14 +457,7 @@ for u = 1, nu do
   at = at + 1 + 2 * n
 end
 if #states_kv > 0 then redis.call('HSET', KEYS[5], unpack(states_kv)) end
-if next(counted) then
-  local old = redis.call('HMGET', KEYS[6], unpack(users))
-  local kv = {}
-  for u, c in pairs(counted) do
-    table.insert(kv, users[u]); table.insert(kv, add_counts(old[u], c[1], c[2]))
-  end
-  redis.call('HSET', KEYS[6], unpack(kv))
-end
+apply_counts(KEYS[6], counted)
 local nc = #KEYS - 6
 if nc > 0 and all_ours then
   local kv = {}
