@@ -250,10 +250,12 @@ impl RedisAccounts {
         if let Some(slots) = &self.slots {
             // Both sides' leases of every user in one call, before the first
             // connection of any.
-            // The leases stay while the pools are held (`UserAccounts::pins`).
+            // The leases stay while the pools are held (`UserAccounts::pins`). A
+            // source-host slot for the first user only: a delivery's users connect one
+            // after another, and the host lease grows a block at a time as they do.
             let mut ask = Vec::new();
-            for pools in out.iter().flatten() {
-                ask.push((pools.source.endpoint(), pools.source.login(), true));
+            for (i, pools) in out.iter().flatten().enumerate() {
+                ask.push((pools.source.endpoint(), pools.source.login(), i == 0));
                 ask.push((pools.target.endpoint(), pools.target.login(), false));
             }
             let mut pins = slots.prefetch(&ask).await.into_iter();
