@@ -251,8 +251,10 @@ impl RedisAccounts {
             // Both sides' leases of every user in one call, before the first
             // connection of any.
             // The leases stay while the pools are held (`UserAccounts::pins`). A
-            // source-host slot for the first user only: a delivery's users connect one
-            // after another, and the host lease grows a block at a time as they do.
+            // source-host slot for the first user only; the host lease grows a block at
+            // a time as the others connect (a delivery's users one after another, a
+            // planner group's at once). A slot for each user at once made the workers'
+            // prefetches outgrow the host cap (1,000 x 20: 5,093 -> 4,416 commands).
             let mut ask = Vec::new();
             for (i, pools) in out.iter().flatten().enumerate() {
                 ask.push((pools.source.endpoint(), pools.source.login(), i == 0));
