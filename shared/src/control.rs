@@ -13,7 +13,8 @@
 //! | `P:progress:<batch>` | hash user → counters (`name value name value …`, [`parse_counts`]) | workers | what was copied, summed over all passes |
 //! | `P:dispatch` | set of `batch\tuser` | workers | users whose jobs ended since the coordinator looked |
 //! | `P:claims:<batch>` | hash `user\ttarget folder` → `holder expiry-ms` | workers | one writer per target folder (a dead run's field stays until the folder is claimed again) |
-//! | `P:run:<token>` | string, expires | workers | the last progress batch applied for one run of a delivery |
+//! | `P:run:<token>` | string, expires | workers | a run's finish, applied (its progress batch number) |
+//! | `P:runs:<worker>` | hash run token → number, expires | workers | the last renewal batch applied for each of a worker's runs |
 //! | `P:run:<token>:released` | string, expires | workers | the same, for the stopped users' jobs a run recorded early |
 //! | `P:slots` | hash account or host → leases | every process | connection leases and pauses ([`crate::slots`]) |
 //! | `P:leader` | string, expires | coordinators | which coordinator schedules |
@@ -21,11 +22,12 @@
 //! The workers' three calls per delivery (claim, renew with progress and checkpoints,
 //! finish) are Lua scripts that take all of a delivery's jobs at once, of one user or
 //! several: each is atomic and one round trip, and progress carries a sequence number
-//! per run so a replayed batch is never counted twice. A user's job states, specs and
+//! per run so a replayed batch is never counted twice. The renewal takes all of a
+//! worker's runs at once: its keepers tick together. A user's job states, specs and
 //! counters are one field of a per-batch hash, not keys of their own, so that a call
 //! for a delivery of sixteen small users reads and writes each hash once (an HMGET and
-//! an HSET), not sixteen times; the scripts decode and re-encode a user's value. The coordinator's reads and
-//! writes take a group of users at once too (`intents_and_records`, `dispatch_views`,
+//! an HSET), not sixteen times; the scripts decode and re-encode a user's value. The
+//! coordinator's reads and writes take a group of users at once too (`intents_and_records`, `dispatch_views`,
 //! `begin_passes`, `put_pass_records`, `schedule_next_many`).
 
 use std::collections::HashMap;
@@ -90,6 +92,37 @@ pub enum Renewal {
     Held(HashMap<String, Intent>),
     /// The claim lapsed and may be someone else's now.
     Lost,
+}
+
+/// One run's part of a worker's renewal ([`RedisStore::renew_runs`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RunRenewal<'a> {
+    /// The jobs the run holds (all of one batch).
+    pub jobs: &'a [FolderJob],
+    pub holder: &'a str,
+    /// The progress batch's number (per run, from 1).
+    pub seq: u64,
+    pub counts: &'a [(String, Counts)],
+    pub checkpoints: &'a [(CheckpointKey, Checkpoint)],
+}
+
+/// The keys of a script call, each once, by its 1-based index.
+#[derive(Default)]
+struct Keys {
+    names: Vec<Vec<u8>>,
+    index: HashMap<Vec<u8>, usize>,
+}
+
+impl Keys {
+    fn index(&mut self, key: impl Into<Vec<u8>>) -> usize {
+        let key = key.into();
+        if let Some(i) = self.index.get(&key) {
+            return *i;
+        }
+        self.names.push(key.clone());
+        self.index.insert(key, self.names.len());
+        self.names.len()
+    }
 }
 
 /// A user's field of `P:jobs:<batch>` (a JSON object, job id → state), parsed and
@@ -181,11 +214,11 @@ fn json<T: Serialize>(value: &T) -> Result<String, Error> {
 }
 
 static CLAIM_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(&format!("{PROLOGUE}{CLAIM}")));
-static RENEW_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(&format!("{PROLOGUE}{RENEW}")));
+    std::sync::LazyLock::new(|| redis::Script::new(&format!("{HELPERS}{PROLOGUE}{CLAIM}")));
+static RENEW_MANY_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(&format!("{HELPERS}{RENEW_MANY}")));
 static FINISH_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(&format!("{PROLOGUE}{FINISH}")));
+    std::sync::LazyLock::new(|| redis::Script::new(&format!("{HELPERS}{PROLOGUE}{FINISH}")));
 static BEGIN_PASS_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(BEGIN_PASS));
 static SET_STATES_SCRIPT: std::sync::LazyLock<redis::Script> =
@@ -221,17 +254,7 @@ fn one_batch<'a>(mut jobs: impl Iterator<Item = &'a FolderJob>) -> Result<&'a st
     Ok(batch)
 }
 
-/// Each user's counters, as the scripts read them: a count, then field/delta pairs.
-fn push_counts(
-    call: &mut redis::ScriptInvocation<'_>,
-    users: &[&str],
-    counts: &[(String, Counts)],
-) {
-    for user in users {
-        push_user_counts(call, user, counts);
-    }
-}
-
+/// A user's counters, as the scripts read them: a count, then field/delta pairs.
 fn push_user_counts(
     call: &mut redis::ScriptInvocation<'_>,
     user: &str,
@@ -252,18 +275,13 @@ fn push_user_counts(
 // The claim scripts take a delivery's jobs at once (one round trip and a handful of
 // commands for a bundle, not a claim per folder). A claim is a field of
 // `P:claims:<batch>`, `<user>\t<target folder>` → `<holder> <expiry ms>`, expiry on
-// Redis's clock. They share this prologue: the delivery's users, and Redis's time for
-// the scripts that need it.
-// KEYS[1] intent hash, KEYS[2] claims hash, KEYS[3..] per script.
-// ARGV[1] holder, ARGV[2] ttl ms, ARGV[3] number of users U, ARGV[4..3+U] the users.
-const PROLOGUE: &str = r#"
-local holder, ttl, nu = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+// Redis's clock. They share these helpers: Redis's time, a claim's holder, a user's
+// intent, job states and counters.
+const HELPERS: &str = r#"
 local function server_now()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local users = {}
-for u = 1, nu do users[u] = ARGV[3 + u] end
 local function holder_of(value)
   if not value then return nil, 0 end
   local sp = string.find(value, ' ', 1, true)
@@ -288,6 +306,15 @@ local function add_counts(text, at, n)
   for _, k in ipairs(order) do table.insert(out, k .. ' ' .. string.format('%.0f', c[k])) end
   return table.concat(out, ' ')
 end
+"#;
+
+// The claim and finish scripts' prologue: the delivery's users.
+// KEYS[1] intent hash, KEYS[2] claims hash, KEYS[3..] per script.
+// ARGV[1] holder, ARGV[2] ttl ms, ARGV[3] number of users U, ARGV[4..3+U] the users.
+const PROLOGUE: &str = r#"
+local holder, ttl, nu = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local users = {}
+for u = 1, nu do users[u] = ARGV[3 + u] end
 -- Adds each counted user's pairs (counted[u] = {at, n}) to its counters in hash `key`.
 local function apply_counts(key, counted)
   if not next(counted) then return end
@@ -356,52 +383,162 @@ if #KEYS > 3 then cps = redis.call('MGET', unpack(KEYS, 4)) end
 return {answers, cps}
 "#;
 
-/// Renews a run's claims and applies its progress batch (once per sequence number)
-/// and the checkpoints it wrote since the last call; refused, with nothing applied, when
-/// any claim is no longer this run's.
-/// KEYS: intent hash, claims hash, run key, progress hash, then the checkpoints to
-/// write (C).
-/// ARGV: prologue, seq, number of claim fields F, the fields, then per user: number of
-/// counters, field/delta pairs; then the C checkpoint values.
-/// Returns the users' intents, or false when a claim is lost.
-const RENEW: &str = r#"
+/// Renews the claims of several runs of one worker at once (the worker's keepers tick
+/// together) and applies each run's progress batch (once per sequence number: the
+/// last one applied is the run's field of the worker's runs hash) and the checkpoints
+/// it saved since its last call. A run that no longer holds every one of its claims
+/// has nothing applied; the others go on. A handful of commands per call, whatever the
+/// number of runs: each hash is read and written once.
+/// KEYS: every key the call names, by index (the runs' claims, intent and progress
+/// hashes, the worker's runs hash, the checkpoints).
+/// ARGV: ttl ms, runs hash index, number of runs to forget G, their holders, number of
+/// runs R, then per run: holder, claims, intent and progress hash indexes, seq, number
+/// of claim fields F, the fields, number of users U, per user: the user, number of
+/// counters N, N name/delta pairs; then number of checkpoints C, per checkpoint: key
+/// index, value.
+/// Returns per run {'held', each user's intent} or {'lost'}.
+const RENEW_MANY: &str = r#"
+local ttl, runs_key = tonumber(ARGV[1]), KEYS[tonumber(ARGV[2])]
 local now = server_now()
-local seq = tonumber(ARGV[4 + nu])
-local nf = tonumber(ARGV[5 + nu])
-local at = 5 + nu
-local fields = {}
-for f = 1, nf do fields[f] = ARGV[at + f] end
-at = at + nf
-if nf > 0 then
-  local held = redis.call('HMGET', KEYS[2], unpack(fields))
-  for f = 1, nf do
-    local who, expiry = holder_of(held[f])
-    if who ~= holder or expiry <= now then return false end
+local at = 3
+local forget = {}
+for i = 1, tonumber(ARGV[at]) do forget[i] = ARGV[at + i] end
+at = at + #forget + 1
+local runs = {}
+for r = 1, tonumber(ARGV[at]) do
+  local run = {holder = ARGV[at + 1], claims = KEYS[tonumber(ARGV[at + 2])],
+    intent = KEYS[tonumber(ARGV[at + 3])], progress = KEYS[tonumber(ARGV[at + 4])],
+    seq = ARGV[at + 5], fields = {}, users = {}, counts = {}, cps = {}}
+  at = at + 6
+  for f = 1, tonumber(ARGV[at]) do run.fields[f] = ARGV[at + f] end
+  at = at + #run.fields + 1
+  for u = 1, tonumber(ARGV[at]) do
+    local p = at + 1
+    local n = tonumber(ARGV[p + 1])
+    run.users[u] = ARGV[p]
+    run.counts[u] = {p, n}
+    at = p + 1 + 2 * n
   end
-  local value = holder .. ' ' .. string.format('%.0f', now + ttl)
-  local kv = {}
-  for f = 1, nf do kv[2 * f - 1] = fields[f]; kv[2 * f] = value end
-  redis.call('HSET', KEYS[2], unpack(kv))
+  at = at + 1
+  for c = 1, tonumber(ARGV[at]) do run.cps[c] = {tonumber(ARGV[at + 2 * c - 1]), at + 2 * c} end
+  at = at + 2 * #run.cps
+  runs[r] = run
 end
-local last = tonumber(redis.call('GET', KEYS[3]) or '0')
-local fresh = seq > last
-if fresh then redis.call('SET', KEYS[3], ARGV[4 + nu], 'EX', 86400) end
-local counted = {}
-for u = 1, nu do
-  local n = tonumber(ARGV[at + 1])
-  if fresh and n > 0 then counted[u] = {at, n} end
-  at = at + 1 + 2 * n
+-- Values of `fields` of each hash, read once per hash: groups[key] = {fields, got}.
+local function read_grouped(pick)
+  local groups = {}
+  for _, run in ipairs(runs) do
+    for _, item in ipairs(pick(run)) do
+      local g = groups[item[1]]
+      if not g then g = {fields = {}, index = {}}; groups[item[1]] = g end
+      if not g.index[item[2]] then
+        table.insert(g.fields, item[2]); g.index[item[2]] = #g.fields
+      end
+    end
+  end
+  for key, g in pairs(groups) do
+    if #g.fields > 0 then g.got = redis.call('HMGET', key, unpack(g.fields)) end
+  end
+  return function(key, field) local g = groups[key]; return g.got[g.index[field]] end
 end
-apply_counts(KEYS[4], counted)
-local nc = #KEYS - 4
-if nc > 0 then
-  local kv = {}
-  for c = 1, nc do kv[2 * c - 1] = KEYS[4 + c]; kv[2 * c] = ARGV[at + c] end
-  redis.call('MSET', unpack(kv))
+-- 1. The claims: a run holds them all, or it is lost.
+local claim_of = read_grouped(function(run)
+  local items = {}
+  for _, f in ipairs(run.fields) do table.insert(items, {run.claims, f}) end
+  return items
+end)
+local ok, renew = {}, {}
+for r, run in ipairs(runs) do
+  ok[r] = true
+  for _, f in ipairs(run.fields) do
+    local who, expiry = holder_of(claim_of(run.claims, f))
+    if who ~= run.holder or expiry <= now then ok[r] = false; break end
+  end
+  run.ok = ok[r]
+  if ok[r] and #run.fields > 0 then
+    local kv = renew[run.claims] or {}
+    renew[run.claims] = kv
+    local value = run.holder .. ' ' .. string.format('%.0f', now + ttl)
+    for _, f in ipairs(run.fields) do table.insert(kv, f); table.insert(kv, value) end
+  end
 end
-local intents = redis.call('HMGET', KEYS[1], unpack(users))
-for u = 1, nu do intents[u] = intent_of(intents[u]) end
-return intents
+for key, kv in pairs(renew) do redis.call('HSET', key, unpack(kv)) end
+-- 2. Each held run's batch counts if its number is new.
+local fresh, seen = {}, {}
+if #runs > 0 then
+  local holders = {}
+  for r, run in ipairs(runs) do holders[r] = run.holder end
+  local last = redis.call('HMGET', runs_key, unpack(holders))
+  for r, run in ipairs(runs) do
+    fresh[r] = ok[r] and tonumber(run.seq) > tonumber(last[r] or '0')
+    if fresh[r] then table.insert(seen, run.holder); table.insert(seen, run.seq) end
+  end
+end
+if #seen > 0 then
+  redis.call('HSET', runs_key, unpack(seen))
+  redis.call('PEXPIRE', runs_key, 86400000)
+end
+if #forget > 0 then redis.call('HDEL', runs_key, unpack(forget)) end
+-- 3. Counters: each user's value read and written once, whatever the runs adding to it.
+local adds, order = {}, {}
+for r, run in ipairs(runs) do
+  if fresh[r] then
+    for u, c in ipairs(run.counts) do
+      if c[2] > 0 then
+        local id = run.progress .. '\0' .. run.users[u]
+        if not adds[id] then adds[id] = {}; table.insert(order, {run.progress, run.users[u], id}) end
+        table.insert(adds[id], c)
+      end
+    end
+  end
+end
+if #order > 0 then
+  local by_key = {}
+  for _, o in ipairs(order) do
+    local g = by_key[o[1]] or {}
+    by_key[o[1]] = g
+    table.insert(g, o)
+  end
+  for key, list in pairs(by_key) do
+    local names = {}
+    for i, o in ipairs(list) do names[i] = o[2] end
+    local old = redis.call('HMGET', key, unpack(names))
+    local kv = {}
+    for i, o in ipairs(list) do
+      local text = old[i]
+      for _, c in ipairs(adds[o[3]]) do text = add_counts(text, c[1], c[2]) end
+      table.insert(kv, o[2]); table.insert(kv, text)
+    end
+    redis.call('HSET', key, unpack(kv))
+  end
+end
+-- 4. The held runs' checkpoints.
+local cps = {}
+for r, run in ipairs(runs) do
+  if ok[r] then
+    for _, c in ipairs(run.cps) do table.insert(cps, KEYS[c[1]]); table.insert(cps, ARGV[c[2]]) end
+  end
+end
+if #cps > 0 then redis.call('MSET', unpack(cps)) end
+-- 5. The users' intents, for the held runs.
+local intent_of_user = read_grouped(function(run)
+  local items = {}
+  if run.ok then
+    for _, u in ipairs(run.users) do table.insert(items, {run.intent, u}) end
+  end
+  return items
+end)
+local out = {}
+for r, run in ipairs(runs) do
+  if ok[r] then
+    local o = {'held'}
+    for u, name in ipairs(run.users) do o[u + 1] = intent_of(intent_of_user(run.intent, name)) end
+    out[r] = o
+  else
+    out[r] = {'lost'}
+  end
+end
+return out
 "#;
 
 /// Ends a run: its last progress batch, the jobs' new states (unless a newer pass
@@ -1189,8 +1326,8 @@ impl RedisStore {
         Ok((answers, checkpoints))
     }
 
-    /// Renews the claims on `jobs` (those granted to `holder`), adds its progress batch
-    /// number `seq` (per user) and writes the checkpoints saved since the last call.
+    /// Renews one run's claims on its own: [`renew_runs`](Self::renew_runs) for a
+    /// worker of one run (its runs hash is the holder's).
     pub async fn renew_claims(
         &self,
         jobs: &[FolderJob],
@@ -1200,39 +1337,91 @@ impl RedisStore {
         counts: &[(String, Counts)],
         checkpoints: &[(CheckpointKey, Checkpoint)],
     ) -> Result<Renewal, Error> {
-        if jobs.is_empty() {
-            return Ok(Renewal::Held(HashMap::new()));
+        let run = RunRenewal {
+            jobs,
+            holder,
+            seq,
+            counts,
+            checkpoints,
+        };
+        let mut out = self.renew_runs(holder, ttl, &[run], &[]).await?;
+        Ok(out.pop().unwrap_or(Renewal::Lost))
+    }
+
+    /// Renews the claims of a worker's runs in one call, each with its progress batch
+    /// number `seq` (applied once: the last number applied is the run's field of
+    /// `P:runs:<worker>`) and the checkpoints it saved since its last call; a renewal per
+    /// run, in order. `forget`: runs of the worker that have finished, whose numbers are
+    /// no longer needed.
+    pub async fn renew_runs(
+        &self,
+        worker: &str,
+        ttl: Duration,
+        runs: &[RunRenewal<'_>],
+        forget: &[String],
+    ) -> Result<Vec<Renewal>, Error> {
+        let mut keys = Keys::default();
+        let mut call = RENEW_MANY_SCRIPT.prepare_invoke();
+        call.arg(ttl.as_millis() as u64)
+            .arg(keys.index(self.k(&["runs", worker])))
+            .arg(forget.len());
+        for holder in forget {
+            call.arg(holder);
         }
-        let batch = one_batch(jobs.iter())?;
-        let users = users_of(jobs.iter());
-        let mut call = self.claim_call(&RENEW_SCRIPT, batch, holder, ttl, &users);
-        call.key(self.k(&["run", holder]))
-            .key(self.progress_key(batch));
-        for (key, _) in checkpoints {
-            call.key(self.checkpoint_key(key));
+        call.arg(runs.len());
+        let mut users_per_run = Vec::with_capacity(runs.len());
+        for run in runs {
+            let batch = one_batch(run.jobs.iter())?;
+            let users = users_of(run.jobs.iter());
+            call.arg(run.holder)
+                .arg(keys.index(self.k(&["claims", batch])))
+                .arg(keys.index(self.k(&["intent", batch])))
+                .arg(keys.index(self.progress_key(batch)))
+                .arg(run.seq)
+                .arg(run.jobs.len());
+            for job in run.jobs {
+                call.arg(claim_field(job));
+            }
+            call.arg(users.len());
+            for user in &users {
+                call.arg(*user);
+                push_user_counts(&mut call, user, run.counts);
+            }
+            call.arg(run.checkpoints.len());
+            for (key, cp) in run.checkpoints {
+                call.arg(keys.index(self.checkpoint_key(key)))
+                    .arg(serde_json::to_vec(cp).map_err(|e| Error::Store(e.to_string()))?);
+            }
+            users_per_run.push(users);
         }
-        call.arg(seq).arg(jobs.len());
-        for job in jobs {
-            call.arg(claim_field(job));
+        for key in keys.names {
+            call.key(key);
         }
-        push_counts(&mut call, &users, counts);
-        for (_, cp) in checkpoints {
-            call.arg(serde_json::to_vec(cp).map_err(|e| Error::Store(e.to_string()))?);
-        }
-        let intents: Option<Vec<String>> = call
+        let replies: Vec<Vec<String>> = call
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| store_error("renew script", e))?;
-        Ok(match intents {
-            Some(intents) => Renewal::Held(
-                users
-                    .iter()
-                    .zip(intents)
-                    .map(|(u, i)| (u.to_string(), parse_intent(&i)))
-                    .collect(),
-            ),
-            None => Renewal::Lost,
-        })
+        if replies.len() != runs.len() {
+            return Err(Error::Store(format!(
+                "the renew script answered for {} runs of {}",
+                replies.len(),
+                runs.len()
+            )));
+        }
+        Ok(replies
+            .into_iter()
+            .zip(users_per_run)
+            .map(|(reply, users)| match reply.first().map(String::as_str) {
+                Some("held") => Renewal::Held(
+                    users
+                        .iter()
+                        .zip(&reply[1..])
+                        .map(|(u, i)| (u.to_string(), parse_intent(i)))
+                        .collect(),
+                ),
+                _ => Renewal::Lost,
+            })
+            .collect())
     }
 
     /// Ends a run of a delivery's granted jobs: each job's new state (None: leave it,

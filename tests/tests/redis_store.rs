@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mailferry_shared::control::{ClaimAnswer, Counts, PassRecord, Renewal};
+use mailferry_shared::control::{ClaimAnswer, Counts, PassRecord, Renewal, RunRenewal};
 use mailferry_shared::job::{Checkpoint, CheckpointKey, FolderJob, InFlight, WireName};
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::secret::Secret;
@@ -808,5 +808,143 @@ async fn a_pass_end_keeps_the_admins_sync_now_but_not_an_overdue_recheck() {
     for user in ["overdue", "later", "new"] {
         assert_eq!(due[user], now + 5_000, "{user}");
     }
+    store.delete_all().await.unwrap();
+}
+
+/// A worker renews all its runs in one call: each run is checked and counted on its
+/// own (a run that lost a claim has nothing applied, its checkpoints included, while
+/// the others go on), a replayed call counts nothing twice, two runs adding to one
+/// user's counters in one call both count, and a finished run's number is forgotten.
+#[tokio::test]
+async fn one_renewal_call_keeps_each_run_of_a_worker_apart() {
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let (inbox, sent, drafts) = (job("INBOX", 1), job("Sent", 1), job("Drafts", 1));
+    begin(&store, &[inbox.clone(), sent.clone(), drafts.clone()]).await;
+    let (long, short) = (Duration::from_secs(30), Duration::from_millis(1500));
+    assert_eq!(claim(&store, &inbox, "a", long).await, ClaimAnswer::Granted);
+    assert_eq!(claim(&store, &sent, "c", long).await, ClaimAnswer::Granted);
+    assert_eq!(
+        claim(&store, &drafts, "b", short).await,
+        ClaimAnswer::Granted
+    );
+    // b pauses past its claim and another worker's run takes Drafts over
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(
+        claim(&store, &drafts, "x", long).await,
+        ClaimAnswer::Granted
+    );
+    let cp = |done| Checkpoint {
+        source_uidvalidity: 7,
+        source_uid_done: done,
+        ..Checkpoint::default()
+    };
+    let user = |c: Counts| vec![("alice".to_string(), c)];
+    let (a1, b1) = (user(vec![("copied", 5)]), user(vec![("copied", 100)]));
+    let (a_cps, b_cps) = (
+        vec![(inbox.checkpoint_key(), cp(5))],
+        vec![(drafts.checkpoint_key(), cp(100))],
+    );
+    let first = [
+        RunRenewal {
+            jobs: std::slice::from_ref(&inbox),
+            holder: "a",
+            seq: 1,
+            counts: &a1,
+            checkpoints: &a_cps,
+        },
+        RunRenewal {
+            jobs: std::slice::from_ref(&drafts),
+            holder: "b",
+            seq: 1,
+            counts: &b1,
+            checkpoints: &b_cps,
+        },
+    ];
+    for _replay in 0..2 {
+        let renewed = store.renew_runs("w", long, &first, &[]).await.unwrap();
+        assert_eq!(renewed, vec![held_by_alice(Intent::Active), Renewal::Lost]);
+    }
+    let copied = || async {
+        store
+            .progress("b1", "alice")
+            .await
+            .unwrap()
+            .get("copied")
+            .copied()
+    };
+    assert_eq!(
+        copied().await,
+        Some(5),
+        "a's batch counted once, b's not at all"
+    );
+    assert_eq!(
+        store
+            .load_checkpoint(&inbox.checkpoint_key())
+            .await
+            .unwrap(),
+        Some(cp(5))
+    );
+    assert_eq!(
+        store
+            .load_checkpoint(&drafts.checkpoint_key())
+            .await
+            .unwrap(),
+        None,
+        "the run that lost Drafts wrote no checkpoint of it"
+    );
+    // a's claim was renewed: still a's
+    assert_eq!(claim(&store, &inbox, "y", long).await, ClaimAnswer::Busy);
+    // two runs add to alice's counters in one call
+    let (a2, c1) = (
+        user(vec![("copied", 1)]),
+        user(vec![("copied", 2), ("skipped", 3)]),
+    );
+    let second = [
+        RunRenewal {
+            jobs: std::slice::from_ref(&inbox),
+            holder: "a",
+            seq: 2,
+            counts: &a2,
+            checkpoints: &[],
+        },
+        RunRenewal {
+            jobs: std::slice::from_ref(&sent),
+            holder: "c",
+            seq: 1,
+            counts: &c1,
+            checkpoints: &[],
+        },
+    ];
+    let renewed = store.renew_runs("w", long, &second, &[]).await.unwrap();
+    assert_eq!(renewed, vec![held_by_alice(Intent::Active); 2]);
+    assert_eq!(copied().await, Some(8));
+    assert_eq!(
+        store.progress("b1", "alice").await.unwrap().get("skipped"),
+        Some(&3)
+    );
+    // the worker's runs hash holds each run's last number until the run is forgotten
+    let client = redis::Client::open(redis_url().expose()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let runs_key = format!("{prefix}:runs:w");
+    let numbers: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+        .arg(&runs_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        numbers,
+        [("a".into(), 2), ("c".into(), 1)].into_iter().collect()
+    );
+    store
+        .renew_runs("w", long, &[], &["a".to_string()])
+        .await
+        .unwrap();
+    let left: Vec<String> = redis::cmd("HKEYS")
+        .arg(&runs_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, vec!["c".to_string()]);
     store.delete_all().await.unwrap();
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mailferry_shared::control::{ClaimAnswer, Counts, Renewal};
+use mailferry_shared::control::{ClaimAnswer, Counts, Renewal, RunRenewal};
 use mailferry_shared::job::{Checkpoint, CheckpointKey, FolderJob};
 use mailferry_shared::lease::{Fence, LeaseTiming};
 use mailferry_shared::redis_store::RedisStore;
@@ -96,6 +96,7 @@ struct Run {
 /// its counts once.
 struct RunState {
     store: RedisStore,
+    renewals: Renewals,
     pending: Arc<PendingCounts>,
     checkpoints: Arc<BufferedCheckpoints>,
     holder: String,
@@ -396,9 +397,166 @@ impl Batcher {
     }
 }
 
+/// How long the renewal writer waits, after a keeper's ask, for the other keepers of
+/// the same tick.
+const RENEW_LINGER: Duration = Duration::from_millis(10);
+/// Claim fields sent at most in one renewal call (well within what Lua unpacks).
+const MAX_RENEW_FIELDS: usize = 2000;
+/// Finished runs whose numbers are forgotten without waiting for a renewal to carry
+/// them (a worker whose deliveries are all short renews nothing).
+const MAX_FORGET: usize = 500;
+
+/// A keeper's renewal, waiting in the writer.
+struct RenewAsk {
+    jobs: Vec<FolderJob>,
+    holder: String,
+    batch: Sent,
+    reply: tokio::sync::oneshot::Sender<Result<Renewal, SharedError>>,
+}
+
+enum ToWriter {
+    Renew(RenewAsk),
+    /// A finished run: its last renewal number is no longer needed.
+    Forget(String),
+}
+
+/// A worker's renewals: its keepers tick together (every third of the claims' time to
+/// live, counted from one instant of the process), and one writer task sends what they
+/// ask within [`RENEW_LINGER`] as one script call, so that a worker with eight
+/// deliveries in flight renews them in a handful of Redis commands, not eight times as
+/// many (issue 3's budget of Redis commands per message).
+#[derive(Clone)]
+struct Renewals {
+    tx: tokio::sync::mpsc::UnboundedSender<ToWriter>,
+    epoch: tokio::time::Instant,
+}
+
+impl Renewals {
+    fn start(store: RedisStore, worker: String, ttl: Duration) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(write_renewals(store, worker, ttl, rx));
+        Renewals {
+            tx,
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The worker's next tick: within `every` from now.
+    fn next_tick(&self, every: Duration) -> tokio::time::Instant {
+        let every = every.as_nanos().max(1);
+        let n = self.epoch.elapsed().as_nanos() / every + 1;
+        self.epoch + Duration::from_nanos((n * every).min(u64::MAX as u128) as u64)
+    }
+
+    async fn renew(
+        &self,
+        jobs: Vec<FolderJob>,
+        holder: String,
+        batch: Sent,
+    ) -> Result<Renewal, SharedError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let ask = RenewAsk {
+            jobs,
+            holder,
+            batch,
+            reply,
+        };
+        if self.tx.send(ToWriter::Renew(ask)).is_err() {
+            return Err(SharedError::Store("the renewal writer has stopped".into()));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(SharedError::Store("the renewal writer has stopped".into())))
+    }
+
+    fn forget(&self, holder: String) {
+        let _ = self.tx.send(ToWriter::Forget(holder));
+    }
+}
+
+/// The renewal writer: collects asks for [`RENEW_LINGER`] after the first, sends them
+/// (in calls of at most [`MAX_RENEW_FIELDS`] claims, one ask per run each) and answers
+/// each. An error answers every ask of its call: each keeper sends its batch again
+/// under the same number.
+async fn write_renewals(
+    store: RedisStore,
+    worker: String,
+    ttl: Duration,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<ToWriter>,
+) {
+    let mut forget: Vec<String> = Vec::new();
+    let mut asks: Vec<RenewAsk> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut take = |msg| match msg {
+            ToWriter::Renew(ask) => asks.push(ask),
+            ToWriter::Forget(holder) => forget.push(holder),
+        };
+        take(first);
+        let until = tokio::time::Instant::now() + RENEW_LINGER;
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => take(msg),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        if asks.is_empty() && forget.len() < MAX_FORGET {
+            continue; // forgotten runs ride with the next renewal
+        }
+        while !asks.is_empty() || !forget.is_empty() {
+            // One call: asks up to the field limit (at least one), one per run.
+            let mut call: Vec<RenewAsk> = Vec::new();
+            let mut fields = 0;
+            let mut rest = Vec::new();
+            for ask in asks.drain(..) {
+                let fits = call.is_empty() || fields + ask.jobs.len() <= MAX_RENEW_FIELDS;
+                if fits && !call.iter().any(|a| a.holder == ask.holder) {
+                    fields += ask.jobs.len();
+                    call.push(ask);
+                } else {
+                    rest.push(ask);
+                }
+            }
+            asks = rest;
+            let runs: Vec<RunRenewal<'_>> = call
+                .iter()
+                .map(|a| RunRenewal {
+                    jobs: &a.jobs,
+                    holder: &a.holder,
+                    seq: a.batch.0,
+                    counts: &a.batch.1,
+                    checkpoints: &a.batch.2,
+                })
+                .collect();
+            let gone = std::mem::take(&mut forget);
+            let result = store.renew_runs(&worker, ttl, &runs, &gone).await;
+            drop(runs);
+            match result {
+                Ok(renewals) => {
+                    for (ask, renewal) in call.into_iter().zip(renewals) {
+                        let _ = ask.reply.send(Ok(renewal));
+                    }
+                }
+                Err(e) => {
+                    forget = gone;
+                    for ask in call {
+                        let _ = ask.reply.send(Err(SharedError::Store(e.to_string())));
+                    }
+                    if asks.is_empty() {
+                        break; // the forgotten runs wait for the next call
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Claims in Redis, for the cluster workers.
 pub struct RedisClaims {
     store: RedisStore,
+    renewals: Renewals,
     timing: LeaseTiming,
     pending: Arc<PendingCounts>,
     checkpoints: Arc<BufferedCheckpoints>,
@@ -412,12 +570,14 @@ impl RedisClaims {
         pending: Arc<PendingCounts>,
         checkpoints: Arc<BufferedCheckpoints>,
     ) -> Self {
+        let worker = format!("{}-{}", std::process::id(), fastrand::u64(..) & 0xffff_ffff);
         RedisClaims {
+            renewals: Renewals::start(store.clone(), worker.clone(), claim_ttl),
             store,
             timing: LeaseTiming { ttl: claim_ttl },
             pending,
             checkpoints,
-            worker: format!("{}-{}", std::process::id(), fastrand::u64(..) & 0xffff_ffff),
+            worker,
         }
     }
 }
@@ -491,6 +651,7 @@ impl Claims for RedisClaims {
         let granted = Arc::new(tokio::sync::Mutex::new(granted));
         let state = Arc::new(RunState {
             store: self.store.clone(),
+            renewals: self.renewals.clone(),
             pending: self.pending.clone(),
             checkpoints: self.checkpoints.clone(),
             holder: holder.clone(),
@@ -532,11 +693,13 @@ impl Claims for RedisClaims {
         let states = states_of(&self.pending, &granted, ends);
         // An unconfirmed batch goes first, under its own number; what is left goes
         // with the finish under the next.
-        if let Some((seq, counts, cps)) = batcher.unconfirmed.take() {
-            let _ = self
-                .store
-                .renew_claims(&granted, &run.holder, self.timing.ttl, seq, &counts, &cps)
-                .await;
+        if let Some(batch) = batcher.unconfirmed.take() {
+            if !granted.is_empty() {
+                let _ = self
+                    .renewals
+                    .renew(granted.clone(), run.holder.clone(), batch)
+                    .await;
+            }
         }
         let (seq, counts, cps) =
             batcher.next(|| (self.pending.take(&granted), self.checkpoints.take(&granted)));
@@ -548,7 +711,14 @@ impl Claims for RedisClaims {
                 .finish_claims(&states, &run.holder, seq, &counts, &cps)
                 .await
             {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    // Numbers before the finish's were renewals': the worker's runs
+                    // hash holds the last, no longer needed.
+                    if seq > 1 {
+                        self.renewals.forget(run.holder);
+                    }
+                    return Ok(());
+                }
                 Err(e) if attempt < 3 => {
                     attempt += 1;
                     tracing::warn!(holder = %run.holder, error = %e, "could not record the jobs' end; retrying");
@@ -573,8 +743,9 @@ impl Claims for RedisClaims {
     }
 }
 
-/// Renews the claims every third of their time to live, carrying the run's progress and
-/// checkpoints, until told to stop: extends every user's fence while the claims hold,
+/// Renews the claims every third of their time to live (at the worker's common ticks,
+/// through its [`Renewals`] writer), carrying the run's progress and checkpoints, until
+/// told to stop: extends every user's fence while the claims hold,
 /// shuts a user's when the admin stops it, and every one when the claims are lost.
 /// Returns the batcher so the finish can go on numbering.
 async fn keep(
@@ -594,18 +765,17 @@ async fn keep(
     loop {
         tokio::select! {
             _ = stop.notified() => return batcher,
-            _ = tokio::time::sleep(timing.renew_every()) => {}
+            _ = tokio::time::sleep_until(run.renewals.next_tick(timing.renew_every())) => {}
         }
         let jobs = run.granted.lock().await;
         if jobs.is_empty() {
             continue; // every user's jobs were released; the finish comes
         }
-        let (seq, counts, cps) =
-            batcher.next(|| (run.pending.take(&jobs), run.checkpoints.take(&jobs)));
+        let batch = batcher.next(|| (run.pending.take(&jobs), run.checkpoints.take(&jobs)));
         let sent = Instant::now();
         let renewed = run
-            .store
-            .renew_claims(&jobs, &run.holder, timing.ttl, seq, &counts, &cps)
+            .renewals
+            .renew(jobs.clone(), run.holder.clone(), batch)
             .await;
         drop(jobs);
         match renewed {
