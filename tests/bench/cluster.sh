@@ -9,6 +9,7 @@
 #   tests/bench/cluster.sh                         # 40 users x 100 messages, 2 workers
 #   USERS=200 MSGS=20 WORKERS=4 tests/bench/cluster.sh
 #   USERS=10000 MSGS=0 EMBEDDED=0 tests/bench/cluster.sh   # the coordinator planning 10,000
+#   KEEP_SOURCE=1 USERS=200 MSGS=20 tests/bench/cluster.sh   # the last run's source again
 #
 # Prints wall seconds, messages/s, Redis commands per copied message, and the
 # coordinator's CPU seconds and peak RSS.
@@ -33,14 +34,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
-bash "$kit/dovecot.sh" destroy src >/dev/null 2>&1 || true
+# KEEP_SOURCE=1: a source loaded by an earlier run with the same USERS and MSGS is
+# used again (the migration only reads it), which saves the corpus load.
+loaded="$BENCH_ROOT/src/mailferry-bench-corpus"
 bash "$kit/dovecot.sh" destroy dst >/dev/null 2>&1 || true
-bash "$kit/dovecot.sh" start src --port "$SRC_PORT" --users "$USERS" >/dev/null
-bash "$kit/dovecot.sh" start dst --port "$DST_PORT" --users "$USERS" >/dev/null
-# MSGS=0: empty mailboxes, to measure the coordinator planning many users.
-if [[ $MSGS -gt 0 ]]; then
-    python3 "$kit/corpus.py" --port "$SRC_PORT" --users "$USERS" --messages "$MSGS" --jobs 4 >/dev/null
+if [[ ${KEEP_SOURCE:-0} == 1 && -f $loaded && $(<"$loaded") == "$USERS $MSGS $SRC_PORT" ]]; then
+    bash "$kit/dovecot.sh" restart src >/dev/null
+else
+    bash "$kit/dovecot.sh" destroy src >/dev/null 2>&1 || true
+    bash "$kit/dovecot.sh" start src --port "$SRC_PORT" --users "$USERS" >/dev/null
+    # MSGS=0: empty mailboxes, to measure the coordinator planning many users.
+    if [[ $MSGS -gt 0 ]]; then
+        python3 "$kit/corpus.py" --port "$SRC_PORT" --users "$USERS" --messages "$MSGS" --jobs 4 >/dev/null 2>&1
+    fi
+    echo "$USERS $MSGS $SRC_PORT" > "$loaded"
 fi
+bash "$kit/dovecot.sh" start dst --port "$DST_PORT" --users "$USERS" >/dev/null
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
     --logfile "$work/redis.log" >/dev/null
 
