@@ -129,8 +129,8 @@ pub struct CoordinatorSettings {
     pub max_jobs_per_user: u32,
     /// Small users (a pass that travels as one bundle) planned within a moment of each
     /// other share a queue message, up to this many: their claims, connection leases
-    /// and ends cost Redis one call for all of them. A worker runs their jobs one after
-    /// another. 1 gives every user its own messages.
+    /// and ends cost Redis one call for all of them. A worker runs the users at once,
+    /// each in one of its job slots. 1 gives every user its own messages.
     pub users_per_delivery: u32,
     /// Time to live of the active coordinator's lease: a standby takes over this long
     /// after the active one stops renewing it.

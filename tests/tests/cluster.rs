@@ -590,7 +590,8 @@ async fn stop_halts_jobs_in_progress_and_close_deletes_the_credentials() {
     let store = rig.store().await;
     rig.start();
     // Copying, not only claimed: started together, the two small users share a
-    // delivery, whose users all show syncing from its claim while they copy in turn.
+    // delivery, whose users all show syncing from its claim while they copy (at once,
+    // each in a job slot).
     rig.wait_until("alice copying", Duration::from_secs(60), |l| {
         Rig::status_of(l, "alice") == "syncing" && copied(line_of(l, "alice")) > 0
     })

@@ -57,11 +57,17 @@ impl Claim {
 }
 
 impl Claim {
-    /// Says which job runs now (`None` between jobs): a stopped user's other jobs are
-    /// recorded at once, this one when it returns.
-    pub fn running(&self, job: Option<&FolderJob>) {
+    /// Says that `job` runs now (`running`) or has returned: a stopped user's other jobs
+    /// are recorded at once, a running one when it returns. (A delivery's users run at
+    /// once, each its jobs one after another.)
+    pub fn running(&self, job: &FolderJob, running: bool) {
         if let Some(run) = &self.run {
-            *run.state.running.lock().unwrap_or_else(|e| e.into_inner()) = job.map(FolderJob::id);
+            let mut now = run.state.running.lock().unwrap_or_else(|e| e.into_inner());
+            if running {
+                now.insert(job.id());
+            } else {
+                now.remove(&job.id());
+            }
         }
     }
 }
@@ -101,8 +107,9 @@ struct RunState {
     checkpoints: Arc<BufferedCheckpoints>,
     holder: String,
     granted: Arc<tokio::sync::Mutex<Vec<FolderJob>>>,
-    /// The job the consumer runs now (the keeper leaves it to the consumer).
-    running: Mutex<Option<String>>,
+    /// The jobs the consumer runs now, one per user at most (the keeper leaves them to
+    /// the consumer).
+    running: Mutex<std::collections::HashSet<String>>,
     seq: std::sync::atomic::AtomicU64,
 }
 
@@ -119,12 +126,12 @@ impl RunState {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()
         } else {
-            None
+            Default::default()
         };
         let mut granted = self.granted.lock().await;
         let (mine, others): (Vec<FolderJob>, Vec<FolderJob>) = granted
             .drain(..)
-            .partition(|j| j.user == user && running.as_deref() != Some(j.id().as_str()));
+            .partition(|j| j.user == user && !running.contains(&j.id()));
         *granted = others;
         if mine.is_empty() {
             return;
@@ -656,7 +663,7 @@ impl Claims for RedisClaims {
             checkpoints: self.checkpoints.clone(),
             holder: holder.clone(),
             granted: granted.clone(),
-            running: Mutex::new(None),
+            running: Mutex::default(),
             seq: std::sync::atomic::AtomicU64::new(0),
         });
         let keeper = tokio::spawn(keep(

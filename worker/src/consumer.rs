@@ -2,7 +2,7 @@
 //! ack, retry later or dead-letter — each job's fate decided by [`decide`], a pure
 //! function of the error's disposition and the attempt number.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use mailferry_shared::queue::{Delivery, JobQueue};
 use mailferry_shared::store::StateStore;
 use mailferry_shared::telemetry;
 use mailferry_shared::Disposition;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tracing::Instrument;
 
 use crate::claims::{Claim, Claims, JobEnd};
@@ -69,8 +69,10 @@ pub fn decide(
     }
 }
 
-/// Runs `slots` jobs at a time until the queue ends or `shutdown` turns true. On
-/// shutdown no new job is taken; jobs in progress finish, unless `drain` shuts first:
+/// Runs `slots` jobs at a time until the queue ends or `shutdown` turns true: it holds
+/// `slots` deliveries, and their users take turns in `slots` job slots (a user keeps
+/// its slot for its jobs of the delivery, which run one after another). On shutdown no
+/// new job is taken; jobs in progress finish, unless `drain` shuts first:
 /// then they stop where they are (as safe as a crash), their claims are released and
 /// their deliveries left unsettled, for the broker to hand to another worker.
 pub async fn consume<Q: JobQueue, S: StateStore, C: Claims>(
@@ -83,7 +85,9 @@ pub async fn consume<Q: JobQueue, S: StateStore, C: Claims>(
     drain: Arc<Fence>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
+    let job_slots = Arc::new(Semaphore::new(slots.max(1)));
     for _ in 0..slots.max(1) {
+        let job_slots = job_slots.clone();
         let queue = queue.clone();
         let engine = engine.clone();
         let claims = claims.clone();
@@ -99,7 +103,10 @@ pub async fn consume<Q: JobQueue, S: StateStore, C: Claims>(
                     _ = shutdown.changed() => return,
                 };
                 let Some(delivery) = delivery else { return };
-                run_one(&*queue, &engine, &*claims, delivery, &policy, &drain).await;
+                run_one(
+                    &*queue, &engine, &*claims, delivery, &policy, &drain, &job_slots,
+                )
+                .await;
             }
         });
     }
@@ -142,10 +149,10 @@ enum Rest {
     Drained,
 }
 
-/// Claims a delivery's jobs (one call), runs the granted ones one after another (a
-/// user's jobs share its connections; a delivery may carry several small users, whose
-/// logins and connection leases are loaded together first), records their ends (one
-/// call), then settles the delivery: what must run again goes back as one narrowed
+/// Claims a delivery's jobs (one call), runs the granted ones (each user's one after
+/// another, as they share its connections; a delivery may carry many small users, whose
+/// logins and connection leases are loaded together first, and who run at once, each
+/// in a job slot of `slots`), records their ends (one call), then settles the delivery: what must run again goes back as one narrowed
 /// bundle, what failed for good to the dead-letter queue, and the delivery is acked.
 async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     queue: &Q,
@@ -154,6 +161,7 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     delivery: Delivery,
     policy: &RetryPolicy,
     drain: &Fence,
+    slots: &Semaphore,
 ) {
     let jobs = &delivery.jobs;
     let bundle = delivery.bundle_id();
@@ -180,112 +188,38 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
         }
     };
     let _held = engine.preload_accounts(jobs).await;
+    // A user's jobs run one after another (they share its connections); the delivery's
+    // users run at once, each in one of the worker's job slots.
+    let drained = AtomicBool::new(false);
+    let mut users: Vec<&str> = Vec::new();
+    for job in jobs {
+        if !users.contains(&job.user.as_str()) {
+            users.push(&job.user);
+        }
+    }
+    let several_users = users.len() > 1;
+    let runs = users.iter().map(|user| {
+        let user_run = UserRun {
+            engine,
+            claims,
+            claim: &claim,
+            delivery: &delivery,
+            policy,
+            drain,
+            drained: &drained,
+            slots,
+            several_users,
+        };
+        user_run.run(user)
+    });
     let mut ends: Vec<(FolderJob, JobEnd)> = Vec::new();
     let mut outcomes: Vec<(usize, Outcome)> = Vec::new();
-    // By user: what an earlier job of the user decided for its rest.
-    let mut rests: std::collections::HashMap<&str, Rest> = std::collections::HashMap::new();
-    let mut drained = false;
-    for (i, job) in jobs.iter().enumerate() {
-        match &claim.answers[i] {
-            ClaimAnswer::Skip(why) => {
-                tracing::debug!(job = %job.id(), why, "nothing to do");
-                finished("skipped");
-                outcomes.push((i, Outcome::Settled));
-                continue;
-            }
-            ClaimAnswer::Busy => {
-                tracing::debug!(job = %job.id(), "the target folder is busy; offering the job again later");
-                outcomes.push((
-                    i,
-                    Outcome::Again {
-                        delay: claims.busy_delay(),
-                        attempt: false,
-                    },
-                ));
-                continue;
-            }
-            ClaimAnswer::Granted => {}
-        }
-        let rest = if drained {
-            &Rest::Drained
-        } else {
-            rests.get(job.user.as_str()).unwrap_or(&Rest::Run)
-        };
-        match rest {
-            Rest::Run => {}
-            Rest::Drained => {
-                ends.push((job.clone(), JobEnd::HandedBack));
-                continue;
-            }
-            // Logging in again for every folder would only repeat the refusal (and can
-            // lock the account): the rest fail with the same reason.
-            Rest::AccountFailed(why) => {
-                finished("failed_unrun");
-                ends.push((job.clone(), JobEnd::Failed(why.clone())));
-                outcomes.push((
-                    i,
-                    Outcome::DeadLetter {
-                        why: why.clone(),
-                        account: true,
-                    },
-                ));
-                continue;
-            }
-            Rest::Throttled(d) => {
-                ends.push((job.clone(), JobEnd::HandedBack));
-                outcomes.push((i, Outcome::Throttled(*d)));
-                continue;
-            }
-            Rest::Stopped => {
-                outcomes.push((i, Outcome::Settled));
-                continue;
-            }
-        }
-        if claim.fence(&job.user).stopped.load(Ordering::SeqCst) {
-            // Stopped while other users' jobs ran: recorded by the keeper already (or,
-            // should that have failed, by this end at the finish).
-            ends.push((job.clone(), JobEnd::HandedBack));
-            outcomes.push((i, Outcome::Settled));
-            continue;
-        }
-        claim.running(Some(job));
-        let (end, outcome) = run_job(engine, job, &claim, delivery.attempt, policy, drain).await;
-        ends.push((job.clone(), end));
-        match &outcome {
-            Outcome::DeadLetter { why, account: true } => {
-                rests.insert(&job.user, Rest::AccountFailed(why.clone()));
-            }
-            Outcome::Throttled(d) => {
-                rests.insert(&job.user, Rest::Throttled(*d));
-            }
-            Outcome::Drained => drained = true,
-            Outcome::Settled if claim.fence(&job.user).stopped.load(Ordering::SeqCst) => {
-                // The admin stopped the user: its jobs not run yet are handed back
-                // unrun, and, while the delivery goes on with other users, their ends
-                // are recorded now.
-                let user = job.user.as_str();
-                for (k, later) in jobs.iter().enumerate().skip(i + 1) {
-                    if later.user == user && claim.answers[k] == ClaimAnswer::Granted {
-                        ends.push((later.clone(), JobEnd::HandedBack));
-                    }
-                }
-                if jobs[i + 1..].iter().any(|j| j.user != user) {
-                    let mine: Vec<(FolderJob, JobEnd)> = ends
-                        .iter()
-                        .filter(|(j, _)| j.user == user)
-                        .cloned()
-                        .collect();
-                    claims.release_user(&claim, user, &mine).await;
-                }
-                rests.insert(user, Rest::Stopped);
-            }
-            _ => {}
-        }
-        // (Cleared only now: a keeper that finds the user stopped meanwhile leaves this
-        // job, whose end is in `ends`, to the consumer.)
-        claim.running(None);
-        outcomes.push((i, outcome));
+    for (e, o) in join_all(runs.collect()).await {
+        ends.extend(e);
+        outcomes.extend(o);
     }
+    outcomes.sort_by_key(|(i, _)| *i);
+    let drained = drained.load(Ordering::SeqCst);
     if let Err(e) = claims.finish(claim, &ends).await {
         // The ends are not recorded: what is done runs again (its re-run finds the
         // target complete and costs a search, not a copy), and records its end then.
@@ -313,8 +247,7 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     let mut counts_attempt = false;
     let mut dead = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
-    // A delivery of several users names the user in each reason.
-    let several_users = jobs.iter().any(|j| j.user != jobs[0].user);
+    // (A delivery of several users names the user in each reason.)
     for (i, outcome) in outcomes {
         let job = &jobs[i];
         match outcome {
@@ -362,6 +295,170 @@ async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     } else if !settled_by_hand_back {
         queue.ack(&delivery).await;
     }
+}
+
+/// One user's part of a delivery.
+struct UserRun<'a, S: StateStore, C: Claims> {
+    engine: &'a Engine<S>,
+    claims: &'a C,
+    claim: &'a Claim,
+    delivery: &'a Delivery,
+    policy: &'a RetryPolicy,
+    drain: &'a Fence,
+    /// Set when a job returned because the worker drains: every user's rest go back.
+    drained: &'a AtomicBool,
+    slots: &'a Semaphore,
+    several_users: bool,
+}
+
+impl<S: StateStore, C: Claims> UserRun<'_, S, C> {
+    /// Runs `user`'s granted jobs of the delivery one after another, in a job slot
+    /// taken at its first job to run: their ends (to record) and outcomes (by index in
+    /// the delivery).
+    async fn run(self, user: &str) -> (Vec<(FolderJob, JobEnd)>, Vec<(usize, Outcome)>) {
+        let (claim, jobs) = (self.claim, &self.delivery.jobs);
+        let mut ends: Vec<(FolderJob, JobEnd)> = Vec::new();
+        let mut outcomes: Vec<(usize, Outcome)> = Vec::new();
+        // What an earlier job of the user decided for its rest.
+        let mut rest = Rest::Run;
+        let mut slot = None;
+        for (i, job) in jobs.iter().enumerate().filter(|(_, j)| j.user == user) {
+            match &claim.answers[i] {
+                ClaimAnswer::Skip(why) => {
+                    tracing::debug!(job = %job.id(), why, "nothing to do");
+                    finished("skipped");
+                    outcomes.push((i, Outcome::Settled));
+                    continue;
+                }
+                ClaimAnswer::Busy => {
+                    tracing::debug!(job = %job.id(), "the target folder is busy; offering the job again later");
+                    outcomes.push((
+                        i,
+                        Outcome::Again {
+                            delay: self.claims.busy_delay(),
+                            attempt: false,
+                        },
+                    ));
+                    continue;
+                }
+                ClaimAnswer::Granted => {}
+            }
+            if slot.is_none() && matches!(rest, Rest::Run) {
+                slot = Some(self.slots.acquire().await.expect("never closed"));
+            }
+            if self.drained.load(Ordering::SeqCst) {
+                rest = Rest::Drained;
+            }
+            match &rest {
+                Rest::Run => {}
+                Rest::Drained => {
+                    ends.push((job.clone(), JobEnd::HandedBack));
+                    continue;
+                }
+                // Logging in again for every folder would only repeat the refusal (and
+                // can lock the account): the rest fail with the same reason.
+                Rest::AccountFailed(why) => {
+                    finished("failed_unrun");
+                    ends.push((job.clone(), JobEnd::Failed(why.clone())));
+                    outcomes.push((
+                        i,
+                        Outcome::DeadLetter {
+                            why: why.clone(),
+                            account: true,
+                        },
+                    ));
+                    continue;
+                }
+                Rest::Throttled(d) => {
+                    ends.push((job.clone(), JobEnd::HandedBack));
+                    outcomes.push((i, Outcome::Throttled(*d)));
+                    continue;
+                }
+                Rest::Stopped => {
+                    outcomes.push((i, Outcome::Settled));
+                    continue;
+                }
+            }
+            if claim.fence(user).stopped.load(Ordering::SeqCst) {
+                // Stopped while other jobs ran: recorded by the keeper already (or,
+                // should that have failed, by this end at the finish).
+                ends.push((job.clone(), JobEnd::HandedBack));
+                outcomes.push((i, Outcome::Settled));
+                continue;
+            }
+            claim.running(job, true);
+            let (end, outcome) = run_job(
+                self.engine,
+                job,
+                claim,
+                self.delivery.attempt,
+                self.policy,
+                self.drain,
+            )
+            .await;
+            ends.push((job.clone(), end));
+            match &outcome {
+                Outcome::DeadLetter { why, account: true } => {
+                    rest = Rest::AccountFailed(why.clone());
+                }
+                Outcome::Throttled(d) => rest = Rest::Throttled(*d),
+                Outcome::Drained => {
+                    self.drained.store(true, Ordering::SeqCst);
+                    rest = Rest::Drained;
+                }
+                Outcome::Settled if claim.fence(user).stopped.load(Ordering::SeqCst) => {
+                    // The admin stopped the user: its jobs not run yet are handed back
+                    // unrun, and, while the delivery goes on with other users, their
+                    // ends are recorded now.
+                    for (k, later) in jobs.iter().enumerate().skip(i + 1) {
+                        if later.user == user && claim.answers[k] == ClaimAnswer::Granted {
+                            ends.push((later.clone(), JobEnd::HandedBack));
+                        }
+                    }
+                    if self.several_users {
+                        let mine: Vec<(FolderJob, JobEnd)> = ends.clone();
+                        self.claims.release_user(claim, user, &mine).await;
+                    }
+                    rest = Rest::Stopped;
+                }
+                _ => {}
+            }
+            // (Cleared only now: a keeper that finds the user stopped meanwhile leaves
+            // this job, whose end is in `ends`, to the consumer.)
+            claim.running(job, false);
+            outcomes.push((i, outcome));
+        }
+        // The users of a delivery of several are small: their pass was all here.
+        if slot.is_some() && self.several_users {
+            self.engine.close_idle(&jobs[0].batch, user).await;
+        }
+        drop(slot);
+        (ends, outcomes)
+    }
+}
+
+/// Runs `futures` at once on this task: their outputs, in order.
+async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *output = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }
 
 /// Runs one granted job; says how it ended (for its state) and what the delivery must

@@ -109,6 +109,24 @@ impl<S: StateStore> Engine<S> {
         held
     }
 
+    /// Logs out of the user's idle connections now, not when the reaper finds them idle:
+    /// a small user's jobs of the pass were all in one delivery, and a worker running
+    /// many users at once would otherwise hold their idle source connections against
+    /// the host's cap (it filled the cap of 200 at 1,000 × 20, and planning and copying
+    /// waited for slots).
+    pub async fn close_idle(&self, batch: &str, user: &str) {
+        if let Ok(accounts) = self.accounts.accounts(batch, user).await {
+            accounts
+                .source
+                .close_idle_since(std::time::Duration::ZERO)
+                .await;
+            accounts
+                .target
+                .close_idle_since(std::time::Duration::ZERO)
+                .await;
+        }
+    }
+
     /// Runs one job to the end. On error nothing is lost: the checkpoint and the target
     /// stay consistent and the job can simply run again.
     /// `fence` says when this run must stop writing (see [`Fence`]).
