@@ -51,12 +51,22 @@ use crate::planner::{
 
 /// How often the active coordinator reads the schedule at least (while planners are
 /// free); it reads it at once when a quarter of its planners have come free since.
+/// A read that finds nobody due doubles the wait, up to [`TICK_IDLE`].
 const TICK: Duration = Duration::from_secs(1);
+const TICK_IDLE: Duration = Duration::from_secs(4);
 /// How often it reads the dispatch set (users whose jobs ended): the ends of half a
-/// second are dispatched together.
+/// second are dispatched together. A read that finds none doubles the wait, up to
+/// [`DISPATCH_IDLE`], so that an idle coordinator (or one whose workers are busy with
+/// long deliveries) costs Redis a command every few seconds, not two a second.
 const DISPATCH_EVERY: Duration = Duration::from_millis(500);
-/// How long a small user's bundle waits for others to share its queue message.
-const COHORT_LINGER: Duration = Duration::from_secs(1);
+const DISPATCH_IDLE: Duration = Duration::from_secs(2);
+/// How long a small user's bundle waits for others to share its queue message: until
+/// none has joined for [`COHORT_QUIET`], or [`COHORT_LINGER`] at most. While a big
+/// batch is planned (some fifteen users a second on the bench machine) users keep
+/// joining and a delivery fills (`users_per_delivery`, 64); a small batch's last user
+/// waits a second. (A fixed second filled a third of a delivery at 1,000 × 20.)
+const COHORT_QUIET: Duration = Duration::from_secs(1);
+const COHORT_LINGER: Duration = Duration::from_secs(5);
 /// How long the loop sleeps when nothing wakes it.
 const WAKE: Duration = Duration::from_millis(50);
 /// Users planned at once (each planning logs in to both servers).
@@ -201,6 +211,7 @@ impl Coordinator {
         let mut planners = tokio::task::JoinSet::new();
         let mut last_dispatch: Option<Instant> = None;
         let mut last_due: Option<Instant> = None;
+        let (mut dispatch_every, mut due_every) = (DISPATCH_EVERY, TICK);
         // Planners that came free since the schedule was last read.
         let mut freed = PLANNERS;
         let since = |at: Option<Instant>| at.map_or(Duration::MAX, |at| at.elapsed());
@@ -222,22 +233,33 @@ impl Coordinator {
                 freed += 1;
             }
             self.flush_cohorts(false).await;
-            if since(last_dispatch) >= DISPATCH_EVERY {
+            if since(last_dispatch) >= dispatch_every {
                 last_dispatch = Some(Instant::now());
-                if let Err(e) = self.dispatch().await {
-                    tracing::warn!(error = %e, "dispatch failed; trying again");
+                match self.dispatch().await {
+                    Ok(0) => dispatch_every = (dispatch_every * 2).min(DISPATCH_IDLE),
+                    Ok(_) => dispatch_every = DISPATCH_EVERY,
+                    Err(e) => tracing::warn!(error = %e, "dispatch failed; trying again"),
                 }
             }
             // The schedule is read when a quarter of the planners have come free, or at
             // the tick: due users are read, and their logins loaded, a group at a time.
+            // (Groups of half the planners made planning slower, the cohorts smaller and
+            // the deliveries more: more Redis commands in all at 1,000 × 20.)
             let free = PLANNERS - planners.len();
-            if free > 0 && (freed >= PLANNERS / 4 || since(last_due) >= TICK) {
+            if free > 0 && (freed >= PLANNERS / 4 || since(last_due) >= due_every) {
                 last_due = Some(Instant::now());
                 freed = 0;
                 let mut busy: HashSet<(String, String)> = planning.values().cloned().collect();
                 busy.extend(self.cohort_members());
                 match self.due(free, &busy).await {
-                    Ok(due) => self.start_plans(due, &mut planners, &mut planning).await,
+                    Ok(due) => {
+                        due_every = if due.is_empty() {
+                            (due_every * 2).min(TICK_IDLE)
+                        } else {
+                            TICK
+                        };
+                        self.start_plans(due, &mut planners, &mut planning).await
+                    }
                     Err(e) => tracing::warn!(error = %e, "cannot read the schedule"),
                 }
             }
@@ -595,9 +617,11 @@ impl Coordinator {
     }
 
     /// Users whose jobs ended: publish their next waiting jobs or end their pass. A
-    /// batch's marked users are read together and their ends written together.
-    async fn dispatch(&self) -> Result<(), Error> {
+    /// batch's marked users are read together and their ends written together. Says
+    /// how many users were marked.
+    async fn dispatch(&self) -> Result<usize, Error> {
         let marked = self.store.take_dispatch(500).await?;
+        let taken = marked.len();
         let mut by_batch: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (batch, user) in marked {
             by_batch.entry(batch).or_default().push(user);
@@ -608,7 +632,7 @@ impl Coordinator {
                 tracing::warn!(batch, users = users.len(), error = %e, "could not dispatch the users' jobs");
             }
         }
-        Ok(())
+        Ok(taken)
     }
 
     async fn dispatch_users(&self, batch: &str, users: &[String]) -> Result<(), Error> {
@@ -801,7 +825,8 @@ impl Coordinator {
 
     /// A small user's planned pass (one bundle) waits to begin and be published with the
     /// batch's next small users: once `users_per_delivery` users or [`MAX_GROUP_JOBS`]
-    /// jobs are in, or [`COHORT_LINGER`] after the first came. Until then the user stays
+    /// jobs are in, [`COHORT_QUIET`] after the last came or [`COHORT_LINGER`] after the
+    /// first. Until then the user stays
     /// due in Redis (a coordinator that dies meanwhile leaves it to be planned again)
     /// and [`cohort_members`](Self::cohort_members) keeps it from being planned twice.
     async fn join_cohort(
@@ -823,6 +848,7 @@ impl Coordinator {
             }
             cohort.passes.push(planned);
             cohort.jobs.extend(jobs);
+            cohort.last = Instant::now();
             if cohort.passes.len() >= cap || cohort.jobs.len() >= MAX_GROUP_JOBS {
                 full.push(cohorts.waiting.remove(batch).expect("just filled"));
             }
@@ -850,15 +876,17 @@ impl Coordinator {
             .collect()
     }
 
-    /// Publishes the cohorts that have waited [`COHORT_LINGER`] (all of them, with
-    /// `all`: the coordinator is stopping).
+    /// Publishes the cohorts that have waited long enough (all of them, with `all`: the
+    /// coordinator is stopping).
     async fn flush_cohorts(&self, all: bool) {
         let due: Vec<(String, Cohort)> = {
             let mut cohorts = self.cohorts.lock().unwrap_or_else(|e| e.into_inner());
             let batches: Vec<String> = cohorts
                 .waiting
                 .iter()
-                .filter(|(_, c)| all || c.since.elapsed() >= COHORT_LINGER)
+                .filter(|(_, c)| {
+                    all || c.last.elapsed() >= COHORT_QUIET || c.since.elapsed() >= COHORT_LINGER
+                })
                 .map(|(b, _)| b.clone())
                 .collect();
             let due: Vec<(String, Cohort)> = batches
@@ -954,7 +982,9 @@ impl Cohorts {
 struct Cohort {
     passes: Vec<Planned>,
     jobs: Vec<FolderJob>,
+    /// When it was started, and when its last user joined.
     since: Instant,
+    last: Instant,
 }
 
 impl Cohort {
@@ -963,6 +993,7 @@ impl Cohort {
             passes: Vec::new(),
             jobs: Vec::new(),
             since: Instant::now(),
+            last: Instant::now(),
         }
     }
 }
