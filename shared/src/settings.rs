@@ -303,7 +303,7 @@ impl Default for WorkerSettings {
             connections_per_host: 200,
             bytes_in_flight: ByteSize(32 << 20),
             shutdown_grace_secs: 60,
-            claim_secs: 30,
+            claim_secs: 60,
             throttle_pause_secs: 30,
         }
     }
@@ -316,7 +316,7 @@ impl Default for CoordinatorSettings {
             max_job_messages: 10_000,
             max_job_bytes: ByteSize(1 << 30),
             max_jobs_per_user: 4,
-            users_per_delivery: 16,
+            users_per_delivery: 64,
             leader_lease_secs: 15,
             recheck_secs: 900,
         }
