@@ -96,7 +96,8 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSettings {
-    /// Folder jobs at once (= the consumer prefetch).
+    /// Folder jobs at once, a user's one after another (and deliveries held: the
+    /// consumer prefetch; a delivery's users share the slots).
     pub job_slots: u16,
     /// Connections per source or target account, across all workers.
     pub connections_per_account: u32,

@@ -152,8 +152,9 @@ enum Rest {
 /// Claims a delivery's jobs (one call), runs the granted ones (each user's one after
 /// another, as they share its connections; a delivery may carry many small users, whose
 /// logins and connection leases are loaded together first, and who run at once, each
-/// in a job slot of `slots`), records their ends (one call), then settles the delivery: what must run again goes back as one narrowed
-/// bundle, what failed for good to the dead-letter queue, and the delivery is acked.
+/// in a job slot of `slots`), records their ends (one call), then settles the delivery:
+/// what must run again goes back as one narrowed bundle, what failed for good to the
+/// dead-letter queue, and the delivery is acked.
 async fn run_one<Q: JobQueue, S: StateStore, C: Claims>(
     queue: &Q,
     engine: &Engine<S>,
@@ -346,7 +347,9 @@ impl<S: StateStore, C: Claims> UserRun<'_, S, C> {
             if slot.is_none() && matches!(rest, Rest::Run) {
                 slot = Some(self.slots.acquire().await.expect("never closed"));
             }
-            if self.drained.load(Ordering::SeqCst) {
+            // (The worker may have begun to drain while this user waited for a slot.)
+            if self.drained.load(Ordering::SeqCst) || self.drain.check().is_err() {
+                self.drained.store(true, Ordering::SeqCst);
                 rest = Rest::Drained;
             }
             match &rest {
