@@ -447,15 +447,14 @@ local claim_of = read_grouped(function(run)
   for _, f in ipairs(run.fields) do table.insert(items, {run.claims, f}) end
   return items
 end)
-local ok, renew = {}, {}
-for r, run in ipairs(runs) do
-  ok[r] = true
+local renew = {}
+for _, run in ipairs(runs) do
+  run.ok = true
   for _, f in ipairs(run.fields) do
     local who, expiry = holder_of(claim_of(run.claims, f))
-    if who ~= run.holder or expiry <= now then ok[r] = false; break end
+    if who ~= run.holder or expiry <= now then run.ok = false; break end
   end
-  run.ok = ok[r]
-  if ok[r] and #run.fields > 0 then
+  if run.ok and #run.fields > 0 then
     local kv = renew[run.claims] or {}
     renew[run.claims] = kv
     local value = run.holder .. ' ' .. string.format('%.0f', now + ttl)
@@ -464,14 +463,14 @@ for r, run in ipairs(runs) do
 end
 for key, kv in pairs(renew) do redis.call('HSET', key, unpack(kv)) end
 -- 2. Each held run's batch counts if its number is new.
-local fresh, seen = {}, {}
+local seen = {}
 if #runs > 0 then
   local holders = {}
   for r, run in ipairs(runs) do holders[r] = run.holder end
   local last = redis.call('HMGET', runs_key, unpack(holders))
   for r, run in ipairs(runs) do
-    fresh[r] = ok[r] and tonumber(run.seq) > tonumber(last[r] or '0')
-    if fresh[r] then table.insert(seen, run.holder); table.insert(seen, run.seq) end
+    run.fresh = run.ok and tonumber(run.seq) > tonumber(last[r] or '0')
+    if run.fresh then table.insert(seen, run.holder); table.insert(seen, run.seq) end
   end
 end
 if #seen > 0 then
@@ -480,42 +479,39 @@ if #seen > 0 then
 end
 if #forget > 0 then redis.call('HDEL', runs_key, unpack(forget)) end
 -- 3. Counters: each user's value read and written once, whatever the runs adding to it.
-local adds, order = {}, {}
-for r, run in ipairs(runs) do
-  if fresh[r] then
+local counters_of = read_grouped(function(run)
+  local items = {}
+  if run.fresh then
+    for u, c in ipairs(run.counts) do
+      if c[2] > 0 then table.insert(items, {run.progress, run.users[u]}) end
+    end
+  end
+  return items
+end)
+local counters = {}
+for _, run in ipairs(runs) do
+  if run.fresh then
     for u, c in ipairs(run.counts) do
       if c[2] > 0 then
-        local id = run.progress .. '\0' .. run.users[u]
-        if not adds[id] then adds[id] = {}; table.insert(order, {run.progress, run.users[u], id}) end
-        table.insert(adds[id], c)
+        local by_user = counters[run.progress] or {}
+        counters[run.progress] = by_user
+        local name = run.users[u]
+        local text = by_user[name]
+        if text == nil then text = counters_of(run.progress, name) end
+        by_user[name] = add_counts(text, c[1], c[2])
       end
     end
   end
 end
-if #order > 0 then
-  local by_key = {}
-  for _, o in ipairs(order) do
-    local g = by_key[o[1]] or {}
-    by_key[o[1]] = g
-    table.insert(g, o)
-  end
-  for key, list in pairs(by_key) do
-    local names = {}
-    for i, o in ipairs(list) do names[i] = o[2] end
-    local old = redis.call('HMGET', key, unpack(names))
-    local kv = {}
-    for i, o in ipairs(list) do
-      local text = old[i]
-      for _, c in ipairs(adds[o[3]]) do text = add_counts(text, c[1], c[2]) end
-      table.insert(kv, o[2]); table.insert(kv, text)
-    end
-    redis.call('HSET', key, unpack(kv))
-  end
+for key, by_user in pairs(counters) do
+  local kv = {}
+  for name, text in pairs(by_user) do table.insert(kv, name); table.insert(kv, text) end
+  redis.call('HSET', key, unpack(kv))
 end
 -- 4. The held runs' checkpoints.
 local cps = {}
-for r, run in ipairs(runs) do
-  if ok[r] then
+for _, run in ipairs(runs) do
+  if run.ok then
     for _, c in ipairs(run.cps) do table.insert(cps, KEYS[c[1]]); table.insert(cps, ARGV[c[2]]) end
   end
 end
@@ -530,7 +526,7 @@ local intent_of_user = read_grouped(function(run)
 end)
 local out = {}
 for r, run in ipairs(runs) do
-  if ok[r] then
+  if run.ok then
     local o = {'held'}
     for u, name in ipairs(run.users) do o[u + 1] = intent_of(intent_of_user(run.intent, name)) end
     out[r] = o

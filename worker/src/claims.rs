@@ -539,7 +539,6 @@ async fn write_renewals(
                 .collect();
             let gone = std::mem::take(&mut forget);
             let result = store.renew_runs(&worker, ttl, &runs, &gone).await;
-            drop(runs);
             match result {
                 Ok(renewals) => {
                     for (ask, renewal) in call.into_iter().zip(renewals) {
