@@ -21,6 +21,7 @@ use mailferry_shared::imap::client::{check, Command, CommandHandle, Session};
 use mailferry_shared::imap::mailbox::MailboxInfo;
 use mailferry_shared::imap::parse::Status;
 use mailferry_shared::imap::uidset;
+use mailferry_shared::imap::Flag;
 use mailferry_shared::lease::Fence;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -85,23 +86,14 @@ pub struct TargetFolder<'a> {
 
 impl TargetFolder<'_> {
     /// The flags of a message that the target can keep.
-    fn keepable(&self, flags: &[String]) -> Vec<String> {
+    pub fn keepable(&self, flags: &[Flag]) -> Vec<Flag> {
         flags
             .iter()
-            .filter(|f| !f.eq_ignore_ascii_case("\\recent"))
-            .filter(|f| is_flag_atom(f))
-            .filter(|f| self.info.permanent_flags.is_empty() || self.info.accepts_flag(f))
+            .filter(|f| !f.is_recent())
+            .filter(|f| self.info.permanent_flags.is_empty() || self.info.accepts_flag(f.as_str()))
             .cloned()
             .collect()
     }
-}
-
-fn is_flag_atom(flag: &str) -> bool {
-    let name = flag.strip_prefix('\\').unwrap_or(flag);
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !b"(){%*\"\\]".contains(&b))
 }
 
 /// What became of one source message.
@@ -306,7 +298,7 @@ impl Group {
     fn push(
         &mut self,
         uid: u32,
-        flags: &[String],
+        flags: &[Flag],
         date: &str,
         body: Bytes,
         folder: &TargetFolder<'_>,
@@ -317,7 +309,7 @@ impl Group {
             .take()
             .unwrap_or_else(|| Command::new("APPEND").arg(folder.wire_name));
         let command = command
-            .raw(format!(" ({})", flags.join(" ")))
+            .raw(format!(" {}", Flag::list(flags)))
             .arg(date)
             .raw(" ");
         let len = body.len() as u64;
@@ -467,13 +459,18 @@ mod tests {
             uidplus: true,
             fence: &Fence::open_ended(),
         };
-        let flags = vec![
-            "\\Seen".into(),
-            "\\Deleted".into(),
-            "$Forwarded".into(),
-            "\\Recent".into(),
-        ];
-        assert_eq!(folder.keepable(&flags), vec!["\\Seen", "\\Deleted"]);
+        let flags: Vec<Flag> = ["\\Seen", "\\Deleted", "$Forwarded", "\\Recent"]
+            .iter()
+            .filter_map(|f| Flag::parse(f))
+            .collect();
+        let kept = |folder: &TargetFolder<'_>| -> Vec<String> {
+            folder
+                .keepable(&flags)
+                .iter()
+                .map(Flag::to_string)
+                .collect()
+        };
+        assert_eq!(kept(&folder), vec!["\\Seen", "\\Deleted"]);
         let any = MailboxInfo {
             permanent_flags: vec!["\\seen".into(), "\\*".into()],
             ..MailboxInfo::default()
@@ -482,7 +479,6 @@ mod tests {
             info: &any,
             ..folder
         };
-        assert_eq!(folder.keepable(&flags), vec!["\\Seen", "$Forwarded"]);
-        assert!(!is_flag_atom("bad(flag"));
+        assert_eq!(kept(&folder), vec!["\\Seen", "$Forwarded"]);
     }
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use mailferry_shared::imap::client::{Command, Session};
 use mailferry_shared::imap::mailbox::MailboxInfo;
 use mailferry_shared::imap::uidset;
+use mailferry_shared::imap::Flag;
 use mailferry_shared::job::{Checkpoint, FolderJob, SkippedMessage, SourceState};
 use mailferry_shared::lease::Fence;
 use mailferry_shared::store::StateStore;
@@ -452,20 +453,18 @@ impl<S: StateStore> Engine<S> {
 
         // Flags of messages copied earlier.
         if incremental || reconciled {
-            let changed: Vec<(u32, Vec<String>)> = if condstore {
+            let changed: Vec<(u32, Vec<Flag>)> = if condstore {
                 changed_flags(source, lo, hi, cp.source_modseq.unwrap_or(0))
                     .await
                     .map_err(JobError::source_side)?
             } else {
                 metas.iter().map(|m| (m.uid, m.flags.clone())).collect()
             };
-            let wanted: Vec<(u32, Vec<String>)> = changed
+            let wanted: Vec<(u32, Vec<Flag>)> = changed
                 .into_iter()
                 .filter(|(uid, _)| !copied_now.contains(uid))
                 .filter_map(|(uid, flags)| {
-                    cp.uid_map
-                        .get(uid)
-                        .map(|t| (t, folder_flags(&folder, &flags)))
+                    cp.uid_map.get(uid).map(|t| (t, folder.keepable(&flags)))
                 })
                 .collect();
             let updates = if condstore {
@@ -549,15 +548,6 @@ fn lowest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     }
 }
 
-fn folder_flags(folder: &TargetFolder<'_>, flags: &[String]) -> Vec<String> {
-    flags
-        .iter()
-        .filter(|f| !f.eq_ignore_ascii_case("\\recent"))
-        .filter(|f| folder.info.permanent_flags.is_empty() || folder.info.accepts_flag(f))
-        .cloned()
-        .collect()
-}
-
 async fn open_or_create(target: &mut Session, wire_name: &[u8]) -> Result<MailboxInfo, JobError> {
     match target.open(wire_name, false).await {
         Ok(info) => Ok(info),
@@ -595,7 +585,7 @@ async fn changed_flags(
     lo: u32,
     hi: u32,
     since: u64,
-) -> Result<Vec<(u32, Vec<String>)>, SharedError> {
+) -> Result<Vec<(u32, Vec<Flag>)>, SharedError> {
     let items = format!("(UID FLAGS) (CHANGEDSINCE {since})");
     uid_fetch(session, &uid_range(lo, hi), &items, |f| {
         match (f.uid, f.flags) {
@@ -606,7 +596,7 @@ async fn changed_flags(
     .await
 }
 
-async fn target_flags(session: &mut Session) -> Result<HashMap<u32, Vec<String>>, SharedError> {
+async fn target_flags(session: &mut Session) -> Result<HashMap<u32, Vec<Flag>>, SharedError> {
     let flags = uid_fetch(session, "1:*", "(UID FLAGS)", |f| f.uid.zip(f.flags)).await?;
     Ok(flags.into_iter().collect())
 }
@@ -614,18 +604,18 @@ async fn target_flags(session: &mut Session) -> Result<HashMap<u32, Vec<String>>
 /// Sets flags with one `UID STORE` per distinct flag set, pipelined.
 async fn store_flags(
     session: &mut Session,
-    updates: &[(u32, Vec<String>)],
+    updates: &[(u32, Vec<Flag>)],
 ) -> Result<u64, SharedError> {
-    let mut by_set: BTreeMap<Vec<String>, Vec<u32>> = BTreeMap::new();
+    let mut by_set: BTreeMap<Vec<Flag>, Vec<u32>> = BTreeMap::new();
     for (uid, flags) in updates {
         by_set.entry(flags.clone()).or_default().push(*uid);
     }
     let mut handles = Vec::new();
     for (flags, uids) in &by_set {
         let command = Command::new("UID STORE").raw(format!(
-            " {} FLAGS.SILENT ({})",
+            " {} FLAGS.SILENT {}",
             uidset::format(uids),
-            flags.join(" ")
+            Flag::list(flags)
         ));
         handles.push(session.send(command).await?);
     }

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use mailferry_shared::imap::client::{fetch_item, Command, Session};
 use mailferry_shared::imap::parse::{Response, Value};
+use mailferry_shared::imap::Flag;
 use sha2::{Digest, Sha256};
 
 /// What FETCH (UID RFC822.SIZE FLAGS INTERNALDATE) says about a message.
@@ -11,7 +12,7 @@ use sha2::{Digest, Sha256};
 pub struct Meta {
     pub uid: u32,
     pub size: u64,
-    pub flags: Vec<String>,
+    pub flags: Vec<Flag>,
     pub internal_date: String,
 }
 
@@ -20,7 +21,8 @@ pub struct Meta {
 pub struct Fetched {
     pub uid: Option<u32>,
     pub size: Option<u64>,
-    pub flags: Option<Vec<String>>,
+    /// Valid flags only (see [`Flag`]); `\Recent` left out.
+    pub flags: Option<Vec<Flag>>,
     pub internal_date: Option<String>,
     pub body: Option<Bytes>,
     pub header: Option<Bytes>,
@@ -40,8 +42,8 @@ pub fn parse_fetch(response: &Response) -> Option<Fetched> {
         size: fetch_item(data, "RFC822.SIZE").and_then(Value::number),
         flags: fetch_item(data, "FLAGS").and_then(Value::list).map(|l| {
             l.iter()
-                .filter_map(Value::text)
-                .filter(|f| !f.eq_ignore_ascii_case("\\recent"))
+                .filter_map(Flag::from_value)
+                .filter(|f| !f.is_recent())
                 .collect()
         }),
         internal_date: fetch_item(data, "INTERNALDATE").and_then(Value::text),
@@ -121,11 +123,11 @@ pub fn header_section(message: &[u8]) -> &[u8] {
 }
 
 /// Normalises flags for comparison: lower-case, sorted, no `\Recent`.
-pub fn flag_key(flags: &[String]) -> Vec<String> {
+pub fn flag_key(flags: &[Flag]) -> Vec<String> {
     let mut v: Vec<String> = flags
         .iter()
-        .map(|f| f.to_ascii_lowercase())
-        .filter(|f| f != "\\recent")
+        .filter(|f| !f.is_recent())
+        .map(Flag::key)
         .collect();
     v.sort();
     v.dedup();

@@ -1,8 +1,9 @@
 //! The IMAP session layer: a sans-I/O parser ([`parse`]), a pipelining tokio client
-//! ([`client`]), mailbox operations ([`mailbox`]), TLS ([`tls`]) and a per-account
+//! ([`client`]), message flags that are safe to send on ([`flag`]), mailbox operations ([`mailbox`]), TLS ([`tls`]) and a per-account
 //! connection pool with a cap ([`pool`]).
 
 pub mod client;
+pub mod flag;
 pub mod mailbox;
 pub mod parse;
 pub mod pool;
@@ -10,3 +11,4 @@ pub mod tls;
 pub mod uidset;
 
 pub use client::{connect, Capabilities, Command, CommandHandle, Limits, Session};
+pub use flag::Flag;

@@ -11,16 +11,27 @@ use bytes::{Buf, Bytes, BytesMut};
 /// A protocol error: the server sent something we cannot frame or parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    #[error("response line longer than {limit} bytes")]
+    #[error("response text longer than {limit} bytes")]
     LineTooLong { limit: usize },
-    #[error("literal of {size} bytes exceeds the limit of {limit} bytes")]
+    #[error("literals of {size} bytes in one response exceed the limit of {limit} bytes")]
     LiteralTooLarge { size: u64, limit: u64 },
+    #[error("response nested deeper than {limit} levels")]
+    TooDeep { limit: usize },
     #[error("malformed response: {0}")]
     Malformed(String),
 }
 
+/// How deep lists (and response codes) may nest. What we read is two or three levels
+/// deep; a server's BODYSTRUCTURE (never asked for) stays far below this too.
+pub const MAX_DEPTH: usize = 100;
+
 /// Cuts responses out of a growing buffer. Keeps its scan position between calls so a
 /// large literal arriving in many reads is not rescanned from the start each time.
+///
+/// The bounds hold for a whole response, not for each piece of it: the text outside
+/// literals adds up towards `max_line` and the literals towards `max_literal`, so a
+/// response of endless `{0}` literals ends in an error like an endless line does. A
+/// response therefore never takes more than `max_line + max_literal` bytes of buffer.
 #[derive(Debug)]
 pub struct Framer {
     max_line: usize,
@@ -31,6 +42,10 @@ pub struct Framer {
     scan_pos: usize,
     /// Bytes of a literal still to arrive before scanning resumes.
     literal_remaining: usize,
+    /// Text bytes of the current response's earlier segments (before its literals).
+    frame_text: usize,
+    /// Literal bytes announced so far in the current response.
+    frame_literals: u64,
 }
 
 impl Framer {
@@ -41,7 +56,18 @@ impl Framer {
             segment_start: 0,
             scan_pos: 0,
             literal_remaining: 0,
+            frame_text: 0,
+            frame_literals: 0,
         }
+    }
+
+    fn text_too_long(&self, segment: usize) -> Result<(), ParseError> {
+        if self.frame_text + segment > self.max_line {
+            return Err(ParseError::LineTooLong {
+                limit: self.max_line,
+            });
+        }
+        Ok(())
     }
 
     /// Returns the next complete response, or `None` when more bytes are needed.
@@ -58,29 +84,24 @@ impl Framer {
             }
             let Some(lf) = buf[self.scan_pos..].iter().position(|&b| b == b'\n') else {
                 self.scan_pos = buf.len();
-                if buf.len() - self.segment_start > self.max_line {
-                    return Err(ParseError::LineTooLong {
-                        limit: self.max_line,
-                    });
-                }
+                self.text_too_long(buf.len() - self.segment_start)?;
                 return Ok(None);
             };
             let eol = self.scan_pos + lf;
-            if eol - self.segment_start > self.max_line {
-                return Err(ParseError::LineTooLong {
-                    limit: self.max_line,
-                });
-            }
+            self.text_too_long(eol - self.segment_start)?;
             let line = &buf[self.segment_start..eol];
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             match literal_announcement(line) {
                 Some(size) => {
-                    if size > self.max_literal {
+                    let total = self.frame_literals.saturating_add(size);
+                    if total > self.max_literal {
                         return Err(ParseError::LiteralTooLarge {
-                            size,
+                            size: total,
                             limit: self.max_literal,
                         });
                     }
+                    self.frame_literals = total;
+                    self.frame_text += eol + 1 - self.segment_start;
                     self.literal_remaining = size as usize;
                     self.scan_pos = eol + 1;
                     let need = self.scan_pos + self.literal_remaining;
@@ -94,6 +115,8 @@ impl Framer {
                     let frame = buf.split_to(eol + 1).freeze();
                     self.segment_start = 0;
                     self.scan_pos = 0;
+                    self.frame_text = 0;
+                    self.frame_literals = 0;
                     return Ok(Some(frame));
                 }
             }
@@ -243,7 +266,11 @@ pub enum Response {
 
 /// Parses one frame produced by [`Framer`].
 pub fn parse_response(frame: Bytes) -> Result<Response, ParseError> {
-    let mut p = Cursor { buf: frame, pos: 0 };
+    let mut p = Cursor {
+        buf: frame,
+        pos: 0,
+        depth: 0,
+    };
     p.trim_line_end();
     let tag = p.atom_text()?;
     if tag == "+" {
@@ -289,6 +316,8 @@ fn status_word(word: &str) -> Option<Status> {
 struct Cursor {
     buf: Bytes,
     pos: usize,
+    /// Lists (and response codes) open around the current position.
+    depth: usize,
 }
 
 impl Cursor {
@@ -419,19 +448,30 @@ impl Cursor {
     fn value(&mut self) -> Result<Value, ParseError> {
         match self.peek() {
             Some(b'(') => {
+                // Recursion is bounded: a line of 300,000 `(` must be an error, not a
+                // stack overflow that takes the process down.
+                if self.depth >= MAX_DEPTH {
+                    return Err(ParseError::TooDeep { limit: MAX_DEPTH });
+                }
                 self.pos += 1;
+                self.depth += 1;
                 let mut items = Vec::new();
-                loop {
+                let list = loop {
                     self.skip_space();
                     match self.peek() {
                         Some(b')') => {
                             self.pos += 1;
-                            return Ok(Value::List(items));
+                            break Ok(Value::List(items));
                         }
-                        None => return Err(self.malformed("unterminated list")),
-                        _ => items.push(self.value()?),
+                        None => break Err(self.malformed("unterminated list")),
+                        _ => match self.value() {
+                            Ok(v) => items.push(v),
+                            Err(e) => break Err(e),
+                        },
                     }
-                }
+                };
+                self.depth -= 1;
+                list
             }
             Some(b'"') => self.quoted(),
             Some(b'{') => self.literal(),
@@ -487,6 +527,7 @@ impl Cursor {
             let mut inner = Cursor {
                 buf: self.buf.slice(self.pos + 1..end),
                 pos: 0,
+                depth: self.depth + 1,
             };
             // A code we cannot parse is kept as its raw text rather than failing the
             // whole response: the status and text still matter.
@@ -635,6 +676,74 @@ t2 NO [UNAVAILABLE] Suggested Backoff Time: 500 ms\r\n";
         let mut f = Framer::new(8, 100);
         let mut buf = BytesMut::from(&b"* OK no newline yet"[..]);
         assert!(f.next_frame(&mut buf).is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = |n: usize| {
+            let mut line = b"* 1 FETCH ".to_vec();
+            line.extend(std::iter::repeat_n(b'(', n));
+            line.extend(std::iter::repeat_n(b')', n));
+            line.extend_from_slice(b"\r\n");
+            line
+        };
+        let mut f = Framer::new(1 << 20, 1 << 20);
+        assert!(split_all(&deep(MAX_DEPTH), &mut f).is_ok());
+        assert_eq!(
+            split_all(&deep(MAX_DEPTH + 1), &mut f),
+            Err(ParseError::TooDeep { limit: MAX_DEPTH })
+        );
+        assert_eq!(
+            split_all(&deep(300_000), &mut f),
+            Err(ParseError::TooDeep { limit: MAX_DEPTH })
+        );
+        // The same inside a greeting's response code: the code falls back to its raw
+        // text, the greeting itself still parses.
+        let mut greeting = b"* OK [X ".to_vec();
+        greeting.extend(std::iter::repeat_n(b'(', 300_000));
+        greeting.extend(std::iter::repeat_n(b')', 300_000));
+        greeting.extend_from_slice(b"] hi\r\n");
+        let r = split_all(&greeting, &mut f).unwrap();
+        let Response::UntaggedStatus(s) = &r[0] else {
+            panic!("{r:?}")
+        };
+        assert_eq!((s.status, s.text.as_str()), (Status::Ok, "hi"));
+    }
+
+    #[test]
+    fn bounds_hold_for_a_whole_response_not_each_piece() {
+        // endless empty literals: the text between them adds up to the line bound
+        let mut f = Framer::new(1000, 1 << 20);
+        let mut buf = BytesMut::from(&b"* 1 FETCH (X "[..]);
+        let mut outcome = Ok(None);
+        for _ in 0..1000 {
+            buf.extend_from_slice(b"{0}\r\n");
+            outcome = f.next_frame(&mut buf);
+            if outcome.is_err() {
+                break;
+            }
+        }
+        assert_eq!(outcome, Err(ParseError::LineTooLong { limit: 1000 }));
+        // literals add up to the literal bound
+        let mut f = Framer::new(1000, 100);
+        let mut buf = BytesMut::from(&b"* 1 FETCH (A {60}\r\n"[..]);
+        buf.extend_from_slice(&[b'a'; 60]);
+        buf.extend_from_slice(b" B {60}\r\n");
+        assert_eq!(
+            f.next_frame(&mut buf),
+            Err(ParseError::LiteralTooLarge {
+                size: 120,
+                limit: 100
+            })
+        );
+        // and the counts start again with the next response
+        let mut f = Framer::new(30, 100);
+        let wire = b"* 1 FETCH (A {60}\r\n".iter().copied();
+        let mut two = wire.clone().collect::<Vec<u8>>();
+        two.extend_from_slice(&[b'a'; 60]);
+        two.extend_from_slice(b")\r\n");
+        let twice = [two.clone(), two].concat();
+        assert_eq!(split_all(&twice, &mut f).unwrap().len(), 2);
     }
 
     #[test]
