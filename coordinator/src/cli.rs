@@ -261,6 +261,17 @@ pub struct MigrateArgs {
     /// Also write the summary as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
+    /// A server silent this long while a command is open is given up on (e.g. 90, 3m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs, default_value = "3m")]
+    pub read_timeout: u64,
+    /// The longest one command may take, plus a second for each 64 KiB it moves: a
+    /// server that answers a byte at a time cannot hold a job for ever.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs, default_value = "10m")]
+    pub command_timeout: u64,
+    /// Attempts per folder before it is reported failed (a transient error, such as a
+    /// dropped connection, is retried with backoff up to this many times in all).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub attempts: u32,
 }
 
 pub use mailferry_shared::settings::parse_size;
@@ -584,6 +595,7 @@ pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
         ("--jobs", args.jobs),
         ("--parallel-users", args.parallel_users),
         ("--fetch-batch", args.fetch_batch),
+        ("--attempts", args.attempts as usize),
     ] {
         if n == 0 {
             return Err(usage(format!("{what} must be at least 1")));
@@ -594,7 +606,7 @@ pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
     }
 
     let Users {
-        users,
+        mut users,
         bad_rows,
         notes,
     } = users_from(
@@ -603,6 +615,17 @@ pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
         args.csv.as_deref(),
         args.user.as_deref(),
     )?;
+    if args.read_timeout == 0 || args.command_timeout == 0 {
+        return Err(usage(
+            "--read-timeout and --command-timeout must be at least 1s",
+        ));
+    }
+    for user in &mut users {
+        for endpoint in [&mut user.source, &mut user.target] {
+            endpoint.read_timeout = Duration::from_secs(args.read_timeout);
+            endpoint.command_timeout = Duration::from_secs(args.command_timeout);
+        }
+    }
 
     let mut engine = EngineSettings {
         max_message_size: args
@@ -637,6 +660,7 @@ pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
             limits,
             retry: RetryPolicy {
                 cap: Duration::from_secs(30),
+                max_attempts: args.attempts,
                 ..RetryPolicy::default()
             },
         },

@@ -42,6 +42,15 @@ pub struct Endpoint {
     pub connect_timeout: Duration,
     /// A server that sends nothing for this long while a command is open is dead.
     pub read_timeout: Duration,
+    /// The longest a command may take, besides the time its bytes need at the floor
+    /// rate (see `imap::client`): a server that answers one byte at a time, or floods a
+    /// command with data it did not ask for, fails the command after this.
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout: Duration,
+}
+
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 
 impl Endpoint {
@@ -54,6 +63,7 @@ impl Endpoint {
             accept_invalid_certs: false,
             connect_timeout: Duration::from_secs(20),
             read_timeout: Duration::from_secs(180),
+            command_timeout: default_command_timeout(),
         }
     }
 

@@ -104,6 +104,26 @@ async fn a_crash_in_an_incremental_pass_duplicates_nothing() {
     s.assert_equal().await;
 }
 
+/// A job that panics (a bug) fails that job alone: it is retried, the other folders go
+/// on, and the run ends with the target complete (a panic used to end the job's task
+/// and leave the run waiting for it for ever).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_job_fails_alone_and_is_retried() {
+    let s = setup(55, 6).await;
+    let state = temp_dir("state");
+    let out = s
+        .migrate(&state)
+        .env("MAILFERRY_FAILPOINT", "mid-fetch:3:panic")
+        .run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("internal error (a bug, please report it): failpoint mid-fetch:3"),
+        "the panic did not happen or was not reported:\n{}",
+        text(&out)
+    );
+    s.assert_equal().await;
+}
+
 /// SIGKILL at random moments, several times in a row, then a clean run.
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {

@@ -525,6 +525,7 @@ fn lease_test_endpoint() -> mailferry_shared::endpoint::Endpoint {
         accept_invalid_certs: false,
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(5),
+        command_timeout: Duration::from_secs(5),
     }
 }
 

@@ -464,6 +464,15 @@ async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
     outputs.into_iter().flatten().collect()
 }
 
+/// What a panic said, for the job's error.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".to_string())
+}
+
 /// Runs one granted job; says how it ended (for its state) and what the delivery must
 /// do about it.
 async fn run_job<S: StateStore>(
@@ -483,8 +492,13 @@ async fn run_job<S: StateStore>(
         // The run stops at the fence at once (dropping the engine's future is as safe
         // as a crash, which every step allows for); the engine checks it too, before
         // each APPEND group, so a run woken from a long pause sends nothing more.
+        // A panic in the job (a bug) fails this job, not the process: left to unwind,
+        // it would end the delivery's task and leave the job unreported for ever.
+        let guarded = futures_lite::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+            engine.run_job(job, &fence),
+        ));
         let result = tokio::select! {
-            r = engine.run_job(job, &fence) => r,
+            r = guarded => r.unwrap_or_else(|panic| Err(JobError::Panicked(panic_text(&*panic)))),
             why = fence.shut() => Err(JobError::Fenced(why)),
             why = drain.shut() => {
                 tracing::warn!(job = %job.id(), why, "handing the job back unfinished");

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use mailferry_shared::error::is_throttling;
 use mailferry_shared::failpoint;
-use mailferry_shared::imap::client::{check, Command, CommandHandle, Session};
+use mailferry_shared::imap::client::{check, Command, CommandHandle, Expect, Session};
 use mailferry_shared::imap::mailbox::MailboxInfo;
 use mailferry_shared::imap::parse::Status;
 use mailferry_shared::imap::uidset;
@@ -162,7 +162,10 @@ pub async fn copy_messages(
                 " {} (UID FLAGS INTERNALDATE BODY.PEEK[])",
                 uidset::format(&batch.uids)
             ));
-            let handle = source.send(command).await.map_err(JobError::source_side)?;
+            let handle = source
+                .send_expecting(command, batch.expect())
+                .await
+                .map_err(JobError::source_side)?;
             fetches.push_back(OpenFetch {
                 handle,
                 permit,
@@ -239,30 +242,47 @@ pub async fn copy_messages(
 struct Batch {
     uids: Vec<u32>,
     weight: u32,
+    /// The sizes the source declared: all together, and the largest.
+    bytes: u64,
+    largest: u64,
+}
+
+impl Batch {
+    /// Time for the batch's bytes, and a bound on each body: twice the largest declared
+    /// size and 64 KiB (a server may count bare line feeds that it sends as CRLF). A
+    /// source that sends more than that for a message fails the FETCH with a protocol
+    /// error rather than holding more memory than the byte budget allowed for.
+    fn expect(&self) -> Expect {
+        Expect {
+            bytes: self.bytes,
+            max_literal: Some(self.largest.saturating_mul(2).saturating_add(64 << 10)),
+        }
+    }
 }
 
 fn plan_batches(metas: &[Meta], settings: &CopySettings, budget: &ByteBudget) -> Vec<Batch> {
     let max_weight = budget.capacity_kib / 2;
     let mut out: Vec<Batch> = Vec::new();
-    let mut bytes = 0u64;
     for m in metas {
         let w = budget.weight(m.size);
         let fits = out.last().is_some_and(|b| {
             b.uids.len() < settings.fetch_messages
-                && bytes + m.size <= settings.fetch_bytes
+                && b.bytes + m.size <= settings.fetch_bytes
                 && b.weight + w <= max_weight
         });
         if fits {
             let b = out.last_mut().expect("checked");
             b.uids.push(m.uid);
             b.weight += w;
-            bytes += m.size;
+            b.bytes += m.size;
+            b.largest = b.largest.max(m.size);
         } else {
             out.push(Batch {
                 uids: vec![m.uid],
                 weight: w,
+                bytes: m.size,
+                largest: m.size,
             });
-            bytes = m.size;
         }
     }
     out
@@ -338,7 +358,14 @@ async fn flush(
     };
     // The last moment to stop: once sent, these messages will be at the target.
     fence.check().map_err(JobError::Fenced)?;
-    let handle = target.send(command).await.map_err(JobError::target_side)?;
+    let expect = Expect {
+        bytes: group.bytes,
+        max_literal: None,
+    };
+    let handle = target
+        .send_expecting(command, expect)
+        .await
+        .map_err(JobError::target_side)?;
     let g = std::mem::take(group);
     // The bodies are on the wire: their share of the budget goes back (g.permits drop).
     appends.push_back(OpenAppend {

@@ -22,6 +22,10 @@ pub enum JobError {
     /// stopped). Not a failure of the job: it is handed back or settled as it is.
     #[error("stopped writing: {0}")]
     Fenced(String),
+    /// The job's code panicked: a bug of ours, whatever a server sent. The job fails
+    /// (and is retried) like any other; the process and the other jobs go on.
+    #[error("internal error (a bug, please report it): {0}")]
+    Panicked(String),
 }
 
 impl JobError {
@@ -39,6 +43,7 @@ impl JobError {
             JobError::UnknownUser(_) => ("none", "unknown_user"),
             JobError::Store(_) => ("none", "store"),
             JobError::Fenced(_) => ("none", "fenced"),
+            JobError::Panicked(_) => ("none", "panicked"),
         }
     }
 
@@ -62,7 +67,7 @@ impl JobError {
             // A full mailbox stays full until an admin acts.
             JobError::TargetOverQuota { .. } | JobError::UnknownUser(_) => Disposition::Fatal,
             // The local store failing (disk full) may pass; retry.
-            JobError::Store(_) | JobError::Fenced(_) => Disposition::Retry,
+            JobError::Store(_) | JobError::Fenced(_) | JobError::Panicked(_) => Disposition::Retry,
         }
     }
 

@@ -36,9 +36,10 @@ pub fn parse_fetch(response: &Response) -> Option<Fetched> {
         return None;
     }
     Some(Fetched {
+        // UIDs are 1 to 2^32-1: anything else is not a UID (and never wraps to one).
         uid: fetch_item(data, "UID")
-            .and_then(Value::number)
-            .map(|n| n as u32),
+            .and_then(Value::number32)
+            .filter(|&n| n > 0),
         size: fetch_item(data, "RFC822.SIZE").and_then(Value::number),
         flags: fetch_item(data, "FLAGS").and_then(Value::list).map(|l| {
             l.iter()

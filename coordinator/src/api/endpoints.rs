@@ -358,6 +358,7 @@ async fn try_login(
     let mut endpoint = endpoint.clone();
     endpoint.connect_timeout = endpoint.connect_timeout.min(TEST_STEP_TIMEOUT);
     endpoint.read_timeout = endpoint.read_timeout.min(TEST_STEP_TIMEOUT);
+    endpoint.command_timeout = endpoint.command_timeout.min(TEST_STEP_TIMEOUT);
     let endpoint = &endpoint;
     let attempt = async {
         let mut session =

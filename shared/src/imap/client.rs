@@ -6,10 +6,19 @@
 //! oldest open command (IMAP answers in order). Untagged data flows through a bounded
 //! channel, so a caller that reads a large FETCH slowly slows the socket down rather
 //! than letting responses pile up in memory.
+//!
+//! Time is bounded as well as memory. Besides the endpoint's `read_timeout` (silence
+//! while a command is open), each command has a deadline fixed when it reaches the head
+//! of the pipeline: `command_timeout` plus the bytes it is expected to move at
+//! [`FLOOR_RATE`] (see [`Expect`]). A server that answers a byte every few minutes, or
+//! floods a command with data it never asked for, fails that command instead of holding
+//! the connection, and the job slot behind it, for ever. Writes are bounded the same way,
+//! so a target that stops reading an APPEND cannot pin it either, and connecting (TLS,
+//! greeting, STARTTLS, capabilities) has one deadline as a whole.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
@@ -28,7 +37,9 @@ use crate::error::{is_throttling, login_refused, suggested_backoff, Error};
 /// Bounds on what a server may make us buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Longest response line outside literals.
+    /// Longest response text outside literals (all of one response's lines together).
+    /// Nothing mailferry reads comes near it: LIST, STATUS and FETCH metadata lines are
+    /// short, and it sends no SEARCH.
     pub max_line: usize,
     /// Largest literal (message) we accept from this server.
     pub max_literal: u64,
@@ -37,9 +48,31 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_line: 16 << 20,
+            max_line: 1 << 20,
             max_literal: 512 << 20,
         }
+    }
+}
+
+/// The slowest transfer rate a command's expected bytes are given time for: 64 KiB/s,
+/// far below any real server and far above a server that stalls on purpose.
+pub const FLOOR_RATE: u64 = 64 * 1024;
+
+/// What a command is expected to move, which bounds its time and its literals.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Expect {
+    /// Bytes the command sends or receives (message bodies): each [`FLOOR_RATE`] of them
+    /// adds a second to the command's deadline.
+    pub bytes: u64,
+    /// The largest literal one of its responses may carry (`None`: the session's limit).
+    /// The copy sets it from the sizes the source declared, so a message that arrives
+    /// far larger than its RFC822.SIZE fails instead of overrunning the byte budget.
+    pub max_literal: Option<u64>,
+}
+
+impl Expect {
+    fn time(&self, base: Duration) -> Duration {
+        base + Duration::from_secs(self.bytes / FLOOR_RATE)
     }
 }
 
@@ -174,6 +207,11 @@ struct Pending {
     tag: String,
     untagged: mpsc::Sender<Response>,
     done: oneshot::Sender<StatusResponse>,
+    /// When the command was written, and the time it may take once at the head of the
+    /// pipeline (see the module notes).
+    sent_at: Instant,
+    allowed: Duration,
+    max_literal: Option<u64>,
 }
 
 #[derive(Default)]
@@ -267,6 +305,7 @@ pub struct Session {
     caps: Capabilities,
     reader: JoinHandle<()>,
     host: String,
+    command_timeout: Duration,
 }
 
 impl Drop for Session {
@@ -279,6 +318,27 @@ impl Drop for Session {
 /// capabilities. The session is not yet authenticated.
 pub async fn connect(endpoint: &Endpoint, limits: Limits) -> Result<Session, Error> {
     let tcp = tcp_connect(endpoint).await?;
+    // Each read has its own timeout; this bounds a greeting that arrives a byte at a
+    // time, or never ends, as a whole.
+    let whole = endpoint.command_timeout;
+    match tokio::time::timeout(whole, open_session(endpoint, limits, tcp)).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Timeout {
+            what: format!(
+                "the greeting of {} (TLS, greeting and capabilities not done within {} s)",
+                endpoint.address(),
+                whole.as_secs()
+            ),
+        }),
+    }
+}
+
+/// TLS as the endpoint demands, the greeting and the capabilities.
+async fn open_session(
+    endpoint: &Endpoint,
+    limits: Limits,
+    tcp: TcpStream,
+) -> Result<Session, Error> {
     let _ = tcp.set_nodelay(true);
     let mut framer = Framer::new(limits.max_line, limits.max_literal);
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -479,6 +539,7 @@ impl Session {
             caps: Capabilities::default(),
             reader,
             host: endpoint.host.clone(),
+            command_timeout: endpoint.command_timeout,
         }
     }
 
@@ -503,6 +564,37 @@ impl Session {
 
     /// Sends a command without waiting for its completion (pipelining).
     pub async fn send(&mut self, command: Command) -> Result<CommandHandle, Error> {
+        self.send_expecting(command, Expect::default()).await
+    }
+
+    /// Like [`send`](Self::send), for a command that moves message bodies: `expect`
+    /// gives it time for them and bounds the literals of its responses.
+    pub async fn send_expecting(
+        &mut self,
+        command: Command,
+        expect: Expect,
+    ) -> Result<CommandHandle, Error> {
+        let allowed = expect.time(self.command_timeout);
+        match tokio::time::timeout(allowed, self.send_unbounded(command, expect, allowed)).await {
+            Ok(result) => result,
+            Err(_) => {
+                let reason = format!(
+                    "sending a command took longer than {} s (the server stopped reading, or \
+                     never asked for its literal)",
+                    allowed.as_secs()
+                );
+                self.shared.lock().closed.get_or_insert(reason);
+                Err(self.shared.lost())
+            }
+        }
+    }
+
+    async fn send_unbounded(
+        &mut self,
+        command: Command,
+        expect: Expect,
+        allowed: Duration,
+    ) -> Result<CommandHandle, Error> {
         let tag = format!("m{}", self.next_tag);
         self.next_tag += 1;
         let (utx, urx) = mpsc::channel(64);
@@ -517,6 +609,9 @@ impl Session {
                 tag: tag.clone(),
                 untagged: utx,
                 done: dtx,
+                sent_at: Instant::now(),
+                allowed,
+                max_literal: expect.max_literal,
             });
         }
         let mut handle = CommandHandle {
@@ -555,8 +650,13 @@ impl Session {
                                     }
                                 }
                                 // The server refused the literal: the command is over.
+                                // (Or the connection ended: an error, never a handle
+                                // whose completion was already taken.)
                                 done = &mut handle.done => {
-                                    handle.completed = done.ok();
+                                    let status = done.map_err(|_| {
+                                        std::io::Error::other("connection closed")
+                                    })?;
+                                    handle.completed = Some(status);
                                     return Ok(());
                                 }
                             }
@@ -720,13 +820,26 @@ async fn read_loop(
     continuations: mpsc::Sender<String>,
     read_timeout: Duration,
 ) {
+    let session_max_literal = framer.max_literal();
+    // When the last command completed: the next one's clock starts then at the latest.
+    let mut last_completion = Instant::now();
     let reason = loop {
         let mut failure = None;
         loop {
+            // Untagged data belongs to the oldest open command: its bound applies.
+            let front_max = shared.lock().pending.front().and_then(|p| p.max_literal);
+            framer.set_max_literal(
+                front_max.map_or(session_max_literal, |m| m.min(session_max_literal)),
+            );
             match framer.next_frame(&mut buf) {
                 Ok(None) => break,
                 Ok(Some(frame)) => match parse_response(frame) {
-                    Ok(response) => dispatch(&shared, &continuations, response).await,
+                    Ok(response) => {
+                        if matches!(response, Response::Tagged { .. }) {
+                            last_completion = Instant::now();
+                        }
+                        dispatch(&shared, &continuations, response).await
+                    }
                     Err(e) => {
                         failure = Some(format!("protocol error: {e}"));
                         break;
@@ -743,13 +856,33 @@ async fn read_loop(
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
             // What is left is a partial response, usually small (a literal in progress
-            // already has its exact room, reserved by the framer).
-            let capacity = buf.len() + 64 * 1024;
+            // already has its exact room, reserved by the framer). A long one in
+            // progress doubles its room, so a line near the bound is copied a few times,
+            // not once every 64 KiB.
+            let capacity = buf.len() + buf.len().max(64 * 1024);
             super::parse::regrow(&mut buf, capacity);
         }
-        match tokio::time::timeout(read_timeout, rd.read_buf(&mut buf)).await {
+        let deadline = shared
+            .lock()
+            .pending
+            .front()
+            .map(|p| (p.sent_at.max(last_completion) + p.allowed, p.allowed));
+        let now = Instant::now();
+        let wait = match deadline {
+            Some((at, allowed)) if at <= now => {
+                break format!(
+                    "server did not complete a command within {} s",
+                    allowed.as_secs()
+                )
+            }
+            Some((at, _)) => read_timeout.min(at - now),
+            None => read_timeout,
+        };
+        match tokio::time::timeout(wait, rd.read_buf(&mut buf)).await {
             Err(_) => {
-                if !shared.lock().pending.is_empty() {
+                // Either the command's deadline (checked above, next time round) or
+                // the silence bound.
+                if wait == read_timeout && !shared.lock().pending.is_empty() {
                     break format!("server sent nothing for {} s", read_timeout.as_secs());
                 }
             }

@@ -91,8 +91,8 @@ impl Session {
                     let code = s.code.as_deref().unwrap_or_default();
                     let arg = code.get(1);
                     match s.code_name().as_deref() {
-                        Some("UIDVALIDITY") => info.uidvalidity = number(arg) as u32,
-                        Some("UIDNEXT") => info.uidnext = number(arg) as u32,
+                        Some("UIDVALIDITY") => info.uidvalidity = number32(arg),
+                        Some("UIDNEXT") => info.uidnext = number32(arg),
                         Some("HIGHESTMODSEQ") => info.highestmodseq = Some(number(arg)),
                         Some("PERMANENTFLAGS") => {
                             info.permanent_flags = flag_list(arg);
@@ -209,12 +209,13 @@ fn parse_status(r: &Response) -> Option<(Bytes, FolderStatus)> {
     let mailbox = data.first()?.bytes()?.clone();
     let pairs = data.get(1).and_then(Value::list).unwrap_or_default();
     let get = |k| lookup(pairs, k).and_then(Value::number);
+    let get32 = |k| lookup(pairs, k).and_then(Value::number32);
     Some((
         mailbox,
         FolderStatus {
-            messages: get("MESSAGES").unwrap_or(0) as u32,
-            uidnext: get("UIDNEXT").unwrap_or(0) as u32,
-            uidvalidity: get("UIDVALIDITY").unwrap_or(0) as u32,
+            messages: get32("MESSAGES").unwrap_or(0),
+            uidnext: get32("UIDNEXT").unwrap_or(0),
+            uidvalidity: get32("UIDVALIDITY").unwrap_or(0),
             highestmodseq: get("HIGHESTMODSEQ"),
             size: get("SIZE"),
         },
@@ -223,6 +224,11 @@ fn parse_status(r: &Response) -> Option<(Bytes, FolderStatus)> {
 
 fn number(v: Option<&Value>) -> u64 {
     v.and_then(Value::number).unwrap_or(0)
+}
+
+/// 0 (unknown) for a value past 32 bits, which no UIDVALIDITY or UIDNEXT can be.
+fn number32(v: Option<&Value>) -> u32 {
+    v.and_then(Value::number32).unwrap_or(0)
 }
 
 fn flag_list(v: Option<&Value>) -> Vec<String> {

@@ -61,6 +61,16 @@ impl Framer {
         }
     }
 
+    pub fn max_literal(&self) -> u64 {
+        self.max_literal
+    }
+
+    /// Changes the literal bound for responses from now on (the session sets each
+    /// command's own, see `client::Expect`).
+    pub fn set_max_literal(&mut self, max_literal: u64) {
+        self.max_literal = max_literal;
+    }
+
     fn text_too_long(&self, segment: usize) -> Result<(), ParseError> {
         if self.frame_text + segment > self.max_line {
             return Err(ParseError::LineTooLong {
@@ -175,6 +185,12 @@ impl Value {
             Value::Atom(b) => std::str::from_utf8(b).ok()?.parse().ok(),
             _ => None,
         }
+    }
+
+    /// A number that fits 32 bits (UIDs, UIDVALIDITY, UIDNEXT, counts): a larger one is
+    /// no number at all rather than one wrapped round to a small UID.
+    pub fn number32(&self) -> Option<u32> {
+        self.number().and_then(|n| u32::try_from(n).ok())
     }
 
     pub fn list(&self) -> Option<&[Value]> {
