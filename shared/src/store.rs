@@ -1,6 +1,12 @@
 //! Where checkpoints live. [`StateStore`] is the interface; [`DirStore`] is the embedded
 //! implementation (one JSON file per folder under a state directory, written atomically
-//! and durably). The cluster implementation (Redis) fills the same interface.
+//! and durably, readable by its owner only). The cluster implementation (Redis) fills the
+//! same interface.
+//!
+//! A state directory has one writer at a time: [`DirStore::open`] takes an exclusive
+//! lock on `<dir>/lock` for as long as the store lives. Two runs on one directory (an
+//! overlapping cron job, a second terminal) would each trust checkpoints the other is
+//! rewriting and copy the same mail twice; the second is refused instead.
 
 use std::future::Future;
 use std::io::Write;
@@ -41,18 +47,61 @@ pub trait StateStore: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct DirStore {
     root: PathBuf,
+    /// The directory's lock, held while any clone of the store lives.
+    _lock: std::sync::Arc<std::fs::File>,
 }
 
 impl DirStore {
+    /// Opens (creating it, owner-only) the state directory and locks it, or says which
+    /// process holds it.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, Error> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let root = root.into();
-        std::fs::create_dir_all(root.join("checkpoints")).map_err(|e| {
-            Error::Store(format!(
-                "cannot create state directory {}: {e}",
-                root.display()
-            ))
-        })?;
-        Ok(DirStore { root })
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root.join("checkpoints"))
+            .map_err(|e| {
+                Error::Store(format!(
+                    "cannot create state directory {}: {e}",
+                    root.display()
+                ))
+            })?;
+        let lock_path = root.join("lock");
+        let mut lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| Error::Store(format!("opening {}: {e}", lock_path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+                return Err(Error::Store(format!(
+                    "state directory {} is in use by another mailferry run (process {}): \
+                     wait for it to end, or give this run its own --state-dir",
+                    root.display(),
+                    holder.trim()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::Store(format!(
+                    "locking {}: {e}",
+                    lock_path.display()
+                )))
+            }
+        }
+        // Who holds it, for the message a second run shows.
+        lock.set_len(0)
+            .and_then(|()| lock.write_all(std::process::id().to_string().as_bytes()))
+            .map_err(|e| Error::Store(format!("writing {}: {e}", lock_path.display())))?;
+        Ok(DirStore {
+            root,
+            _lock: std::sync::Arc::new(lock),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -86,16 +135,27 @@ fn file_name(raw: &[u8]) -> String {
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new content:
 /// temporary file, fsync, rename, fsync of the directory.
+/// The file is its owner's only (mode 0600, directories 0700): it names the user's
+/// folders.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let dir = path.parent().expect("a file path has a parent");
-    std::fs::create_dir_all(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
         std::process::id()
     ));
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -170,6 +230,38 @@ mod tests {
         assert_eq!(store.load_checkpoint(&key).await.unwrap(), Some(cp));
         std::fs::write(store.path(&key), b"{not json").unwrap();
         assert_eq!(store.load_checkpoint(&key).await.unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_directory_has_one_store_at_a_time_and_is_its_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mf-store-{}", fastrand::u64(..)));
+        let first = DirStore::open(&dir).unwrap();
+        let clone = first.clone();
+        let refused = DirStore::open(&dir).unwrap_err().to_string();
+        assert!(
+            refused.contains("is in use by another mailferry run"),
+            "{refused}"
+        );
+        assert!(
+            refused.contains(&std::process::id().to_string()),
+            "{refused}"
+        );
+        drop(first);
+        assert!(
+            DirStore::open(&dir).is_err(),
+            "a clone still holds the lock"
+        );
+        drop(clone);
+        let again = DirStore::open(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join("checkpoints")), 0o700);
+        let file = dir.join("checkpoints/u/x.json");
+        write_atomically(&file, b"{}").unwrap();
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(file.parent().unwrap()), 0o700);
+        drop(again);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -576,7 +576,7 @@ async fn uidvalidity_changing_between_examines() {
             .parse()
             .ok()?;
         let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        (n % 2 == 0).then(|| {
+        n.is_multiple_of(2).then(|| {
             vec![Play::Send(
                 format!("* OK [UIDVALIDITY {}] changed\r\n", value + 1).into_bytes(),
             )]
