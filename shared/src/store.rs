@@ -7,6 +7,12 @@
 //! lock on `<dir>/lock` for as long as the store lives. Two runs on one directory (an
 //! overlapping cron job, a second terminal) would each trust checkpoints the other is
 //! rewriting and copy the same mail twice; the second is refused instead.
+//!
+//! The lock file also says whether the last run ended ([`DirStore::mark_finished`]):
+//! `<pid> running` while one runs, `<pid> finished` after. A run that finds `running`
+//! under a free lock knows its predecessor died (`kill -9`, a power cut), and with it
+//! perhaps APPENDs that the target had received but not yet stored (see
+//! `embedded::SETTLE_AFTER_CRASH`).
 
 use std::future::Future;
 use std::io::Write;
@@ -48,7 +54,9 @@ pub trait StateStore: Send + Sync + 'static {
 pub struct DirStore {
     root: PathBuf,
     /// The directory's lock, held while any clone of the store lives.
-    _lock: std::sync::Arc<std::fs::File>,
+    lock: std::sync::Arc<std::fs::File>,
+    /// The run before this one did not say it finished.
+    predecessor_died: bool,
 }
 
 impl DirStore {
@@ -68,7 +76,7 @@ impl DirStore {
                 ))
             })?;
         let lock_path = root.join("lock");
-        let mut lock = std::fs::OpenOptions::new()
+        let lock = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -84,7 +92,7 @@ impl DirStore {
                     "state directory {} is in use by another mailferry run (process {}): \
                      wait for it to end, or give this run its own --state-dir",
                     root.display(),
-                    holder.trim()
+                    holder.split_whitespace().next().unwrap_or("unknown")
                 )));
             }
             Err(std::fs::TryLockError::Error(e)) => {
@@ -94,14 +102,29 @@ impl DirStore {
                 )))
             }
         }
+        let before = std::fs::read_to_string(&lock_path).unwrap_or_default();
+        let lock = std::sync::Arc::new(lock);
         // Who holds it, for the message a second run shows.
-        lock.set_len(0)
-            .and_then(|()| lock.write_all(std::process::id().to_string().as_bytes()))
+        write_lock(&lock, "running")
             .map_err(|e| Error::Store(format!("writing {}: {e}", lock_path.display())))?;
         Ok(DirStore {
             root,
-            _lock: std::sync::Arc::new(lock),
+            lock,
+            predecessor_died: before.trim_end().ends_with(" running"),
         })
+    }
+
+    /// Whether the last run on this directory died without finishing (its lock file
+    /// still said `running`).
+    pub fn predecessor_died(&self) -> bool {
+        self.predecessor_died
+    }
+
+    /// Records that this run ended with nothing in flight: the next run need not wait
+    /// for writes of ours to land.
+    pub fn mark_finished(&self) -> Result<(), Error> {
+        write_lock(&self.lock, "finished")
+            .map_err(|e| Error::Store(format!("writing {}: {e}", self.root.join("lock").display())))
     }
 
     pub fn root(&self) -> &Path {
@@ -114,6 +137,15 @@ impl DirStore {
             .join(file_name(key.user.as_bytes()))
             .join(format!("{}.json", file_name(key.source_folder.as_bytes())))
     }
+}
+
+/// `<pid> <state>` into the lock file, durably.
+fn write_lock(mut file: &std::fs::File, state: &str) -> std::io::Result<()> {
+    use std::io::Seek;
+    file.set_len(0)?;
+    file.seek(std::io::SeekFrom::Start(0))?;
+    file.write_all(format!("{} {state}\n", std::process::id()).as_bytes())?;
+    file.sync_all()
 }
 
 /// A file name that any byte string maps to, one to one: unsafe bytes become `%XX`.
@@ -238,6 +270,10 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("mf-store-{}", fastrand::u64(..)));
         let first = DirStore::open(&dir).unwrap();
+        assert!(
+            !first.predecessor_died(),
+            "a new directory has no predecessor"
+        );
         let clone = first.clone();
         let refused = DirStore::open(&dir).unwrap_err().to_string();
         assert!(
@@ -255,6 +291,11 @@ mod tests {
         );
         drop(clone);
         let again = DirStore::open(&dir).unwrap();
+        assert!(again.predecessor_died(), "the first never said it finished");
+        again.mark_finished().unwrap();
+        drop(again);
+        let again = DirStore::open(&dir).unwrap();
+        assert!(!again.predecessor_died());
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir.join("checkpoints")), 0o700);
         let file = dir.join("checkpoints/u/x.json");

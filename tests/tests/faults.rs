@@ -152,7 +152,8 @@ async fn a_second_run_on_the_same_state_directory_is_refused() {
     // The first run has the directory once its lock file names it.
     let lock = state.join("lock");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != first.id().to_string() {
+    let holder = || std::fs::read_to_string(&lock).unwrap_or_default();
+    while holder() != format!("{} running\n", first.id()) {
         assert!(
             std::time::Instant::now() < deadline,
             "the first run never locked"
@@ -178,13 +179,40 @@ async fn a_second_run_on_the_same_state_directory_is_refused() {
     assert_eq!(after.status.code(), Some(0), "{}", text(&after));
 }
 
-/// SIGKILL at random moments, several times in a row, then a clean run.
+/// Every message at the target, all folders together.
+async fn target_count(port: u16) -> u32 {
+    let mut s = mail::session(port, "alice", "alice-secret").await;
+    let names: Vec<_> = s
+        .list_all()
+        .await
+        .expect("LIST")
+        .into_iter()
+        .filter(|e| e.selectable())
+        .map(|e| e.wire_name)
+        .collect();
+    let statuses = s.status_many(&names).await.expect("STATUS");
+    s.logout().await;
+    statuses
+        .into_iter()
+        .map(|st| st.map_or(0, |st| st.messages))
+        .sum()
+}
+
+/// `kill -9` mid-copy, five times in a row, on a mailbox of 10,200 messages, then a run
+/// to the end: nothing lost, nothing duplicated. Each kill must land while messages are
+/// being copied (the target grows, and is still partial before the last run), or the
+/// test fails: kills that land before or after the copy prove nothing. (Three or more
+/// kills in a row used to leave a MULTIAPPEND group or two duplicated: the dead run's
+/// last APPENDs landed after the next run had looked at the target.)
 #[tokio::test(flavor = "multi_thread")]
-async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
-    let s = setup(52, 40).await;
+async fn kill_9_mid_copy_again_and_again_loses_and_duplicates_nothing() {
+    let s = setup(52, 850).await;
+    let total = s.messages.len() as u32;
+    assert!(total >= 10_000);
     let state = temp_dir("state");
     let mut rng = fastrand::Rng::with_seed(52);
-    for _ in 0..4 {
+    let mut counts = vec![0];
+    for _ in 0..5 {
         let mut child = s
             .migrate(&state)
             .command()
@@ -192,16 +220,44 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.u64(30..250)));
+        // Killed once the target has grown by a random step: mid-copy by construction,
+        // at a different point each time (a run after a killed one first waits
+        // SETTLE_AFTER_CRASH for the dead run's writes, then copies).
+        let before = *counts.last().unwrap();
+        let step = rng.u32(100..1500);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before it was killed: target after each kill {counts:?}"
+            );
+            assert!(Instant::now() < deadline, "the run copied nothing for 60 s");
+            if target_count(s.dst.port).await >= before + step {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = std::process::Command::new("kill")
             .arg("-KILL")
             .arg(child.id().to_string())
             .status();
         let _ = child.wait();
+        counts.push(target_count(s.dst.port).await);
     }
+    let last = *counts.last().unwrap();
+    assert!(
+        last < total,
+        "the target was complete before the last run: {counts:?}"
+    );
     let out = s.migrate(&state).run();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("the last run on this state directory did not finish"),
+        "{}",
+        text(&out)
+    );
     s.assert_equal().await;
+    eprintln!("target after each kill: {counts:?} of {total}; then complete and equal");
 }
 
 /// The source drops the connection in the middle of a FETCH; the target in the middle

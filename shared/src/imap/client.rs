@@ -826,10 +826,18 @@ async fn read_loop(
     let reason = loop {
         let mut failure = None;
         loop {
-            // Untagged data belongs to the oldest open command: its bound applies.
-            let front_max = shared.lock().pending.front().and_then(|p| p.max_literal);
+            // Untagged data may belong to any open command (a server may answer
+            // pipelined FETCHes in parallel, as Dovecot does): the largest bound of the
+            // open commands applies, the session's own where one has none.
+            let open_max = {
+                let st = shared.lock();
+                st.pending
+                    .iter()
+                    .map(|p| p.max_literal.unwrap_or(session_max_literal))
+                    .max()
+            };
             framer.set_max_literal(
-                front_max.map_or(session_max_literal, |m| m.min(session_max_literal)),
+                open_max.map_or(session_max_literal, |m| m.min(session_max_literal)),
             );
             match framer.next_frame(&mut buf) {
                 Ok(None) => break,
