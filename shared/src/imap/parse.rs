@@ -98,7 +98,7 @@ impl Framer {
                 return Ok(None);
             };
             let eol = self.scan_pos + lf;
-            self.text_too_long(eol - self.segment_start)?;
+            self.text_too_long(eol + 1 - self.segment_start)?;
             let line = &buf[self.segment_start..eol];
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             match literal_announcement(line) {
