@@ -526,6 +526,7 @@ fn lease_test_endpoint() -> mailferry_shared::endpoint::Endpoint {
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(5),
         command_timeout: Duration::from_secs(5),
+        public_only: false,
     }
 }
 

@@ -8,7 +8,9 @@ use axum::http::StatusCode;
 use axum::Extension;
 use mailferry_shared::control::now_ms;
 use mailferry_shared::directory::{endpoint_seal_scope, EndpointRecord, Role};
-use mailferry_shared::endpoint::{preset, AuthMethod, Credentials, Endpoint, Security, PRESETS};
+use mailferry_shared::endpoint::{
+    is_internal, preset, AuthMethod, Credentials, Endpoint, Security, PRESETS,
+};
 use mailferry_shared::imap::Limits;
 use mailferry_shared::secret::Secret;
 use serde::{Deserialize, Serialize};
@@ -194,6 +196,8 @@ pub async fn create(
     }
     if new.role == Role::Source {
         refuse_internal(&api, &endpoint).await?;
+        // And every connection to it checks again, the addresses it connects to.
+        endpoint.public_only = api.cluster.settings.api.forbid_private_sources;
     }
     let id = new_id('e');
     let admin_secret = match admin_password {
@@ -407,64 +411,5 @@ async fn refuse_internal(api: &Shared, endpoint: &Endpoint) -> Result<(), ApiErr
             ),
         )),
         None => Ok(()),
-    }
-}
-
-pub fn is_internal(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b))
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_internal(&IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn internal_addresses_are_recognised() {
-        for internal in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:10.0.0.1",
-        ] {
-            assert!(is_internal(&internal.parse().unwrap()), "{internal}");
-        }
-        for public in [
-            "142.250.1.108",
-            "2a00:1450:4001::6d",
-            "100.128.0.1",
-            "172.32.0.1",
-        ] {
-            assert!(!is_internal(&public.parse().unwrap()), "{public}");
-        }
     }
 }

@@ -410,6 +410,18 @@ async fn tcp_connect(endpoint: &Endpoint) -> Result<TcpStream, Error> {
         }
         Ok(Ok(addrs)) => addrs.collect(),
     };
+    // The policy applies to the addresses connected to, not to an earlier lookup of
+    // the same name (DNS rebinding).
+    if endpoint.public_only {
+        if let Some(internal) = addrs.iter().find(|a| crate::endpoint::is_internal(&a.ip())) {
+            return Err(Error::Config(format!(
+                "host {} resolves to {}, an internal address: this installation migrates \
+                 only from public servers",
+                endpoint.host,
+                internal.ip()
+            )));
+        }
+    }
     let mut last = None;
     for addr in addrs {
         match tokio::time::timeout(endpoint.connect_timeout, TcpStream::connect(addr)).await {
@@ -549,6 +561,16 @@ impl Session {
 
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// Gives the connection up (a command was cut off halfway, and the server must not
+    /// see the rest): it is closed, and a pool drops it instead of lending it again.
+    pub fn abandon(&mut self, reason: &str) {
+        self.shared
+            .lock()
+            .closed
+            .get_or_insert_with(|| reason.to_string());
+        self.reader.abort();
     }
 
     /// True once the connection has failed or the server said BYE.
@@ -957,6 +979,24 @@ mod tests {
             xoauth2_response(b"someuser@example.com", b"ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg"),
             b"user=someuser@example.com\x01auth=Bearer ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg\x01\x01"
         );
+    }
+
+    #[tokio::test]
+    async fn a_public_only_endpoint_refuses_the_internal_address_it_resolves() {
+        // Resolved by the connection itself: a name checked once elsewhere could
+        // resolve differently by now (DNS rebinding).
+        for host in ["localhost", "127.0.0.1", "::ffff:10.0.0.1"] {
+            let mut endpoint = Endpoint::new(host, 1, Security::Plain);
+            endpoint.public_only = true;
+            let err = connect(&endpoint, Limits::default())
+                .await
+                .err()
+                .expect("refused");
+            assert!(
+                err.to_string().contains("an internal address"),
+                "{host}: {err}"
+            );
+        }
     }
 
     #[test]
