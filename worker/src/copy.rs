@@ -362,10 +362,23 @@ async fn flush(
         bytes: group.bytes,
         max_literal: None,
     };
-    let handle = target
-        .send_expecting(command, expect)
-        .await
-        .map_err(JobError::target_side)?;
+    // Writing a group takes time (a slow target, a process frozen halfway), and the
+    // fence may shut meanwhile: then the rest is not sent. The command is cut off
+    // unfinished and the connection given up, so the server discards all of it (a
+    // MULTIAPPEND stores all of its messages or none). The fence is polled first, so a
+    // process resuming after a freeze stops before it writes again.
+    let sent = tokio::select! {
+        biased;
+        why = fence.shut() => Err(why),
+        sent = target.send_expecting(command, expect) => Ok(sent),
+    };
+    let handle = match sent {
+        Err(why) => {
+            target.abandon("an APPEND cut off: this run may no longer write here");
+            return Err(JobError::Fenced(why));
+        }
+        Ok(sent) => sent.map_err(JobError::target_side)?,
+    };
     let g = std::mem::take(group);
     // The bodies are on the wire: their share of the budget goes back (g.permits drop).
     appends.push_back(OpenAppend {
