@@ -65,9 +65,18 @@ pub fn parse_csv(input: &[u8]) -> Result<ImportResult, CsvError> {
     let (Some(email_col), Some(user_col), Some(pass_col)) =
         (col("EmailAddress"), col("UserName"), col("Password"))
     else {
-        return Err(CsvError::Header {
-            found: headers.iter().collect::<Vec<_>>().join(","),
-        });
+        // A file without its header line starts with a user, password and all: that
+        // line is not repeated in the error (errors reach logs and answers).
+        let found = if headers.iter().any(|h| h.contains('@')) {
+            format!(
+                "a line that looks like a user rather than a header, with {} columns \
+                 (not shown: it may hold a password)",
+                headers.len()
+            )
+        } else {
+            headers.iter().collect::<Vec<_>>().join(",")
+        };
+        return Err(CsvError::Header { found });
     };
     let target_user_col = col("TargetUserName");
     let target_pass_col = col("TargetPassword");
@@ -200,5 +209,16 @@ erin@example.com,erin,pw,erin.target\n";
     fn a_wrong_header_says_what_it_found() {
         let err = parse_csv(b"Mail,Login,Secret\na,b,c\n").unwrap_err();
         assert!(err.to_string().contains("Mail,Login,Secret"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_header_does_not_repeat_the_first_users_password() {
+        let err = parse_csv(b"alice@example.com,alice,hunter2\n").unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(
+            text.contains("looks like a user rather than a header, with 3 columns"),
+            "{text}"
+        );
     }
 }

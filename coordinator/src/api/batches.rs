@@ -1020,9 +1020,11 @@ pub async fn report_csv(
 }
 
 /// A CSV cell, quoted when it must be; a cell a spreadsheet would run as a formula
-/// (`=`, `+`, `-`, `@`) is prefixed with `'`.
+/// (`=`, `+`, `-`, `@`, or a tab or carriage return before one: OWASP's list) is
+/// prefixed with `'`.
 fn csv_cell(text: &str) -> String {
-    let text = if text.starts_with(['=', '+', '-', '@']) && text.parse::<f64>().is_err() {
+    let formula = text.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    let text = if formula && text.parse::<f64>().is_err() {
         format!("'{text}")
     } else {
         text.to_string()
@@ -1058,6 +1060,8 @@ mod tests {
         assert_eq!(csv_cell("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
         assert_eq!(csv_cell("-5"), "-5");
+        assert_eq!(csv_cell("\t=1+1"), "'\t=1+1");
+        assert_eq!(csv_cell("\r=1+1"), "\"'\r=1+1\"");
     }
 
     #[test]
