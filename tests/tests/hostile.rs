@@ -311,23 +311,45 @@ fn with_flag(response: &[u8], insert: &[u8]) -> Option<Vec<u8>> {
     Some(v)
 }
 
+/// A greeting 300,000 `(` deep in its response code.
+fn nested_greeting() -> Script {
+    script(|m| is_greeting(m).then(|| vec![Play::Send(nested("* OK [X ", 300_000, "] hi\r\n"))]))
+}
+
+/// A greeting dripped a byte a second.
+fn dripped_greeting() -> Script {
+    script(|m| {
+        is_greeting(m).then(|| {
+            vec![Play::Drip {
+                bytes: b"* OK a greeting at the speed of a dripping tap\r\n".to_vec(),
+                every: Duration::from_secs(1),
+            }]
+        })
+    })
+}
+
+/// `start`, then `unit` again and again (64 MiB in all).
+fn endless(start: &[u8], unit: Vec<u8>) -> Vec<Play> {
+    vec![
+        Play::Send(start.to_vec()),
+        Play::Flood {
+            unit,
+            max_bytes: 64 << 20,
+        },
+    ]
+}
+
 /// The source's greeting is 300,000 `(` deep in its response code (it took the
 /// process down with a stack overflow): the greeting's code is set aside, the rest of
 /// the greeting stands, and the migration completes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_greeting_nested_300000_deep() {
-    let s = script(|m| {
-        is_greeting(m).then(|| vec![Play::Send(nested("* OK [X ", 300_000, "] hi\r\n"))])
-    });
-    case(Side::Source, s, Expect::Recovers).await;
+    case(Side::Source, nested_greeting(), Expect::Recovers).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_target_greeting_nested_300000_deep() {
-    let s = script(|m| {
-        is_greeting(m).then(|| vec![Play::Send(nested("* OK [X ", 300_000, "] hi\r\n"))])
-    });
-    case(Side::Target, s, Expect::Recovers).await;
+    case(Side::Target, nested_greeting(), Expect::Recovers).await;
 }
 
 /// A FETCH response nested past the bound, every time: each folder fails by name.
@@ -357,17 +379,7 @@ async fn a_fetch_response_nested_too_deep_once() {
 /// A greeting that never ends (no line feed): refused at the line bound.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_greeting_that_never_ends() {
-    let s = script(|m| {
-        is_greeting(m).then(|| {
-            vec![
-                Play::Send(b"* OK ".to_vec()),
-                Play::Flood {
-                    unit: vec![b'x'; 64 * 1024],
-                    max_bytes: 64 << 20,
-                },
-            ]
-        })
-    });
+    let s = script(|m| is_greeting(m).then(|| endless(b"* OK ", vec![b'x'; 64 * 1024])));
     case(Side::Source, s, Expect::Fails("response text longer than")).await;
 }
 
@@ -375,43 +387,29 @@ async fn a_greeting_that_never_ends() {
 /// is not.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_greeting_dripped_a_byte_a_second() {
-    let s = script(|m| {
-        is_greeting(m).then(|| {
-            vec![Play::Drip {
-                bytes: b"* OK a greeting at the speed of a dripping tap\r\n".to_vec(),
-                every: Duration::from_secs(1),
-            }]
-        })
-    });
-    case(Side::Source, s, Expect::Fails("not done within 5 s")).await;
+    case(
+        Side::Source,
+        dripped_greeting(),
+        Expect::Fails("not done within 5 s"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_target_greeting_dripped_a_byte_a_second() {
-    let s = script(|m| {
-        is_greeting(m).then(|| {
-            vec![Play::Drip {
-                bytes: b"* OK a greeting at the speed of a dripping tap\r\n".to_vec(),
-                every: Duration::from_secs(1),
-            }]
-        })
-    });
-    case(Side::Target, s, Expect::Fails("not done within 5 s")).await;
+    case(
+        Side::Target,
+        dripped_greeting(),
+        Expect::Fails("not done within 5 s"),
+    )
+    .await;
 }
 
 /// A FETCH response that is one endless line.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_endless_line_in_a_fetch() {
     let s = script(|m| {
-        is_body_fetch(m).then(|| {
-            vec![
-                Play::Send(b"* 1 FETCH (UID 1 X ".to_vec()),
-                Play::Flood {
-                    unit: vec![b'9'; 64 * 1024],
-                    max_bytes: 64 << 20,
-                },
-            ]
-        })
+        is_body_fetch(m).then(|| endless(b"* 1 FETCH (UID 1 X ", vec![b'9'; 64 * 1024]))
     });
     case(Side::Source, s, Expect::Fails("response text longer than")).await;
 }
@@ -420,17 +418,8 @@ async fn an_endless_line_in_a_fetch() {
 /// response (it used to start again after each literal, so this never ended).
 #[tokio::test(flavor = "multi_thread")]
 async fn endless_empty_literals() {
-    let s = script(|m| {
-        is_body_fetch(m).then(|| {
-            vec![
-                Play::Send(b"* 1 FETCH (X ".to_vec()),
-                Play::Flood {
-                    unit: b"{0}\r\n".repeat(10_000),
-                    max_bytes: 64 << 20,
-                },
-            ]
-        })
-    });
+    let s =
+        script(|m| is_body_fetch(m).then(|| endless(b"* 1 FETCH (X ", b"{0}\r\n".repeat(10_000))));
     case(Side::Source, s, Expect::Fails("response text longer than")).await;
 }
 
@@ -624,11 +613,9 @@ async fn every_body_sent_twice() {
     case(Side::Source, s, Expect::Recovers).await;
 }
 
-/// UIDs past 32 bits in the metadata (4294967296 + n would wrap to n): not taken for
-/// any message's UID.
-#[tokio::test(flavor = "multi_thread")]
-async fn uids_past_32_bits() {
-    let s = script(|m| {
+/// The metadata FETCH with each message's UID replaced by `rewrite(uid)`.
+fn meta_uids(rewrite: fn(u64) -> u64) -> Script {
+    script(move |m| {
         if !is_meta_fetch(m) {
             return None;
         }
@@ -636,27 +623,27 @@ async fn uids_past_32_bits() {
         let at = text.find("UID ")? + 4;
         let end = at + text[at..].find([' ', ')'])?;
         let uid: u64 = text[at..end].parse().ok()?;
-        let wrapped = format!("{}{}{}", &text[..at], uid + (1u64 << 32), &text[end..]);
-        Some(vec![Play::Send(wrapped.into_bytes())])
-    });
-    case(Side::Source, s, Expect::Survives).await;
+        let rewritten = format!("{}{}{}", &text[..at], rewrite(uid), &text[end..]);
+        Some(vec![Play::Send(rewritten.into_bytes())])
+    })
+}
+
+/// UIDs past 32 bits in the metadata (4294967296 + n would wrap to n): not taken for
+/// any message's UID.
+#[tokio::test(flavor = "multi_thread")]
+async fn uids_past_32_bits() {
+    case(
+        Side::Source,
+        meta_uids(|uid| uid + (1 << 32)),
+        Expect::Survives,
+    )
+    .await;
 }
 
 /// UID 0 in the metadata: not a UID.
 #[tokio::test(flavor = "multi_thread")]
 async fn uid_zero() {
-    let s = script(|m| {
-        if !is_meta_fetch(m) {
-            return None;
-        }
-        let text = String::from_utf8_lossy(m.response).to_string();
-        let at = text.find("UID ")? + 4;
-        let end = at + text[at..].find([' ', ')'])?;
-        Some(vec![Play::Send(
-            format!("{}0{}", &text[..at], &text[end..]).into_bytes(),
-        )])
-    });
-    case(Side::Source, s, Expect::Survives).await;
+    case(Side::Source, meta_uids(|_| 0), Expect::Survives).await;
 }
 
 /// EXISTS, UIDNEXT and UIDVALIDITY past 32 bits in EXAMINE's answer.
