@@ -448,6 +448,7 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
             let keys: Vec<CheckpointKey> = names
                 .iter()
                 .map(|n| CheckpointKey {
+                    batch: req.batch.to_string(),
                     user: req.user.to_string(),
                     source_folder: WireName(n.clone()),
                 })

@@ -108,15 +108,20 @@ impl FolderJob {
 
     pub fn checkpoint_key(&self) -> CheckpointKey {
         CheckpointKey {
+            batch: self.batch.clone(),
             user: self.user.clone(),
             source_folder: self.source_folder.clone(),
         }
     }
 }
 
-/// Which folder a checkpoint belongs to.
+/// Which folder a checkpoint belongs to: of which user, in which batch. The batch is
+/// part of it (DESIGN.md invariant 11): the same address in two batches, or in two
+/// tenants' batches, is two migrations, each with its own target and its own record of
+/// what it copied there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CheckpointKey {
+    pub batch: String,
     pub user: String,
     pub source_folder: WireName,
 }

@@ -67,9 +67,10 @@ impl RedisStore {
         })
     }
 
-    /// `<prefix>:cp:<user>:<folder wire name>` (Redis keys are binary-safe).
+    /// `<prefix>:cp:<batch>:<user>:<folder wire name>` (Redis keys are binary-safe; a
+    /// batch name has no `:`).
     pub(crate) fn checkpoint_key(&self, key: &CheckpointKey) -> Vec<u8> {
-        let mut k = format!("{}:cp:{}:", self.prefix, key.user).into_bytes();
+        let mut k = format!("{}:cp:{}:{}:", self.prefix, key.batch, key.user).into_bytes();
         k.extend_from_slice(key.source_folder.as_bytes());
         k
     }

@@ -49,7 +49,7 @@ pub trait StateStore: Send + Sync + 'static {
     }
 }
 
-/// Checkpoints as files: `<dir>/checkpoints/<user>/<folder>.json`.
+/// Checkpoints as files: `<dir>/checkpoints/<batch>/<user>/<folder>.json`.
 #[derive(Debug, Clone)]
 pub struct DirStore {
     root: PathBuf,
@@ -134,6 +134,7 @@ impl DirStore {
     fn path(&self, key: &CheckpointKey) -> PathBuf {
         self.root
             .join("checkpoints")
+            .join(file_name(key.batch.as_bytes()))
             .join(file_name(key.user.as_bytes()))
             .join(format!("{}.json", file_name(key.source_folder.as_bytes())))
     }
@@ -249,6 +250,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mf-store-{}", fastrand::u64(..)));
         let store = DirStore::open(&dir).unwrap();
         let key = CheckpointKey {
+            batch: "default".into(),
             user: "u".into(),
             source_folder: WireName("INBOX".into()),
         };
@@ -259,6 +261,17 @@ mod tests {
         };
         cp.uid_map.insert(1, 7);
         store.save_checkpoint(&key, &cp).await.unwrap();
+        assert_eq!(store.load_checkpoint(&key).await.unwrap(), Some(cp.clone()));
+        // The same user and folder in another batch is another migration.
+        let other_batch = CheckpointKey {
+            batch: "second".into(),
+            ..key.clone()
+        };
+        assert_eq!(store.load_checkpoint(&other_batch).await.unwrap(), None);
+        store
+            .save_checkpoint(&other_batch, &Checkpoint::default())
+            .await
+            .unwrap();
         assert_eq!(store.load_checkpoint(&key).await.unwrap(), Some(cp));
         std::fs::write(store.path(&key), b"{not json").unwrap();
         assert_eq!(store.load_checkpoint(&key).await.unwrap(), None);

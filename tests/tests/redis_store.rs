@@ -25,6 +25,7 @@ async fn checkpoints_round_trip_in_redis_with_binary_folder_names() {
         .await
         .expect("Redis must be running on 127.0.0.1:6379 (tests/run-all.sh checks)");
     let key = CheckpointKey {
+        batch: "b1".into(),
         user: "alice@example.com".into(),
         source_folder: WireName(bytes::Bytes::from_static(b"Entw&APw-rfe\xff")),
     };
@@ -47,7 +48,19 @@ async fn checkpoints_round_trip_in_redis_with_binary_folder_names() {
         ..key.clone()
     };
     assert_eq!(store.load_checkpoint(&other).await.unwrap(), None);
-    assert_eq!(store.delete_all().await.unwrap(), 1);
+    // and so is the same user in another batch (or another tenant's batch): it neither
+    // reads nor overwrites this batch's checkpoint
+    let other_batch = CheckpointKey {
+        batch: "b2".into(),
+        ..key.clone()
+    };
+    assert_eq!(store.load_checkpoint(&other_batch).await.unwrap(), None);
+    store
+        .save_checkpoint(&other_batch, &Checkpoint::default())
+        .await
+        .unwrap();
+    assert_eq!(store.load_checkpoint(&key).await.unwrap(), Some(cp.clone()));
+    assert_eq!(store.delete_all().await.unwrap(), 2);
     assert_eq!(store.load_checkpoint(&key).await.unwrap(), None);
 }
 
