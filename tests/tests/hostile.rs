@@ -628,8 +628,9 @@ fn meta_uids(rewrite: fn(u64) -> u64) -> Script {
     })
 }
 
-/// UIDs past 32 bits in the metadata (4294967296 + n would wrap to n): not taken for
-/// any message's UID.
+/// UIDs past 32 bits in the metadata: survived. (That they are not taken for a UID,
+/// where 4294967297 wrapped to 1, is the unit test `a_uid_past_32_bits_or_zero_is_no_uid`:
+/// here `uid + 2^32` would wrap to the same UID and prove nothing about it.)
 #[tokio::test(flavor = "multi_thread")]
 async fn uids_past_32_bits() {
     case(

@@ -139,6 +139,33 @@ pub fn flag_key(flags: &[Flag]) -> Vec<String> {
 mod tests {
     use super::*;
 
+    fn fetched(line: &[u8]) -> Fetched {
+        let mut framer = mailferry_shared::imap::parse::Framer::new(1 << 20, 1 << 20);
+        let responses = mailferry_shared::imap::parse::split_all(line, &mut framer).unwrap();
+        parse_fetch(&responses[0]).unwrap()
+    }
+
+    #[test]
+    fn a_uid_past_32_bits_or_zero_is_no_uid() {
+        // 4294967297 used to wrap to UID 1, taking another message's place.
+        assert_eq!(
+            fetched(b"* 1 FETCH (UID 4294967297 RFC822.SIZE 5)\r\n").uid,
+            None
+        );
+        assert_eq!(fetched(b"* 1 FETCH (UID 0 RFC822.SIZE 5)\r\n").uid, None);
+        assert_eq!(
+            fetched(b"* 1 FETCH (UID 4294967295)\r\n").uid,
+            Some(u32::MAX)
+        );
+    }
+
+    #[test]
+    fn only_valid_flags_are_read() {
+        let f = fetched(b"* 1 FETCH (UID 3 FLAGS (\\Seen \\Recent \"a) b\" {3}\r\nx y $Work))\r\n");
+        let flags: Vec<String> = f.flags.unwrap().iter().map(Flag::to_string).collect();
+        assert_eq!(flags, vec!["\\Seen", "$Work"]);
+    }
+
     #[test]
     fn content_hash_ignores_carriage_returns_only() {
         assert_eq!(content_hash(b"a\r\nb\r\n"), content_hash(b"a\nb\n"));

@@ -297,3 +297,17 @@ impl Session {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imap::parse::{split_all, Framer};
+
+    #[test]
+    fn status_numbers_past_32_bits_are_unknown_not_wrapped() {
+        let wire = b"* STATUS INBOX (MESSAGES 4294967297 UIDNEXT 99999999999 UIDVALIDITY 7)\r\n";
+        let r = split_all(wire, &mut Framer::new(1 << 20, 1 << 20)).unwrap();
+        let (_, st) = parse_status(&r[0]).unwrap();
+        assert_eq!((st.messages, st.uidnext, st.uidvalidity), (0, 0, 7));
+    }
+}
