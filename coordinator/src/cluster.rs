@@ -10,7 +10,8 @@ use mailferry_shared::batch::{BatchRecord, UserRecord};
 use mailferry_shared::control::PassRecord;
 use mailferry_shared::directory::endpoint_seal_scope;
 use mailferry_shared::redis_store::RedisStore;
-use mailferry_shared::seal::Keyring;
+use mailferry_shared::error::Side;
+use mailferry_shared::seal::{Binding, Keyring};
 use mailferry_shared::settings::{Settings, MIN_SYNC_INTERVAL_SECS};
 use mailferry_shared::status::{roll_up, Intent, JobState, UserStatus, UserView};
 use mailferry_shared::Error;
@@ -120,16 +121,24 @@ impl Cluster {
         };
         self.store.put_batch(batch, &record).await?;
         for u in users {
-            let seal = |s| {
+            let seal = |s, side, server| {
                 self.keys
-                    .seal(s, batch, &u.id)
+                    .seal(s, Binding::new(batch, &u.id, side, server))
                     .map_err(|e| Error::Config(e.to_string()))
             };
             let user = UserRecord {
                 source_login: u.source_credentials.login.clone(),
-                source_secret: Some(seal(&u.source_credentials.secret)?),
+                source_secret: Some(seal(
+                    &u.source_credentials.secret,
+                    Side::Source,
+                    &record.source,
+                )?),
                 target_login: u.target_credentials.login.clone(),
-                target_secret: Some(seal(&u.target_credentials.secret)?),
+                target_secret: Some(seal(
+                    &u.target_credentials.secret,
+                    Side::Target,
+                    &record.target,
+                )?),
             };
             self.store.put_user(batch, &u.id, &user).await?;
         }
@@ -159,10 +168,11 @@ impl Cluster {
         for tenant in self.store.tenants().await? {
             for mut endpoint in self.store.endpoints(&tenant).await? {
                 let (scope, who) = endpoint_seal_scope(&tenant, &endpoint.id);
+                let to = Binding::new(&scope, &who, endpoint.role.side(), &endpoint.endpoint);
                 let Some(secret) = endpoint.admin_secret.as_mut() else {
                     continue;
                 };
-                let again = self.keys.reseal(secret, &scope, &who).map_err(|e| {
+                let again = self.keys.reseal(secret, to).map_err(|e| {
                     Error::Config(format!("tenant {tenant}, endpoint {}: {e}", endpoint.id))
                 })?;
                 if count(again, secret) {
@@ -177,15 +187,26 @@ impl Cluster {
             if let Some(owner) = record.owner.as_mut() {
                 let mut changed = false;
                 let sides = [
-                    (&owner.source_endpoint, &mut owner.source_admin_secret),
-                    (&owner.target_endpoint, &mut owner.target_admin_secret),
+                    (
+                        &owner.source_endpoint,
+                        &mut owner.source_admin_secret,
+                        Side::Source,
+                        &record.source,
+                    ),
+                    (
+                        &owner.target_endpoint,
+                        &mut owner.target_admin_secret,
+                        Side::Target,
+                        &record.target,
+                    ),
                 ];
-                for (endpoint, secret) in sides {
+                for (endpoint, secret, side, server) in sides {
                     let Some(secret) = secret.as_mut() else {
                         continue;
                     };
                     let (scope, who) = endpoint_seal_scope(&owner.tenant, endpoint);
-                    let again = self.keys.reseal(secret, &scope, &who).map_err(|e| {
+                    let to = Binding::new(&scope, &who, side, server);
+                    let again = self.keys.reseal(secret, to).map_err(|e| {
                         Error::Config(format!("batch {batch}, endpoint {endpoint}: {e}"))
                     })?;
                     changed |= count(again, secret);
@@ -196,17 +217,27 @@ impl Cluster {
             }
         }
         for batch in self.store.batches().await? {
+            let Some(servers) = self.store.batch(&batch).await? else {
+                continue;
+            };
             for user in self.store.users(&batch).await? {
                 // Closed users' credentials are deleted: nothing to reseal.
                 let Some(mut record) = self.store.user(&batch, &user).await? else {
                     continue;
                 };
                 let mut changed = false;
-                let secrets = [&mut record.source_secret, &mut record.target_secret];
-                for secret in secrets.into_iter().flatten() {
+                let secrets = [
+                    (&mut record.source_secret, Side::Source, &servers.source),
+                    (&mut record.target_secret, Side::Target, &servers.target),
+                ];
+                for (secret, side, server) in secrets {
+                    let Some(secret) = secret.as_mut() else {
+                        continue;
+                    };
+                    let to = Binding::new(&batch, &user, side, server);
                     let again = self
                         .keys
-                        .reseal(secret, &batch, &user)
+                        .reseal(secret, to)
                         .map_err(|e| Error::Config(format!("batch {batch}, user {user}: {e}")))?;
                     changed |= count(again, secret);
                 }

@@ -14,11 +14,17 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
 fn main() -> ExitCode {
+    // Before any password is read: this process's memory stays out of core dumps.
+    let dumps = mailferry_shared::secret::keep_out_of_core_dumps();
     let cli = Cli::parse();
     // The long-running processes log as their settings say (text or JSON): they start
     // logging once those are read.
     if !matches!(cli.command, Command::Coordinator(_) | Command::Worker(_)) {
         init_logging(cli.verbose, LogFormat::Text);
+    }
+    if let Err(why) = dumps {
+        // Logged once logging is up (the long-running processes: as they start).
+        tracing::warn!("a core dump of this process could hold passwords: {why}");
     }
     match cli.command {
         Command::Migrate(args) => match migrate(&args) {

@@ -27,6 +27,16 @@ pub enum Role {
     Target,
 }
 
+impl Role {
+    /// The side of a migration this endpoint's secrets are sealed for.
+    pub fn side(self) -> crate::error::Side {
+        match self {
+            Role::Source => crate::error::Side::Source,
+            Role::Target => crate::error::Side::Target,
+        }
+    }
+}
+
 /// An IMAP server a tenant migrates from or to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {

@@ -1274,7 +1274,7 @@ async fn the_sealing_key_rotates_without_losing_stored_credentials() {
                         .query_async(&mut conn)
                         .await
                         .unwrap();
-                    for part in v.split('"').filter(|p| p.starts_with("v1:")) {
+                    for part in v.split('"').filter(|p| p.starts_with("v2:")) {
                         sealed.push(part.to_string());
                     }
                 }
@@ -1284,7 +1284,7 @@ async fn the_sealing_key_rotates_without_losing_stored_credentials() {
     };
     let before = stored(&rig).await;
     assert_eq!(before.len(), 4, "two users, two secrets each: {before:?}");
-    assert!(before.iter().all(|s| s.starts_with("v1:k1:")));
+    assert!(before.iter().all(|s| s.starts_with("v2:k1:")));
 
     rig.keys = Secret::new(format!("{}\n{}", k1.expose(), k2.expose()));
     let (code, stdout, text) = rig.admin(&["reseal"]);
@@ -1292,7 +1292,7 @@ async fn the_sealing_key_rotates_without_losing_stored_credentials() {
     assert!(stdout.contains("4 secrets sealed again"), "{stdout}");
     let after = stored(&rig).await;
     assert_eq!(after.len(), 4);
-    assert!(after.iter().all(|s| s.starts_with("v1:k2:")), "{after:?}");
+    assert!(after.iter().all(|s| s.starts_with("v2:k2:")), "{after:?}");
     // Running it again changes nothing.
     let (_, stdout, _) = rig.admin(&["reseal"]);
     assert!(
@@ -1307,6 +1307,75 @@ async fn the_sealing_key_rotates_without_losing_stored_credentials() {
     rig.start();
     rig.wait_synced(Duration::from_secs(90)).await;
     rig.assert_target_equals_source().await;
+    rig.clean_up().await;
+}
+
+/// A listener that greets like an IMAP server offering AUTH=PLAIN and LOGIN, refuses
+/// every command, and keeps every byte it is sent.
+fn password_trap() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = heard.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut out = conn.try_clone().unwrap();
+                let _ = out.write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] hi\r\n");
+                let mut lines = std::io::BufReader::new(conn);
+                let mut line = Vec::new();
+                while lines.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                    log.lock().unwrap().extend_from_slice(&line);
+                    let tag = line.split(|&b| b == b' ').next().unwrap_or(b"*").to_vec();
+                    let _ = out.write_all(&[&tag[..], b" NO no\r\n"].concat());
+                    line.clear();
+                }
+            });
+        }
+    });
+    (port, heard)
+}
+
+/// Whoever can write to Redis cannot send the users' passwords to a server of their
+/// own (issue 19, finding 9): the batch's source server is changed in Redis, behind the
+/// API's and the admin's back, to a listener that plays an IMAP server. The users fail,
+/// saying why, and the listener never hears a login. (Before secrets were bound to
+/// their server, the workers logged in to it with every user's password.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_changed_in_redis_never_receives_the_passwords() {
+    let rig = Rig::new(5).await;
+    let store = rig.store().await;
+    let mut record = store.batch("b1").await.unwrap().unwrap();
+    let (trap, heard) = password_trap();
+    record.source.host = "127.0.0.1".into();
+    record.source.port = trap;
+    record.source.security = mailferry_shared::endpoint::Security::Plain;
+    store.put_batch("b1", &record).await.unwrap();
+
+    let _coordinator = rig.coordinator("coordinator");
+    let _worker = rig.worker("worker1");
+    rig.start();
+    let lines = rig
+        .wait_until("both users failed", Duration::from_secs(60), |l| {
+            l.len() == 2 && l.iter().all(|l| l.1 == "failed")
+        })
+        .await;
+    for (user, _, reason) in &lines {
+        assert!(
+            reason.contains("source") && reason.contains("does not open"),
+            "{user}: {reason}"
+        );
+    }
+    let heard = String::from_utf8_lossy(&heard.lock().unwrap()).to_ascii_uppercase();
+    assert!(
+        !heard.contains("LOGIN") && !heard.contains("AUTHENTICATE"),
+        "the trap was sent a login: {heard}"
+    );
+    for (_, password, _) in &rig.users {
+        assert!(!heard.contains(&password.to_ascii_uppercase()));
+    }
     rig.clean_up().await;
 }
 

@@ -116,3 +116,30 @@ async fn admin_logins_master_user_and_sasl_authorization_identity() {
     let pair = Pair::dovecots(&src, &dst, "alice", "alice-secret");
     assert_same_mail(&pair, &messages, |p| p.to_string()).await;
 }
+
+/// A running mailferry keeps its memory — the passwords it holds — out of any core
+/// dump it may leave (issue 19, finding 10): its coredump_filter is 0. Checked on a
+/// `migrate` waiting for a source that accepts and never greets.
+#[test]
+fn a_running_mailferry_keeps_its_memory_out_of_core_dumps() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let state = temp_dir("state");
+    let mut child = Migrate::new(port, port, "alice", &state)
+        .passwords("alice-secret", "alice-secret")
+        .command()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let filter = format!("/proc/{}/coredump_filter", child.id());
+    let _conn = silent.accept().unwrap(); // it is running, and past its start
+    let value = std::fs::read_to_string(&filter).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        u32::from_str_radix(value.trim(), 16),
+        Ok(0),
+        "{filter}: {value}"
+    );
+}

@@ -12,7 +12,7 @@ use mailferry_shared::endpoint::Credentials;
 use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::imap::Limits;
 use mailferry_shared::redis_store::RedisStore;
-use mailferry_shared::seal::Keyring;
+use mailferry_shared::seal::{Binding, Keyring, SealError};
 use mailferry_shared::slots::{Pinned, SharedSlots};
 use mailferry_shared::{Disposition, Error as SharedError, Side};
 
@@ -278,7 +278,7 @@ impl RedisAccounts {
     ) -> Result<UserAccounts, JobError> {
         // Without a stored secret there is nothing to log in with: the user fails with
         // the reason, as a rejected login would (the API refuses to start such a user).
-        let unseal = |sealed: &Option<String>, side: Side| {
+        let unseal = |sealed: &Option<String>, side: Side, server| {
             let sealed = sealed.as_deref().ok_or_else(|| JobError::Imap {
                 side,
                 source: mailferry_shared::Error::AuthRejected {
@@ -287,10 +287,22 @@ impl RedisAccounts {
                     ),
                 },
             })?;
-            self.keys.open(sealed, batch, user).map_err(|e| {
-                JobError::Store(mailferry_shared::Error::Config(format!(
-                    "credentials of {user}: {e}"
-                )))
+            // Bound to this side's server as stored beside it: a server changed in Redis
+            // since the password was sealed does not get it.
+            let to = Binding::new(batch, user, side, server);
+            self.keys.open(sealed, to).map_err(|e| {
+                let error = mailferry_shared::Error::Config(format!("credentials of {user}: {e}"));
+                match e {
+                    // This process lacks a key the others have (a rotation half rolled
+                    // out): another try, perhaps on another worker, may open it.
+                    SealError::UnknownKey(_) => JobError::Store(error),
+                    // Sealed for another user, side or server, or not bound at all: no
+                    // retry opens it; the user fails until the password is given again.
+                    _ => JobError::Imap {
+                        side,
+                        source: error,
+                    },
+                }
             })
         };
         let gate = |host_cap| self.slots.as_ref().map(|s| s.gate(host_cap));
@@ -298,7 +310,7 @@ impl RedisAccounts {
             batch_record.source.clone(),
             Credentials {
                 login: record.source_login.clone(),
-                secret: unseal(&record.source_secret, Side::Source)?,
+                secret: unseal(&record.source_secret, Side::Source, &batch_record.source)?,
                 method: batch_record.source_auth.clone(),
             },
             self.limits,
@@ -309,7 +321,7 @@ impl RedisAccounts {
             batch_record.target.clone(),
             Credentials {
                 login: record.target_login.clone(),
-                secret: unseal(&record.target_secret, Side::Target)?,
+                secret: unseal(&record.target_secret, Side::Target, &batch_record.target)?,
                 method: batch_record.target_auth.clone(),
             },
             self.limits,

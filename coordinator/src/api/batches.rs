@@ -12,7 +12,9 @@ use axum::Extension;
 use mailferry_shared::batch::{BatchRecord, Owner, UserRecord};
 use mailferry_shared::control::now_ms;
 use mailferry_shared::directory::{endpoint_seal_scope, EndpointRecord, Role};
-use mailferry_shared::seal::Keyring;
+use mailferry_shared::endpoint::Endpoint;
+use mailferry_shared::error::Side;
+use mailferry_shared::seal::{Binding, Keyring};
 use mailferry_shared::secret::Secret;
 use mailferry_shared::settings::MIN_SYNC_INTERVAL_SECS;
 use mailferry_shared::status::{Intent, JobState, UserStatus};
@@ -322,39 +324,59 @@ pub async fn users(
     }))
 }
 
-/// Seals users' secrets: the password given, else the batch endpoint's admin password
-/// (opened once per request), else none.
+/// Seals users' secrets for the batch's servers: the password given, else the batch
+/// endpoint's admin password (opened once per request), else none.
 struct Sealer<'a> {
     keys: &'a Keyring,
     batch: &'a str,
+    source: &'a Endpoint,
+    target: &'a Endpoint,
     source_admin: Option<Secret>,
     target_admin: Option<Secret>,
 }
 
 impl<'a> Sealer<'a> {
-    fn new(keys: &'a Keyring, batch: &'a str, owner: &Owner) -> Result<Self, ApiError> {
-        let open = |sealed: &Option<String>, endpoint: &str| {
+    fn new(
+        keys: &'a Keyring,
+        batch: &'a str,
+        record: &'a BatchRecord,
+        owner: &Owner,
+    ) -> Result<Self, ApiError> {
+        let open = |sealed: &Option<String>, endpoint: &str, side, server| {
             sealed
                 .as_deref()
                 .map(|s| {
                     let (scope, who) = endpoint_seal_scope(&owner.tenant, endpoint);
-                    keys.open(s, &scope, &who).map_err(|e| {
-                        ApiError::invalid(format!("endpoint {endpoint}'s admin password: {e}"))
-                    })
+                    keys.open(s, Binding::new(&scope, &who, side, server))
+                        .map_err(|e| {
+                            ApiError::invalid(format!("endpoint {endpoint}'s admin password: {e}"))
+                        })
                 })
                 .transpose()
         };
         Ok(Sealer {
             keys,
             batch,
-            source_admin: open(&owner.source_admin_secret, &owner.source_endpoint)?,
-            target_admin: open(&owner.target_admin_secret, &owner.target_endpoint)?,
+            source: &record.source,
+            target: &record.target,
+            source_admin: open(
+                &owner.source_admin_secret,
+                &owner.source_endpoint,
+                Side::Source,
+                &record.source,
+            )?,
+            target_admin: open(
+                &owner.target_admin_secret,
+                &owner.target_endpoint,
+                Side::Target,
+                &record.target,
+            )?,
         })
     }
 
     fn seal(
         &self,
-        user: &str,
+        to: Binding,
         given: Option<&Secret>,
         admin: &Option<Secret>,
     ) -> Result<Option<String>, ApiError> {
@@ -362,18 +384,20 @@ impl<'a> Sealer<'a> {
             .or(admin.as_ref())
             .map(|s| {
                 self.keys
-                    .seal(s, self.batch, user)
+                    .seal(s, to)
                     .map_err(|e| ApiError::invalid(e.to_string()))
             })
             .transpose()
     }
 
     fn source(&self, user: &str, given: Option<&Secret>) -> Result<Option<String>, ApiError> {
-        self.seal(user, given, &self.source_admin)
+        let to = Binding::new(self.batch, user, Side::Source, self.source);
+        self.seal(to, given, &self.source_admin)
     }
 
     fn target(&self, user: &str, given: Option<&Secret>) -> Result<Option<String>, ApiError> {
-        self.seal(user, given, &self.target_admin)
+        let to = Binding::new(self.batch, user, Side::Target, self.target);
+        self.seal(to, given, &self.target_admin)
     }
 }
 
@@ -438,7 +462,7 @@ pub async fn add_user(
     Path(id): Path<String>,
     Json(new): Json<NewUser>,
 ) -> Result<(StatusCode, Json<AccountView>), ApiError> {
-    let (_, owner) = owned(&api, &tenant, &id).await?;
+    let (record, owner) = owned(&api, &tenant, &id).await?;
     let email = new.email.trim().to_string();
     if !valid_email(&email) {
         return Err(ApiError::invalid(format!(
@@ -457,7 +481,7 @@ pub async fn add_user(
             .unwrap_or(&email)
             .to_string()
     };
-    let sealer = Sealer::new(&api.cluster.keys, &id, &owner)?;
+    let sealer = Sealer::new(&api.cluster.keys, &id, &record, &owner)?;
     let record = UserRecord {
         source_login: login(&new.source_login),
         source_secret: sealer.source(&email, secret(&new.source_password).as_ref())?,
@@ -496,7 +520,7 @@ pub async fn import(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<ImportReport>, ApiError> {
-    let (_, owner) = owned(&api, &tenant, &id).await?;
+    let (record, owner) = owned(&api, &tenant, &id).await?;
     let existing: HashSet<String> = api.cluster.store.users(&id).await?.into_iter().collect();
     let keys = api.cluster.keys.clone();
     let batch = id.clone();
@@ -512,7 +536,7 @@ pub async fn import(
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_csv", e.to_string())
             }
         })?;
-        let sealer = Sealer::new(&keys, &batch, &owner)?;
+        let sealer = Sealer::new(&keys, &batch, &record, &owner)?;
         let mut records = Vec::with_capacity(parsed.users.len());
         let mut updates = Vec::new();
         for row in parsed.users {
@@ -585,9 +609,9 @@ pub async fn edit_user(
     Path((id, user)): Path<(String, String)>,
     Json(edit): Json<UserEdit>,
 ) -> Result<Json<AccountView>, ApiError> {
-    let (_, owner) = owned(&api, &tenant, &id).await?;
+    let (batch_record, owner) = owned(&api, &tenant, &id).await?;
     let mut record = user_record(&api, &id, &user).await?;
-    let sealer = Sealer::new(&api.cluster.keys, &id, &owner)?;
+    let sealer = Sealer::new(&api.cluster.keys, &id, &batch_record, &owner)?;
     let login = |l: &Option<String>, what: &str| match l.as_deref().map(str::trim) {
         Some("") => Err(ApiError::invalid(format!("{what}: cannot be empty"))),
         other => Ok(other.map(str::to_string)),
@@ -855,7 +879,7 @@ async fn act(
     selection: Selection,
     action: Action,
 ) -> Result<Json<ActionReport>, ApiError> {
-    let (_, owner) = owned(api, tenant, batch).await?;
+    let (record, owner) = owned(api, tenant, batch).await?;
     let users = selected(api, batch, &selection.users).await?;
     let mut refused = Vec::new();
     let users = if action == Action::Start {
@@ -869,7 +893,7 @@ async fn act(
                 "source_passwords: {stranger:?} is not among the users started"
             )));
         }
-        let sealer = Sealer::new(&api.cluster.keys, batch, &owner)?;
+        let sealer = Sealer::new(&api.cluster.keys, batch, &record, &owner)?;
         let records = api.cluster.store.user_records(batch, &users).await?;
         let mut ready = Vec::with_capacity(users.len());
         let mut changed = Vec::new();

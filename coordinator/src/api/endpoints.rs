@@ -12,6 +12,7 @@ use mailferry_shared::endpoint::{
     is_internal, preset, AuthMethod, Credentials, Endpoint, Security, PRESETS,
 };
 use mailferry_shared::imap::Limits;
+use mailferry_shared::seal::Binding;
 use mailferry_shared::secret::Secret;
 use serde::{Deserialize, Serialize};
 
@@ -203,10 +204,11 @@ pub async fn create(
     let admin_secret = match admin_password {
         Some(p) => {
             let (scope, who) = endpoint_seal_scope(&tenant, &id);
+            let to = Binding::new(&scope, &who, new.role.side(), &endpoint);
             Some(
                 api.cluster
                     .keys
-                    .seal(&Secret::new(p), &scope, &who)
+                    .seal(&Secret::new(p), to)
                     .map_err(|e| ApiError::invalid(e.to_string()))?,
             )
         }
@@ -312,9 +314,10 @@ pub async fn test(
         (Some(p), _) => Secret::new(p),
         (None, Some(sealed)) => {
             let (scope, who) = endpoint_seal_scope(&tenant, &record.id);
+            let to = Binding::new(&scope, &who, record.role.side(), &record.endpoint);
             api.cluster
                 .keys
-                .open(sealed, &scope, &who)
+                .open(sealed, to)
                 .map_err(|e| ApiError::invalid(format!("the endpoint's admin password: {e}")))?
         }
         (None, None) => {

@@ -131,6 +131,27 @@ enum Part {
 pub struct Command {
     verb: String,
     parts: Vec<Part>,
+    /// Carries a password or token: its bytes are wiped when it is dropped.
+    sensitive: bool,
+}
+
+impl Drop for Command {
+    fn drop(&mut self) {
+        if !self.sensitive {
+            return;
+        }
+        for part in &mut self.parts {
+            match part {
+                Part::Text(t) => zeroize::Zeroize::zeroize(t),
+                Part::Literal(data) | Part::Literal8(data) => {
+                    // `arg` made this literal from the password alone: it is not shared.
+                    if let Ok(mut owned) = std::mem::take(data).try_into_mut() {
+                        zeroize::Zeroize::zeroize(owned.as_mut());
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Command {
@@ -144,7 +165,14 @@ impl Command {
         Command {
             verb: verb.split(' ').take(2).collect::<Vec<_>>().join(" "),
             parts: vec![Part::Text(verb.as_bytes().to_vec())],
+            sensitive: false,
         }
+    }
+
+    /// Marks a command that carries a secret: wiped once it has been written.
+    pub fn sensitive(mut self) -> Self {
+        self.sensitive = true;
+        self
     }
 
     fn text_mut(&mut self) -> &mut Vec<u8> {
@@ -758,7 +786,7 @@ impl Session {
             )));
         }
         let handle = self
-            .send(Command::new("LOGIN").arg(user).arg(secret))
+            .send(Command::new("LOGIN").arg(user).arg(secret).sensitive())
             .await?;
         let (_, status) = handle.finish().await?;
         check("LOGIN", status)
@@ -767,10 +795,15 @@ impl Session {
     /// AUTHENTICATE with an initial response; any further challenge (XOAUTH2's error
     /// report) is answered with an empty line so the server sends its final NO.
     async fn sasl(&mut self, mechanism: &str, initial: Vec<u8>) -> Result<StatusResponse, Error> {
-        let encoded = base64::engine::general_purpose::STANDARD.encode(initial);
+        let initial = zeroize::Zeroizing::new(initial);
+        let encoded =
+            zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*initial));
         let with_ir = self.caps.has("SASL-IR");
         let command = if with_ir {
-            Command::new("AUTHENTICATE").raw(format!(" {mechanism} {encoded}"))
+            Command::new("AUTHENTICATE")
+                .raw(format!(" {mechanism} "))
+                .raw(encoded.as_bytes())
+                .sensitive()
         } else {
             Command::new("AUTHENTICATE").raw(format!(" {mechanism}"))
         };
@@ -792,10 +825,10 @@ impl Session {
                             Err(_) => Err(self.shared.lost()),
                         };
                     }
-                    let reply = if sent_initial { String::new() } else { encoded.clone() };
+                    let reply: &[u8] = if sent_initial { b"" } else { encoded.as_bytes() };
                     sent_initial = true;
                     let write = async {
-                        self.writer.write_all(reply.as_bytes()).await?;
+                        self.writer.write_all(reply).await?;
                         self.writer.write_all(b"\r\n").await?;
                         self.writer.flush().await
                     };
