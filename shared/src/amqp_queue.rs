@@ -383,11 +383,17 @@ impl AmqpQueue {
             .into_iter()
             .chain(delays)
         {
-            self.publisher
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map_err(|e| queue_error("queue_delete", e))?;
+            self.delete_queue(&q).await?;
         }
+        Ok(())
+    }
+
+    /// Deletes one queue (tests use it to make a publish fail).
+    pub async fn delete_queue(&self, name: &str) -> Result<(), Error> {
+        self.publisher
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await
+            .map_err(|e| queue_error("queue_delete", e))?;
         Ok(())
     }
 
@@ -429,8 +435,20 @@ impl AmqpQueue {
         {
             Ok(()) => self.settle(delivery).await,
             Err(e) => {
-                tracing::error!(jobs = %delivery.bundle_id(), error = %e, "could not requeue; RabbitMQ will redeliver")
+                tracing::error!(jobs = %delivery.bundle_id(), error = %e, "could not hand the jobs back; returning the delivery to RabbitMQ as it is");
+                self.give_back(delivery).await;
             }
+        }
+    }
+
+    /// After a publish that should have settled a delivery failed: the delivery goes
+    /// back to RabbitMQ now (redelivered, counting towards the delivery limit) rather
+    /// than staying unacked, holding a prefetch slot of this consumer until its
+    /// channel dies. Nothing is lost either way; this only frees the slot at once.
+    async fn give_back(&self, delivery: &Delivery) {
+        if let Err(e) = self.abandon(delivery).await {
+            // The channel is gone: RabbitMQ redelivers what it had not seen acked.
+            tracing::warn!(jobs = %delivery.bundle_id(), error = %e, "nack failed; the jobs will be redelivered");
         }
     }
 
@@ -546,7 +564,11 @@ impl JobQueue for AmqpQueue {
         match self.publish_to(&dead, &delivery.jobs, headers).await {
             Ok(()) => self.settle(delivery).await,
             Err(e) => {
-                tracing::error!(jobs = %delivery.bundle_id(), error = %e, "could not dead-letter; RabbitMQ will redeliver")
+                // Settled already when the rest of its bundle was handed back: the jobs'
+                // failure is in their recorded state (the user shows it); only the copy
+                // for the dead-letter queue is lost.
+                tracing::error!(jobs = %delivery.bundle_id(), error = %e, "could not dead-letter; returning the delivery to RabbitMQ if it is not settled yet");
+                self.give_back(delivery).await;
             }
         }
     }

@@ -537,26 +537,33 @@ end
 return out
 "#;
 
-/// Ends a run: its last progress batch, the jobs' new states (unless a newer pass
-/// replaced a job meanwhile), its checkpoints (only while every claim is still this
-/// run's: else another run owns the folders now), the claims released, the users
-/// marked for the coordinator's dispatcher.
+/// Ends a run: its last progress batch, the jobs' new states (each only while the run
+/// still holds that job's claim, and unless a newer pass replaced the job meanwhile),
+/// its checkpoints (only while every claim is still this run's: else another run owns
+/// the folders now), the claims released, the users marked for the coordinator's
+/// dispatcher. A run that lost a claim writes nothing over the state of the run that
+/// took the folder over (or that finished it since); a state left behind as queued or
+/// running is repaired by the coordinator's recheck, which publishes the job again.
 /// KEYS: intent hash, claims hash, run key, dispatch set, jobs hash, progress hash,
 /// then the checkpoints to write (C).
 /// ARGV: prologue, seq, number of claim fields F, the fields, then per user: its
-/// dispatch member, number of states, id/json pairs ('' keeps the state), number of
-/// counters, field/delta pairs; then the C checkpoint values.
+/// dispatch member, number of states, id/claim field/json triples ('' keeps the
+/// state), number of counters, field/delta pairs; then the C checkpoint values.
 const FINISH: &str = r#"
 local seq = tonumber(ARGV[4 + nu])
 local nf = tonumber(ARGV[5 + nu])
 local at = 5 + nu
-local ours, all_ours = {}, true
+local ours, all_ours, mine = {}, true, {}
 if nf > 0 then
   local fields = {}
   for f = 1, nf do fields[f] = ARGV[at + f] end
   local held = redis.call('HMGET', KEYS[2], unpack(fields))
   for f = 1, nf do
-    if holder_of(held[f]) == holder then table.insert(ours, fields[f]) else all_ours = false end
+    if holder_of(held[f]) == holder then
+      table.insert(ours, fields[f]); mine[fields[f]] = true
+    else
+      all_ours = false
+    end
   end
 end
 at = at + nf
@@ -576,15 +583,17 @@ for u = 1, nu do
     local map = decode_states(stored[u])
     local changed = false
     for i = 1, ns do
-      local id, val = ARGV[at + 2 * i - 1], ARGV[at + 2 * i]
-      -- a job a newer pass replaced stays replaced
-      if map and map[id] and val ~= '' then map[id] = cjson.decode(val); changed = true end
+      local id, field, val = ARGV[at + 3 * i - 2], ARGV[at + 3 * i - 1], ARGV[at + 3 * i]
+      -- a job a newer pass replaced stays replaced; a claim lost is another's job now
+      if map and map[id] and val ~= '' and mine[field] then
+        map[id] = cjson.decode(val); changed = true
+      end
     end
     if changed then
       table.insert(states_kv, users[u]); table.insert(states_kv, cjson.encode(map))
     end
   end
-  at = at + 2 * ns
+  at = at + 3 * ns
   local n = tonumber(ARGV[at + 1])
   if fresh and n > 0 then counted[u] = {at, n} end
   at = at + 1 + 2 * n
@@ -1493,13 +1502,14 @@ impl RedisStore {
                 .map(|(j, s)| {
                     Ok((
                         j.id(),
+                        claim_field(j),
                         s.as_ref().map(json).transpose()?.unwrap_or_default(),
                     ))
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
             call.arg(states.len());
-            for (id, state) in states {
-                call.arg(id).arg(state);
+            for (id, field, state) in states {
+                call.arg(id).arg(field).arg(state);
             }
             push_user_counts(&mut call, user, counts);
         }

@@ -307,7 +307,10 @@ mod tests {
         let sealed = keys.seal(&Secret::new("hunter2"), alice(&imap)).unwrap();
         assert!(sealed.starts_with("v2:k1:"));
         assert!(!sealed.contains("hunter2"));
-        assert_eq!(keys.open(&sealed, alice(&imap)).unwrap().expose(), "hunter2");
+        assert_eq!(
+            keys.open(&sealed, alice(&imap)).unwrap().expose(),
+            "hunter2"
+        );
         // Every part of the binding counts: another user, batch or side, or any change
         // to where the password would be sent, and it does not open.
         let mut elsewhere: Vec<(&str, Endpoint)> = Vec::new();
@@ -319,7 +322,9 @@ mod tests {
         change("host", |e| e.host = "imap.attacker.example".into());
         change("port", |e| e.port = 143);
         change("security", |e| e.security = Security::Plain);
-        change("ca file", |e| e.ca_file = Some("/tmp/attacker-ca.pem".into()));
+        change("ca file", |e| {
+            e.ca_file = Some("/tmp/attacker-ca.pem".into())
+        });
         change("invalid certificates", |e| e.accept_invalid_certs = true);
         change("internal addresses", |e| e.public_only = true);
         for (what, e) in &elsewhere {
@@ -337,7 +342,11 @@ mod tests {
             Binding::new("b1a", "lice@example.com", Side::Source, &imap),
         ];
         for other in others {
-            assert_eq!(keys.open(&sealed, other), Err(SealError::Forged), "{other:?}");
+            assert_eq!(
+                keys.open(&sealed, other),
+                Err(SealError::Forged),
+                "{other:?}"
+            );
         }
         // Settings that do not say where the password goes may change.
         let mut slower = server();
@@ -385,7 +394,9 @@ mod tests {
         let imap = server();
         let old = seal_v1(&keys, "hunter2", "b1", "alice@example.com");
         assert_eq!(keys.open(&old, alice(&imap)), Err(SealError::Unbound));
-        assert!(SealError::Unbound.to_string().contains("mailferry batch reseal"));
+        assert!(SealError::Unbound
+            .to_string()
+            .contains("mailferry batch reseal"));
         // Same key, but v1: reseal binds it (not "already current").
         let bound = keys.reseal(&old, alice(&imap)).unwrap().unwrap();
         assert!(bound.starts_with("v2:k1:"));

@@ -156,3 +156,26 @@ async fn a_delayed_hand_back_waits_in_rabbitmq_not_in_the_worker() {
     q.ack(&again).await;
     q.delete_queues().await.unwrap();
 }
+
+/// A hand-back whose publish fails (here: its delay queue is deleted under it) gives
+/// the delivery back to RabbitMQ at once (issue 19, finding 13). Before, it stayed
+/// unacked, holding the consumer's only prefetch slot until the channel died, and
+/// nothing more was delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_hand_back_returns_the_delivery_at_once() {
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let q = AmqpQueue::connect(&url(), &prefix, 5).await.unwrap();
+    q.start_consuming(1).await.unwrap();
+    q.publish(vec![job("A")]).await.unwrap();
+    let first = next(&q).await;
+    q.delete_queue(&format!("{prefix}.delay.2s")).await.unwrap();
+    // publishing to a missing queue is retried for a few seconds, then given up
+    q.retry(first, Duration::from_millis(1500)).await;
+    let again = tokio::time::timeout(Duration::from_secs(5), q.next())
+        .await
+        .expect("the delivery is back at once, not held unacked")
+        .unwrap();
+    assert_eq!(again.jobs, [job("A")]);
+    q.ack(&again).await;
+    q.delete_queues().await.unwrap();
+}

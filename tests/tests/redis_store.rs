@@ -256,9 +256,15 @@ async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
         store.progress("b1", "alice").await.unwrap().get("copied"),
         None
     );
-    // the stale holder's finish does not release b's claim
-    finish(&store, &inbox, "a", None, 1, &vec![]).await;
+    // the stale holder's finish does not release b's claim, nor write its state over
+    // b's (issue 19, finding 13: it wrote "queued" over a running or finished job)
+    finish(&store, &inbox, "a", Some(&JobState::Queued), 1, &vec![]).await;
     assert_eq!(claim(&store, &inbox, "c", ttl).await, ClaimAnswer::Busy);
+    assert_eq!(
+        store.job_states("b1", "alice").await.unwrap()[0].1,
+        JobState::Running,
+        "b's job, as b's claim left it"
+    );
     let done = JobState::Done {
         verified: true,
         mismatch: None,
