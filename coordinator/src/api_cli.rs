@@ -431,15 +431,28 @@ fn user_line(u: &Value) -> String {
         .map(|r| format!(" ({r})"))
         .unwrap_or_default();
     format!(
-        "{}\t{}{reason}\tfolders {}/{}\tcopied {}\t{}\tskipped {}",
+        "{}\t{}{reason}\tfolders {}/{}\t{}\tcopied {}\t{}\tskipped {}",
         u["id"].as_str().unwrap_or(""),
         u["status"].as_str().unwrap_or(""),
         u["jobs_done"],
         u["jobs"],
+        messages(&u["messages"]),
         u["copied"],
         human_bytes(u["copied_bytes"].as_u64().unwrap_or(0)),
         u["skipped"],
     )
+}
+
+/// The API's `messages` object as `MessageCounts` prints it.
+fn messages(m: &Value) -> String {
+    let n = |k: &str| m[k].as_u64().unwrap_or(0);
+    mailferry_shared::status::MessageCounts {
+        source: n("source"),
+        at_target: n("at_target"),
+        skipped: n("skipped"),
+        folders: n("folders"),
+    }
+    .to_string()
 }
 
 fn summary_line(s: &Value) -> String {
@@ -450,9 +463,10 @@ fn summary_line(s: &Value) -> String {
         .map(|(k, v)| format!("{v} {k}"))
         .collect();
     format!(
-        "{} users ({}); copied {} messages, {}; skipped {}",
+        "{} users ({}); messages {}; copied {} messages, {}; skipped {}",
         s["users"],
         by_status.join(", "),
+        messages(&s["messages"]),
         s["copied"],
         human_bytes(s["copied_bytes"].as_u64().unwrap_or(0)),
         s["skipped"]

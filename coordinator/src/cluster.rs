@@ -13,7 +13,7 @@ use mailferry_shared::error::Side;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::{Binding, Keyring};
 use mailferry_shared::settings::{Settings, MIN_SYNC_INTERVAL_SECS};
-use mailferry_shared::status::{roll_up, Intent, JobState, UserStatus, UserView};
+use mailferry_shared::status::{roll_up, Intent, JobState, MessageCounts, UserStatus, UserView};
 use mailferry_shared::Error;
 
 use crate::embedded::UserSpec;
@@ -43,6 +43,10 @@ pub struct UserLine {
     /// Folder jobs of the current pass: finished, and all.
     pub jobs_done: usize,
     pub jobs: usize,
+    /// The source's messages and how many the target holds, over the pass's finished
+    /// folders, as measured at each folder's end: unlike `copied`, it counts what runs
+    /// that were killed afterwards appended.
+    pub messages: MessageCounts,
     /// When the next pass is due (ms since the epoch), if scheduled.
     pub next_due_ms: Option<u64>,
 }
@@ -55,6 +59,7 @@ pub struct BatchSummary {
     pub copied_bytes: i64,
     pub skipped: i64,
     pub failed_users: usize,
+    pub messages: MessageCounts,
 }
 
 /// Totals over users' lines (pure, so the API can serve the same numbers).
@@ -66,6 +71,7 @@ pub fn summarize(lines: &[UserLine]) -> BatchSummary {
         sum.copied += count("copied");
         sum.copied_bytes += count("copied_bytes");
         sum.skipped += count("skipped");
+        sum.messages.merge(&line.messages);
         if matches!(line.status, UserStatus::Failed { .. }) {
             sum.failed_users += 1;
         }
@@ -372,6 +378,7 @@ impl Cluster {
             out.push(UserLine {
                 jobs_done: jobs.iter().filter(|j| !j.is_open()).count(),
                 jobs: jobs.len(),
+                messages: MessageCounts::of(&jobs),
                 next_due_ms: state.due_ms,
                 user,
                 status,
@@ -408,6 +415,7 @@ mod tests {
         let done = [JobState::Done {
             verified: true,
             mismatch: None,
+            counts: None,
         }];
         let mut pass = PassRecord {
             pass: 1,

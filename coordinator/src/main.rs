@@ -355,9 +355,10 @@ fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
                         None => "-".into(),
                     };
                     println!(
-                        "{}\t{}{detail}\tcopied {}\t{}\tskipped {}\tjobs {}/{}\tpass {}\tlast synced {}\tnext {next}",
+                        "{}\t{}{detail}\t{}\tcopied {}\t{}\tskipped {}\tjobs {}/{}\tpass {}\tlast synced {}\tnext {next}",
                         line.user,
                         line.status.name(),
+                        line.messages,
                         count("copied"),
                         human_bytes(count("copied_bytes") as u64),
                         count("skipped"),
@@ -374,9 +375,10 @@ fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
                     .map(|(s, n)| format!("{n} {s}"))
                     .collect();
                 println!(
-                    "batch {batch}: {} users ({}); copied {} messages, {}; skipped {}; every {interval} s",
+                    "batch {batch}: {} users ({}); messages {}; copied {} messages, {}; skipped {}; every {interval} s",
                     lines.len(),
                     by_status.join(", "),
+                    sum.messages,
                     sum.copied,
                     human_bytes(sum.copied_bytes as u64),
                     sum.skipped

@@ -1201,6 +1201,7 @@ mod tests {
         later[0].1 = JobState::Done {
             verified: true,
             mismatch: None,
+            counts: None,
         };
         assert_eq!(
             names(&next_to_publish(&later, 2)),

@@ -39,11 +39,87 @@ pub enum JobState {
     Done {
         verified: bool,
         mismatch: Option<String>,
+        /// The folder's counts as the job measured them at its end (a whole folder's
+        /// job, or a folder's last UID range); absent for earlier ranges and for
+        /// states written by earlier versions.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        counts: Option<FolderCounts>,
     },
     /// Failed for good (dead-lettered).
     Failed {
         reason: String,
     },
+}
+
+/// A folder's messages at the end of its pass: at the source when the job opened it,
+/// at the target when it ended (measured with STATUS, so mail that killed runs
+/// appended is counted too), and skipped with a reason (this pass and earlier ones).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderCounts {
+    pub source: u32,
+    pub target: u32,
+    pub skipped: u32,
+}
+
+/// A user's messages summed over the folders of the current pass that have counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MessageCounts {
+    /// At the source.
+    pub source: u64,
+    /// Of those, how many the target holds: per folder, the target's count up to the
+    /// source's (a target folder may hold more: mail delivered there, or deleted at the
+    /// source after it was copied).
+    pub at_target: u64,
+    /// Skipped with a reason (too large, refused by the target…).
+    pub skipped: u64,
+    /// Folders counted, of the pass's folder jobs.
+    pub folders: u64,
+}
+
+impl MessageCounts {
+    pub fn of(jobs: &[JobState]) -> Self {
+        let mut sum = MessageCounts::default();
+        for job in jobs {
+            if let JobState::Done {
+                counts: Some(c), ..
+            } = job
+            {
+                sum.add(c);
+            }
+        }
+        sum
+    }
+
+    pub fn add(&mut self, c: &FolderCounts) {
+        self.source += u64::from(c.source);
+        self.at_target += u64::from(c.target.min(c.source));
+        self.skipped += u64::from(c.skipped);
+        self.folders += 1;
+    }
+
+    pub fn merge(&mut self, other: &MessageCounts) {
+        self.source += other.source;
+        self.at_target += other.at_target;
+        self.skipped += other.skipped;
+        self.folders += other.folders;
+    }
+
+    /// Every message of the source is at the target or skipped with a reason.
+    pub fn complete(&self) -> bool {
+        self.at_target + self.skipped >= self.source
+    }
+}
+
+impl std::fmt::Display for MessageCounts {
+    /// `at target 980 of 1000, 20 skipped`: what the admin reads to know every message
+    /// arrived.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "at target {} of {}", self.at_target, self.source)?;
+        if self.skipped > 0 {
+            write!(f, ", {} skipped", self.skipped)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +244,7 @@ pub fn roll_up(user: &UserView<'_>) -> UserStatus {
         JobState::Done {
             verified: false,
             mismatch,
+            ..
         } => Some(
             mismatch
                 .clone()
@@ -197,6 +274,7 @@ mod tests {
         JobState::Done {
             verified: true,
             mismatch: None,
+            counts: None,
         }
     }
 
@@ -268,6 +346,7 @@ mod tests {
         let unverified = [JobState::Done {
             verified: false,
             mismatch: Some("INBOX: 120 at the source, 119 at the target".into()),
+            counts: None,
         }];
         assert_eq!(
             roll_up(&view(&unverified)),

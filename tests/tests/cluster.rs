@@ -421,6 +421,26 @@ async fn a_worker_killed_mid_folder_loses_and_duplicates_nothing() {
     let mut survivors = [rig.worker("survivor1"), rig.worker("survivor2")];
     rig.wait_synced(Duration::from_secs(120)).await;
     rig.assert_target_equals_source().await;
+    // The status counts what is at the target, the dead worker's appends too (issue
+    // 19, finding 12: it said only what surviving runs reported copying).
+    let (_, after, _) = rig.admin(&["status", "--batch", "b1"]);
+    let mut total = 0;
+    for (login, _, messages) in &rig.users {
+        let n = messages.len();
+        total += n;
+        let line = after
+            .lines()
+            .find(|l| l.starts_with(&format!("{login}@")))
+            .unwrap();
+        assert!(
+            line.contains(&format!("\tat target {n} of {n}\t")),
+            "{after}"
+        );
+    }
+    assert!(
+        after.contains(&format!("messages at target {total} of {total};")),
+        "{after}"
+    );
     for w in &mut survivors {
         assert!(stop(w).success());
     }

@@ -192,6 +192,7 @@ async fn progress_batches_count_once_even_when_replayed() {
     let done = JobState::Done {
         verified: true,
         mismatch: None,
+        counts: None,
     };
     finish(
         &store,
@@ -268,6 +269,7 @@ async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
     let done = JobState::Done {
         verified: true,
         mismatch: None,
+        counts: None,
     };
     finish(&store, &inbox, "b", Some(&done), 1, &vec![]).await;
     // done: a later copy of the job is skipped
@@ -345,6 +347,7 @@ async fn a_delivery_is_claimed_at_once_and_writes_checkpoints_only_while_it_hold
     let done = JobState::Done {
         verified: true,
         mismatch: None,
+        counts: None,
     };
     let newer = Checkpoint {
         source_uid_done: 9,
@@ -473,6 +476,7 @@ async fn users_sharing_a_delivery_keep_their_states_and_counts_apart() {
     let done = JobState::Done {
         verified: false,
         mismatch: Some("source 3, target 2 — 1 missing".into()),
+        counts: None,
     };
     store
         .finish_claims(

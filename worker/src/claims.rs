@@ -19,7 +19,7 @@ use mailferry_shared::control::{ClaimAnswer, Counts, Renewal, RunRenewal};
 use mailferry_shared::job::{Checkpoint, CheckpointKey, FolderJob};
 use mailferry_shared::lease::{Fence, LeaseTiming};
 use mailferry_shared::redis_store::RedisStore;
-use mailferry_shared::status::{Intent, JobState};
+use mailferry_shared::status::{FolderCounts, Intent, JobState};
 use mailferry_shared::store::StateStore;
 use mailferry_shared::Error as SharedError;
 
@@ -182,6 +182,8 @@ pub enum JobEnd {
         flags_updated: u64,
         /// The folder's counts disagree after the pass (see `JobReport::mismatch`).
         mismatch: Option<String>,
+        /// The folder's counts at its end, when this job ended the folder's pass.
+        counts: Option<FolderCounts>,
     },
     Failed(String),
     /// The server throttles the account: the job waits for the pause to end.
@@ -603,12 +605,14 @@ fn states_of(
                 matched,
                 flags_updated,
                 mismatch,
+                counts,
             }) => {
                 pending.add(job, "matched", *matched as i64);
                 pending.add(job, "flags_updated", *flags_updated as i64);
                 Some(JobState::Done {
                     verified: mismatch.is_none(),
                     mismatch: mismatch.clone(),
+                    counts: *counts,
                 })
             }
             Some(JobEnd::Failed(reason)) => {

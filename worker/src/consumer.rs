@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use mailferry_shared::job::FolderJob;
 use mailferry_shared::queue::{Delivery, JobQueue};
+use mailferry_shared::status::FolderCounts;
 use mailferry_shared::store::StateStore;
 use mailferry_shared::telemetry;
 use mailferry_shared::Disposition;
@@ -524,6 +525,11 @@ async fn run_job<S: StateStore>(
                         matched: report.matched,
                         flags_updated: report.flags_updated,
                         mismatch,
+                        counts: report.whole_folder.then_some(FolderCounts {
+                            source: report.source_messages,
+                            target: report.target_messages,
+                            skipped: report.skipped_total,
+                        }),
                     },
                     Outcome::Settled,
                 )

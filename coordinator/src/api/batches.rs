@@ -17,7 +17,7 @@ use mailferry_shared::error::Side;
 use mailferry_shared::seal::{Binding, Keyring};
 use mailferry_shared::secret::Secret;
 use mailferry_shared::settings::MIN_SYNC_INTERVAL_SECS;
-use mailferry_shared::status::{Intent, JobState, UserStatus};
+use mailferry_shared::status::{Intent, JobState, MessageCounts, UserStatus};
 use mailferry_shared::store::StateStore;
 use mailferry_shared::users::{parse_csv, CsvError};
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,9 @@ pub struct SummaryView {
     copied_bytes: i64,
     skipped: i64,
     failed_users: usize,
+    /// The source's messages and how many are at the target, over the users' finished
+    /// folders of their current pass (measured at each folder's end).
+    messages: MessageCounts,
 }
 
 fn view(api: &Shared, id: &str, record: &BatchRecord, owner: &Owner) -> BatchView {
@@ -204,6 +207,7 @@ pub fn summary_view(lines: &[UserLine]) -> SummaryView {
         copied_bytes: sum.copied_bytes,
         skipped: sum.skipped,
         failed_users: sum.failed_users,
+        messages: sum.messages,
     }
 }
 
@@ -251,6 +255,8 @@ pub struct UserView {
     /// Folder jobs of the current pass: finished, and all.
     jobs_done: usize,
     jobs: usize,
+    /// The source's messages and how many are at the target (see the summary's).
+    messages: MessageCounts,
     pass: u64,
     last_synced_ms: Option<u64>,
     next_sync_ms: Option<u64>,
@@ -274,6 +280,7 @@ pub fn user_view(line: &UserLine) -> UserView {
         skipped: count("skipped"),
         jobs_done: line.jobs_done,
         jobs: line.jobs,
+        messages: line.messages,
         pass: line.pass.pass,
         last_synced_ms: line.pass.synced_ms,
         next_sync_ms: line.next_due_ms,
@@ -741,7 +748,9 @@ pub async fn user_detail(
         let (reason, verified) = match state {
             JobState::Failed { reason } => (Some(reason.clone()), false),
             JobState::Throttled { server_says } => (Some(server_says.clone()), false),
-            JobState::Done { verified, mismatch } => (mismatch.clone(), *verified),
+            JobState::Done {
+                verified, mismatch, ..
+            } => (mismatch.clone(), *verified),
             _ => (None, false),
         };
         let entry = folders.entry(source.clone()).or_insert_with(|| {
