@@ -305,6 +305,20 @@ impl RedisStore {
         users.sort();
         Ok(users)
     }
+
+    /// How many users each batch holds (one pipeline).
+    pub async fn user_counts(&self, batches: &[String]) -> Result<Vec<usize>, Error> {
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for batch in batches {
+            pipe.scard(self.users_key(batch));
+        }
+        pipe.query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| store_error("SCARD", e))
+    }
 }
 
 impl RedisStore {

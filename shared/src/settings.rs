@@ -176,6 +176,43 @@ pub struct ApiSettings {
     /// otherwise internal addresses: a tenant cannot point mailferry at the
     /// installation's own network. The Helm chart turns it on.
     pub forbid_private_sources: bool,
+    /// What one tenant may hold and ask at once (`[api.limits]`).
+    pub limits: ApiLimits,
+}
+
+/// What one tenant may hold and ask of the API at once, and the largest request
+/// bodies. Beyond a count the API answers 409 `limit_reached`; beyond its streams, 429
+/// `too_many_streams`; a body too large, 413 `body_too_large`: each naming the limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiLimits {
+    pub endpoints_per_tenant: usize,
+    pub batches_per_tenant: usize,
+    /// Users over all of a tenant's batches.
+    pub users_per_tenant: usize,
+    /// Live event streams of one tenant on one coordinator (of its 32).
+    pub streams_per_tenant: usize,
+    /// A JSON body: an endpoint, a batch, a user, an edit.
+    pub json_body_bytes: usize,
+    /// An action's body (start, stop, sync-now, close): a selection of users, and at
+    /// start their passwords.
+    pub action_body_bytes: usize,
+    /// A CSV import.
+    pub import_bytes: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            endpoints_per_tenant: 100,
+            batches_per_tenant: 1_000,
+            users_per_tenant: 1_000_000,
+            streams_per_tenant: 8,
+            json_body_bytes: 1 << 20,
+            action_body_bytes: 32 << 20,
+            import_bytes: 64 << 20,
+        }
+    }
 }
 
 /// One API token and the tenant it acts for.

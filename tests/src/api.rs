@@ -61,6 +61,8 @@ pub struct RigOptions {
     /// The source endpoint reaches the source through a proxy sending at most this
     /// many bytes a second.
     pub slow_source: Option<usize>,
+    /// Lines of `[api.limits]`.
+    pub limits: &'static str,
 }
 
 impl ApiRig {
@@ -104,8 +106,10 @@ impl ApiRig {
                  [worker]\njob_slots = 3\nclaim_secs = 6\n\
                  [coordinator]\nleader_lease_secs = 3\nrecheck_secs = 20\n\
                  [api]\nlisten = \"127.0.0.1:{api_port}\"\nforbid_private_sources = {}\n\
-                 tokens = [{{ tenant = \"acme\", token = \"{ACME}\" }}, {{ tenant = \"globex\", token = \"{GLOBEX}\" }}]\n",
-                options.forbid_private_sources
+                 tokens = [{{ tenant = \"acme\", token = \"{ACME}\" }}, {{ tenant = \"globex\", token = \"{GLOBEX}\" }}]\n\
+                 [api.limits]\n{}\n",
+                options.forbid_private_sources,
+                options.limits,
             ),
         )
         .unwrap();

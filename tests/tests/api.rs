@@ -1154,3 +1154,174 @@ async fn a_running_users_detail_tells_its_rate_and_time_left() {
     assert_eq!(last["eta_secs"], Value::Null, "{last}");
     rig.clean_up().await;
 }
+
+/// Per-tenant limits (issue 19, finding 11): endpoints, batches, users, event streams
+/// and body sizes per route, each refused with a stable code and a message naming the
+/// limit; one tenant at its limits leaves another untouched; an import that would pass
+/// the user limit imports nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_tenant_is_held_to_its_limits_with_a_stable_code() {
+    let rig = ApiRig::start(RigOptions {
+        limits: "endpoints_per_tenant = 2\nbatches_per_tenant = 1\nusers_per_tenant = 3\n\
+                 streams_per_tenant = 1\njson_body_bytes = 4096\naction_body_bytes = 8192",
+        ..RigOptions::default()
+    })
+    .await;
+    let acme = rig.client(ACME);
+    let (source, target, b) = batch_of(&rig, &acme).await;
+
+    let why = expect_error(
+        post(&acme, "/api/v1/endpoints", rig.source_endpoint()).await,
+        409,
+        "limit_reached",
+    );
+    assert!(
+        why.contains("endpoints_per_tenant") && why.contains('2'),
+        "{why}"
+    );
+    let second = json!({"name": "Two", "source_endpoint": source, "target_endpoint": target});
+    let why = expect_error(
+        post(&acme, "/api/v1/batches", second).await,
+        409,
+        "limit_reached",
+    );
+    assert!(why.contains("batches_per_tenant"), "{why}");
+
+    // Users: two added, an import of two more refused whole, one more fits, then none.
+    for email in ["u1@example.com", "u2@example.com"] {
+        expect(
+            post(
+                &acme,
+                &format!("/api/v1/batches/{b}/users"),
+                json!({"email": email}),
+            )
+            .await,
+            201,
+        );
+    }
+    let import = |csv: &str| {
+        let acme = rig.client(ACME);
+        let path = format!("/api/v1/batches/{b}/users/import");
+        let csv = csv.to_string();
+        async move {
+            acme.call("POST", &path, Some(("text/csv", csv.into_bytes())))
+                .await
+                .unwrap()
+        }
+    };
+    let why = expect_error(
+        import("EmailAddress,UserName,Password\nu3@example.com,u3,\nu4@example.com,u4,\n").await,
+        409,
+        "limit_reached",
+    );
+    assert!(
+        why.contains("nothing was imported") && why.contains("room for 1"),
+        "{why}"
+    );
+    let users = expect(get(&acme, &format!("/api/v1/batches/{b}/users")).await, 200);
+    assert_eq!(users["total"], 2, "{users}");
+    // An import takes more than a JSON body's 4 KiB: its own limit applies.
+    let padded = format!(
+        "EmailAddress,UserName,Password\nu3@example.com,u3,{}\n",
+        "p".repeat(6000)
+    );
+    assert_eq!(import(&padded).await.status, 200);
+    let why = expect_error(
+        post(
+            &acme,
+            &format!("/api/v1/batches/{b}/users"),
+            json!({"email": "u5@example.com"}),
+        )
+        .await,
+        409,
+        "limit_reached",
+    );
+    assert!(why.contains("users_per_tenant"), "{why}");
+
+    // Bodies: a JSON object over 4 KiB is refused before it is parsed; an action takes
+    // up to its own 8 KiB.
+    let big = json!({"name": "x".repeat(5000), "role": "source", "host": "imap.example.com"});
+    expect_error(
+        post(&acme, "/api/v1/endpoints", big).await,
+        413,
+        "body_too_large",
+    );
+    let names: Vec<String> = (0..200).map(|i| format!("nobody{i}@example.com")).collect();
+    let stop = post(
+        &acme,
+        &format!("/api/v1/batches/{b}/stop"),
+        json!({"users": names}),
+    )
+    .await;
+    assert_ne!(stop.status, 413, "{}", checked(&stop));
+    let names: Vec<String> = (0..400).map(|i| format!("nobody{i}@example.com")).collect();
+    let stop = post(
+        &acme,
+        &format!("/api/v1/batches/{b}/stop"),
+        json!({"users": names}),
+    )
+    .await;
+    expect_error(stop, 413, "body_too_large");
+
+    // Streams: acme's one is open; a second of acme's is refused, globex's is not.
+    let path = format!("/api/v1/batches/{b}/events");
+    let (opened, open) = tokio::sync::oneshot::channel();
+    let held = {
+        let client = rig.client(ACME);
+        let path = path.clone();
+        tokio::spawn(async move {
+            let mut opened = Some(opened);
+            let _ = client
+                .events(&path, |_, _| {
+                    if let Some(tx) = opened.take() {
+                        let _ = tx.send(());
+                    }
+                    true
+                })
+                .await;
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), open)
+        .await
+        .unwrap()
+        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), get(&acme, &path))
+        .await
+        .expect("a second stream of acme's is answered at once");
+    let why = expect_error(again, 429, "too_many_streams");
+    assert!(why.contains("streams_per_tenant"), "{why}");
+    let globex = rig.client(GLOBEX);
+    let (_, _, gb) = batch_of(&rig, &globex).await;
+    let (opened, open) = tokio::sync::oneshot::channel();
+    let theirs = tokio::spawn(async move {
+        let mut opened = Some(opened);
+        let _ = globex
+            .events(&format!("/api/v1/batches/{gb}/events"), |_, _| {
+                if let Some(tx) = opened.take() {
+                    let _ = tx.send(());
+                }
+                false
+            })
+            .await;
+    });
+    tokio::time::timeout(Duration::from_secs(10), open)
+        .await
+        .expect("globex's stream opens while acme is at its limit")
+        .unwrap();
+    theirs.await.unwrap();
+    // Once acme's stream ends, its place is free again.
+    held.abort();
+    let _ = held.await;
+    let mut freed = false;
+    for _ in 0..50 {
+        let answer = tokio::time::timeout(Duration::from_millis(500), get(&acme, &path)).await;
+        // A stream that opened does not answer within the timeout: it is being served.
+        if answer.is_err() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(freed, "acme's stream place was not given back");
+    rig.clean_up().await;
+}

@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -23,12 +22,8 @@ use mailferry_shared::users::{parse_csv, CsvError};
 use serde::{Deserialize, Serialize};
 
 use super::endpoints::{new_id, record_of};
-use super::{ApiError, Json, Path, Query, Shared, Tenant};
+use super::{limit_reached, ApiError, Body, Json, Path, Query, Shared, Tenant};
 use crate::cluster::{summarize, Action, UserLine};
-
-/// The largest CSV accepted (and the largest request body): 100,000 users with long
-/// passwords fit in a few MiB.
-pub const MAX_IMPORT_BYTES: usize = 64 << 20;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +136,10 @@ pub async fn create(
     };
     let source = endpoint(new.source_endpoint, Role::Source).await?;
     let target = endpoint(new.target_endpoint, Role::Target).await?;
+    let limit = api.limits().batches_per_tenant;
+    if api.cluster.store.tenant_batches(&tenant).await?.len() >= limit {
+        return Err(limit_reached("batches", limit, "batches_per_tenant"));
+    }
     let id = new_id('b');
     let owner = Owner {
         tenant: tenant.clone(),
@@ -481,6 +480,7 @@ pub async fn add_user(
             "{email} is in the batch already (PATCH it to change it)"
         )));
     }
+    room_for_users(&api, &tenant, 1).await?;
     let login = |l: &Option<String>| {
         l.as_deref()
             .map(str::trim)
@@ -518,6 +518,18 @@ pub struct RowErrorView {
     reason: String,
 }
 
+/// How many more users the tenant may hold, if at least `wanted`; else why not.
+async fn room_for_users(api: &Shared, tenant: &str, wanted: usize) -> Result<usize, ApiError> {
+    let batches = api.cluster.store.tenant_batches(tenant).await?;
+    let held: usize = api.cluster.store.user_counts(&batches).await?.iter().sum();
+    let limit = api.limits().users_per_tenant;
+    let room = limit.saturating_sub(held);
+    if room < wanted {
+        return Err(limit_reached("users", limit, "users_per_tenant"));
+    }
+    Ok(room)
+}
+
 /// Imports users from a CSV (Exchange's `EmailAddress,UserName,Password`, optional
 /// `TargetUserName` and `TargetPassword`). Good rows import; each bad row is reported.
 /// A row without a password imports too: the password is asked for at start.
@@ -525,10 +537,11 @@ pub async fn import(
     State(api): State<Shared>,
     Extension(Tenant(tenant)): Extension<Tenant>,
     Path(id): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<ImportReport>, ApiError> {
     let (record, owner) = owned(&api, &tenant, &id).await?;
     let existing: HashSet<String> = api.cluster.store.users(&id).await?.into_iter().collect();
+    let room = room_for_users(&api, &tenant, 0).await?;
     let keys = api.cluster.keys.clone();
     let batch = id.clone();
     // Parsing and sealing 100,000 rows is CPU work: off the async threads.
@@ -574,6 +587,18 @@ pub async fn import(
                 new.target_secret = new.target_secret.take().or(old.target_secret);
             }
         }
+    }
+    let added = records.len() - updates.len();
+    if added > room {
+        let limit = api.limits().users_per_tenant;
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "limit_reached",
+            format!(
+                "the import adds {added} users and this tenant has room for {room} of its \
+                 {limit} (api.limits.users_per_tenant): nothing was imported"
+            ),
+        ));
     }
     api.cluster.store.put_users(&id, &records).await?;
     Ok(Json(ImportReport {

@@ -125,6 +125,14 @@ pub async fn create(
     if name.is_empty() || name.chars().count() > 100 {
         return Err(ApiError::invalid("name: give 1 to 100 characters"));
     }
+    let limit = api.limits().endpoints_per_tenant;
+    if api.cluster.store.endpoints(&tenant).await?.len() >= limit {
+        return Err(super::limit_reached(
+            "endpoints",
+            limit,
+            "endpoints_per_tenant",
+        ));
+    }
     let provider = new
         .provider
         .as_deref()

@@ -9,11 +9,9 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Extension;
 use futures_lite::Stream;
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::batches::{owned, summary_view, user_view};
 use super::{ApiError, Path, Shared, Tenant};
@@ -30,7 +28,7 @@ struct Watch {
     pending: VecDeque<Event>,
     first: bool,
     /// Held while the stream lives: one of the coordinator's stream slots.
-    _slot: OwnedSemaphorePermit,
+    _slot: super::StreamSlot,
 }
 
 impl Watch {
@@ -68,13 +66,7 @@ pub async fn stream(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     owned(&api, &tenant, &id).await?;
-    let slot = api.streams.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_streams",
-            "this coordinator serves as many event streams as it can; close one or try another replica",
-        )
-    })?;
+    let slot = api.stream_slot(&tenant)?;
     let watch = Watch {
         api,
         batch: id,

@@ -21,12 +21,14 @@ mod events;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Router};
+use mailferry_shared::settings::ApiLimits;
 use mailferry_shared::Error;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -48,6 +50,81 @@ pub struct Api {
     pub(crate) cluster: Cluster,
     tokens: Tokens,
     streams: Arc<Semaphore>,
+    /// Event streams open now, by tenant (`api.limits.streams_per_tenant` each).
+    tenant_streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Api {
+    pub(crate) fn limits(&self) -> &ApiLimits {
+        &self.cluster.settings.api.limits
+    }
+}
+
+/// A tenant would hold more than a limit allows.
+pub(crate) fn limit_reached(what: &str, limit: usize, key: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "limit_reached",
+        format!(
+            "this tenant may hold at most {limit} {what} (api.limits.{key}): remove some first, \
+             or ask the operator to raise the limit"
+        ),
+    )
+}
+
+/// An event stream's place: one of the coordinator's and one of its tenant's, both
+/// given back when the stream ends.
+pub(crate) struct StreamSlot {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    tenant: String,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+impl Api {
+    /// A place for one more event stream of `tenant`, or why not.
+    pub(crate) fn stream_slot(&self, tenant: &str) -> Result<StreamSlot, ApiError> {
+        let limit = self.limits().streams_per_tenant;
+        let mut open = self
+            .tenant_streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mine = open.get(tenant).copied().unwrap_or(0);
+        if mine >= limit {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!(
+                    "this tenant has {mine} event streams open on this coordinator, the most \
+                     allowed (api.limits.streams_per_tenant): close one first"
+                ),
+            ));
+        }
+        let global = self.streams.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                "this coordinator serves as many event streams as it can; close one or try another replica",
+            )
+        })?;
+        *open.entry(tenant.to_string()).or_default() += 1;
+        Ok(StreamSlot {
+            _global: global,
+            tenant: tenant.to_string(),
+            open: self.tenant_streams.clone(),
+        })
+    }
 }
 
 pub type Shared = Arc<Api>;
@@ -59,6 +136,7 @@ impl Api {
             cluster,
             tokens,
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            tenant_streams: Arc::default(),
         }))
     }
 }
@@ -66,6 +144,10 @@ impl Api {
 /// The whole router: the API (authenticated but for its OpenAPI document) and the
 /// console's files.
 pub fn router(api: Shared) -> Router {
+    let limits = api.limits().clone();
+    // Each route takes the bodies it needs: a JSON object is small, an action may name
+    // 100,000 users, an import is a CSV of them.
+    let action = DefaultBodyLimit::max(limits.action_body_bytes);
     let v1 = Router::new()
         .route("/presets", get(endpoints::presets))
         .route("/endpoints", get(endpoints::list).post(endpoints::create))
@@ -80,17 +162,23 @@ pub fn router(api: Shared) -> Router {
             "/batches/{batch}/users",
             get(batches::users).post(batches::add_user),
         )
-        .route("/batches/{batch}/users/import", post(batches::import))
+        .route(
+            "/batches/{batch}/users/import",
+            post(batches::import).layer(DefaultBodyLimit::max(limits.import_bytes)),
+        )
         .route(
             "/batches/{batch}/users/{user}",
             get(batches::user_detail)
                 .patch(batches::edit_user)
                 .delete(batches::remove_user),
         )
-        .route("/batches/{batch}/start", post(batches::start))
-        .route("/batches/{batch}/stop", post(batches::stop))
-        .route("/batches/{batch}/sync-now", post(batches::sync_now))
-        .route("/batches/{batch}/close", post(batches::close))
+        .route("/batches/{batch}/start", post(batches::start).layer(action))
+        .route("/batches/{batch}/stop", post(batches::stop).layer(action))
+        .route(
+            "/batches/{batch}/sync-now",
+            post(batches::sync_now).layer(action),
+        )
+        .route("/batches/{batch}/close", post(batches::close).layer(action))
         .route("/batches/{batch}/report.json", get(batches::report_json))
         .route("/batches/{batch}/report.csv", get(batches::report_csv))
         .route("/batches/{batch}/events", get(events::stream))
@@ -105,9 +193,7 @@ pub fn router(api: Shared) -> Router {
         .nest("/api/v1", v1)
         .merge(console::routes())
         .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(
-            batches::MAX_IMPORT_BYTES,
-        ))
+        .layer(DefaultBodyLimit::max(limits.json_body_bytes))
         .with_state(api)
 }
 
@@ -218,31 +304,77 @@ pub struct Json<T>(pub T);
 
 /// Every request body is a JSON object: serde would also take a struct written as an
 /// array (`[null, null]`), which the document does not describe (the fuzz test found it).
+/// The body is checked for its first byte and parsed straight into `T`, within the
+/// route's body limit: no intermediate tree of an attacker's making.
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let value = match axum::Json::<serde_json::Value>::from_request(req, state).await {
-            Ok(axum::Json(v)) => v,
-            Err(e) => return Err(json_rejection(e)),
-        };
-        if !value.is_object() {
-            return Err(ApiError::invalid("the body must be a JSON object"));
+        if !is_json(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as application/json",
+            ));
         }
-        serde_json::from_value(value)
-            .map(Json)
-            .map_err(|e| ApiError::invalid(e.to_string()))
+        let Body(bytes) = Body::from_request(req, state).await?;
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => {}
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_json",
+                    "the body is empty",
+                ))
+            }
+            Some(_) => return Err(ApiError::invalid("the body must be a JSON object")),
+        }
+        serde_json::from_slice(&bytes).map(Json).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => ApiError::invalid(e.to_string()),
+                _ => ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
+            }
+        })
     }
 }
 
-fn json_rejection(e: JsonRejection) -> ApiError {
-    match e {
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the body as application/json",
-        ),
-        JsonRejection::JsonDataError(e) => ApiError::invalid(e.body_text()),
-        other => ApiError::new(StatusCode::BAD_REQUEST, "bad_json", other.body_text()),
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(kind) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mime = kind
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+/// A request body within the route's limit, its rejections answered as [`ApiError`]s.
+pub struct Body(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        axum::body::Bytes::from_request(req, state)
+            .await
+            .map(Body)
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        "the body is larger than this route takes (api.limits: json_body_bytes, \
+                         action_body_bytes, import_bytes)",
+                    )
+                } else {
+                    ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.body_text())
+                }
+            })
     }
 }
 
