@@ -47,7 +47,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- $_ := set $config "amqp_ca_file" "/etc/mailferry/amqp-ca/ca.pem" -}}
 {{- end -}}
 {{- if .Values.api.enabled -}}
-{{- $_ := set $config "api" (dict "listen" (printf "0.0.0.0:%d" (int .Values.api.port)) "tokens_file" "/etc/mailferry/api/tokens" "forbid_private_sources" .Values.api.forbidPrivateSources "limits" (default dict .Values.api.limits)) -}}
+{{- $_ := set $config "api" (dict "listen" (printf "0.0.0.0:%d" (int .Values.api.port)) "tokens_file" "/etc/mailferry/api/tokens" "forbid_private_sources" .Values.api.forbidPrivateSources "target_hosts" (default list .Values.api.targetHosts) "limits" (default dict .Values.api.limits)) -}}
 {{- end -}}
 {{- toToml $config -}}
 {{- end -}}

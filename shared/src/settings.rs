@@ -176,6 +176,11 @@ pub struct ApiSettings {
     /// otherwise internal addresses: a tenant cannot point mailferry at the
     /// installation's own network. The Helm chart turns it on.
     pub forbid_private_sources: bool,
+    /// The installation's own target servers (host names or addresses, as endpoints
+    /// name them): with a list, tenants may make target endpoints of these hosts only,
+    /// internal or not. Without one, a target is refused when internal, like a source,
+    /// if `forbid_private_sources` is on.
+    pub target_hosts: Vec<String>,
     /// What one tenant may hold and ask at once (`[api.limits]`).
     pub limits: ApiLimits,
 }

@@ -63,6 +63,8 @@ pub struct RigOptions {
     pub slow_source: Option<usize>,
     /// Lines of `[api.limits]`.
     pub limits: &'static str,
+    /// The items of `api.target_hosts` (TOML, e.g. `"127.0.0.1"`).
+    pub target_hosts: &'static str,
 }
 
 impl ApiRig {
@@ -106,9 +108,11 @@ impl ApiRig {
                  [worker]\njob_slots = 3\nclaim_secs = 6\n\
                  [coordinator]\nleader_lease_secs = 3\nrecheck_secs = 20\n\
                  [api]\nlisten = \"127.0.0.1:{api_port}\"\nforbid_private_sources = {}\n\
+                 target_hosts = [{}]\n\
                  tokens = [{{ tenant = \"acme\", token = \"{ACME}\" }}, {{ tenant = \"globex\", token = \"{GLOBEX}\" }}]\n\
                  [api.limits]\n{}\n",
                 options.forbid_private_sources,
+                options.target_hosts,
                 options.limits,
             ),
         )

@@ -683,10 +683,16 @@ async fn csv_imports_report_each_bad_row_and_take_100k_rows() {
 /// A connection test names what went wrong: nothing listening, a certificate nobody
 /// trusts, no STARTTLS, a name that does not resolve, TLS to a plaintext port, a server
 /// that never greets (within the test's 10 s), a server refusing one more connection. With `forbid_private_sources`,
-/// a source on an internal address is refused with its own code (targets are not).
+/// a source on an internal address is refused with its own code, and so is a target
+/// (the connection test would otherwise probe the installation's network); with
+/// `target_hosts`, targets are those hosts and no others.
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden() {
-    let rig = ApiRig::start(RigOptions::default()).await;
+    let rig = ApiRig::start(RigOptions {
+        target_hosts: "\"127.0.0.1\"",
+        ..RigOptions::default()
+    })
+    .await;
     let acme = rig.client(ACME);
     let tls = Dovecot::start(DovecotConfig {
         tls: true,
@@ -750,6 +756,22 @@ async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden
         assert_eq!(verdict["ok"], false, "{verdict}");
         assert_eq!(verdict["failure"]["code"], code, "{verdict}");
     }
+    // The operator's list of targets: a target elsewhere is refused, even one that
+    // resolves to the same address under another name.
+    for host in ["10.0.0.8", "localhost", "imap.example.com"] {
+        let refused = post(
+            &acme,
+            "/api/v1/endpoints",
+            json!({"name": "x", "role": "target", "host": host, "port": 143}),
+        )
+        .await;
+        let message = expect_error(refused, 422, "forbidden_host");
+        assert!(message.contains("api.target_hosts: 127.0.0.1"), "{message}");
+    }
+    expect(
+        post(&acme, "/api/v1/endpoints", rig.target_endpoint()).await,
+        201,
+    );
     rig.clean_up().await;
     drop(rig);
 
@@ -775,10 +797,13 @@ async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden
         let message = expect_error(refused, 422, "forbidden_host");
         assert!(message.contains("internal address"), "{message}");
     }
-    expect(
+    // No list of targets: an internal target is refused like a source.
+    let message = expect_error(
         post(&acme, "/api/v1/endpoints", strict.target_endpoint()).await,
-        201,
+        422,
+        "forbidden_host",
     );
+    assert!(message.contains("api.target_hosts"), "{message}");
     strict.clean_up().await;
 }
 

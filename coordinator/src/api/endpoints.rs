@@ -203,11 +203,8 @@ pub async fn create(
         }
         _ => {}
     }
-    if new.role == Role::Source {
-        refuse_internal(&api, &endpoint).await?;
-        // And every connection to it checks again, the addresses it connects to.
-        endpoint.public_only = api.cluster.settings.api.forbid_private_sources;
-    }
+    // And every connection to it checks again, the addresses it connects to.
+    endpoint.public_only = check_host(&api, new.role, &endpoint).await?;
     let id = new_id('e');
     let admin_secret = match admin_password {
         Some(p) => {
@@ -334,9 +331,8 @@ pub async fn test(
             ))
         }
     };
-    if record.role == Role::Source {
-        refuse_internal(&api, &record.endpoint).await?;
-    }
+    // Checked again: the settings may have changed since the endpoint was made.
+    check_host(&api, record.role, &record.endpoint).await?;
     let credentials = Credentials {
         login: account.login.trim().to_string(),
         secret,
@@ -396,6 +392,37 @@ async fn try_login(
 /// an internal address (loopback, private, link-local, carrier-grade NAT, unique
 /// local, unspecified, multicast). Checked when the endpoint is made and each time it
 /// is tested.
+/// Whether a tenant may point an endpoint at this host, and if so whether its
+/// connections must stay on public addresses. A target the operator lists in
+/// `api.target_hosts` is trusted (the installation's own servers, internal as they
+/// are); with a list, no other target is taken. Without one, a target is checked like a
+/// source when `forbid_private_sources` is on — else the connection test would probe the
+/// installation's network for any tenant. Sources are refused when internal.
+async fn check_host(api: &Shared, role: Role, endpoint: &Endpoint) -> Result<bool, ApiError> {
+    let settings = &api.cluster.settings.api;
+    if role == Role::Target && !settings.target_hosts.is_empty() {
+        let host = endpoint.host.trim_start_matches('[').trim_end_matches(']');
+        if settings
+            .target_hosts
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(host))
+        {
+            return Ok(false);
+        }
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "forbidden_host",
+            format!(
+                "host {host}: targets are the installation's own servers, and this is not one \
+                 of them (api.target_hosts: {})",
+                settings.target_hosts.join(", ")
+            ),
+        ));
+    }
+    refuse_internal(api, endpoint).await?;
+    Ok(settings.forbid_private_sources)
+}
+
 async fn refuse_internal(api: &Shared, endpoint: &Endpoint) -> Result<(), ApiError> {
     if !api.cluster.settings.api.forbid_private_sources {
         return Ok(());
@@ -418,7 +445,7 @@ async fn refuse_internal(api: &Shared, endpoint: &Endpoint) -> Result<(), ApiErr
             StatusCode::UNPROCESSABLE_ENTITY,
             "forbidden_host",
             format!(
-                "host {host} resolves to {ip}, an internal address: this installation migrates only from public servers"
+                "host {host} resolves to {ip}, an internal address: this installation migrates only from public servers, and to the servers its operator names (api.target_hosts)"
             ),
         )),
         None => Ok(()),
