@@ -12,7 +12,7 @@
 //! | `P:specs:<batch>` | hash user → JSON object job id → [`FolderJob`] | coordinator | what to publish |
 //! | `P:progress:<batch>` | hash user → counters (`name value name value …`, [`parse_counts`]) | workers | what was copied, summed over all passes |
 //! | `P:dispatch` | set of `batch\tuser` | workers | users whose jobs ended since the coordinator looked |
-//! | `P:claims:<batch>` | hash `user\ttarget folder` → `holder expiry-ms` | workers | one writer per target folder (a dead run's field stays until the folder is claimed again) |
+//! | `P:claims` | hash `user\ttarget folder` → `holder expiry-ms` | workers | one writer per target folder, whichever batch the run is of: the same user in two batches writes one mailbox (a dead run's field stays until the folder is claimed again) |
 //! | `P:run:<token>` | string, expires | workers | a run's finish, applied (its progress batch number) |
 //! | `P:runs:<worker>` | hash run token → number, expires | workers | the last renewal batch applied for each of a worker's runs |
 //! | `P:run:<token>:released` | string, expires | workers | the same, for the stopped users' jobs a run recorded early |
@@ -226,7 +226,8 @@ static SET_STATES_SCRIPT: std::sync::LazyLock<redis::Script> =
 static SCHEDULE_NEXT_MANY_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(SCHEDULE_NEXT_MANY));
 
-/// A job's field in `P:claims:<batch>`: its user and target folder.
+/// A job's field in `P:claims`: its user and target folder. Not its batch: two batches
+/// of one user copy into one mailbox, and only one run may write a folder of it.
 fn claim_field(job: &FolderJob) -> Vec<u8> {
     let mut field = job.user.as_bytes().to_vec();
     field.push(b'\t');
@@ -274,7 +275,7 @@ fn push_user_counts(
 
 // The claim scripts take a delivery's jobs at once (one round trip and a handful of
 // commands for a bundle, not a claim per folder). A claim is a field of
-// `P:claims:<batch>`, `<user>\t<target folder>` → `<holder> <expiry ms>`, expiry on
+// `P:claims`, `<user>\t<target folder>` → `<holder> <expiry ms>`, expiry on
 // Redis's clock. They share these helpers: Redis's time, a claim's holder, a user's
 // intent, job states and counters.
 const HELPERS: &str = r#"
@@ -1379,7 +1380,7 @@ impl RedisStore {
             let batch = one_batch(run.jobs.iter())?;
             let users = users_of(run.jobs.iter());
             call.arg(run.holder)
-                .arg(keys.index(self.k(&["claims", batch])))
+                .arg(keys.index(self.k(&["claims"])))
                 .arg(keys.index(self.k(&["intent", batch])))
                 .arg(keys.index(self.progress_key(batch)))
                 .arg(run.seq)
@@ -1532,7 +1533,7 @@ impl RedisStore {
         users: &[&str],
     ) -> redis::ScriptInvocation<'a> {
         let mut call = script.key(self.k(&["intent", batch]));
-        call.key(self.k(&["claims", batch]))
+        call.key(self.k(&["claims"]))
             .arg(holder)
             .arg(ttl.as_millis() as u64)
             .arg(users.len());

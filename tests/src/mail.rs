@@ -464,3 +464,22 @@ pub async fn assert_same_mail(
         problems.join("\n")
     );
 }
+
+/// Every message of a user's mailbox, all folders together (LIST, then STATUS).
+pub async fn message_count(port: u16, user: &str, password: &str) -> u32 {
+    let mut s = session(port, user, password).await;
+    let names: Vec<_> = s
+        .list_all()
+        .await
+        .expect("LIST")
+        .into_iter()
+        .filter(|e| e.selectable())
+        .map(|e| e.wire_name)
+        .collect();
+    let statuses = s.status_many(&names).await.expect("STATUS");
+    s.logout().await;
+    statuses
+        .into_iter()
+        .map(|st| st.map_or(0, |st| st.messages))
+        .sum()
+}

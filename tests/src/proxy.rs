@@ -111,10 +111,16 @@ async fn relay(client: TcpStream, server: TcpStream, cut: Cut, done: Arc<AtomicU
     }
 }
 
-/// A TCP proxy that slows what the server sends to `bytes_per_sec`: a distant or busy
-/// source, so that a folder job lasts long enough for something to happen during it.
+/// A TCP proxy that slows one direction to `bytes_per_sec`: what the server sends (a
+/// distant or busy source, so that a folder job lasts long enough for something to
+/// happen during it), or what the client sends (a target that takes APPENDs slowly, so
+/// that a worker can be caught in the middle of writing one). It counts the bytes it
+/// passed each way.
 pub struct SlowProxy {
     pub port: u16,
+    /// Bytes passed client to server, and server to client.
+    pub uploaded: Arc<AtomicUsize>,
+    pub downloaded: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -124,42 +130,71 @@ impl Drop for SlowProxy {
     }
 }
 
+/// Copies `from` to `to`, counting, at most `rate` bytes a second when given.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    rate: Option<usize>,
+    count: Arc<AtomicUsize>,
+) {
+    // 20 slices a second, each at most a twentieth of the rate.
+    let slice = rate.map_or(64 * 1024, |r| (r / 20).max(1));
+    let mut buf = vec![0u8; slice];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                count.fetch_add(n, Ordering::SeqCst);
+                if rate.is_some() {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
 impl SlowProxy {
+    /// Slows what the server sends.
     pub async fn start(upstream_port: u16, bytes_per_sec: usize) -> SlowProxy {
+        Self::throttled(upstream_port, bytes_per_sec, Direction::Download).await
+    }
+
+    pub async fn throttled(
+        upstream_port: u16,
+        bytes_per_sec: usize,
+        slowed: Direction,
+    ) -> SlowProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
+        let uploaded = Arc::new(AtomicUsize::new(0));
+        let downloaded = Arc::new(AtomicUsize::new(0));
+        let (up_count, down_count) = (uploaded.clone(), downloaded.clone());
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
+                let (up_count, down_count) = (up_count.clone(), down_count.clone());
                 connections.spawn(async move {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
                         return;
                     };
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
-                    let up = tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
-                        let _ = sw.shutdown().await;
-                    });
-                    // 20 slices a second, each at most a twentieth of the rate.
-                    let slice = (bytes_per_sec / 20).max(1);
-                    let mut buf = vec![0u8; slice];
-                    loop {
-                        match sr.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if cw.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
-                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            }
-                        }
-                    }
-                    let _ = cw.shutdown().await;
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let rate = |d| (slowed == d).then_some(bytes_per_sec);
+                    let up = tokio::spawn(pump(cr, sw, rate(Direction::Upload), up_count));
+                    pump(sr, cw, rate(Direction::Download), down_count).await;
                     up.abort();
                 });
             }
         });
-        SlowProxy { port, task }
+        SlowProxy {
+            port,
+            uploaded,
+            downloaded,
+            task,
+        }
     }
 }

@@ -181,21 +181,7 @@ async fn a_second_run_on_the_same_state_directory_is_refused() {
 
 /// Every message at the target, all folders together.
 async fn target_count(port: u16) -> u32 {
-    let mut s = mail::session(port, "alice", "alice-secret").await;
-    let names: Vec<_> = s
-        .list_all()
-        .await
-        .expect("LIST")
-        .into_iter()
-        .filter(|e| e.selectable())
-        .map(|e| e.wire_name)
-        .collect();
-    let statuses = s.status_many(&names).await.expect("STATUS");
-    s.logout().await;
-    statuses
-        .into_iter()
-        .map(|st| st.map_or(0, |st| st.messages))
-        .sum()
+    mail::message_count(port, "alice", "alice-secret").await
 }
 
 /// `kill -9` mid-copy, five times in a row, on a mailbox of 10,200 messages, then a run

@@ -309,6 +309,56 @@ async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
     store.delete_all().await.unwrap();
 }
 
+/// The same user in two batches copies into one mailbox: a folder claimed by a run of
+/// one batch is busy for a run of the other (issue 19, finding 5: claims were per
+/// batch, so both wrote the folder at once), and free again once the first finishes.
+#[tokio::test]
+async fn a_folder_claimed_in_one_batch_is_busy_in_another() {
+    let store = fresh_store().await;
+    let ttl = Duration::from_millis(5000);
+    let b1 = job("INBOX", 1);
+    let b2 = FolderJob {
+        batch: "b2".into(),
+        ..b1.clone()
+    };
+    for job in [&b1, &b2] {
+        store
+            .set_intent(&job.batch, &["alice".to_string()], Intent::Active, true)
+            .await
+            .unwrap();
+        let record = PassRecord {
+            pass: 1,
+            ..PassRecord::default()
+        };
+        store
+            .begin_pass(
+                &job.batch,
+                "alice",
+                &record,
+                &[(job.clone(), JobState::Queued)],
+                u64::MAX / 2,
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        claim(&store, &b1, "run-b1", ttl).await,
+        ClaimAnswer::Granted
+    );
+    assert_eq!(claim(&store, &b2, "run-b2", ttl).await, ClaimAnswer::Busy);
+    let done = JobState::Done {
+        verified: true,
+        mismatch: None,
+        counts: None,
+    };
+    finish(&store, &b1, "run-b1", Some(&done), 1, &vec![]).await;
+    assert_eq!(
+        claim(&store, &b2, "run-b2", ttl).await,
+        ClaimAnswer::Granted
+    );
+    store.delete_all().await.unwrap();
+}
+
 /// A delivery's jobs are claimed in one call, each with its own answer and its stored
 /// checkpoint; a run's checkpoints are written only while it holds every claim.
 #[tokio::test]
