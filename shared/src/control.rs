@@ -226,6 +226,15 @@ static SET_STATES_SCRIPT: std::sync::LazyLock<redis::Script> =
 static SCHEDULE_NEXT_MANY_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(SCHEDULE_NEXT_MANY));
 
+/// How long a job handed back keeps its folder claimed after its run ends. Its run
+/// may have been cut off in the middle of an APPEND group (a drain at a rolling
+/// update, the admin's stop): what it had written is in its socket's buffers and the
+/// target's, and lands after the run has gone. The next run of the folder must read the
+/// target after that, or it copies those messages again (the embedded mode's
+/// `SETTLE_AFTER_CRASH` for the same reason). A run that dies leaves its claim to lapse
+/// on its own, which takes longer.
+pub const HAND_BACK_SETTLE: Duration = Duration::from_secs(10);
+
 /// A job's field in `P:claims`: its user and target folder. Not its batch: two batches
 /// of one user copy into one mailbox, and only one run may write a folder of it.
 fn claim_field(job: &FolderJob) -> Vec<u8> {
@@ -549,7 +558,9 @@ return out
 /// then the checkpoints to write (C).
 /// ARGV: prologue, seq, number of claim fields F, the fields, then per user: its
 /// dispatch member, number of states, id/claim field/json triples ('' keeps the
-/// state), number of counters, field/delta pairs; then the C checkpoint values.
+/// state), number of counters, field/delta pairs; then the C checkpoint values; then
+/// the linger in ms and the number L of claim fields to keep that long (the jobs
+/// handed back), and those fields.
 const FINISH: &str = r#"
 local seq = tonumber(ARGV[4 + nu])
 local nf = tonumber(ARGV[5 + nu])
@@ -607,7 +618,23 @@ if nc > 0 and all_ours then
   for c = 1, nc do kv[2 * c - 1] = KEYS[6 + c]; kv[2 * c] = ARGV[at + c] end
   redis.call('MSET', unpack(kv))
 end
-if #ours > 0 then redis.call('HDEL', KEYS[2], unpack(ours)) end
+-- A job handed back keeps its folder a while: what its run had sent may still be on
+-- its way to the target, and the next run must look after it has landed.
+local after = at + nc
+local linger_ms, nl = tonumber(ARGV[after + 1]), tonumber(ARGV[after + 2])
+local keep = {}
+for l = 1, nl do keep[ARGV[after + 2 + l]] = true end
+local release, hold = {}, {}
+local until_ms = string.format('%.0f', server_now() + linger_ms)
+for _, f in ipairs(ours) do
+  if keep[f] then
+    table.insert(hold, f); table.insert(hold, holder .. ' ' .. until_ms)
+  else
+    table.insert(release, f)
+  end
+end
+if #release > 0 then redis.call('HDEL', KEYS[2], unpack(release)) end
+if #hold > 0 then redis.call('HSET', KEYS[2], unpack(hold)) end
 redis.call('SADD', KEYS[4], unpack(members))
 return 1
 "#;
@@ -1516,6 +1543,16 @@ impl RedisStore {
         }
         for (_, cp) in checkpoints {
             call.arg(serde_json::to_vec(cp).map_err(|e| Error::Store(e.to_string()))?);
+        }
+        let handed_back: Vec<Vec<u8>> = jobs
+            .iter()
+            .filter(|(_, state)| *state == Some(JobState::Queued))
+            .map(|(job, _)| claim_field(job))
+            .collect();
+        call.arg(HAND_BACK_SETTLE.as_millis() as u64)
+            .arg(handed_back.len());
+        for field in handed_back {
+            call.arg(field);
         }
         call.invoke_async::<i64>(&mut self.conn.clone())
             .await

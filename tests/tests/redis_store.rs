@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use mailferry_shared::control::{ClaimAnswer, Counts, PassRecord, Renewal, RunRenewal};
+use mailferry_shared::control::{
+    ClaimAnswer, Counts, PassRecord, Renewal, RunRenewal, HAND_BACK_SETTLE,
+};
 use mailferry_shared::job::{Checkpoint, CheckpointKey, FolderJob, InFlight, WireName};
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::secret::Secret;
@@ -356,6 +358,55 @@ async fn a_folder_claimed_in_one_batch_is_busy_in_another() {
         claim(&store, &b2, "run-b2", ttl).await,
         ClaimAnswer::Granted
     );
+    store.delete_all().await.unwrap();
+}
+
+/// A job handed back (a drain at a rolling update, a stop) keeps its folder for
+/// `HAND_BACK_SETTLE` after its run ends: the run may have been cut off in the middle
+/// of an APPEND group whose bytes are still on their way to the target, and the next
+/// run must read the folder after they land. A job that ends done lets it go at once.
+#[tokio::test]
+async fn a_job_handed_back_keeps_its_folder_until_its_writes_have_landed() {
+    let store = fresh_store().await;
+    let ttl = Duration::from_millis(5000);
+    let (inbox, sent) = (job("INBOX", 1), job("Sent", 1));
+    begin(&store, &[inbox.clone(), sent.clone()]).await;
+    let (answers, _) = store
+        .claim_jobs(&[inbox.clone(), sent.clone()], "drained", ttl)
+        .await
+        .unwrap();
+    assert_eq!(answers, [ClaimAnswer::Granted, ClaimAnswer::Granted]);
+    let done = JobState::Done {
+        verified: true,
+        mismatch: None,
+        counts: None,
+    };
+    store
+        .finish_claims(
+            &[
+                (inbox.clone(), Some(JobState::Queued)),
+                (sent.clone(), Some(done)),
+            ],
+            "drained",
+            1,
+            &[],
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim(&store, &inbox, "next", ttl).await, ClaimAnswer::Busy);
+    let settled = std::time::Instant::now() + HAND_BACK_SETTLE + Duration::from_secs(2);
+    loop {
+        match claim(&store, &inbox, "next", ttl).await {
+            ClaimAnswer::Granted => break,
+            other => assert_eq!(other, ClaimAnswer::Busy),
+        }
+        assert!(
+            std::time::Instant::now() < settled,
+            "the folder stayed held"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     store.delete_all().await.unwrap();
 }
 
