@@ -25,8 +25,18 @@ pub struct ApiArgs {
     /// A file holding the API token; else $MAILFERRY_API_TOKEN.
     #[arg(long, value_name = "PATH", global = true)]
     pub token_file: Option<PathBuf>,
+    /// Print what the API answered, as JSON, instead of lines for people (endpoints,
+    /// batches, status: the batch as GET /batches/{id} answers it, with its users).
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: ApiCommand,
+}
+
+/// Prints a value as indented JSON.
+fn print_json(value: &Value) -> anyhow::Result<u8> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(0)
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,6 +181,9 @@ async fn run_async(args: &ApiArgs) -> anyhow::Result<u8> {
     match &args.command {
         ApiCommand::Endpoints => {
             let all = api.get("/api/v1/endpoints").await?.ok()?;
+            if args.json {
+                return print_json(&all);
+            }
             for e in all.as_array().into_iter().flatten() {
                 println!(
                     "{}\t{}\t{}\t{}:{} ({})\t{}",
@@ -272,6 +285,9 @@ async fn run_async(args: &ApiArgs) -> anyhow::Result<u8> {
         }
         ApiCommand::Batches => {
             let all = api.get("/api/v1/batches").await?.ok()?;
+            if args.json {
+                return print_json(&all);
+            }
             for b in all.as_array().into_iter().flatten() {
                 println!(
                     "{}\t{}\tsource {}\ttarget {}",
@@ -388,6 +404,12 @@ async fn run_async(args: &ApiArgs) -> anyhow::Result<u8> {
                 .get(&format!("/api/v1/batches/{}/users?limit=10000", seg(batch)))
                 .await?
                 .ok()?;
+            if args.json {
+                // The batch as GET /batches/{id} answers it, and its users.
+                let mut out = detail;
+                out["users"] = page["users"].clone();
+                return print_json(&out);
+            }
             for u in page["users"].as_array().into_iter().flatten() {
                 println!("{}", user_line(u));
             }

@@ -86,6 +86,9 @@ pub enum BatchCommand {
     Status {
         #[arg(long)]
         batch: String,
+        /// As JSON, in the API's shapes: {batch, sync_interval_secs, summary, users}.
+        #[arg(long)]
+        json: bool,
     },
     /// Key rotation: seal every stored secret of every batch again with the newest
     /// sealing key (list the new key last, keep the old ones until this has run).

@@ -20,7 +20,10 @@ fn main() -> ExitCode {
     // The long-running processes log as their settings say (text or JSON): they start
     // logging once those are read.
     if !matches!(cli.command, Command::Coordinator(_) | Command::Worker(_)) {
-        init_logging(cli.verbose, LogFormat::Text);
+        if let Err(e) = init_logging(cli.verbose, "warn", LogFormat::Text) {
+            eprintln!("mailferry: {e:#}");
+            return ExitCode::from(Exit::Usage as u8);
+        }
     }
     if let Err(why) = dumps {
         // Logged once logging is up (the long-running processes: as they start).
@@ -65,24 +68,47 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8, format: LogFormat) {
-    let level = match verbose {
-        0 => tracing::Level::WARN,
-        1 => tracing::Level::DEBUG,
-        _ => tracing::Level::TRACE,
+/// Logs to stderr at the level `RUST_LOG` says if set, else `-v` (debug; `-vv` trace),
+/// else `configured` (the settings' `ops.log_level` for the long-running processes,
+/// `warn` for the commands a person runs).
+fn init_logging(verbose: u8, configured: &str, format: LogFormat) -> anyhow::Result<()> {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let (text, from) = match (rust_log, verbose) {
+        (Some(v), _) => (v, "RUST_LOG"),
+        (None, 0) => (configured.to_string(), "ops.log_level"),
+        (None, 1) => ("debug".to_string(), "-v"),
+        (None, _) => ("trace".to_string(), "-vv"),
     };
+    mailferry_shared::settings::check_log_filter(&text)
+        .map_err(|problem| anyhow::anyhow!("{from}: {problem}"))?;
+    let filter: Targets = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{from}: {text:?}: {e}"))?;
     let logs = tracing_subscriber::fmt()
-        .with_max_level(level)
+        .with_max_level(tracing::Level::TRACE)
         .with_writer(std::io::stderr)
         .with_target(false);
     match format {
         // One JSON object per line, with the job's span (batch, user, folder) in it.
-        LogFormat::Json => logs.json().with_current_span(true).init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .finish()
+            .with(filter)
+            .init(),
         // Colours only for a person at a terminal: log files get plain text.
         LogFormat::Text => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .finish()
+            .with(filter)
             .init(),
     }
+    Ok(())
 }
 
 fn migrate(args: &MigrateArgs) -> anyhow::Result<Exit> {
@@ -188,7 +214,7 @@ fn start_ops(
     verbose: u8,
     process: &'static str,
 ) -> anyhow::Result<Option<PrometheusHandle>> {
-    init_logging(verbose, settings.ops.log_format);
+    init_logging(verbose, &settings.ops.log_level, settings.ops.log_format)?;
     match settings.ops.listen_addr() {
         Some(_) => Ok(Some(ops::install_metrics(process)?)),
         None => Ok(None),
@@ -240,7 +266,9 @@ fn coordinator(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> an
     runtime.block_on(async {
         if metrics.is_some() {
             let mut readiness = ops::Readiness::default();
-            let amqp = readiness.check("RabbitMQ unreachable");
+            // The API needs Redis alone: without RabbitMQ the console still serves, and
+            // only /readyz/all says that planning waits.
+            let amqp = readiness.check_work("RabbitMQ unreachable");
             ops::watch_coordinator(settings.clone(), amqp, OPS_EVERY);
             serve_ops(&settings, metrics, readiness).await?;
         }
@@ -333,8 +361,20 @@ fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
                 );
                 Ok(0)
             }
-            BatchCommand::Status { batch } => {
+            BatchCommand::Status { batch, json } => {
                 let (lines, interval) = cluster.status(batch).await?;
+                if *json {
+                    use mailferry_coordinator::api::{summary_view, user_view};
+                    let users: Vec<_> = lines.iter().map(user_view).collect();
+                    let out = serde_json::json!({
+                        "batch": batch,
+                        "sync_interval_secs": interval,
+                        "summary": summary_view(&lines),
+                        "users": users,
+                    });
+                    println!("{}", serde_json::to_string_pretty(&out)?);
+                    return Ok(0);
+                }
                 let now = mailferry_shared::control::now_ms();
                 for line in &lines {
                     let detail = match &line.status {

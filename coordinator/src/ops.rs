@@ -2,9 +2,12 @@
 //!
 //! - `/metrics`: Prometheus text format, the metrics of [`telemetry::CATALOGUE`];
 //! - `/healthz`: 200 while the process runs (liveness);
-//! - `/readyz`: 200 when the process can do its work — Redis answers, RabbitMQ answers
-//!   (the coordinator) or jobs are being consumed (a worker) — else 503 naming what is
-//!   missing (readiness).
+//! - `/readyz`: 200 when the process can serve — Redis answers, and a worker consumes
+//!   jobs — else 503 naming what is missing (readiness: the probe the chart uses). A
+//!   coordinator serves the API with Redis alone, so a RabbitMQ outage does not take the
+//!   console down;
+//! - `/readyz/all`: the same, and everything the process's background work needs too
+//!   (the coordinator's planning and publishing: RabbitMQ).
 //!
 //! Readiness is a set of named flags kept current by the process and by [`watch_redis`]
 //! and [`watch_coordinator`]; the probe only reads them, so a scrape never waits on a
@@ -28,27 +31,51 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::cluster::{summarize, Cluster};
 
-/// Named conditions that must all hold for `/readyz` to answer 200.
+/// Named conditions for `/readyz` (those the process needs to serve) and
+/// `/readyz/all` (those and the ones its background work needs).
 #[derive(Clone, Default)]
 pub struct Readiness {
-    checks: Vec<(&'static str, Arc<AtomicBool>)>,
+    /// (what is missing when false, its flag, needed to serve)
+    checks: Vec<(&'static str, Arc<AtomicBool>, bool)>,
 }
 
 impl Readiness {
-    /// Adds a condition (false until set) and returns its flag.
+    /// Adds a condition needed to serve (false until set) and returns its flag.
     pub fn check(&mut self, what: &'static str) -> Arc<AtomicBool> {
+        self.add(what, true)
+    }
+
+    /// Adds a condition only the background work needs (`/readyz/all`).
+    pub fn check_work(&mut self, what: &'static str) -> Arc<AtomicBool> {
+        self.add(what, false)
+    }
+
+    fn add(&mut self, what: &'static str, serving: bool) -> Arc<AtomicBool> {
         let flag = Arc::new(AtomicBool::new(false));
-        self.checks.push((what, flag.clone()));
+        self.checks.push((what, flag.clone(), serving));
         flag
     }
 
-    /// The conditions that do not hold now.
-    pub fn missing(&self) -> Vec<&'static str> {
+    /// The conditions that do not hold now: those needed to serve, or `all`.
+    pub fn missing(&self, all: bool) -> Vec<&'static str> {
         self.checks
             .iter()
-            .filter(|(_, f)| !f.load(Ordering::SeqCst))
-            .map(|(w, _)| *w)
+            .filter(|(_, f, serving)| (all || *serving) && !f.load(Ordering::SeqCst))
+            .map(|(w, _, _)| *w)
             .collect()
+    }
+}
+
+/// 200 `ready`, or 503 naming what is missing.
+fn readiness_answer(missing: Vec<&'static str>) -> axum::response::Response {
+    if missing.is_empty() {
+        (StatusCode::OK, "ready\n".to_string()).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", missing.join(", ")),
+        )
+            .into_response()
     }
 }
 
@@ -71,6 +98,9 @@ pub fn install_metrics(process: &'static str) -> anyhow::Result<PrometheusHandle
     Ok(handle)
 }
 
+/// How often the metrics' upkeep runs (draining histogram samples into their buckets).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Binds `addr` (an error names it, so a port in use is reported at start-up) and
 /// serves the three paths until the process ends.
 pub async fn serve(
@@ -81,6 +111,16 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("ops.listen {addr}: {e}"))?;
+    // Histogram samples are drained by a render or by upkeep: without it, a process
+    // nobody scrapes (the ServiceMonitor is off by default) keeps every sample.
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     let app = Router::new()
         .route(
             "/metrics",
@@ -90,24 +130,21 @@ pub async fn serve(
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
+        .route("/readyz", {
+            let readiness = readiness.clone();
             get(move || {
-                let missing = readiness.missing();
-                async move {
-                    if missing.is_empty() {
-                        (StatusCode::OK, "ready\n".to_string()).into_response()
-                    } else {
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("not ready: {}\n", missing.join(", ")),
-                        )
-                            .into_response()
-                    }
-                }
+                let answer = readiness_answer(readiness.missing(false));
+                async move { answer }
+            })
+        })
+        .route(
+            "/readyz/all",
+            get(move || {
+                let answer = readiness_answer(readiness.missing(true));
+                async move { answer }
             }),
         );
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /readyz/all");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the ops endpoint stopped");

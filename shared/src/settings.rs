@@ -159,6 +159,29 @@ pub struct OpsSettings {
     pub listen: Option<String>,
     /// `text` (for people) or `json` (one object per line, for collectors).
     pub log_format: LogFormat,
+    /// What is logged: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`), or
+    /// `target=level` pairs and a default level, comma-separated
+    /// (`info,lapin=warn`). `RUST_LOG` replaces it, and `-v` makes it `debug`.
+    pub log_level: String,
+}
+
+/// Checks a log filter as [`OpsSettings::log_level`] and `RUST_LOG` are written:
+/// `level` or `target=level`, comma-separated. `Err` says what is wrong.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let level = |l: &str| LEVELS.contains(&l.trim().to_ascii_lowercase().as_str());
+    for part in filter.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let ok = match part.split_once('=') {
+            Some((target, l)) => !target.trim().is_empty() && level(l),
+            None => level(part),
+        };
+        if !ok {
+            return Err(format!(
+                "{part:?}: write a level (off, error, warn, info, debug, trace) or target=level"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The admin's HTTP API and web console, served by the coordinator.
@@ -377,6 +400,7 @@ impl Default for OpsSettings {
         OpsSettings {
             listen: None,
             log_format: LogFormat::Text,
+            log_level: "info".into(),
         }
     }
 }
@@ -450,6 +474,9 @@ impl Settings {
         }
         if !matches!(scheme(&self.redis_url).as_str(), "redis" | "rediss") {
             return invalid("redis_url", "must start with redis:// or rediss://");
+        }
+        if let Err(problem) = check_log_filter(&self.ops.log_level) {
+            return invalid("ops.log_level", &problem);
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
             return invalid("key_prefix", "must be a non-empty word");
@@ -674,5 +701,27 @@ mod tests {
         assert_eq!(parse_size("1000"), Ok(1000));
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn log_levels_are_checked_when_the_settings_load() {
+        for good in [
+            "info",
+            "WARN",
+            "info,lapin=warn",
+            "mailferry_worker=debug, off",
+        ] {
+            assert_eq!(super::check_log_filter(good), Ok(()), "{good}");
+        }
+        for bad in ["verbose", "lapin=", "=info", "info;debug"] {
+            assert!(super::check_log_filter(bad).is_err(), "{bad}");
+        }
+        let file = write("[ops]\nlog_level = \"chatty\"\n");
+        let err = Settings::load(Some(&file), []).unwrap_err().to_string();
+        assert!(
+            err.contains("ops.log_level") && err.contains("chatty"),
+            "{err}"
+        );
+        std::fs::remove_file(file).unwrap();
     }
 }

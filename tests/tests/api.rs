@@ -938,6 +938,27 @@ async fn the_cli_drives_the_api_from_endpoints_to_the_report() {
     let (code, out, _) = cli(&rig, &["status", &batch], &[]);
     assert_eq!(code, Some(0));
     assert!(out.contains("2 users (2 synced)"), "{out}");
+    let (code, out, text) = cli(&rig, &["status", &batch, "--json"], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    let status: Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(
+        status["summary"]["users_by_status"]["synced"], 2,
+        "{status}"
+    );
+    assert_eq!(
+        status["users"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+    assert_eq!(status["id"], batch.as_str(), "{status}");
+    let (code, out, _) = cli(&rig, &["batches", "--json"], &[]);
+    assert_eq!(code, Some(0));
+    let batches: Value = serde_json::from_str(&out).expect(&out);
+    assert!(batches
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["id"] == batch.as_str()));
     let report = rig.dir.join("report.csv");
     let (code, _, text) = cli(
         &rig,

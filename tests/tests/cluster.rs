@@ -403,6 +403,15 @@ async fn two_workers_migrate_a_batch_from_rabbitmq_and_redis() {
         )),
         "{status}"
     );
+    // The same as JSON, in the API's shapes, for scripts.
+    let (code, json, text) = rig.admin(&["status", "--batch", "b1", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&json).expect(&json);
+    let total = rig.total();
+    assert_eq!(json["summary"]["messages"]["at_target"], total, "{json}");
+    assert_eq!(json["users"][0]["id"], "alice@example.com", "{json}");
+    assert_eq!(json["users"][0]["status"], "synced", "{json}");
+    assert_eq!(json["users"][0]["copied"], alice, "{json}");
     rig.assert_target_equals_source().await;
     // 12 messages a folder: a user's folders travel in bundles (one message, one login).
     let logs = format!("{}{}", rig.log("worker1"), rig.log("worker2"));
@@ -1416,6 +1425,59 @@ async fn metrics_health_and_readiness_tell_what_happened() {
             http_get(port, "/readyz").map(|r| r.0) == Some(200)
         });
     }
+    rig.clean_up().await;
+}
+
+/// A coordinator whose RabbitMQ is out of reach (here: a port nothing listens on) is
+/// ready to serve — the API needs Redis alone, so a broker outage does not take the
+/// console down — and `/readyz/all` says that planning waits for RabbitMQ.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coordinator_serves_without_rabbitmq_and_says_what_waits() {
+    let rig = Rig::new(1).await;
+    let port = mailferry_tests::dovecot::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let nowhere = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        mailferry_tests::dovecot::free_port()
+    );
+    let _coordinator = rig.process(
+        "coordinator",
+        "coordinator",
+        &[
+            ("MAILFERRY__OPS__LISTEN", &listen),
+            ("MAILFERRY__AMQP_URL", &nowhere),
+        ],
+    );
+    wait_for("/readyz", Duration::from_secs(30), || {
+        http_get(port, "/readyz").map(|r| r.0) == Some(200)
+    });
+    let (status, body) = http_get(port, "/readyz/all").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("RabbitMQ unreachable"), "{body}");
+    rig.clean_up().await;
+}
+
+/// The log level reaches the long-running processes: `RUST_LOG` (here) or
+/// `ops.log_level` (the same filter) decides, over the tests' `-v`. A worker at `info`
+/// says it is consuming; one at `warn` says nothing of the kind.
+#[tokio::test(flavor = "multi_thread")]
+async fn log_levels_reach_the_long_running_processes() {
+    let rig = Rig::new(1).await;
+    let _chatty = rig.worker_with("chatty", &[("RUST_LOG", "info")]);
+    let _quiet = rig.worker_with("quiet", &[("RUST_LOG", "warn,mailferry_worker=error")]);
+    wait_for(
+        "the chatty worker's INFO line",
+        Duration::from_secs(20),
+        || rig.log("chatty").contains("worker consuming"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let quiet = rig.log("quiet");
+    assert!(
+        !quiet.contains("INFO") && !quiet.contains("DEBUG"),
+        "the quiet worker logged below warn:\n{quiet}"
+    );
+    let chatty = rig.log("chatty");
+    assert!(!chatty.contains("DEBUG"), "{chatty}");
     rig.clean_up().await;
 }
 

@@ -385,3 +385,46 @@ async fn servers_with_only_imap4rev1_get_the_same_result() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_same_mail(&pair, &expected, same_path).await;
 }
+
+/// The log filter: `RUST_LOG` replaces the default, and a filter that cannot be read
+/// stops the command at once with a message naming where it came from.
+#[test]
+fn rust_log_is_read_and_a_bad_one_is_named() {
+    let state = temp_dir("state");
+    let out = Migrate::new(1, 1, "alice", &state)
+        .passwords("x", "x")
+        .env("RUST_LOG", "chatty")
+        .run();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("RUST_LOG") && text(&out).contains("chatty"),
+        "{}",
+        text(&out)
+    );
+    // A good one is taken: the run goes on to fail where it should (nothing listens).
+    // (That the level acts is shown on the cluster's processes, whose INFO lines are
+    // many: cluster::log_levels_reach_the_long_running_processes.)
+    let out = Migrate::new(1, 1, "alice", &state)
+        .passwords("x", "x")
+        .arg("--attempts")
+        .arg("1")
+        .env("RUST_LOG", "debug,lapin=warn")
+        .run();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(text(&out).contains("connection to 127.0.0.1:1 refused"));
+}
+
+/// A mistyped command gets the one it was probably meant to be.
+#[test]
+fn a_mistyped_command_is_answered_with_the_likely_one() {
+    let out = std::process::Command::new(mailferry_tests::run::binary())
+        .arg("migrat")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("similar subcommand exists: 'migrate'"),
+        "{said}"
+    );
+}

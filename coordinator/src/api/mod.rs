@@ -36,6 +36,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::cluster::Cluster;
 pub use auth::Tokens;
+pub use batches::{summary_view, user_view};
 
 /// The OpenAPI document, written by hand and checked against the server by the fuzz
 /// test (`tests/tests/api_fuzz.rs`): every status and body the server sends is described.
