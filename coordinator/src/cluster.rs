@@ -100,7 +100,7 @@ impl Cluster {
             .sealing_keys()
             .map_err(|e| Error::Config(e.to_string()))
             .and_then(|k| Keyring::parse(&k).map_err(|e| Error::Config(e.to_string())))?;
-        let store = RedisStore::connect(&settings.redis_url, &settings.key_prefix).await?;
+        let store = RedisStore::from_settings(&settings).await?;
         Ok(Cluster {
             settings,
             store,

@@ -231,11 +231,7 @@ async fn serve_ops(
     let (Some(addr), Some(metrics)) = (settings.ops.listen_addr(), metrics) else {
         return Ok(());
     };
-    let store = mailferry_shared::redis_store::RedisStore::connect(
-        &settings.redis_url,
-        &settings.key_prefix,
-    )
-    .await?;
+    let store = mailferry_shared::redis_store::RedisStore::from_settings(settings).await?;
     ops::watch_redis(store, readiness.check("redis unreachable"));
     ops::serve(addr, metrics, readiness).await
 }

@@ -113,7 +113,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         .sealing_keys()
         .map_err(|e| Error::Config(e.to_string()))
         .and_then(|k| Keyring::parse(&k).map_err(|e| Error::Config(e.to_string())))?;
-    let store = RedisStore::connect(&settings.redis_url, &settings.key_prefix).await?;
+    let store = RedisStore::from_settings(&settings).await?;
     let me = format!(
         "coordinator-{}-{:08x}",
         std::process::id(),

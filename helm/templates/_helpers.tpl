@@ -46,6 +46,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if .Values.secrets.amqpCa.existingSecret -}}
 {{- $_ := set $config "amqp_ca_file" "/etc/mailferry/amqp-ca/ca.pem" -}}
 {{- end -}}
+{{- if .Values.secrets.redisCa.existingSecret -}}
+{{- $_ := set $config "redis_ca_file" "/etc/mailferry/redis-ca/ca.pem" -}}
+{{- end -}}
 {{- if .Values.api.enabled -}}
 {{- $_ := set $config "api" (dict "listen" (printf "0.0.0.0:%d" (int .Values.api.port)) "tokens_file" "/etc/mailferry/api/tokens" "forbid_private_sources" .Values.api.forbidPrivateSources "target_hosts" (default list .Values.api.targetHosts) "limits" (default dict .Values.api.limits)) -}}
 {{- end -}}
@@ -121,6 +124,9 @@ spec:
         {{- if $.Values.secrets.amqpCa.existingSecret }}
         - {name: amqp-ca, mountPath: /etc/mailferry/amqp-ca, readOnly: true}
         {{- end }}
+        {{- if $.Values.secrets.redisCa.existingSecret }}
+        - {name: redis-ca, mountPath: /etc/mailferry/redis-ca, readOnly: true}
+        {{- end }}
         {{- if and $.Values.api.enabled (eq $component "coordinator") }}
         - {name: api-tokens, mountPath: /etc/mailferry/api, readOnly: true}
         {{- end }}
@@ -141,6 +147,13 @@ spec:
         secretName: {{ $.Values.secrets.amqpCa.existingSecret }}
         items:
           - {key: {{ $.Values.secrets.amqpCa.key }}, path: ca.pem}
+    {{- end }}
+    {{- if $.Values.secrets.redisCa.existingSecret }}
+    - name: redis-ca
+      secret:
+        secretName: {{ $.Values.secrets.redisCa.existingSecret }}
+        items:
+          - {key: {{ $.Values.secrets.redisCa.key }}, path: ca.pem}
     {{- end }}
     {{- if and $.Values.api.enabled (eq $component "coordinator") }}
     - name: api-tokens

@@ -40,17 +40,51 @@ impl RedisStore {
             .map_err(|e| store_error("PING", e))
     }
 
+    /// [`connect_with`](Self::connect_with) as the settings say: their URL
+    /// (`rediss://` over TLS), CA file and key prefix.
+    pub async fn from_settings(settings: &crate::settings::Settings) -> Result<Self, Error> {
+        let ca = match &settings.redis_ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| Error::Config(format!("redis_ca_file {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        Self::connect_with(&settings.redis_url, ca, &settings.key_prefix).await
+    }
+
     /// Connects (and reconnects by itself later: the connection manager re-establishes a
     /// lost connection on the next command).
     pub async fn connect(url: &Secret, prefix: &str) -> Result<Self, Error> {
-        let client = redis::Client::open(url.expose())
-            // the URL may hold a password: do not echo it
-            .map_err(|e| {
-                Error::Config(format!(
-                    "redis_url is not a valid Redis URL ({:?})",
-                    e.kind()
-                ))
-            })?;
+        Self::connect_with(url, None, prefix).await
+    }
+
+    /// [`connect`](Self::connect); a `rediss://` URL connects over TLS (rustls with
+    /// ring, as for IMAP and RabbitMQ), trusting the public roots or, with `ca_pem`, the
+    /// CA certificates in it instead.
+    pub async fn connect_with(
+        url: &Secret,
+        ca_pem: Option<Vec<u8>>,
+        prefix: &str,
+    ) -> Result<Self, Error> {
+        // the URL may hold a password: do not echo it
+        let bad_url = |e: redis::RedisError| {
+            Error::Config(format!(
+                "redis_url is not a valid Redis URL ({:?})",
+                e.kind()
+            ))
+        };
+        let client = match ca_pem {
+            Some(pem) => redis::Client::build_with_tls(
+                url.expose(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            ),
+            None => redis::Client::open(url.expose()),
+        }
+        .map_err(bad_url)?;
         // Bounded: a Redis that is down must be reported, not waited for in silence.
         // (A command on a lost connection fails; the next one reconnects.)
         let config = redis::aio::ConnectionManagerConfig::new()

@@ -81,8 +81,12 @@ pub struct Settings {
     /// With `amqps://`: a PEM file of the CA certificates to trust instead of the public
     /// roots (a private CA).
     pub amqp_ca_file: Option<PathBuf>,
-    /// Redis, e.g. `redis://:pass@redis:6379/0`.
+    /// Redis, e.g. `redis://:pass@redis:6379/0`, or `rediss://…` over TLS (the public
+    /// roots are trusted, or the CAs of `redis_ca_file`).
     pub redis_url: Secret,
+    /// With `rediss://`: a PEM file of the CA certificates to trust instead of the
+    /// public roots (a private CA).
+    pub redis_ca_file: Option<PathBuf>,
     /// Prefix of every Redis key and RabbitMQ queue of this installation.
     pub key_prefix: String,
     pub worker: WorkerSettings,
@@ -349,6 +353,7 @@ impl Default for Settings {
         Settings {
             amqp_url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             amqp_ca_file: None,
+            redis_ca_file: None,
             redis_url: Secret::new("redis://127.0.0.1:6379/0"),
             key_prefix: "mailferry".into(),
             worker: WorkerSettings::default(),
@@ -457,19 +462,29 @@ impl Settings {
         if !matches!(scheme(&self.amqp_url).as_str(), "amqp" | "amqps") {
             return invalid("amqp_url", "must start with amqp:// or amqps://");
         }
-        if let Some(path) = &self.amqp_ca_file {
-            if scheme(&self.amqp_url) != "amqps" {
-                return invalid("amqp_ca_file", "is for amqps:// URLs only");
+        let ca_files = [
+            ("amqp_ca_file", &self.amqp_ca_file, &self.amqp_url, "amqps"),
+            (
+                "redis_ca_file",
+                &self.redis_ca_file,
+                &self.redis_url,
+                "rediss",
+            ),
+        ];
+        for (key, file, url, tls) in ca_files {
+            let Some(path) = file else { continue };
+            if scheme(url) != tls {
+                return invalid(key, &format!("is for {tls}:// URLs only"));
             }
             match std::fs::read_to_string(path) {
                 Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {}
                 Ok(_) => {
                     return invalid(
-                        "amqp_ca_file",
+                        key,
                         &format!("{}: no PEM certificate in it", path.display()),
                     )
                 }
-                Err(e) => return invalid("amqp_ca_file", &format!("{}: {e}", path.display())),
+                Err(e) => return invalid(key, &format!("{}: {e}", path.display())),
             }
         }
         if !matches!(scheme(&self.redis_url).as_str(), "redis" | "rediss") {

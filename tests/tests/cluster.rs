@@ -74,6 +74,9 @@ struct Setup<'a> {
     source_connections: Option<u32>,
     /// The target reached through a proxy that takes at most this many bytes a second.
     slow_target: Option<usize>,
+    /// The processes' `redis_url`, when not the rig's own (the test reaches Redis
+    /// directly all the same).
+    config_redis_url: Option<String>,
 }
 
 /// Short leases, so that the tests of failures run in seconds.
@@ -127,6 +130,7 @@ impl Rig {
             own_redis,
             source_connections,
             slow_target,
+            config_redis_url,
         } = setup;
         let settings = if settings.is_empty() { FAST } else { settings };
         let own_redis = own_redis.map(RedisServer::start);
@@ -157,7 +161,10 @@ impl Rig {
         let config = dir.join("mailferry.toml");
         std::fs::write(
             &config,
-            format!("key_prefix = \"{prefix}\"\nredis_url = \"{redis_url}\"\n{settings}"),
+            format!(
+                "key_prefix = \"{prefix}\"\nredis_url = \"{}\"\n{settings}",
+                config_redis_url.as_deref().unwrap_or(&redis_url)
+            ),
         )
         .unwrap();
         let slow = match slow {
@@ -1478,6 +1485,47 @@ async fn log_levels_reach_the_long_running_processes() {
     );
     let chatty = rig.log("chatty");
     assert!(!chatty.contains("DEBUG"), "{chatty}");
+    rig.clean_up().await;
+}
+
+/// Redis over TLS (managed Redis is TLS almost everywhere): `rediss://` through a
+/// TLS-terminating proxy whose certificate a private CA signed. Without the CA the
+/// connection is refused, naming the certificate; with `redis_ca_file` the admin's
+/// commands, the coordinator and a worker all go through it and migrate the batch.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_runs_over_rediss_with_a_private_ca() {
+    let dir = temp_dir("rediss");
+    let ca = mailferry_tests::tls::TestCa::create(&dir);
+    let proxy = mailferry_tests::tls_proxy::TlsProxy::start(&ca, 6379).await;
+    let url = format!("rediss://localhost:{}/0", proxy.port);
+
+    let refused = RedisStore::connect(&Secret::new(&url), "mft-untrusted")
+        .await
+        .expect_err("a certificate from an unknown CA must be refused");
+    assert!(
+        refused.to_string().to_lowercase().contains("certificate")
+            || refused.to_string().contains("UnknownIssuer"),
+        "{refused}"
+    );
+    let pem = std::fs::read(&ca.ca_cert).unwrap();
+    let trusted = RedisStore::connect_with(&Secret::new(&url), Some(pem), "mft-trusted")
+        .await
+        .unwrap();
+    trusted.ping().await.unwrap();
+
+    let settings = format!("redis_ca_file = \"{}\"\n{FAST}", ca.ca_cert.display());
+    let rig = Rig::build(Setup {
+        per_folder: 5,
+        settings: &settings,
+        config_redis_url: Some(url),
+        ..Setup::default()
+    })
+    .await;
+    let _coordinator = rig.coordinator("coordinator");
+    let _worker = rig.worker("worker1");
+    rig.start();
+    rig.wait_synced(Duration::from_secs(90)).await;
+    rig.assert_target_equals_source().await;
     rig.clean_up().await;
 }
 
