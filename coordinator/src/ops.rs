@@ -171,6 +171,7 @@ pub fn watch_coordinator(settings: Settings, amqp_ok: Arc<AtomicBool>, every: Du
     tokio::spawn(async move {
         let mut queue: Option<AmqpQueue> = None;
         let mut cluster: Option<Cluster> = None;
+        let mut exported = Exported::default();
         loop {
             if queue.is_none() {
                 queue = AmqpQueue::from_settings(&settings)
@@ -178,9 +179,13 @@ pub fn watch_coordinator(settings: Settings, amqp_ok: Arc<AtomicBool>, every: Du
                     .map_err(|e| tracing::warn!(error = %e, "RabbitMQ unreachable"))
                     .ok();
             }
+            let leading = crate::scheduler::leading();
             match &queue {
                 Some(q) => match q.depths().await {
                     Ok((jobs, dead)) => {
+                        // The same numbers on every replica: the leader's alone, so that
+                        // a sum over the pods counts them once.
+                        let (jobs, dead) = if leading { (jobs, dead) } else { (0, 0) };
                         metrics::gauge!(telemetry::QUEUE_JOBS).set(jobs as f64);
                         metrics::gauge!(telemetry::QUEUE_DEAD).set(dead as f64);
                         amqp_ok.store(true, Ordering::SeqCst);
@@ -198,7 +203,7 @@ pub fn watch_coordinator(settings: Settings, amqp_ok: Arc<AtomicBool>, every: Du
                 cluster = Cluster::connect(settings.clone()).await.ok();
             }
             if let Some(c) = &cluster {
-                if let Err(e) = export_batches(c).await {
+                if let Err(e) = exported.refresh(c, leading).await {
                     tracing::warn!(error = %e, "cannot read the batches' statuses");
                 }
             }
@@ -207,18 +212,56 @@ pub fn watch_coordinator(settings: Settings, amqp_ok: Arc<AtomicBool>, every: Du
     });
 }
 
-async fn export_batches(cluster: &Cluster) -> Result<(), mailferry_shared::Error> {
-    for batch in cluster.batches().await? {
-        let (lines, _) = cluster.status(&batch).await?;
-        let sum = summarize(&lines);
-        // Every status, so one that no user has any more reads 0, not its last value.
-        for status in UserStatus::NAMES {
-            let n = sum.users_by_status.get(status).copied().unwrap_or(0);
-            metrics::gauge!(telemetry::USERS, "batch" => batch.clone(), "status" => *status)
-                .set(n as f64);
+/// The batch gauges this process exports. Only the leader exports them: every replica
+/// reads the same Redis, and a dashboard summing over the pods would count each user
+/// once per replica. A batch whose users are all completed (closed) drops out, and so
+/// does every batch when leadership moves away: its series are set to 0 once, so sums
+/// stay right (the exporter cannot remove a series; they go at the next restart).
+#[derive(Default)]
+struct Exported {
+    batches: std::collections::BTreeSet<String>,
+}
+
+impl Exported {
+    async fn refresh(
+        &mut self,
+        cluster: &Cluster,
+        leading: bool,
+    ) -> Result<(), mailferry_shared::Error> {
+        let mut now = std::collections::BTreeSet::new();
+        if leading {
+            for batch in cluster.batches().await? {
+                let (lines, _) = cluster.status(&batch).await?;
+                let finished = !lines.is_empty()
+                    && lines
+                        .iter()
+                        .all(|l| matches!(l.status, UserStatus::Completed));
+                if finished {
+                    continue;
+                }
+                let sum = summarize(&lines);
+                set_batch(&batch, |status| {
+                    sum.users_by_status.get(status).copied().unwrap_or(0) as f64
+                });
+                metrics::gauge!(telemetry::BATCH_MESSAGES_COPIED, "batch" => batch.clone())
+                    .set(sum.copied as f64);
+                now.insert(batch);
+            }
         }
-        metrics::gauge!(telemetry::BATCH_MESSAGES_COPIED, "batch" => batch.clone())
-            .set(sum.copied as f64);
+        for gone in self.batches.difference(&now) {
+            set_batch(gone, |_| 0.0);
+            metrics::gauge!(telemetry::BATCH_MESSAGES_COPIED, "batch" => gone.clone()).set(0.0);
+        }
+        self.batches = now;
+        Ok(())
     }
-    Ok(())
+}
+
+/// Every status of a batch's users gauge, so one that no user has any more reads 0, not
+/// its last value.
+fn set_batch(batch: &str, users: impl Fn(&str) -> f64) {
+    for status in UserStatus::NAMES {
+        metrics::gauge!(telemetry::USERS, "batch" => batch.to_string(), "status" => *status)
+            .set(users(status));
+    }
 }

@@ -108,6 +108,19 @@ struct PassEnd {
 
 /// Runs until `shutdown` turns true: stands by, schedules while it holds the leader
 /// lease, stands by again if it loses it.
+/// Whether this process's coordinator holds the leader lease now (what
+/// `mailferry_coordinator_leader` exports): the batch gauges come from the leader only.
+static LEADING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn leading() -> bool {
+    LEADING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+fn set_leading(now: bool) {
+    LEADING.store(now, std::sync::atomic::Ordering::SeqCst);
+    metrics::gauge!(telemetry::LEADER).set(if now { 1.0 } else { 0.0 });
+}
+
 pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
     let keys = settings
         .sealing_keys()
@@ -134,7 +147,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         match store.acquire_leader(&me, timing.ttl).await {
             Ok(true) => {
                 tracing::info!(holder = %me, "leading: this coordinator schedules");
-                metrics::gauge!(telemetry::LEADER).set(1.0);
+                set_leading(true);
                 announced_standby = false;
                 let fence = Arc::new(Fence::until(timing.fence_deadline(sent)));
                 let coordinator = Arc::new(Coordinator {
@@ -161,7 +174,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                 ));
                 let why = coordinator.lead(shutdown.clone()).await;
                 keeper.abort();
-                metrics::gauge!(telemetry::LEADER).set(0.0);
+                set_leading(false);
                 if *shutdown.borrow() {
                     let _ = store.release_leader(&me).await;
                     tracing::info!("stopped; the leader lease is released");

@@ -783,13 +783,26 @@ async fn each_user_has_at_most_its_limit_of_jobs_in_flight() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     let rig = Rig::with(30, &format!("{FAST}max_job_messages = 200\n")).await;
-    let mut first = rig.coordinator("coordinator");
+    let (first_ops, standby_ops) = (
+        mailferry_tests::dovecot::free_port(),
+        mailferry_tests::dovecot::free_port(),
+    );
+    let listen = |port: u16| format!("127.0.0.1:{port}");
+    let mut first = rig.process(
+        "coordinator",
+        "coordinator",
+        &[("MAILFERRY__OPS__LISTEN", &listen(first_ops))],
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !rig.log("coordinator").contains("leading") {
         assert!(Instant::now() < deadline, "the first coordinator never led");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _second = rig.coordinator("standby");
+    let _second = rig.process(
+        "coordinator",
+        "standby",
+        &[("MAILFERRY__OPS__LISTEN", &listen(standby_ops))],
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !rig.log("standby").contains("standing by") {
         assert!(
@@ -804,9 +817,31 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
         l.iter().any(|l| l.1 == "syncing")
     })
     .await;
+    // The batch's gauges come from the leader alone: a sum over the pods counts each
+    // user once.
+    let users = |port: u16, status: &str| {
+        let (_, scrape) = http_get(port, "/metrics").unwrap_or_default();
+        sample(
+            &scrape,
+            &format!("mailferry_users{{batch=\"b1\",status=\"{status}\"}}"),
+        )
+    };
+    wait_for("the leader's batch gauges", Duration::from_secs(30), || {
+        users(first_ops, "syncing").is_some()
+    });
+    assert_eq!(
+        users(standby_ops, "syncing"),
+        None,
+        "the standby exports users too"
+    );
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     let lines = rig.wait_synced(Duration::from_secs(120)).await;
+    wait_for(
+        "the new leader's batch gauges",
+        Duration::from_secs(30),
+        || users(standby_ops, "synced") == Some(2.0),
+    );
     assert!(
         rig.log("standby").contains("leading"),
         "{}",
