@@ -49,6 +49,12 @@ pub enum Command {
     /// The admin's workflow through the coordinator's HTTP API (as the web console):
     /// endpoints, batches, CSV imports, start/stop/sync now/close, a live `watch`.
     Api(crate::api_cli::ApiArgs),
+    /// Print a shell completion script, e.g. `mailferry completions bash >
+    /// /etc/bash_completion.d/mailferry` (or `source <(mailferry completions bash)`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]

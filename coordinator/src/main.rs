@@ -30,6 +30,16 @@ fn main() -> ExitCode {
         tracing::warn!("a core dump of this process could hold passwords: {why}");
     }
     match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            // Into a buffer first: the generator panics on a write error, and a closed
+            // pipe (`| head`) is not one worth a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mailferry", &mut script);
+            let _ = std::io::stdout().write_all(&script);
+            ExitCode::SUCCESS
+        }
         Command::Migrate(args) => match migrate(&args) {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {

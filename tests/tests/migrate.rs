@@ -428,3 +428,32 @@ fn a_mistyped_command_is_answered_with_the_likely_one() {
         "{said}"
     );
 }
+
+/// Shell completions: a bash script that bash loads, which completes the commands.
+#[test]
+fn completions_are_printed_for_bash_and_bash_loads_them() {
+    let out = std::process::Command::new(mailferry_tests::run::binary())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    for word in ["migrate", "batch", "coordinator", "--source-user"] {
+        assert!(script.contains(word), "{word} not completed");
+    }
+    let file = temp_dir("completions").join("mailferry.bash");
+    std::fs::write(&file, &script).unwrap();
+    let loaded = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {} && complete -p mailferry",
+            file.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+}
