@@ -1,14 +1,24 @@
-{{/* The release's name prefix for every object. */}}
+{{/* The release's name prefix for every object: fullnameOverride, else the release
+     and the chart's name (nameOverride), once if one contains the other. */}}
 {{- define "mailferry.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
+{{- define "mailferry.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "mailferry.labels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "mailferry.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
@@ -17,7 +27,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* Selector labels of one component (coordinator or worker): pass (list $ "worker"). */}}
 {{- define "mailferry.selector" -}}
-app.kubernetes.io/name: {{ (index . 0).Chart.Name }}
+app.kubernetes.io/name: {{ include "mailferry.name" (index . 0) }}
 app.kubernetes.io/instance: {{ (index . 0).Release.Name }}
 app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
@@ -52,7 +62,20 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if .Values.api.enabled -}}
 {{- $_ := set $config "api" (dict "listen" (printf "0.0.0.0:%d" (int .Values.api.port)) "tokens_file" "/etc/mailferry/api/tokens" "forbid_private_sources" .Values.api.forbidPrivateSources "target_hosts" (default list .Values.api.targetHosts) "limits" (default dict .Values.api.limits)) -}}
 {{- end -}}
+{{- $_ := include "mailferry.wholeNumbers" $config -}}
 {{- toToml $config -}}
+{{- end -}}
+
+{{/* Makes every whole number of a map (and of the maps in it) an integer, in place:
+     values reach templates as float64, and toToml would write `job_slots = 8.0`. */}}
+{{- define "mailferry.wholeNumbers" -}}
+{{- range $k, $v := . -}}
+{{- if kindIs "map" $v -}}
+{{- $_ := include "mailferry.wholeNumbers" $v -}}
+{{- else if and (kindIs "float64" $v) (eq $v (float64 (int64 $v))) -}}
+{{- $_ := set $ $k (int64 $v) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The pod spec shared by both components: pass (list $ "worker" $grace). */}}
@@ -64,9 +87,18 @@ metadata:
   labels:
     {{- include "mailferry.labels" $ | nindent 4 }}
     app.kubernetes.io/component: {{ $component }}
+    {{- with $.Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   annotations:
     checksum/config: {{ include "mailferry.config" $ | sha256sum }}
+    {{- with $.Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 spec:
+  {{- with $.Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
   serviceAccountName: {{ include "mailferry.serviceAccountName" $ }}
   automountServiceAccountToken: false
   {{- with $.Values.imagePullSecrets }}
@@ -92,6 +124,9 @@ spec:
             secretKeyRef:
               name: {{ $.Values.secrets.connections.existingSecret }}
               key: {{ $.Values.secrets.connections.redisUrlKey }}
+        {{- with $.Values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
       ports:
         - name: ops
           containerPort: {{ $.Values.opsPort }}
@@ -173,5 +208,21 @@ spec:
   {{- with $values.affinity }}
   affinity:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if or $values.spreadAcrossNodes $values.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- if $values.spreadAcrossNodes }}
+    # Replicas on different nodes where the cluster has them (the two coordinators
+    # especially: one node going down must not take both).
+    - maxSkew: 1
+      topologyKey: kubernetes.io/hostname
+      whenUnsatisfiable: ScheduleAnyway
+      labelSelector:
+        matchLabels:
+          {{- include "mailferry.selector" (list $ $component) | nindent 10 }}
+    {{- end }}
+    {{- with $values.topologySpreadConstraints }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   {{- end }}
 {{- end -}}

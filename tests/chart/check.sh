@@ -65,6 +65,17 @@ open(sys.argv[2], "w").write(config)
 prefix = next(l.split("=")[1].strip().strip('"') for l in config.splitlines() if l.startswith("key_prefix"))
 deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
 worker = next(n for n in deployments if n.endswith("-worker"))
+import re
+need(not re.search(r"= -?\d+\.0$", config, re.M), "a whole number rendered as a float in mailferry.toml")
+policy = kinds.get("NetworkPolicy")
+if policy:
+    need("Egress" in policy["spec"]["policyTypes"], "no egress policy")
+    blocked = [e for rule in policy["spec"]["egress"] for peer in rule.get("to", [])
+               for e in peer.get("ipBlock", {}).get("except", [])]
+    need("10.0.0.0/8" in blocked and "169.254.0.0/16" in blocked, "egress open to private ranges")
+if "Ingress" in kinds:
+    backend = kinds["Ingress"]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    need(backend["name"].endswith("-coordinator") and backend["port"]["name"] == "api", "ingress backend")
 for d in deployments.values():
     pod = d["spec"]["template"]
     need("checksum/config" in pod["metadata"].get("annotations", {}), "no config checksum")
@@ -73,7 +84,10 @@ for d in deployments.values():
     need(sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"], "securityContext")
     need(pod["spec"]["securityContext"]["runAsNonRoot"], "runAsNonRoot")
     need(c["readinessProbe"]["httpGet"]["path"] == "/readyz", "readiness probe")
-    need(all("value" not in e for e in c["env"]), "a literal env value (secrets come from secretKeyRef)")
+    # The chart's own variables take secrets from secretKeyRef; literal values come only
+    # from the values' extraEnv (the production example sets RUST_LOG).
+    ours = [e for e in c["env"] if e["name"].startswith("MAILFERRY__")]
+    need(all("value" not in e for e in ours), "a literal env value (secrets come from secretKeyRef)")
 grace = deployments[worker]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
 shutdown = int(next(l.split("=")[1] for l in config.splitlines() if l.strip().startswith("shutdown_grace_secs")).strip().split(".")[0])
 need(grace > shutdown, f"worker grace {grace} s not above shutdown_grace_secs {shutdown}")
@@ -121,4 +135,6 @@ for bad in "worker.jobSlots=3" "config.worker.job_slots=0" "config.ops.log_forma
         exit 1
     fi
 done
+# What a parent chart passes down is accepted.
+"$helm" template mf helm --set global.imageRegistry=example >/dev/null
 echo "chart OK"
