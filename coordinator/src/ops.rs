@@ -118,6 +118,7 @@ pub async fn serve(
         let mut every = tokio::time::interval(UPKEEP_EVERY);
         loop {
             every.tick().await;
+            telemetry::record_process();
             upkeep.run_upkeep();
         }
     });
@@ -125,6 +126,7 @@ pub async fn serve(
         .route(
             "/metrics",
             get(move || {
+                telemetry::record_process();
                 let body = metrics.render();
                 async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
             }),

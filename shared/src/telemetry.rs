@@ -34,6 +34,10 @@ pub const QUEUE_JOBS: &str = "mailferry_queue_messages";
 pub const QUEUE_DEAD: &str = "mailferry_queue_dead_messages";
 pub const LEADER: &str = "mailferry_coordinator_leader";
 pub const BUILD_INFO: &str = "mailferry_build_info";
+// The process's own, under the names Prometheus's client libraries use.
+pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+pub const PROCESS_FDS: &str = "process_open_fds";
 
 /// Every exported metric: name, kind, labels, help.
 pub const CATALOGUE: &[(&str, Kind, &[&str], &str)] = &[
@@ -56,7 +60,39 @@ pub const CATALOGUE: &[(&str, Kind, &[&str], &str)] = &[
     (QUEUE_DEAD, Kind::Gauge, &[], "Messages in the dead-letter queue (the leading coordinator; 0 on the others)."),
     (LEADER, Kind::Gauge, &[], "1 while this coordinator holds the leader lease."),
     (BUILD_INFO, Kind::Gauge, &["version", "process"], "Always 1; the labels tell the version and the process kind."),
+    (PROCESS_CPU, Kind::Counter, &[], "CPU time this process has used, user and system (Linux)."),
+    (PROCESS_RSS, Kind::Gauge, &[], "Resident memory of this process (Linux)."),
+    (PROCESS_FDS, Kind::Gauge, &[], "Open file descriptors of this process: sockets to servers among them (Linux)."),
 ];
+
+/// Records the process metrics from `/proc/self` (Linux; elsewhere nothing). Called
+/// before each scrape is rendered and by the upkeep.
+pub fn record_process() {
+    // utime and stime, fields 14 and 15 of /proc/self/stat, in clock ticks of
+    // USER_HZ, which Linux fixes at 100 for user space on every architecture.
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // The command name (field 2) may hold spaces: count from after its ')'.
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+                metrics::counter!(PROCESS_CPU).absolute((user + system) / 100);
+            }
+        }
+    }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+        if let Some(kib) = rss_kib {
+            metrics::gauge!(PROCESS_RSS).set(kib * 1024.0);
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!(PROCESS_FDS).set(fds.count() as f64);
+    }
+}
 
 /// Registers every metric's help text with the installed recorder.
 pub fn describe() {

@@ -1376,6 +1376,17 @@ async fn metrics_health_and_readiness_tell_what_happened() {
         "{worker}"
     );
     assert_eq!(sample(&worker, "mailferry_job_slots"), Some(3.0));
+    // The process's own: memory, descriptors (its sockets among them), CPU used.
+    let rss = sample(&worker, "process_resident_memory_bytes").unwrap_or(0.0);
+    assert!(rss > 1e6 && rss < 1e9, "{worker}");
+    assert!(
+        sample(&worker, "process_open_fds").unwrap_or(0.0) > 5.0,
+        "{worker}"
+    );
+    assert!(
+        sample(&worker, "process_cpu_seconds_total").is_some(),
+        "{worker}"
+    );
     assert_eq!(sample(&worker, "mailferry_jobs_in_flight"), Some(0.0));
     let done = sample(&worker, r#"mailferry_jobs_finished_total{outcome="done"}"#).unwrap_or(0.0);
     let runs = sample(&worker, "mailferry_job_duration_seconds_count").unwrap_or(0.0);

@@ -11,11 +11,17 @@ fn dashboard() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect(path)).expect("dashboard JSON")
 }
 
-/// Every `mailferry_…` name in a PromQL expression.
+/// Every `mailferry_…` and `process_…` name in a PromQL expression.
 fn metric_names(expr: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = expr;
-    while let Some(at) = rest.find("mailferry_") {
+    let next = |r: &str| {
+        ["mailferry_", "process_"]
+            .iter()
+            .filter_map(|p| r.find(p))
+            .min()
+    };
+    while let Some(at) = next(rest) {
         let name: String = rest[at..]
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
@@ -79,7 +85,7 @@ fn every_metric_the_dashboard_queries_is_exported() {
 #[test]
 fn names_are_found_in_expressions() {
     assert_eq!(
-        metric_names("sum(rate(mailferry_a_total[5m])) / max(mailferry_b)"),
-        ["mailferry_a_total", "mailferry_b"]
+        metric_names("sum(rate(mailferry_a_total[5m])) / max(process_open_fds)"),
+        ["mailferry_a_total", "process_open_fds"]
     );
 }
