@@ -29,8 +29,8 @@ pub const THROTTLE_PAUSES: &str = "mailferry_throttle_pauses_total";
 pub const RECONNECTS: &str = "mailferry_reconnects_total";
 pub const REDIS_ERRORS: &str = "mailferry_redis_errors_total";
 pub const USERS: &str = "mailferry_users";
-pub const BATCH_MESSAGES_COPIED: &str = "mailferry_batch_messages_copied";
-pub const QUEUE_JOBS: &str = "mailferry_queue_messages";
+pub const BATCH_MESSAGES_COPIED: &str = "mailferry_batch_pass_copied_messages";
+pub const QUEUE_JOBS: &str = "mailferry_queue_ready_messages";
 pub const QUEUE_DEAD: &str = "mailferry_queue_dead_messages";
 pub const LEADER: &str = "mailferry_coordinator_leader";
 pub const BUILD_INFO: &str = "mailferry_build_info";
@@ -55,8 +55,8 @@ pub const CATALOGUE: &[(&str, Kind, &[&str], &str)] = &[
     (RECONNECTS, Kind::Counter, &["service"], "Connections re-established after a loss (service: amqp)."),
     (REDIS_ERRORS, Kind::Counter, &[], "Redis commands that failed (the connection manager reconnects)."),
     (USERS, Kind::Gauge, &["batch", "status"], "Users by status, per batch not yet completed (the leading coordinator; 0 on the others)."),
-    (BATCH_MESSAGES_COPIED, Kind::Gauge, &["batch"], "Messages copied so far in the batch's current passes (the leading coordinator; 0 on the others)."),
-    (QUEUE_JOBS, Kind::Gauge, &[], "Messages (job bundles) waiting in the jobs queue (the leading coordinator; 0 on the others)."),
+    (BATCH_MESSAGES_COPIED, Kind::Gauge, &["batch"], "Messages copied so far in the batch's current passes: a gauge that starts again with each pass (the leading coordinator; 0 on the others)."),
+    (QUEUE_JOBS, Kind::Gauge, &[], "Messages (job bundles) ready in the jobs queue, not those being worked on (the leading coordinator; 0 on the others)."),
     (QUEUE_DEAD, Kind::Gauge, &[], "Messages in the dead-letter queue (the leading coordinator; 0 on the others)."),
     (LEADER, Kind::Gauge, &[], "1 while this coordinator holds the leader lease."),
     (BUILD_INFO, Kind::Gauge, &["version", "process"], "Always 1; the labels tell the version and the process kind."),

@@ -1416,7 +1416,10 @@ async fn metrics_health_and_readiness_tell_what_happened() {
         sample(&coordinator, "mailferry_coordinator_leader"),
         Some(1.0)
     );
-    assert_eq!(sample(&coordinator, "mailferry_queue_messages"), Some(0.0));
+    assert_eq!(
+        sample(&coordinator, "mailferry_queue_ready_messages"),
+        Some(0.0)
+    );
     assert_eq!(
         sample(&coordinator, "mailferry_queue_dead_messages"),
         Some(0.0)
@@ -1424,7 +1427,7 @@ async fn metrics_health_and_readiness_tell_what_happened() {
     assert_eq!(
         sample(
             &coordinator,
-            r#"mailferry_batch_messages_copied{batch="b1"}"#
+            r#"mailferry_batch_pass_copied_messages{batch="b1"}"#
         ),
         Some(messages as f64)
     );
