@@ -1311,26 +1311,9 @@ async fn each_tenant_is_held_to_its_limits_with_a_stable_code() {
 
     // Streams: acme's one is open; a second of acme's is refused, globex's is not.
     let path = format!("/api/v1/batches/{b}/events");
-    let (opened, open) = tokio::sync::oneshot::channel();
-    let held = {
-        let client = rig.client(ACME);
-        let path = path.clone();
-        tokio::spawn(async move {
-            let mut opened = Some(opened);
-            let _ = client
-                .events(&path, |_, _| {
-                    if let Some(tx) = opened.take() {
-                        let _ = tx.send(());
-                    }
-                    true
-                })
-                .await;
-        })
-    };
-    tokio::time::timeout(Duration::from_secs(10), open)
+    let held = open_stream(rig.client(ACME), path.clone())
         .await
-        .unwrap()
-        .unwrap();
+        .expect("acme's first stream opens");
     let again = tokio::time::timeout(Duration::from_secs(10), get(&acme, &path))
         .await
         .expect("a second stream of acme's is answered at once");
@@ -1338,23 +1321,10 @@ async fn each_tenant_is_held_to_its_limits_with_a_stable_code() {
     assert!(why.contains("streams_per_tenant"), "{why}");
     let globex = rig.client(GLOBEX);
     let (_, _, gb) = batch_of(&rig, &globex).await;
-    let (opened, open) = tokio::sync::oneshot::channel();
-    let theirs = tokio::spawn(async move {
-        let mut opened = Some(opened);
-        let _ = globex
-            .events(&format!("/api/v1/batches/{gb}/events"), |_, _| {
-                if let Some(tx) = opened.take() {
-                    let _ = tx.send(());
-                }
-                false
-            })
-            .await;
-    });
-    tokio::time::timeout(Duration::from_secs(10), open)
+    let theirs = open_stream(globex, format!("/api/v1/batches/{gb}/events"))
         .await
-        .expect("globex's stream opens while acme is at its limit")
-        .unwrap();
-    theirs.await.unwrap();
+        .expect("globex's stream opens while acme is at its limit");
+    theirs.abort();
     // Once acme's stream ends, its place is free again.
     held.abort();
     let _ = held.await;
@@ -1370,4 +1340,31 @@ async fn each_tenant_is_held_to_its_limits_with_a_stable_code() {
     }
     assert!(freed, "acme's stream place was not given back");
     rig.clean_up().await;
+}
+
+/// Opens an event stream and waits (10 s at most) for its first event; the stream is
+/// then held open by the returned task until it is aborted. `None` if no event came.
+async fn open_stream(
+    client: mailferry_coordinator::client::ApiClient,
+    path: String,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let (opened, open) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut opened = Some(opened);
+        let _ = client
+            .events(&path, |_, _| {
+                if let Some(tx) = opened.take() {
+                    let _ = tx.send(());
+                }
+                true
+            })
+            .await;
+    });
+    match tokio::time::timeout(Duration::from_secs(10), open).await {
+        Ok(Ok(())) => Some(task),
+        _ => {
+            task.abort();
+            None
+        }
+    }
 }

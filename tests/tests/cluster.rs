@@ -196,6 +196,11 @@ impl Rig {
     /// `mailferry batch create` for batch "b1": the rig's users from a CSV that also has
     /// one bad row.
     fn create_batch(&self) {
+        self.create_batch_named("b1");
+    }
+
+    /// `mailferry batch create` for a batch of the rig's users under `batch`.
+    fn create_batch_named(&self, batch: &str) {
         let csv = self.dir.join("users.csv");
         let mut rows =
             String::from("EmailAddress,UserName,Password,TargetUserName,TargetPassword\n");
@@ -210,7 +215,7 @@ impl Rig {
         let (code, _, text) = self.admin(&[
             "create",
             "--batch",
-            "b1",
+            batch,
             "--source",
             &format!("127.0.0.1:{source_port}"),
             "--source-security",
@@ -1048,10 +1053,24 @@ async fn a_worker_frozen_while_writing_an_append_group_does_no_harm() {
     signal(&frozen, "STOP");
     let at_freeze = rig.at_target().await;
     assert!(at_freeze < total, "the copy was over before the freeze");
+    take_over_then_wake(
+        rig,
+        &frozen,
+        Duration::from_secs(10),
+        Duration::from_secs(240),
+    )
+    .await;
+}
+
+/// The rest of a freeze test, `frozen` stopped already: another worker takes its
+/// folders over while it stays frozen for `pause` (longer than its claims); then it is
+/// woken. The batch must sync with the target equal to the source, and the frozen
+/// worker's fences must have acted.
+async fn take_over_then_wake(rig: Rig, frozen: &Worker, pause: Duration, within: Duration) {
     let _other = rig.worker("other");
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    signal(&frozen, "CONT");
-    rig.wait_synced(Duration::from_secs(240)).await;
+    tokio::time::sleep(pause).await;
+    signal(frozen, "CONT");
+    rig.wait_synced(within).await;
     rig.assert_target_equals_source().await;
     let log = rig.log("frozen");
     assert!(
@@ -1075,24 +1094,7 @@ async fn the_same_users_in_two_batches_at_once_duplicate_nothing() {
     let settings = FAST.replace("connections_per_account = 2", "connections_per_account = 8");
     let rig = Rig::with(20, &format!("{settings}{NO_BUNDLES}")).await;
     // "b2": b1 again, under another name.
-    let source = rig._slow.as_ref().map_or(rig.src.port, |p| p.port);
-    let csv = rig.dir.join("users.csv");
-    let (code, _, text) = rig.admin(&[
-        "create",
-        "--batch",
-        "b2",
-        "--source",
-        &format!("127.0.0.1:{source}"),
-        "--source-security",
-        "plain",
-        "--target",
-        &format!("127.0.0.1:{}", rig.dst.port),
-        "--target-security",
-        "plain",
-        "--csv",
-        csv.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(7), "one bad row: {text}");
+    rig.create_batch_named("b2");
     let _coordinator = rig.coordinator("coordinator");
     let _workers = [rig.worker("w1"), rig.worker("w2"), rig.worker("w3")];
     for batch in ["b1", "b2"] {
@@ -1132,17 +1134,13 @@ async fn a_worker_frozen_beyond_its_heartbeat_and_claims_does_no_harm() {
     })
     .await;
     signal(&frozen, "STOP");
-    let _other = rig.worker("other");
-    tokio::time::sleep(Duration::from_secs(9)).await;
-    signal(&frozen, "CONT");
-    rig.wait_synced(Duration::from_secs(180)).await;
-    rig.assert_target_equals_source().await;
-    let log = rig.log("frozen");
-    assert!(
-        log.contains("stopped writing") || log.contains("lapsed"),
-        "the frozen worker's fences did not act:\n{log}"
-    );
-    rig.clean_up().await;
+    take_over_then_wake(
+        rig,
+        &frozen,
+        Duration::from_secs(9),
+        Duration::from_secs(180),
+    )
+    .await;
 }
 
 /// Big folders are cut into UID-range jobs (here: more than 25 messages). The ranges of
