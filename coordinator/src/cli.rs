@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use mailferry_shared::endpoint::{preset, AuthMethod, Credentials, Endpoint, Security, PRESETS};
 use mailferry_shared::folders::Rules;
 use mailferry_shared::imap::Limits;
+use mailferry_shared::oauth::{self, Grant, GrantSecrets, Mechanism, OAuthClient};
 use mailferry_shared::secret::Secret;
 use mailferry_shared::users::{parse_csv, RowError};
 use mailferry_worker::consumer::RetryPolicy;
@@ -181,7 +182,7 @@ macro_rules! endpoint_args {
             #[doc = "Accept any certificate from this server (no verification)"]
             #[arg(id = concat!($side, "-insecure-accept-any-certificate"), long = concat!($side, "-insecure-accept-any-certificate"))]
             pub accept_any_certificate: bool,
-            #[doc = "password (or app password), xoauth2 (the secret is an access token), admin:NAME (SASL PLAIN as NAME for the user) or master:NAME (Dovecot user*NAME)"]
+            #[doc = "password (or app password), xoauth2 (the secret is an access token), oauth2:GRANT (tokens from a token endpoint, renewed as they expire; GRANT: refresh-token, client-secret, certificate or service-account), admin:NAME (SASL PLAIN as NAME for the user) or master:NAME (Dovecot user*NAME)"]
             #[arg(id = concat!($side, "-auth"), long = concat!($side, "-auth"), value_name = "METHOD", default_value = "password")]
             pub auth: String,
             #[doc = concat!("The ", $side, " login (single-user mode)")]
@@ -190,6 +191,27 @@ macro_rules! endpoint_args {
             #[doc = concat!("Read the ", $side, " password (or token) from this file; else from $", $env, "; else a prompt")]
             #[arg(id = concat!($side, "-password-file"), long = concat!($side, "-password-file"), value_name = "PATH")]
             pub password_file: Option<PathBuf>,
+            #[doc = "OAuth2: the app's client id (application id)"]
+            #[arg(id = concat!($side, "-oauth-client-id"), long = concat!($side, "-oauth-client-id"), value_name = "ID", help_heading = "OAuth2")]
+            pub oauth_client_id: Option<String>,
+            #[doc = "OAuth2, Microsoft: the tenant (directory id or domain) whose token endpoint to use"]
+            #[arg(id = concat!($side, "-oauth-tenant"), long = concat!($side, "-oauth-tenant"), value_name = "TENANT", help_heading = "OAuth2")]
+            pub oauth_tenant: Option<String>,
+            #[doc = "OAuth2: the token endpoint (https://…; default: the preset's)"]
+            #[arg(id = concat!($side, "-oauth-token-url"), long = concat!($side, "-oauth-token-url"), value_name = "URL", help_heading = "OAuth2")]
+            pub oauth_token_url: Option<String>,
+            #[doc = "OAuth2: the scopes to ask for (default: the preset's for the grant)"]
+            #[arg(id = concat!($side, "-oauth-scope"), long = concat!($side, "-oauth-scope"), value_name = "SCOPES", help_heading = "OAuth2")]
+            pub oauth_scope: Option<String>,
+            #[doc = "OAuth2: the SASL mechanism, xoauth2 (default) or oauthbearer"]
+            #[arg(id = concat!($side, "-oauth-mechanism"), long = concat!($side, "-oauth-mechanism"), value_name = "MECH", help_heading = "OAuth2")]
+            pub oauth_mechanism: Option<String>,
+            #[doc = "OAuth2 certificate grant: the certificate (PEM) uploaded to the app registration"]
+            #[arg(id = concat!($side, "-oauth-certificate"), long = concat!($side, "-oauth-certificate"), value_name = "PATH", help_heading = "OAuth2")]
+            pub oauth_certificate: Option<PathBuf>,
+            #[doc = "OAuth2: the app's secret: the client secret (first line), the certificate's private key (PEM) or the service account's key (JSON)"]
+            #[arg(id = concat!($side, "-oauth-secret-file"), long = concat!($side, "-oauth-secret-file"), value_name = "PATH", help_heading = "OAuth2")]
+            pub oauth_secret_file: Option<PathBuf>,
         }
 
         impl<'a> From<&'a $name> for Side<'a> {
@@ -205,6 +227,15 @@ macro_rules! endpoint_args {
                     auth: &a.auth,
                     user: &a.user,
                     password_file: &a.password_file,
+                    oauth: OAuthArgs {
+                        client_id: &a.oauth_client_id,
+                        tenant: &a.oauth_tenant,
+                        token_url: &a.oauth_token_url,
+                        scope: &a.oauth_scope,
+                        mechanism: &a.oauth_mechanism,
+                        certificate: &a.oauth_certificate,
+                        secret_file: &a.oauth_secret_file,
+                    },
                 }
             }
         }
@@ -305,6 +336,17 @@ struct Side<'a> {
     auth: &'a str,
     user: &'a Option<String>,
     password_file: &'a Option<PathBuf>,
+    oauth: OAuthArgs<'a>,
+}
+
+struct OAuthArgs<'a> {
+    client_id: &'a Option<String>,
+    tenant: &'a Option<String>,
+    token_url: &'a Option<String>,
+    scope: &'a Option<String>,
+    mechanism: &'a Option<String>,
+    certificate: &'a Option<PathBuf>,
+    secret_file: &'a Option<PathBuf>,
 }
 
 impl Side<'_> {
@@ -361,13 +403,30 @@ impl Side<'_> {
     fn method(&self) -> Result<AuthMethod, UsageError> {
         let bad = || {
             usage(format!(
-                "--{}-auth {:?}: expected password, xoauth2, admin:NAME or master:NAME",
+                "--{}-auth {:?}: expected password, xoauth2, oauth2:GRANT, admin:NAME or master:NAME",
                 self.name, self.auth
             ))
         };
+        let oauth_given = [
+            self.oauth.client_id.is_some(),
+            self.oauth.tenant.is_some(),
+            self.oauth.token_url.is_some(),
+            self.oauth.scope.is_some(),
+            self.oauth.mechanism.is_some(),
+            self.oauth.certificate.is_some(),
+            self.oauth.secret_file.is_some(),
+        ]
+        .contains(&true);
+        if oauth_given && !self.auth.starts_with("oauth2:") {
+            return Err(usage(format!(
+                "the --{}-oauth-… options need --{0}-auth oauth2:GRANT",
+                self.name
+            )));
+        }
         Ok(match self.auth.split_once(':') {
             None if self.auth == "password" => AuthMethod::Password,
             None if self.auth == "xoauth2" => AuthMethod::XOAuth2,
+            Some(("oauth2", grant)) => AuthMethod::OAuth2(self.oauth_client(grant)?),
             Some(("admin", name)) if !name.is_empty() => {
                 AuthMethod::AdminPlain { admin: name.into() }
             }
@@ -376,6 +435,160 @@ impl Side<'_> {
             },
             _ => return Err(bad()),
         })
+    }
+
+    /// The OAuth2 client of `--SIDE-auth oauth2:GRANT`, the preset's token endpoint and
+    /// scope filled in where not given.
+    fn oauth_client(&self, grant: &str) -> Result<OAuthClient, UsageError> {
+        let o = &self.oauth;
+        let flag = |what: &str| format!("--{}-oauth-{what}", self.name);
+        let grant = match grant {
+            "refresh-token" | "refresh_token" => Grant::RefreshToken,
+            "client-secret" | "client_secret" => Grant::ClientSecret,
+            "certificate" | "client-certificate" | "client_certificate" => {
+                let path = o.certificate.as_ref().ok_or_else(|| {
+                    usage(format!("the certificate grant needs {}", flag("certificate")))
+                })?;
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| usage(format!("{} {}: {e}", flag("certificate"), path.display())))?;
+                let thumbprint = mailferry_shared::oauth::jwt::certificate_thumbprint(&pem)
+                    .map_err(|e| usage(format!("{} {}: {e}", flag("certificate"), path.display())))?;
+                Grant::ClientCertificate { thumbprint }
+            }
+            "service-account" | "service_account" => {
+                let key = self.service_account_key()?;
+                Grant::ServiceAccount {
+                    client_email: key.client_email.clone(),
+                    key_id: key.private_key_id.clone(),
+                }
+            }
+            other => {
+                return Err(usage(format!(
+                    "--{}-auth oauth2:{other}: the grant is refresh-token, client-secret, \
+                     certificate or service-account",
+                    self.name
+                )))
+            }
+        };
+        let provider = self.preset.as_deref().and_then(preset).and_then(|p| p.oauth);
+        let token_url = match (o.token_url, o.tenant, provider) {
+            (Some(url), _, _) => url.clone(),
+            // A service account's key file names its token endpoint.
+            (None, None, _) if matches!(grant, Grant::ServiceAccount { .. }) => self
+                .service_account_key()?
+                .token_uri
+                .unwrap_or_else(|| oauth::GOOGLE_TOKEN_URL.into()),
+            (None, tenant, Some(p)) => p.token_url(tenant.as_deref()),
+            (None, Some(tenant), None) => oauth::microsoft_token_url(tenant),
+            (None, None, None) => {
+                return Err(usage(format!(
+                    "OAuth2 needs a token endpoint: give {} (Microsoft), {} or a --{}-preset",
+                    flag("tenant"),
+                    flag("token-url"),
+                    self.name
+                )))
+            }
+        };
+        let scope = match (o.scope, provider) {
+            (Some(scope), _) => scope.clone(),
+            (None, Some(p)) => p.scope(&grant).to_string(),
+            (None, None) if o.tenant.is_some() => match grant {
+                Grant::RefreshToken => oauth::MICROSOFT_USER_SCOPE.into(),
+                _ => oauth::MICROSOFT_APP_SCOPE.into(),
+            },
+            (None, None) if matches!(grant, Grant::ServiceAccount { .. }) => {
+                oauth::GOOGLE_SCOPE.into()
+            }
+            (None, None) => return Err(usage(format!("OAuth2 needs {}", flag("scope")))),
+        };
+        let mechanism = match o.mechanism.as_deref() {
+            None | Some("xoauth2") => Mechanism::Xoauth2,
+            Some("oauthbearer") => Mechanism::Oauthbearer,
+            Some(other) => {
+                return Err(usage(format!(
+                    "{} {other:?}: expected xoauth2 or oauthbearer",
+                    flag("mechanism")
+                )))
+            }
+        };
+        let client = OAuthClient {
+            token_url,
+            client_id: o.client_id.clone().unwrap_or_default(),
+            scope,
+            grant,
+            mechanism,
+        };
+        client
+            .validate()
+            .map_err(|e| usage(format!("--{}-auth {}: {e}", self.name, self.auth)))?;
+        Ok(client)
+    }
+
+    /// The app's secret of an OAuth2 grant, from `--SIDE-oauth-secret-file`: the client
+    /// secret's first line, a private key or a service account key whole. `None` where
+    /// the grant needs none and none was given.
+    fn oauth_app_secret(&self, client: &OAuthClient) -> Result<Option<Secret>, UsageError> {
+        let flag = format!("--{}-oauth-secret-file", self.name);
+        let Some(path) = self.oauth.secret_file else {
+            if client.grant.needs_app_secret() {
+                return Err(usage(format!(
+                    "the OAuth2 {} grant needs the app's secret: give {flag}",
+                    client.grant.name()
+                )));
+            }
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("{flag} {}: {e}", path.display())))?;
+        let secret = match &client.grant {
+            Grant::RefreshToken | Grant::ClientSecret => {
+                text.lines().next().unwrap_or("").trim().to_string()
+            }
+            Grant::ClientCertificate { .. } => {
+                mailferry_shared::oauth::jwt::rsa_key_from_pem(&text)
+                    .map_err(|e| usage(format!("{flag} {}: {e}", path.display())))?;
+                text
+            }
+            Grant::ServiceAccount { .. } => self.service_account_key()?.private_key,
+        };
+        if secret.is_empty() {
+            return Err(usage(format!("{flag} {} is empty", path.display())));
+        }
+        Ok(Some(Secret::new(secret)))
+    }
+
+    fn service_account_key(&self) -> Result<oauth::ServiceAccountKey, UsageError> {
+        let flag = format!("--{}-oauth-secret-file", self.name);
+        let path = self.oauth.secret_file.as_ref().ok_or_else(|| {
+            usage(format!(
+                "the service-account grant needs the key file: give {flag} KEY.json"
+            ))
+        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("{flag} {}: {e}", path.display())))?;
+        oauth::ServiceAccountKey::parse(&text)
+            .map_err(|e| usage(format!("{flag} {}: {e}", path.display())))
+    }
+
+    /// The secret of one user of this side: a password, or for OAuth2 the packed
+    /// refresh token (from `user_secret`, where the grant takes one) and app secret.
+    fn user_secret(
+        &self,
+        method: &AuthMethod,
+        app_secret: Option<&Secret>,
+        user_secret: impl FnOnce() -> Result<Secret, UsageError>,
+    ) -> Result<Secret, UsageError> {
+        match method {
+            AuthMethod::OAuth2(client) => {
+                let refresh = if client.grant.needs_user_secret() {
+                    Some(user_secret()?)
+                } else {
+                    None
+                };
+                Ok(GrantSecrets::pack(refresh.as_ref(), app_secret))
+            }
+            _ => user_secret(),
+        }
     }
 
     /// The secret from the file, the environment, or a prompt — never from the command line.
@@ -496,6 +709,12 @@ pub fn users_from(
     let target = dst.endpoint(&mut notes)?;
     let source_method = src.method()?;
     let target_method = dst.method()?;
+    let app_secret = |side: &Side, method: &AuthMethod| match method {
+        AuthMethod::OAuth2(client) => side.oauth_app_secret(client),
+        _ => Ok(None),
+    };
+    let source_app = app_secret(&src, &source_method)?;
+    let target_app = app_secret(&dst, &target_method)?;
     let mut users = Vec::new();
     let mut bad_rows = Vec::new();
     match csv {
@@ -504,22 +723,17 @@ pub fn users_from(
                 usage("no user: give --source-user LOGIN (and --target-user if it differs), or --csv PATH")
             })?;
             let target_login = dst.user.clone().unwrap_or_else(|| login.clone());
-            let source_secret = src.secret(&login)?;
-            let target_secret = dst.secret(&target_login)?;
+            let source_secret =
+                src.user_secret(&source_method, source_app.as_ref(), || src.secret(&login))?;
+            let target_secret = dst.user_secret(&target_method, target_app.as_ref(), || {
+                dst.secret(&target_login)
+            })?;
             users.push(UserSpec {
                 id: user_id.map(str::to_string).unwrap_or_else(|| login.clone()),
                 source: source.clone(),
-                source_credentials: Credentials {
-                    login,
-                    secret: source_secret,
-                    method: source_method,
-                },
+                source_credentials: Credentials::new(login, source_secret, source_method),
                 target: target.clone(),
-                target_credentials: Credentials {
-                    login: target_login,
-                    secret: target_secret,
-                    method: target_method,
-                },
+                target_credentials: Credentials::new(target_login, target_secret, target_method),
             });
         }
         Some(path) => {
@@ -534,23 +748,42 @@ pub fn users_from(
                 parse_csv(&bytes).map_err(|e| usage(format!("--csv {}: {e}", path.display())))?;
             bad_rows = parsed.errors;
             // With an admin or master login at the target, one secret serves every user.
-            let admin_target = !matches!(target_method, AuthMethod::Password | AuthMethod::XOAuth2);
+            let admin_target = matches!(
+                target_method,
+                AuthMethod::AdminPlain { .. } | AuthMethod::DovecotMaster { .. }
+            );
             let shared_target_secret =
                 if admin_target && parsed.users.iter().any(|u| u.target_password.is_none()) {
                     Some(dst.secret("the target admin")?)
                 } else {
                     None
                 };
+            // An app-wide OAuth2 grant logs every user in with the app's secret: the
+            // CSV's password columns are not needed (a refresh token grant reads them as
+            // each user's refresh token).
+            let packed = |method: &AuthMethod, app: Option<&Secret>, given: Option<&Secret>| {
+                match method {
+                    AuthMethod::OAuth2(client) if !client.grant.needs_user_secret() => {
+                        Some(GrantSecrets::pack(None, app))
+                    }
+                    AuthMethod::OAuth2(_) => given.map(|r| GrantSecrets::pack(Some(r), app)),
+                    _ => given.cloned(),
+                }
+            };
             for row in parsed.users {
-                let Some(source_secret) = row.source_password else {
+                let source_given =
+                    packed(&source_method, source_app.as_ref(), row.source_password.as_ref());
+                let Some(source_secret) = source_given else {
                     bad_rows.push(RowError {
                         line: row.line,
                         reason: format!("Password is empty for {}", row.email),
                     });
                     continue;
                 };
-                let target_secret = match (&row.target_password, &shared_target_secret) {
-                    (Some(p), _) => p.clone(),
+                let target_given =
+                    packed(&target_method, target_app.as_ref(), row.target_password.as_ref());
+                let target_secret = match (target_given, &shared_target_secret) {
+                    (Some(p), _) => p,
                     (None, Some(s)) => s.clone(),
                     (None, None) => {
                         bad_rows.push(RowError {
@@ -566,17 +799,17 @@ pub fn users_from(
                 users.push(UserSpec {
                     id: row.email.clone(),
                     source: source.clone(),
-                    source_credentials: Credentials {
-                        login: row.source_login,
-                        secret: source_secret,
-                        method: source_method.clone(),
-                    },
+                    source_credentials: Credentials::new(
+                        row.source_login,
+                        source_secret,
+                        source_method.clone(),
+                    ),
                     target: target.clone(),
-                    target_credentials: Credentials {
-                        login: row.target_login,
-                        secret: target_secret,
-                        method: target_method.clone(),
-                    },
+                    target_credentials: Credentials::new(
+                        row.target_login,
+                        target_secret,
+                        target_method.clone(),
+                    ),
                 });
             }
             bad_rows.sort_by_key(|r| r.line);

@@ -13,7 +13,7 @@ use mailferry_shared::queue::{JobQueue, MemoryQueue};
 use mailferry_shared::store::DirStore;
 use mailferry_worker::accounts::{StaticAccounts, UserAccounts};
 use mailferry_worker::claims::Unclaimed;
-use mailferry_worker::consumer::{consume, RetryPolicy};
+use mailferry_worker::consumer::{consume, decide, Decision, RetryPolicy};
 use mailferry_worker::{Engine, EngineSettings};
 use tokio::sync::{watch, Semaphore};
 
@@ -85,15 +85,25 @@ pub async fn run(
     let accounts = Arc::new(StaticAccounts::default());
     let mut pools = Vec::new();
     for u in &users {
+        // An OAuth2 login's token source (none for a password). A refresh token the
+        // provider rotates is kept for this run only: the next run starts from the one
+        // it is given.
+        let with_tokens = |credentials: &Credentials, server: &Endpoint| {
+            let mut credentials = credentials.clone();
+            credentials.tokens = mailferry_shared::oauth::tokens_for(&credentials, server, None)?;
+            Ok::<_, mailferry_shared::Error>(credentials)
+        };
+        let source_credentials = with_tokens(&u.source_credentials, &u.source)?;
+        let target_credentials = with_tokens(&u.target_credentials, &u.target)?;
         let source = Pool::new(
             u.source.clone(),
-            u.source_credentials.clone(),
+            source_credentials,
             opts.limits,
             opts.connections_per_account,
         );
         let target = Pool::new(
             u.target.clone(),
-            u.target_credentials.clone(),
+            target_credentials,
             opts.limits,
             opts.connections_per_account,
         );
@@ -188,21 +198,43 @@ pub async fn run(
             opts.rules.clone(),
             opts.batch.clone(),
         );
+        let (policy, mut stop) = (opts.retry, shutdown.clone());
         planners.spawn(async move {
             let _permit = permit;
-            let plan = plan_user(PlanRequest {
-                batch: &batch,
-                user: &id,
-                pass,
-                source: &source,
-                target: &target,
-                rules: &rules,
-                store: Some(&*store),
-                // The state directory may hold an earlier run's checkpoints.
-                first_pass: false,
-                split: None,
-            })
-            .await;
+            // A dropped connection, a throttling answer or a token endpoint that is down
+            // while planning is retried as a folder job's would be; a refusal is not.
+            let mut attempt = 1;
+            let plan = loop {
+                let plan = plan_user(PlanRequest {
+                    batch: &batch,
+                    user: &id,
+                    pass,
+                    source: &source,
+                    target: &target,
+                    rules: &rules,
+                    store: Some(&*store),
+                    // The state directory may hold an earlier run's checkpoints.
+                    first_pass: false,
+                    split: None,
+                })
+                .await;
+                let Err(PlanError::Imap { side, source: e }) = &plan else { break plan };
+                let reason = e.to_string();
+                let Decision::Retry(wait) =
+                    decide(e.disposition(), attempt, &policy, fastrand::f64(), &reason)
+                else {
+                    break plan;
+                };
+                reporter.line(&format!(
+                    "{id}: planning: {side}: {reason}; trying again in {:.1} s",
+                    wait.as_secs_f64()
+                ));
+                attempt += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.wait_for(|s| *s) => break plan,
+                }
+            };
             match plan {
                 Ok(plan) => {
                     for f in plan

@@ -139,42 +139,131 @@ pub fn is_internal(ip: &std::net::IpAddr) -> bool {
     }
 }
 
-/// A provider preset: where its IMAP server is and what the admin must know.
+/// A provider preset: where its IMAP server is, how its accounts log in today, and
+/// what the admin must know. The one list the CLI, the API (`/presets`), the console
+/// and the docs read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Preset {
     pub name: &'static str,
     pub host: &'static str,
     pub port: u16,
+    /// The ways to log in the provider accepts, the recommended first: `password`
+    /// (an app password), or an OAuth2 grant (`refresh_token`, `client_secret`,
+    /// `client_certificate`, `service_account`).
+    pub logins: &'static [&'static str],
+    /// The provider's OAuth2 token endpoint and scopes, where it has OAuth2.
+    pub oauth: Option<ProviderOAuth>,
     pub note: &'static str,
 }
 
+/// Where a provider's tokens come from and for what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderOAuth {
+    /// The token endpoint; `{tenant}` is replaced by the organisation's tenant.
+    pub token_url: &'static str,
+    /// The tenant when none is given (Microsoft's multi-tenant endpoints).
+    pub default_tenant: &'static str,
+    /// The scope of a user's own (delegated) access, with a refresh token.
+    pub user_scope: &'static str,
+    /// The scope of an app's access to every mailbox (app-only, service account).
+    pub app_scope: &'static str,
+}
+
+impl ProviderOAuth {
+    pub fn token_url(&self, tenant: Option<&str>) -> String {
+        self.token_url
+            .replace("{tenant}", tenant.unwrap_or(self.default_tenant))
+    }
+
+    /// The scope for a grant: an app's grants get the app scope.
+    pub fn scope(&self, grant: &crate::oauth::Grant) -> &'static str {
+        if grant.needs_user_secret() {
+            self.user_scope
+        } else {
+            self.app_scope
+        }
+    }
+}
+
+const MICROSOFT_ORGANISATIONS: ProviderOAuth = ProviderOAuth {
+    token_url: "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+    default_tenant: "organizations",
+    user_scope: crate::oauth::MICROSOFT_USER_SCOPE,
+    app_scope: crate::oauth::MICROSOFT_APP_SCOPE,
+};
+
+const MICROSOFT_CONSUMERS: ProviderOAuth = ProviderOAuth {
+    default_tenant: "consumers",
+    ..MICROSOFT_ORGANISATIONS
+};
+
+const GOOGLE: ProviderOAuth = ProviderOAuth {
+    token_url: crate::oauth::GOOGLE_TOKEN_URL,
+    default_tenant: "",
+    user_scope: crate::oauth::GOOGLE_SCOPE,
+    app_scope: crate::oauth::GOOGLE_SCOPE,
+};
+
 pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "microsoft365",
+        host: "outlook.office365.com",
+        port: 993,
+        logins: &["client_secret", "client_certificate", "refresh_token"],
+        oauth: Some(MICROSOFT_ORGANISATIONS),
+        note: "Exchange Online accepts only OAuth2 (basic authentication is off). Migrate an \
+               organisation with an app registration granted IMAP.AccessAsApp (admin \
+               consent), its client secret or certificate and your tenant id, and give \
+               the app access to the mailboxes (New-ServicePrincipal, Add-MailboxPermission).",
+    },
+    Preset {
+        name: "google-workspace",
+        host: "imap.gmail.com",
+        port: 993,
+        logins: &["service_account", "refresh_token"],
+        oauth: Some(GOOGLE),
+        note: "Migrate a Workspace domain with a service account and domain-wide \
+               delegation for the scope https://mail.google.com/ (Admin console > Security \
+               > API controls); give its JSON key. Gmail allows at most 15 simultaneous \
+               IMAP connections per account and a daily download volume.",
+    },
     Preset {
         name: "gmail",
         host: "imap.gmail.com",
         port: 993,
+        logins: &["password", "refresh_token"],
+        oauth: Some(GOOGLE),
         note: "Gmail needs an app password (Google Account > Security > App passwords, \
-               which requires 2-Step Verification) or an OAuth2 access token (--auth xoauth2). \
-               Gmail allows at most 15 simultaneous IMAP connections per account.",
+               which requires 2-Step Verification) or an OAuth2 refresh token. Mail that is \
+               only in All Mail (archived, no label) is not in any other folder. Gmail \
+               allows at most 15 simultaneous IMAP connections per account.",
     },
     Preset {
         name: "outlook",
         host: "outlook.office365.com",
         port: 993,
-        note: "Outlook.com needs two-step verification and an app password, or an OAuth2 \
-               access token (--auth xoauth2).",
+        logins: &["refresh_token"],
+        oauth: Some(MICROSOFT_CONSUMERS),
+        note: "Outlook.com accepts only OAuth2 since 16 September 2024 (app passwords no \
+               longer work for IMAP): each user's refresh token from an app registration \
+               that allows personal Microsoft accounts.",
     },
     Preset {
         name: "hotmail",
         host: "outlook.office365.com",
         port: 993,
-        note: "Hotmail is served by Outlook.com: it needs two-step verification and an app \
-               password, or an OAuth2 access token (--auth xoauth2).",
+        logins: &["refresh_token"],
+        oauth: Some(MICROSOFT_CONSUMERS),
+        note: "Hotmail is served by Outlook.com, which accepts only OAuth2 since 16 September \
+               2024: each user's refresh token from an app registration that allows \
+               personal Microsoft accounts.",
     },
     Preset {
         name: "yahoo",
         host: "imap.mail.yahoo.com",
         port: 993,
+        logins: &["password"],
+        oauth: None,
         note: "Yahoo needs an app password (Account security > Generate app password).",
     },
 ];
@@ -198,6 +287,61 @@ pub enum AuthMethod {
     AdminPlain { admin: String },
     /// Dovecot master user: LOGIN as `user*master` with the master's password.
     DovecotMaster { master: String },
+    /// Access tokens from an OAuth2 token endpoint, renewed as they expire
+    /// ([`crate::oauth`]). The user's secret is a refresh token (or unused, for the
+    /// app-only and service-account grants, whose secret is the app's).
+    #[serde(rename = "oauth2")]
+    OAuth2(crate::oauth::OAuthClient),
+}
+
+impl AuthMethod {
+    /// Whether the user's own secret is needed to log in (every method but the app-wide
+    /// OAuth2 grants, which use the app's).
+    pub fn needs_user_secret(&self) -> bool {
+        match self {
+            AuthMethod::OAuth2(client) => client.grant.needs_user_secret(),
+            _ => true,
+        }
+    }
+
+    /// Whether the endpoint keeps a secret of its own: an admin's or master's password,
+    /// or an OAuth2 app's secret (required by the app-only and service-account grants,
+    /// optional with refresh tokens: a confidential client's secret).
+    pub fn endpoint_secret(&self) -> EndpointSecret {
+        match self {
+            AuthMethod::AdminPlain { .. } | AuthMethod::DovecotMaster { .. } => {
+                EndpointSecret::Required
+            }
+            AuthMethod::OAuth2(client) if client.grant.needs_app_secret() => {
+                EndpointSecret::Required
+            }
+            AuthMethod::OAuth2(_) => EndpointSecret::Optional,
+            AuthMethod::Password | AuthMethod::XOAuth2 => EndpointSecret::None,
+        }
+    }
+
+    /// What is sealed for one user: the password the user was given, or the
+    /// endpoint's admin password in its place; for OAuth2, the user's refresh token
+    /// beside the app's secret ([`crate::oauth::GrantSecrets`]), or the app's secret
+    /// alone for the grants that need no user secret. `None`: nothing to log in with yet.
+    pub fn user_secret(&self, given: Option<&Secret>, endpoint: Option<&Secret>) -> Option<Secret> {
+        use crate::oauth::GrantSecrets;
+        match self {
+            AuthMethod::OAuth2(client) if client.grant.needs_user_secret() => {
+                given.map(|refresh| GrantSecrets::pack(Some(refresh), endpoint))
+            }
+            AuthMethod::OAuth2(_) => endpoint.map(|app| GrantSecrets::pack(None, Some(app))),
+            _ => given.or(endpoint).cloned(),
+        }
+    }
+}
+
+/// Whether an endpoint's method keeps a secret of the endpoint's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointSecret {
+    Required,
+    Optional,
+    None,
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +349,20 @@ pub struct Credentials {
     pub login: String,
     pub secret: Secret,
     pub method: AuthMethod,
+    /// Where the access tokens of an [`AuthMethod::OAuth2`] login come from.
+    pub tokens: Option<std::sync::Arc<crate::oauth::TokenSource>>,
+}
+
+impl Credentials {
+    /// A login with a password (or a fixed token, or an admin's password): no token source.
+    pub fn new(login: impl Into<String>, secret: Secret, method: AuthMethod) -> Self {
+        Credentials {
+            login: login.into(),
+            secret,
+            method,
+            tokens: None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod imap;
 pub mod job;
 pub mod lease;
 pub mod mutf7;
+pub mod oauth;
 pub mod queue;
 pub mod redis_store;
 pub mod seal;

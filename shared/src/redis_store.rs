@@ -284,6 +284,47 @@ impl RedisStore {
             .map_err(|e| store_error("MULTI", e))
     }
 
+    /// Replaces one side's sealed secret of a user if it is still `old` (a refresh token
+    /// the provider rotated, stored back). False when the user is gone or its secret
+    /// changed meanwhile (an admin gave a new one, or another worker stored its rotation
+    /// first): the newer value stays.
+    pub async fn replace_user_secret(
+        &self,
+        batch: &str,
+        user: &str,
+        side: crate::error::Side,
+        old: &str,
+        new: &str,
+    ) -> Result<bool, Error> {
+        static REPLACE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+                local raw = redis.call('GET', KEYS[1])
+                if not raw then return 0 end
+                local record = cjson.decode(raw)
+                if record[ARGV[1]] ~= ARGV[2] then return 0 end
+                record[ARGV[1]] = ARGV[3]
+                redis.call('SET', KEYS[1], cjson.encode(record))
+                return 1
+                ",
+            )
+        });
+        let field = match side {
+            crate::error::Side::Source => "source_secret",
+            crate::error::Side::Target => "target_secret",
+        };
+        let mut conn = self.conn.clone();
+        let replaced: i64 = REPLACE
+            .key(self.user_key(batch, user))
+            .arg(field)
+            .arg(old)
+            .arg(new)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| store_error("EVALSHA", e))?;
+        Ok(replaced == 1)
+    }
+
     pub async fn user(
         &self,
         batch: &str,

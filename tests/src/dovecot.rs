@@ -29,6 +29,20 @@ pub struct DovecotConfig {
     /// Connections one user may have open from one address (Dovecot refuses more,
     /// as Gmail refuses a 16th).
     pub max_user_connections: u32,
+    /// Also accept OAuth2 bearer tokens (XOAUTH2, OAUTHBEARER), validated by Dovecot
+    /// itself: the `oauth2` passdb in local mode, checking each JWT's HS256 signature,
+    /// its expiry and that its `sub` names the user logging in.
+    pub oauth2: Option<OAuth2Validation>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuth2Validation {
+    /// The HS256 key (base64), as [`crate::oauth::TokenEndpoint::key_base64`] gives it.
+    pub key_base64: String,
+    /// Dovecot's `username_format` for the comparison of `sub` and the login: `%u`
+    /// (the default) for tokens of one user, `%d` for an app's token that serves every
+    /// mailbox of its domain.
+    pub username_format: String,
 }
 
 impl Default for DovecotConfig {
@@ -42,6 +56,7 @@ impl Default for DovecotConfig {
             layout_fs: true,
             capabilities: None,
             max_user_connections: 200,
+            oauth2: None,
         }
     }
 }
@@ -150,6 +165,36 @@ impl Dovecot {
             ),
             None => String::new(),
         };
+        let oauth2 = match &config.oauth2 {
+            Some(v) => {
+                // The key dict's path: <azp or "default">/<alg>/<kid or "default">.
+                let keys = dir.join("oauth2-keys/default/HS256");
+                std::fs::create_dir_all(&keys).expect("mkdir keys");
+                std::fs::write(keys.join("default"), &v.key_base64).expect("key");
+                std::fs::write(
+                    dir.join("oauth2.conf"),
+                    format!(
+                        "introspection_mode = local\nlocal_validation_key_dict = fs:posix:prefix={}/oauth2-keys/\n\
+                         username_attribute = sub\nusername_format = {}\n",
+                        dir.display(),
+                        v.username_format
+                    ),
+                )
+                .expect("oauth2.conf");
+                Command::new("chmod")
+                    .args(["-R", "a+rX"])
+                    .arg(dir.join("oauth2-keys"))
+                    .status()
+                    .expect("chmod");
+                set_mode(&dir.join("oauth2.conf"), 0o644);
+                format!(
+                    "auth_mechanisms = $auth_mechanisms xoauth2 oauthbearer\npassdb {{\n  driver = oauth2\n  \
+                     mechanisms = xoauth2 oauthbearer\n  args = {}/oauth2.conf\n}}\n",
+                    dir.display()
+                )
+            }
+            None => String::new(),
+        };
         let conf = format!(
             r#"# written by the mailferry test harness
 instance_name = mft-{port}
@@ -163,7 +208,7 @@ shutdown_clients = yes
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_master_user_separator = *
-passdb {{
+{oauth2}passdb {{
   driver = passwd-file
   args = scheme=PLAIN {dir}/master-users
   master = yes

@@ -162,11 +162,11 @@ pub async fn session(port: u16, user: &str, password: &str) -> Session {
     let mut s = connect(&endpoint, Limits::default())
         .await
         .expect("connecting to the test server");
-    s.authenticate(&Credentials {
-        login: user.into(),
-        secret: Secret::new(password),
-        method: AuthMethod::Password,
-    })
+    s.authenticate(&Credentials::new(
+        user,
+        Secret::new(password),
+        AuthMethod::Password,
+    ))
     .await
     .expect("test login");
     s

@@ -305,30 +305,95 @@ impl RedisAccounts {
                 }
             })
         };
+        let credentials = |side: Side| {
+            let (login, sealed, server, method) = match side {
+                Side::Source => (
+                    &record.source_login,
+                    &record.source_secret,
+                    &batch_record.source,
+                    &batch_record.source_auth,
+                ),
+                Side::Target => (
+                    &record.target_login,
+                    &record.target_secret,
+                    &batch_record.target,
+                    &batch_record.target_auth,
+                ),
+            };
+            let mut credentials =
+                Credentials::new(login.clone(), unseal(sealed, side, server)?, method.clone());
+            let rotated = sealed
+                .as_ref()
+                .map(|sealed| self.store_rotation(batch, user, side, server, sealed, &credentials));
+            credentials.tokens = mailferry_shared::oauth::tokens_for(&credentials, server, rotated)
+                .map_err(|source| JobError::Imap { side, source })?;
+            Ok::<_, JobError>(credentials)
+        };
         let gate = |host_cap| self.slots.as_ref().map(|s| s.gate(host_cap));
         let source = Pool::gated(
             batch_record.source.clone(),
-            Credentials {
-                login: record.source_login.clone(),
-                secret: unseal(&record.source_secret, Side::Source, &batch_record.source)?,
-                method: batch_record.source_auth.clone(),
-            },
+            credentials(Side::Source)?,
             self.limits,
             self.connections_per_account,
             gate(true),
         );
         let target = Pool::gated(
             batch_record.target.clone(),
-            Credentials {
-                login: record.target_login.clone(),
-                secret: unseal(&record.target_secret, Side::Target, &batch_record.target)?,
-                method: batch_record.target_auth.clone(),
-            },
+            credentials(Side::Target)?,
             self.limits,
             self.connections_per_account,
             gate(false),
         );
         Ok(UserAccounts::new(source, target))
+    }
+
+    /// What to do with a refresh token the provider rotated: seal it for the same user,
+    /// side and server, beside the same app secret, and store it in place of the one it
+    /// replaces, so that the next pass (on any worker) starts from it. A failure to store
+    /// is logged: this run goes on with the new token, and a provider that keeps the old
+    /// one valid (Microsoft, Google) accepts it next time.
+    fn store_rotation(
+        &self,
+        batch: &str,
+        user: &str,
+        side: Side,
+        server: &mailferry_shared::endpoint::Endpoint,
+        sealed: &str,
+        credentials: &Credentials,
+    ) -> mailferry_shared::oauth::Rotated {
+        let store = self.store.clone();
+        let keys = self.keys.clone();
+        let (batch, user, server) = (batch.to_string(), user.to_string(), server.clone());
+        let app_secret = mailferry_shared::oauth::GrantSecrets::unpack(&credentials.secret)
+            .ok()
+            .and_then(|(_, app)| app);
+        let current = Arc::new(tokio::sync::Mutex::new(sealed.to_string()));
+        Arc::new(move |refresh| {
+            let (store, keys, current) = (store.clone(), keys.clone(), current.clone());
+            let (batch, user, server) = (batch.clone(), user.clone(), server.clone());
+            let packed =
+                mailferry_shared::oauth::GrantSecrets::pack(Some(&refresh), app_secret.as_ref());
+            Box::pin(async move {
+                let resealed = match keys.seal(&packed, Binding::new(&batch, &user, side, &server)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%batch, %user, %side, error = %e, "cannot seal a rotated refresh token");
+                        return;
+                    }
+                };
+                let mut current = current.lock().await;
+                match store
+                    .replace_user_secret(&batch, &user, side, &current, &resealed)
+                    .await
+                {
+                    Ok(true) => *current = resealed,
+                    Ok(false) => tracing::info!(%batch, %user, %side,
+                        "a rotated refresh token was not stored: the user's secret changed meanwhile"),
+                    Err(e) => tracing::warn!(%batch, %user, %side, error = %e,
+                        "cannot store a rotated refresh token"),
+                }
+            })
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use axum::Extension;
 use mailferry_shared::batch::{BatchRecord, Owner, UserRecord};
 use mailferry_shared::control::now_ms;
 use mailferry_shared::directory::{endpoint_seal_scope, EndpointRecord, Role};
-use mailferry_shared::endpoint::Endpoint;
+use mailferry_shared::endpoint::{AuthMethod, Endpoint};
 use mailferry_shared::error::Side;
 use mailferry_shared::seal::{Binding, Keyring};
 use mailferry_shared::secret::Secret;
@@ -337,6 +337,9 @@ struct Sealer<'a> {
     batch: &'a str,
     source: &'a Endpoint,
     target: &'a Endpoint,
+    source_auth: &'a AuthMethod,
+    target_auth: &'a AuthMethod,
+    /// The endpoints' own secrets (an admin's password, an OAuth2 app's secret), opened.
     source_admin: Option<Secret>,
     target_admin: Option<Secret>,
 }
@@ -365,6 +368,8 @@ impl<'a> Sealer<'a> {
             batch,
             source: &record.source,
             target: &record.target,
+            source_auth: &record.source_auth,
+            target_auth: &record.target_auth,
             source_admin: open(
                 &owner.source_admin_secret,
                 &owner.source_endpoint,
@@ -383,14 +388,15 @@ impl<'a> Sealer<'a> {
     fn seal(
         &self,
         to: Binding,
+        method: &AuthMethod,
         given: Option<&Secret>,
         admin: &Option<Secret>,
     ) -> Result<Option<String>, ApiError> {
-        given
-            .or(admin.as_ref())
+        method
+            .user_secret(given, admin.as_ref())
             .map(|s| {
                 self.keys
-                    .seal(s, to)
+                    .seal(&s, to)
                     .map_err(|e| ApiError::invalid(e.to_string()))
             })
             .transpose()
@@ -398,12 +404,12 @@ impl<'a> Sealer<'a> {
 
     fn source(&self, user: &str, given: Option<&Secret>) -> Result<Option<String>, ApiError> {
         let to = Binding::new(self.batch, user, Side::Source, self.source);
-        self.seal(to, given, &self.source_admin)
+        self.seal(to, self.source_auth, given, &self.source_admin)
     }
 
     fn target(&self, user: &str, given: Option<&Secret>) -> Result<Option<String>, ApiError> {
         let to = Binding::new(self.batch, user, Side::Target, self.target);
-        self.seal(to, given, &self.target_admin)
+        self.seal(to, self.target_auth, given, &self.target_admin)
     }
 }
 
@@ -951,7 +957,8 @@ async fn act(
             if record.source_secret.is_none() {
                 refused.push(Refusal {
                     user,
-                    reason: "no source password: enter it to start this user".into(),
+                    reason: "no source password (or refresh token): enter it to start this user"
+                        .into(),
                 });
             } else if record.target_secret.is_none() {
                 refused.push(Refusal {

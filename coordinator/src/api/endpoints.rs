@@ -11,6 +11,7 @@ use mailferry_shared::directory::{endpoint_seal_scope, EndpointRecord, Role};
 use mailferry_shared::endpoint::{
     is_internal, preset, AuthMethod, Credentials, Endpoint, Security, PRESETS,
 };
+use mailferry_shared::imap::pool::connect_and_log_in;
 use mailferry_shared::imap::Limits;
 use mailferry_shared::seal::Binding;
 use mailferry_shared::secret::Secret;
@@ -24,7 +25,19 @@ pub struct PresetView {
     host: &'static str,
     port: u16,
     security: Security,
+    /// How its accounts log in: `password`, or the OAuth2 grants it supports.
+    logins: &'static [&'static str],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oauth: Option<OAuthView>,
     note: &'static str,
+}
+
+#[derive(Serialize)]
+pub struct OAuthView {
+    /// `{tenant}` stands for the organisation's tenant (`tenant` when making an endpoint).
+    token_url: &'static str,
+    user_scope: &'static str,
+    app_scope: &'static str,
 }
 
 pub async fn presets() -> Json<Vec<PresetView>> {
@@ -36,6 +49,12 @@ pub async fn presets() -> Json<Vec<PresetView>> {
                 host: p.host,
                 port: p.port,
                 security: Security::Tls,
+                logins: p.logins,
+                oauth: p.oauth.map(|o| OAuthView {
+                    token_url: o.token_url,
+                    user_scope: o.user_scope,
+                    app_scope: o.app_scope,
+                }),
                 note: p.note,
             })
             .collect(),
@@ -64,6 +83,16 @@ pub struct NewEndpoint {
     /// The admin's or master user's password, with `admin_plain` or `dovecot_master`.
     #[serde(default)]
     admin_password: Option<String>,
+    /// With `oauth2` and a Microsoft preset: the organisation's tenant (directory id or
+    /// domain) whose token endpoint to use.
+    #[serde(default)]
+    tenant: Option<String>,
+    /// With `oauth2`: the app's secret. The client secret (client_secret grant, or a
+    /// confidential client's refresh tokens), the certificate's private key in PEM
+    /// (client_certificate), or the service account's JSON key file whole
+    /// (service_account: its client_email and key id fill the grant's where not given).
+    #[serde(default)]
+    app_secret: Option<String>,
 }
 
 /// An endpoint as the API shows it (never its admin password).
@@ -101,6 +130,51 @@ impl From<&EndpointRecord> for EndpointView {
             created_ms: r.created_ms,
         }
     }
+}
+
+/// Checks an OAuth2 endpoint's client and returns the app secret to seal: a service
+/// account's private key out of its JSON key file (whose client_email and key id fill
+/// the grant's where not given), a certificate's private key checked as usable.
+fn oauth_app_secret(
+    client: &mut mailferry_shared::oauth::OAuthClient,
+    app_secret: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    use mailferry_shared::oauth::{jwt, Grant, ServiceAccountKey};
+    if app_secret.is_none() && client.grant.needs_app_secret() {
+        return Err(ApiError::invalid(format!(
+            "app_secret: the OAuth2 {} grant needs the app's secret",
+            client.grant.name()
+        )));
+    }
+    let app_secret = match (&mut client.grant, app_secret) {
+        (_, None) => None,
+        (
+            Grant::ServiceAccount {
+                client_email,
+                key_id,
+            },
+            Some(json),
+        ) => {
+            let key = ServiceAccountKey::parse(&json)
+                .map_err(|e| ApiError::invalid(format!("app_secret: {e}")))?;
+            if client_email.is_empty() {
+                *client_email = key.client_email.clone();
+            }
+            if key_id.is_none() {
+                *key_id = key.private_key_id.clone();
+            }
+            Some(key.private_key)
+        }
+        (Grant::ClientCertificate { .. }, Some(pem)) => {
+            jwt::rsa_key_from_pem(&pem).map_err(|e| ApiError::invalid(format!("app_secret: {e}")))?;
+            Some(pem)
+        }
+        (_, Some(secret)) => Some(secret),
+    };
+    client
+        .validate()
+        .map_err(|e| ApiError::invalid(format!("auth: {e}")))?;
+    Ok(app_secret)
 }
 
 /// A random id for a new object: a letter (its kind) and 16 hex digits.
@@ -177,12 +251,30 @@ pub async fn create(
         endpoint.security = security;
     }
     endpoint.accept_invalid_certs = new.accept_invalid_certs;
-    let auth = new.auth.unwrap_or(AuthMethod::Password);
+    let mut auth = new.auth.unwrap_or(AuthMethod::Password);
     let admin = matches!(
         auth,
         AuthMethod::AdminPlain { .. } | AuthMethod::DovecotMaster { .. }
     );
-    let admin_password = new.admin_password.filter(|p| !p.is_empty());
+    let mut admin_password = new.admin_password.filter(|p| !p.is_empty());
+    let app_secret = new.app_secret.filter(|p| !p.is_empty());
+    if let AuthMethod::OAuth2(client) = &mut auth {
+        if let Some(provider) = preset(&provider).and_then(|p| p.oauth) {
+            client.fill_from(&provider, new.tenant.as_deref().filter(|t| !t.is_empty()));
+        } else if new.tenant.is_some() {
+            return Err(ApiError::invalid(
+                "tenant: only with a provider that has one (microsoft365, outlook, hotmail)",
+            ));
+        }
+        if admin_password.is_some() {
+            return Err(ApiError::invalid(
+                "admin_password: an OAuth2 endpoint takes the app's secret as app_secret",
+            ));
+        }
+        admin_password = oauth_app_secret(client, app_secret)?;
+    } else if app_secret.is_some() {
+        return Err(ApiError::invalid("app_secret: only for auth oauth2"));
+    }
     match (&auth, admin, &admin_password) {
         (
             AuthMethod::AdminPlain { admin: who } | AuthMethod::DovecotMaster { master: who },
@@ -196,6 +288,7 @@ pub async fn create(
                 "admin_password: an admin or master login needs its password",
             ))
         }
+        (AuthMethod::OAuth2(_), _, _) => {}
         (_, false, Some(_)) => {
             return Err(ApiError::invalid(
                 "admin_password: only for auth admin_plain or dovecot_master",
@@ -312,33 +405,26 @@ pub async fn test(
     if account.login.trim().is_empty() {
         return Err(ApiError::invalid("login: give the test account's login"));
     }
-    let secret = match (
-        account.password.filter(|p| !p.is_empty()),
-        &record.admin_secret,
-    ) {
-        (Some(p), _) => Secret::new(p),
-        (None, Some(sealed)) => {
+    let endpoint_secret = match &record.admin_secret {
+        Some(sealed) => {
             let (scope, who) = endpoint_seal_scope(&tenant, &record.id);
             let to = Binding::new(&scope, &who, record.role.side(), &record.endpoint);
-            api.cluster
-                .keys
-                .open(sealed, to)
-                .map_err(|e| ApiError::invalid(format!("the endpoint's admin password: {e}")))?
+            Some(api.cluster.keys.open(sealed, to).map_err(|e| {
+                ApiError::invalid(format!("the endpoint's admin password or app secret: {e}"))
+            })?)
         }
-        (None, None) => {
-            return Err(ApiError::invalid(
-                "password: give the test account's password",
-            ))
-        }
+        None => None,
+    };
+    let given = account.password.filter(|p| !p.is_empty()).map(Secret::new);
+    let Some(secret) = record.auth.user_secret(given.as_ref(), endpoint_secret.as_ref()) else {
+        return Err(ApiError::invalid(
+            "password: give the test account's password (or, with OAuth2, its refresh token)",
+        ));
     };
     // Checked again: the settings may have changed since the endpoint was made.
     check_host(&api, record.role, &record.endpoint).await?;
-    let credentials = Credentials {
-        login: account.login.trim().to_string(),
-        secret,
-        method: record.auth.clone(),
-    };
-    let verdict = match try_login(&record.endpoint, &credentials).await {
+    let credentials = Credentials::new(account.login.trim(), secret, record.auth.clone());
+    let verdict = match try_login(&record.endpoint, credentials).await {
         Ok(capabilities) => TestVerdict {
             ok: true,
             capabilities: Some(capabilities),
@@ -362,9 +448,10 @@ const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
 /// waits longer: the admin is looking at the page).
 const TEST_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// From fetching a token (OAuth2) to logging in: each step's failure is the verdict.
 async fn try_login(
     endpoint: &Endpoint,
-    credentials: &Credentials,
+    mut credentials: Credentials,
 ) -> Result<Vec<String>, mailferry_shared::Error> {
     let mut endpoint = endpoint.clone();
     endpoint.connect_timeout = endpoint.connect_timeout.min(TEST_STEP_TIMEOUT);
@@ -372,9 +459,9 @@ async fn try_login(
     endpoint.command_timeout = endpoint.command_timeout.min(TEST_STEP_TIMEOUT);
     let endpoint = &endpoint;
     let attempt = async {
-        let mut session =
-            mailferry_shared::imap::client::connect(endpoint, Limits::default()).await?;
-        session.authenticate(credentials).await?;
+        credentials.tokens = mailferry_shared::oauth::tokens_for(&credentials, endpoint, None)?;
+        let session =
+            connect_and_log_in(endpoint, Limits::default(), &credentials).await?;
         let capabilities: Vec<String> = session.capabilities().iter().map(str::to_string).collect();
         session.logout().await;
         Ok(capabilities)

@@ -418,7 +418,7 @@ async fn open_session(
     Ok(session)
 }
 
-async fn tcp_connect(endpoint: &Endpoint) -> Result<TcpStream, Error> {
+pub(crate) async fn tcp_connect(endpoint: &Endpoint) -> Result<TcpStream, Error> {
     let addrs: Vec<_> = match tokio::time::timeout(
         endpoint.connect_timeout,
         tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port)),
@@ -765,7 +765,41 @@ impl Session {
                 let ir = xoauth2_response(creds.login.as_bytes(), secret);
                 self.sasl("XOAUTH2", ir).await
             }
+            AuthMethod::OAuth2(_) => {
+                return Err(Error::Config(
+                    "OAuth2 logs in with an access token from its token source \
+                     (authenticate_bearer)"
+                        .into(),
+                ))
+            }
         };
+        self.authenticated(result).await
+    }
+
+    /// Authenticates with an OAuth2 access token for `login`.
+    pub async fn authenticate_bearer(
+        &mut self,
+        login: &str,
+        token: &crate::secret::Secret,
+        mechanism: crate::oauth::Mechanism,
+    ) -> Result<(), Error> {
+        let token = token.expose().as_bytes();
+        let result = match mechanism {
+            crate::oauth::Mechanism::Xoauth2 => {
+                self.sasl("XOAUTH2", xoauth2_response(login.as_bytes(), token))
+                    .await
+            }
+            crate::oauth::Mechanism::Oauthbearer => {
+                self.sasl("OAUTHBEARER", oauthbearer_response(login.as_bytes(), token))
+                    .await
+            }
+        };
+        self.authenticated(result).await
+    }
+
+    /// After AUTHENTICATE or LOGIN: a refusal named, else the capabilities of the
+    /// authenticated state.
+    async fn authenticated(&mut self, result: Result<StatusResponse, Error>) -> Result<(), Error> {
         let status = match result {
             Ok(status) => status,
             Err(Error::Command { response, .. }) => return Err(login_refused(&response)),
@@ -851,6 +885,23 @@ fn xoauth2_response(user: &[u8], token: &[u8]) -> Vec<u8> {
     let mut out = b"user=".to_vec();
     out.extend_from_slice(user);
     out.extend_from_slice(b"\x01auth=Bearer ");
+    out.extend_from_slice(token);
+    out.extend_from_slice(b"\x01\x01");
+    out
+}
+
+/// RFC 7628 OAUTHBEARER: a GS2 header naming the user (`,` and `=` escaped), then
+/// `auth=Bearer T` between ^A separators.
+fn oauthbearer_response(user: &[u8], token: &[u8]) -> Vec<u8> {
+    let mut out = b"n,a=".to_vec();
+    for &b in user {
+        match b {
+            b',' => out.extend_from_slice(b"=2C"),
+            b'=' => out.extend_from_slice(b"=3D"),
+            _ => out.push(b),
+        }
+    }
+    out.extend_from_slice(b",\x01auth=Bearer ");
     out.extend_from_slice(token);
     out.extend_from_slice(b"\x01\x01");
     out
@@ -1012,6 +1063,12 @@ mod tests {
             xoauth2_response(b"someuser@example.com", b"ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg"),
             b"user=someuser@example.com\x01auth=Bearer ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg\x01\x01"
         );
+        // RFC 7628 §4.1's example, and a login whose `,` and `=` must be escaped
+        assert_eq!(
+            oauthbearer_response(b"user@example.com", b"vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg=="),
+            b"n,a=user@example.com,\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg==\x01\x01"
+        );
+        assert_eq!(oauthbearer_response(b"a,b=c", b"t"), b"n,a=a=2Cb=3Dc,\x01auth=Bearer t\x01\x01");
     }
 
     #[tokio::test]

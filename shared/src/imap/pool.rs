@@ -67,6 +67,51 @@ impl Drop for Ticket {
     }
 }
 
+/// A new connection, logged in. An OAuth2 login asks the account's token source for a
+/// token; a token the server refuses is dropped and the login tried once more, on a new
+/// connection, with a freshly fetched one (a token revoked, or expired early, before
+/// its time). A second refusal is the answer.
+pub async fn connect_and_log_in(
+    endpoint: &Endpoint,
+    limits: Limits,
+    credentials: &Credentials,
+) -> Result<Session, Error> {
+    let mut session = connect(endpoint, limits).await?;
+    let Some(tokens) = &credentials.tokens else {
+        session.authenticate(credentials).await?;
+        return Ok(session);
+    };
+    let token = tokens.token().await?;
+    match session
+        .authenticate_bearer(&credentials.login, &token, tokens.mechanism())
+        .await
+    {
+        Err(Error::AuthRejected { .. }) => {
+            tokens.refused(&token).await;
+            let fresh = tokens.token().await?;
+            drop(session);
+            let mut session = connect(endpoint, limits).await?;
+            session
+                .authenticate_bearer(&credentials.login, &fresh, tokens.mechanism())
+                .await
+                .map_err(|e| match e {
+                    Error::AuthRejected { server_says } => Error::AuthRejected {
+                        server_says: format!(
+                            "{server_says} (twice, the second time with a token fetched just \
+                             before: the token endpoint grants tokens this server does not \
+                             accept for {}; check the app's permissions on the mailbox)",
+                            credentials.login
+                        ),
+                    },
+                    e => e,
+                })?;
+            Ok(session)
+        }
+        Err(e) => Err(e),
+        Ok(()) => Ok(session),
+    }
+}
+
 /// A session on loan from a pool. Give it back with [`release`](Self::release) when the
 /// command stream is in a clean state; dropping it instead closes the connection (the
 /// safe choice after any error).
@@ -148,8 +193,7 @@ impl Pool {
             None => Ticket::none(),
         };
         // (A failed connect or login drops the ticket: the slot goes back.)
-        let mut session = connect(&self.endpoint, self.limits).await?;
-        session.authenticate(&self.credentials).await?;
+        let session = connect_and_log_in(&self.endpoint, self.limits, &self.credentials).await?;
         Ok(PooledSession {
             session: Some(session),
             ticket: Some(ticket),

@@ -1,0 +1,329 @@
+//! OAuth2 end to end: `mailferry migrate` against Dovecots that validate JWT access
+//! tokens themselves (the `oauth2` passdb, local validation), with tokens from the
+//! harness's token endpoint that live two seconds. Each grant mailferry offers is used
+//! as its provider uses it: a user's refresh token (Outlook.com, Gmail), an app's client
+//! secret or certificate (Microsoft 365 app-only), a service account's signed assertion
+//! (Google Workspace domain-wide delegation).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mailferry_tests::dovecot::{temp_dir, Dovecot, DovecotConfig, OAuth2Validation};
+use mailferry_tests::mail::{self, assert_same_mail, corpus, Pair};
+use mailferry_tests::oauth::{App, AppKey, ServiceAccount, TokenEndpoint};
+use mailferry_tests::proxy::{Cut, CuttingProxy, Direction, SlowProxy};
+use mailferry_tests::run::{text, Migrate};
+
+const DOMAIN: &str = "example.org";
+/// How long the endpoint's access tokens live, in seconds.
+const LIFETIME: u64 = 2;
+
+fn users(n: usize) -> Vec<(String, String)> {
+    (1..=n)
+        .map(|i| (format!("user{i}@{DOMAIN}"), format!("pw-{i}")))
+        .collect()
+}
+
+/// A Dovecot that takes the endpoint's tokens: for one user (`%u`), or for every
+/// mailbox of the token's domain (`%d`, an app's token).
+fn server(idp: &TokenEndpoint, users: &[(String, String)], username_format: &str) -> Dovecot {
+    Dovecot::start(DovecotConfig {
+        users: users.to_vec(),
+        oauth2: Some(OAuth2Validation {
+            key_base64: idp.key_base64(),
+            username_format: username_format.into(),
+        }),
+        ..DovecotConfig::default()
+    })
+}
+
+/// `migrate --csv` between `source_port` and `target_port` (plain IMAP; the token
+/// endpoint is trusted through the test CA given as each side's CA file).
+fn migrate_csv(source_port: u16, target_port: u16, csv: &Path, dir: &Path, ca: &Path) -> Migrate {
+    let mut m = Migrate::new(source_port, target_port, "unused", &dir.join("state"));
+    let at = m.args.iter().position(|a| a == "--source-user").unwrap();
+    m.args.drain(at..at + 2);
+    m.arg("--csv")
+        .arg(csv.display().to_string())
+        .arg("--source-ca-file")
+        .arg(ca.display().to_string())
+        .arg("--target-ca-file")
+        .arg(ca.display().to_string())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// Refusals in a Dovecot's log because a token had expired: none, if mailferry renews
+/// its tokens before they expire rather than after a server refuses them.
+fn expired_refusals(server: &Dovecot) -> usize {
+    server.log().matches("Token has expired").count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_many_token_lifetimes_long_renews_its_tokens_and_verifies() {
+    let idp = TokenEndpoint::start(LIFETIME).await;
+    idp.register_app(App {
+        client_id: "mail-client".into(),
+        ..App::default()
+    });
+    idp.register_app(App {
+        client_id: "m365-app".into(),
+        secret: Some("app-secret-1".into()),
+        principal: format!("mailferry-app@{DOMAIN}"),
+        ..App::default()
+    });
+    idp.set_rotation(true);
+    let people = users(5);
+    let src = server(&idp, &people, "%u");
+    let dst = server(&idp, &people, "%d");
+    let mut loaded = Vec::new();
+    for (i, (user, password)) in people.iter().enumerate() {
+        let messages = corpus(700 + i as u64, 2);
+        mail::load(src.port, user, password, '/', &messages).await;
+        loaded.push(messages);
+    }
+    // The source at 150 KB/s, so that the users follow each other for many token
+    // lifetimes, and its connections cut now and then as the mail flows: each new
+    // connection logs in again, by then with a token older than its lifetime.
+    let slow = SlowProxy::start(src.port, 150_000).await;
+    let cutting = CuttingProxy::start(
+        slow.port,
+        Cut {
+            direction: Direction::Download,
+            after_bytes: 100_000,
+            times: 6,
+        },
+    )
+    .await;
+    let dir = temp_dir("oauth-long");
+    // Each user's refresh token in the CSV's password column.
+    let mut rows = String::from("EmailAddress,UserName,Password\r\n");
+    for (user, _) in &people {
+        let refresh = idp.grant_refresh_token(user, "mail-client");
+        rows.push_str(&format!("{user},{user},{refresh}\r\n"));
+    }
+    let csv = dir.join("users.csv");
+    std::fs::write(&csv, rows).unwrap();
+    let app_secret = write(&dir, "app-secret", "app-secret-1\n");
+    let started = Instant::now();
+    let out = migrate_csv(cutting.port, dst.port, &csv, &dir, &idp.ca.ca_cert)
+        .arg("--source-auth")
+        .arg("oauth2:refresh-token")
+        .arg("--source-oauth-token-url")
+        .arg(idp.url())
+        .arg("--source-oauth-client-id")
+        .arg("mail-client")
+        .arg("--source-oauth-scope")
+        .arg("https://outlook.office.com/IMAP.AccessAsUser.All offline_access")
+        .arg("--target-auth")
+        .arg("oauth2:client-secret")
+        .arg("--target-oauth-token-url")
+        .arg(idp.url())
+        .arg("--target-oauth-client-id")
+        .arg("m365-app")
+        .arg("--target-oauth-scope")
+        .arg("https://outlook.office365.com/.default")
+        .arg("--target-oauth-mechanism")
+        .arg("oauthbearer")
+        .arg("--target-oauth-secret-file")
+        .arg(app_secret)
+        .arg("--parallel-users")
+        .arg("1")
+        .arg("--jobs")
+        .arg("2")
+        .arg("--connections")
+        .arg("1")
+        .run();
+    let elapsed = started.elapsed();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(
+        elapsed > Duration::from_secs(4 * LIFETIME),
+        "the migration took {elapsed:?}: too short to outlive its tokens, the test proves nothing"
+    );
+    for ((user, password), messages) in people.iter().zip(&loaded) {
+        assert_same_mail(&Pair::dovecots(&src, &dst, user, password), messages, |p| {
+            p.to_string()
+        })
+        .await;
+    }
+    let log = idp.log();
+    let app_tokens = log
+        .iter()
+        .filter(|l| l.grant_type == "client_credentials" && l.outcome == "200")
+        .count();
+    assert!(
+        app_tokens as u64 <= elapsed.as_secs() / (LIFETIME / 2).max(1) + 3,
+        "{app_tokens} app tokens in {elapsed:?}: one token serves every mailbox, not one each"
+    );
+    // Every user got a token; some users logged in again after theirs had lived its
+    // time, and then presented the refresh token the endpoint had rotated.
+    let mut renewed = 0;
+    for (user, _) in &people {
+        let grants: Vec<_> = log
+            .iter()
+            .filter(|l| l.grant_type == "refresh_token" && l.sub.as_deref() == Some(user.as_str()))
+            .collect();
+        assert!(!grants.is_empty(), "no token was fetched for {user}: {log:?}");
+        if grants.len() >= 2 {
+            renewed += 1;
+            assert_ne!(
+                grants[0].refresh_token, grants[1].refresh_token,
+                "{user}'s renewal presented the first refresh token, not the rotated one"
+            );
+        }
+    }
+    assert!(
+        cutting.cuts_done.load(std::sync::atomic::Ordering::SeqCst) > 0 && renewed > 0,
+        "no user logged in again after a token lifetime: the renewal went untested: {log:?}"
+    );
+    assert_eq!(expired_refusals(&src), 0, "{}", src.log());
+    assert_eq!(expired_refusals(&dst), 0, "{}", dst.log());
+    for secret in ["app-secret-1", "rt-"] {
+        assert!(!all.contains(secret), "a secret in the output: {all}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_accounts_and_certificates_sign_their_assertions_and_an_outage_is_waited_out() {
+    let idp = TokenEndpoint::start(30).await;
+    let dir = temp_dir("oauth-keys");
+    let google = AppKey::create(&dir.join("google"));
+    let microsoft = AppKey::create(&dir.join("microsoft"));
+    let sa_email = "migrator@mailferry-test.iam.gserviceaccount.com";
+    idp.register_service_account(ServiceAccount {
+        client_email: sa_email.into(),
+        public_key: google.public_key.clone(),
+    });
+    idp.register_app(App {
+        client_id: "m365-cert-app".into(),
+        certificate: Some((microsoft.x5t.clone(), microsoft.public_key.clone())),
+        principal: format!("mailferry-app@{DOMAIN}"),
+        ..App::default()
+    });
+    // The first request meets an endpoint that is down.
+    idp.fail_next(1, 503);
+    let people = users(2);
+    let src = server(&idp, &people, "%u");
+    let dst = server(&idp, &people, "%d");
+    let mut loaded = Vec::new();
+    for (i, (user, password)) in people.iter().enumerate() {
+        let messages = corpus(800 + i as u64, 1);
+        mail::load(src.port, user, password, '/', &messages).await;
+        loaded.push(messages);
+    }
+    let key_file = write(&dir, "sa.json", &google.service_account_json(sa_email, &idp.url()));
+    let csv = dir.join("users.csv");
+    let mut rows = String::from("EmailAddress,UserName,Password\r\n");
+    for (user, _) in &people {
+        rows.push_str(&format!("{user},{user},\r\n"));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let out = migrate_csv(src.port, dst.port, &csv, &dir, &idp.ca.ca_cert)
+        .arg("--source-auth")
+        .arg("oauth2:service-account")
+        .arg("--source-oauth-secret-file")
+        .arg(key_file)
+        .arg("--source-oauth-scope")
+        .arg("https://mail.google.com/")
+        .arg("--target-auth")
+        .arg("oauth2:certificate")
+        .arg("--target-oauth-token-url")
+        .arg(idp.url())
+        .arg("--target-oauth-client-id")
+        .arg("m365-cert-app")
+        .arg("--target-oauth-scope")
+        .arg("https://outlook.office365.com/.default")
+        .arg("--target-oauth-certificate")
+        .arg(microsoft.cert_pem.display().to_string())
+        .arg("--target-oauth-secret-file")
+        .arg(microsoft.key_pem.display().to_string())
+        .run();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    for ((user, password), messages) in people.iter().zip(&loaded) {
+        assert_same_mail(&Pair::dovecots(&src, &dst, user, password), messages, |p| {
+            p.to_string()
+        })
+        .await;
+    }
+    let log = idp.log();
+    assert_eq!(log[0].outcome, "temporarily_unavailable", "{log:?}");
+    for (user, _) in &people {
+        assert!(
+            log.iter().any(|l| l.grant_type.ends_with("jwt-bearer")
+                && l.outcome == "200"
+                && l.sub.as_deref() == Some(user.as_str())),
+            "no service-account token for {user}: {log:?}"
+        );
+    }
+    let app = log
+        .iter()
+        .filter(|l| l.grant_type == "client_credentials" && l.outcome == "200")
+        .count();
+    assert_eq!(app, 1, "one certificate token serves both mailboxes: {log:?}");
+    assert!(!all.contains("PRIVATE KEY"), "{all}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_grant_fails_the_users_at_once_with_its_name() {
+    let idp = TokenEndpoint::start(30).await;
+    idp.register_app(App {
+        client_id: "m365-app".into(),
+        secret: Some("the-right-secret".into()),
+        principal: format!("mailferry-app@{DOMAIN}"),
+        ..App::default()
+    });
+    let people = users(2);
+    let src = server(&idp, &people, "%d");
+    let dst = Dovecot::start(DovecotConfig {
+        users: people.clone(),
+        ..DovecotConfig::default()
+    });
+    for (user, password) in &people {
+        mail::load(src.port, user, password, '/', &corpus(5, 1)).await;
+    }
+    let dir = temp_dir("oauth-refused");
+    let csv = dir.join("users.csv");
+    let mut rows = String::from("EmailAddress,UserName,Password,TargetUserName,TargetPassword\r\n");
+    for (user, password) in &people {
+        rows.push_str(&format!("{user},{user},,{user},{password}\r\n"));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let wrong = write(&dir, "app-secret", "a-wrong-secret\n");
+    let started = Instant::now();
+    let out = migrate_csv(src.port, dst.port, &csv, &dir, &idp.ca.ca_cert)
+        .arg("--source-auth")
+        .arg("oauth2:client-secret")
+        .arg("--source-oauth-tenant")
+        .arg("contoso")
+        .arg("--source-oauth-token-url")
+        .arg(idp.url())
+        .arg("--source-oauth-client-id")
+        .arg("m365-app")
+        .arg("--source-oauth-secret-file")
+        .arg(wrong)
+        .run();
+    let all = text(&out);
+    assert_ne!(out.status.code(), Some(0), "{all}");
+    assert!(
+        all.contains("invalid_client") && all.contains("client secret or certificate is wrong"),
+        "the refusal is named, with what to do: {all}"
+    );
+    assert!(!all.contains("a-wrong-secret"), "{all}");
+    let asked = idp.log().len();
+    assert!(
+        asked <= people.len() * 2,
+        "a refused grant is not retried ({asked} requests): {:?}",
+        idp.log()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "failed in {:?}: a refusal is an answer, not a reason to wait",
+        started.elapsed()
+    );
+}
