@@ -210,6 +210,9 @@ fn cluster_setup(
     tokio::runtime::Runtime,
 )> {
     let settings = mailferry_shared::settings::Settings::load(config, std::env::vars())?;
+    if let Some(ca) = &settings.oauth_ca_file {
+        mailferry_shared::oauth::http::trust_ca_file(ca.clone());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -87,6 +87,9 @@ pub struct Settings {
     /// With `rediss://`: a PEM file of the CA certificates to trust instead of the
     /// public roots (a private CA).
     pub redis_ca_file: Option<PathBuf>,
+    /// A PEM file of CA certificates trusted, beside the public roots, for OAuth2 token
+    /// endpoints (an identity provider of your own behind a private CA).
+    pub oauth_ca_file: Option<PathBuf>,
     /// Prefix of every Redis key and RabbitMQ queue of this installation.
     pub key_prefix: String,
     pub worker: WorkerSettings,
@@ -354,6 +357,7 @@ impl Default for Settings {
             amqp_url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             amqp_ca_file: None,
             redis_ca_file: None,
+            oauth_ca_file: None,
             redis_url: Secret::new("redis://127.0.0.1:6379/0"),
             key_prefix: "mailferry".into(),
             worker: WorkerSettings::default(),
@@ -485,6 +489,18 @@ impl Settings {
                     )
                 }
                 Err(e) => return invalid(key, &format!("{}: {e}", path.display())),
+            }
+        }
+        if let Some(path) = &self.oauth_ca_file {
+            match std::fs::read_to_string(path) {
+                Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {}
+                Ok(_) => {
+                    return invalid(
+                        "oauth_ca_file",
+                        &format!("{}: no PEM certificate in it", path.display()),
+                    )
+                }
+                Err(e) => return invalid("oauth_ca_file", &format!("{}: {e}", path.display())),
             }
         }
         if !matches!(scheme(&self.redis_url).as_str(), "redis" | "rediss") {

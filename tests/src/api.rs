@@ -43,6 +43,8 @@ pub struct ApiRig {
     pub users: Vec<(String, String, Vec<TestMessage>)>,
     processes: Vec<Process>,
     slow: Option<crate::proxy::SlowProxy>,
+    /// The token endpoint of an OAuth2 rig.
+    pub idp: Option<crate::oauth::TokenEndpoint>,
     /// Set by [`ApiRig::clean_up`].
     cleaned: std::sync::atomic::AtomicBool,
 }
@@ -65,7 +67,18 @@ pub struct RigOptions {
     pub limits: &'static str,
     /// The items of `api.target_hosts` (TOML, e.g. `"127.0.0.1"`).
     pub target_hosts: &'static str,
+    /// Both servers also take OAuth2 tokens of the rig's token endpoint
+    /// ([`ApiRig::idp`], tokens living [`OAUTH_LIFETIME`] seconds): the source a user's
+    /// own (`%u`), the target an app's for the whole domain (`%d`). The endpoint knows
+    /// the public client `mail-client`, whose refresh token for alice is the canary,
+    /// and the app `m365-app` with the client secret [`APP_SECRET`].
+    pub oauth: bool,
 }
+
+/// How long the OAuth2 rig's access tokens live, in seconds.
+pub const OAUTH_LIFETIME: u64 = 6;
+/// The client secret of the OAuth2 rig's app.
+pub const APP_SECRET: &str = "m365-app-secret";
 
 impl ApiRig {
     pub async fn start(options: RigOptions) -> ApiRig {
@@ -73,8 +86,33 @@ impl ApiRig {
             ("alice@example.com".to_string(), CANARY.to_string()),
             ("bob@example.com".to_string(), "bob-source-pw".to_string()),
         ];
+        let idp = match options.oauth {
+            true => Some(crate::oauth::TokenEndpoint::start(OAUTH_LIFETIME).await),
+            false => None,
+        };
+        let validation = |format: &str| {
+            idp.as_ref().map(|idp| crate::dovecot::OAuth2Validation {
+                key_base64: idp.key_base64(),
+                username_format: format.into(),
+            })
+        };
+        if let Some(idp) = &idp {
+            idp.register_app(crate::oauth::App {
+                client_id: "mail-client".into(),
+                ..Default::default()
+            });
+            idp.register_app(crate::oauth::App {
+                client_id: "m365-app".into(),
+                secret: Some(APP_SECRET.into()),
+                principal: "mailferry-app@example.com".into(),
+                ..Default::default()
+            });
+            idp.set_rotation(true);
+            idp.grant_refresh_token_as(&logins[0].0, "mail-client", CANARY);
+        }
         let src = Dovecot::start(DovecotConfig {
             users: logins.clone(),
+            oauth2: validation("%u"),
             ..DovecotConfig::default()
         });
         // The target has the same passwords (so the verifier can log in), but the API is
@@ -83,6 +121,7 @@ impl ApiRig {
             users: logins.clone(),
             master: Some((MASTER.0.into(), MASTER.1.into())),
             max_mail_size: options.target_max_mail_size,
+            oauth2: validation("%d"),
             ..DovecotConfig::default()
         });
         let mut users = Vec::new();
@@ -104,13 +143,16 @@ impl ApiRig {
         std::fs::write(
             &config,
             format!(
-                "key_prefix = \"{prefix}\"\n\
+                "key_prefix = \"{prefix}\"\n{}\
                  [worker]\njob_slots = 3\nclaim_secs = 6\n\
                  [coordinator]\nleader_lease_secs = 3\nrecheck_secs = 20\n\
                  [api]\nlisten = \"127.0.0.1:{api_port}\"\nforbid_private_sources = {}\n\
                  target_hosts = [{}]\n\
                  tokens = [{{ tenant = \"acme\", token = \"{ACME}\" }}, {{ tenant = \"globex\", token = \"{GLOBEX}\" }}]\n\
                  [api.limits]\n{}\n",
+                idp.as_ref()
+                    .map(|idp| format!("oauth_ca_file = \"{}\"\n", idp.ca.ca_cert.display()))
+                    .unwrap_or_default(),
                 options.forbid_private_sources,
                 options.target_hosts,
                 options.limits,
@@ -128,6 +170,7 @@ impl ApiRig {
             users,
             processes: Vec::new(),
             slow: None,
+            idp,
             cleaned: std::sync::atomic::AtomicBool::new(false),
         };
         if let Some(rate) = options.slow_source {

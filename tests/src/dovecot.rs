@@ -187,8 +187,9 @@ impl Dovecot {
                     .status()
                     .expect("chmod");
                 set_mode(&dir.join("oauth2.conf"), 0o644);
+                // auth_verbose: each refusal's reason in the log, for the tests to read.
                 format!(
-                    "auth_mechanisms = $auth_mechanisms xoauth2 oauthbearer\npassdb {{\n  driver = oauth2\n  \
+                    "auth_verbose = yes\nauth_mechanisms = $auth_mechanisms xoauth2 oauthbearer\npassdb {{\n  driver = oauth2\n  \
                      mechanisms = xoauth2 oauthbearer\n  args = {}/oauth2.conf\n}}\n",
                     dir.display()
                 )

@@ -162,6 +162,16 @@ impl TokenEndpoint {
         token
     }
 
+    /// [`grant_refresh_token`](Self::grant_refresh_token) with a token of the test's
+    /// choosing (a canary that must never show).
+    pub fn grant_refresh_token_as(&self, user: &str, client_id: &str, token: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .refresh_tokens
+            .insert(token.into(), (user.into(), client_id.into()));
+    }
+
     pub fn set_rotation(&self, on: bool) {
         self.state.lock().unwrap().rotate = on;
     }

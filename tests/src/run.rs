@@ -105,7 +105,13 @@ impl Migrate {
                     .arg("-KILL")
                     .arg(id.to_string())
                     .status();
-                panic!("mailferry did not finish within 300 s");
+                let said = rx
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|out| text(&out))
+                    .unwrap_or_default();
+                panic!("mailferry did not finish within 300 s; it said:\n{said}");
             }
         }
     }

@@ -3,20 +3,26 @@
 //! harness's token endpoint that live two seconds. Each grant mailferry offers is used
 //! as its provider uses it: a user's refresh token (Outlook.com, Gmail), an app's client
 //! secret or certificate (Microsoft 365 app-only), a service account's signed assertion
-//! (Google Workspace domain-wide delegation).
+//! (Google Workspace domain-wide delegation). Then the same in the cluster, through
+//! the API, with a scheduled re-sync and the rotated refresh tokens stored back.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use mailferry_coordinator::client::ApiClient;
+use mailferry_tests::api::{checked, ApiRig, RigOptions, ACME, APP_SECRET, CANARY};
 use mailferry_tests::dovecot::{temp_dir, Dovecot, DovecotConfig, OAuth2Validation};
 use mailferry_tests::mail::{self, assert_same_mail, corpus, Pair};
 use mailferry_tests::oauth::{App, AppKey, ServiceAccount, TokenEndpoint};
 use mailferry_tests::proxy::{Cut, CuttingProxy, Direction, SlowProxy};
 use mailferry_tests::run::{text, Migrate};
+use serde_json::{json, Value};
 
 const DOMAIN: &str = "example.org";
-/// How long the endpoint's access tokens live, in seconds.
-const LIFETIME: u64 = 2;
+/// How long the endpoint's access tokens live, in seconds: short, so that a migration
+/// outlives several, and long enough that a loaded machine never hands a server a
+/// token older than its lifetime (mailferry renews a quarter of a lifetime early).
+const LIFETIME: u64 = 6;
 
 fn users(n: usize) -> Vec<(String, String)> {
     (1..=n)
@@ -55,6 +61,16 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
+}
+
+/// The lines of a Dovecot's log where its oauth2 passdb refused a token, and why.
+fn oauth_refusals(server: &Dovecot) -> String {
+    server
+        .log()
+        .lines()
+        .filter(|l| l.contains("oauth2") && l.contains("failed"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Refusals in a Dovecot's log because a token had expired: none, if mailferry renews
@@ -140,9 +156,14 @@ async fn a_migration_many_token_lifetimes_long_renews_its_tokens_and_verifies() 
         .run();
     let elapsed = started.elapsed();
     let all = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{all}\nthe source's OAuth2 refusals:\n{}",
+        oauth_refusals(&src)
+    );
     assert!(
-        elapsed > Duration::from_secs(4 * LIFETIME),
+        elapsed > Duration::from_secs(2 * LIFETIME),
         "the migration took {elapsed:?}: too short to outlive its tokens, the test proves nothing"
     );
     for ((user, password), messages) in people.iter().zip(&loaded) {
@@ -326,4 +347,193 @@ async fn a_refused_grant_fails_the_users_at_once_with_its_name() {
         "failed in {:?}: a refusal is an answer, not a reason to wait",
         started.elapsed()
     );
+}
+
+/// Polls the batch's users until each is synced; their pages when not.
+async fn wait_synced(acme: &ApiClient, batch: &str, rig: &ApiRig) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let page = acme
+            .get(&format!("/api/v1/batches/{batch}/users"))
+            .await
+            .unwrap();
+        let page: Value = serde_json::from_str(&checked(&page)).unwrap();
+        let users = page["users"].as_array().unwrap();
+        if !users.is_empty() && users.iter().all(|u| u["status"] == "synced") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not synced: {page}\n{}",
+            rig.log("worker0")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn post(client: &ApiClient, path: &str, body: Value) -> Value {
+    let answer = client.post_json(path, &body).await.unwrap();
+    let text = checked(&answer);
+    assert!(answer.status < 300, "{path}: {} {text}", answer.status);
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The whole OAuth2 workflow in the cluster, through the API: an endpoint taking each
+/// user's refresh token (alice's is the canary), another with an app's client secret
+/// (tested: the right one logs in, a wrong one is named `invalid_client`), users
+/// imported with their refresh tokens, migrated, then a scheduled pass after the
+/// tokens of the first have expired and their refresh tokens were rotated — the
+/// rotated ones stored back, sealed — and no refresh token in any answer, log or
+/// Redis value.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_sealed() {
+    let rig = ApiRig::start(RigOptions {
+        // change_at_source changes four messages of a folder
+        per_folder: 4,
+        workers: 1,
+        oauth: true,
+        ..RigOptions::default()
+    })
+    .await;
+    let idp = rig.idp.as_ref().unwrap();
+    let acme = rig.client(ACME);
+    let src_port = rig.src.port;
+    let source = post(
+        &acme,
+        "/api/v1/endpoints",
+        json!({
+            "name": "Outlook.com-like", "role": "source", "provider": "custom",
+            "host": "127.0.0.1", "port": src_port, "security": "plain",
+            "auth": {"method": "oauth2", "token_url": idp.url(), "client_id": "mail-client",
+                     "scope": "https://outlook.office.com/IMAP.AccessAsUser.All offline_access",
+                     "grant": {"kind": "refresh_token"}}
+        }),
+    )
+    .await;
+    let sid = source["id"].as_str().unwrap();
+    let verdict = post(
+        &acme,
+        &format!("/api/v1/endpoints/{sid}/test"),
+        json!({"login": "alice@example.com", "password": CANARY}),
+    )
+    .await;
+    assert_eq!(verdict["ok"], true, "a refresh token, from token to login: {verdict}");
+
+    let target_with = |secret: &str| {
+        json!({
+            "name": "Microsoft 365-like", "role": "target", "provider": "custom",
+            "host": "127.0.0.1", "port": rig.dst.port, "security": "plain",
+            "auth": {"method": "oauth2", "token_url": idp.url(), "client_id": "m365-app",
+                     "scope": "https://outlook.office365.com/.default",
+                     "grant": {"kind": "client_secret"}, "mechanism": "oauthbearer"},
+            "app_secret": secret
+        })
+    };
+    let wrong = post(&acme, "/api/v1/endpoints", target_with("not-the-secret")).await;
+    let verdict = post(
+        &acme,
+        &format!("/api/v1/endpoints/{}/test", wrong["id"].as_str().unwrap()),
+        json!({"login": "bob@example.com"}),
+    )
+    .await;
+    assert_eq!(verdict["ok"], false, "{verdict}");
+    assert_eq!(verdict["failure"]["code"], "authentication_rejected", "{verdict}");
+    assert!(
+        verdict["failure"]["message"].as_str().unwrap().contains("invalid_client"),
+        "the grant's refusal, named: {verdict}"
+    );
+    let target = post(&acme, "/api/v1/endpoints", target_with(APP_SECRET)).await;
+    assert!(!target.to_string().contains(APP_SECRET), "{target}");
+    let tid = target["id"].as_str().unwrap();
+    let verdict = post(
+        &acme,
+        &format!("/api/v1/endpoints/{tid}/test"),
+        json!({"login": "bob@example.com"}),
+    )
+    .await;
+    assert_eq!(verdict["ok"], true, "the app's token logs in as bob: {verdict}");
+
+    let batch = post(
+        &acme,
+        "/api/v1/batches",
+        json!({"name": "OAuth", "source_endpoint": sid, "target_endpoint": tid,
+               "sync_interval_secs": 8}),
+    )
+    .await;
+    let b = batch["id"].as_str().unwrap().to_string();
+    let bob_token = idp.grant_refresh_token("bob@example.com", "mail-client");
+    let csv = format!(
+        "EmailAddress,UserName,Password\nalice@example.com,alice@example.com,{CANARY}\n\
+         bob@example.com,bob@example.com,{bob_token}\n"
+    );
+    let import = acme
+        .call(
+            "POST",
+            &format!("/api/v1/batches/{b}/users/import"),
+            Some(("text/csv", csv.into_bytes())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(import.status, 200, "{}", checked(&import));
+    let sealed_at_import = sealed_source_secret(&rig, &b, "alice@example.com").await;
+    let started = post(&acme, &format!("/api/v1/batches/{b}/start"), json!({})).await;
+    assert_eq!(started["applied"].as_array().unwrap().len(), 2, "{started}");
+    wait_synced(&acme, &b, &rig).await;
+    for (login, password, messages) in &rig.users {
+        let pair = Pair::dovecots(&rig.src, &rig.dst, login, password);
+        mail::assert_same_mail(&pair, messages, |p| p.to_string()).await;
+    }
+
+    // The next pass, on its schedule, long after the first tokens expired: new mail
+    // arrives at the target.
+    let added = mail::change_at_source(rig.src.port, "alice@example.com", CANARY, "INBOX").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mail::message_count(rig.dst.port, "alice@example.com", CANARY).await
+        < rig.users[0].2.len() as u32 + 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the scheduled pass did not copy the new message:\n{}",
+            rig.log("worker0")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut expected = rig.users[0].2.clone();
+    expected.push(added);
+    let pair = Pair::dovecots(&rig.src, &rig.dst, "alice@example.com", CANARY);
+    mail::assert_same_mail(&pair, &expected, |p| p.to_string()).await;
+
+    // The endpoint rotated alice's refresh token: the new one is stored, sealed.
+    let log = idp.log();
+    assert!(
+        log.iter()
+            .filter(|l| l.grant_type == "refresh_token" && l.outcome == "200")
+            .count()
+            >= 2,
+        "{log:?}"
+    );
+    assert_ne!(
+        sealed_source_secret(&rig, &b, "alice@example.com").await,
+        sealed_at_import,
+        "the rotated refresh token was not stored back"
+    );
+    assert_eq!(expired_refusals(&rig.src), 0, "{}", rig.src.log());
+    assert_eq!(expired_refusals(&rig.dst), 0, "{}", rig.dst.log());
+    assert!(!rig.all_logs().contains(APP_SECRET), "a log shows the app secret");
+    rig.assert_no_canary_at_rest().await;
+    rig.clean_up().await;
+}
+
+/// The sealed source secret Redis holds for a user (the test reads the store as an
+/// attacker with Redis would).
+async fn sealed_source_secret(rig: &ApiRig, batch: &str, user: &str) -> String {
+    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let raw: String = redis::cmd("GET")
+        .arg(format!("{}:user:{batch}:{user}", rig.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let record: Value = serde_json::from_str(&raw).unwrap();
+    record["source_secret"].as_str().unwrap().to_string()
 }

@@ -1074,3 +1074,40 @@ async fn one_renewal_call_keeps_each_run_of_a_worker_apart() {
     assert_eq!(left, vec!["c".to_string()]);
     store.delete_all().await.unwrap();
 }
+
+/// A rotated refresh token is stored in place of the one it replaces only: a secret an
+/// admin changed meanwhile (or another worker's rotation) is kept.
+#[tokio::test]
+async fn a_rotated_secret_replaces_only_the_one_it_rotated() {
+    use mailferry_shared::batch::UserRecord;
+    use mailferry_shared::Side;
+    let prefix = format!("mft-{:016x}", fastrand::u64(..));
+    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let record = UserRecord {
+        source_login: "alice".into(),
+        source_secret: Some("sealed-1".into()),
+        target_login: "alice".into(),
+        target_secret: None,
+    };
+    store.put_user("b", "alice", &record).await.unwrap();
+    assert!(store
+        .replace_user_secret("b", "alice", Side::Source, "sealed-1", "sealed-2")
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .replace_user_secret("b", "alice", Side::Source, "sealed-1", "sealed-3")
+            .await
+            .unwrap(),
+        "a stale rotation does not overwrite the newer secret"
+    );
+    assert!(!store
+        .replace_user_secret("b", "nobody", Side::Source, "x", "y")
+        .await
+        .unwrap());
+    let now = store.user("b", "alice").await.unwrap().unwrap();
+    assert_eq!(now.source_secret.as_deref(), Some("sealed-2"));
+    assert_eq!(now.target_secret, None, "the other side and the nulls are kept");
+    assert_eq!(now.source_login, "alice");
+    mailferry_tests::run::remove_traces(redis_url().expose(), &prefix).await;
+}

@@ -1,7 +1,8 @@
 //! One HTTPS POST of a form to a token endpoint, and nothing more: HTTP/1.1 (hyper's
 //! connection layer) over the same TCP and TLS code as the IMAP connections, so the
 //! token endpoint gets the same address policy (`public_only`, checked on the addresses
-//! connected to) and the same trust (web roots plus the endpoint's CA file). No
+//! connected to) and the same trust (web roots plus the endpoint's CA file, else the
+//! installation's `oauth_ca_file`). No
 //! redirects are followed, no cookies kept, no proxy used; the answer is capped at
 //! [`MAX_ANSWER`] bytes and the whole exchange at [`TIMEOUT`].
 
@@ -18,6 +19,14 @@ use crate::error::Error;
 pub const MAX_ANSWER: usize = 64 * 1024;
 /// Connect, TLS, request and answer, all of it.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+static EXTRA_CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Trusts the CAs of this PEM file too for token endpoints reached for a server with no
+/// CA file of its own (the installation's `oauth_ca_file`). Set once, at start.
+pub fn trust_ca_file(path: std::path::PathBuf) {
+    let _ = EXTRA_CA.set(path);
+}
 
 /// An `https://host[:port]/path` URL, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +99,7 @@ pub async fn post_form(url: &HttpsUrl, form: Bytes, via: &Endpoint) -> Result<An
 
 async fn exchange(url: &HttpsUrl, form: Bytes, via: &Endpoint) -> Result<Answer, Error> {
     let mut server = Endpoint::new(url.host.clone(), url.port, Security::Tls);
-    server.ca_file = via.ca_file.clone();
+    server.ca_file = via.ca_file.clone().or_else(|| EXTRA_CA.get().cloned());
     server.public_only = via.public_only;
     server.connect_timeout = via.connect_timeout;
     let tcp = crate::imap::client::tcp_connect(&server).await?;
