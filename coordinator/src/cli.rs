@@ -447,12 +447,18 @@ impl Side<'_> {
             "client-secret" | "client_secret" => Grant::ClientSecret,
             "certificate" | "client-certificate" | "client_certificate" => {
                 let path = o.certificate.as_ref().ok_or_else(|| {
-                    usage(format!("the certificate grant needs {}", flag("certificate")))
+                    usage(format!(
+                        "the certificate grant needs {}",
+                        flag("certificate")
+                    ))
                 })?;
-                let pem = std::fs::read_to_string(path)
-                    .map_err(|e| usage(format!("{} {}: {e}", flag("certificate"), path.display())))?;
+                let pem = std::fs::read_to_string(path).map_err(|e| {
+                    usage(format!("{} {}: {e}", flag("certificate"), path.display()))
+                })?;
                 let thumbprint = mailferry_shared::oauth::jwt::certificate_thumbprint(&pem)
-                    .map_err(|e| usage(format!("{} {}: {e}", flag("certificate"), path.display())))?;
+                    .map_err(|e| {
+                        usage(format!("{} {}: {e}", flag("certificate"), path.display()))
+                    })?;
                 Grant::ClientCertificate { thumbprint }
             }
             "service-account" | "service_account" => {
@@ -470,7 +476,11 @@ impl Side<'_> {
                 )))
             }
         };
-        let provider = self.preset.as_deref().and_then(preset).and_then(|p| p.oauth);
+        let provider = self
+            .preset
+            .as_deref()
+            .and_then(preset)
+            .and_then(|p| p.oauth);
         let token_url = match (o.token_url, o.tenant, provider) {
             (Some(url), _, _) => url.clone(),
             // A service account's key file names its token endpoint.
@@ -761,18 +771,20 @@ pub fn users_from(
             // An app-wide OAuth2 grant logs every user in with the app's secret: the
             // CSV's password columns are not needed (a refresh token grant reads them as
             // each user's refresh token).
-            let packed = |method: &AuthMethod, app: Option<&Secret>, given: Option<&Secret>| {
-                match method {
+            let packed =
+                |method: &AuthMethod, app: Option<&Secret>, given: Option<&Secret>| match method {
                     AuthMethod::OAuth2(client) if !client.grant.needs_user_secret() => {
                         Some(GrantSecrets::pack(None, app))
                     }
                     AuthMethod::OAuth2(_) => given.map(|r| GrantSecrets::pack(Some(r), app)),
                     _ => given.cloned(),
-                }
-            };
+                };
             for row in parsed.users {
-                let source_given =
-                    packed(&source_method, source_app.as_ref(), row.source_password.as_ref());
+                let source_given = packed(
+                    &source_method,
+                    source_app.as_ref(),
+                    row.source_password.as_ref(),
+                );
                 let Some(source_secret) = source_given else {
                     bad_rows.push(RowError {
                         line: row.line,
@@ -780,8 +792,11 @@ pub fn users_from(
                     });
                     continue;
                 };
-                let target_given =
-                    packed(&target_method, target_app.as_ref(), row.target_password.as_ref());
+                let target_given = packed(
+                    &target_method,
+                    target_app.as_ref(),
+                    row.target_password.as_ref(),
+                );
                 let target_secret = match (target_given, &shared_target_secret) {
                     (Some(p), _) => p,
                     (None, Some(s)) => s.clone(),

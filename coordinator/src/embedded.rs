@@ -218,7 +218,9 @@ pub async fn run(
                     split: None,
                 })
                 .await;
-                let Err(PlanError::Imap { side, source: e }) = &plan else { break plan };
+                let Err(PlanError::Imap { side, source: e }) = &plan else {
+                    break plan;
+                };
                 let reason = e.to_string();
                 let Decision::Retry(wait) =
                     decide(e.disposition(), attempt, &policy, fastrand::f64(), &reason)

@@ -145,6 +145,8 @@ pub fn is_internal(ip: &std::net::IpAddr) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Preset {
     pub name: &'static str,
+    /// The name people know it by.
+    pub label: &'static str,
     pub host: &'static str,
     pub port: u16,
     /// The ways to log in the provider accepts, the recommended first: `password`
@@ -207,6 +209,7 @@ const GOOGLE: ProviderOAuth = ProviderOAuth {
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "microsoft365",
+        label: "Microsoft 365",
         host: "outlook.office365.com",
         port: 993,
         logins: &["client_secret", "client_certificate", "refresh_token"],
@@ -218,6 +221,7 @@ pub const PRESETS: &[Preset] = &[
     },
     Preset {
         name: "google-workspace",
+        label: "Google Workspace",
         host: "imap.gmail.com",
         port: 993,
         logins: &["service_account", "refresh_token"],
@@ -229,6 +233,7 @@ pub const PRESETS: &[Preset] = &[
     },
     Preset {
         name: "gmail",
+        label: "Gmail",
         host: "imap.gmail.com",
         port: 993,
         logins: &["password", "refresh_token"],
@@ -240,6 +245,7 @@ pub const PRESETS: &[Preset] = &[
     },
     Preset {
         name: "outlook",
+        label: "Outlook.com",
         host: "outlook.office365.com",
         port: 993,
         logins: &["refresh_token"],
@@ -250,6 +256,7 @@ pub const PRESETS: &[Preset] = &[
     },
     Preset {
         name: "hotmail",
+        label: "Hotmail",
         host: "outlook.office365.com",
         port: 993,
         logins: &["refresh_token"],
@@ -260,6 +267,7 @@ pub const PRESETS: &[Preset] = &[
     },
     Preset {
         name: "yahoo",
+        label: "Yahoo",
         host: "imap.mail.yahoo.com",
         port: 993,
         logins: &["password"],

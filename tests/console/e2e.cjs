@@ -127,8 +127,22 @@ async function waitStatus(page, user, want, seconds) {
   for (const note of ["app password", "Yahoo needs"]) {
     if (!(await page.getByText(note).first().isVisible())) throw new Error(`the note "${note}" is not shown`);
   }
-  await page.getByLabel("Other IMAP server").check();
+  // Each provider offers its own ways to log in, each with the fields it needs.
   const source = page.locator("section[aria-labelledby=source-h]");
+  await page.getByLabel("Microsoft 365").check();
+  await source.getByLabel("Login method").selectOption("client_secret");
+  for (const label of ["Tenant (directory id or domain)", "Application (client) id", "Client secret"]) {
+    if (!(await source.getByLabel(label, { exact: true }).isVisible())) throw new Error(`Microsoft 365's app login lacks "${label}"`);
+  }
+  if (await source.getByLabel("Password or app password").isVisible()) throw new Error("an app-only login asks for the user's password");
+  await assertLabelled(page, "the Microsoft 365 app form");
+  await shot(page, "02a-source-microsoft365");
+  await page.getByLabel("Outlook.com").check();
+  if (!(await source.getByLabel("Refresh token", { exact: true }).isVisible())) throw new Error("Outlook.com's test account takes no refresh token");
+  await page.getByLabel("Google Workspace").check();
+  if (!(await source.getByLabel("Service account key (JSON)").isVisible())) throw new Error("Google Workspace asks for no service account key");
+  await page.getByLabel("Other IMAP server").check();
+  if (await source.getByLabel("Login method").isVisible()) throw new Error("a password-only provider shows a choice of login methods");
   await source.getByLabel("Server name", { exact: true }).fill("127.0.0.1");
   await source.getByLabel("Security", { exact: true }).selectOption("plain");
   await source.getByLabel("Port", { exact: true }).fill(env("SOURCE_PORT"));
@@ -204,6 +218,7 @@ async function waitStatus(page, user, want, seconds) {
   await waitStatus(page, "bob@example.com", "Stopped", 30);
   await page.locator('tr[data-user="bob@example.com"] input[name=selected]').uncheck();
   await page.locator('tr[data-user="alice@example.com"] input[name=selected]').check();
+  if (!(await page.getByText("point MX at the new server").isVisible())) throw new Error("Close says nothing of the cutover");
   page.once("dialog", (d) => d.accept());
   await page.getByRole("button", { name: "Close connection" }).click();
   await waitStatus(page, "alice@example.com", "Completed", 120);

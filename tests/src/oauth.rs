@@ -89,7 +89,10 @@ impl Drop for TokenEndpoint {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }
 
 fn b64url(bytes: &[u8]) -> String {
@@ -97,7 +100,9 @@ fn b64url(bytes: &[u8]) -> String {
 }
 
 fn b64url_decode(s: &str) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
 }
 
 impl TokenEndpoint {
@@ -119,7 +124,9 @@ impl TokenEndpoint {
         let (st, k) = (state.clone(), key.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 let (acceptor, st, k) = (acceptor.clone(), st.clone(), k.clone());
                 tokio::spawn(async move {
                     if let Ok(tls) = acceptor.accept(tcp).await {
@@ -178,7 +185,11 @@ impl TokenEndpoint {
 
     /// Answers the next `n` requests with `status`.
     pub fn fail_next(&self, n: usize, status: u16) {
-        self.state.lock().unwrap().fail_next.extend(std::iter::repeat_n(status, n));
+        self.state
+            .lock()
+            .unwrap()
+            .fail_next
+            .extend(std::iter::repeat_n(status, n));
     }
 
     pub fn log(&self) -> Vec<Logged> {
@@ -238,7 +249,8 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
     while buf.len() < head_end + length {
@@ -263,7 +275,11 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let body = json.to_string();
     let reason = if status == 200 { "OK" } else { "Error" };
     // An endpoint that is down says when to come back, as Microsoft's does.
-    let retry_after = if status >= 500 { "Retry-After: 1\r\n" } else { "" };
+    let retry_after = if status >= 500 {
+        "Retry-After: 1\r\n"
+    } else {
+        ""
+    };
     let response = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
          Cache-Control: no-store\r\n{retry_after}Connection: close\r\n\r\n{body}",
@@ -341,7 +357,11 @@ fn answer(
         (s, j, None)
     } else if !st.fail_next.is_empty() {
         let status = st.fail_next.remove(0);
-        (status, serde_json::json!({"error": "temporarily_unavailable"}), None)
+        (
+            status,
+            serde_json::json!({"error": "temporarily_unavailable"}),
+            None,
+        )
     } else {
         match decide(&mut st, url, form) {
             Ok((sub, scope, refresh)) => {
@@ -404,25 +424,34 @@ fn decide(st: &mut State, url: &str, form: &HashMap<String, String>) -> Decision
             if field("client_assertion_type")
                 == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
             {
-                let (x5t, public_key) = app
-                    .certificate
-                    .as_ref()
-                    .ok_or(("invalid_client", "no certificate is registered for this app"))?;
-                let (header, claims) = verify_rs256(field("client_assertion"), public_key)
-                    .ok_or(("invalid_client", "the client assertion's signature is wrong"))?;
+                let (x5t, public_key) = app.certificate.as_ref().ok_or((
+                    "invalid_client",
+                    "no certificate is registered for this app",
+                ))?;
+                let (header, claims) =
+                    verify_rs256(field("client_assertion"), public_key).ok_or((
+                        "invalid_client",
+                        "the client assertion's signature is wrong",
+                    ))?;
                 if header["x5t"].as_str() != Some(x5t) {
                     return Err(("invalid_client", "no certificate with this x5t"));
                 }
                 if claims["iss"].as_str() != Some(&app.client_id)
                     || claims["sub"].as_str() != Some(&app.client_id)
                 {
-                    return Err(("invalid_client", "the assertion's iss and sub must be the client"));
+                    return Err((
+                        "invalid_client",
+                        "the assertion's iss and sub must be the client",
+                    ));
                 }
                 assertion_current(&claims, url).map_err(|d| ("invalid_client", d))?;
             } else if app.secret.as_deref() != Some(field("client_secret"))
                 || field("client_secret").is_empty()
             {
-                return Err(("invalid_client", "AADSTS7000215: Invalid client secret provided."));
+                return Err((
+                    "invalid_client",
+                    "AADSTS7000215: Invalid client secret provided.",
+                ));
             }
             if !scope.ends_with("/.default") {
                 return Err(("invalid_scope", "client credentials need a /.default scope"));
@@ -437,7 +466,10 @@ fn decide(st: &mut State, url: &str, form: &HashMap<String, String>) -> Decision
                 .cloned()
                 .ok_or(("invalid_grant", "the refresh token is not valid"))?;
             if client != field("client_id") {
-                return Err(("invalid_grant", "the refresh token was issued to another client"));
+                return Err((
+                    "invalid_grant",
+                    "the refresh token was issued to another client",
+                ));
             }
             if let Some(app) = st.apps.iter().find(|a| a.client_id == client) {
                 if let Some(secret) = &app.secret {
@@ -448,7 +480,8 @@ fn decide(st: &mut State, url: &str, form: &HashMap<String, String>) -> Decision
             }
             let rotated = st.rotate.then(|| {
                 let next = format!("rt-{:016x}", fastrand::u64(..));
-                st.refresh_tokens.insert(next.clone(), (user.clone(), client));
+                st.refresh_tokens
+                    .insert(next.clone(), (user.clone(), client));
                 next
             });
             Ok((user, scope, rotated))
@@ -467,9 +500,10 @@ fn decide(st: &mut State, url: &str, form: &HashMap<String, String>) -> Decision
             let (_, claims) = verify_rs256(assertion, &account.public_key)
                 .ok_or(("invalid_grant", "Invalid JWT Signature."))?;
             assertion_current(&claims, url).map_err(|d| ("invalid_grant", d))?;
-            let sub = claims["sub"]
-                .as_str()
-                .ok_or(("unauthorized_client", "no sub: domain-wide delegation names a user"))?;
+            let sub = claims["sub"].as_str().ok_or((
+                "unauthorized_client",
+                "no sub: domain-wide delegation names a user",
+            ))?;
             let scope = claims["scope"].as_str().unwrap_or("").to_string();
             if scope.is_empty() {
                 return Err(("invalid_scope", "no scope"));
@@ -508,15 +542,41 @@ impl AppKey {
     pub fn create(dir: &Path) -> AppKey {
         std::fs::create_dir_all(dir).expect("mkdir");
         openssl(
-            &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "key.pem"],
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+                "key.pem",
+            ],
             dir,
         );
         openssl(
-            &["req", "-x509", "-key", "key.pem", "-subj", "/CN=mailferry test app", "-days", "2", "-out", "cert.pem"],
+            &[
+                "req",
+                "-x509",
+                "-key",
+                "key.pem",
+                "-subj",
+                "/CN=mailferry test app",
+                "-days",
+                "2",
+                "-out",
+                "cert.pem",
+            ],
             dir,
         );
         let public_key = openssl(
-            &["rsa", "-in", "key.pem", "-RSAPublicKey_out", "-outform", "DER"],
+            &[
+                "rsa",
+                "-in",
+                "key.pem",
+                "-RSAPublicKey_out",
+                "-outform",
+                "DER",
+            ],
             dir,
         );
         let fingerprint = String::from_utf8(openssl(

@@ -189,7 +189,10 @@ async fn a_migration_many_token_lifetimes_long_renews_its_tokens_and_verifies() 
             .iter()
             .filter(|l| l.grant_type == "refresh_token" && l.sub.as_deref() == Some(user.as_str()))
             .collect();
-        assert!(!grants.is_empty(), "no token was fetched for {user}: {log:?}");
+        assert!(
+            !grants.is_empty(),
+            "no token was fetched for {user}: {log:?}"
+        );
         if grants.len() >= 2 {
             renewed += 1;
             assert_ne!(
@@ -237,7 +240,11 @@ async fn service_accounts_and_certificates_sign_their_assertions_and_an_outage_i
         mail::load(src.port, user, password, '/', &messages).await;
         loaded.push(messages);
     }
-    let key_file = write(&dir, "sa.json", &google.service_account_json(sa_email, &idp.url()));
+    let key_file = write(
+        &dir,
+        "sa.json",
+        &google.service_account_json(sa_email, &idp.url()),
+    );
     let csv = dir.join("users.csv");
     let mut rows = String::from("EmailAddress,UserName,Password\r\n");
     for (user, _) in &people {
@@ -286,7 +293,10 @@ async fn service_accounts_and_certificates_sign_their_assertions_and_an_outage_i
         .iter()
         .filter(|l| l.grant_type == "client_credentials" && l.outcome == "200")
         .count();
-    assert_eq!(app, 1, "one certificate token serves both mailboxes: {log:?}");
+    assert_eq!(
+        app, 1,
+        "one certificate token serves both mailboxes: {log:?}"
+    );
     assert!(!all.contains("PRIVATE KEY"), "{all}");
 }
 
@@ -417,7 +427,10 @@ async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_se
         json!({"login": "alice@example.com", "password": CANARY}),
     )
     .await;
-    assert_eq!(verdict["ok"], true, "a refresh token, from token to login: {verdict}");
+    assert_eq!(
+        verdict["ok"], true,
+        "a refresh token, from token to login: {verdict}"
+    );
 
     let target_with = |secret: &str| {
         json!({
@@ -437,9 +450,15 @@ async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_se
     )
     .await;
     assert_eq!(verdict["ok"], false, "{verdict}");
-    assert_eq!(verdict["failure"]["code"], "authentication_rejected", "{verdict}");
+    assert_eq!(
+        verdict["failure"]["code"], "authentication_rejected",
+        "{verdict}"
+    );
     assert!(
-        verdict["failure"]["message"].as_str().unwrap().contains("invalid_client"),
+        verdict["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_client"),
         "the grant's refusal, named: {verdict}"
     );
     let target = post(&acme, "/api/v1/endpoints", target_with(APP_SECRET)).await;
@@ -451,7 +470,10 @@ async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_se
         json!({"login": "bob@example.com"}),
     )
     .await;
-    assert_eq!(verdict["ok"], true, "the app's token logs in as bob: {verdict}");
+    assert_eq!(
+        verdict["ok"], true,
+        "the app's token logs in as bob: {verdict}"
+    );
 
     let batch = post(
         &acme,
@@ -519,7 +541,10 @@ async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_se
     );
     assert_eq!(expired_refusals(&rig.src), 0, "{}", rig.src.log());
     assert_eq!(expired_refusals(&rig.dst), 0, "{}", rig.dst.log());
-    assert!(!rig.all_logs().contains(APP_SECRET), "a log shows the app secret");
+    assert!(
+        !rig.all_logs().contains(APP_SECRET),
+        "a log shows the app secret"
+    );
     rig.assert_no_canary_at_rest().await;
     rig.clean_up().await;
 }

@@ -1107,7 +1107,10 @@ async fn a_rotated_secret_replaces_only_the_one_it_rotated() {
         .unwrap());
     let now = store.user("b", "alice").await.unwrap().unwrap();
     assert_eq!(now.source_secret.as_deref(), Some("sealed-2"));
-    assert_eq!(now.target_secret, None, "the other side and the nulls are kept");
+    assert_eq!(
+        now.target_secret, None,
+        "the other side and the nulls are kept"
+    );
     assert_eq!(now.source_login, "alice");
     mailferry_tests::run::remove_traces(redis_url().expose(), &prefix).await;
 }

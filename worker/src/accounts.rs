@@ -374,7 +374,8 @@ impl RedisAccounts {
             let packed =
                 mailferry_shared::oauth::GrantSecrets::pack(Some(&refresh), app_secret.as_ref());
             Box::pin(async move {
-                let resealed = match keys.seal(&packed, Binding::new(&batch, &user, side, &server)) {
+                let resealed = match keys.seal(&packed, Binding::new(&batch, &user, side, &server))
+                {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(%batch, %user, %side, error = %e, "cannot seal a rotated refresh token");

@@ -13,6 +13,7 @@ use mailferry_shared::endpoint::{
 };
 use mailferry_shared::imap::pool::connect_and_log_in;
 use mailferry_shared::imap::Limits;
+use mailferry_shared::oauth::{jwt, Grant};
 use mailferry_shared::seal::Binding;
 use mailferry_shared::secret::Secret;
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,7 @@ use super::{ApiError, Json, Path, Shared, Tenant};
 #[derive(Serialize)]
 pub struct PresetView {
     name: &'static str,
+    label: &'static str,
     host: &'static str,
     port: u16,
     security: Security,
@@ -46,6 +48,7 @@ pub async fn presets() -> Json<Vec<PresetView>> {
             .iter()
             .map(|p| PresetView {
                 name: p.name,
+                label: p.label,
                 host: p.host,
                 port: p.port,
                 security: Security::Tls,
@@ -93,6 +96,10 @@ pub struct NewEndpoint {
     /// (service_account: its client_email and key id fill the grant's where not given).
     #[serde(default)]
     app_secret: Option<String>,
+    /// With the `client_certificate` grant: the certificate (PEM) uploaded to the app
+    /// registration, whose thumbprint fills the grant's where not given.
+    #[serde(default)]
+    certificate: Option<String>,
 }
 
 /// An endpoint as the API shows it (never its admin password).
@@ -139,7 +146,7 @@ fn oauth_app_secret(
     client: &mut mailferry_shared::oauth::OAuthClient,
     app_secret: Option<String>,
 ) -> Result<Option<String>, ApiError> {
-    use mailferry_shared::oauth::{jwt, Grant, ServiceAccountKey};
+    use mailferry_shared::oauth::ServiceAccountKey;
     if app_secret.is_none() && client.grant.needs_app_secret() {
         return Err(ApiError::invalid(format!(
             "app_secret: the OAuth2 {} grant needs the app's secret",
@@ -166,7 +173,8 @@ fn oauth_app_secret(
             Some(key.private_key)
         }
         (Grant::ClientCertificate { .. }, Some(pem)) => {
-            jwt::rsa_key_from_pem(&pem).map_err(|e| ApiError::invalid(format!("app_secret: {e}")))?;
+            jwt::rsa_key_from_pem(&pem)
+                .map_err(|e| ApiError::invalid(format!("app_secret: {e}")))?;
             Some(pem)
         }
         (_, Some(secret)) => Some(secret),
@@ -271,9 +279,23 @@ pub async fn create(
                 "admin_password: an OAuth2 endpoint takes the app's secret as app_secret",
             ));
         }
+        if let (Grant::ClientCertificate { thumbprint }, Some(pem)) =
+            (&mut client.grant, new.certificate.as_deref())
+        {
+            if thumbprint.is_empty() {
+                *thumbprint = jwt::certificate_thumbprint(pem)
+                    .map_err(|e| ApiError::invalid(format!("certificate: {e}")))?;
+            }
+        } else if new.certificate.is_some() {
+            return Err(ApiError::invalid(
+                "certificate: only for the OAuth2 client_certificate grant",
+            ));
+        }
         admin_password = oauth_app_secret(client, app_secret)?;
-    } else if app_secret.is_some() {
-        return Err(ApiError::invalid("app_secret: only for auth oauth2"));
+    } else if app_secret.is_some() || new.certificate.is_some() {
+        return Err(ApiError::invalid(
+            "app_secret, certificate: only for auth oauth2",
+        ));
     }
     match (&auth, admin, &admin_password) {
         (
@@ -416,7 +438,10 @@ pub async fn test(
         None => None,
     };
     let given = account.password.filter(|p| !p.is_empty()).map(Secret::new);
-    let Some(secret) = record.auth.user_secret(given.as_ref(), endpoint_secret.as_ref()) else {
+    let Some(secret) = record
+        .auth
+        .user_secret(given.as_ref(), endpoint_secret.as_ref())
+    else {
         return Err(ApiError::invalid(
             "password: give the test account's password (or, with OAuth2, its refresh token)",
         ));
@@ -460,8 +485,7 @@ async fn try_login(
     let endpoint = &endpoint;
     let attempt = async {
         credentials.tokens = mailferry_shared::oauth::tokens_for(&credentials, endpoint, None)?;
-        let session =
-            connect_and_log_in(endpoint, Limits::default(), &credentials).await?;
+        let session = connect_and_log_in(endpoint, Limits::default(), &credentials).await?;
         let capabilities: Vec<String> = session.capabilities().iter().map(str::to_string).collect();
         session.logout().await;
         Ok(capabilities)

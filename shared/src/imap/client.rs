@@ -1068,7 +1068,10 @@ mod tests {
             oauthbearer_response(b"user@example.com", b"vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg=="),
             b"n,a=user@example.com,\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg==\x01\x01"
         );
-        assert_eq!(oauthbearer_response(b"a,b=c", b"t"), b"n,a=a=2Cb=3Dc,\x01auth=Bearer t\x01\x01");
+        assert_eq!(
+            oauthbearer_response(b"a,b=c", b"t"),
+            b"n,a=a=2Cb=3Dc,\x01auth=Bearer t\x01\x01"
+        );
     }
 
     #[tokio::test]

@@ -49,7 +49,9 @@ impl HttpsUrl {
             None => (rest, "/"),
         };
         if authority.contains('@') {
-            return Err(format!("token URL {url:?}: credentials in the URL are not accepted"));
+            return Err(format!(
+                "token URL {url:?}: credentials in the URL are not accepted"
+            ));
         }
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || p.parse::<u16>().is_ok() => (
@@ -188,16 +190,26 @@ mod tests {
 
     #[test]
     fn token_urls_are_https_with_a_host_and_nothing_hidden() {
-        let u = HttpsUrl::parse("https://login.microsoftonline.com/contoso/oauth2/v2.0/token")
-            .unwrap();
+        let u =
+            HttpsUrl::parse("https://login.microsoftonline.com/contoso/oauth2/v2.0/token").unwrap();
         assert_eq!(
             (u.host.as_str(), u.port, u.path.as_str()),
-            ("login.microsoftonline.com", 443, "/contoso/oauth2/v2.0/token")
+            (
+                "login.microsoftonline.com",
+                443,
+                "/contoso/oauth2/v2.0/token"
+            )
         );
         let u = HttpsUrl::parse("https://127.0.0.1:8443").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("127.0.0.1", 8443, "/"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("127.0.0.1", 8443, "/")
+        );
         let u = HttpsUrl::parse("https://[::1]:9000/t?x=1").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("::1", 9000, "/t?x=1"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("::1", 9000, "/t?x=1")
+        );
         for (bad, says) in [
             ("http://example.com/token", "https://"),
             ("https://user:pw@example.com/token", "credentials"),

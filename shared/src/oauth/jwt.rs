@@ -16,8 +16,9 @@ fn b64url(bytes: &[u8]) -> String {
 
 /// An RSA private key from PEM; the error names what was found instead.
 pub fn rsa_key_from_pem(pem: &str) -> Result<RsaKeyPair, String> {
-    let der = PrivateKeyDer::from_pem_slice(pem.as_bytes())
-        .map_err(|_| "no PEM private key (BEGIN PRIVATE KEY or BEGIN RSA PRIVATE KEY) found".to_string())?;
+    let der = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| {
+        "no PEM private key (BEGIN PRIVATE KEY or BEGIN RSA PRIVATE KEY) found".to_string()
+    })?;
     let key = match &der {
         PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()),
         PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()),
@@ -45,8 +46,13 @@ pub fn sign_rs256(
     out.push('.');
     out.push_str(&b64url(claims.to_string().as_bytes()));
     let mut signature = vec![0u8; key.public().modulus_len()];
-    key.sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), out.as_bytes(), &mut signature)
-        .map_err(|_| "signing the assertion failed".to_string())?;
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &SystemRandom::new(),
+        out.as_bytes(),
+        &mut signature,
+    )
+    .map_err(|_| "signing the assertion failed".to_string())?;
     out.push('.');
     out.push_str(&b64url(&signature));
     Ok(out)
@@ -72,7 +78,11 @@ mod tests {
         .unwrap();
         let parts: Vec<&str> = jwt.split('.').collect();
         assert_eq!(parts.len(), 3);
-        let dec = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).unwrap();
+        let dec = |s: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(s)
+                .unwrap()
+        };
         let claims: serde_json::Value = serde_json::from_slice(&dec(parts[1])).unwrap();
         assert_eq!(claims["sub"], "alice@example.org");
         let signed = format!("{}.{}", parts[0], parts[1]);
@@ -85,7 +95,11 @@ mod tests {
 
     #[test]
     fn keys_and_certificates_that_are_not_there_are_named() {
-        assert!(rsa_key_from_pem("hello").unwrap_err().contains("no PEM private key"));
-        assert!(certificate_thumbprint(TEST_KEY).unwrap_err().contains("no PEM certificate"));
+        assert!(rsa_key_from_pem("hello")
+            .unwrap_err()
+            .contains("no PEM private key"));
+        assert!(certificate_thumbprint(TEST_KEY)
+            .unwrap_err()
+            .contains("no PEM certificate"));
     }
 }

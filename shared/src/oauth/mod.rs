@@ -227,8 +227,16 @@ impl GrantSecrets {
                 .to_string()
         })?;
         let out = (
-            packed.refresh_token.take().filter(|s| !s.is_empty()).map(Secret::new),
-            packed.app_secret.take().filter(|s| !s.is_empty()).map(Secret::new),
+            packed
+                .refresh_token
+                .take()
+                .filter(|s| !s.is_empty())
+                .map(Secret::new),
+            packed
+                .app_secret
+                .take()
+                .filter(|s| !s.is_empty())
+                .map(Secret::new),
         );
         Ok(out)
     }
@@ -260,8 +268,7 @@ pub fn tokens_for(
 }
 
 /// Called with a refresh token the provider rotated, to store it where the next run finds it.
-pub type Rotated =
-    Arc<dyn Fn(Secret) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+pub type Rotated = Arc<dyn Fn(Secret) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// An access token and when to stop using it.
 struct Current {
@@ -342,7 +349,13 @@ impl TokenSource {
                 client.grant.name()
             )));
         }
-        let key = registry_key(client, login, via, user_secret.as_ref(), app_secret.as_ref());
+        let key = registry_key(
+            client,
+            login,
+            via,
+            user_secret.as_ref(),
+            app_secret.as_ref(),
+        );
         let mut all = registry().lock().unwrap_or_else(|e| e.into_inner());
         all.retain(|_, weak| weak.strong_count() > 0);
         if let Some(found) = all.get(&key).and_then(Weak::upgrade) {
@@ -420,7 +433,10 @@ impl TokenSource {
             lifetime_s = answer.lifetime.as_secs(), "fetched an access token");
         Ok(Current {
             token: answer.access_token,
-            renew_at: started + answer.lifetime.saturating_sub(renew_margin(answer.lifetime)),
+            renew_at: started
+                + answer
+                    .lifetime
+                    .saturating_sub(renew_margin(answer.lifetime)),
         })
     }
 
@@ -586,7 +602,8 @@ pub fn read_answer(host: &str, answer: http::Answer) -> Result<Granted, Error> {
                 )));
             }
         }
-        if ok.access_token.is_empty() || ok.access_token.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        if ok.access_token.is_empty() || ok.access_token.bytes().any(|b| !(0x21..0x7f).contains(&b))
+        {
             return Err(Error::lost(format!(
                 "the token endpoint {host} issued an access token with bytes no token has"
             )));
@@ -620,7 +637,11 @@ pub fn read_answer(host: &str, answer: http::Answer) -> Result<Granted, Error> {
         });
     };
     let code = sanitize(&refused.error);
-    let description = refused.error_description.as_deref().map(sanitize).unwrap_or_default();
+    let description = refused
+        .error_description
+        .as_deref()
+        .map(sanitize)
+        .unwrap_or_default();
     let what_to_do = match code.as_str() {
         "invalid_client" => "the client id, client secret or certificate is wrong, or expired",
         "invalid_grant" if description.contains("AADSTS65001") => {
@@ -654,7 +675,13 @@ pub fn read_answer(host: &str, answer: http::Answer) -> Result<Granted, Error> {
 fn sanitize(s: &str) -> String {
     let mut out: String = s
         .chars()
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .take(200)
         .collect();
     if s.chars().count() > 200 {
@@ -699,9 +726,18 @@ mod tests {
         .unwrap_err();
         let text = e.to_string();
         assert!(matches!(e, Error::AuthRejected { .. }), "{e:?}");
-        assert!(text.contains("invalid_client") && text.contains("AADSTS7000215"), "{text}");
-        assert!(text.contains("client secret or certificate is wrong"), "{text}");
-        assert!(!text.contains('\u{1b}'), "control bytes are not passed on: {text:?}");
+        assert!(
+            text.contains("invalid_client") && text.contains("AADSTS7000215"),
+            "{text}"
+        );
+        assert!(
+            text.contains("client secret or certificate is wrong"),
+            "{text}"
+        );
+        assert!(
+            !text.contains('\u{1b}'),
+            "control bytes are not passed on: {text:?}"
+        );
         let e = read_answer("g", answer(400, r#"{"error":"unauthorized_client"}"#)).unwrap_err();
         assert!(e.to_string().contains("domain-wide delegation"), "{e}");
         let e = read_answer(
@@ -712,11 +748,20 @@ mod tests {
         assert!(e.to_string().contains("admin consent"), "{e}");
         assert_eq!(e.disposition(), crate::Disposition::Fatal);
         let e = read_answer("m", answer(503, "<html>down</html>")).unwrap_err();
-        assert_eq!(e.disposition(), crate::Disposition::Throttle(Some(Duration::from_secs(7))));
+        assert_eq!(
+            e.disposition(),
+            crate::Disposition::Throttle(Some(Duration::from_secs(7)))
+        );
         let e = read_answer("m", answer(200, r#"{"access_token":"a b"}"#)).unwrap_err();
-        assert!(e.is_retryable(), "a garbled token is retried, not trusted: {e}");
-        let e = read_answer("m", answer(200, r#"{"access_token":"x","token_type":"mac"}"#))
-            .unwrap_err();
+        assert!(
+            e.is_retryable(),
+            "a garbled token is retried, not trusted: {e}"
+        );
+        let e = read_answer(
+            "m",
+            answer(200, r#"{"access_token":"x","token_type":"mac"}"#),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("bearer"), "{e}");
     }
 
@@ -725,17 +770,27 @@ mod tests {
         let packed = GrantSecrets::pack(Some(&Secret::new("r1")), Some(&Secret::new("cs")));
         let (r, a) = GrantSecrets::unpack(&packed).unwrap();
         assert_eq!((r.unwrap().expose(), a.unwrap().expose()), ("r1", "cs"));
-        let (r, a) = GrantSecrets::unpack(&GrantSecrets::pack(None, Some(&Secret::new("k")))).unwrap();
+        let (r, a) =
+            GrantSecrets::unpack(&GrantSecrets::pack(None, Some(&Secret::new("k")))).unwrap();
         assert!(r.is_none() && a.is_some());
         let e = GrantSecrets::unpack(&Secret::new("hunter2")).unwrap_err();
-        assert!(!e.contains("hunter2") && e.contains("not one mailferry sealed"), "{e}");
+        assert!(
+            !e.contains("hunter2") && e.contains("not one mailferry sealed"),
+            "{e}"
+        );
     }
 
     #[test]
     fn margins_renew_early_enough_for_any_lifetime() {
-        assert_eq!(renew_margin(Duration::from_secs(3600)), Duration::from_secs(300));
+        assert_eq!(
+            renew_margin(Duration::from_secs(3600)),
+            Duration::from_secs(300)
+        );
         assert_eq!(renew_margin(Duration::from_secs(2)), Duration::from_secs(1));
-        assert_eq!(renew_margin(Duration::from_secs(100)), Duration::from_secs(25));
+        assert_eq!(
+            renew_margin(Duration::from_secs(100)),
+            Duration::from_secs(25)
+        );
     }
 
     #[test]
@@ -776,9 +831,19 @@ mod tests {
         let a = TokenSource::shared(&app, "alice@contoso", &via, None, s(), None).unwrap();
         let b = TokenSource::shared(&app, "bob@contoso", &via, None, s(), None).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
-        let other = TokenSource::shared(&app, "bob@contoso", &via, None, Some(Secret::new("x")), None)
-            .unwrap();
-        assert!(!Arc::ptr_eq(&a, &other), "another app secret, another token");
+        let other = TokenSource::shared(
+            &app,
+            "bob@contoso",
+            &via,
+            None,
+            Some(Secret::new("x")),
+            None,
+        )
+        .unwrap();
+        assert!(
+            !Arc::ptr_eq(&a, &other),
+            "another app secret, another token"
+        );
         let user = OAuthClient {
             grant: Grant::RefreshToken,
             scope: MICROSOFT_USER_SCOPE.into(),
@@ -788,9 +853,13 @@ mod tests {
         let a = TokenSource::shared(&user, "alice@contoso", &via, r(), None, None).unwrap();
         let b = TokenSource::shared(&user, "bob@contoso", &via, r(), None, None).unwrap();
         assert!(!Arc::ptr_eq(&a, &b));
-        let e = TokenSource::shared(&user, "carol@contoso", &via, None, None, None).err().unwrap();
+        let e = TokenSource::shared(&user, "carol@contoso", &via, None, None, None)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("no refresh token"), "{e}");
-        let e = TokenSource::shared(&app, "carol@contoso", &via, None, None, None).err().unwrap();
+        let e = TokenSource::shared(&app, "carol@contoso", &via, None, None, None)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("app's secret"), "{e}");
     }
 }

@@ -5,13 +5,15 @@
 "use strict";
 
 const TOKEN_KEY = "mailferry.token";
-const PROVIDERS = [
-  { name: "gmail", label: "Gmail" },
-  { name: "outlook", label: "Outlook.com" },
-  { name: "hotmail", label: "Hotmail" },
-  { name: "yahoo", label: "Yahoo" },
-  { name: "custom", label: "Other IMAP server" },
-];
+// The providers come from /presets (the server's one list); this is the last choice.
+const CUSTOM = { name: "custom", label: "Other IMAP server", logins: ["password"] };
+// How each way of logging in is offered, and what the test account's secret is then.
+const LOGINS = {
+  password: { label: "Each user's password or app password", secret: "Password or app password" },
+  refresh_token: { label: "OAuth2: each user's refresh token", secret: "Refresh token", clientId: true, clientSecret: "optional" },
+  client_secret: { label: "OAuth2 app for the organisation (client secret)", clientId: true, clientSecret: "required", tenant: true },
+  service_account: { label: "Google service account with domain-wide delegation", keyFile: true },
+};
 const STATUS_LABEL = {
   notstarted: "Not started", starting: "Starting", queued: "Queued", syncing: "Syncing",
   synced: "Synced", failed: "Failed", stopped: "Stopped", completed: "Completed",
@@ -176,6 +178,7 @@ function serverFields(prefix, defaults) {
 
 async function newMigration() {
   const presets = await api("GET", "/presets");
+  const PROVIDERS = [...presets, CUSTOM];
   const notes = Object.fromEntries(presets.map((p) => [p.name, p.note]));
   const state = { source: null, target: null };
   const sourceSection = h("section", { "aria-labelledby": "source-h" });
@@ -195,15 +198,56 @@ async function newMigration() {
   const customBox = h("div", { hidden: true }, field("Server name", custom.host), field("Port", custom.port), field("Security", custom.security));
   const sourceLogin = h("input", { type: "text", name: "source-login", autocomplete: "off" });
   const sourcePassword = h("input", { type: "password", name: "source-password", autocomplete: "off" });
+  // How mailferry logs in: the chosen provider's ways, each with the fields it needs.
+  const method = h("select", { name: "source-method" });
+  const tenant = h("input", { type: "text", name: "source-tenant", autocomplete: "off" });
+  const clientId = h("input", { type: "text", name: "source-client-id", autocomplete: "off" });
+  const clientSecret = h("input", { type: "password", name: "source-client-secret", autocomplete: "off" });
+  const keyFile = h("textarea", { name: "source-key", rows: "4", autocomplete: "off", spellcheck: "false" });
+  const tenantField = field("Tenant (directory id or domain)", tenant, "Your organisation's Microsoft Entra tenant.");
+  const clientIdField = field("Application (client) id", clientId);
+  const clientSecretField = field("Client secret", clientSecret);
+  const keyField = field("Service account key (JSON)", keyFile, "The key file Google gave for the service account, pasted whole.");
+  const passwordField = field("Password or app password", sourcePassword);
+  const secretLabel = passwordField.querySelector("label");
+  const methodBox = h("fieldset", {}, h("legend", {}, "How mailferry logs in"),
+    field("Login method", method), tenantField, clientIdField, clientSecretField, keyField);
+  const chosen = () => PROVIDERS.find((p) => p.name === sourceForm.querySelector("input[name=provider]:checked").value);
+  const showMethod = () => {
+    const login = LOGINS[method.value] || LOGINS.password;
+    const microsoft = chosen().oauth && chosen().oauth.token_url.includes("{tenant}");
+    tenantField.hidden = !(login.tenant && microsoft);
+    clientIdField.hidden = !login.clientId;
+    clientSecretField.hidden = !login.clientSecret;
+    clientSecretField.querySelector("label").textContent = login.clientSecret === "optional" ? "Client secret (if the app has one)" : "Client secret";
+    keyField.hidden = !login.keyFile;
+    passwordField.hidden = !login.secret;
+    if (login.secret) secretLabel.textContent = login.secret;
+  };
+  const showProvider = () => {
+    const provider = chosen();
+    const offered = provider.logins.filter((l) => LOGINS[l]);
+    method.replaceChildren(...offered.map((l) => h("option", { value: l }, LOGINS[l].label)));
+    methodBox.hidden = offered.length < 2 && offered[0] === "password";
+    customBox.hidden = provider.name !== "custom";
+    showMethod();
+  };
+  method.addEventListener("change", showMethod);
   const sourceOut = h("div", {});
   const sourceForm = h("form", {
     onsubmit: async (ev) => {
       ev.preventDefault();
-      const provider = sourceForm.querySelector("input[name=provider]:checked").value;
-      const label = PROVIDERS.find((p) => p.name === provider).label;
+      const { name: provider, label } = chosen();
       const body = { name: provider === "custom" ? custom.host.value.trim() || "Source" : label, role: "source", provider };
       if (provider === "custom") {
         Object.assign(body, { host: custom.host.value.trim(), port: Number(custom.port.value), security: custom.security.value });
+      }
+      const login = method.value || "password";
+      if (login !== "password") {
+        body.auth = { method: "oauth2", client_id: clientId.value.trim(), grant: { kind: login } };
+        if (!tenantField.hidden && tenant.value.trim()) body.tenant = tenant.value.trim();
+        const app = login === "service_account" ? keyFile.value.trim() : clientSecret.value;
+        if (app) body.app_secret = app;
       }
       const done = busy(ev.submitter, "Testing the connection…");
       try {
@@ -213,13 +257,15 @@ async function newMigration() {
     },
   },
   h("fieldset", {}, h("legend", {}, "Where is the mail now?"), radios, customBox),
+  methodBox,
   h("fieldset", {}, h("legend", {}, "Test account"),
-    h("p", { class: "hint" }, "One mailbox to check the settings with: mailferry logs in and out, and copies nothing."),
-    field("Login", sourceLogin), field("Password or app password", sourcePassword)),
+    h("p", { class: "hint" }, "One mailbox to check the settings with: mailferry logs in and out, and copies nothing. With OAuth2 the test fetches a token first, so a wrong client id or secret is named here."),
+    field("Login", sourceLogin), passwordField),
   h("div", { class: "actions" }, h("button", { type: "submit" }, "Save and test the connection")), sourceOut);
   sourceForm.addEventListener("change", (ev) => {
-    if (ev.target.name === "provider") customBox.hidden = ev.target.value !== "custom";
+    if (ev.target.name === "provider") showProvider();
   });
+  showProvider();
   sourceSection.append(h("h2", { id: "source-h", tabindex: "-1" }, "1. Source provider"), sourceForm);
 
   // 2. Target
@@ -355,7 +401,7 @@ async function batchPage(batchId) {
   const act = (verb, label) => async (ev) => {
     const users = chosen();
     if (!users.length) { out.replaceChildren(errorBox(new Error("Tick the users first."))); return; }
-    if (verb === "close" && !confirm(`Close ${users.length} user(s)? A final sync runs, then their stored passwords are deleted.`)) return;
+    if (verb === "close" && !confirm(`Close ${users.length} user(s)? A final sync runs, then their stored passwords are deleted. Close after the cutover: once the MX records point at the new server, so that the final sync picks up the last mail delivered to the old one.`)) return;
     const body = { users };
     if (verb === "start") {
       body.source_passwords = {};
@@ -378,7 +424,9 @@ async function batchPage(batchId) {
     h("button", { type: "button", onclick: act("start", "Start migration") }, "Start migration"),
     h("button", { type: "button", class: "secondary", onclick: act("sync-now", "Sync now") }, "Sync now"),
     h("button", { type: "button", class: "secondary", onclick: act("stop", "Stop migration") }, "Stop migration"),
-    h("button", { type: "button", class: "danger", onclick: act("close", "Close connection") }, "Close connection"));
+    h("button", { type: "button", class: "danger", onclick: act("close", "Close connection"), "aria-describedby": "cutover-hint" }, "Close connection"),
+    h("p", { class: "hint", id: "cutover-hint" },
+      "Cutting over: lower the MX records' TTL a day ahead, point MX at the new server, let the scheduled syncs pick up what still arrives at the old one, then Close: a final sync runs and the passwords are deleted."));
 
   // Adding users: addresses typed in, or a CSV file.
   const typed = h("textarea", { name: "addresses", rows: "4" });
