@@ -151,6 +151,46 @@ pub struct BatchCreateArgs {
     /// Users from a CSV in Exchange's format (see `migrate --help`).
     #[arg(long, value_name = "PATH")]
     pub csv: Option<PathBuf>,
+    /// The batch's folder rules, as `migrate`'s: copy only folders matching this
+    /// pattern. Repeatable. Giving any of --include, --exclude, --rename replaces the
+    /// batch's rules; giving none keeps them.
+    #[arg(long, value_name = "PATTERN")]
+    pub include: Vec<String>,
+    /// Do not copy folders matching this pattern. Repeatable.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Put a source folder elsewhere: FROM=TO, or FROM/*=TO/* for a subtree. Repeatable.
+    #[arg(long, value_name = "FROM=TO")]
+    pub rename: Vec<String>,
+}
+
+impl BatchCreateArgs {
+    /// The folder rules given, or `None` when none were (the batch keeps its own).
+    pub fn folder_rules(&self) -> Result<Option<Rules>, UsageError> {
+        if self.include.is_empty() && self.exclude.is_empty() && self.rename.is_empty() {
+            return Ok(None);
+        }
+        let rules = rules_from(&self.include, &self.exclude, &self.rename)?;
+        rules.validate().map_err(usage)?;
+        Ok(Some(rules))
+    }
+}
+
+/// Rules from `--include`, `--exclude` and `--rename FROM=TO`.
+fn rules_from(
+    include: &[String],
+    exclude: &[String],
+    rename: &[String],
+) -> Result<Rules, UsageError> {
+    let mut rules = Rules {
+        include: include.to_vec(),
+        exclude: exclude.to_vec(),
+        rename: Vec::new(),
+    };
+    for spec in rename {
+        rules.rename.push(Rules::parse_rename(spec).map_err(usage)?);
+    }
+    Ok(rules)
 }
 
 #[derive(Debug, Args)]
@@ -839,14 +879,7 @@ pub fn users_from(
 }
 
 pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
-    let mut rules = Rules {
-        include: args.include.clone(),
-        exclude: args.exclude.clone(),
-        rename: Vec::new(),
-    };
-    for spec in &args.rename {
-        rules.rename.push(Rules::parse_rename(spec).map_err(usage)?);
-    }
+    let rules = rules_from(&args.include, &args.exclude, &args.rename)?;
     for (what, n) in [
         ("--connections", args.connections),
         ("--jobs", args.jobs),

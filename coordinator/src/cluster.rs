@@ -10,6 +10,7 @@ use mailferry_shared::batch::{BatchRecord, UserRecord};
 use mailferry_shared::control::PassRecord;
 use mailferry_shared::directory::endpoint_seal_scope;
 use mailferry_shared::error::Side;
+use mailferry_shared::folders::Rules;
 use mailferry_shared::redis_store::RedisStore;
 use mailferry_shared::seal::{Binding, Keyring};
 use mailferry_shared::settings::{Settings, MIN_SYNC_INTERVAL_SECS};
@@ -111,7 +112,13 @@ impl Cluster {
     /// Stores the batch and its users (secrets sealed for their batch and user). Users
     /// arrive not started. Creating a batch again updates endpoints and credentials and
     /// adds users; what the admin asked of existing users stays.
-    pub async fn create_batch(&self, batch: &str, users: &[UserSpec]) -> Result<(), Error> {
+    /// `rules`: the batch's folder rules; `None` keeps those it has (none for a new one).
+    pub async fn create_batch(
+        &self,
+        batch: &str,
+        users: &[UserSpec],
+        rules: Option<Rules>,
+    ) -> Result<(), Error> {
         valid_batch_name(batch)?;
         let first = users
             .first()
@@ -123,6 +130,18 @@ impl Cluster {
             target: first.target.clone(),
             target_auth: first.target_credentials.method.clone(),
             sync_interval_secs: previous.as_ref().and_then(|b| b.sync_interval_secs),
+            folder_rules: match rules {
+                Some(rules) => {
+                    rules
+                        .validate()
+                        .map_err(|e| Error::Config(format!("folder rules: {e}")))?;
+                    rules
+                }
+                None => previous
+                    .as_ref()
+                    .map(|b| b.folder_rules.clone())
+                    .unwrap_or_default(),
+            },
             owner: previous.and_then(|b| b.owner),
         };
         self.store.put_batch(batch, &record).await?;

@@ -319,13 +319,14 @@ fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
                     bad_rows,
                     notes,
                 } = users_from(&create.source, &create.target, create.csv.as_deref(), None)?;
+                let rules = create.folder_rules()?;
                 for note in notes {
                     eprintln!("note: {note}");
                 }
                 for row in &bad_rows {
                     eprintln!("mailferry: CSV {row}");
                 }
-                cluster.create_batch(&create.batch, &users).await?;
+                cluster.create_batch(&create.batch, &users, rules).await?;
                 println!(
                     "batch {}: {} users stored, {} rows refused",
                     create.batch,

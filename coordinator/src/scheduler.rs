@@ -85,6 +85,10 @@ struct Coordinator {
     /// Shut when leadership is lost: nothing more is written or published.
     fence: Arc<Fence>,
     batches: Mutex<Option<(Instant, Vec<String>)>>,
+    /// Each batch's folder rules, read again at most every [`BATCHES_TTL`]: a rule the
+    /// admin changes applies to the passes planned from then on, and a pass costs Redis
+    /// no read of its batch.
+    rules: Mutex<HashMap<String, (Instant, Arc<Rules>)>>,
     /// Small users' passes waiting to begin and share a queue message.
     cohorts: std::sync::Mutex<Cohorts>,
 }
@@ -165,6 +169,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                     cohorts: std::sync::Mutex::new(Cohorts::default()),
                     fence: fence.clone(),
                     batches: Mutex::new(None),
+                    rules: Mutex::new(HashMap::new()),
                 });
                 let keeper = tokio::spawn(keep_leadership(
                     store.clone(),
@@ -422,6 +427,25 @@ impl Coordinator {
             .map_err(|why| Error::Store(format!("not leading any more: {why}")))
     }
 
+    /// The batch's folder rules (none for a batch that is gone).
+    async fn rules(&self, batch: &str) -> Result<Arc<Rules>, Error> {
+        let mut cache = self.rules.lock().await;
+        if let Some((at, rules)) = cache.get(batch) {
+            if at.elapsed() < BATCHES_TTL {
+                return Ok(rules.clone());
+            }
+        }
+        let rules = Arc::new(
+            self.store
+                .batch(batch)
+                .await?
+                .map(|b| b.folder_rules)
+                .unwrap_or_default(),
+        );
+        cache.insert(batch.to_string(), (Instant::now(), rules.clone()));
+        Ok(rules)
+    }
+
     /// The batch's sync interval, read fresh: an interval the admin just set applies to
     /// the pass that ends next.
     async fn interval_ms(&self, batch: &str) -> Result<u64, Error> {
@@ -447,6 +471,7 @@ impl Coordinator {
         } = basis;
         let pass = record.pass + 1;
         let planned_ms = now_ms();
+        let rules = self.rules(batch).await?;
         let planned = match loaded {
             Err(e) => Err((e.to_string(), e.disposition())),
             Ok(pools) => {
@@ -456,7 +481,7 @@ impl Coordinator {
                     pass,
                     source: &pools.source,
                     target: &pools.target,
-                    rules: &Rules::default(),
+                    rules: &rules,
                     store: Some(&self.store),
                     // Nothing of a user never planned was copied: no checkpoint to read.
                     first_pass: record.pass == 0,

@@ -19,6 +19,10 @@ pub struct BatchRecord {
     /// `mailferry batch` command, which the API does not show).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
+    /// Which folders the batch's users copy and where they land (include, exclude,
+    /// rename), as `migrate --include …` does for one run.
+    #[serde(default, skip_serializing_if = "crate::folders::Rules::is_empty")]
+    pub folder_rules: crate::folders::Rules,
 }
 
 /// A batch made through the API: its tenant, the name its admin gave it, and the

@@ -122,17 +122,76 @@ pub struct Namespace {
 
 /// The admin's include / exclude / rename rules. Patterns match the source folder's
 /// decoded path with `/` between levels; `*` matches any run of characters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Rules {
     /// When not empty, only folders matching one of these are copied.
     pub include: Vec<String>,
     pub exclude: Vec<String>,
     /// `(from, to)`: a folder whose path matches `from` lands at `to`; with a trailing
-    /// `/*` on both, a whole subtree moves (`Archive/*` → `Old/*`).
+    /// `/*` on both, a whole subtree moves (`Archive/*` → `Old/*`). Kept as `FROM=TO`
+    /// strings in a batch's record and the API.
+    #[serde(with = "rename_rules")]
     pub rename: Vec<(String, String)>,
 }
 
+/// The most rules of each kind a batch may have, and the longest pattern.
+pub const MAX_RULES: usize = 100;
+pub const MAX_PATTERN: usize = 1000;
+
+/// `rename` as `FROM=TO` strings.
+mod rename_rules {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(rules: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(rules.iter().map(|(from, to)| format!("{from}={to}")))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|spec| super::Rules::parse_rename(spec).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
 impl Rules {
+    pub fn is_empty(&self) -> bool {
+        self.include.is_empty() && self.exclude.is_empty() && self.rename.is_empty()
+    }
+
+    /// Bounded and non-empty: at most [`MAX_RULES`] of each kind, each pattern 1 to
+    /// [`MAX_PATTERN`] bytes with no control character. The error names the rule.
+    pub fn validate(&self) -> Result<(), String> {
+        let patterns = self
+            .include
+            .iter()
+            .map(|p| ("include", p.as_str()))
+            .chain(self.exclude.iter().map(|p| ("exclude", p.as_str())))
+            .chain(
+                self.rename
+                    .iter()
+                    .flat_map(|(f, t)| [("rename", f.as_str()), ("rename", t.as_str())]),
+            );
+        for (kind, list) in [
+            ("include", self.include.len()),
+            ("exclude", self.exclude.len()),
+            ("rename", self.rename.len()),
+        ] {
+            if list > MAX_RULES {
+                return Err(format!("{kind}: at most {MAX_RULES} rules"));
+            }
+        }
+        for (kind, p) in patterns {
+            if p.is_empty() || p.len() > MAX_PATTERN || p.chars().any(char::is_control) {
+                return Err(format!(
+                    "{kind}: {p:?} must be 1 to {MAX_PATTERN} bytes without control characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Parses `FROM=TO`.
     pub fn parse_rename(spec: &str) -> Result<(String, String), String> {
         let (from, to) = spec

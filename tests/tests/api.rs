@@ -1368,3 +1368,108 @@ async fn open_stream(
         }
     }
 }
+
+/// A batch's folder rules, set through the API, apply to its users' passes: an excluded
+/// folder stays behind, a renamed subtree lands under its new name, the rest is copied
+/// as it is; and bad rules are refused with the rule named.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batchs_folder_rules_exclude_and_rename_folders() {
+    let rig = ApiRig::start(RigOptions {
+        per_folder: 2,
+        workers: 1,
+        ..RigOptions::default()
+    })
+    .await;
+    let acme = rig.client(ACME);
+    let (_, _, b) = batch_of(&rig, &acme).await;
+    let message = expect_error(
+        acme.call(
+            "PATCH",
+            &format!("/api/v1/batches/{b}"),
+            Some((
+                "application/json",
+                br#"{"folder_rules": {"rename": ["Archive"]}}"#.to_vec(),
+            )),
+        )
+        .await
+        .unwrap(),
+        422,
+        "invalid",
+    );
+    assert!(message.contains("FROM=TO"), "{message}");
+    let rules = json!({"exclude": ["Junk"], "rename": ["Archive/*=Old/*"]});
+    let edited = expect(
+        acme.call(
+            "PATCH",
+            &format!("/api/v1/batches/{b}"),
+            Some((
+                "application/json",
+                json!({"folder_rules": rules}).to_string().into_bytes(),
+            )),
+        )
+        .await
+        .unwrap(),
+        200,
+    );
+    assert_eq!(
+        edited["folder_rules"]["exclude"],
+        json!(["Junk"]),
+        "{edited}"
+    );
+    assert_eq!(
+        edited["folder_rules"]["rename"],
+        json!(["Archive/*=Old/*"]),
+        "{edited}"
+    );
+    let (login, password, messages) = &rig.users[0];
+    let csv = format!("EmailAddress,UserName,Password\n{login},{login},{password}\n");
+    expect(
+        acme.call(
+            "POST",
+            &format!("/api/v1/batches/{b}/users/import"),
+            Some(("text/csv", csv.into_bytes())),
+        )
+        .await
+        .unwrap(),
+        200,
+    );
+    expect(
+        post(&acme, &format!("/api/v1/batches/{b}/start"), json!({})).await,
+        200,
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let page = expect(get(&acme, &format!("/api/v1/batches/{b}/users")).await, 200);
+        if page["users"][0]["status"] == "synced" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not synced: {page}\n{}",
+            rig.log("worker0")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let at_target = mail::folder_names(rig.dst.port, login, password).await;
+    assert!(
+        !at_target.iter().any(|f| f == "Junk"),
+        "the excluded folder was copied: {at_target:?}"
+    );
+    assert!(at_target.iter().any(|f| f == "Old/2024"), "{at_target:?}");
+    assert!(
+        !at_target.iter().any(|f| f.starts_with("Archive")),
+        "{at_target:?}"
+    );
+    let kept: Vec<_> = messages
+        .iter()
+        .filter(|m| m.folder != "Junk")
+        .cloned()
+        .collect();
+    assert!(
+        kept.len() < messages.len(),
+        "the corpus has mail in Junk, or the test proves nothing"
+    );
+    let pair = Pair::dovecots(&rig.src, &rig.dst, login, password);
+    mail::assert_same_mail(&pair, &kept, |p| p.replace("Archive/", "Old/")).await;
+    rig.clean_up().await;
+}

@@ -13,6 +13,7 @@ use mailferry_shared::control::now_ms;
 use mailferry_shared::directory::{endpoint_seal_scope, EndpointRecord, Role};
 use mailferry_shared::endpoint::{AuthMethod, Endpoint};
 use mailferry_shared::error::Side;
+use mailferry_shared::folders::Rules;
 use mailferry_shared::seal::{Binding, Keyring};
 use mailferry_shared::secret::Secret;
 use mailferry_shared::settings::MIN_SYNC_INTERVAL_SECS;
@@ -33,6 +34,9 @@ pub struct NewBatch {
     target_endpoint: String,
     #[serde(default)]
     sync_interval_secs: Option<u64>,
+    /// Which folders to copy and where they land (include, exclude, rename `FROM=TO`).
+    #[serde(default)]
+    folder_rules: Option<Rules>,
 }
 
 #[derive(Serialize)]
@@ -43,6 +47,7 @@ pub struct BatchView {
     target_endpoint: String,
     /// Seconds between passes of a synced user.
     sync_interval_secs: u64,
+    folder_rules: Rules,
     created_ms: u64,
 }
 
@@ -73,6 +78,7 @@ fn view(api: &Shared, id: &str, record: &BatchRecord, owner: &Owner) -> BatchVie
         source_endpoint: owner.source_endpoint.clone(),
         target_endpoint: owner.target_endpoint.clone(),
         sync_interval_secs: api.cluster.interval_of(record),
+        folder_rules: record.folder_rules.clone(),
         created_ms: owner.created_ms,
     }
 }
@@ -98,6 +104,12 @@ fn check_interval(secs: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
+fn check_rules(rules: &Rules) -> Result<(), ApiError> {
+    rules
+        .validate()
+        .map_err(|e| ApiError::invalid(format!("folder_rules: {e}")))
+}
+
 fn check_name(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 {
@@ -115,6 +127,8 @@ pub async fn create(
     if let Some(secs) = new.sync_interval_secs {
         check_interval(secs)?;
     }
+    let folder_rules = new.folder_rules.unwrap_or_default();
+    check_rules(&folder_rules)?;
     let endpoint = |id: String, role: Role| {
         let api = api.clone();
         let tenant = tenant.clone();
@@ -157,6 +171,7 @@ pub async fn create(
         target_auth: target.auth.clone(),
         sync_interval_secs: new.sync_interval_secs,
         owner: Some(owner.clone()),
+        folder_rules,
     };
     api.cluster.store.put_batch(&id, &record).await?;
     api.cluster.store.add_tenant_batch(&tenant, &id).await?;
@@ -217,6 +232,9 @@ pub struct BatchEdit {
     name: Option<String>,
     #[serde(default)]
     sync_interval_secs: Option<u64>,
+    /// Replaces the batch's folder rules; applies to the passes planned from then on.
+    #[serde(default)]
+    folder_rules: Option<Rules>,
 }
 
 pub async fn edit(
@@ -232,6 +250,10 @@ pub async fn edit(
     if let Some(secs) = edit.sync_interval_secs {
         check_interval(secs)?;
         record.sync_interval_secs = Some(secs);
+    }
+    if let Some(rules) = edit.folder_rules {
+        check_rules(&rules)?;
+        record.folder_rules = rules;
     }
     record.owner = Some(owner.clone());
     api.cluster.store.put_batch(&id, &record).await?;
