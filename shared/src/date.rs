@@ -88,3 +88,24 @@ mod tests {
         assert_eq!(internal_date_epoch("garbage"), None);
     }
 }
+
+/// `YYYY-MM-DD HH:MM UTC` of a Unix time in seconds: when a pause ends, for people.
+pub fn utc_minute(unix_secs: i64) -> String {
+    let (y, m, d) = civil_from_days(unix_secs.div_euclid(86_400));
+    let in_day = unix_secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        in_day / 3600,
+        in_day % 3600 / 60
+    )
+}
+
+#[cfg(test)]
+mod utc_minute_tests {
+    #[test]
+    fn a_unix_time_reads_as_its_utc_minute() {
+        assert_eq!(super::utc_minute(0), "1970-01-01 00:00 UTC");
+        assert_eq!(super::utc_minute(1_796_650_079), "2026-12-07 13:27 UTC");
+        assert_eq!(super::utc_minute(-1), "1969-12-31 23:59 UTC");
+    }
+}

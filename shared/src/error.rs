@@ -45,7 +45,7 @@ pub enum Error {
         backoff: Option<Duration>,
     },
     /// No connection was tried: the account is paused after a throttling answer.
-    #[error("{what} is paused for another {} ms after the server's throttling answer", .left.as_millis())]
+    #[error("{what} is paused until {} (another {} s) after the server's throttling answer", paused_until(*.left), .left.as_secs())]
     Paused { what: String, left: Duration },
     #[error("connection lost: {detail}")]
     ConnectionLost { detail: String },
@@ -108,6 +108,9 @@ impl Error {
             | Error::Store(_) => Disposition::Retry,
             Error::Throttled { backoff, .. } => Disposition::Throttle(*backoff),
             Error::Paused { left, .. } => Disposition::Throttle(Some(*left)),
+            Error::Command { response, .. } if is_daily_limit(response) => {
+                Disposition::Throttle(Some(DAILY_LIMIT_PAUSE))
+            }
             Error::Command { response, .. } if is_throttling(response) => {
                 Disposition::Throttle(suggested_backoff(&response.text))
             }
@@ -132,6 +135,28 @@ impl Error {
             detail: detail.into(),
         }
     }
+}
+
+/// When a pause of `left` from now ends, for people.
+fn paused_until(left: Duration) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    crate::date::utc_minute((now + left).as_secs() as i64)
+}
+
+/// How long an account is paused after it used up a provider's daily allowance (Gmail:
+/// "Account exceeded command or bandwidth limits", 2.5 GB of IMAP downloads a day):
+/// the allowance comes back within a day, and an hour's pause costs the provider one
+/// login attempt an hour meanwhile.
+pub const DAILY_LIMIT_PAUSE: Duration = Duration::from_secs(3600);
+
+/// True for a provider's "this account used up its daily allowance" (Gmail's
+/// `[OVERQUOTA] Account exceeded command or bandwidth limits`, or its web-interface
+/// wording). Not any OVERQUOTA: at a target that is a full mailbox, not a pause.
+pub fn is_daily_limit(response: &StatusResponse) -> bool {
+    let text = response.text.to_ascii_lowercase();
+    text.contains("bandwidth limit") || text.contains("exceeded command or bandwidth")
 }
 
 /// True for the ways servers say "too many connections" or "slow down".
@@ -159,7 +184,12 @@ pub fn login_refused(response: &StatusResponse) -> Error {
         || text.contains("maximum number of connections")
         || text.contains("too many connections")
         || text.contains("simultaneous connections");
-    if at_limit || is_throttling(response) {
+    if is_daily_limit(response) {
+        Error::Throttled {
+            server_says: response.describe(),
+            backoff: Some(DAILY_LIMIT_PAUSE),
+        }
+    } else if at_limit || is_throttling(response) {
         Error::Throttled {
             server_says: response.describe(),
             backoff: suggested_backoff(&response.text),
@@ -256,6 +286,20 @@ mod tests {
             Disposition::Throttle(None)
         );
         assert_eq!(Error::lost("eof").disposition(), Disposition::Retry);
+        // Gmail's daily download allowance used up: paused an hour, then again
+        assert_eq!(
+            no(
+                Some("OVERQUOTA"),
+                "Account exceeded command or bandwidth limits. (Failure)"
+            )
+            .disposition(),
+            Disposition::Throttle(Some(DAILY_LIMIT_PAUSE))
+        );
+        // ... but a full mailbox at a target is no reason to wait
+        assert_eq!(
+            no(Some("OVERQUOTA"), "Quota exceeded").disposition(),
+            Disposition::Fatal
+        );
         assert_eq!(
             Error::AuthRejected {
                 server_says: "x".into()
