@@ -44,7 +44,7 @@ pub enum ApiCommand {
     /// The tenant's endpoints.
     Endpoints,
     /// Make an endpoint (a source or target server) from a preset or custom settings.
-    EndpointCreate(EndpointCreate),
+    EndpointCreate(Box<EndpointCreate>),
     /// Test an endpoint with one account: log in and out, and say what went wrong if
     /// it did. The password comes from --password-file, $MAILFERRY_TEST_PASSWORD or a
     /// prompt; with an admin or master login it may be left out.
@@ -107,7 +107,8 @@ pub struct EndpointCreate {
     name: String,
     #[arg(long, value_parser = ["source", "target"])]
     role: String,
-    /// gmail, outlook, hotmail, yahoo, or custom (with --host).
+    /// A preset (microsoft365, google-workspace, gmail, outlook, hotmail, yahoo), or
+    /// custom (with --host).
     #[arg(long, default_value = "custom")]
     provider: String,
     #[arg(long)]
@@ -117,12 +118,36 @@ pub struct EndpointCreate {
     /// tls, starttls or plain.
     #[arg(long)]
     security: Option<String>,
-    /// password (the default), xoauth2, admin:NAME or master:NAME. With admin or master,
-    /// its password comes from --admin-password-file, $MAILFERRY_ADMIN_PASSWORD or a prompt.
+    /// password (the default), xoauth2, oauth2:GRANT (refresh-token, client-secret,
+    /// certificate, service-account), admin:NAME or master:NAME. With admin or master,
+    /// its password comes from --admin-password-file, $MAILFERRY_ADMIN_PASSWORD or a
+    /// prompt; with OAuth2 the app's secret from --oauth-secret-file.
     #[arg(long, default_value = "password")]
     auth: String,
     #[arg(long, value_name = "PATH")]
     admin_password_file: Option<PathBuf>,
+    /// OAuth2: the app's client id.
+    #[arg(long, value_name = "ID", help_heading = "OAuth2")]
+    oauth_client_id: Option<String>,
+    /// OAuth2, Microsoft presets: the organisation's tenant.
+    #[arg(long, value_name = "TENANT", help_heading = "OAuth2")]
+    oauth_tenant: Option<String>,
+    /// OAuth2: the token endpoint (default: the preset's).
+    #[arg(long, value_name = "URL", help_heading = "OAuth2")]
+    oauth_token_url: Option<String>,
+    /// OAuth2: the scopes (default: the preset's for the grant).
+    #[arg(long, value_name = "SCOPES", help_heading = "OAuth2")]
+    oauth_scope: Option<String>,
+    /// OAuth2: xoauth2 (default) or oauthbearer.
+    #[arg(long, value_name = "MECH", help_heading = "OAuth2")]
+    oauth_mechanism: Option<String>,
+    /// OAuth2 certificate grant: the certificate (PEM).
+    #[arg(long, value_name = "PATH", help_heading = "OAuth2")]
+    oauth_certificate: Option<PathBuf>,
+    /// OAuth2: the app's secret: the client secret (first line), the certificate's
+    /// private key (PEM) or the service account's key (JSON).
+    #[arg(long, value_name = "PATH", help_heading = "OAuth2")]
+    oauth_secret_file: Option<PathBuf>,
     /// Accept any TLS certificate (a server with a self-signed one, on a trusted network).
     #[arg(long)]
     accept_invalid_certs: bool,
@@ -153,6 +178,57 @@ fn client(args: &ApiArgs) -> anyhow::Result<ApiClient> {
     )
     .map_err(anyhow::Error::msg)?;
     ApiClient::new(url, token)
+}
+
+/// The `auth` of an OAuth2 endpoint, and its secret and certificate into `body`: what
+/// is not given, the API fills from the provider's preset.
+fn oauth2_body(
+    e: &EndpointCreate,
+    grant: &str,
+    body: &mut serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let kind = match grant {
+        "refresh-token" | "refresh_token" => "refresh_token",
+        "client-secret" | "client_secret" => "client_secret",
+        "certificate" | "client-certificate" | "client_certificate" => "client_certificate",
+        "service-account" | "service_account" => "service_account",
+        other => anyhow::bail!(
+            "--auth oauth2:{other}: the grant is refresh-token, client-secret, certificate or service-account"
+        ),
+    };
+    let mut auth = json!({"method": "oauth2", "grant": {"kind": kind}});
+    let fields = [
+        ("client_id", &e.oauth_client_id),
+        ("token_url", &e.oauth_token_url),
+        ("scope", &e.oauth_scope),
+        ("mechanism", &e.oauth_mechanism),
+    ];
+    for (key, value) in fields {
+        if let Some(v) = value {
+            auth[key] = json!(v);
+        }
+    }
+    if let Some(tenant) = &e.oauth_tenant {
+        body["tenant"] = json!(tenant);
+    }
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+    };
+    if let Some(path) = &e.oauth_certificate {
+        body["certificate"] = json!(read("--oauth-certificate", path)?);
+    }
+    if let Some(path) = &e.oauth_secret_file {
+        let text = read("--oauth-secret-file", path)?;
+        let secret = match kind {
+            // A client secret is its file's first line; keys and key files are whole.
+            "refresh_token" | "client_secret" => {
+                text.lines().next().unwrap_or("").trim().to_string()
+            }
+            _ => text,
+        };
+        body["app_secret"] = json!(secret);
+    }
+    Ok(auth)
 }
 
 /// A path segment, percent-encoded (user ids are addresses).
@@ -214,10 +290,11 @@ async fn run_async(args: &ApiArgs) -> anyhow::Result<u8> {
             }
             let auth = match e.auth.split_once(':') {
                 None if e.auth == "password" || e.auth == "xoauth2" => json!({"method": e.auth}),
+                Some(("oauth2", grant)) => oauth2_body(e, grant, &mut body)?,
                 Some(("admin", who)) => json!({"method": "admin_plain", "admin": who}),
                 Some(("master", who)) => json!({"method": "dovecot_master", "master": who}),
                 _ => anyhow::bail!(
-                    "--auth {}: expected password, xoauth2, admin:NAME or master:NAME",
+                    "--auth {}: expected password, xoauth2, oauth2:GRANT, admin:NAME or master:NAME",
                     e.auth
                 ),
             };

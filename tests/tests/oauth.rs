@@ -442,25 +442,56 @@ async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_se
             "app_secret": secret
         })
     };
-    let wrong = post(&acme, "/api/v1/endpoints", target_with("not-the-secret")).await;
-    let verdict = post(
-        &acme,
-        &format!("/api/v1/endpoints/{}/test", wrong["id"].as_str().unwrap()),
-        json!({"login": "bob@example.com"}),
-    )
-    .await;
-    assert_eq!(verdict["ok"], false, "{verdict}");
-    assert_eq!(
-        verdict["failure"]["code"], "authentication_rejected",
-        "{verdict}"
+    // A wrong client secret, through `mailferry api`: named at the endpoint test.
+    let secret_file = rig.dir.join("wrong-app-secret");
+    std::fs::write(&secret_file, "not-the-secret\n").unwrap();
+    let dst_port = rig.dst.port.to_string();
+    let url = idp.url();
+    let (code, wrong_id, all) = cli(
+        &rig,
+        &[
+            "endpoint-create",
+            "--name",
+            "Wrong secret",
+            "--role",
+            "target",
+            "--provider",
+            "custom",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &dst_port,
+            "--security",
+            "plain",
+            "--auth",
+            "oauth2:client-secret",
+            "--oauth-token-url",
+            &url,
+            "--oauth-client-id",
+            "m365-app",
+            "--oauth-scope",
+            "https://outlook.office365.com/.default",
+            "--oauth-secret-file",
+            secret_file.to_str().unwrap(),
+        ],
     );
+    assert_eq!(code, Some(0), "{all}");
+    let (code, _, all) = cli(
+        &rig,
+        &[
+            "endpoint-test",
+            wrong_id.trim(),
+            "--login",
+            "bob@example.com",
+        ],
+    );
+    assert_ne!(code, Some(0), "{all}");
     assert!(
-        verdict["failure"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("invalid_client"),
-        "the grant's refusal, named: {verdict}"
+        all.contains("invalid_client") && all.contains("client secret or certificate is wrong"),
+        "the grant's refusal, named: {all}"
     );
+    assert!(!all.contains("not-the-secret"), "{all}");
+
     let target = post(&acme, "/api/v1/endpoints", target_with(APP_SECRET)).await;
     assert!(!target.to_string().contains(APP_SECRET), "{target}");
     let tid = target["id"].as_str().unwrap();
@@ -547,6 +578,21 @@ async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_se
     );
     rig.assert_no_canary_at_rest().await;
     rig.clean_up().await;
+}
+
+/// `mailferry api ARGS` as the tenant acme: (exit code, standard output, all output).
+fn cli(rig: &ApiRig, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(mailferry_tests::run::binary())
+        .arg("api")
+        .args(args)
+        .env("MAILFERRY_API_URL", rig.base_url())
+        .env("MAILFERRY_API_TOKEN", ACME)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running mailferry api");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let all = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), stdout, all)
 }
 
 /// The sealed source secret Redis holds for a user (the test reads the store as an
