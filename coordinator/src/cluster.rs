@@ -146,9 +146,12 @@ impl Cluster {
         };
         self.store.put_batch(batch, &record).await?;
         for u in users {
-            let seal = |s, side, server| {
+            let seal = |s, side, server, method| {
                 self.keys
-                    .seal(s, Binding::new(batch, &u.id, side, server))
+                    .seal(
+                        s,
+                        Binding::new(batch, &u.id, side, server).logging_in_with(method),
+                    )
                     .map_err(|e| Error::Config(e.to_string()))
             };
             let user = UserRecord {
@@ -157,12 +160,14 @@ impl Cluster {
                     &u.source_credentials.secret,
                     Side::Source,
                     &record.source,
+                    &record.source_auth,
                 )?),
                 target_login: u.target_credentials.login.clone(),
                 target_secret: Some(seal(
                     &u.target_credentials.secret,
                     Side::Target,
                     &record.target,
+                    &record.target_auth,
                 )?),
             };
             self.store.put_user(batch, &u.id, &user).await?;
@@ -193,7 +198,8 @@ impl Cluster {
         for tenant in self.store.tenants().await? {
             for mut endpoint in self.store.endpoints(&tenant).await? {
                 let (scope, who) = endpoint_seal_scope(&tenant, &endpoint.id);
-                let to = Binding::new(&scope, &who, endpoint.role.side(), &endpoint.endpoint);
+                let to = Binding::new(&scope, &who, endpoint.role.side(), &endpoint.endpoint)
+                    .logging_in_with(&endpoint.auth);
                 let Some(secret) = endpoint.admin_secret.as_mut() else {
                     continue;
                 };
@@ -217,20 +223,22 @@ impl Cluster {
                         &mut owner.source_admin_secret,
                         Side::Source,
                         &record.source,
+                        &record.source_auth,
                     ),
                     (
                         &owner.target_endpoint,
                         &mut owner.target_admin_secret,
                         Side::Target,
                         &record.target,
+                        &record.target_auth,
                     ),
                 ];
-                for (endpoint, secret, side, server) in sides {
+                for (endpoint, secret, side, server, method) in sides {
                     let Some(secret) = secret.as_mut() else {
                         continue;
                     };
                     let (scope, who) = endpoint_seal_scope(&owner.tenant, endpoint);
-                    let to = Binding::new(&scope, &who, side, server);
+                    let to = Binding::new(&scope, &who, side, server).logging_in_with(method);
                     let again = self.keys.reseal(secret, to).map_err(|e| {
                         Error::Config(format!("batch {batch}, endpoint {endpoint}: {e}"))
                     })?;
@@ -252,14 +260,24 @@ impl Cluster {
                 };
                 let mut changed = false;
                 let secrets = [
-                    (&mut record.source_secret, Side::Source, &servers.source),
-                    (&mut record.target_secret, Side::Target, &servers.target),
+                    (
+                        &mut record.source_secret,
+                        Side::Source,
+                        &servers.source,
+                        &servers.source_auth,
+                    ),
+                    (
+                        &mut record.target_secret,
+                        Side::Target,
+                        &servers.target,
+                        &servers.target_auth,
+                    ),
                 ];
-                for (secret, side, server) in secrets {
+                for (secret, side, server, method) in secrets {
                     let Some(secret) = secret.as_mut() else {
                         continue;
                     };
-                    let to = Binding::new(&batch, &user, side, server);
+                    let to = Binding::new(&batch, &user, side, server).logging_in_with(method);
                     let again = self
                         .keys
                         .reseal(secret, to)

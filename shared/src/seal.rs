@@ -76,6 +76,10 @@ pub struct Binding<'a> {
     pub side: Side,
     /// The server the secret is sent to.
     pub server: &'a Endpoint,
+    /// With OAuth2, the token endpoint the secret (a refresh token, a client secret, a
+    /// signed assertion's key) is sent to as well: a token URL changed in Redis gets no
+    /// secret either.
+    pub token_url: Option<&'a str>,
 }
 
 impl<'a> Binding<'a> {
@@ -85,7 +89,17 @@ impl<'a> Binding<'a> {
             who,
             side,
             server,
+            token_url: None,
         }
+    }
+
+    /// Bound to the token endpoint too when `method` is OAuth2 (what every secret of an
+    /// account logging in with `method` is sealed with).
+    pub fn logging_in_with(mut self, method: &'a crate::endpoint::AuthMethod) -> Self {
+        if let crate::endpoint::AuthMethod::OAuth2(client) = method {
+            self.token_url = Some(&client.token_url);
+        }
+        self
     }
 
     /// The associated data: every part length-prefixed, so no two bindings share bytes.
@@ -115,7 +129,9 @@ impl<'a> Binding<'a> {
             if s.public_only { b"1" } else { b"0" },
         ];
         let mut a = b"mailferry-seal-v2".to_vec();
-        for part in parts {
+        // The token endpoint is a tenth part only where there is one, so the values
+        // sealed for password logins before OAuth2 existed still open.
+        for part in parts.into_iter().chain(self.token_url.map(str::as_bytes)) {
             a.extend_from_slice(&(part.len() as u32).to_be_bytes());
             a.extend_from_slice(part);
         }
@@ -407,6 +423,36 @@ mod tests {
         // A v1 value of another user does not reseal as this one.
         let bobs = seal_v1(&keys, "bobpass", "b1", "bob@example.com");
         assert_eq!(keys.reseal(&bobs, alice(&imap)), Err(SealError::Forged));
+    }
+
+    #[test]
+    fn an_oauth2_secret_opens_only_for_the_token_endpoint_it_was_sealed_for() {
+        use crate::endpoint::AuthMethod;
+        use crate::oauth::{Grant, Mechanism, OAuthClient};
+        let keys = ring(&[&Keyring::generate("k1").unwrap()]);
+        let imap = server();
+        let method = |url: &str| {
+            AuthMethod::OAuth2(OAuthClient {
+                token_url: url.into(),
+                client_id: "app".into(),
+                scope: "s".into(),
+                grant: Grant::RefreshToken,
+                mechanism: Mechanism::Xoauth2,
+            })
+        };
+        let real = method("https://login.microsoftonline.com/t/oauth2/v2.0/token");
+        let forged = method("https://tokens.attacker.example/token");
+        let to =
+            |m| Binding::new("b1", "alice@example.com", Side::Source, &imap).logging_in_with(m);
+        let sealed = keys.seal(&Secret::new("refresh"), to(&real)).unwrap();
+        assert_eq!(keys.open(&sealed, to(&real)).unwrap().expose(), "refresh");
+        assert_eq!(keys.open(&sealed, to(&forged)), Err(SealError::Forged));
+        assert_eq!(keys.open(&sealed, alice(&imap)), Err(SealError::Forged));
+        // a password login's binding is what it was before OAuth2 existed
+        let password = keys.seal(&Secret::new("pw"), alice(&imap)).unwrap();
+        let as_before = Binding::new("b1", "alice@example.com", Side::Source, &imap)
+            .logging_in_with(&AuthMethod::Password);
+        assert_eq!(keys.open(&password, as_before).unwrap().expose(), "pw");
     }
 
     #[test]

@@ -576,6 +576,46 @@ async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_se
         !rig.all_logs().contains(APP_SECRET),
         "a log shows the app secret"
     );
+
+    // Whoever can write to Redis points the batch's token endpoint at their own: the
+    // sealed refresh tokens are bound to the real one, and the trap hears nothing.
+    let trap = TokenEndpoint::start(60).await;
+    let store = mailferry_shared::redis_store::RedisStore::connect(
+        &mailferry_shared::secret::Secret::new("redis://127.0.0.1:6379/0"),
+        &rig.prefix,
+    )
+    .await
+    .unwrap();
+    let mut record = store.batch(&b).await.unwrap().unwrap();
+    let mailferry_shared::endpoint::AuthMethod::OAuth2(client) = &mut record.source_auth else {
+        panic!("the source logs in with OAuth2");
+    };
+    client.token_url = trap.url();
+    store.put_batch(&b, &record).await.unwrap();
+    post(&acme, &format!("/api/v1/batches/{b}/sync-now"), json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = acme
+            .get(&format!("/api/v1/batches/{b}/users"))
+            .await
+            .unwrap();
+        let page: Value = serde_json::from_str(&checked(&page)).unwrap();
+        let users = page["users"].as_array().unwrap();
+        if users.iter().all(|u| u["status"] == "failed") {
+            for u in users {
+                let reason = u["reason"].as_str().unwrap_or("");
+                assert!(reason.contains("does not open"), "{u}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "the users did not fail: {page}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        trap.log().is_empty(),
+        "the trap was sent a grant: {:?}",
+        trap.log()
+    );
     rig.assert_no_canary_at_rest().await;
     rig.clean_up().await;
 }

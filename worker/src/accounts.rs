@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 
 use mailferry_shared::batch::{BatchRecord, UserRecord};
-use mailferry_shared::endpoint::Credentials;
+use mailferry_shared::endpoint::{AuthMethod, Credentials};
 use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::imap::Limits;
 use mailferry_shared::redis_store::RedisStore;
@@ -278,7 +278,7 @@ impl RedisAccounts {
     ) -> Result<UserAccounts, JobError> {
         // Without a stored secret there is nothing to log in with: the user fails with
         // the reason, as a rejected login would (the API refuses to start such a user).
-        let unseal = |sealed: &Option<String>, side: Side, server| {
+        let unseal = |sealed: &Option<String>, side: Side, server, method| {
             let sealed = sealed.as_deref().ok_or_else(|| JobError::Imap {
                 side,
                 source: mailferry_shared::Error::AuthRejected {
@@ -289,7 +289,7 @@ impl RedisAccounts {
             })?;
             // Bound to this side's server as stored beside it: a server changed in Redis
             // since the password was sealed does not get it.
-            let to = Binding::new(batch, user, side, server);
+            let to = Binding::new(batch, user, side, server).logging_in_with(method);
             self.keys.open(sealed, to).map_err(|e| {
                 let error = mailferry_shared::Error::Config(format!("credentials of {user}: {e}"));
                 match e {
@@ -320,10 +320,16 @@ impl RedisAccounts {
                     &batch_record.target_auth,
                 ),
             };
-            let mut credentials =
-                Credentials::new(login.clone(), unseal(sealed, side, server)?, method.clone());
+            let mut credentials = Credentials::new(
+                login.clone(),
+                unseal(sealed, side, server, method)?,
+                method.clone(),
+            );
+            // Only a refresh token rotates.
+            let rotates = matches!(method, AuthMethod::OAuth2(c) if c.grant.needs_user_secret());
             let rotated = sealed
                 .as_ref()
+                .filter(|_| rotates)
                 .map(|sealed| self.store_rotation(batch, user, side, server, sealed, &credentials));
             credentials.tokens = mailferry_shared::oauth::tokens_for(&credentials, server, rotated)
                 .map_err(|source| JobError::Imap { side, source })?;
@@ -364,6 +370,7 @@ impl RedisAccounts {
         let store = self.store.clone();
         let keys = self.keys.clone();
         let (batch, user, server) = (batch.to_string(), user.to_string(), server.clone());
+        let method = credentials.method.clone();
         let app_secret = mailferry_shared::oauth::GrantSecrets::unpack(&credentials.secret)
             .ok()
             .and_then(|(_, app)| app);
@@ -371,11 +378,12 @@ impl RedisAccounts {
         Arc::new(move |refresh| {
             let (store, keys, current) = (store.clone(), keys.clone(), current.clone());
             let (batch, user, server) = (batch.clone(), user.clone(), server.clone());
+            let method = method.clone();
             let packed =
                 mailferry_shared::oauth::GrantSecrets::pack(Some(&refresh), app_secret.as_ref());
             Box::pin(async move {
-                let resealed = match keys.seal(&packed, Binding::new(&batch, &user, side, &server))
-                {
+                let to = Binding::new(&batch, &user, side, &server).logging_in_with(&method);
+                let resealed = match keys.seal(&packed, to) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(%batch, %user, %side, error = %e, "cannot seal a rotated refresh token");

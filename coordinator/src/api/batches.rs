@@ -373,15 +373,15 @@ impl<'a> Sealer<'a> {
         record: &'a BatchRecord,
         owner: &Owner,
     ) -> Result<Self, ApiError> {
-        let open = |sealed: &Option<String>, endpoint: &str, side, server| {
+        let open = |sealed: &Option<String>, endpoint: &str, side, server, method| {
             sealed
                 .as_deref()
                 .map(|s| {
                     let (scope, who) = endpoint_seal_scope(&owner.tenant, endpoint);
-                    keys.open(s, Binding::new(&scope, &who, side, server))
-                        .map_err(|e| {
-                            ApiError::invalid(format!("endpoint {endpoint}'s admin password: {e}"))
-                        })
+                    let to = Binding::new(&scope, &who, side, server).logging_in_with(method);
+                    keys.open(s, to).map_err(|e| {
+                        ApiError::invalid(format!("endpoint {endpoint}'s admin password: {e}"))
+                    })
                 })
                 .transpose()
         };
@@ -397,12 +397,14 @@ impl<'a> Sealer<'a> {
                 &owner.source_endpoint,
                 Side::Source,
                 &record.source,
+                &record.source_auth,
             )?,
             target_admin: open(
                 &owner.target_admin_secret,
                 &owner.target_endpoint,
                 Side::Target,
                 &record.target,
+                &record.target_auth,
             )?,
         })
     }
@@ -425,12 +427,14 @@ impl<'a> Sealer<'a> {
     }
 
     fn source(&self, user: &str, given: Option<&Secret>) -> Result<Option<String>, ApiError> {
-        let to = Binding::new(self.batch, user, Side::Source, self.source);
+        let to = Binding::new(self.batch, user, Side::Source, self.source)
+            .logging_in_with(self.source_auth);
         self.seal(to, self.source_auth, given, &self.source_admin)
     }
 
     fn target(&self, user: &str, given: Option<&Secret>) -> Result<Option<String>, ApiError> {
-        let to = Binding::new(self.batch, user, Side::Target, self.target);
+        let to = Binding::new(self.batch, user, Side::Target, self.target)
+            .logging_in_with(self.target_auth);
         self.seal(to, self.target_auth, given, &self.target_admin)
     }
 }

@@ -324,7 +324,7 @@ pub async fn create(
     let admin_secret = match admin_password {
         Some(p) => {
             let (scope, who) = endpoint_seal_scope(&tenant, &id);
-            let to = Binding::new(&scope, &who, new.role.side(), &endpoint);
+            let to = Binding::new(&scope, &who, new.role.side(), &endpoint).logging_in_with(&auth);
             Some(
                 api.cluster
                     .keys
@@ -430,7 +430,8 @@ pub async fn test(
     let endpoint_secret = match &record.admin_secret {
         Some(sealed) => {
             let (scope, who) = endpoint_seal_scope(&tenant, &record.id);
-            let to = Binding::new(&scope, &who, record.role.side(), &record.endpoint);
+            let to = Binding::new(&scope, &who, record.role.side(), &record.endpoint)
+                .logging_in_with(&record.auth);
             Some(api.cluster.keys.open(sealed, to).map_err(|e| {
                 ApiError::invalid(format!("the endpoint's admin password or app secret: {e}"))
             })?)
