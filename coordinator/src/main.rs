@@ -213,6 +213,9 @@ fn cluster_setup(
     if let Some(ca) = &settings.oauth_ca_file {
         mailferry_shared::oauth::http::trust_ca_file(ca.clone());
     }
+    if settings.api.forbid_private_sources {
+        mailferry_shared::oauth::http::require_public_token_endpoints();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -805,6 +805,49 @@ async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden
     );
     assert!(message.contains("api.target_hosts"), "{message}");
     strict.clean_up().await;
+    drop(strict);
+
+    // A listed (trusted) target may be internal, but the token endpoint a tenant names
+    // for it may not: with forbid_private_sources, token URLs must be public too.
+    let listed = ApiRig::start(RigOptions {
+        forbid_private_sources: true,
+        target_hosts: "\"127.0.0.1\"",
+        ..RigOptions::default()
+    })
+    .await;
+    let acme = listed.client(ACME);
+    let made = expect(
+        post(
+            &acme,
+            "/api/v1/endpoints",
+            json!({"name": "OAuth target", "role": "target", "host": "127.0.0.1",
+                   "port": listed.dst.port, "security": "plain",
+                   "auth": {"method": "oauth2", "token_url": format!("https://127.0.0.1:{}/token", free_port()),
+                            "client_id": "app", "scope": "https://outlook.office365.com/.default",
+                            "grant": {"kind": "client_secret"}},
+                   "app_secret": "s3cret"}),
+        )
+        .await,
+        201,
+    );
+    let verdict = expect(
+        post(
+            &acme,
+            &format!("/api/v1/endpoints/{}/test", made["id"].as_str().unwrap()),
+            json!({"login": "alice@example.com"}),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(verdict["ok"], false, "{verdict}");
+    assert!(
+        verdict["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("internal address"),
+        "{verdict}"
+    );
+    listed.clean_up().await;
 }
 
 /// Runs `mailferry api ARGS` against the rig with acme's token; (exit code, stdout,

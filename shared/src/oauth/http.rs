@@ -21,6 +21,15 @@ pub const MAX_ANSWER: usize = 64 * 1024;
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
 static EXTRA_CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+static PUBLIC_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Connects to token endpoints on public addresses only, whatever the server they are
+/// for (the installation's `api.forbid_private_sources`): a token URL is a tenant's
+/// choice too, and a POST to an internal service is what that setting forbids. Set
+/// once, at start.
+pub fn require_public_token_endpoints() {
+    PUBLIC_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Trusts the CAs of this PEM file too for token endpoints reached for a server with no
 /// CA file of its own (the installation's `oauth_ca_file`). Set once, at start.
@@ -102,7 +111,7 @@ pub async fn post_form(url: &HttpsUrl, form: Bytes, via: &Endpoint) -> Result<An
 async fn exchange(url: &HttpsUrl, form: Bytes, via: &Endpoint) -> Result<Answer, Error> {
     let mut server = Endpoint::new(url.host.clone(), url.port, Security::Tls);
     server.ca_file = via.ca_file.clone().or_else(|| EXTRA_CA.get().cloned());
-    server.public_only = via.public_only;
+    server.public_only = via.public_only || PUBLIC_ONLY.load(std::sync::atomic::Ordering::Relaxed);
     server.connect_timeout = via.connect_timeout;
     let tcp = crate::imap::client::tcp_connect(&server).await?;
     let tls = crate::imap::tls::handshake(&server, tcp).await?;
