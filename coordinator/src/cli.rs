@@ -207,11 +207,9 @@ macro_rules! endpoint_args {
     ($name:ident, $side:literal, $env:literal) => {
         #[derive(Debug, Clone, Args)]
         pub struct $name {
-            #[doc = concat!("The ", $side, " server, HOST or HOST:PORT (default port: 993 with tls, 143 otherwise)")]
-            #[arg(id = concat!($side, "-host"), long = $side, value_name = "HOST[:PORT]")]
+            #[arg(id = concat!($side, "-host"), long = $side, value_name = "HOST[:PORT]", help = concat!("The ", $side, " server, HOST or HOST:PORT (default port: 993 with tls, 143 otherwise)"))]
             pub host: Option<String>,
-            #[doc = concat!("A provider preset for the ", $side, ": gmail, outlook, hotmail, yahoo")]
-            #[arg(id = concat!($side, "-preset"), long = concat!($side, "-preset"), value_name = "NAME")]
+            #[arg(id = concat!($side, "-preset"), long = concat!($side, "-preset"), value_name = "NAME", help = concat!("A provider preset for the ", $side, ": microsoft365, google-workspace, gmail, outlook, hotmail, yahoo"))]
             pub preset: Option<String>,
             #[doc = "tls (implicit TLS, the default), starttls (then mandatory) or plain (unencrypted: only when you mean it)"]
             #[arg(id = concat!($side, "-security"), long = concat!($side, "-security"), value_name = "MODE", default_value = "tls")]
@@ -225,11 +223,9 @@ macro_rules! endpoint_args {
             #[doc = "password (or app password), xoauth2 (the secret is an access token), oauth2:GRANT (tokens from a token endpoint, renewed as they expire; GRANT: refresh-token, client-secret, certificate or service-account), admin:NAME (SASL PLAIN as NAME for the user) or master:NAME (Dovecot user*NAME)"]
             #[arg(id = concat!($side, "-auth"), long = concat!($side, "-auth"), value_name = "METHOD", default_value = "password")]
             pub auth: String,
-            #[doc = concat!("The ", $side, " login (single-user mode)")]
-            #[arg(id = concat!($side, "-user"), long = concat!($side, "-user"), value_name = "LOGIN")]
+            #[arg(id = concat!($side, "-user"), long = concat!($side, "-user"), value_name = "LOGIN", help = concat!("The ", $side, " login (single-user mode)"))]
             pub user: Option<String>,
-            #[doc = concat!("Read the ", $side, " password (or token) from this file; else from $", $env, "; else a prompt")]
-            #[arg(id = concat!($side, "-password-file"), long = concat!($side, "-password-file"), value_name = "PATH")]
+            #[arg(id = concat!($side, "-password-file"), long = concat!($side, "-password-file"), value_name = "PATH", help = concat!("Read the ", $side, " password (or token) from this file; else from $", $env, "; else a prompt"))]
             pub password_file: Option<PathBuf>,
             #[doc = "OAuth2: the app's client id (application id)"]
             #[arg(id = concat!($side, "-oauth-client-id"), long = concat!($side, "-oauth-client-id"), value_name = "ID", help_heading = "OAuth2")]
@@ -965,6 +961,23 @@ mod tests {
     fn the_command_line_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_help_names_every_preset() {
+        use clap::CommandFactory;
+        let help = Cli::command()
+            .find_subcommand_mut("migrate")
+            .expect("migrate")
+            .render_long_help()
+            .to_string();
+        for p in PRESETS {
+            assert!(
+                help.contains(p.name),
+                "migrate --help does not name {}",
+                p.name
+            );
+        }
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub struct EndpointRecord {
     pub id: String,
     pub name: String,
     pub role: Role,
-    /// A preset's name (gmail, outlook, hotmail, yahoo) or `custom`.
+    /// A preset's name ([`crate::endpoint::PRESETS`]) or `custom`.
     pub provider: String,
     pub endpoint: Endpoint,
     pub auth: AuthMethod,
