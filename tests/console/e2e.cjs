@@ -189,6 +189,21 @@ async function waitStatus(page, user, want, seconds) {
   await assertLabelled(page, "batch page");
   await shot(page, "05-users");
 
+  // Folder rules: a malformed rename is refused with its reason, a good rule is saved
+  // (one that matches no folder of the test's, so the mail compared later is all there).
+  const rename = page.getByLabel("Rename (FROM=TO, or Archive/*=Old/* for a subtree)");
+  await rename.fill("Archive");
+  await page.getByRole("button", { name: "Save folder rules" }).click();
+  await page.getByText("must look like FROM=TO").waitFor();
+  // That refusal (422) is the one error the browser may report here.
+  const refused = problems.filter((p) => !p.includes("422"));
+  problems.length = 0;
+  problems.push(...refused);
+  await rename.fill("");
+  await page.getByLabel("Do not copy these folders").fill("Nothing here/*");
+  await page.getByRole("button", { name: "Save folder rules" }).click();
+  await page.getByText("Folder rules saved").waitFor();
+
   // Start both: bob's password typed in his row.
   await page.getByLabel("Select every user").check();
   await page.getByLabel("Source password for bob@example.com").fill(env("BOB_PASSWORD"));

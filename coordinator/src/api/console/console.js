@@ -460,12 +460,36 @@ async function batchPage(batchId) {
   field("Or a CSV file", file, "EmailAddress,UserName,Password (and optionally TargetUserName,TargetPassword), as for Exchange migrations."),
   h("div", { class: "actions" }, h("button", { type: "submit", class: "secondary" }, "Add users")), addOut);
 
+  // Which folders the users copy and where they land, for the passes planned from now on.
+  const rules = batch.folder_rules || { include: [], exclude: [], rename: [] };
+  const lines = (list) => h("textarea", { rows: "3", spellcheck: "false" }, list.join("\n"));
+  const include = lines(rules.include);
+  const exclude = lines(rules.exclude);
+  const rename = lines(rules.rename);
+  include.name = "include"; exclude.name = "exclude"; rename.name = "rename";
+  const rulesOut = h("div", {});
+  const split = (box) => box.value.split("\n").map((l) => l.trim()).filter(Boolean);
+  const rulesForm = h("form", {
+    onsubmit: async (ev) => {
+      ev.preventDefault();
+      const done = busy(ev.submitter, "Saving…");
+      try {
+        await api("PATCH", path, { folder_rules: { include: split(include), exclude: split(exclude), rename: split(rename) } });
+        rulesOut.replaceChildren(h("p", { class: "verdict", role: "status" }, "Folder rules saved: they apply to the next sync of each user."));
+      } catch (e) { rulesOut.replaceChildren(errorBox(e)); } finally { done(); }
+    },
+  }, h("p", { class: "hint" }, "One pattern per line; * matches anything, / separates levels. Gmail's archived mail is in [Gmail]/All Mail, which is not copied unless included here (its labelled messages then arrive twice)."),
+  field("Copy only these folders (empty: all)", include),
+  field("Do not copy these folders", exclude),
+  field("Rename (FROM=TO, or Archive/*=Old/* for a subtree)", rename),
+  h("div", { class: "actions" }, h("button", { type: "submit", class: "secondary" }, "Save folder rules")), rulesOut);
+
   const reports = h("p", {}, "Report: ",
     h("button", { type: "button", class: "link", onclick: () => download(`${path}/report.csv`, `mailferry-${batchId}.csv`) }, "CSV"), " · ",
     h("button", { type: "button", class: "link", onclick: () => download(`${path}/report.json`, `mailferry-${batchId}.json`) }, "JSON"));
   const live = h("p", { class: "hint", id: "live" }, "Connecting to live updates…");
   show(batch.name, summaryBox, live, h("h2", {}, "Users"), actions, out, table,
-    h("h2", {}, "Add users"), addForm, reports,
+    h("h2", {}, "Add users"), addForm, h("h2", {}, "Folders"), rulesForm, reports,
     h("p", { class: "hint" }, `Synced users are synced again every ${Math.round(batch.sync_interval_secs / 3600 * 10) / 10} h.`));
   follow(`${path}/events`, (event, data) => {
     if (event === "user") put(JSON.parse(data));
