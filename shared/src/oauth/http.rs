@@ -62,15 +62,27 @@ impl HttpsUrl {
                 "token URL {url:?}: credentials in the URL are not accepted"
             ));
         }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || p.parse::<u16>().is_ok() => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("token URL {url:?}: bad port {p:?}"))?,
-            ),
-            _ => (authority, 443),
+        // [v6]:port, [v6], host:port, host
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(rest) => {
+                let (h, after) = rest
+                    .split_once(']')
+                    .ok_or_else(|| format!("token URL {url:?}: unclosed [ in the host"))?;
+                (h, after.strip_prefix(':'))
+            }
+            None => match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            },
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("token URL {url:?}: bad port {p:?}"))?,
+            None => 443,
+        };
         if host.is_empty() {
             return Err(format!("token URL {url:?} names no host"));
         }
@@ -219,11 +231,15 @@ mod tests {
             (u.host.as_str(), u.port, u.path.as_str()),
             ("::1", 9000, "/t?x=1")
         );
+        let u = HttpsUrl::parse("https://[2001:db8::1]/token").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("2001:db8::1", 443));
         for (bad, says) in [
             ("http://example.com/token", "https://"),
             ("https://user:pw@example.com/token", "credentials"),
             ("https:///token", "no host"),
             ("https://example.com:99999/", "bad port"),
+            ("https://example.com:0/", "bad port"),
+            ("https://[::1/token", "unclosed"),
             ("https://example.com/a b", "may not"),
             ("https://example.com/\r\nX: y", "may not"),
         ] {

@@ -293,7 +293,6 @@ pub struct TokenSource {
     /// One fetch at a time: connections that need a token while one is being fetched
     /// wait for it.
     current: tokio::sync::Mutex<Option<Current>>,
-    fetched: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -370,7 +369,6 @@ impl TokenSource {
             app_secret,
             rotated,
             current: tokio::sync::Mutex::new(None),
-            fetched: Default::default(),
         });
         all.insert(key, Arc::downgrade(&source));
         Ok(source)
@@ -378,11 +376,6 @@ impl TokenSource {
 
     pub fn mechanism(&self) -> Mechanism {
         self.client.mechanism
-    }
-
-    /// Tokens fetched so far (for logs and tests).
-    pub fn fetched(&self) -> u64 {
-        self.fetched.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A token to log in with: the current one while it is fresh, else a new one.
@@ -413,8 +406,6 @@ impl TokenSource {
         let form = self.form()?;
         let answer = http::post_form(&self.url, Bytes::copy_from_slice(&form), &self.via).await?;
         let answer = read_answer(&self.url.host, answer)?;
-        self.fetched
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(rotated) = answer.refresh_token {
             let changed = self.client.grant == Grant::RefreshToken && {
                 let mut refresh = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
