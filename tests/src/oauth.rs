@@ -21,7 +21,7 @@ use base64::Engine as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::dovecot::temp_dir;
-use crate::tls::TestCa;
+use crate::tls::{openssl, TestCa};
 
 /// One registered app.
 #[derive(Debug, Clone, Default)]
@@ -522,20 +522,6 @@ pub struct AppKey {
     pub cert_pem: PathBuf,
     pub public_key: Vec<u8>,
     pub x5t: String,
-}
-
-fn openssl(args: &[&str], dir: &Path) -> Vec<u8> {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 impl AppKey {

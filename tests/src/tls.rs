@@ -11,7 +11,8 @@ pub struct TestCa {
     pub server_key: PathBuf,
 }
 
-fn openssl(args: &[&str], dir: &Path) {
+/// Runs the openssl command line in `dir`; its standard output.
+pub(crate) fn openssl(args: &[&str], dir: &Path) -> Vec<u8> {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -22,6 +23,7 @@ fn openssl(args: &[&str], dir: &Path) {
         "openssl {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
 }
 
 impl TestCa {
