@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use mailferry_shared::endpoint::{preset, AuthMethod, Credentials, Endpoint, Security, PRESETS};
 use mailferry_shared::folders::Rules;
 use mailferry_shared::imap::Limits;
-use mailferry_shared::oauth::{self, Grant, GrantSecrets, Mechanism, OAuthClient};
+use mailferry_shared::oauth::{self, Grant, Mechanism, OAuthClient};
 use mailferry_shared::secret::Secret;
 use mailferry_shared::users::{parse_csv, RowError};
 use mailferry_worker::consumer::RetryPolicy;
@@ -616,25 +616,22 @@ impl Side<'_> {
             .map_err(|e| usage(format!("{flag} {}: {e}", path.display())))
     }
 
-    /// The secret of one user of this side: a password, or for OAuth2 the packed
-    /// refresh token (from `user_secret`, where the grant takes one) and app secret.
+    /// The secret of one user of this side ([`AuthMethod::user_secret`]): `read` is
+    /// asked only where the method takes a secret of the user's own.
     fn user_secret(
         &self,
         method: &AuthMethod,
         app_secret: Option<&Secret>,
-        user_secret: impl FnOnce() -> Result<Secret, UsageError>,
+        read: impl FnOnce() -> Result<Secret, UsageError>,
     ) -> Result<Secret, UsageError> {
-        match method {
-            AuthMethod::OAuth2(client) => {
-                let refresh = if client.grant.needs_user_secret() {
-                    Some(user_secret()?)
-                } else {
-                    None
-                };
-                Ok(GrantSecrets::pack(refresh.as_ref(), app_secret))
-            }
-            _ => user_secret(),
-        }
+        let given = if method.needs_user_secret() {
+            Some(read()?)
+        } else {
+            None
+        };
+        method
+            .user_secret(given.as_ref(), app_secret)
+            .ok_or_else(|| usage(format!("no secret to log in to the {} with", self.name)))
     }
 
     /// The secret from the file, the environment, or a prompt — never from the command line.
@@ -804,23 +801,14 @@ pub fn users_from(
                 } else {
                     None
                 };
-            // An app-wide OAuth2 grant logs every user in with the app's secret: the
-            // CSV's password columns are not needed (a refresh token grant reads them as
-            // each user's refresh token).
-            let packed =
-                |method: &AuthMethod, app: Option<&Secret>, given: Option<&Secret>| match method {
-                    AuthMethod::OAuth2(client) if !client.grant.needs_user_secret() => {
-                        Some(GrantSecrets::pack(None, app))
-                    }
-                    AuthMethod::OAuth2(_) => given.map(|r| GrantSecrets::pack(Some(r), app)),
-                    _ => given.cloned(),
-                };
+            // What stands in for a user's own secret: the target admin's password, or
+            // an OAuth2 app's secret (an app-wide grant logs every user in with it and
+            // needs no password column; a refresh token grant reads the column as each
+            // user's refresh token).
+            let target_fallback = target_app.or(shared_target_secret);
             for row in parsed.users {
-                let source_given = packed(
-                    &source_method,
-                    source_app.as_ref(),
-                    row.source_password.as_ref(),
-                );
+                let source_given =
+                    source_method.user_secret(row.source_password.as_ref(), source_app.as_ref());
                 let Some(source_secret) = source_given else {
                     bad_rows.push(RowError {
                         line: row.line,
@@ -828,15 +816,11 @@ pub fn users_from(
                     });
                     continue;
                 };
-                let target_given = packed(
-                    &target_method,
-                    target_app.as_ref(),
-                    row.target_password.as_ref(),
-                );
-                let target_secret = match (target_given, &shared_target_secret) {
-                    (Some(p), _) => p,
-                    (None, Some(s)) => s.clone(),
-                    (None, None) => {
+                let target_given = target_method
+                    .user_secret(row.target_password.as_ref(), target_fallback.as_ref());
+                let target_secret = match target_given {
+                    Some(p) => p,
+                    None => {
                         bad_rows.push(RowError {
                             line: row.line,
                             reason: format!(
