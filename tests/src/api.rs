@@ -4,7 +4,7 @@
 //! Redis under a key prefix of the rig's own.
 
 use std::path::PathBuf;
-use std::process::Child;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use mailferry_coordinator::client::{Answer, ApiClient};
@@ -211,6 +211,24 @@ impl ApiRig {
             &log,
             &[],
         ))
+    }
+
+    /// Runs `mailferry api ARGS` against the rig with acme's token; (exit code, stdout,
+    /// stdout and stderr), after checking the canary shows in neither.
+    pub fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+        let out = Command::new(crate::run::binary())
+            .arg("api")
+            .args(args)
+            .env("MAILFERRY_API_URL", self.base_url())
+            .env("MAILFERRY_API_TOKEN", ACME)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running mailferry api");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let all = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(!all.contains(CANARY), "the CLI printed the password: {all}");
+        (out.status.code(), stdout, all)
     }
 
     pub fn base_url(&self) -> String {

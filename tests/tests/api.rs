@@ -850,24 +850,6 @@ async fn connection_tests_name_the_failure_and_internal_sources_can_be_forbidden
     listed.clean_up().await;
 }
 
-/// Runs `mailferry api ARGS` against the rig with acme's token; (exit code, stdout,
-/// stdout and stderr), after checking the canary shows in neither.
-fn cli(rig: &ApiRig, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(mailferry_tests::run::binary())
-        .arg("api")
-        .args(args)
-        .env("MAILFERRY_API_URL", rig.base_url())
-        .env("MAILFERRY_API_TOKEN", ACME)
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("running mailferry api");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let all = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!all.contains(CANARY), "the CLI printed the password: {all}");
-    (out.status.code(), stdout, all)
-}
-
 /// The `mailferry api` commands drive the same API: endpoints made (the master's
 /// password from the environment) and tested, a batch, a CSV import with a bad row,
 /// start, `watch --until-settled` ending when both users are synced, a CSV report;
@@ -881,8 +863,7 @@ async fn the_cli_drives_the_api_from_endpoints_to_the_report() {
     })
     .await;
     let port = |d: &Dovecot| d.port.to_string();
-    let (code, source, text) = cli(
-        &rig,
+    let (code, source, text) = rig.cli(
         &[
             "endpoint-create",
             "--name",
@@ -900,15 +881,13 @@ async fn the_cli_drives_the_api_from_endpoints_to_the_report() {
     );
     assert_eq!(code, Some(0), "{text}");
     let source = source.trim().to_string();
-    let (code, out, text) = cli(
-        &rig,
+    let (code, out, text) = rig.cli(
         &["endpoint-test", &source, "--login", "alice@example.com"],
         &[("MAILFERRY_TEST_PASSWORD", "wrong")],
     );
     assert_eq!(code, Some(1), "{text}");
     assert!(out.contains("failed (authentication_rejected)"), "{out}");
-    let (code, target, text) = cli(
-        &rig,
+    let (code, target, text) = rig.cli(
         &[
             "endpoint-create",
             "--name",
@@ -928,8 +907,7 @@ async fn the_cli_drives_the_api_from_endpoints_to_the_report() {
     );
     assert_eq!(code, Some(0), "{text}");
     let target = target.trim().to_string();
-    let (code, out, text) = cli(
-        &rig,
+    let (code, out, text) = rig.cli(
         &["endpoint-test", &target, "--login", "alice@example.com"],
         &[],
     );
@@ -938,8 +916,7 @@ async fn the_cli_drives_the_api_from_endpoints_to_the_report() {
         (Some(0), "ok: alice@example.com logged in"),
         "{text}"
     );
-    let (code, batch, text) = cli(
-        &rig,
+    let (code, batch, text) = rig.cli(
         &[
             "batch-create",
             "--name",
@@ -962,26 +939,26 @@ async fn the_cli_drives_the_api_from_endpoints_to_the_report() {
     }
     rows.push_str("nobody,x,y\n");
     std::fs::write(&csv, rows).unwrap();
-    let (code, out, text) = cli(&rig, &["import", &batch, csv.to_str().unwrap()], &[]);
+    let (code, out, text) = rig.cli(&["import", &batch, csv.to_str().unwrap()], &[]);
     assert_eq!(code, Some(7), "one bad row: {text}");
     assert!(out.contains("2 added, 0 updated, 1 rows refused"), "{out}");
     assert!(text.contains("line 4"), "{text}");
-    let (code, out, text) = cli(&rig, &["start", &batch], &[]);
+    let (code, out, text) = rig.cli(&["start", &batch], &[]);
     assert_eq!(code, Some(0), "{text}");
     assert!(
         out.contains("alice@example.com: started") && out.contains("bob@example.com: started"),
         "{out}"
     );
-    let (code, out, text) = cli(&rig, &["watch", &batch, "--until-settled"], &[]);
+    let (code, out, text) = rig.cli(&["watch", &batch, "--until-settled"], &[]);
     assert_eq!(code, Some(0), "{text}");
     assert!(
         out.contains("alice@example.com\tsynced") && out.contains("bob@example.com\tsynced"),
         "{out}"
     );
-    let (code, out, _) = cli(&rig, &["status", &batch], &[]);
+    let (code, out, _) = rig.cli(&["status", &batch], &[]);
     assert_eq!(code, Some(0));
     assert!(out.contains("2 users (2 synced)"), "{out}");
-    let (code, out, text) = cli(&rig, &["status", &batch, "--json"], &[]);
+    let (code, out, text) = rig.cli(&["status", &batch, "--json"], &[]);
     assert_eq!(code, Some(0), "{text}");
     let status: Value = serde_json::from_str(&out).expect(&out);
     assert_eq!(
@@ -994,7 +971,7 @@ async fn the_cli_drives_the_api_from_endpoints_to_the_report() {
         "{status}"
     );
     assert_eq!(status["id"], batch.as_str(), "{status}");
-    let (code, out, _) = cli(&rig, &["batches", "--json"], &[]);
+    let (code, out, _) = rig.cli(&["batches", "--json"], &[]);
     assert_eq!(code, Some(0));
     let batches: Value = serde_json::from_str(&out).expect(&out);
     assert!(batches
@@ -1003,8 +980,7 @@ async fn the_cli_drives_the_api_from_endpoints_to_the_report() {
         .iter()
         .any(|b| b["id"] == batch.as_str()));
     let report = rig.dir.join("report.csv");
-    let (code, _, text) = cli(
-        &rig,
+    let (code, _, text) = rig.cli(
         &["report", &batch, "--output", report.to_str().unwrap()],
         &[],
     );
@@ -1012,11 +988,10 @@ async fn the_cli_drives_the_api_from_endpoints_to_the_report() {
     let report = std::fs::read_to_string(report).unwrap();
     assert_eq!(report.lines().count(), 3, "{report}");
 
-    let (code, _, text) = cli(&rig, &["batches"], &[("MAILFERRY_API_TOKEN", "")]);
+    let (code, _, text) = rig.cli(&["batches"], &[("MAILFERRY_API_TOKEN", "")]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("MAILFERRY_API_TOKEN"), "{text}");
-    let (code, _, text) = cli(
-        &rig,
+    let (code, _, text) = rig.cli(
         &["batches"],
         &[("MAILFERRY_API_TOKEN", "wrong-token-of-enough-length")],
     );

@@ -73,6 +73,22 @@ fn oauth_refusals(server: &Dovecot) -> String {
         .join("\n")
 }
 
+/// A corpus for each user at `src` (seeds from `seed` on); the corpora, in order.
+async fn load_each(
+    src: &Dovecot,
+    people: &[(String, String)],
+    seed: u64,
+    per_folder: usize,
+) -> Vec<Vec<mail::TestMessage>> {
+    let mut loaded = Vec::new();
+    for (i, (user, password)) in people.iter().enumerate() {
+        let messages = corpus(seed + i as u64, per_folder);
+        mail::load(src.port, user, password, '/', &messages).await;
+        loaded.push(messages);
+    }
+    loaded
+}
+
 /// Refusals in a Dovecot's log because a token had expired: none, if mailferry renews
 /// its tokens before they expire rather than after a server refuses them.
 fn expired_refusals(server: &Dovecot) -> usize {
@@ -96,12 +112,7 @@ async fn a_migration_many_token_lifetimes_long_renews_its_tokens_and_verifies() 
     let people = users(5);
     let src = server(&idp, &people, "%u");
     let dst = server(&idp, &people, "%d");
-    let mut loaded = Vec::new();
-    for (i, (user, password)) in people.iter().enumerate() {
-        let messages = corpus(700 + i as u64, 2);
-        mail::load(src.port, user, password, '/', &messages).await;
-        loaded.push(messages);
-    }
+    let loaded = load_each(&src, &people, 700, 2).await;
     // The source at 150 KB/s, so that the users follow each other for many token
     // lifetimes, and its connections cut now and then as the mail flows: each new
     // connection logs in again, by then with a token older than its lifetime.
@@ -234,12 +245,7 @@ async fn service_accounts_and_certificates_sign_their_assertions_and_an_outage_i
     let people = users(2);
     let src = server(&idp, &people, "%u");
     let dst = server(&idp, &people, "%d");
-    let mut loaded = Vec::new();
-    for (i, (user, password)) in people.iter().enumerate() {
-        let messages = corpus(800 + i as u64, 1);
-        mail::load(src.port, user, password, '/', &messages).await;
-        loaded.push(messages);
-    }
+    let loaded = load_each(&src, &people, 800, 1).await;
     let key_file = write(
         &dir,
         "sa.json",
@@ -447,8 +453,7 @@ async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_se
     std::fs::write(&secret_file, "not-the-secret\n").unwrap();
     let dst_port = rig.dst.port.to_string();
     let url = idp.url();
-    let (code, wrong_id, all) = cli(
-        &rig,
+    let (code, wrong_id, all) = rig.cli(
         &[
             "endpoint-create",
             "--name",
@@ -474,16 +479,17 @@ async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_se
             "--oauth-secret-file",
             secret_file.to_str().unwrap(),
         ],
+        &[],
     );
     assert_eq!(code, Some(0), "{all}");
-    let (code, _, all) = cli(
-        &rig,
+    let (code, _, all) = rig.cli(
         &[
             "endpoint-test",
             wrong_id.trim(),
             "--login",
             "bob@example.com",
         ],
+        &[],
     );
     assert_ne!(code, Some(0), "{all}");
     assert!(
@@ -618,21 +624,6 @@ async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_se
     );
     rig.assert_no_canary_at_rest().await;
     rig.clean_up().await;
-}
-
-/// `mailferry api ARGS` as the tenant acme: (exit code, standard output, all output).
-fn cli(rig: &ApiRig, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(mailferry_tests::run::binary())
-        .arg("api")
-        .args(args)
-        .env("MAILFERRY_API_URL", rig.base_url())
-        .env("MAILFERRY_API_TOKEN", ACME)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("running mailferry api");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let all = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    (out.status.code(), stdout, all)
 }
 
 /// The sealed source secret Redis holds for a user (the test reads the store as an
