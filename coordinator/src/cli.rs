@@ -162,6 +162,11 @@ pub struct BatchCreateArgs {
     /// Put a source folder elsewhere: FROM=TO, or FROM/*=TO/* for a subtree. Repeatable.
     #[arg(long, value_name = "FROM=TO")]
     pub rename: Vec<String>,
+    /// The target folder for mail that is only in Gmail's All Mail (archived, no label).
+    /// Default: the target's \Archive folder, else `Archive` (`All Mail` if a source
+    /// folder is called `Archive`). `--exclude '[Gmail]/All Mail'` leaves it behind.
+    #[arg(long, value_name = "FOLDER")]
+    pub archive_folder: Option<String>,
 }
 
 impl BatchCreateArgs {
@@ -170,7 +175,12 @@ impl BatchCreateArgs {
         if self.include.is_empty() && self.exclude.is_empty() && self.rename.is_empty() {
             return Ok(None);
         }
-        let rules = rules_from(&self.include, &self.exclude, &self.rename)?;
+        let rules = rules_from(
+            &self.include,
+            &self.exclude,
+            &self.rename,
+            &self.archive_folder,
+        )?;
         rules.validate().map_err(usage)?;
         Ok(Some(rules))
     }
@@ -181,15 +191,18 @@ fn rules_from(
     include: &[String],
     exclude: &[String],
     rename: &[String],
+    archive: &Option<String>,
 ) -> Result<Rules, UsageError> {
     let mut rules = Rules {
         include: include.to_vec(),
         exclude: exclude.to_vec(),
         rename: Vec::new(),
+        archive: archive.clone(),
     };
     for spec in rename {
         rules.rename.push(Rules::parse_rename(spec).map_err(usage)?);
     }
+    rules.validate().map_err(usage)?;
     Ok(rules)
 }
 
@@ -310,6 +323,11 @@ pub struct MigrateArgs {
     /// Put a source folder elsewhere: FROM=TO, or FROM/*=TO/* for a subtree. Repeatable.
     #[arg(long, value_name = "FROM=TO")]
     pub rename: Vec<String>,
+    /// The target folder for mail that is only in Gmail's All Mail (archived, no label).
+    /// Default: the target's \Archive folder, else `Archive` (`All Mail` if a source
+    /// folder is called `Archive`). `--exclude '[Gmail]/All Mail'` leaves it behind.
+    #[arg(long, value_name = "FOLDER")]
+    pub archive_folder: Option<String>,
     /// Skip messages larger than this (e.g. 25M, 1G); the target's APPENDLIMIT applies too.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_message_size: Option<u64>,
@@ -859,7 +877,12 @@ pub fn users_from(
 }
 
 pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
-    let rules = rules_from(&args.include, &args.exclude, &args.rename)?;
+    let rules = rules_from(
+        &args.include,
+        &args.exclude,
+        &args.rename,
+        &args.archive_folder,
+    )?;
     for (what, n) in [
         ("--connections", args.connections),
         ("--jobs", args.jobs),

@@ -485,6 +485,9 @@ fn print_dry_run(dry: &DryRun) {
                     };
                     let action = match &f.problem {
                         Some(p) => format!("{action} ({p})"),
+                        None if f.mapping.archive_only => {
+                            format!("{action}: only messages in no other folder")
+                        }
                         None => action,
                     };
                     println!(

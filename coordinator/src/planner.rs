@@ -9,11 +9,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use mailferry_shared::folders::{
-    encode_target_strict, map_folders, Action, FolderMapping, Namespace, Rules,
+    encode_target_strict, map_folders, Action, FolderMapping, Namespace, Rules, SpecialUse,
 };
 use mailferry_shared::imap::mailbox::FolderStatus;
 use mailferry_shared::imap::pool::Pool;
-use mailferry_shared::job::{Checkpoint, CheckpointKey, FolderJob, SourceState, WireName};
+use mailferry_shared::job::{
+    ArchiveOnly, Checkpoint, CheckpointKey, FolderJob, OtherFolder, SourceState, WireName,
+};
 use mailferry_shared::store::StateStore;
 use mailferry_shared::{Error as SharedError, Side};
 
@@ -80,6 +82,7 @@ mod tests {
             uid_range: range,
             pass: 1,
             group: None,
+            archive: None,
         }
     }
 
@@ -465,6 +468,22 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
         }
     };
 
+    // What an archive-only folder (All Mail) leaves out: the messages of every other
+    // real folder, copied or not (mail in an excluded folder is not archived mail).
+    let selectable: std::collections::HashSet<&Bytes> = src_list
+        .iter()
+        .filter(|e| e.selectable())
+        .map(|e| &e.wire_name)
+        .collect();
+    let others: Vec<OtherFolder> = mappings
+        .iter()
+        .filter(|m| !m.archive_only && selectable.contains(&m.source_wire))
+        .filter(|m| !m.special_use.is_some_and(SpecialUse::is_virtual))
+        .map(|m| OtherFolder {
+            name: WireName(m.source_wire.clone()),
+            special: m.special_use,
+        })
+        .collect();
     let mut folders = Vec::new();
     let mut jobs = Vec::new();
     for mapping in mappings {
@@ -488,6 +507,9 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
                         uid_range: None,
                         pass: req.pass,
                         group: None,
+                        archive: planned.mapping.archive_only.then(|| ArchiveOnly {
+                            others: others.clone(),
+                        }),
                     };
                     let cp = checkpoints.remove(&planned.mapping.source_wire);
                     let needed = match req.store {
@@ -523,8 +545,11 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
                                 .saturating_add(cp.missed.len() as u32),
                             None => st.messages,
                         };
+                        // An archive-only folder is not cut: each range would read the
+                        // other folders again.
                         let starts = req
                             .split
+                            .filter(|_| job.archive.is_none())
                             .map(|limits| range_starts(st.messages, pending, st.size, limits))
                             .unwrap_or_default();
                         if starts.is_empty() {

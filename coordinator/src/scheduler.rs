@@ -574,9 +574,12 @@ impl Coordinator {
             synced_ms: record.synced_ms,
             plan_error: None,
             final_pass: intent == Intent::Closing,
+            // An archive-only folder (All Mail) holds the other folders' messages too;
+            // how many of its own it has is known only once its job has compared them.
             source_messages: Some(
                 plan.folders
                     .iter()
+                    .filter(|f| !f.mapping.archive_only)
                     .map(|f| u64::from(f.messages.unwrap_or(0)))
                     .sum(),
             ),
@@ -1153,6 +1156,7 @@ mod tests {
             uid_range: range,
             pass: 1,
             group: None,
+            archive: None,
         }
     }
 
@@ -1208,6 +1212,7 @@ mod tests {
     fn grouped(folder: &str, group: u32) -> FolderJob {
         FolderJob {
             group: Some(group),
+            archive: None,
             ..job(folder, None)
         }
     }

@@ -599,6 +599,7 @@ mod tests {
             uid_range: None,
             pass: 1,
             group: Some(1),
+            archive: None,
         };
         let bundle = serde_json::to_vec(&[job.clone(), job.clone()]).unwrap();
         assert_eq!(decode(&bundle), Some(vec![job.clone(), job.clone()]));

@@ -239,9 +239,10 @@ pub const PRESETS: &[Preset] = &[
         logins: &["password", "refresh_token"],
         oauth: Some(GOOGLE),
         note: "Gmail needs an app password (Google Account > Security > App passwords, \
-               which requires 2-Step Verification) or an OAuth2 refresh token. Mail that is \
-               only in All Mail (archived, no label) is not in any other folder. Gmail \
-               allows at most 15 simultaneous IMAP connections per account.",
+               which requires 2-Step Verification) or an OAuth2 refresh token. Labels \
+               become folders; mail that is only in All Mail (archived, no label) goes to \
+               the batch's archive folder, once. Gmail allows at most 15 simultaneous IMAP \
+               connections per account.",
     },
     Preset {
         name: "outlook",

@@ -5,6 +5,13 @@
 //! Gmail's virtual folders) is unit-tested without a server. The mapping is injective:
 //! two source folders never share a target folder, which keeps "one writer per target
 //! folder" true by construction.
+//!
+//! A folder holding every message (`\All`: Gmail's All Mail) is copied *archive-only*:
+//! only its messages that are in no other folder (Gmail's archived mail, with no
+//! label) go, into the archive folder ([`Rules::archive`], default `Archive`). Labelled
+//! mail is copied from its label folders and never a second time from All Mail. Which
+//! messages those are is the engine's to find (`worker::archive`); the mapping marks the
+//! folder ([`FolderMapping::archive_only`]) and names its target.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -105,7 +112,8 @@ impl SpecialUse {
         })
     }
 
-    fn is_virtual(self) -> bool {
+    /// A folder that shows messages of other folders (All Mail, Starred, Important).
+    pub fn is_virtual(self) -> bool {
         matches!(
             self,
             SpecialUse::All | SpecialUse::Flagged | SpecialUse::Important
@@ -133,7 +141,18 @@ pub struct Rules {
     /// strings in a batch's record and the API.
     #[serde(with = "rename_rules")]
     pub rename: Vec<(String, String)>,
+    /// The target folder (path, `/` between levels) for the messages of a `\All` folder
+    /// (Gmail's All Mail) that are in no other folder. `None`: the target's
+    /// `\Archive` folder if it has one, else `Archive`, else (taken by a source folder of
+    /// that name) `All Mail`. Exclude the `\All` folder to leave archived mail behind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<String>,
 }
+
+/// Where archived-only mail goes when neither the rules nor the target name a folder,
+/// and the name tried next when a source folder is called that already.
+pub const DEFAULT_ARCHIVE: &str = "Archive";
+const FALLBACK_ARCHIVE: &str = "All Mail";
 
 /// The most rules of each kind a batch may have, and the longest pattern.
 pub const MAX_RULES: usize = 100;
@@ -157,7 +176,10 @@ mod rename_rules {
 
 impl Rules {
     pub fn is_empty(&self) -> bool {
-        self.include.is_empty() && self.exclude.is_empty() && self.rename.is_empty()
+        self.include.is_empty()
+            && self.exclude.is_empty()
+            && self.rename.is_empty()
+            && self.archive.is_none()
     }
 
     /// Bounded and non-empty: at most [`MAX_RULES`] of each kind, each pattern 1 to
@@ -172,7 +194,8 @@ impl Rules {
                 self.rename
                     .iter()
                     .flat_map(|(f, t)| [("rename", f.as_str()), ("rename", t.as_str())]),
-            );
+            )
+            .chain(self.archive.iter().map(|a| ("archive", a.as_str())));
         for (kind, list) in [
             ("include", self.include.len()),
             ("exclude", self.exclude.len()),
@@ -229,6 +252,10 @@ pub struct FolderMapping {
     #[serde(skip)]
     pub target_levels: Vec<String>,
     pub special_use: Option<SpecialUse>,
+    /// A `\All` folder: only its messages found in no other folder are copied
+    /// (see the module's notes).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub archive_only: bool,
     /// The target folder already exists.
     pub target_exists: bool,
     #[serde(flatten)]
@@ -314,6 +341,11 @@ fn encode_levels(escaped: Vec<String>, ns: &Namespace) -> (String, Bytes) {
     let encoded: Vec<String> = escaped.iter().map(|l| mutf7::encode(l)).collect();
     let wire = format!("{}{}", mutf7::encode(&ns.prefix), encoded.join(&delim));
     (path, Bytes::from(wire))
+}
+
+/// Gmail's `[Gmail]` (`[Google Mail]` in some countries) holds its system folders.
+fn is_gmail_container(level: &str) -> bool {
+    matches!(level, "[Gmail]" | "[Google Mail]")
 }
 
 /// Matches `pattern` (with `*` wildcards) against `text`, case-sensitively.
@@ -405,6 +437,9 @@ pub fn map_folders(
         path: String,
         special: Option<SpecialUse>,
         from_attribute: bool,
+        /// Copied archive-only: mapped last, so that its default name yields to a
+        /// source folder of the same name.
+        archive: bool,
     }
     let mut candidates = Vec::new();
     for (i, entry) in source.iter().enumerate() {
@@ -430,6 +465,7 @@ pub fn map_folders(
         };
         candidates.push(Candidate {
             entry_index: i,
+            archive: special == Some(SpecialUse::All) && entry.selectable(),
             levels,
             path,
             special,
@@ -447,6 +483,7 @@ pub fn map_folders(
     };
     candidates.sort_by_key(|c| {
         (
+            c.archive,
             !c.from_attribute || c.special.is_none(),
             c.special.is_none(),
             !named_like_target(c),
@@ -468,11 +505,17 @@ pub fn map_folders(
             Action::Exclude("not matched by any include rule".into())
         } else if rules.exclude.iter().any(|p| glob_match(p, &c.path)) {
             Action::Exclude("matched an exclude rule".into())
+        } else if c.archive {
+            Action::Copy
         } else if c.special.is_some_and(SpecialUse::is_virtual) && !explicitly_included {
             Action::Exclude(
-                "virtual folder (All Mail / Starred / Important): its messages are copied \
-                 from the folders (labels) they are in"
+                "virtual folder (Starred / Important): its messages are copied from the \
+                 folders (labels) they are in"
                     .into(),
+            )
+        } else if !entry.selectable() && c.levels.len() == 1 && is_gmail_container(&c.levels[0]) {
+            Action::Exclude(
+                "Gmail's container of its system folders, which lose it at the target".into(),
             )
         } else if entry.selectable() {
             Action::Copy
@@ -480,10 +523,16 @@ pub fn map_folders(
             Action::Create
         };
 
-        let target_levels: Vec<String> = if let Some(renamed) = rename(rules, &c.path) {
-            renamed.split('/').map(str::to_string).collect()
-        } else if let Some(t) = c
-            .special
+        let named = rename(rules, &c.path).or_else(|| rules.archive.clone().filter(|_| c.archive));
+        // An archive folder the admin did not name goes where the target keeps archives.
+        let special_at_target = if c.archive {
+            Some(SpecialUse::Archive)
+        } else {
+            c.special
+        };
+        let target_levels: Vec<String> = if let Some(named) = &named {
+            named.split('/').map(str::to_string).collect()
+        } else if let Some(t) = special_at_target
             .and_then(|s| target_special.get(&s))
             .and_then(|all| {
                 // its own name first, then the first that no other source folder is named
@@ -499,12 +548,17 @@ pub fn map_folders(
             })
         {
             t.clone()
+        } else if c.archive {
+            let free =
+                |name: &str| !claimed.contains_key(&encode_target(&[name.into()], target_ns).0);
+            let name = [DEFAULT_ARCHIVE, FALLBACK_ARCHIVE]
+                .into_iter()
+                .find(|n| free(n))
+                .unwrap_or(DEFAULT_ARCHIVE);
+            vec![name.to_string()]
         } else if c.special == Some(SpecialUse::Inbox) {
             vec!["INBOX".to_string()]
-        } else if c.special.is_some()
-            && c.levels.len() > 1
-            && matches!(c.levels[0].as_str(), "[Gmail]" | "[Google Mail]")
-        {
+        } else if c.special.is_some() && c.levels.len() > 1 && is_gmail_container(&c.levels[0]) {
             // Gmail's system folders lose their "[Gmail]" container at the target.
             c.levels[1..].to_vec()
         } else {
@@ -514,9 +568,14 @@ pub fn map_folders(
         let target_levels = target_levels.clone();
         if matches!(action, Action::Copy | Action::Create) {
             if let Some(other) = claimed.get(&target_path) {
+                let remedy = if c.archive {
+                    "name another archive folder for its messages in no other folder"
+                } else {
+                    "add a rename rule for one of them"
+                };
                 return Err(MappingError(format!(
                     "source folders {other:?} and {:?} would both land in target folder {target_path:?}; \
-                     add a rename rule for one of them",
+                     {remedy}",
                     c.path
                 )));
             }
@@ -532,6 +591,7 @@ pub fn map_folders(
                 target_wire,
                 target_levels,
                 special_use: c.special,
+                archive_only: c.archive && action == Action::Copy,
                 action,
             },
         ));
@@ -687,17 +747,74 @@ mod tests {
         ];
         let dst = [entry("INBOX", '/', &[])];
         let m = map_folders(&src, &ns("", '/'), &dst, &ns("", '/'), &Rules::default()).unwrap();
-        assert!(matches!(
-            find(&m, "[Gmail]/All Mail").action,
-            Action::Exclude(_)
-        ));
+        let all = find(&m, "[Gmail]/All Mail");
+        assert_eq!(all.action, Action::Copy);
+        assert!(all.archive_only);
+        assert_eq!(all.target_path, "Archive");
         assert!(matches!(
             find(&m, "[Gmail]/Starred").action,
             Action::Exclude(_)
         ));
         assert_eq!(find(&m, "[Gmail]/Sent Mail").target_path, "Sent Mail");
-        assert_eq!(find(&m, "[Gmail]").action, Action::Create);
+        assert!(!find(&m, "[Gmail]/Sent Mail").archive_only);
+        assert!(matches!(find(&m, "[Gmail]").action, Action::Exclude(_)));
         assert_eq!(find(&m, "Work/Clients").target_path, "Work/Clients");
+    }
+
+    #[test]
+    fn archived_mail_yields_its_default_name_to_a_label_and_takes_the_targets_archive() {
+        let gmail = |extra: &[ListEntry]| {
+            let mut src = vec![
+                entry("INBOX", '/', &[]),
+                entry("[Gmail]/All Mail", '/', &["\\All"]),
+            ];
+            src.extend_from_slice(extra);
+            src
+        };
+        // A label called "Archive" keeps its name; archived mail takes Gmail's.
+        let src = gmail(&[entry("Archive", '/', &[])]);
+        let m = map_folders(&src, &ns("", '/'), &[], &ns("", '/'), &Rules::default()).unwrap();
+        assert_eq!(find(&m, "Archive").target_path, "Archive");
+        assert_eq!(find(&m, "[Gmail]/All Mail").target_path, "All Mail");
+        // Both names taken, and no name given: the admin is asked for one.
+        let src = gmail(&[entry("Archive", '/', &[]), entry("All Mail", '/', &[])]);
+        let err =
+            map_folders(&src, &ns("", '/'), &[], &ns("", '/'), &Rules::default()).unwrap_err();
+        assert!(err.0.contains("name another archive folder"), "{err}");
+        // The admin's name.
+        let named = Rules {
+            archive: Some("Old Mail/Archived".into()),
+            ..Rules::default()
+        };
+        let src = gmail(&[entry("Archive", '/', &[]), entry("All Mail", '/', &[])]);
+        let m = map_folders(&src, &ns("", '/'), &[], &ns("", '.'), &named).unwrap();
+        assert_eq!(
+            find(&m, "[Gmail]/All Mail").target_wire.as_ref(),
+            b"Old Mail.Archived"
+        );
+        // The target's own \Archive folder, when no source folder has its name.
+        let dst = [entry("Archives", '/', &["\\Archive"])];
+        let m = map_folders(
+            &gmail(&[]),
+            &ns("", '/'),
+            &dst,
+            &ns("", '/'),
+            &Rules::default(),
+        )
+        .unwrap();
+        assert_eq!(find(&m, "[Gmail]/All Mail").target_path, "Archives");
+        assert!(find(&m, "[Gmail]/All Mail").target_exists);
+        // Excluded: archived mail stays behind.
+        let without = Rules {
+            exclude: vec!["[Gmail]/All Mail".into()],
+            ..Rules::default()
+        };
+        let m = map_folders(&gmail(&[]), &ns("", '/'), &[], &ns("", '/'), &without).unwrap();
+        assert!(matches!(
+            find(&m, "[Gmail]/All Mail").action,
+            Action::Exclude(_)
+        ));
+        assert!(!find(&m, "[Gmail]/All Mail").archive_only);
     }
 
     #[test]
@@ -713,6 +830,7 @@ mod tests {
             include: vec![],
             exclude: vec!["Spam*".into()],
             rename: vec![("Archive/*".into(), "Old Mail/*".into())],
+            archive: None,
         };
         let dst = [entry("INBOX", '/', &[])];
         let m = map_folders(&src, &ns("", '/'), &dst, &ns("", '/'), &rules).unwrap();

@@ -77,6 +77,25 @@ pub struct FolderJob {
     /// module's notes); `None`: alone. Not part of the id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<u32>,
+    /// Set for a folder holding every message (Gmail's All Mail): only its messages in
+    /// none of the user's other folders are copied. Not part of the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveOnly>,
+}
+
+/// What an archive-only job needs to know: the user's other source folders (copied or not, virtual ones left out), whose
+/// messages it leaves out (see `worker::archive`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveOnly {
+    pub others: Vec<OtherFolder>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtherFolder {
+    pub name: WireName,
+    /// Its special use: Gmail names a system folder's label by it (`\Inbox`, `\Sent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub special: Option<crate::folders::SpecialUse>,
 }
 
 impl FolderJob {
@@ -220,6 +239,16 @@ pub struct Checkpoint {
     /// folder's last range makes it `source_modseq`.
     #[serde(default)]
     pub range_modseq: Option<u64>,
+    /// For an archive-only job: source messages below `source_uid_done` found in
+    /// another folder, and so not copied from this one. They count as accounted
+    /// for in the folder's reconciliation. (A count: such a message later deleted at the
+    /// source still counts, which errs on the lenient side.)
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub elsewhere: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What the source says about a folder now, to compare with its checkpoint.
@@ -232,6 +261,12 @@ pub struct SourceState {
 }
 
 impl Checkpoint {
+    /// The source messages this folder's copy must account for at the last complete
+    /// pass: all of them, but for an archive-only folder those found elsewhere.
+    pub fn messages_to_copy(&self) -> u32 {
+        self.source_messages.saturating_sub(self.elsewhere)
+    }
+
     /// True when nothing can have changed since the last complete pass: same
     /// UIDVALIDITYs, UIDNEXT, message count and HIGHESTMODSEQ (without CONDSTORE a flag
     /// change is invisible to STATUS, so the folder is never taken as unchanged), and
@@ -345,6 +380,7 @@ mod tests {
             uid_range: Some((1, 500)),
             pass: 3,
             group: None,
+            archive: None,
         };
         assert_eq!(job.id(), "b1:alice@example.com:Entw&APw-rfe:1-500:3");
         let json = serde_json::to_string(&job).unwrap();

@@ -73,6 +73,9 @@ pub struct RigOptions {
     /// the public client `mail-client`, whose refresh token for alice is the canary,
     /// and the app `m365-app` with the client secret [`APP_SECRET`].
     pub oauth: bool,
+    /// The source plays Gmail ([`DovecotConfig::gmail`]): `[Gmail]/All Mail` over every
+    /// folder and the archived mail.
+    pub gmail_source: bool,
 }
 
 /// How long the OAuth2 rig's access tokens live, in seconds.
@@ -113,6 +116,7 @@ impl ApiRig {
         let src = Dovecot::start(DovecotConfig {
             users: logins.clone(),
             oauth2: validation("%u"),
+            gmail: options.gmail_source,
             ..DovecotConfig::default()
         });
         // The target has the same passwords (so the verifier can log in), but the API is

@@ -33,7 +33,16 @@ pub struct DovecotConfig {
     /// itself: the `oauth2` passdb in local mode, checking each JWT's HS256 signature,
     /// its expiry and that its `sub` names the user logging in.
     pub oauth2: Option<OAuth2Validation>,
+    /// Behave as Gmail does: `[Gmail]/All Mail` (`\All`) is a virtual folder holding
+    /// every message of every folder plus the archived ones, which are in no listed
+    /// folder (APPEND them to [`ARCHIVED`]); `[Gmail]/Starred` (`\Flagged`) holds the
+    /// flagged ones. `[Gmail]` is listed but not announced by NAMESPACE, as on Gmail.
+    pub gmail: bool,
 }
+
+/// Where a [`DovecotConfig::gmail`] server keeps archived mail: a folder of a hidden,
+/// unlisted namespace, seen only through `[Gmail]/All Mail` (a path: `/` between levels).
+pub const ARCHIVED: &str = ".archived/Mail";
 
 #[derive(Debug, Clone)]
 pub struct OAuth2Validation {
@@ -57,6 +66,7 @@ impl Default for DovecotConfig {
             capabilities: None,
             max_user_connections: 200,
             oauth2: None,
+            gmail: false,
         }
     }
 }
@@ -196,6 +206,59 @@ impl Dovecot {
             }
             None => String::new(),
         };
+        let gmail = if config.gmail {
+            // Dovecot's virtual plugin: each folder of the namespace is a directory with
+            // a `dovecot-virtual` file naming the folders it shows and a search.
+            for (name, search) in [("All Mail", "all"), ("Starred", "flagged")] {
+                let folder = dir.join("virtual").join(name);
+                std::fs::create_dir_all(&folder).expect("mkdir virtual");
+                let sep = config.separator;
+                let archived = if name == "All Mail" {
+                    format!(".archived{sep}*\n")
+                } else {
+                    String::new()
+                };
+                std::fs::write(
+                    folder.join("dovecot-virtual"),
+                    format!("*\n{archived}-[Gmail]{sep}*\n  {search}\n"),
+                )
+                .expect("dovecot-virtual");
+            }
+            Command::new("chmod")
+                .args(["-R", "a+rX"])
+                .arg(dir.join("virtual"))
+                .status()
+                .expect("chmod");
+            format!(
+                r#"mail_plugins = $mail_plugins virtual
+namespace archived {{
+  prefix = .archived{sep}
+  separator = {sep}
+  location = maildir:~/archived:LAYOUT=fs
+  hidden = yes
+  list = no
+}}
+namespace gmail {{
+  prefix = [Gmail]{sep}
+  separator = {sep}
+  location = virtual:{dir}/virtual:INDEX=~/virtual-index
+  hidden = yes
+  list = yes
+  subscriptions = no
+  mailbox "All Mail" {{
+    special_use = \All
+  }}
+  mailbox Starred {{
+    special_use = \Flagged
+  }}
+}}
+"#,
+                sep = config.separator,
+                dir = dir.display(),
+            )
+        } else {
+            String::new()
+        };
         let conf = format!(
             r#"# written by the mailferry test harness
 instance_name = mft-{port}
@@ -247,7 +310,7 @@ namespace inbox {{
 mail_max_userip_connections = {max_connections}
 {capability}
 imap_max_line_length = 1M
-{quota}{ssl}
+{quota}{gmail}{ssl}
 service imap-login {{
   inet_listener imap {{
     address = 127.0.0.1

@@ -59,6 +59,11 @@ impl Migrate {
         self
     }
 
+    pub fn args<const N: usize>(mut self, args: [&str; N]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
     pub fn passwords(mut self, source: &str, target: &str) -> Self {
         self.env
             .push(("MAILFERRY_SOURCE_PASSWORD".into(), source.into()));

@@ -24,6 +24,7 @@ fn job(folder: &str) -> FolderJob {
         uid_range: None,
         pass: 1,
         group: None,
+        archive: None,
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use mailferry_coordinator::client::{Answer, ApiClient};
 use mailferry_tests::api::{checked, ApiRig, RigOptions, ACME, CANARY, GLOBEX, MASTER};
-use mailferry_tests::dovecot::{free_port, Dovecot, DovecotConfig};
-use mailferry_tests::mail::{self, Pair};
+use mailferry_tests::dovecot::{free_port, Dovecot, DovecotConfig, ARCHIVED};
+use mailferry_tests::mail::{self, corpus, Pair};
 use serde_json::{json, Value};
 
 /// The JSON of a successful answer with the expected status (and no password in it).
@@ -1395,9 +1395,26 @@ async fn a_batchs_folder_rules_exclude_and_rename_folders() {
     let rig = ApiRig::start(RigOptions {
         per_folder: 2,
         workers: 1,
+        gmail_source: true,
         ..RigOptions::default()
     })
     .await;
+    // Archived mail, seen only in the source's [Gmail]/All Mail.
+    let (login, password, _) = &rig.users[0];
+    let mut archived = corpus(1394, 1);
+    for m in &mut archived {
+        m.folder = ARCHIVED.into();
+    }
+    let mut s = mail::session(rig.src.port, login, password).await;
+    for r in s
+        .create_all(&[mail::wire_name(ARCHIVED, '/')])
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    mail::append_all(&mut s, '/', &archived).await;
+    s.logout().await;
     let acme = rig.client(ACME);
     let (_, _, b) = batch_of(&rig, &acme).await;
     let message = expect_error(
@@ -1415,7 +1432,8 @@ async fn a_batchs_folder_rules_exclude_and_rename_folders() {
         "invalid",
     );
     assert!(message.contains("FROM=TO"), "{message}");
-    let rules = json!({"exclude": ["Junk"], "rename": ["Archive/*=Old/*"]});
+    let rules =
+        json!({"exclude": ["Junk"], "rename": ["Archive/*=Old/*"], "archive": "Archived Mail"});
     let edited = expect(
         acme.call(
             "PATCH",
@@ -1437,6 +1455,10 @@ async fn a_batchs_folder_rules_exclude_and_rename_folders() {
     assert_eq!(
         edited["folder_rules"]["rename"],
         json!(["Archive/*=Old/*"]),
+        "{edited}"
+    );
+    assert_eq!(
+        edited["folder_rules"]["archive"], "Archived Mail",
         "{edited}"
     );
     let (login, password, messages) = &rig.users[0];
@@ -1475,7 +1497,9 @@ async fn a_batchs_folder_rules_exclude_and_rename_folders() {
     );
     assert!(at_target.iter().any(|f| f == "Old/2024"), "{at_target:?}");
     assert!(
-        !at_target.iter().any(|f| f.starts_with("Archive")),
+        !at_target
+            .iter()
+            .any(|f| f == "Archive" || f.starts_with("Archive/")),
         "{at_target:?}"
     );
     let kept: Vec<_> = messages
@@ -1489,5 +1513,15 @@ async fn a_batchs_folder_rules_exclude_and_rename_folders() {
     );
     let pair = Pair::dovecots(&rig.src, &rig.dst, login, password);
     mail::assert_same_mail(&pair, &kept, |p| p.replace("Archive/", "Old/")).await;
+    // All Mail's archived-only messages, once, in the batch's archive folder ("synced"
+    // above says All Mail's other messages counted as accounted for).
+    let mut src = mail::session(rig.src.port, login, password).await;
+    let mut dst = mail::session(rig.dst.port, login, password).await;
+    let want = mail::contents(&mut src, &mail::wire_name(ARCHIVED, '/')).await;
+    let got = mail::contents(&mut dst, &mail::wire_name("Archived Mail", '/')).await;
+    assert_eq!(got.len(), archived.len());
+    assert_eq!(got, want);
+    src.logout().await;
+    dst.logout().await;
     rig.clean_up().await;
 }

@@ -91,6 +91,7 @@ fn job(folder: &str, pass: u64) -> FolderJob {
         uid_range: None,
         pass,
         group: None,
+        archive: None,
     }
 }
 

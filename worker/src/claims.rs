@@ -841,6 +841,7 @@ mod tests {
             uid_range: None,
             pass: 1,
             group: None,
+            archive: None,
         }
     }
 

@@ -194,7 +194,7 @@ impl<S: StateStore> Engine<S> {
             }
         };
         let mut report = JobReport {
-            source_messages: src.exists,
+            source_messages: src.exists.saturating_sub(cp.elsewhere),
             target_messages: dst.exists,
             ..JobReport::default()
         };
@@ -292,6 +292,25 @@ impl<S: StateStore> Engine<S> {
             }
             to_copy.push(m.clone());
         }
+        // An archive-only folder (All Mail) leaves out what the user's other folders hold.
+        // They count as handled once the watermark passes them (see `count_elsewhere`).
+        let mut elsewhere: Vec<u32> = Vec::new();
+        if let Some(archive) = &job.archive {
+            let found = crate::archive::in_other_folders(
+                source,
+                job.source_folder.as_bytes(),
+                src.uidvalidity,
+                archive,
+                &to_copy,
+            )
+            .await
+            .map_err(JobError::source_side)?;
+            to_copy.retain(|m| !found.contains(&m.uid));
+            elsewhere = found.into_iter().collect();
+            elsewhere.sort_unstable();
+            tracing::debug!(job = %job.id(), in_other_folders = elsewhere.len(), "archive-only folder");
+        }
+        let mut elsewhere_counted = 0;
         // Target messages above the bound that match none of this job's pending
         // messages: the folder's other ranges may own them, so a range job keeps them
         // inside the bound it writes (a whole-folder job has seen every pending message:
@@ -441,6 +460,7 @@ impl<S: StateStore> Engine<S> {
             if contiguous(&cp, lo) {
                 cp.source_uid_done = cp.source_uid_done.max(last + 1);
             }
+            count_elsewhere(&mut cp, &elsewhere, &mut elsewhere_counted);
             cp.target_uidnext = Some(bound_to_write(held_bound, target_uidnext));
             self.save(job, &cp, fence).await?;
         }
@@ -450,6 +470,8 @@ impl<S: StateStore> Engine<S> {
             let top = hi.min(src.uidnext.saturating_sub(1));
             cp.source_uid_done = cp.source_uid_done.max(top.saturating_add(1));
         }
+        count_elsewhere(&mut cp, &elsewhere, &mut elsewhere_counted);
+        report.source_messages = src.exists.saturating_sub(cp.elsewhere);
 
         // Flags of messages copied earlier.
         if incremental || reconciled {
@@ -525,6 +547,18 @@ impl<S: StateStore> Engine<S> {
             .save_checkpoint(&job.checkpoint_key(), cp)
             .await
             .map_err(JobError::Store)
+    }
+}
+
+/// Adds to the checkpoint's count of messages found in other folders those the
+/// watermark has passed now (`elsewhere` is sorted; `counted` of them are in already).
+/// Counted no earlier, so a run that ends before its checkpoint counts none twice: the
+/// next run finds them pending, and elsewhere, again.
+fn count_elsewhere(cp: &mut Checkpoint, elsewhere: &[u32], counted: &mut usize) {
+    let passed = elsewhere.partition_point(|&uid| uid < cp.source_uid_done);
+    if passed > *counted {
+        cp.elsewhere = cp.elsewhere.saturating_add((passed - *counted) as u32);
+        *counted = passed;
     }
 }
 

@@ -3,6 +3,7 @@
 //! workers run this same code.
 
 pub mod accounts;
+pub mod archive;
 pub mod claims;
 pub mod cluster;
 pub mod consumer;

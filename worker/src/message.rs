@@ -26,6 +26,8 @@ pub struct Fetched {
     pub internal_date: Option<String>,
     pub body: Option<Bytes>,
     pub header: Option<Bytes>,
+    /// Gmail's labels (X-GM-LABELS), as the server spells them.
+    pub labels: Option<Vec<Bytes>>,
 }
 
 pub fn parse_fetch(response: &Response) -> Option<Fetched> {
@@ -52,6 +54,9 @@ pub fn parse_fetch(response: &Response) -> Option<Fetched> {
             .or_else(|| fetch_item(data, "BINARY[]"))
             .and_then(|v| v.bytes().cloned()),
         header: fetch_item(data, "BODY[HEADER]").and_then(|v| v.bytes().cloned()),
+        labels: fetch_item(data, "X-GM-LABELS")
+            .and_then(Value::list)
+            .map(|l| l.iter().filter_map(|v| v.bytes().cloned()).collect()),
     })
 }
 

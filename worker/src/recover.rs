@@ -89,9 +89,10 @@ pub async fn resolve_since(
 }
 
 /// A message's identity for reconciliation.
-type Identity = (Option<i64>, [u8; 32]);
+pub(crate) type Identity = (Option<i64>, [u8; 32]);
 
-async fn identities(
+/// The identities of the messages of `set` whose UID is `wanted`, in UID order.
+pub(crate) async fn identities(
     session: &mut Session,
     set: &str,
     wanted: impl Fn(u32) -> bool,

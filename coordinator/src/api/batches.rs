@@ -849,7 +849,7 @@ pub async fn user_detail(
         if let Some(cp) = checkpoint {
             view.at_target = cp.uid_map.len() as u64;
             view.skipped = cp.skipped.len() as u64;
-            view.source_messages = Some(cp.source_messages).filter(|&n| n > 0);
+            view.source_messages = Some(cp.messages_to_copy()).filter(|&n| n > 0);
             accounted += view.at_target + view.skipped;
             skipped_messages.extend(cp.skipped.into_iter().map(|m| SkippedView {
                 folder: folder.clone(),

@@ -27,6 +27,22 @@ pub fn format(uids: &[u32]) -> String {
     out
 }
 
+/// Like [`format`], cut into sets of at most about `max_len` bytes each, for commands
+/// that must stay under a server's line length limit (Dovecot's is 64 KiB by default).
+pub fn format_chunks(uids: &[u32], max_len: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for part in format(uids).split(',').filter(|p| !p.is_empty()) {
+        match out.last_mut() {
+            Some(last) if last.len() + 1 + part.len() <= max_len => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => out.push(part.to_string()),
+        }
+    }
+    out
+}
+
 /// Parses a set of explicit UIDs (no `*`), in the order given, as APPENDUID and COPYUID
 /// report them. `None` if malformed or unreasonably large.
 pub fn parse(set: &str) -> Option<Vec<u32>> {
@@ -58,5 +74,10 @@ mod tests {
         assert_eq!(parse("4"), Some(vec![4]));
         assert_eq!(parse("x"), None);
         assert_eq!(format(&[]), "");
+        assert_eq!(
+            format_chunks(&[1, 2, 3, 5, 7, 9, 10], 6),
+            ["1:3,5", "7,9:10"]
+        );
+        assert!(format_chunks(&[], 6).is_empty());
     }
 }

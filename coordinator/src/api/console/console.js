@@ -466,6 +466,7 @@ async function batchPage(batchId) {
   const include = lines(rules.include);
   const exclude = lines(rules.exclude);
   const rename = lines(rules.rename);
+  const archive = h("input", { type: "text", name: "archive", spellcheck: "false", placeholder: "Archive", value: rules.archive || "" });
   include.name = "include"; exclude.name = "exclude"; rename.name = "rename";
   const rulesOut = h("div", {});
   const split = (box) => box.value.split("\n").map((l) => l.trim()).filter(Boolean);
@@ -474,14 +475,17 @@ async function batchPage(batchId) {
       ev.preventDefault();
       const done = busy(ev.submitter, "Saving…");
       try {
-        await api("PATCH", path, { folder_rules: { include: split(include), exclude: split(exclude), rename: split(rename) } });
+        const folderRules = { include: split(include), exclude: split(exclude), rename: split(rename) };
+        if (archive.value.trim()) folderRules.archive = archive.value.trim();
+        await api("PATCH", path, { folder_rules: folderRules });
         rulesOut.replaceChildren(h("p", { class: "verdict", role: "status" }, "Folder rules saved: they apply to the next sync of each user."));
       } catch (e) { rulesOut.replaceChildren(errorBox(e)); } finally { done(); }
     },
-  }, h("p", { class: "hint" }, "One pattern per line; * matches anything, / separates levels. Gmail's archived mail is in [Gmail]/All Mail, which is not copied unless included here (its labelled messages then arrive twice)."),
+  }, h("p", { class: "hint" }, "One pattern per line; * matches anything, / separates levels."),
   field("Copy only these folders (empty: all)", include),
   field("Do not copy these folders", exclude),
   field("Rename (FROM=TO, or Archive/*=Old/* for a subtree)", rename),
+  field("Archived mail goes to", archive, "Gmail's mail that is only in All Mail (archived, no label) lands in this folder, once; labelled mail goes to its labels' folders only. Empty: the target's archive folder, else Archive (All Mail if a label is called Archive). Exclude [Gmail]/All Mail to leave it behind."),
   h("div", { class: "actions" }, h("button", { type: "submit", class: "secondary" }, "Save folder rules")), rulesOut);
 
   const reports = h("p", {}, "Report: ",
