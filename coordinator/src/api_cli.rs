@@ -151,6 +151,13 @@ pub struct EndpointCreate {
     /// Accept any TLS certificate (a server with a self-signed one, on a trusted network).
     #[arg(long)]
     accept_invalid_certs: bool,
+    /// Connections to one account at most, across all workers (default: the preset's,
+    /// else the installation's; the lower applies).
+    #[arg(long, value_name = "N")]
+    max_connections: Option<u32>,
+    /// Connections to the server at most, every account together (a small server).
+    #[arg(long, value_name = "N")]
+    max_host_connections: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -287,6 +294,12 @@ async fn run_async(args: &ApiArgs) -> anyhow::Result<u8> {
             }
             if let Some(security) = &e.security {
                 body["security"] = json!(security);
+            }
+            if let Some(n) = e.max_connections {
+                body["max_connections"] = json!(n);
+            }
+            if let Some(n) = e.max_host_connections {
+                body["max_host_connections"] = json!(n);
             }
             let auth = match e.auth.split_once(':') {
                 None if e.auth == "password" || e.auth == "xoauth2" => json!({"method": e.auth}),

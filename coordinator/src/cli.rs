@@ -233,6 +233,8 @@ macro_rules! endpoint_args {
             #[doc = "Accept any certificate from this server (no verification)"]
             #[arg(id = concat!($side, "-insecure-accept-any-certificate"), long = concat!($side, "-insecure-accept-any-certificate"))]
             pub accept_any_certificate: bool,
+            #[arg(id = concat!($side, "-max-connections"), long = concat!($side, "-max-connections"), value_name = "N", help = concat!("Connections to one ", $side, " account at most, across all processes (default: the preset's; the lower of this and --connections, or worker.connections_per_account, applies)"))]
+            pub max_connections: Option<u32>,
             #[doc = "password (or app password), xoauth2 (the secret is an access token), oauth2:GRANT (tokens from a token endpoint, renewed as they expire; GRANT: refresh-token, client-secret, certificate or service-account), admin:NAME (SASL PLAIN as NAME for the user) or master:NAME (Dovecot user*NAME)"]
             #[arg(id = concat!($side, "-auth"), long = concat!($side, "-auth"), value_name = "METHOD", default_value = "password")]
             pub auth: String,
@@ -273,6 +275,7 @@ macro_rules! endpoint_args {
                     security: a.security,
                     ca_file: &a.ca_file,
                     accept_any: a.accept_any_certificate,
+                    max_connections: a.max_connections,
                     auth: &a.auth,
                     user: &a.user,
                     password_file: &a.password_file,
@@ -387,6 +390,7 @@ struct Side<'a> {
     security: Security,
     ca_file: &'a Option<PathBuf>,
     accept_any: bool,
+    max_connections: Option<u32>,
     auth: &'a str,
     user: &'a Option<String>,
     password_file: &'a Option<PathBuf>,
@@ -405,7 +409,7 @@ struct OAuthArgs<'a> {
 
 impl Side<'_> {
     fn endpoint(&self, notes: &mut Vec<String>) -> Result<Endpoint, UsageError> {
-        let (host, port) = match (self.host, self.preset) {
+        let (host, port, max_connections) = match (self.host, self.preset) {
             (Some(_), Some(_)) => {
                 return Err(usage(format!(
                     "give --{0} or --{0}-preset, not both",
@@ -434,12 +438,22 @@ impl Side<'_> {
                         self.name, p.name
                     )));
                 }
-                (p.host.to_string(), p.port)
+                (p.host.to_string(), p.port, p.max_connections)
             }
-            (Some(spec), None) => split_host_port(spec, self.security)
-                .map_err(|e| usage(format!("--{}: {e}", self.name)))?,
+            (Some(spec), None) => {
+                let (host, port) = split_host_port(spec, self.security)
+                    .map_err(|e| usage(format!("--{}: {e}", self.name)))?;
+                (host, port, None)
+            }
         };
         let mut endpoint = Endpoint::new(host, port, self.security);
+        endpoint.max_connections = self.max_connections.or(max_connections);
+        if endpoint.max_connections == Some(0) {
+            return Err(usage(format!(
+                "--{}-max-connections: at least 1",
+                self.name
+            )));
+        }
         endpoint.ca_file = self.ca_file.clone();
         endpoint.accept_invalid_certs = self.accept_any;
         if let Some(ca) = &endpoint.ca_file {

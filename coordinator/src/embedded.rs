@@ -99,13 +99,13 @@ pub async fn run(
             u.source.clone(),
             source_credentials,
             opts.limits,
-            opts.connections_per_account,
+            u.source.connection_cap(opts.connections_per_account),
         );
         let target = Pool::new(
             u.target.clone(),
             target_credentials,
             opts.limits,
-            opts.connections_per_account,
+            u.target.connection_cap(opts.connections_per_account),
         );
         accounts.insert(
             &opts.batch,

@@ -53,6 +53,16 @@ pub struct Endpoint {
     /// one later (DNS rebinding).
     #[serde(default)]
     pub public_only: bool,
+    /// At most this many connections to one account at this server, across every
+    /// process (a provider's limit: Gmail refuses a 16th, the user's own phone
+    /// included). The lower of this and `worker.connections_per_account` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// At most this many connections to this server, every account together (a
+    /// tenant's own small server). The lower of this and `worker.connections_per_host`
+    /// applies, on the source side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_host_connections: Option<u32>,
 }
 
 fn default_command_timeout() -> Duration {
@@ -71,7 +81,17 @@ impl Endpoint {
             read_timeout: Duration::from_secs(180),
             command_timeout: default_command_timeout(),
             public_only: false,
+            max_connections: None,
+            max_host_connections: None,
         }
+    }
+
+    /// The connections a pool may open to one account: the installation's number, or
+    /// the endpoint's own cap where that is lower.
+    pub fn connection_cap(&self, installation: usize) -> usize {
+        self.max_connections
+            .map_or(installation, |own| installation.min(own as usize))
+            .max(1)
     }
 
     pub fn address(&self) -> String {
@@ -155,7 +175,20 @@ pub struct Preset {
     pub logins: &'static [&'static str],
     /// The provider's OAuth2 token endpoint and scopes, where it has OAuth2.
     pub oauth: Option<ProviderOAuth>,
+    /// Connections per account mailferry opens at most: under the provider's own limit,
+    /// with room left for the user's phone and mail client (the limit counts theirs).
+    pub max_connections: Option<u32>,
     pub note: &'static str,
+}
+
+impl Preset {
+    /// The provider's server, with its connection cap.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            max_connections: self.max_connections,
+            ..Endpoint::new(self.host, self.port, Security::Tls)
+        }
+    }
 }
 
 /// Where a provider's tokens come from and for what.
@@ -214,6 +247,7 @@ pub const PRESETS: &[Preset] = &[
         port: 993,
         logins: &["client_secret", "client_certificate", "refresh_token"],
         oauth: Some(MICROSOFT_ORGANISATIONS),
+        max_connections: Some(16),
         note: "Exchange Online accepts only OAuth2 (basic authentication is off). Migrate an \
                organisation with an app registration granted IMAP.AccessAsApp (admin \
                consent), its client secret or certificate and your tenant id, and give \
@@ -226,10 +260,12 @@ pub const PRESETS: &[Preset] = &[
         port: 993,
         logins: &["service_account", "refresh_token"],
         oauth: Some(GOOGLE),
+        max_connections: Some(10),
         note: "Migrate a Workspace domain with a service account and domain-wide \
                delegation for the scope https://mail.google.com/ (Admin console > Security \
                > API controls); give its JSON key. Gmail allows at most 15 simultaneous \
-               IMAP connections per account and a daily download volume.",
+               IMAP connections per account (mailferry opens at most 10) and a daily \
+               download volume.",
     },
     Preset {
         name: "gmail",
@@ -238,11 +274,12 @@ pub const PRESETS: &[Preset] = &[
         port: 993,
         logins: &["password", "refresh_token"],
         oauth: Some(GOOGLE),
+        max_connections: Some(10),
         note: "Gmail needs an app password (Google Account > Security > App passwords, \
                which requires 2-Step Verification) or an OAuth2 refresh token. Labels \
                become folders; mail that is only in All Mail (archived, no label) goes to \
                the batch's archive folder, once. Gmail allows at most 15 simultaneous IMAP \
-               connections per account.",
+               connections per account (mailferry opens at most 10).",
     },
     Preset {
         name: "outlook",
@@ -251,6 +288,7 @@ pub const PRESETS: &[Preset] = &[
         port: 993,
         logins: &["refresh_token"],
         oauth: Some(MICROSOFT_CONSUMERS),
+        max_connections: Some(16),
         note: "Outlook.com accepts only OAuth2 since 16 September 2024 (app passwords no \
                longer work for IMAP): each user's refresh token from an app registration \
                that allows personal Microsoft accounts.",
@@ -262,6 +300,7 @@ pub const PRESETS: &[Preset] = &[
         port: 993,
         logins: &["refresh_token"],
         oauth: Some(MICROSOFT_CONSUMERS),
+        max_connections: Some(16),
         note: "Hotmail is served by Outlook.com, which accepts only OAuth2 since 16 September \
                2024: each user's refresh token from an app registration that allows \
                personal Microsoft accounts.",
@@ -273,6 +312,7 @@ pub const PRESETS: &[Preset] = &[
         port: 993,
         logins: &["password"],
         oauth: None,
+        max_connections: None,
         note: "Yahoo needs an app password (Account security > Generate app password).",
     },
 ];

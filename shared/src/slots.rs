@@ -101,17 +101,16 @@ end
 
 /// Asks, in order, each for this process's lease on an account to grow to `want`
 /// connections (and, when `host min` is not 0, on the host to between `host min` and
-/// `host max`) if the other processes' leases leave room and the account is not paused.
-/// ARGV: process, ttl ms, account cap, host cap, then per ask: account field, want,
-/// host field ('' for none), host min, host max. Returns per ask two values: 'ok' and
-/// the host lease, 'paused' and the ms left, or which cap is full ('account', 'host')
-/// and 0.
+/// `host max`) if the other processes' leases leave room under the caps and the account
+/// is not paused. ARGV: process, ttl ms, then per ask: account field, want, account
+/// cap, host field ('' for none), host min, host max, host cap (the caps are the
+/// endpoint's, see [`SharedSlots::caps`]). Returns per ask two values: 'ok' and the host
+/// lease, 'paused' and the ms left, or which cap is full ('account', 'host') and 0.
 const TAKE: &str = r#"
 local me, ttl = ARGV[1], tonumber(ARGV[2])
-local account_cap, host_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
 local fields, seen = {}, {}
-for i = 5, #ARGV, 5 do
-  for _, f in ipairs({ARGV[i], ARGV[i + 2]}) do
+for i = 3, #ARGV, 7 do
+  for _, f in ipairs({ARGV[i], ARGV[i + 3]}) do
     if f ~= '' and not seen[f] then
       seen[f] = true
       table.insert(fields, f)
@@ -121,16 +120,18 @@ end
 local held, existed = load(fields)
 local expiry = now + ttl
 local out = {}
-for i = 5, #ARGV, 5 do
+for i = 3, #ARGV, 7 do
   local account = held[ARGV[i]]
-  local want, host_min, host_max = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  local want, account_cap = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local host_min, host_max = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  local host_cap = tonumber(ARGV[i + 6])
   local verdict, number = 'ok', 0
   if account['!pause'] then
     verdict, number = 'paused', account['!pause'][2] - now
   elseif others(account, me) + want > account_cap then
     verdict = 'account'
   elseif host_min > 0 then
-    local host = held[ARGV[i + 2]]
+    local host = held[ARGV[i + 3]]
     local room = host_cap - others(host, me)
     if room < host_min then
       verdict = 'host'
@@ -237,6 +238,8 @@ enum Verdict {
 struct Ask {
     account: String,
     host: Option<String>,
+    /// The account's and the host's caps (see [`SharedSlots::caps`]).
+    caps: (u32, u32),
     /// A connection opens under it (else it only grows the leases ahead of the
     /// connections: [`SharedSlots::prefetch`]).
     open: bool,
@@ -315,6 +318,18 @@ impl SharedSlots {
         })
     }
 
+    /// The caps on one account and on the host of `endpoint`: the installation's, or the
+    /// endpoint's own where it has lower ones (a provider's limit, a small server).
+    fn caps(&self, endpoint: &Endpoint) -> (u32, u32) {
+        let lower = |own: Option<u32>, installation: u32| {
+            own.map_or(installation, |o| o.min(installation)).max(1)
+        };
+        (
+            lower(endpoint.max_connections, self.per_account),
+            lower(endpoint.max_host_connections, self.per_host),
+        )
+    }
+
     /// The account's lease field, and the host's when the host cap applies.
     fn fields(endpoint: &Endpoint, login: &str, host_cap: bool) -> (String, Option<String>) {
         let account = format!("a:{}:{}:{login}", endpoint.host, endpoint.port);
@@ -329,8 +344,13 @@ impl SharedSlots {
     }
 
     /// Asks the writer for a connection to the account (and the host).
-    async fn take(&self, account: &str, host: Option<&str>) -> Result<Verdict, Error> {
-        self.ask(account, host, true).await
+    async fn take(
+        &self,
+        account: &str,
+        host: Option<&str>,
+        caps: (u32, u32),
+    ) -> Result<Verdict, Error> {
+        self.ask(account, host, caps, true).await
     }
 
     /// Hands an ask to the writer at once; the answer comes when awaited.
@@ -338,12 +358,14 @@ impl SharedSlots {
         &self,
         account: &str,
         host: Option<&str>,
+        caps: (u32, u32),
         open: bool,
     ) -> impl Future<Output = Result<Verdict, Error>> + 'static {
         let (reply, answer) = oneshot::channel();
         let ask = Ask {
             account: account.to_string(),
             host: host.map(str::to_string),
+            caps,
             open,
             reply,
         };
@@ -378,7 +400,7 @@ impl SharedSlots {
             // Pinned before asking: a renewal between the answer and the pin would
             // give the new lease back.
             pins.push(self.pin(&account));
-            asks.push(self.ask(&account, host.as_deref(), false));
+            asks.push(self.ask(&account, host.as_deref(), self.caps(endpoint), false));
         }
         for ask in asks {
             let _ = ask.await;
@@ -444,17 +466,17 @@ impl SharedSlots {
             return;
         }
         let mut call = TAKE_SCRIPT.key(&self.key);
-        call.arg(&self.process)
-            .arg(self.ttl.as_millis() as u64)
-            .arg(self.per_account)
-            .arg(self.per_host);
+        call.arg(&self.process).arg(self.ttl.as_millis() as u64);
         for a in &asked {
             let host = a.ask.host.as_deref().filter(|_| a.host_min > 0);
+            let (account_cap, host_cap) = a.ask.caps;
             call.arg(&a.ask.account)
                 .arg(a.want)
+                .arg(account_cap)
                 .arg(host.unwrap_or(""))
                 .arg(a.host_min)
-                .arg(a.host_min.saturating_sub(1) + self.host_block);
+                .arg(a.host_min.saturating_sub(1) + self.host_block)
+                .arg(host_cap);
         }
         let answers: Result<Vec<String>, Error> = call
             .invoke_async(&mut self.store.conn.clone())
@@ -678,7 +700,10 @@ impl ConnectionGate for SlotGate {
                 if slots.open_locally(&account, host.as_deref()) {
                     break;
                 }
-                match slots.take(&account, host.as_deref()).await? {
+                match slots
+                    .take(&account, host.as_deref(), slots.caps(endpoint))
+                    .await?
+                {
                     Verdict::Admitted => break,
                     // Not waited out here: the job goes back to the queue for that long
                     // and the worker slot serves another account meanwhile.

@@ -523,6 +523,26 @@ async fn tenants_are_kept_apart_and_mistakes_are_json_errors() {
     );
     assert_eq!(preset["host"], "imap.gmail.com");
     assert!(preset["note"].as_str().unwrap().contains("app password"));
+    assert_eq!(preset["max_connections"], 10, "the preset's cap: {preset}");
+    let changed = expect(
+        post(
+            &acme,
+            "/api/v1/endpoints",
+            json!({"name": "Gmail, gently", "role": "source", "provider": "gmail",
+                   "max_connections": 3, "max_host_connections": 40}),
+        )
+        .await,
+        201,
+    );
+    assert_eq!(changed["max_connections"], 3, "{changed}");
+    assert_eq!(changed["max_host_connections"], 40, "{changed}");
+    let zero = post(
+        &acme,
+        "/api/v1/endpoints",
+        json!({"name": "x", "role": "source", "provider": "gmail", "max_connections": 0}),
+    )
+    .await;
+    assert!(expect_error(zero, 422, "invalid").contains("max_connections"));
     let bad_preset = post(
         &acme,
         "/api/v1/endpoints",

@@ -38,6 +38,8 @@ struct Rig {
     prefix: String,
     /// (IMAP login, password, the corpus loaded for it)
     users: Vec<(String, String, Vec<TestMessage>)>,
+    /// See [`Setup::source_max_connections`].
+    source_max_connections: Option<u32>,
     /// Between the batch's source endpoint and the source server, when slowed.
     _slow: Option<SlowProxy>,
     /// Between the batch's target endpoint and the target server, when slowed.
@@ -72,6 +74,8 @@ struct Setup<'a> {
     own_redis: Option<bool>,
     /// The source server's limit of connections per user and address.
     source_connections: Option<u32>,
+    /// The batch's source endpoint's own cap (`--source-max-connections`).
+    source_max_connections: Option<u32>,
     /// The target reached through a proxy that takes at most this many bytes a second.
     slow_target: Option<usize>,
     /// The processes' `redis_url`, when not the rig's own (the test reaches Redis
@@ -129,6 +133,7 @@ impl Rig {
             slow,
             own_redis,
             source_connections,
+            source_max_connections,
             slow_target,
             config_redis_url,
         } = setup;
@@ -188,6 +193,7 @@ impl Rig {
             keys: Keyring::generate("k1").unwrap(),
             prefix,
             users,
+            source_max_connections,
         };
         rig.create_batch();
         rig
@@ -212,24 +218,35 @@ impl Rig {
         rows.push_str("broken,carol,x,carol,x\n");
         std::fs::write(&csv, rows).unwrap();
         let source_port = self._slow.as_ref().map_or(self.src.port, |p| p.port);
-        let (code, _, text) = self.admin(&[
-            "create",
-            "--batch",
-            batch,
-            "--source",
-            &format!("127.0.0.1:{source_port}"),
-            "--source-security",
-            "plain",
-            "--target",
-            &format!(
-                "127.0.0.1:{}",
-                self.slow_target.as_ref().map_or(self.dst.port, |p| p.port)
-            ),
-            "--target-security",
-            "plain",
-            "--csv",
-            csv.to_str().unwrap(),
-        ]);
+        let cap = self.source_max_connections.map(|n| n.to_string());
+        let cap_args = match &cap {
+            Some(n) => vec!["--source-max-connections", n.as_str()],
+            None => Vec::new(),
+        };
+        let (code, _, text) = self.admin(
+            &[
+                &[
+                    "create",
+                    "--batch",
+                    batch,
+                    "--source",
+                    &format!("127.0.0.1:{source_port}"),
+                    "--source-security",
+                    "plain",
+                    "--target",
+                    &format!(
+                        "127.0.0.1:{}",
+                        self.slow_target.as_ref().map_or(self.dst.port, |p| p.port)
+                    ),
+                    "--target-security",
+                    "plain",
+                    "--csv",
+                    csv.to_str().unwrap(),
+                ],
+                &cap_args[..],
+            ]
+            .concat(),
+        );
         assert_eq!(code, Some(7), "one bad row: {text}");
         assert!(text.contains("line 4"), "{text}");
     }
@@ -1242,6 +1259,47 @@ async fn connection_caps_hold_across_workers() {
         refused,
         0,
         "the source refused connections:\n{}",
+        rig.src.log()
+    );
+    rig.assert_target_equals_source().await;
+    rig.clean_up().await;
+}
+
+/// An endpoint's own cap, below the installation's: the source allows each user two
+/// connections (as Gmail allows fifteen), the installation six, the batch's source
+/// endpoint two (`--source-max-connections`, as the gmail preset says ten). Two workers
+/// with three job slots each and folders that run one per job never make the source
+/// refuse one.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoints_own_connection_cap_holds_below_the_installations() {
+    let settings =
+        FAST.replace("connections_per_account = 2", "connections_per_account = 6") + NO_BUNDLES;
+    let rig = Rig::build(Setup {
+        per_folder: 8,
+        settings: &settings,
+        source_connections: Some(2),
+        source_max_connections: Some(2),
+        ..Setup::default()
+    })
+    .await;
+    let mut coordinator = rig.coordinator("coordinator");
+    let mut workers = [rig.worker("worker1"), rig.worker("worker2")];
+    rig.start();
+    rig.wait_synced(Duration::from_secs(120)).await;
+    for p in workers.iter_mut().chain([&mut coordinator]) {
+        assert!(stop(p).success());
+    }
+    let refused = rig
+        .src
+        .log()
+        .lines()
+        .filter(|l| l.contains("Maximum number of connections"))
+        .count();
+    assert_eq!(
+        refused,
+        0,
+        "the source refused connections:
+{}",
         rig.src.log()
     );
     rig.assert_target_equals_source().await;

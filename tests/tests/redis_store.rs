@@ -652,7 +652,66 @@ fn lease_test_endpoint() -> mailferry_shared::endpoint::Endpoint {
         read_timeout: Duration::from_secs(5),
         command_timeout: Duration::from_secs(5),
         public_only: false,
+        max_connections: None,
+        max_host_connections: None,
     }
+}
+
+/// An endpoint's own caps (a provider's limit, a small server) hold across processes
+/// where they are lower than the installation's, and never raise it.
+#[tokio::test]
+async fn an_endpoints_own_caps_hold_across_processes_and_never_raise_the_installations() {
+    use mailferry_shared::slots::SharedSlots;
+    let store = fresh_store().await;
+    let ttl = Duration::from_millis(1500);
+    let a = SharedSlots::new(store.clone(), 8, 8, ttl, Duration::from_secs(1));
+    let b = SharedSlots::new(store.clone(), 8, 8, ttl, Duration::from_secs(1));
+    let (ga, gb) = (a.gate(true), b.gate(true));
+    let small = mailferry_shared::endpoint::Endpoint {
+        max_connections: Some(1),
+        max_host_connections: Some(2),
+        ..lease_test_endpoint()
+    };
+    let waits = |gate: &std::sync::Arc<dyn mailferry_shared::imap::pool::ConnectionGate>,
+                 ep: &mailferry_shared::endpoint::Endpoint,
+                 login: &'static str| {
+        let (gate, ep) = (gate.clone(), ep.clone());
+        async move {
+            tokio::time::timeout(Duration::from_millis(400), gate.admit(&ep, login))
+                .await
+                .is_err()
+        }
+    };
+    let alice = ga.admit(&small, "alice").await.unwrap();
+    assert!(
+        waits(&gb, &small, "alice").await,
+        "a second connection to alice"
+    );
+    let bob = gb.admit(&small, "bob").await.unwrap();
+    assert!(
+        waits(&ga, &small, "carol").await,
+        "a third connection to the host"
+    );
+    drop((alice, bob));
+
+    // A cap above the installation's: the installation's (8) holds.
+    let generous = mailferry_shared::endpoint::Endpoint {
+        host: "imap2.example".into(),
+        max_connections: Some(50),
+        ..lease_test_endpoint()
+    };
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(ga.admit(&generous, "dave").await.unwrap());
+    }
+    assert!(
+        waits(&gb, &generous, "dave").await,
+        "a ninth connection to dave"
+    );
+    drop(held);
+    drop((ga, gb, a, b));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store.delete_all().await.unwrap();
 }
 
 /// Two processes share an account's cap (2) and a host's (3) through their leases; a

@@ -340,14 +340,18 @@ impl RedisAccounts {
             batch_record.source.clone(),
             credentials(Side::Source)?,
             self.limits,
-            self.connections_per_account,
+            batch_record
+                .source
+                .connection_cap(self.connections_per_account),
             gate(true),
         );
         let target = Pool::gated(
             batch_record.target.clone(),
             credentials(Side::Target)?,
             self.limits,
-            self.connections_per_account,
+            batch_record
+                .target
+                .connection_cap(self.connections_per_account),
             gate(false),
         );
         Ok(UserAccounts::new(source, target))

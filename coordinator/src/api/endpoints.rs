@@ -31,6 +31,9 @@ pub struct PresetView {
     logins: &'static [&'static str],
     #[serde(skip_serializing_if = "Option::is_none")]
     oauth: Option<OAuthView>,
+    /// Connections per account mailferry opens at most (under the provider's limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections: Option<u32>,
     note: &'static str,
 }
 
@@ -58,6 +61,7 @@ pub async fn presets() -> Json<Vec<PresetView>> {
                     user_scope: o.user_scope,
                     app_scope: o.app_scope,
                 }),
+                max_connections: p.max_connections,
                 note: p.note,
             })
             .collect(),
@@ -100,7 +104,17 @@ pub struct NewEndpoint {
     /// registration, whose thumbprint fills the grant's where not given.
     #[serde(default)]
     certificate: Option<String>,
+    /// Connections to one account at most (default: the preset's, else the
+    /// installation's `worker.connections_per_account`; the lower applies).
+    #[serde(default)]
+    max_connections: Option<u32>,
+    /// Connections to the server at most, every account together (a small server).
+    #[serde(default)]
+    max_host_connections: Option<u32>,
 }
+
+/// The most a cap may be set to.
+const MAX_CAP: u32 = 1000;
 
 /// An endpoint as the API shows it (never its admin password).
 #[derive(Serialize)]
@@ -115,6 +129,10 @@ pub struct EndpointView {
     accept_invalid_certs: bool,
     auth: AuthMethod,
     has_admin_password: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_host_connections: Option<u32>,
     /// What the admin must know about the provider (app passwords, limits).
     note: Option<&'static str>,
     created_ms: u64,
@@ -133,6 +151,8 @@ impl From<&EndpointRecord> for EndpointView {
             accept_invalid_certs: r.endpoint.accept_invalid_certs,
             auth: r.auth.clone(),
             has_admin_password: r.admin_secret.is_some(),
+            max_connections: r.endpoint.max_connections,
+            max_host_connections: r.endpoint.max_host_connections,
             note: preset(&r.provider).map(|p| p.note),
             created_ms: r.created_ms,
         }
@@ -228,7 +248,7 @@ pub async fn create(
                     p.name
                 )));
             }
-            Endpoint::new(p.host, p.port, Security::Tls)
+            p.endpoint()
         }
         (None, "custom") => {
             let host = new.host.as_deref().map(str::trim).unwrap_or("");
@@ -259,6 +279,16 @@ pub async fn create(
         endpoint.security = security;
     }
     endpoint.accept_invalid_certs = new.accept_invalid_certs;
+    for (name, cap) in [
+        ("max_connections", new.max_connections),
+        ("max_host_connections", new.max_host_connections),
+    ] {
+        if cap.is_some_and(|c| c == 0 || c > MAX_CAP) {
+            return Err(ApiError::invalid(format!("{name}: 1 to {MAX_CAP}")));
+        }
+    }
+    endpoint.max_connections = new.max_connections.or(endpoint.max_connections);
+    endpoint.max_host_connections = new.max_host_connections;
     let mut auth = new.auth.unwrap_or(AuthMethod::Password);
     let admin = matches!(
         auth,
