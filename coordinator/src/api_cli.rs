@@ -57,6 +57,14 @@ pub enum ApiCommand {
     },
     /// The tenant's batches.
     Batches,
+    /// Preview users before Start: each one's folder mapping with message counts and
+    /// sizes, and the target's quota (who would not fit). Read-only on both servers.
+    Preview {
+        batch: String,
+        /// Only this user (repeatable; default: the batch's first 20).
+        #[arg(long = "user", value_name = "ADDRESS")]
+        users: Vec<String>,
+    },
     /// Make a batch from a source and a target endpoint; prints its id.
     BatchCreate {
         #[arg(long)]
@@ -389,6 +397,22 @@ async fn run_async(args: &ApiArgs) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        ApiCommand::Preview { batch, users } => {
+            let body = if users.is_empty() {
+                json!({})
+            } else {
+                json!({ "users": users })
+            };
+            let preview = api
+                .post_json(&format!("/api/v1/batches/{}/preview", seg(batch)), &body)
+                .await?
+                .ok()?;
+            if args.json {
+                return print_json(&preview);
+            }
+            print_preview(&preview);
+            Ok(0)
+        }
         ApiCommand::BatchCreate {
             name,
             source,
@@ -672,4 +696,55 @@ async fn watch(api: &ApiClient, batch: &str, until_settled: bool) -> anyhow::Res
         bar.finish();
     }
     Ok(u8::from(failed))
+}
+
+/// `mailferry api preview`: per user, the totals and the quota, then the mapping.
+fn print_preview(preview: &Value) {
+    use crate::report::human_bytes;
+    let bytes = |v: &Value| v.as_u64().map(human_bytes).unwrap_or_else(|| "?".into());
+    for u in preview["users"].as_array().into_iter().flatten() {
+        let user = u["user"].as_str().unwrap_or("");
+        if let Some(problem) = u["problem"].as_str() {
+            println!("{user}: cannot preview: {problem}");
+            continue;
+        }
+        let quota = match (&u["quota"], u["fits"].as_bool()) {
+            (q, Some(fits)) if q.is_object() => format!(
+                "; target quota: {} of {} used, {}",
+                bytes(&q["used_bytes"]),
+                bytes(&q["limit_bytes"]),
+                if fits { "fits" } else { "WOULD NOT FIT" }
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "{user}: {} messages, {}{quota}",
+            u["messages"],
+            bytes(&u["bytes"])
+        );
+        for f in u["folders"].as_array().into_iter().flatten() {
+            let action = match (f["action"].as_str(), f["archive_only"].as_bool()) {
+                (Some("copy"), Some(true)) => "copy: only messages in no other folder".into(),
+                (Some("exclude"), _) => format!("skip: {}", f["reason"].as_str().unwrap_or("")),
+                (a, _) => a.unwrap_or("").to_string(),
+            };
+            let problem = f["problem"]
+                .as_str()
+                .map(|p| format!(" ({p})"))
+                .unwrap_or_default();
+            println!(
+                "  {:<32} {:<32} {:>9} {:>10}  {action}{problem}",
+                f["source_path"].as_str().unwrap_or(""),
+                f["target_path"].as_str().unwrap_or(""),
+                f["messages"]
+                    .as_u64()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default(),
+                f["size"].as_u64().map(human_bytes).unwrap_or_default(),
+            );
+        }
+    }
+    if let Some(more) = preview["more"].as_u64().filter(|&m| m > 0) {
+        println!("({more} more users: name them with --user)");
+    }
 }

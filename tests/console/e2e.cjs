@@ -204,6 +204,16 @@ async function waitStatus(page, user, want, seconds) {
   await page.getByRole("button", { name: "Save folder rules" }).click();
   await page.getByText("Folder rules saved").waitFor();
 
+  // The preview before Start: alice's mail counted at both servers, bob's missing
+  // password named on his row, and nothing changed at either server.
+  await page.getByRole("button", { name: "Preview", exact: true }).click();
+  const preview = page.getByRole("table", { name: "Preview" });
+  await preview.getByRole("cell", { name: "alice@example.com" }).waitFor();
+  const bobRow = preview.getByRole("row").filter({ hasText: "bob@example.com" });
+  await bobRow.getByText("password").waitFor();
+  await assertContrast(page, "the preview");
+  await shot(page, "05b-preview");
+
   // Start both: bob's password typed in his row.
   await page.getByLabel("Select every user").check();
   await page.getByLabel("Source password for bob@example.com").fill(env("BOB_PASSWORD"));

@@ -60,6 +60,8 @@ pub struct RigOptions {
     pub forbid_private_sources: bool,
     /// The target refuses messages larger than this (bytes).
     pub target_max_mail_size: Option<u64>,
+    /// Each user's storage quota at the target (KiB).
+    pub target_quota_kib: Option<u64>,
     /// The source endpoint reaches the source through a proxy sending at most this
     /// many bytes a second.
     pub slow_source: Option<usize>,
@@ -125,6 +127,7 @@ impl ApiRig {
             users: logins.clone(),
             master: Some((MASTER.0.into(), MASTER.1.into())),
             max_mail_size: options.target_max_mail_size,
+            quota_kib: options.target_quota_kib,
             oauth2: validation("%d"),
             ..DovecotConfig::default()
         });

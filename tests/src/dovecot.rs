@@ -19,6 +19,8 @@ pub struct DovecotConfig {
     pub tls: bool,
     /// Advertise APPENDLIMIT and refuse larger messages (bytes).
     pub max_mail_size: Option<u64>,
+    /// Each user's storage quota (KiB), announced with QUOTA and enforced.
+    pub quota_kib: Option<u64>,
     /// A master user `(name, password)` for `user*name` logins.
     pub master: Option<(String, String)>,
     /// Maildir with LAYOUT=fs (allows `.` in names) rather than Maildir++ (refuses it).
@@ -61,6 +63,7 @@ impl Default for DovecotConfig {
             separator: '/',
             tls: false,
             max_mail_size: None,
+            quota_kib: None,
             master: None,
             layout_fs: true,
             capabilities: None,
@@ -169,11 +172,20 @@ impl Dovecot {
         } else {
             (None, None, "ssl = no\n".to_string())
         };
-        let quota = match config.max_mail_size {
-            Some(max) => format!(
-                "mail_plugins = $mail_plugins quota\nplugin {{\n  quota = count:User quota\n  quota_vsizes = yes\n  quota_max_mail_size = {max}\n}}\nprotocol imap {{\n  mail_plugins = $mail_plugins imap_quota\n}}\n"
-            ),
-            None => String::new(),
+        let quota = if config.max_mail_size.is_some() || config.quota_kib.is_some() {
+            let max = config
+                .max_mail_size
+                .map(|max| format!("  quota_max_mail_size = {max}\n"))
+                .unwrap_or_default();
+            let rule = config
+                .quota_kib
+                .map(|kib| format!("  quota_rule = *:storage={kib}k\n"))
+                .unwrap_or_default();
+            format!(
+                "mail_plugins = $mail_plugins quota\nplugin {{\n  quota = count:User quota\n  quota_vsizes = yes\n{max}{rule}}}\nprotocol imap {{\n  mail_plugins = $mail_plugins imap_quota\n}}\n"
+            )
+        } else {
+            String::new()
         };
         let oauth2 = match &config.oauth2 {
             Some(v) => {

@@ -1411,6 +1411,102 @@ async fn open_stream(
 /// folder stays behind, a renamed subtree lands under its new name, the rest is copied
 /// as it is; and bad rules are refused with the rule named.
 #[tokio::test(flavor = "multi_thread")]
+async fn a_batch_preview_shows_the_mapping_the_counts_and_who_would_not_fit() {
+    let rig = ApiRig::start(RigOptions {
+        per_folder: 2,
+        target_quota_kib: Some(64),
+        ..RigOptions::default()
+    })
+    .await;
+    let acme = rig.client(ACME);
+    let (_, _, b) = batch_of(&rig, &acme).await;
+    let csv = rig.users.iter().fold(
+        String::from("EmailAddress,UserName,Password\n"),
+        |mut csv, (l, p, _)| {
+            csv.push_str(&format!("{l},{l},{p}\n"));
+            csv
+        },
+    );
+    expect(
+        acme.call(
+            "POST",
+            &format!("/api/v1/batches/{b}/users/import"),
+            Some(("text/csv", csv.into_bytes())),
+        )
+        .await
+        .unwrap(),
+        200,
+    );
+    let preview = |body: Value| {
+        let acme = &acme;
+        let path = format!("/api/v1/batches/{b}/preview");
+        async move { expect(post(acme, &path, body).await, 200) }
+    };
+    let all = preview(json!({})).await;
+    assert_eq!(
+        all["users"].as_array().unwrap().len(),
+        rig.users.len(),
+        "{all}"
+    );
+    assert_eq!(all["more"], 0);
+    let (login, password, messages) = &rig.users[0];
+    let alice = &all["users"][0];
+    assert_eq!(alice["user"], login.as_str(), "{alice}");
+    assert_eq!(alice["problem"], Value::Null, "{alice}");
+    assert_eq!(alice["messages"], messages.len(), "{alice}");
+    let inbox = alice["folders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["source_path"] == "INBOX")
+        .expect("INBOX in the mapping");
+    assert_eq!(inbox["target_path"], "INBOX");
+    assert_eq!(inbox["messages"], 2);
+    assert_eq!(alice["quota"]["limit_bytes"], 64 * 1024, "{alice}");
+    assert!(alice["bytes"].as_u64().unwrap() > 64 * 1024, "{alice}");
+    assert_eq!(alice["fits"], false, "{alice}");
+    let (code, out, text) = rig.cli(&["preview", &b, "--user", login], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(out.contains("WOULD NOT FIT"), "{out}");
+    assert!(
+        out.contains("Archive/2024"),
+        "the mapping is printed: {out}"
+    );
+    // The batch's folder rules apply: only the empty folder fits anyone's quota.
+    expect(
+        acme.call(
+            "PATCH",
+            &format!("/api/v1/batches/{b}"),
+            Some((
+                "application/json",
+                json!({"folder_rules": {"include": ["Empty"]}})
+                    .to_string()
+                    .into_bytes(),
+            )),
+        )
+        .await
+        .unwrap(),
+        200,
+    );
+    let one = preview(json!({"users": [login]})).await;
+    assert_eq!(one["more"], rig.users.len() - 1);
+    let alice = &one["users"][0];
+    assert_eq!(alice["messages"], 0, "{alice}");
+    assert_eq!(alice["fits"], true, "{alice}");
+    let stranger = post(
+        &acme,
+        &format!("/api/v1/batches/{b}/preview"),
+        json!({"users": ["mallory@example.com"]}),
+    )
+    .await;
+    assert!(expect_error(stranger, 422, "invalid").contains("mallory"));
+    // Read-only: the target got no folder.
+    let at_target = mail::folder_names(rig.dst.port, login, password).await;
+    assert_eq!(at_target, ["INBOX"], "the preview created folders");
+    rig.clean_up().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_batchs_folder_rules_exclude_and_rename_folders() {
     let rig = ApiRig::start(RigOptions {
         per_folder: 2,

@@ -17,6 +17,7 @@ mod batches;
 mod console;
 mod endpoints;
 mod events;
+mod preview;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -180,6 +181,7 @@ pub fn router(api: Shared) -> Router {
             post(batches::sync_now).layer(action),
         )
         .route("/batches/{batch}/close", post(batches::close).layer(action))
+        .route("/batches/{batch}/preview", post(preview::preview))
         .route("/batches/{batch}/report.json", get(batches::report_json))
         .route("/batches/{batch}/report.csv", get(batches::report_csv))
         .route("/batches/{batch}/events", get(events::stream))

@@ -106,6 +106,24 @@ impl Session {
         Ok(info)
     }
 
+    /// The account's storage quota, where the server announces QUOTA (RFC 9208):
+    /// `GETQUOTAROOT INBOX`, and of the roots' STORAGE resources the one with the least
+    /// room. `None` without QUOTA, without a STORAGE limit, or when the server refuses.
+    pub async fn storage_quota(&mut self) -> Result<Option<Quota>, Error> {
+        if !self.capabilities().has("QUOTA") {
+            return Ok(None);
+        }
+        let untagged = match self.run(Command::new("GETQUOTAROOT").arg(b"INBOX")).await {
+            Ok(untagged) => untagged,
+            Err(Error::Command { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(untagged
+            .iter()
+            .filter_map(parse_storage_quota)
+            .min_by_key(|q| q.limit_bytes.saturating_sub(q.used_bytes)))
+    }
+
     /// STATUS for many folders in one round trip. A folder the server refuses gets its
     /// own error; the others still answer.
     pub async fn status_many(
@@ -222,6 +240,32 @@ fn parse_status(r: &Response) -> Option<(Bytes, FolderStatus)> {
     ))
 }
 
+/// Storage at a quota root: what is used and the limit, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Quota {
+    pub used_bytes: u64,
+    pub limit_bytes: u64,
+}
+
+/// `* QUOTA "root" (STORAGE 10 512 MESSAGE 4 1000)`: the STORAGE resource, whose units
+/// are 1024 octets. Numbers past what a u64 of bytes holds are not a quota.
+fn parse_storage_quota(r: &Response) -> Option<Quota> {
+    let Response::Data { name, data } = r else {
+        return None;
+    };
+    if name != "QUOTA" {
+        return None;
+    }
+    let resources = data.get(1)?.list()?;
+    resources.chunks(3).find_map(|triple| match triple {
+        [resource, used, limit] if resource.is_atom("STORAGE") => Some(Quota {
+            used_bytes: used.number()?.checked_mul(1024)?,
+            limit_bytes: limit.number()?.checked_mul(1024)?,
+        }),
+        _ => None,
+    })
+}
+
 fn number(v: Option<&Value>) -> u64 {
     v.and_then(Value::number).unwrap_or(0)
 }
@@ -300,6 +344,26 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_storage_quota_is_read_in_bytes_and_nonsense_is_none() {
+        use super::*;
+        let parse = |line: &str| {
+            let frame = Bytes::from(format!("{line}\r\n"));
+            parse_storage_quota(&crate::imap::parse::parse_response(frame).unwrap())
+        };
+        assert_eq!(
+            parse("* QUOTA \"User quota\" (MESSAGE 4 1000 STORAGE 10 512)"),
+            Some(Quota {
+                used_bytes: 10 * 1024,
+                limit_bytes: 512 * 1024
+            })
+        );
+        assert_eq!(parse("* QUOTA \"\" (MESSAGE 4 1000)"), None);
+        assert_eq!(parse("* QUOTA \"\" (STORAGE 1 99999999999999999999)"), None);
+        assert_eq!(parse("* QUOTA \"\" (STORAGE 1 18014398509481984)"), None);
+        assert_eq!(parse("* QUOTAROOT INBOX \"User quota\""), None);
+    }
+
     use super::*;
     use crate::imap::parse::{split_all, Framer};
 

@@ -488,17 +488,66 @@ async function batchPage(batchId) {
   field("Archived mail goes to", archive, "Gmail's mail that is only in All Mail (archived, no label) lands in this folder, once; labelled mail goes to its labels' folders only. Empty: the target's archive folder, else Archive (All Mail if a label is called Archive). Exclude [Gmail]/All Mail to leave it behind."),
   h("div", { class: "actions" }, h("button", { type: "submit", class: "secondary" }, "Save folder rules")), rulesOut);
 
+  // Before Start: what each user's first pass would copy, and who would not fit.
+  const previewOut = h("div", {});
+  const previewForm = h("form", {
+    onsubmit: async (ev) => {
+      ev.preventDefault();
+      const done = busy(ev.submitter, "Looking at the servers…");
+      try {
+        previewOut.replaceChildren(previewTable(await api("POST", `${path}/preview`, {})));
+      } catch (e) { previewOut.replaceChildren(errorBox(e)); } finally { done(); }
+    },
+  }, h("p", { class: "hint" }, "Logs in to both servers for the first 20 users and changes nothing: each user's folders with their messages and sizes, and the target's quota where the server has one."),
+  h("div", { class: "actions" }, h("button", { type: "submit", class: "secondary" }, "Preview")), previewOut);
+
   const reports = h("p", {}, "Report: ",
     h("button", { type: "button", class: "link", onclick: () => download(`${path}/report.csv`, `mailferry-${batchId}.csv`) }, "CSV"), " · ",
     h("button", { type: "button", class: "link", onclick: () => download(`${path}/report.json`, `mailferry-${batchId}.json`) }, "JSON"));
   const live = h("p", { class: "hint", id: "live" }, "Connecting to live updates…");
   show(batch.name, summaryBox, live, h("h2", {}, "Users"), actions, out, table,
-    h("h2", {}, "Add users"), addForm, h("h2", {}, "Folders"), rulesForm, reports,
+    h("h2", {}, "Add users"), addForm, h("h2", {}, "Folders"), rulesForm,
+    h("h2", {}, "Preview"), previewForm, reports,
     h("p", { class: "hint" }, `Synced users are synced again every ${Math.round(batch.sync_interval_secs / 3600 * 10) / 10} h.`));
   follow(`${path}/events`, (event, data) => {
     if (event === "user") put(JSON.parse(data));
     else if (event === "summary") summaryBox.replaceChildren(summaryList(JSON.parse(data)));
   }, live);
+}
+
+function humanBytes(n) {
+  if (n === null || n === undefined) return "?";
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return i === 0 ? `${n} bytes` : `${n.toFixed(1)} ${units[i]}`;
+}
+
+// One row per user; its folder mapping folds out.
+function previewTable(preview) {
+  const fit = (u) => {
+    if (u.problem) return h("span", { class: "error" }, u.problem);
+    if (!u.quota) return "no quota announced";
+    const room = `${humanBytes(u.quota.used_bytes)} of ${humanBytes(u.quota.limit_bytes)} used`;
+    if (u.fits === false) return h("strong", { class: "error" }, `Would not fit (${room})`);
+    return u.fits ? `Fits (${room})` : room;
+  };
+  const mapping = (u) => h("details", {}, h("summary", {}, `${u.folders.length} folders`),
+    h("ul", {}, u.folders.map((f) => h("li", {},
+      `${f.source_path} → ${f.target_path}: `,
+      f.action === "exclude" ? `not copied (${f.reason})`
+        : f.action === "create" ? "created (a container)"
+        : `${f.messages ?? "?"} messages, ${humanBytes(f.size)}${f.archive_only ? ", only those in no other folder" : ""}`,
+      f.problem ? h("span", { class: "error" }, ` ${f.problem}`) : null))));
+  return h("div", { class: "table-wrap" }, h("table", {},
+    h("caption", { class: "visually-hidden" }, "Preview"),
+    h("thead", {}, h("tr", {}, ["User", "Messages", "Size", "Target quota", "Folders"]
+      .map((t) => h("th", { scope: "col", class: ["Messages", "Size"].includes(t) ? "num" : null }, t)))),
+    h("tbody", {}, preview.users.map((u) => h("tr", {},
+      h("td", {}, u.user), h("td", { class: "num" }, String(u.messages)),
+      h("td", { class: "num" }, humanBytes(u.bytes)), h("td", {}, fit(u)),
+      h("td", {}, u.problem ? "" : mapping(u)))))),
+    preview.more ? h("p", { class: "hint" }, `${preview.more} more users are not shown.`) : null);
 }
 
 async function download(path, name) {
