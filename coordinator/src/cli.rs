@@ -235,6 +235,8 @@ macro_rules! endpoint_args {
             pub accept_any_certificate: bool,
             #[arg(id = concat!($side, "-max-connections"), long = concat!($side, "-max-connections"), value_name = "N", help = concat!("Connections to one ", $side, " account at most, across all processes (default: the preset's; the lower of this and --connections, or worker.connections_per_account, applies)"))]
             pub max_connections: Option<u32>,
+            #[arg(id = concat!($side, "-daily-download"), long = concat!($side, "-daily-download"), value_name = "SIZE", value_parser = parse_size, help = concat!("Bytes of mail downloaded from one ", $side, " account a day at most (e.g. 2G; default: the preset's); at it the account pauses until the next UTC day"))]
+            pub daily_download: Option<u64>,
             #[doc = "password (or app password), xoauth2 (the secret is an access token), oauth2:GRANT (tokens from a token endpoint, renewed as they expire; GRANT: refresh-token, client-secret, certificate or service-account), admin:NAME (SASL PLAIN as NAME for the user) or master:NAME (Dovecot user*NAME)"]
             #[arg(id = concat!($side, "-auth"), long = concat!($side, "-auth"), value_name = "METHOD", default_value = "password")]
             pub auth: String,
@@ -276,6 +278,7 @@ macro_rules! endpoint_args {
                     ca_file: &a.ca_file,
                     accept_any: a.accept_any_certificate,
                     max_connections: a.max_connections,
+                    daily_download: a.daily_download,
                     auth: &a.auth,
                     user: &a.user,
                     password_file: &a.password_file,
@@ -391,6 +394,7 @@ struct Side<'a> {
     ca_file: &'a Option<PathBuf>,
     accept_any: bool,
     max_connections: Option<u32>,
+    daily_download: Option<u64>,
     auth: &'a str,
     user: &'a Option<String>,
     password_file: &'a Option<PathBuf>,
@@ -409,7 +413,7 @@ struct OAuthArgs<'a> {
 
 impl Side<'_> {
     fn endpoint(&self, notes: &mut Vec<String>) -> Result<Endpoint, UsageError> {
-        let (host, port, max_connections) = match (self.host, self.preset) {
+        let mut endpoint = match (self.host, self.preset) {
             (Some(_), Some(_)) => {
                 return Err(usage(format!(
                     "give --{0} or --{0}-preset, not both",
@@ -438,16 +442,16 @@ impl Side<'_> {
                         self.name, p.name
                     )));
                 }
-                (p.host.to_string(), p.port, p.max_connections)
+                p.endpoint()
             }
             (Some(spec), None) => {
                 let (host, port) = split_host_port(spec, self.security)
                     .map_err(|e| usage(format!("--{}: {e}", self.name)))?;
-                (host, port, None)
+                Endpoint::new(host, port, self.security)
             }
         };
-        let mut endpoint = Endpoint::new(host, port, self.security);
-        endpoint.max_connections = self.max_connections.or(max_connections);
+        endpoint.max_connections = self.max_connections.or(endpoint.max_connections);
+        endpoint.daily_download_bytes = self.daily_download.or(endpoint.daily_download_bytes);
         if endpoint.max_connections == Some(0) {
             return Err(usage(format!(
                 "--{}-max-connections: at least 1",

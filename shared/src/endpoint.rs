@@ -63,6 +63,11 @@ pub struct Endpoint {
     /// applies, on the source side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_host_connections: Option<u32>,
+    /// Bytes of messages mailferry downloads from one account a UTC day at most (a
+    /// provider's allowance: Gmail's is 2.5 GB); at it, the account pauses until the
+    /// next day (see [`crate::budget`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_download_bytes: Option<u64>,
 }
 
 fn default_command_timeout() -> Duration {
@@ -83,6 +88,7 @@ impl Endpoint {
             public_only: false,
             max_connections: None,
             max_host_connections: None,
+            daily_download_bytes: None,
         }
     }
 
@@ -178,6 +184,8 @@ pub struct Preset {
     /// Connections per account mailferry opens at most: under the provider's own limit,
     /// with room left for the user's phone and mail client (the limit counts theirs).
     pub max_connections: Option<u32>,
+    /// Bytes downloaded from one account a day at most, under the provider's allowance.
+    pub daily_download_bytes: Option<u64>,
     pub note: &'static str,
 }
 
@@ -186,6 +194,7 @@ impl Preset {
     pub fn endpoint(&self) -> Endpoint {
         Endpoint {
             max_connections: self.max_connections,
+            daily_download_bytes: self.daily_download_bytes,
             ..Endpoint::new(self.host, self.port, Security::Tls)
         }
     }
@@ -239,6 +248,10 @@ const GOOGLE: ProviderOAuth = ProviderOAuth {
     app_scope: crate::oauth::GOOGLE_SCOPE,
 };
 
+/// Gmail allows 2,500 MB of IMAP downloads an account a day; mailferry stops at 2 GB,
+/// leaving the user's own mail client the rest.
+const GMAIL_DAILY_BUDGET: u64 = 2_000_000_000;
+
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "microsoft365",
@@ -248,6 +261,7 @@ pub const PRESETS: &[Preset] = &[
         logins: &["client_secret", "client_certificate", "refresh_token"],
         oauth: Some(MICROSOFT_ORGANISATIONS),
         max_connections: Some(16),
+        daily_download_bytes: None,
         note: "Exchange Online accepts only OAuth2 (basic authentication is off). Migrate an \
                organisation with an app registration granted IMAP.AccessAsApp (admin \
                consent), its client secret or certificate and your tenant id, and give \
@@ -261,11 +275,12 @@ pub const PRESETS: &[Preset] = &[
         logins: &["service_account", "refresh_token"],
         oauth: Some(GOOGLE),
         max_connections: Some(10),
+        daily_download_bytes: Some(GMAIL_DAILY_BUDGET),
         note: "Migrate a Workspace domain with a service account and domain-wide \
                delegation for the scope https://mail.google.com/ (Admin console > Security \
                > API controls); give its JSON key. Gmail allows at most 15 simultaneous \
-               IMAP connections per account (mailferry opens at most 10) and a daily \
-               download volume.",
+               IMAP connections per account (mailferry opens at most 10) and 2.5 GB of \
+               downloads a day (mailferry stops at 2 GB and goes on the next day).",
     },
     Preset {
         name: "gmail",
@@ -275,11 +290,13 @@ pub const PRESETS: &[Preset] = &[
         logins: &["password", "refresh_token"],
         oauth: Some(GOOGLE),
         max_connections: Some(10),
+        daily_download_bytes: Some(GMAIL_DAILY_BUDGET),
         note: "Gmail needs an app password (Google Account > Security > App passwords, \
                which requires 2-Step Verification) or an OAuth2 refresh token. Labels \
                become folders; mail that is only in All Mail (archived, no label) goes to \
                the batch's archive folder, once. Gmail allows at most 15 simultaneous IMAP \
-               connections per account (mailferry opens at most 10).",
+               connections per account (mailferry opens at most 10) and 2.5 GB of downloads \
+               a day (mailferry stops at 2 GB and goes on the next day).",
     },
     Preset {
         name: "outlook",
@@ -289,6 +306,7 @@ pub const PRESETS: &[Preset] = &[
         logins: &["refresh_token"],
         oauth: Some(MICROSOFT_CONSUMERS),
         max_connections: Some(16),
+        daily_download_bytes: None,
         note: "Outlook.com accepts only OAuth2 since 16 September 2024 (app passwords no \
                longer work for IMAP): each user's refresh token from an app registration \
                that allows personal Microsoft accounts.",
@@ -301,6 +319,7 @@ pub const PRESETS: &[Preset] = &[
         logins: &["refresh_token"],
         oauth: Some(MICROSOFT_CONSUMERS),
         max_connections: Some(16),
+        daily_download_bytes: None,
         note: "Hotmail is served by Outlook.com, which accepts only OAuth2 since 16 September \
                2024: each user's refresh token from an app registration that allows \
                personal Microsoft accounts.",
@@ -313,6 +332,7 @@ pub const PRESETS: &[Preset] = &[
         logins: &["password"],
         oauth: None,
         max_connections: None,
+        daily_download_bytes: None,
         note: "Yahoo needs an app password (Account security > Generate app password).",
     },
 ];

@@ -44,9 +44,14 @@ pub enum Error {
         server_says: String,
         backoff: Option<Duration>,
     },
-    /// No connection was tried: the account is paused after a throttling answer.
-    #[error("{what} is paused until {} (another {} s) after the server's throttling answer", paused_until(*.left), .left.as_secs())]
-    Paused { what: String, left: Duration },
+    /// No connection was tried (or no more is copied): the account is paused, `why`
+    /// says after what.
+    #[error("{what} is paused until {} (another {} s) {why}", paused_until(*.left), .left.as_secs())]
+    Paused {
+        what: String,
+        why: String,
+        left: Duration,
+    },
     #[error("connection lost: {detail}")]
     ConnectionLost { detail: String },
     #[error("protocol error: {0}")]

@@ -4,6 +4,7 @@
 
 pub mod amqp_queue;
 pub mod batch;
+pub mod budget;
 pub mod control;
 pub mod date;
 pub mod directory;

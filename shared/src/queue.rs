@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -75,8 +75,8 @@ struct Inner {
 /// An in-process queue for the embedded mode.
 #[derive(Default)]
 pub struct MemoryQueue {
-    inner: Mutex<Inner>,
-    changed: Notify,
+    inner: Arc<Mutex<Inner>>,
+    changed: Arc<Notify>,
 }
 
 impl MemoryQueue {
@@ -165,18 +165,37 @@ impl JobQueue for MemoryQueue {
         .await;
     }
 
+    /// The delivery stays outstanding while it waits (the queue does not end under it),
+    /// but the waiting is a timer's, not the caller's: a job slot that hands back a
+    /// job paused for hours (a used-up daily budget) is free at once, and a run stopped
+    /// meanwhile stops without waiting for it.
     async fn requeue(&self, delivery: Delivery, delay: Duration) {
-        tokio::time::sleep(delay).await;
         // Narrowed, the bundle has a new id: it is what is outstanding now.
         let bundle = delivery.bundle_id();
-        let mut inner = self.lock();
-        if let Some(old) = inner.outstanding.insert(delivery.id, bundle.clone()) {
-            inner.bundles.remove(&old);
+        {
+            let mut inner = self.lock();
+            if let Some(old) = inner.outstanding.insert(delivery.id, bundle.clone()) {
+                inner.bundles.remove(&old);
+            }
+            inner.bundles.insert(bundle);
         }
-        inner.bundles.insert(bundle);
-        inner.ready.push_back(delivery);
-        drop(inner);
-        self.changed.notify_waiters();
+        let (inner, changed) = (self.inner.clone(), self.changed.clone());
+        let put_back = move || {
+            inner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ready
+                .push_back(delivery);
+            changed.notify_waiters();
+        };
+        if delay.is_zero() {
+            put_back();
+        } else {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                put_back();
+            });
+        }
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: String) {

@@ -680,6 +680,10 @@ async fn writer(
     }
 }
 
+/// Why an account is paused, as every process reads it in Redis.
+const PAUSED_WHY: &str =
+    "after the server's throttling answer or with its daily download budget used up";
+
 struct SlotGate {
     slots: Arc<SharedSlots>,
     host_cap: bool,
@@ -710,6 +714,7 @@ impl ConnectionGate for SlotGate {
                     Verdict::Paused(left) => {
                         return Err(Error::Paused {
                             what: format!("{login} at {}", endpoint.host),
+                            why: PAUSED_WHY.into(),
                             left,
                         })
                     }
@@ -739,6 +744,34 @@ impl ConnectionGate for SlotGate {
                     slots.close(&account, host.as_deref());
                 }
             }))
+        })
+    }
+
+    fn spend<'a>(
+        &'a self,
+        endpoint: &'a Endpoint,
+        login: &'a str,
+        bytes: u64,
+        budget: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>> {
+        Box::pin(async move {
+            let (account, _) = SharedSlots::fields(endpoint, login, self.host_cap);
+            let (day, left) = crate::budget::utc_day();
+            let key = format!("{}:spent:{day}:{account}", self.slots.store.prefix);
+            let mut conn = self.slots.store.conn.clone();
+            let (spent, _): (u64, i64) = redis::pipe()
+                .atomic()
+                .incr(&key, bytes)
+                .expire(&key, 2 * 86_400)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| store_error("download budget", e))?;
+            if spent < budget {
+                return Ok(());
+            }
+            // Every process stops connecting to the account until the day is over.
+            let _ = self.slots.pause(&account, Some(left)).await;
+            Err(crate::budget::used_up(endpoint, login, budget, left))
         })
     }
 

@@ -457,3 +457,56 @@ fn completions_are_printed_for_bash_and_bash_loads_them() {
         String::from_utf8_lossy(&loaded.stderr)
     );
 }
+
+/// A daily download budget (Gmail's preset stops at 2 GB a day): at the budget the
+/// account pauses until the next UTC day, saying so, with what was copied kept; the
+/// next day's run (here: one without the budget) goes on and ends exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_used_up_daily_download_budget_pauses_the_account_until_the_next_day() {
+    let (src, dst) = pair('/');
+    let messages = corpus(77, 4);
+    mail::load(src.port, "alice", "alice-secret", '/', &messages).await;
+    let state = temp_dir("state");
+    let log = state.join("run.log");
+    let mut run = Migrate::new(src.port, dst.port, "alice", &state)
+        .passwords("alice-secret", "alice-secret")
+        .args(["--source-daily-download", "20K", "--jobs", "1"])
+        .command();
+    let file = std::fs::File::create(&log).unwrap();
+    let mut child = run
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let said = loop {
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        if said.contains("daily download budget used up") {
+            break said;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pause within a minute:\n{said}"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "it ended:\n{said}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(said.contains("is paused until"), "{said}");
+    // It waits for the next day: stopped here, as an admin would.
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let copied = mail::message_count(dst.port, "alice", "alice-secret").await;
+    assert!(
+        copied > 0 && (copied as usize) < messages.len(),
+        "{copied} of {} copied under a 20 KiB budget",
+        messages.len()
+    );
+    let out = Migrate::new(src.port, dst.port, "alice", &state)
+        .passwords("alice-secret", "alice-secret")
+        .run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let pair = Pair::dovecots(&src, &dst, "alice", "alice-secret");
+    assert_same_mail(&pair, &messages, same_path).await;
+}

@@ -654,7 +654,46 @@ fn lease_test_endpoint() -> mailferry_shared::endpoint::Endpoint {
         public_only: false,
         max_connections: None,
         max_host_connections: None,
+        daily_download_bytes: None,
     }
+}
+
+/// A daily download budget is shared by the processes: what one downloaded counts for
+/// the other, and at the budget the account is paused for every process until the
+/// UTC day is over.
+#[tokio::test]
+async fn a_daily_download_budget_is_shared_and_pauses_the_account_for_everyone() {
+    use mailferry_shared::slots::SharedSlots;
+    let store = fresh_store().await;
+    let ttl = Duration::from_millis(1500);
+    let a = SharedSlots::new(store.clone(), 4, 8, ttl, Duration::from_secs(1));
+    let b = SharedSlots::new(store.clone(), 4, 8, ttl, Duration::from_secs(1));
+    let (ga, gb) = (a.gate(true), b.gate(true));
+    let ep = lease_test_endpoint();
+    ga.spend(&ep, "alice", 600, 1000).await.unwrap();
+    gb.spend(&ep, "bob", 600, 1000).await.unwrap();
+    let used_up = gb.spend(&ep, "alice", 600, 1000).await;
+    let Err(e @ mailferry_shared::Error::Paused { .. }) = used_up else {
+        panic!("alice's budget: {used_up:?}");
+    };
+    assert!(e.to_string().contains("daily download budget"), "{e}");
+    let left = match e {
+        mailferry_shared::Error::Paused { left, .. } => left,
+        _ => unreachable!(),
+    };
+    assert!(left <= Duration::from_secs(86_400));
+    // No process connects to alice any more today; bob goes on.
+    let admitted = ga.admit(&ep, "alice").await;
+    assert!(
+        matches!(admitted, Err(mailferry_shared::Error::Paused { .. })),
+        "{:?}",
+        admitted.map(|_| ())
+    );
+    let bob = ga.admit(&ep, "bob").await.unwrap();
+    drop(bob);
+    drop((ga, gb, a, b));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store.delete_all().await.unwrap();
 }
 
 /// An endpoint's own caps (a provider's limit, a small server) hold across processes

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use mailferry_shared::imap::client::{Command, Session};
 use mailferry_shared::imap::mailbox::MailboxInfo;
+use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::imap::uidset;
 use mailferry_shared::imap::Flag;
 use mailferry_shared::job::{Checkpoint, FolderJob, SkippedMessage, SourceState};
@@ -139,7 +140,9 @@ impl<S: StateStore> Engine<S> {
             let mut source = accounts.source.get().await.map_err(JobError::source_side)?;
             let mut target = accounts.target.get().await.map_err(JobError::target_side)?;
             tracing::debug!(job = %job.id(), "job: connected");
-            let report = self.run_on(job, &mut source, &mut target, fence).await?;
+            let report = self
+                .run_on(job, &accounts.source, &mut source, &mut target, fence)
+                .await?;
             source.release();
             target.release();
             Ok(report)
@@ -156,6 +159,7 @@ impl<S: StateStore> Engine<S> {
     async fn run_on(
         &self,
         job: &FolderJob,
+        source_pool: &Pool,
         source: &mut Session,
         target: &mut Session,
         fence: &Fence,
@@ -356,7 +360,12 @@ impl<S: StateStore> Engine<S> {
         let chunks: Vec<&[Meta]> = to_copy
             .chunks(self.settings.chunk_messages.max(1))
             .collect();
+        if !chunks.is_empty() {
+            // An account whose daily download budget is used up copies nothing more.
+            source_pool.spend(0).await.map_err(JobError::source_side)?;
+        }
         for chunk in chunks {
+            let bytes_before = report.copied_bytes;
             // No write-ahead record: copies made from here on are at or above the bound
             // the last checkpoint holds, which is what the next run searches.
             let chunk_bound = target_uidnext;
@@ -463,6 +472,11 @@ impl<S: StateStore> Engine<S> {
             count_elsewhere(&mut cp, &elsewhere, &mut elsewhere_counted);
             cp.target_uidnext = Some(bound_to_write(held_bound, target_uidnext));
             self.save(job, &cp, fence).await?;
+            // Counted once the chunk is checkpointed: a pause here loses nothing.
+            source_pool
+                .spend(report.copied_bytes - bytes_before)
+                .await
+                .map_err(JobError::source_side)?;
         }
         // Every source message of the range that existed when the job looked is handled
         // now (copied, found, skipped, or listed as missed to be asked for again).

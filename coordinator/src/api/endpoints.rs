@@ -34,6 +34,9 @@ pub struct PresetView {
     /// Connections per account mailferry opens at most (under the provider's limit).
     #[serde(skip_serializing_if = "Option::is_none")]
     max_connections: Option<u32>,
+    /// Bytes downloaded from one account a day at most (under the provider's allowance).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daily_download_bytes: Option<u64>,
     note: &'static str,
 }
 
@@ -62,6 +65,7 @@ pub async fn presets() -> Json<Vec<PresetView>> {
                     app_scope: o.app_scope,
                 }),
                 max_connections: p.max_connections,
+                daily_download_bytes: p.daily_download_bytes,
                 note: p.note,
             })
             .collect(),
@@ -111,6 +115,9 @@ pub struct NewEndpoint {
     /// Connections to the server at most, every account together (a small server).
     #[serde(default)]
     max_host_connections: Option<u32>,
+    /// Bytes downloaded from one account a UTC day at most (default: the preset's).
+    #[serde(default)]
+    daily_download_bytes: Option<u64>,
 }
 
 /// The most a cap may be set to.
@@ -133,6 +140,8 @@ pub struct EndpointView {
     max_connections: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_host_connections: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daily_download_bytes: Option<u64>,
     /// What the admin must know about the provider (app passwords, limits).
     note: Option<&'static str>,
     created_ms: u64,
@@ -153,6 +162,7 @@ impl From<&EndpointRecord> for EndpointView {
             has_admin_password: r.admin_secret.is_some(),
             max_connections: r.endpoint.max_connections,
             max_host_connections: r.endpoint.max_host_connections,
+            daily_download_bytes: r.endpoint.daily_download_bytes,
             note: preset(&r.provider).map(|p| p.note),
             created_ms: r.created_ms,
         }
@@ -289,6 +299,10 @@ pub async fn create(
     }
     endpoint.max_connections = new.max_connections.or(endpoint.max_connections);
     endpoint.max_host_connections = new.max_host_connections;
+    if new.daily_download_bytes == Some(0) {
+        return Err(ApiError::invalid("daily_download_bytes: at least 1"));
+    }
+    endpoint.daily_download_bytes = new.daily_download_bytes.or(endpoint.daily_download_bytes);
     let mut auth = new.auth.unwrap_or(AuthMethod::Password);
     let admin = matches!(
         auth,

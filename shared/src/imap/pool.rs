@@ -23,6 +23,9 @@ pub struct Pool {
     max: usize,
     /// Admits each new connection against caps shared with other processes.
     gate: Option<Arc<dyn ConnectionGate>>,
+    /// Without a gate: the UTC day and the bytes downloaded from the account that day,
+    /// for the endpoint's daily budget.
+    spent: Mutex<(u64, u64)>,
 }
 
 /// Admission of a new connection beyond this process: the cluster's connection caps
@@ -43,6 +46,17 @@ pub trait ConnectionGate: Send + Sync + 'static {
         login: &'a str,
         hint: Option<Duration>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+    /// Counts `bytes` downloaded from the account today against its daily `budget`,
+    /// across processes; at the budget, pauses the account until the day is over and
+    /// answers [`Error::Paused`].
+    fn spend<'a>(
+        &'a self,
+        endpoint: &'a Endpoint,
+        login: &'a str,
+        bytes: u64,
+        budget: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>>;
 }
 
 /// Held as long as its connection is open; gives the slot back when dropped.
@@ -149,6 +163,7 @@ impl Pool {
             slots: Arc::new(Semaphore::new(max)),
             max,
             gate,
+            spent: Mutex::new((0, 0)),
         })
     }
 
@@ -200,6 +215,37 @@ impl Pool {
             pool: self.clone(),
             _slot: slot,
         })
+    }
+
+    /// Counts message bytes downloaded from the account against its endpoint's daily
+    /// download budget (`Endpoint::daily_download_bytes`; a provider's allowance, as
+    /// Gmail's 2.5 GB a day), through the gate across processes where there is one, in
+    /// this pool otherwise. Call it with 0 before copying: at the budget it answers
+    /// [`Error::Paused`] until the UTC day is over, and a job goes back to wait.
+    pub async fn spend(&self, bytes: u64) -> Result<(), Error> {
+        let Some(budget) = self.endpoint.daily_download_bytes else {
+            return Ok(());
+        };
+        if let Some(gate) = &self.gate {
+            return gate
+                .spend(&self.endpoint, &self.credentials.login, bytes, budget)
+                .await;
+        }
+        let (day, left) = crate::budget::utc_day();
+        let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        if spent.0 != day {
+            *spent = (day, 0);
+        }
+        spent.1 = spent.1.saturating_add(bytes);
+        if spent.1 < budget {
+            return Ok(());
+        }
+        Err(crate::budget::used_up(
+            &self.endpoint,
+            &self.credentials.login,
+            budget,
+            left,
+        ))
     }
 
     /// Reports a throttling answer the account got (a refused login, a NO [UNAVAILABLE]
