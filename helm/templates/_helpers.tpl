@@ -59,6 +59,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if .Values.secrets.redisCa.existingSecret -}}
 {{- $_ := set $config "redis_ca_file" "/etc/mailferry/redis-ca/ca.pem" -}}
 {{- end -}}
+{{- if .Values.secrets.oauthCa.existingSecret -}}
+{{- $_ := set $config "oauth_ca_file" "/etc/mailferry/oauth-ca/ca.pem" -}}
+{{- end -}}
 {{- if .Values.api.enabled -}}
 {{- $_ := set $config "api" (dict "listen" (printf "0.0.0.0:%d" (int .Values.api.port)) "tokens_file" "/etc/mailferry/api/tokens" "forbid_private_sources" .Values.api.forbidPrivateSources "target_hosts" (default list .Values.api.targetHosts) "limits" (default dict .Values.api.limits)) -}}
 {{- end -}}
@@ -162,6 +165,9 @@ spec:
         {{- if $.Values.secrets.redisCa.existingSecret }}
         - {name: redis-ca, mountPath: /etc/mailferry/redis-ca, readOnly: true}
         {{- end }}
+        {{- if $.Values.secrets.oauthCa.existingSecret }}
+        - {name: oauth-ca, mountPath: /etc/mailferry/oauth-ca, readOnly: true}
+        {{- end }}
         {{- if and $.Values.api.enabled (eq $component "coordinator") }}
         - {name: api-tokens, mountPath: /etc/mailferry/api, readOnly: true}
         {{- end }}
@@ -189,6 +195,13 @@ spec:
         secretName: {{ $.Values.secrets.redisCa.existingSecret }}
         items:
           - {key: {{ $.Values.secrets.redisCa.key }}, path: ca.pem}
+    {{- end }}
+    {{- if $.Values.secrets.oauthCa.existingSecret }}
+    - name: oauth-ca
+      secret:
+        secretName: {{ $.Values.secrets.oauthCa.existingSecret }}
+        items:
+          - {key: {{ $.Values.secrets.oauthCa.key }}, path: ca.pem}
     {{- end }}
     {{- if and $.Values.api.enabled (eq $component "coordinator") }}
     - name: api-tokens

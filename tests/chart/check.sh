@@ -114,7 +114,7 @@ if "[api]" in config:
 PY
     # In the cluster the URLs come from the Secret: here stand-ins of the right kind.
     env=(MAILFERRY__SEALING__KEY_FILE="$out/keys")
-    if grep -q '^amqp_ca_file\|^redis_ca_file' "$out/$name.toml"; then
+    if grep -q '^amqp_ca_file\|^redis_ca_file\|^oauth_ca_file' "$out/$name.toml"; then
         [[ -f $out/ca.pem ]] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
             -nodes -days 1 -subj /CN=ca -keyout "$out/ca.key" -out "$out/ca.pem" 2>/dev/null
     fi
@@ -123,6 +123,9 @@ PY
     fi
     if grep -q '^redis_ca_file' "$out/$name.toml"; then
         env+=(MAILFERRY__REDIS_URL="rediss://:p@redis:6380/0" MAILFERRY__REDIS_CA_FILE="$out/ca.pem")
+    fi
+    if grep -q '^oauth_ca_file' "$out/$name.toml"; then
+        env+=(MAILFERRY__OAUTH_CA_FILE="$out/ca.pem")
     fi
     env "${env[@]}" "$bin" worker --config "$out/$name.toml" --check-config >/dev/null
     env "${env[@]}" MAILFERRY__API__TOKENS_FILE="$out/tokens" \
