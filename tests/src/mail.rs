@@ -291,6 +291,17 @@ impl From<&TestMessage> for Seen {
 
 /// Every message of a folder (read-only).
 pub async fn contents(s: &mut Session, wire: &[u8]) -> Vec<Seen> {
+    let mut out: Vec<Seen> = uids_and_contents(s, wire)
+        .await
+        .into_iter()
+        .map(|(_, seen)| seen)
+        .collect();
+    out.sort();
+    out
+}
+
+/// Every message of a folder with its UID, in UID order (read-only).
+pub async fn uids_and_contents(s: &mut Session, wire: &[u8]) -> Vec<(u32, Seen)> {
     let info = s
         .open(wire, true)
         .await
@@ -318,16 +329,22 @@ pub async fn contents(s: &mut Session, wire: &[u8]) -> Vec<Seen> {
                 .filter_map(Value::text)
                 .collect();
             let date = fetch_item(data, "INTERNALDATE").and_then(Value::text);
-            out.push(Seen {
-                sha256: digest(&body),
-                flags: flag_set(&flags),
-                date: date.as_deref().and_then(internal_date_epoch),
-                size: body.len(),
-            });
+            let uid = fetch_item(data, "UID")
+                .and_then(Value::number32)
+                .expect("a UID");
+            out.push((
+                uid,
+                Seen {
+                    sha256: digest(&body),
+                    flags: flag_set(&flags),
+                    date: date.as_deref().and_then(internal_date_epoch),
+                    size: body.len(),
+                },
+            ));
         }
     }
     h.ok().await.expect("FETCH");
-    out.sort();
+    out.sort_by_key(|(uid, _)| *uid);
     out
 }
 

@@ -228,3 +228,94 @@ async fn the_archive_folder_can_be_named_or_left_behind() {
         "every message but Work's 15 (5 of which are in Archive too)"
     );
 }
+
+/// Gmail's own way, with `X-GM-EXT-1`: a message's labels say where it is, and the
+/// other folders are not read. No server but Gmail has the extension, so a relay in
+/// front of the Gmail-playing Dovecot (`tests/src/hostile.rs`) announces it and answers
+/// `UID FETCH … (UID X-GM-LABELS)` with the labels each All Mail message has there (its
+/// label folder by content; `\Inbox` for INBOX, `\Important` beside some, none for the
+/// archived): what Gmail would say. Everything else is the real server.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_gmail_labels_archived_mail_is_told_apart_by_its_labels() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use mailferry_tests::hostile::{script, HostileServer, Play};
+
+    let g = start(87).await;
+    // The labels of each All Mail message, as Gmail would give them.
+    let mut s = session(g.src.port, USER, PASSWORD).await;
+    let mut by_content: HashMap<(String, Option<i64>), Vec<&str>> = HashMap::new();
+    for label in LABELS.iter().copied().chain([ARCHIVED]) {
+        for m in mail::contents(&mut s, &wire_name(label, '/')).await {
+            by_content
+                .entry((m.sha256, m.date))
+                .or_default()
+                .push(label);
+        }
+    }
+    let all_mail = mail::uids_and_contents(&mut s, &wire_name("[Gmail]/All Mail", '/')).await;
+    s.logout().await;
+    let mut labels: HashMap<u32, String> = HashMap::new();
+    for (i, (uid, m)) in all_mail.into_iter().enumerate() {
+        let folders = by_content.get_mut(&(m.sha256, m.date)).expect("its folder");
+        let label = match folders.pop().expect("as many as in All Mail") {
+            l if l == ARCHIVED => String::new(),
+            "INBOX" => "\\Inbox".to_string(),
+            l => format!("\"{l}\""),
+        };
+        let important = if i % 3 == 0 { "\\Important " } else { "" };
+        labels.insert(uid, format!("{important}{label}").trim().to_string());
+    }
+    assert_eq!(
+        labels
+            .values()
+            .filter(|l| l.is_empty() || *l == "\\Important")
+            .count(),
+        15
+    );
+
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    let relay = HostileServer::start(
+        g.src.port,
+        script(move |m| {
+            let text = String::from_utf8_lossy(m.response);
+            if text.contains("CAPABILITY IMAP4rev1 ") {
+                let announced = text.replacen("IMAP4rev1 ", "IMAP4rev1 X-GM-EXT-1 ", 1);
+                return Some(vec![Play::Send(announced.into_bytes())]);
+            }
+            // Dovecot refuses the item it does not know; Gmail would answer it.
+            let (tag, _) = text.split_once(' ')?;
+            if tag == "*" || !m.command.contains("X-GM-LABELS") {
+                return None;
+            }
+            let set = m.command.split_whitespace().nth(2)?;
+            let uids = mailferry_shared::imap::uidset::parse(set)?;
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut answer = String::new();
+            for (n, uid) in uids.iter().enumerate() {
+                if let Some(l) = labels.get(uid) {
+                    answer.push_str(&format!(
+                        "* {} FETCH (UID {uid} X-GM-LABELS ({l}))\r\n",
+                        n + 1
+                    ));
+                }
+            }
+            answer.push_str(&format!("{tag} OK Success\r\n"));
+            Some(vec![Play::Send(answer.into_bytes())])
+        }),
+    )
+    .await;
+    let state = temp_dir("state");
+    let out = Migrate::new(relay.port, g.dst.port, USER, &state)
+        .passwords(PASSWORD, PASSWORD)
+        .run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        asked.load(Ordering::SeqCst) > 0,
+        "the labels were never asked for"
+    );
+    g.assert_exactly_once().await;
+}
