@@ -239,3 +239,29 @@ spec:
     {{- end }}
   {{- end }}
 {{- end -}}
+
+{{/* Job slots of one worker replica: config.worker.job_slots, else the worker's
+     default (8). */}}
+{{- define "mailferry.jobSlots" -}}
+{{- $worker := default dict .Values.config.worker -}}
+{{- int (default 8 $worker.job_slots) -}}
+{{- end -}}
+
+{{/* The work one replica takes under KEDA: worker.keda.jobsPerReplica, else its slots. */}}
+{{- define "mailferry.jobsPerReplica" -}}
+{{- if gt (int .Values.worker.keda.jobsPerReplica) 0 -}}
+{{- int .Values.worker.keda.jobsPerReplica -}}
+{{- else -}}
+{{- include "mailferry.jobSlots" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The HPA's average jobs per worker: worker.hpa.targetJobsPerPod, else three quarters
+     of the slots (at least 1). */}}
+{{- define "mailferry.targetJobsPerPod" -}}
+{{- if gt (int .Values.worker.hpa.targetJobsPerPod) 0 -}}
+{{- int .Values.worker.hpa.targetJobsPerPod -}}
+{{- else -}}
+{{- max 1 (div (mul 3 (int (include "mailferry.jobSlots" .))) 4) -}}
+{{- end -}}
+{{- end -}}

@@ -94,9 +94,25 @@ need(grace > shutdown, f"worker grace {grace} s not above shutdown_grace_secs {s
 if "ScaledObject" in kinds:
     so = kinds["ScaledObject"]["spec"]
     need(so["scaleTargetRef"]["name"] == worker, "ScaledObject targets another Deployment")
-    need(so["triggers"][0]["metadata"]["queueName"] == f"{prefix}.jobs", "KEDA watches another queue")
+    trigger = so["triggers"][0]
+    slots = re.search(r"^\s*job_slots = (\d+)$", config, re.M)
+    if trigger["type"] == "prometheus":
+        # The work in progress counts, not only what waits in the queue.
+        q = trigger["metadata"]["query"]
+        need("mailferry_jobs_in_flight" in q and "mailferry_queue_ready_messages" in q, "KEDA's query misses work in progress")
+        need(trigger["metadata"]["threshold"] == (slots.group(1) if slots else "8"), "KEDA's threshold is not the job slots")
+        need("TriggerAuthentication" not in kinds, "a TriggerAuthentication without a rabbitmq trigger")
+    else:
+        need(trigger["metadata"]["queueName"] == f"{prefix}.jobs", "KEDA watches another queue")
     need("HorizontalPodAutoscaler" not in kinds, "both KEDA and an HPA")
     need("replicas" not in deployments[worker]["spec"], "worker replicas fixed under KEDA")
+if "HorizontalPodAutoscaler" in kinds:
+    metric = kinds["HorizontalPodAutoscaler"]["spec"]["metrics"][0]
+    if metric["type"] == "Pods":
+        need(metric["pods"]["metric"]["name"] == "mailferry_jobs_in_flight", "the HPA scales on another measure")
+        slots = re.search(r"^\s*job_slots = (\d+)$", config, re.M)
+        want = max(1, 3 * int(slots.group(1) if slots else 8) // 4)
+        need(metric["pods"]["target"]["averageValue"] == str(want), "the HPA's target is not 3/4 of the job slots")
 if "ServiceMonitor" in kinds:
     need(kinds["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "ops", "ServiceMonitor port")
 need(all(d["kind"] != "Secret" for d in docs), "the chart templated a Secret")
