@@ -85,12 +85,19 @@ pub fn install_metrics(process: &'static str) -> anyhow::Result<PrometheusHandle
     const SECONDS: &[f64] = &[
         0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
     ];
+    const COMMAND_SECONDS: &[f64] = &[
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+    ];
     const BYTES: &[f64] = &[
         1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
     ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(telemetry::JOB_DURATION.into()), SECONDS)?
         .set_buckets_for_metric(Matcher::Full(telemetry::MESSAGE_SIZE.into()), BYTES)?
+        .set_buckets_for_metric(
+            Matcher::Full(telemetry::IMAP_COMMAND_SECONDS.into()),
+            COMMAND_SECONDS,
+        )?
         .install_recorder()?;
     telemetry::describe();
     metrics::gauge!(telemetry::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "process" => process)

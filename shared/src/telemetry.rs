@@ -34,6 +34,8 @@ pub const QUEUE_JOBS: &str = "mailferry_queue_ready_messages";
 pub const QUEUE_DEAD: &str = "mailferry_queue_dead_messages";
 pub const LEADER: &str = "mailferry_coordinator_leader";
 pub const BUILD_INFO: &str = "mailferry_build_info";
+pub const IMAP_COMMAND_SECONDS: &str = "mailferry_imap_command_seconds";
+pub const IMAP_CONNECTIONS: &str = "mailferry_imap_connections";
 // The process's own, under the names Prometheus's client libraries use.
 pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
@@ -60,6 +62,8 @@ pub const CATALOGUE: &[(&str, Kind, &[&str], &str)] = &[
     (QUEUE_DEAD, Kind::Gauge, &[], "Messages in the dead-letter queue (the leading coordinator; 0 on the others)."),
     (LEADER, Kind::Gauge, &[], "1 while this coordinator holds the leader lease."),
     (BUILD_INFO, Kind::Gauge, &["version", "process"], "Always 1; the labels tell the version and the process kind."),
+    (IMAP_COMMAND_SECONDS, Kind::Histogram, &["command"], "Time from sending an IMAP command to the server's completion, by command (LOGIN, AUTHENTICATE, SELECT, EXAMINE, STATUS, UID FETCH, APPEND, …): a slow server shows here before its jobs slow down."),
+    (IMAP_CONNECTIONS, Kind::Gauge, &[], "IMAP connections this process holds open, both sides, idle ones in the pools included."),
     (PROCESS_CPU, Kind::Counter, &[], "CPU time this process has used, user and system (Linux)."),
     (PROCESS_RSS, Kind::Gauge, &[], "Resident memory of this process (Linux)."),
     (PROCESS_FDS, Kind::Gauge, &[], "Open file descriptors of this process: sockets to servers among them (Linux)."),

@@ -1444,6 +1444,24 @@ async fn metrics_health_and_readiness_tell_what_happened() {
         "{worker}"
     );
     assert_eq!(sample(&worker, "mailferry_jobs_in_flight"), Some(0.0));
+    // Every command timed, by command; the connections the worker holds counted.
+    let appends = sample(
+        &worker,
+        r#"mailferry_imap_command_seconds_count{command="APPEND"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(appends >= 1.0, "{worker}");
+    assert!(
+        sample(
+            &worker,
+            r#"mailferry_imap_command_seconds_bucket{command="UID FETCH",le="+Inf"}"#
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{worker}"
+    );
+    let open = sample(&worker, "mailferry_imap_connections").expect("the connection gauge");
+    assert!((0.0..=8.0).contains(&open), "{open} connections: {worker}");
     let done = sample(&worker, r#"mailferry_jobs_finished_total{outcome="done"}"#).unwrap_or(0.0);
     let runs = sample(&worker, "mailferry_job_duration_seconds_count").unwrap_or(0.0);
     assert!(done >= 2.0 && runs >= done, "{worker}");

@@ -70,6 +70,32 @@ fn every_metric_the_dashboard_queries_is_exported() {
             "no panel {wanted}"
         );
     }
+    // One installation, one batch: every query follows the namespace variable, and those
+    // of per-batch measures the batch variable.
+    let variables: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .expect("variables")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert!(
+        variables.contains(&"namespace") && variables.contains(&"batch"),
+        "{variables:?}"
+    );
+    for panel in panels {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let selectors = metric_names(expr).len();
+            assert_eq!(
+                expr.matches("namespace=~\"$namespace\"").count(),
+                selectors,
+                "{expr}: a metric not scoped to $namespace"
+            );
+            if expr.contains("mailferry_users") {
+                assert!(expr.contains("batch=~\"$batch\""), "{expr}");
+            }
+        }
+    }
     // Nothing exported is forgotten by the dashboard.
     let unused: Vec<&str> = CATALOGUE
         .iter()

@@ -233,6 +233,8 @@ impl Command {
 
 struct Pending {
     tag: String,
+    /// The command for the latency metric (a label: one of the commands we send).
+    verb: &'static str,
     untagged: mpsc::Sender<Response>,
     done: oneshot::Sender<StatusResponse>,
     /// When the command was written, and the time it may take once at the head of the
@@ -324,6 +326,44 @@ pub fn check(verb: &str, status: StatusResponse) -> Result<StatusResponse, Error
     }
 }
 
+/// The command's name as a metric label: only the commands mailferry sends, so the
+/// label's values stay few whatever a caller passes.
+fn metric_verb(verb: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "LOGIN",
+        "AUTHENTICATE",
+        "CAPABILITY",
+        "ID",
+        "ENABLE",
+        "NAMESPACE",
+        "LIST",
+        "LSUB",
+        "STATUS",
+        "SELECT",
+        "EXAMINE",
+        "CREATE",
+        "SUBSCRIBE",
+        "FETCH",
+        "UID FETCH",
+        "UID SEARCH",
+        "SEARCH",
+        "UID STORE",
+        "STORE",
+        "APPEND",
+        "NOOP",
+        "LOGOUT",
+        "GETQUOTAROOT",
+        "STARTTLS",
+        "UNSELECT",
+        "CLOSE",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(verb))
+        .copied()
+        .unwrap_or("other")
+}
+
 /// An open, pipelining IMAP connection.
 pub struct Session {
     writer: BufWriter<WriteHalf<Box<dyn Io>>>,
@@ -339,6 +379,7 @@ pub struct Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.reader.abort();
+        metrics::gauge!(crate::telemetry::IMAP_CONNECTIONS).decrement(1.0);
     }
 }
 
@@ -563,6 +604,7 @@ impl Session {
             state: Mutex::new(State::default()),
         });
         let (cont_tx, cont_rx) = mpsc::channel(4);
+        metrics::gauge!(crate::telemetry::IMAP_CONNECTIONS).increment(1.0);
         let reader = tokio::spawn(read_loop(
             rd,
             buf,
@@ -657,6 +699,7 @@ impl Session {
             }
             st.pending.push_back(Pending {
                 tag: tag.clone(),
+                verb: metric_verb(&command.verb),
                 untagged: utx,
                 done: dtx,
                 sent_at: Instant::now(),
@@ -1023,6 +1066,8 @@ async fn dispatch(shared: &Shared, continuations: &mpsc::Sender<String>, respons
                 at.and_then(|i| st.pending.remove(i))
             };
             if let Some(p) = pending {
+                metrics::histogram!(crate::telemetry::IMAP_COMMAND_SECONDS, "command" => p.verb)
+                    .record(p.sent_at.elapsed().as_secs_f64());
                 let _ = p.done.send(status);
             }
         }
