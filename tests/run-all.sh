@@ -104,6 +104,22 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -q -- -D warnings
 echo "== build"
 cargo build --workspace --bins --locked -q
+# The image: the release binary FROM scratch, built with Debian's Podman and runc, no
+# registry (tests/image/build.sh checks it), then run by the cluster tests.
+wanted=()
+command -v podman >/dev/null || wanted+=(podman)
+command -v runc >/dev/null || [[ -x /usr/sbin/runc ]] || wanted+=(runc)
+if [[ ${#wanted[@]} -gt 0 ]]; then
+    echo "== installing ${wanted[*]}"
+    [[ $(id -u) -eq 0 ]] || { echo "run as root (or install ${wanted[*]} first)" >&2; exit 1; }
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${wanted[@]}" >/dev/null
+fi
+export CONTAINERS_CONF=$PWD/tests/image/containers.conf
+export CONTAINERS_STORAGE_CONF=$PWD/tests/image/storage.conf
+MAILFERRY_IMAGE=$(bash tests/image/build.sh | tail -n 1)
+export MAILFERRY_IMAGE
 echo "== tests"
 cargo test --workspace --locked 2>&1 | tee "${TMPDIR:-/tmp}/mailferry-test.log"
 echo "== Helm chart"

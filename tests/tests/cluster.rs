@@ -281,6 +281,29 @@ impl Rig {
         self.process("coordinator", name, &[])
     }
 
+    /// `command` (worker or coordinator) in a container of `image` (Podman, the host's
+    /// network, the rig's directory mounted read-only at its own path).
+    fn container(&self, image: &str, command: &str, name: &str) -> Worker {
+        let log = self.dir.join(format!("{name}.log"));
+        let dir = self.dir.display().to_string();
+        Worker(
+            Command::new("podman")
+                .args(["run", "--rm", "--network", "host", "--name"])
+                .arg(format!("{}-{name}", self.prefix))
+                .args(["--env", "MAILFERRY_SEALING_KEYS", "--volume"])
+                .arg(format!("{dir}:{dir}:ro"))
+                .arg(image)
+                .args(["-v", command, "--config"])
+                .arg(&self.config)
+                .env("MAILFERRY_SEALING_KEYS", self.keys.expose())
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .expect("podman run"),
+        )
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
@@ -411,6 +434,34 @@ fn stop(worker: &mut Worker) -> std::process::ExitStatus {
         .arg(worker.0.id().to_string())
         .status();
     worker.0.wait().unwrap()
+}
+
+/// The image `tests/image/build.sh` built (`$MAILFERRY_IMAGE`, set by the suite's
+/// script): a coordinator and a worker in containers, as the chart runs them, against
+/// the machine's RabbitMQ and Redis, migrate the rig's users; SIGTERM stops both
+/// cleanly. (Run by hand without the image, it says so and checks nothing; in CI a
+/// missing image fails it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_image_runs_a_coordinator_and_a_worker_that_migrate_the_users() {
+    let Some(image) = std::env::var("MAILFERRY_IMAGE").ok().filter(|i| !i.is_empty()) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "MAILFERRY_IMAGE is not set: tests/run-all.sh builds the image first"
+        );
+        eprintln!("not run: MAILFERRY_IMAGE is not set (bash tests/image/build.sh builds it)");
+        return;
+    };
+    let rig = Rig::new(4).await;
+    let mut coordinator = rig.container(&image, "coordinator", "c-coordinator");
+    let mut worker = rig.container(&image, "worker", "c-worker");
+    rig.start();
+    rig.wait_synced(Duration::from_secs(180)).await;
+    for (p, name) in [(&mut worker, "c-worker"), (&mut coordinator, "c-coordinator")] {
+        assert!(stop(p).success(), "{name} did not stop cleanly:\n{}", rig.log(name));
+    }
+    assert!(rig.log("c-worker").contains("worker"), "{}", rig.log("c-worker"));
+    rig.assert_target_equals_source().await;
+    rig.clean_up().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
