@@ -443,7 +443,10 @@ fn stop(worker: &mut Worker) -> std::process::ExitStatus {
 /// missing image fails it.)
 #[tokio::test(flavor = "multi_thread")]
 async fn the_image_runs_a_coordinator_and_a_worker_that_migrate_the_users() {
-    let Some(image) = std::env::var("MAILFERRY_IMAGE").ok().filter(|i| !i.is_empty()) else {
+    let Some(image) = std::env::var("MAILFERRY_IMAGE")
+        .ok()
+        .filter(|i| !i.is_empty())
+    else {
         assert!(
             std::env::var_os("CI").is_none(),
             "MAILFERRY_IMAGE is not set: tests/run-all.sh builds the image first"
@@ -456,10 +459,21 @@ async fn the_image_runs_a_coordinator_and_a_worker_that_migrate_the_users() {
     let mut worker = rig.container(&image, "worker", "c-worker");
     rig.start();
     rig.wait_synced(Duration::from_secs(180)).await;
-    for (p, name) in [(&mut worker, "c-worker"), (&mut coordinator, "c-coordinator")] {
-        assert!(stop(p).success(), "{name} did not stop cleanly:\n{}", rig.log(name));
+    for (p, name) in [
+        (&mut worker, "c-worker"),
+        (&mut coordinator, "c-coordinator"),
+    ] {
+        assert!(
+            stop(p).success(),
+            "{name} did not stop cleanly:\n{}",
+            rig.log(name)
+        );
     }
-    assert!(rig.log("c-worker").contains("worker"), "{}", rig.log("c-worker"));
+    assert!(
+        rig.log("c-worker").contains("worker"),
+        "{}",
+        rig.log("c-worker")
+    );
     rig.assert_target_equals_source().await;
     rig.clean_up().await;
 }
