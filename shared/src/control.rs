@@ -17,6 +17,7 @@
 //! | `P:runs:<worker>` | hash run token → number, expires | workers | the last renewal batch applied for each of a worker's runs |
 //! | `P:run:<token>:released` | string, expires | workers | the same, for the stopped users' jobs a run recorded early |
 //! | `P:slots` | hash account or host → leases | every process | connection leases and pauses ([`crate::slots`]) |
+//! | `P:spent:<UTC day>:<account field>` | integer, expires in 2 days | workers | bytes downloaded from the account that day, against its endpoint's daily budget ([`crate::budget`]) |
 //! | `P:leader` | string, expires | coordinators | which coordinator schedules |
 //!
 //! The workers' three calls per delivery (claim, renew with progress and checkpoints,
