@@ -151,59 +151,57 @@ pub struct BatchCreateArgs {
     /// Users from a CSV in Exchange's format (see `migrate --help`).
     #[arg(long, value_name = "PATH")]
     pub csv: Option<PathBuf>,
-    /// The batch's folder rules, as `migrate`'s: copy only folders matching this
-    /// pattern. Repeatable. Giving any of --include, --exclude, --rename replaces the
+    /// The batch's folder rules, as `migrate`'s. Giving any of them replaces the
     /// batch's rules; giving none keeps them.
-    #[arg(long, value_name = "PATTERN")]
-    pub include: Vec<String>,
-    /// Do not copy folders matching this pattern. Repeatable.
-    #[arg(long, value_name = "PATTERN")]
-    pub exclude: Vec<String>,
-    /// Put a source folder elsewhere: FROM=TO, or FROM/*=TO/* for a subtree. Repeatable.
-    #[arg(long, value_name = "FROM=TO")]
-    pub rename: Vec<String>,
-    /// The target folder for mail that is only in Gmail's All Mail (archived, no label).
-    /// Default: the target's \Archive folder, else `Archive` (`All Mail` if a source
-    /// folder is called `Archive`). `--exclude '[Gmail]/All Mail'` leaves it behind.
-    #[arg(long, value_name = "FOLDER")]
-    pub archive_folder: Option<String>,
+    #[command(flatten)]
+    pub rules: FolderRuleArgs,
 }
 
 impl BatchCreateArgs {
     /// The folder rules given, or `None` when none were (the batch keeps its own).
     pub fn folder_rules(&self) -> Result<Option<Rules>, UsageError> {
-        if self.include.is_empty() && self.exclude.is_empty() && self.rename.is_empty() {
+        let r = &self.rules;
+        if r.include.is_empty() && r.exclude.is_empty() && r.rename.is_empty() {
             return Ok(None);
         }
-        let rules = rules_from(
-            &self.include,
-            &self.exclude,
-            &self.rename,
-            &self.archive_folder,
-        )?;
-        rules.validate().map_err(usage)?;
-        Ok(Some(rules))
+        r.rules().map(Some)
     }
 }
 
-/// Rules from `--include`, `--exclude` and `--rename FROM=TO`.
-fn rules_from(
-    include: &[String],
-    exclude: &[String],
-    rename: &[String],
-    archive: &Option<String>,
-) -> Result<Rules, UsageError> {
-    let mut rules = Rules {
-        include: include.to_vec(),
-        exclude: exclude.to_vec(),
-        rename: Vec::new(),
-        archive: archive.clone(),
-    };
-    for spec in rename {
-        rules.rename.push(Rules::parse_rename(spec).map_err(usage)?);
+/// Which folders are copied and where they land: `migrate`'s and `batch create`'s.
+#[derive(Debug, Clone, Args)]
+pub struct FolderRuleArgs {
+    /// Copy only folders matching this pattern (`*` is a wildcard; `/` separates levels). Repeatable.
+    #[arg(long, value_name = "PATTERN", help_heading = "Folder rules")]
+    pub include: Vec<String>,
+    /// Do not copy folders matching this pattern. Repeatable.
+    #[arg(long, value_name = "PATTERN", help_heading = "Folder rules")]
+    pub exclude: Vec<String>,
+    /// Put a source folder elsewhere: FROM=TO, or FROM/*=TO/* for a subtree. Repeatable.
+    #[arg(long, value_name = "FROM=TO", help_heading = "Folder rules")]
+    pub rename: Vec<String>,
+    /// The target folder for mail that is only in Gmail's All Mail (archived, no label).
+    /// Default: the target's \Archive folder, else `Archive` (`All Mail` if a source
+    /// folder is called `Archive`). `--exclude '[Gmail]/All Mail'` leaves it behind.
+    #[arg(long, value_name = "FOLDER", help_heading = "Folder rules")]
+    pub archive_folder: Option<String>,
+}
+
+impl FolderRuleArgs {
+    /// The rules, checked (each `--rename` is `FROM=TO`, patterns are bounded).
+    pub fn rules(&self) -> Result<Rules, UsageError> {
+        let mut rules = Rules {
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            rename: Vec::new(),
+            archive: self.archive_folder.clone(),
+        };
+        for spec in &self.rename {
+            rules.rename.push(Rules::parse_rename(spec).map_err(usage)?);
+        }
+        rules.validate().map_err(usage)?;
+        Ok(rules)
     }
-    rules.validate().map_err(usage)?;
-    Ok(rules)
 }
 
 #[derive(Debug, Args)]
@@ -320,20 +318,8 @@ pub struct MigrateArgs {
     /// Show the folder mapping and per-folder counts; change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Copy only folders matching this pattern (`*` is a wildcard; `/` separates levels). Repeatable.
-    #[arg(long, value_name = "PATTERN")]
-    pub include: Vec<String>,
-    /// Do not copy folders matching this pattern. Repeatable.
-    #[arg(long, value_name = "PATTERN")]
-    pub exclude: Vec<String>,
-    /// Put a source folder elsewhere: FROM=TO, or FROM/*=TO/* for a subtree. Repeatable.
-    #[arg(long, value_name = "FROM=TO")]
-    pub rename: Vec<String>,
-    /// The target folder for mail that is only in Gmail's All Mail (archived, no label).
-    /// Default: the target's \Archive folder, else `Archive` (`All Mail` if a source
-    /// folder is called `Archive`). `--exclude '[Gmail]/All Mail'` leaves it behind.
-    #[arg(long, value_name = "FOLDER")]
-    pub archive_folder: Option<String>,
+    #[command(flatten)]
+    pub rules: FolderRuleArgs,
     /// Skip messages larger than this (e.g. 25M, 1G); the target's APPENDLIMIT applies too.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_message_size: Option<u64>,
@@ -895,12 +881,7 @@ pub fn users_from(
 }
 
 pub fn prepare(args: &MigrateArgs) -> Result<MigratePlan, UsageError> {
-    let rules = rules_from(
-        &args.include,
-        &args.exclude,
-        &args.rename,
-        &args.archive_folder,
-    )?;
+    let rules = args.rules.rules()?;
     for (what, n) in [
         ("--connections", args.connections),
         ("--jobs", args.jobs),
