@@ -161,7 +161,11 @@ impl BatchCreateArgs {
     /// The folder rules given, or `None` when none were (the batch keeps its own).
     pub fn folder_rules(&self) -> Result<Option<Rules>, UsageError> {
         let r = &self.rules;
-        if r.include.is_empty() && r.exclude.is_empty() && r.rename.is_empty() {
+        let none_given = r.include.is_empty()
+            && r.exclude.is_empty()
+            && r.rename.is_empty()
+            && r.archive_folder.is_none();
+        if none_given {
             return Ok(None);
         }
         r.rules().map(Some)
@@ -984,6 +988,27 @@ mod tests {
                 p.name
             );
         }
+    }
+
+    #[test]
+    fn batch_create_takes_any_folder_rule_and_keeps_the_batchs_without_one() {
+        use clap::Parser;
+        let rules_of = |extra: &[&str]| {
+            let mut args = vec!["mailferry", "batch", "create", "--batch", "b1"];
+            args.extend_from_slice(extra);
+            match Cli::try_parse_from(args).expect("parses").command {
+                Command::Batch(BatchArgs {
+                    command: BatchCommand::Create(create),
+                    ..
+                }) => create.folder_rules().expect("valid rules"),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(rules_of(&[]), None);
+        let archive = rules_of(&["--archive-folder", "Old/Archived"]).expect("given");
+        assert_eq!(archive.archive.as_deref(), Some("Old/Archived"));
+        let rename = rules_of(&["--rename", "A/*=B/*"]).expect("given");
+        assert_eq!(rename.rename, [("A/*".to_string(), "B/*".to_string())]);
     }
 
     #[test]
