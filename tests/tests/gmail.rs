@@ -110,6 +110,44 @@ impl Gmail {
         assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 
+    /// Messages at the target: in the archive folder, and in all the others.
+    async fn at_target(&self) -> (u32, u32) {
+        let all = mail::message_count(self.dst.port, USER, PASSWORD).await;
+        let mut s = session(self.dst.port, USER, PASSWORD).await;
+        let archive = s
+            .status_many(&[wire_name(ARCHIVE_AT_TARGET, '/')])
+            .await
+            .expect("STATUS")
+            .pop()
+            .and_then(|st| st.ok())
+            .map_or(0, |st| st.messages);
+        s.logout().await;
+        (archive, all - archive)
+    }
+
+    /// A run with one job at a time that aborts at `point`, which must fall in the
+    /// archive job (see [`a_crash_while_copying_the_archive_duplicates_nothing`]).
+    async fn crash_in_the_archive(&self, state: &std::path::Path, point: &str) {
+        let (archive, labels) = self.at_target().await;
+        let crash = self
+            .migrate(state)
+            .args(["--jobs", "1"])
+            .env("MAILFERRY_FAILPOINT", point)
+            .run();
+        assert_eq!(crash.status.code(), None, "{point}: {}", text(&crash));
+        let (archive_now, labels_now) = self.at_target().await;
+        assert_eq!(
+            labels_now, labels,
+            "{point}: a label's job ran before the crash"
+        );
+        if point.starts_with("after-append") {
+            assert!(
+                archive_now > archive,
+                "{point}: the archive got nothing before the crash"
+            );
+        }
+    }
+
     async fn add(&self, seed: u64, inbox: usize, archived: usize) {
         let mut more: Vec<TestMessage> =
             corpus(seed, 2).into_iter().take(inbox + archived).collect();
@@ -153,29 +191,21 @@ async fn archived_mail_arrives_once_and_labelled_mail_is_not_copied_again() {
 }
 
 /// The archive job is the user's largest, so it runs first with `--jobs 1`: each crash
-/// lands in it, after its APPENDs and before its checkpoint, or amid its fetches.
+/// lands in it, after its APPENDs and before its checkpoint, or amid its fetches — in
+/// the first pass and in an incremental one. Each crash is shown to have happened there:
+/// the labels' folders at the target are as before it, and after an APPEND the archive
+/// folder has grown.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_while_copying_the_archive_duplicates_nothing() {
     for (seed, point) in [(82, "after-append:1"), (83, "mid-fetch:4")] {
         let g = start(seed).await;
         let state = temp_dir("state");
-        let crash = g
-            .migrate(&state)
-            .args(["--jobs", "1"])
-            .env("MAILFERRY_FAILPOINT", point)
-            .run();
-        assert_eq!(crash.status.code(), None, "{point}: {}", text(&crash));
+        g.crash_in_the_archive(&state, point).await;
         g.run(&state);
         g.assert_exactly_once().await;
 
-        // And in an incremental pass.
         g.add(seed * 10, 2, 6).await;
-        let crash = g
-            .migrate(&state)
-            .args(["--jobs", "1"])
-            .env("MAILFERRY_FAILPOINT", point)
-            .run();
-        assert_eq!(crash.status.code(), None, "{point}: {}", text(&crash));
+        g.crash_in_the_archive(&state, point).await;
         g.run(&state);
         g.assert_exactly_once().await;
     }
