@@ -40,6 +40,21 @@ async fn get(client: &ApiClient, path: &str) -> Answer {
 }
 
 /// Makes the rig's two endpoints and a batch of them; returns (source, target, batch).
+/// Imports a CSV of users into batch `b`; the answer (added, errors) of a 200.
+async fn import_csv(client: &ApiClient, b: &str, csv: String) -> Value {
+    expect(
+        client
+            .call(
+                "POST",
+                &format!("/api/v1/batches/{b}/users/import"),
+                Some(("text/csv", csv.into_bytes())),
+            )
+            .await
+            .unwrap(),
+        200,
+    )
+}
+
 async fn batch_of(rig: &ApiRig, client: &ApiClient) -> (String, String, String) {
     let source = expect(
         post(client, "/api/v1/endpoints", rig.source_endpoint()).await,
@@ -155,16 +170,7 @@ async fn an_admin_migrates_a_batch_through_the_api_and_no_password_comes_out() {
     let csv = format!(
         "EmailAddress,UserName,Password\nalice@example.com,alice@example.com,{CANARY}\nbroken,x,y\nbob@example.com,bob@example.com,\n"
     );
-    let import = expect(
-        acme.call(
-            "POST",
-            &format!("/api/v1/batches/{b}/users/import"),
-            Some(("text/csv", csv.into_bytes())),
-        )
-        .await
-        .unwrap(),
-        200,
-    );
+    let import = import_csv(&acme, &b, csv).await;
     assert_eq!(import["added"], 2, "{import}");
     assert_eq!(import["errors"][0]["line"], 3, "{import}");
     assert!(import["errors"][0]["reason"]
@@ -1427,16 +1433,7 @@ async fn a_batch_preview_shows_the_mapping_the_counts_and_who_would_not_fit() {
             csv
         },
     );
-    expect(
-        acme.call(
-            "POST",
-            &format!("/api/v1/batches/{b}/users/import"),
-            Some(("text/csv", csv.into_bytes())),
-        )
-        .await
-        .unwrap(),
-        200,
-    );
+    import_csv(&acme, &b, csv).await;
     let preview = |body: Value| {
         let acme = &acme;
         let path = format!("/api/v1/batches/{b}/preview");
@@ -1579,16 +1576,7 @@ async fn a_batchs_folder_rules_exclude_and_rename_folders() {
     );
     let (login, password, messages) = &rig.users[0];
     let csv = format!("EmailAddress,UserName,Password\n{login},{login},{password}\n");
-    expect(
-        acme.call(
-            "POST",
-            &format!("/api/v1/batches/{b}/users/import"),
-            Some(("text/csv", csv.into_bytes())),
-        )
-        .await
-        .unwrap(),
-        200,
-    );
+    import_csv(&acme, &b, csv).await;
     expect(
         post(&acme, &format!("/api/v1/batches/{b}/start"), json!({})).await,
         200,
