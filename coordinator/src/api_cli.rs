@@ -410,7 +410,7 @@ async fn run_async(args: &ApiArgs) -> anyhow::Result<u8> {
             if args.json {
                 return print_json(&preview);
             }
-            print_preview(&preview);
+            print_preview(&preview)?;
             Ok(0)
         }
         ApiCommand::BatchCreate {
@@ -698,9 +698,11 @@ async fn watch(api: &ApiClient, batch: &str, until_settled: bool) -> anyhow::Res
     Ok(u8::from(failed))
 }
 
-/// `mailferry api preview`: per user, the totals and the quota, then the mapping.
-fn print_preview(preview: &Value) {
-    use crate::report::human_bytes;
+/// `mailferry api preview`: per user, the totals and the quota, then the mapping (as
+/// `migrate --dry-run` prints it).
+fn print_preview(preview: &Value) -> anyhow::Result<()> {
+    use crate::planner::PlannedFolder;
+    use crate::report::{human_bytes, mapping_table};
     let bytes = |v: &Value| v.as_u64().map(human_bytes).unwrap_or_else(|| "?".into());
     for u in preview["users"].as_array().into_iter().flatten() {
         let user = u["user"].as_str().unwrap_or("");
@@ -722,29 +724,12 @@ fn print_preview(preview: &Value) {
             u["messages"],
             bytes(&u["bytes"])
         );
-        for f in u["folders"].as_array().into_iter().flatten() {
-            let action = match (f["action"].as_str(), f["archive_only"].as_bool()) {
-                (Some("copy"), Some(true)) => "copy: only messages in no other folder".into(),
-                (Some("exclude"), _) => format!("skip: {}", f["reason"].as_str().unwrap_or("")),
-                (a, _) => a.unwrap_or("").to_string(),
-            };
-            let problem = f["problem"]
-                .as_str()
-                .map(|p| format!(" ({p})"))
-                .unwrap_or_default();
-            println!(
-                "  {:<32} {:<32} {:>9} {:>10}  {action}{problem}",
-                f["source_path"].as_str().unwrap_or(""),
-                f["target_path"].as_str().unwrap_or(""),
-                f["messages"]
-                    .as_u64()
-                    .map(|m| m.to_string())
-                    .unwrap_or_default(),
-                f["size"].as_u64().map(human_bytes).unwrap_or_default(),
-            );
-        }
+        let folders: Vec<PlannedFolder> =
+            serde_json::from_value(u["folders"].clone()).context("the preview's folders")?;
+        print!("{}", mapping_table(&folders));
     }
     if let Some(more) = preview["more"].as_u64().filter(|&m| m > 0) {
         println!("({more} more users: name them with --user)");
     }
+    Ok(())
 }

@@ -8,7 +8,9 @@ use clap::Parser;
 use mailferry_coordinator::cli::{prepare, Cli, Command, MigrateArgs};
 use mailferry_coordinator::embedded::{self, DryRun};
 use mailferry_coordinator::ops;
-use mailferry_coordinator::report::{exit_for, human_bytes, render_summary, Exit, Reporter};
+use mailferry_coordinator::report::{
+    exit_for, human_bytes, mapping_table, render_summary, Exit, Reporter,
+};
 use mailferry_shared::settings::{LogFormat, Settings};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
@@ -467,38 +469,7 @@ fn print_dry_run(dry: &DryRun) {
         println!("{user}:");
         match result {
             Err(e) => println!("  cannot plan: {e}"),
-            Ok(folders) => {
-                println!(
-                    "  {:<32} {:<32} {:>9} {:>10}  action",
-                    "source", "target", "messages", "size"
-                );
-                for f in folders {
-                    let action = match &f.mapping.action {
-                        mailferry_shared::folders::Action::Copy if f.mapping.target_exists => {
-                            "copy".to_string()
-                        }
-                        mailferry_shared::folders::Action::Copy => "create, copy".to_string(),
-                        mailferry_shared::folders::Action::Create => {
-                            "create (container)".to_string()
-                        }
-                        mailferry_shared::folders::Action::Exclude(why) => format!("skip: {why}"),
-                    };
-                    let action = match &f.problem {
-                        Some(p) => format!("{action} ({p})"),
-                        None if f.mapping.archive_only => {
-                            format!("{action}: only messages in no other folder")
-                        }
-                        None => action,
-                    };
-                    println!(
-                        "  {:<32} {:<32} {:>9} {:>10}  {action}",
-                        f.mapping.source_path,
-                        f.mapping.target_path,
-                        f.messages.map(|m| m.to_string()).unwrap_or_default(),
-                        f.size.map(human_bytes).unwrap_or_default(),
-                    );
-                }
-            }
+            Ok(folders) => print!("{}", mapping_table(folders)),
         }
     }
 }

@@ -50,7 +50,7 @@ impl PlanError {
 }
 
 /// One source folder with what the plan found out about it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PlannedFolder {
     #[serde(flatten)]
     pub mapping: FolderMapping,

@@ -295,6 +295,38 @@ impl ProgressSink for Reporter {
     }
 }
 
+/// One user's folder mapping as a table, one line a folder (indented by two): where
+/// it goes, its messages and size, and what happens to it. `migrate --dry-run` and
+/// `mailferry api preview` print it.
+pub fn mapping_table(folders: &[crate::planner::PlannedFolder]) -> String {
+    use mailferry_shared::folders::Action;
+    let mut out = format!(
+        "  {:<32} {:<32} {:>9} {:>10}  action\n",
+        "source", "target", "messages", "size"
+    );
+    for f in folders {
+        let action = match &f.mapping.action {
+            Action::Copy if f.mapping.target_exists => "copy".to_string(),
+            Action::Copy => "create, copy".to_string(),
+            Action::Create => "create (container)".to_string(),
+            Action::Exclude(why) => format!("skip: {why}"),
+        };
+        let action = match &f.problem {
+            Some(p) => format!("{action} ({p})"),
+            None if f.mapping.archive_only => format!("{action}: only messages in no other folder"),
+            None => action,
+        };
+        out.push_str(&format!(
+            "  {:<32} {:<32} {:>9} {:>10}  {action}\n",
+            f.mapping.source_path,
+            f.mapping.target_path,
+            f.messages.map(|m| m.to_string()).unwrap_or_default(),
+            f.size.map(human_bytes).unwrap_or_default(),
+        ));
+    }
+    out
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;

@@ -227,7 +227,7 @@ impl Rules {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "action", content = "reason", rename_all = "lowercase")]
 pub enum Action {
     /// Copy messages (a selectable folder).
@@ -237,8 +237,9 @@ pub enum Action {
     Exclude(String),
 }
 
-/// Where one source folder goes.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// Where one source folder goes. (Read back from JSON, as the API's preview sends it,
+/// the wire names and levels are empty: they are never sent.)
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FolderMapping {
     #[serde(skip)]
     pub source_wire: Bytes,
@@ -254,7 +255,7 @@ pub struct FolderMapping {
     pub special_use: Option<SpecialUse>,
     /// A `\All` folder: only its messages found in no other folder are copied
     /// (see the module's notes).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub archive_only: bool,
     /// The target folder already exists.
     pub target_exists: bool,
