@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use mailferry_shared::endpoint::{Endpoint, Security};
+use mailferry_shared::domain::endpoint::{Endpoint, Security};
 use mailferry_shared::secret::Secret;
 use tokio::net::TcpStream;
 

@@ -6,15 +6,17 @@
 
 use std::collections::BTreeMap;
 
-use mailferry_shared::batch::{BatchRecord, UserRecord};
-use mailferry_shared::control::PassRecord;
-use mailferry_shared::directory::endpoint_seal_scope;
+use mailferry_shared::config::seal::{Binding, Keyring};
+use mailferry_shared::config::settings::{Settings, MIN_SYNC_INTERVAL_SECS};
+use mailferry_shared::domain::batch::{BatchRecord, UserRecord};
+use mailferry_shared::domain::folders::Rules;
+use mailferry_shared::domain::status::{
+    roll_up, Intent, JobState, MessageCounts, UserStatus, UserView,
+};
 use mailferry_shared::error::Side;
-use mailferry_shared::folders::Rules;
-use mailferry_shared::redis_store::RedisStore;
-use mailferry_shared::seal::{Binding, Keyring};
-use mailferry_shared::settings::{Settings, MIN_SYNC_INTERVAL_SECS};
-use mailferry_shared::status::{roll_up, Intent, JobState, MessageCounts, UserStatus, UserView};
+use mailferry_shared::redis::control::PassRecord;
+use mailferry_shared::redis::directory::endpoint_seal_scope;
+use mailferry_shared::redis::RedisStore;
 use mailferry_shared::Error;
 
 use crate::embedded::UserSpec;
@@ -371,7 +373,7 @@ impl Cluster {
                     .await?
             }
             Action::SyncNow => {
-                let now = mailferry_shared::control::now_ms();
+                let now = mailferry_shared::redis::control::now_ms();
                 for user in &applied {
                     self.store.schedule(batch, user, now).await?;
                 }

@@ -5,16 +5,17 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use mailferry_shared::endpoint::{Credentials, Endpoint};
-use mailferry_shared::folders::Rules;
+use mailferry_shared::domain::endpoint::Endpoint;
+use mailferry_shared::domain::folders::Rules;
+use mailferry_shared::domain::login::Credentials;
 use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::imap::Limits;
 use mailferry_shared::queue::{JobQueue, MemoryQueue};
 use mailferry_shared::store::DirStore;
-use mailferry_worker::accounts::{StaticAccounts, UserAccounts};
-use mailferry_worker::claims::Unclaimed;
-use mailferry_worker::consumer::{consume, decide, Decision, RetryPolicy};
+use mailferry_worker::Unclaimed;
+use mailferry_worker::{consume, decide, Decision, RetryPolicy};
 use mailferry_worker::{Engine, EngineSettings};
+use mailferry_worker::{StaticAccounts, UserAccounts};
 use tokio::sync::{watch, Semaphore};
 
 use crate::planner::{plan_user, PlanError, PlanRequest, PlannedFolder};
@@ -90,7 +91,8 @@ pub async fn run(
         // it is given.
         let with_tokens = |credentials: &Credentials, server: &Endpoint| {
             let mut credentials = credentials.clone();
-            credentials.tokens = mailferry_shared::oauth::tokens_for(&credentials, server, None)?;
+            credentials.tokens =
+                mailferry_shared::domain::login::tokens_for(&credentials, server, None)?;
             Ok::<_, mailferry_shared::Error>(credentials)
         };
         let source_credentials = with_tokens(&u.source_credentials, &u.source)?;
@@ -175,7 +177,7 @@ pub async fn run(
         opts.retry,
         shutdown.clone(),
         // Ctrl-C lets the folders in progress finish; a second one exits at once.
-        Arc::new(mailferry_shared::lease::Fence::open_ended()),
+        Arc::new(mailferry_shared::redis::lease::Fence::open_ended()),
     ));
 
     // Plan users a few at a time; each user's jobs are queued as soon as it is planned,
@@ -248,7 +250,7 @@ pub async fn run(
                     }
                     reporter.user_planned(&id, plan.folders.len(), plan.jobs.len());
                     let mut jobs = plan.jobs;
-                    let size_of = |j: &mailferry_shared::job::FolderJob| {
+                    let size_of = |j: &mailferry_shared::domain::job::FolderJob| {
                         plan.folders
                             .iter()
                             .find(|f| f.mapping.source_wire == j.source_folder.0)

@@ -3,7 +3,6 @@
 //! line ([`cli`]); the admin's HTTP API and web console ([`api`]).
 
 pub mod api;
-pub mod api_cli;
 pub mod cli;
 pub mod client;
 pub mod cluster;

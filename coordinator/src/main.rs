@@ -11,7 +11,7 @@ use mailferry_coordinator::ops;
 use mailferry_coordinator::report::{
     exit_for, human_bytes, mapping_table, render_summary, Exit, Reporter,
 };
-use mailferry_shared::settings::{LogFormat, Settings};
+use mailferry_shared::config::settings::{LogFormat, Settings};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Api(args) => match mailferry_coordinator::api_cli::run(&args) {
+        Command::Api(args) => match mailferry_coordinator::cli::api::run(&args) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 eprintln!("mailferry api: {e:#}");
@@ -96,7 +96,7 @@ fn init_logging(verbose: u8, configured: &str, format: LogFormat) -> anyhow::Res
         (None, 1) => ("debug".to_string(), "-v"),
         (None, _) => ("trace".to_string(), "-vv"),
     };
-    mailferry_shared::settings::check_log_filter(&text)
+    mailferry_shared::config::settings::check_log_filter(&text)
         .map_err(|problem| anyhow::anyhow!("{from}: {problem}"))?;
     let filter: Targets = text
         .parse()
@@ -196,7 +196,7 @@ fn check_config(
 ) -> anyhow::Result<()> {
     let settings = Settings::load(args.config.as_deref(), std::env::vars())?;
     let keys = settings.sealing_keys()?;
-    mailferry_shared::seal::Keyring::parse(&keys).context("the sealing keys")?;
+    mailferry_shared::config::seal::Keyring::parse(&keys).context("the sealing keys")?;
     if serves_api && settings.api.listen.is_some() {
         let tokens = settings.api.all_tokens()?;
         println!("API tokens OK: {} (secrets redacted)", tokens.len());
@@ -208,10 +208,10 @@ fn check_config(
 fn cluster_setup(
     config: Option<&std::path::Path>,
 ) -> anyhow::Result<(
-    mailferry_shared::settings::Settings,
+    mailferry_shared::config::settings::Settings,
     tokio::runtime::Runtime,
 )> {
-    let settings = mailferry_shared::settings::Settings::load(config, std::env::vars())?;
+    let settings = mailferry_shared::config::settings::Settings::load(config, std::env::vars())?;
     if let Some(ca) = &settings.oauth_ca_file {
         mailferry_shared::oauth::http::trust_ca_file(ca.clone());
     }
@@ -249,7 +249,7 @@ async fn serve_ops(
     let (Some(addr), Some(metrics)) = (settings.ops.listen_addr(), metrics) else {
         return Ok(());
     };
-    let store = mailferry_shared::redis_store::RedisStore::from_settings(settings).await?;
+    let store = mailferry_shared::redis::RedisStore::from_settings(settings).await?;
     ops::watch_redis(store, readiness.check("redis unreachable"));
     ops::serve(addr, metrics, readiness).await
 }
@@ -265,7 +265,7 @@ fn worker(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> anyhow:
         let consuming = readiness.check("not consuming jobs from RabbitMQ");
         serve_ops(&settings, metrics, readiness).await?;
         let shutdown = on_signal("stopping: finishing the jobs in progress");
-        mailferry_worker::cluster::run(&settings, shutdown, consuming).await?;
+        mailferry_worker::run_cluster_worker(&settings, shutdown, consuming).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(())
@@ -313,7 +313,7 @@ const OPS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
     use mailferry_coordinator::cli::{parse_duration_secs, users_from, BatchCommand};
     use mailferry_coordinator::cluster::{summarize, Action, Cluster};
-    use mailferry_shared::status::UserStatus;
+    use mailferry_shared::domain::status::UserStatus;
     let (settings, runtime) = cluster_setup(args.config.as_deref())?;
     runtime.block_on(async {
         let cluster = Cluster::connect(settings).await?;
@@ -390,7 +390,7 @@ fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
                     println!("{}", serde_json::to_string_pretty(&out)?);
                     return Ok(0);
                 }
-                let now = mailferry_shared::control::now_ms();
+                let now = mailferry_shared::redis::control::now_ms();
                 for line in &lines {
                     let detail = match &line.status {
                         UserStatus::Failed { reason } => format!(" ({reason})"),

@@ -22,10 +22,10 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use mailferry_shared::amqp_queue::AmqpQueue;
-use mailferry_shared::redis_store::RedisStore;
-use mailferry_shared::settings::Settings;
-use mailferry_shared::status::UserStatus;
+use mailferry_shared::config::settings::Settings;
+use mailferry_shared::domain::status::UserStatus;
+use mailferry_shared::queue::amqp::AmqpQueue;
+use mailferry_shared::redis::RedisStore;
 use mailferry_shared::telemetry;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 

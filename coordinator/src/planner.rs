@@ -8,14 +8,14 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use mailferry_shared::folders::{
+use mailferry_shared::domain::folders::{
     encode_target_strict, map_folders, Action, FolderMapping, Namespace, Rules, SpecialUse,
+};
+use mailferry_shared::domain::job::{
+    ArchiveOnly, Checkpoint, CheckpointKey, FolderJob, OtherFolder, SourceState, WireName,
 };
 use mailferry_shared::imap::mailbox::FolderStatus;
 use mailferry_shared::imap::pool::Pool;
-use mailferry_shared::job::{
-    ArchiveOnly, Checkpoint, CheckpointKey, FolderJob, OtherFolder, SourceState, WireName,
-};
 use mailferry_shared::store::StateStore;
 use mailferry_shared::{Error as SharedError, Side};
 
@@ -29,7 +29,7 @@ pub enum PlanError {
         source: SharedError,
     },
     #[error("{0}")]
-    Mapping(#[from] mailferry_shared::folders::MappingError),
+    Mapping(#[from] mailferry_shared::domain::folders::MappingError),
     #[error("state store: {0}")]
     Store(SharedError),
 }
@@ -304,7 +304,7 @@ async fn cut_into_ranges(
     session.release();
     let mut bounds: Vec<u32> = responses
         .iter()
-        .filter_map(mailferry_worker::message::parse_fetch)
+        .filter_map(mailferry_shared::imap::message::parse_fetch)
         .filter_map(|f| f.uid)
         .collect();
     bounds.sort_unstable();

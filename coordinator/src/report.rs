@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use mailferry_shared::job::{FolderJob, SkippedMessage};
+use mailferry_shared::domain::job::{FolderJob, SkippedMessage};
 use mailferry_shared::{Error as SharedError, Side};
 use mailferry_worker::{JobError, JobReport, ProgressSink};
 
@@ -299,7 +299,7 @@ impl ProgressSink for Reporter {
 /// it goes, its messages and size, and what happens to it. `migrate --dry-run` and
 /// `mailferry api preview` print it.
 pub fn mapping_table(folders: &[crate::planner::PlannedFolder]) -> String {
-    use mailferry_shared::folders::Action;
+    use mailferry_shared::domain::folders::Action;
     let mut out = format!(
         "  {:<32} {:<32} {:>9} {:>10}  action\n",
         "source", "target", "messages", "size"

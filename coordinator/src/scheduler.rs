@@ -27,21 +27,21 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailferry_shared::amqp_queue::AmqpQueue;
-use mailferry_shared::control::{now_ms, DispatchView, PassRecord, PassStart};
-use mailferry_shared::folders::Rules;
+use mailferry_shared::config::seal::Keyring;
+use mailferry_shared::config::settings::Settings;
+use mailferry_shared::domain::folders::Rules;
+use mailferry_shared::domain::job::FolderJob;
+use mailferry_shared::domain::status::{Intent, JobState, UserStatus};
 use mailferry_shared::imap::Limits;
-use mailferry_shared::job::FolderJob;
-use mailferry_shared::lease::{Fence, LeaseTiming};
+use mailferry_shared::queue::amqp::AmqpQueue;
 use mailferry_shared::queue::JobQueue;
-use mailferry_shared::redis_store::RedisStore;
-use mailferry_shared::seal::Keyring;
-use mailferry_shared::settings::Settings;
-use mailferry_shared::status::{Intent, JobState, UserStatus};
+use mailferry_shared::redis::control::{now_ms, DispatchView, PassRecord, PassStart};
+use mailferry_shared::redis::lease::{Fence, LeaseTiming};
+use mailferry_shared::redis::RedisStore;
 use mailferry_shared::telemetry;
 use mailferry_shared::{Disposition, Error};
-use mailferry_worker::accounts::{RedisAccounts, UserAccounts};
-use mailferry_worker::error::JobError;
+use mailferry_worker::JobError;
+use mailferry_worker::{RedisAccounts, UserAccounts};
 use tokio::sync::{watch, Mutex};
 
 use crate::cluster::user_status;
@@ -140,7 +140,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         ttl: Duration::from_secs(settings.coordinator.leader_lease_secs),
     };
     let keys = Arc::new(keys);
-    let slots = mailferry_worker::cluster::shared_slots(&settings, &store);
+    let slots = mailferry_worker::shared_slots(&settings, &store);
     let mut shutdown = shutdown;
     let mut announced_standby = false;
     loop {
@@ -1145,7 +1145,7 @@ pub fn bundles(jobs: Vec<FolderJob>) -> Vec<Vec<FolderJob>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mailferry_shared::job::WireName;
+    use mailferry_shared::domain::job::WireName;
 
     fn job(folder: &str, range: Option<(u32, u32)>) -> FolderJob {
         FolderJob {

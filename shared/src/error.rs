@@ -147,7 +147,7 @@ fn paused_until(left: Duration) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    crate::date::utc_minute((now + left).as_secs() as i64)
+    crate::domain::date::utc_minute((now + left).as_secs() as i64)
 }
 
 /// How long an account is paused after it used up a provider's daily allowance (Gmail:

@@ -1,31 +1,34 @@
-//! What the coordinator and the workers agree on: the domain (endpoints, users, folder
-//! jobs, checkpoints), the IMAP session layer, folder-name mapping, and the queue and
-//! store interfaces with their embedded implementations.
+//! What the coordinator and the workers agree on. Each folder is one part of the design;
+//! its `mod.rs` says what it holds and lists its files.
+//!
+//! | module | what | where to add … |
+//! |---|---|---|
+//! | [`domain`] | plain data and pure rules: endpoints, logins, users, batches, folder jobs and checkpoints, statuses, folder mapping, mUTF-7, dates, daily budgets | a status, an endpoint field, a folder rule |
+//! | [`providers`] | the provider presets (Microsoft 365, Outlook.com, Gmail, Workspace …) and their OAuth2 defaults: the one list the CLI, the API, the console and the docs read | a preset |
+//! | [`imap`] | the IMAP session layer: sans-I/O parser, pipelining client, flags, mailbox operations, TLS, connection pool | an IMAP command |
+//! | [`oauth`] | OAuth2 access tokens (XOAUTH2, OAUTHBEARER) from a provider's token endpoint | a grant |
+//! | [`queue`] | where folder jobs wait: the interface, the embedded (memory) queue and RabbitMQ | a queue |
+//! | [`store`] | where checkpoints live: the interface and the embedded (state directory) store | — |
+//! | [`redis`] | the cluster's control plane in Redis: keys, the checkpoint store, passes, claims, slots, leader, the API's directory; `lua/` holds its scripts | a Redis key or script |
+//! | [`config`] | the cluster's settings and credential sealing | a setting |
+//! | [`error`], [`secret`], [`telemetry`], [`failpoint`] | what every part uses: the error type and its disposition, secrets that wipe themselves, metric names, crash points for tests | a metric |
+//!
+//! Imports run one way: `domain` uses nothing but [`secret`], [`error`] and, for folder
+//! mapping's input, the `imap` listing types; the adapters (`imap`, `oauth`, `queue`,
+//! `store`, `redis`) use `domain`; no file imports one that imports it back (a unit
+//! test, `tests/tests/layout.rs`, checks).
 
-pub mod amqp_queue;
-pub mod batch;
-pub mod budget;
-pub mod control;
-pub mod date;
-pub mod directory;
-pub mod endpoint;
+pub mod config;
+pub mod domain;
 pub mod error;
 pub mod failpoint;
-pub mod folders;
 pub mod imap;
-pub mod job;
-pub mod lease;
-pub mod mutf7;
 pub mod oauth;
+pub mod providers;
 pub mod queue;
-pub mod redis_store;
-pub mod seal;
+pub mod redis;
 pub mod secret;
-pub mod settings;
-pub mod slots;
-pub mod status;
 pub mod store;
 pub mod telemetry;
-pub mod users;
 
 pub use error::{Disposition, Error, Side};

@@ -18,8 +18,8 @@ use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::domain::job::{Checkpoint, CheckpointKey};
 use crate::error::Error;
-use crate::job::{Checkpoint, CheckpointKey};
 
 pub trait StateStore: Send + Sync + 'static {
     fn load_checkpoint(
@@ -236,7 +236,7 @@ impl StateStore for DirStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::WireName;
+    use crate::domain::job::WireName;
 
     #[test]
     fn file_names_are_safe_and_distinct() {

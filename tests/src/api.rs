@@ -8,7 +8,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use mailferry_coordinator::client::{Answer, ApiClient};
-use mailferry_shared::seal::Keyring;
+use mailferry_shared::config::seal::Keyring;
 use mailferry_shared::secret::Secret;
 
 use crate::dovecot::{free_port, temp_dir, Dovecot, DovecotConfig};

@@ -185,11 +185,11 @@ pub fn spawn_process(
 pub async fn remove_traces(redis_url: &str, prefix: &str) {
     use mailferry_shared::secret::Secret;
     let redis = Secret::new(redis_url);
-    if let Ok(store) = mailferry_shared::redis_store::RedisStore::connect(&redis, prefix).await {
+    if let Ok(store) = mailferry_shared::redis::RedisStore::connect(&redis, prefix).await {
         let _ = store.delete_all().await;
     }
     let amqp = Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f");
-    if let Ok(queue) = mailferry_shared::amqp_queue::AmqpQueue::connect(&amqp, prefix, 5).await {
+    if let Ok(queue) = mailferry_shared::queue::amqp::AmqpQueue::connect(&amqp, prefix, 5).await {
         let _ = queue.delete_queues().await;
     }
 }

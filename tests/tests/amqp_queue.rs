@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use mailferry_shared::amqp_queue::AmqpQueue;
-use mailferry_shared::job::{FolderJob, WireName};
+use mailferry_shared::domain::job::{FolderJob, WireName};
+use mailferry_shared::queue::amqp::AmqpQueue;
 use mailferry_shared::queue::{Delivery, JobQueue};
 use mailferry_shared::secret::Secret;
 

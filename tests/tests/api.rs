@@ -1053,7 +1053,7 @@ async fn key_rotation_reseals_the_endpoints_admin_passwords_too() {
     );
 
     let k1 = rig.keys.clone();
-    let k2 = mailferry_shared::seal::Keyring::generate("k2").unwrap();
+    let k2 = mailferry_shared::config::seal::Keyring::generate("k2").unwrap();
     rig.restart_coordinator(mailferry_shared::secret::Secret::new(format!(
         "{}\n{}",
         k1.expose(),

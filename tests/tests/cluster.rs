@@ -7,11 +7,11 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use mailferry_coordinator::scheduler::bundles_in_flight;
-use mailferry_shared::amqp_queue::AmqpQueue;
-use mailferry_shared::redis_store::RedisStore;
-use mailferry_shared::seal::Keyring;
+use mailferry_shared::config::seal::Keyring;
+use mailferry_shared::domain::status::JobState;
+use mailferry_shared::queue::amqp::AmqpQueue;
+use mailferry_shared::redis::RedisStore;
 use mailferry_shared::secret::Secret;
-use mailferry_shared::status::JobState;
 use mailferry_tests::dovecot::{temp_dir, Dovecot, DovecotConfig};
 use mailferry_tests::mail::{self, corpus, Pair, TestMessage};
 use mailferry_tests::proxy::{Direction, SlowProxy};
@@ -1811,7 +1811,7 @@ async fn a_server_changed_in_redis_never_receives_the_passwords() {
     let (trap, heard) = password_trap();
     record.source.host = "127.0.0.1".into();
     record.source.port = trap;
-    record.source.security = mailferry_shared::endpoint::Security::Plain;
+    record.source.security = mailferry_shared::domain::endpoint::Security::Plain;
     store.put_batch("b1", &record).await.unwrap();
 
     let _coordinator = rig.coordinator("coordinator");

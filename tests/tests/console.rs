@@ -71,7 +71,7 @@ async fn an_admin_clicks_through_the_whole_migration_in_the_console() {
         mail::assert_same_mail(&pair, messages, |p| p.to_string()).await;
     }
     // alice was closed: her stored credentials are gone, and her password is nowhere.
-    let store = mailferry_shared::redis_store::RedisStore::connect(
+    let store = mailferry_shared::redis::RedisStore::connect(
         &mailferry_shared::secret::Secret::new("redis://127.0.0.1:6379/0"),
         &rig.prefix,
     )

@@ -586,14 +586,15 @@ async fn a_batch_with_oauth2_on_both_sides_syncs_resyncs_and_keeps_its_tokens_se
     // Whoever can write to Redis points the batch's token endpoint at their own: the
     // sealed refresh tokens are bound to the real one, and the trap hears nothing.
     let trap = TokenEndpoint::start(60).await;
-    let store = mailferry_shared::redis_store::RedisStore::connect(
+    let store = mailferry_shared::redis::RedisStore::connect(
         &mailferry_shared::secret::Secret::new("redis://127.0.0.1:6379/0"),
         &rig.prefix,
     )
     .await
     .unwrap();
     let mut record = store.batch(&b).await.unwrap().unwrap();
-    let mailferry_shared::endpoint::AuthMethod::OAuth2(client) = &mut record.source_auth else {
+    let mailferry_shared::domain::login::AuthMethod::OAuth2(client) = &mut record.source_auth
+    else {
         panic!("the source logs in with OAuth2");
     };
     client.token_url = trap.url();

@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
-use mailferry_shared::control::{
+use mailferry_shared::domain::job::{Checkpoint, CheckpointKey, FolderJob, InFlight, WireName};
+use mailferry_shared::domain::status::{Intent, JobState};
+use mailferry_shared::redis::control::{
     ClaimAnswer, Counts, PassRecord, Renewal, RunRenewal, HAND_BACK_SETTLE,
 };
-use mailferry_shared::job::{Checkpoint, CheckpointKey, FolderJob, InFlight, WireName};
-use mailferry_shared::redis_store::RedisStore;
+use mailferry_shared::redis::RedisStore;
 use mailferry_shared::secret::Secret;
-use mailferry_shared::status::{Intent, JobState};
 use mailferry_shared::store::StateStore;
 
 fn redis_url() -> Secret {
@@ -640,8 +640,8 @@ async fn users_sharing_a_delivery_keep_their_states_and_counts_apart() {
 }
 
 /// The server the lease tests ask slots of (no connection is made).
-fn lease_test_endpoint() -> mailferry_shared::endpoint::Endpoint {
-    use mailferry_shared::endpoint::{Endpoint, Security};
+fn lease_test_endpoint() -> mailferry_shared::domain::endpoint::Endpoint {
+    use mailferry_shared::domain::endpoint::{Endpoint, Security};
     Endpoint {
         host: "imap.example".into(),
         port: 993,
@@ -663,7 +663,7 @@ fn lease_test_endpoint() -> mailferry_shared::endpoint::Endpoint {
 /// UTC day is over.
 #[tokio::test]
 async fn a_daily_download_budget_is_shared_and_pauses_the_account_for_everyone() {
-    use mailferry_shared::slots::SharedSlots;
+    use mailferry_shared::redis::slots::SharedSlots;
     let store = fresh_store().await;
     let ttl = Duration::from_millis(1500);
     let a = SharedSlots::new(store.clone(), 4, 8, ttl, Duration::from_secs(1));
@@ -700,19 +700,19 @@ async fn a_daily_download_budget_is_shared_and_pauses_the_account_for_everyone()
 /// where they are lower than the installation's, and never raise it.
 #[tokio::test]
 async fn an_endpoints_own_caps_hold_across_processes_and_never_raise_the_installations() {
-    use mailferry_shared::slots::SharedSlots;
+    use mailferry_shared::redis::slots::SharedSlots;
     let store = fresh_store().await;
     let ttl = Duration::from_millis(1500);
     let a = SharedSlots::new(store.clone(), 8, 8, ttl, Duration::from_secs(1));
     let b = SharedSlots::new(store.clone(), 8, 8, ttl, Duration::from_secs(1));
     let (ga, gb) = (a.gate(true), b.gate(true));
-    let small = mailferry_shared::endpoint::Endpoint {
+    let small = mailferry_shared::domain::endpoint::Endpoint {
         max_connections: Some(1),
         max_host_connections: Some(2),
         ..lease_test_endpoint()
     };
     let waits = |gate: &std::sync::Arc<dyn mailferry_shared::imap::pool::ConnectionGate>,
-                 ep: &mailferry_shared::endpoint::Endpoint,
+                 ep: &mailferry_shared::domain::endpoint::Endpoint,
                  login: &'static str| {
         let (gate, ep) = (gate.clone(), ep.clone());
         async move {
@@ -734,7 +734,7 @@ async fn an_endpoints_own_caps_hold_across_processes_and_never_raise_the_install
     drop((alice, bob));
 
     // A cap above the installation's: the installation's (8) holds.
-    let generous = mailferry_shared::endpoint::Endpoint {
+    let generous = mailferry_shared::domain::endpoint::Endpoint {
         host: "imap2.example".into(),
         max_connections: Some(50),
         ..lease_test_endpoint()
@@ -758,7 +758,7 @@ async fn an_endpoints_own_caps_hold_across_processes_and_never_raise_the_install
 /// and a paused account admits nobody.
 #[tokio::test]
 async fn connection_leases_hold_the_caps_across_processes_and_lapse_with_them() {
-    use mailferry_shared::slots::SharedSlots;
+    use mailferry_shared::redis::slots::SharedSlots;
     let store = fresh_store().await;
     let ttl = Duration::from_millis(1500);
     let a = SharedSlots::new(store.clone(), 2, 3, ttl, Duration::from_secs(1));
@@ -897,7 +897,7 @@ async fn many_users_states_are_read_in_pipelines_in_order() {
 /// ahead of a connection holds its slot.
 #[tokio::test]
 async fn connection_asks_sent_together_each_count_against_the_caps() {
-    use mailferry_shared::slots::SharedSlots;
+    use mailferry_shared::redis::slots::SharedSlots;
     let store = fresh_store().await;
     let ttl = Duration::from_millis(1500);
     let a = SharedSlots::new(store.clone(), 2, 5, ttl, Duration::from_secs(1));
@@ -965,7 +965,7 @@ async fn connection_asks_sent_together_each_count_against_the_caps() {
 /// renewal after the pins are dropped.
 #[tokio::test]
 async fn a_pinned_prefetched_lease_outlives_renewals_until_unpinned() {
-    use mailferry_shared::slots::SharedSlots;
+    use mailferry_shared::redis::slots::SharedSlots;
     let store = fresh_store().await;
     // renewals every 300 ms
     let c = SharedSlots::new(
@@ -1009,7 +1009,7 @@ async fn a_pinned_prefetched_lease_outlives_renewals_until_unpinned() {
 #[tokio::test]
 async fn a_pass_end_keeps_the_admins_sync_now_but_not_an_overdue_recheck() {
     let store = fresh_store().await;
-    let now = mailferry_shared::control::now_ms();
+    let now = mailferry_shared::redis::control::now_ms();
     store.schedule("b1", "asked", now - 10).await.unwrap();
     store
         .schedule_recheck("b1", "overdue", now - 10)
@@ -1178,7 +1178,7 @@ async fn one_renewal_call_keeps_each_run_of_a_worker_apart() {
 /// admin changed meanwhile (or another worker's rotation) is kept.
 #[tokio::test]
 async fn a_rotated_secret_replaces_only_the_one_it_rotated() {
-    use mailferry_shared::batch::UserRecord;
+    use mailferry_shared::domain::batch::UserRecord;
     use mailferry_shared::Side;
     let prefix = format!("mft-{:016x}", fastrand::u64(..));
     let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();

@@ -7,13 +7,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 
-use mailferry_shared::batch::{BatchRecord, UserRecord};
-use mailferry_shared::endpoint::{AuthMethod, Credentials};
+use mailferry_shared::config::seal::{Binding, Keyring, SealError};
+use mailferry_shared::domain::batch::{BatchRecord, UserRecord};
+use mailferry_shared::domain::login::{AuthMethod, Credentials};
 use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::imap::Limits;
-use mailferry_shared::redis_store::RedisStore;
-use mailferry_shared::seal::{Binding, Keyring, SealError};
-use mailferry_shared::slots::{Pinned, SharedSlots};
+use mailferry_shared::redis::slots::{Pinned, SharedSlots};
+use mailferry_shared::redis::RedisStore;
 use mailferry_shared::{Disposition, Error as SharedError, Side};
 
 use crate::error::JobError;
@@ -331,8 +331,9 @@ impl RedisAccounts {
                 .as_ref()
                 .filter(|_| rotates)
                 .map(|sealed| self.store_rotation(batch, user, side, server, sealed, &credentials));
-            credentials.tokens = mailferry_shared::oauth::tokens_for(&credentials, server, rotated)
-                .map_err(|source| JobError::Imap { side, source })?;
+            credentials.tokens =
+                mailferry_shared::domain::login::tokens_for(&credentials, server, rotated)
+                    .map_err(|source| JobError::Imap { side, source })?;
             Ok::<_, JobError>(credentials)
         };
         let gate = |host_cap| self.slots.as_ref().map(|s| s.gate(host_cap));
@@ -367,7 +368,7 @@ impl RedisAccounts {
         batch: &str,
         user: &str,
         side: Side,
-        server: &mailferry_shared::endpoint::Endpoint,
+        server: &mailferry_shared::domain::endpoint::Endpoint,
         sealed: &str,
         credentials: &Credentials,
     ) -> mailferry_shared::oauth::Rotated {

@@ -27,15 +27,16 @@
 
 use std::collections::{HashMap, HashSet};
 
-use mailferry_shared::date::internal_date_epoch;
-use mailferry_shared::folders::SpecialUse;
+use mailferry_shared::domain::date::internal_date_epoch;
+use mailferry_shared::domain::folders::SpecialUse;
+use mailferry_shared::domain::job::{ArchiveOnly, OtherFolder};
+use mailferry_shared::domain::mutf7;
 use mailferry_shared::imap::client::Session;
 use mailferry_shared::imap::uidset;
-use mailferry_shared::job::{ArchiveOnly, OtherFolder};
-use mailferry_shared::{mutf7, Error};
+use mailferry_shared::Error;
 
-use crate::message::{uid_fetch, Meta};
 use crate::recover::{identities, Identity};
+use mailferry_shared::imap::message::{uid_fetch, Meta};
 
 /// UID sets sent in one command stay below this many bytes.
 const MAX_SET_BYTES: usize = 8 * 1024;
@@ -195,7 +196,7 @@ async fn by_content(
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use mailferry_shared::job::WireName;
+    use mailferry_shared::domain::job::WireName;
 
     fn label(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())

@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mailferry_shared::control::{ClaimAnswer, Counts, Renewal, RunRenewal};
-use mailferry_shared::job::{Checkpoint, CheckpointKey, FolderJob};
-use mailferry_shared::lease::{Fence, LeaseTiming};
-use mailferry_shared::redis_store::RedisStore;
-use mailferry_shared::status::{FolderCounts, Intent, JobState};
+use mailferry_shared::domain::job::{Checkpoint, CheckpointKey, FolderJob};
+use mailferry_shared::domain::status::{FolderCounts, Intent, JobState};
+use mailferry_shared::redis::control::{ClaimAnswer, Counts, Renewal, RunRenewal};
+use mailferry_shared::redis::lease::{Fence, LeaseTiming};
+use mailferry_shared::redis::RedisStore;
 use mailferry_shared::store::StateStore;
 use mailferry_shared::Error as SharedError;
 
@@ -830,7 +830,7 @@ async fn keep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mailferry_shared::job::WireName;
+    use mailferry_shared::domain::job::WireName;
 
     fn job(user: &str, folder: &str) -> FolderJob {
         FolderJob {

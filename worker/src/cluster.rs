@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use mailferry_shared::amqp_queue::AmqpQueue;
+use mailferry_shared::config::seal::Keyring;
+use mailferry_shared::config::settings::Settings;
+use mailferry_shared::domain::job::{FolderJob, SkippedMessage};
 use mailferry_shared::imap::Limits;
-use mailferry_shared::job::{FolderJob, SkippedMessage};
-use mailferry_shared::lease::Fence;
-use mailferry_shared::redis_store::RedisStore;
-use mailferry_shared::seal::Keyring;
-use mailferry_shared::settings::Settings;
-use mailferry_shared::slots::SharedSlots;
+use mailferry_shared::queue::amqp::AmqpQueue;
+use mailferry_shared::redis::lease::Fence;
+use mailferry_shared::redis::slots::SharedSlots;
+use mailferry_shared::redis::RedisStore;
 use mailferry_shared::telemetry;
 use mailferry_shared::Error;
 use tokio::sync::watch;

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mailferry_shared::job::FolderJob;
+use mailferry_shared::domain::job::FolderJob;
+use mailferry_shared::domain::status::FolderCounts;
 use mailferry_shared::queue::{Delivery, JobQueue};
-use mailferry_shared::status::FolderCounts;
 use mailferry_shared::store::StateStore;
 use mailferry_shared::telemetry;
 use mailferry_shared::Disposition;
@@ -18,8 +18,8 @@ use tracing::Instrument;
 use crate::claims::{Claim, Claims, JobEnd};
 use crate::engine::Engine;
 use crate::error::JobError;
-use mailferry_shared::control::ClaimAnswer;
-use mailferry_shared::lease::Fence;
+use mailferry_shared::redis::control::ClaimAnswer;
+use mailferry_shared::redis::lease::Fence;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {

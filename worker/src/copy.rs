@@ -22,11 +22,11 @@ use mailferry_shared::imap::mailbox::MailboxInfo;
 use mailferry_shared::imap::parse::Status;
 use mailferry_shared::imap::uidset;
 use mailferry_shared::imap::Flag;
-use mailferry_shared::lease::Fence;
+use mailferry_shared::redis::lease::Fence;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::JobError;
-use crate::message::{parse_fetch, Meta};
+use mailferry_shared::imap::message::{parse_fetch, Meta};
 
 /// How a copy is cut into commands.
 #[derive(Debug, Clone)]
@@ -63,10 +63,6 @@ impl ByteBudget {
     /// than the budget can still pass (alone).
     fn weight(&self, size: u64) -> u32 {
         (size / 1024 + 1).min(u64::from(self.capacity_kib)) as u32
-    }
-
-    pub fn capacity_bytes(&self) -> u64 {
-        u64::from(self.capacity_kib) * 1024
     }
 }
 

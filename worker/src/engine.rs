@@ -17,22 +17,22 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use mailferry_shared::domain::job::{Checkpoint, FolderJob, SkippedMessage, SourceState};
 use mailferry_shared::imap::client::{Command, Session};
 use mailferry_shared::imap::mailbox::MailboxInfo;
 use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::imap::uidset;
 use mailferry_shared::imap::Flag;
-use mailferry_shared::job::{Checkpoint, FolderJob, SkippedMessage, SourceState};
-use mailferry_shared::lease::Fence;
+use mailferry_shared::redis::lease::Fence;
 use mailferry_shared::store::StateStore;
 use mailferry_shared::{failpoint, Error as SharedError};
 
 use crate::accounts::{AccountDirectory, UserAccounts};
 use crate::copy::{copy_messages, ByteBudget, CopySettings, Outcome, TargetFolder};
 use crate::error::JobError;
-use crate::message::{flag_key, uid_fetch, uid_range, Meta};
 use crate::progress::{JobReport, ProgressSink};
 use crate::recover;
+use mailferry_shared::imap::message::{flag_key, uid_fetch, uid_range, Meta};
 
 #[derive(Debug, Clone)]
 pub struct EngineSettings {

@@ -1,7 +1,7 @@
 //! What the engine tells the world while it works. The embedded mode draws progress bars
 //! from these events; the cluster mode batches them into Redis.
 
-use mailferry_shared::job::{FolderJob, SkippedMessage};
+use mailferry_shared::domain::job::{FolderJob, SkippedMessage};
 
 use crate::error::JobError;
 

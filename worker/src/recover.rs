@@ -12,13 +12,13 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use mailferry_shared::date::internal_date_epoch;
+use mailferry_shared::domain::date::internal_date_epoch;
+use mailferry_shared::domain::job::UidMap;
 use mailferry_shared::imap::client::Session;
 use mailferry_shared::imap::uidset;
-use mailferry_shared::job::UidMap;
 
 use crate::error::JobError;
-use crate::message::{content_hash, header_section, uid_fetch, uid_range, Meta};
+use mailferry_shared::imap::message::{content_hash, header_section, uid_fetch, uid_range, Meta};
 
 /// What [`resolve_since`] found among the target messages above the checkpoint's bound.
 #[derive(Debug, Default)]

@@ -7,7 +7,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use mailferry_shared::settings::ApiToken;
+use mailferry_shared::config::settings::ApiToken;
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, Shared, Tenant};

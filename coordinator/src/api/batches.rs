@@ -8,18 +8,19 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use mailferry_shared::batch::{BatchRecord, Owner, UserRecord};
-use mailferry_shared::control::now_ms;
-use mailferry_shared::directory::{endpoint_seal_scope, EndpointRecord, Role};
-use mailferry_shared::endpoint::{AuthMethod, Endpoint};
+use mailferry_shared::config::seal::{Binding, Keyring};
+use mailferry_shared::config::settings::MIN_SYNC_INTERVAL_SECS;
+use mailferry_shared::domain::batch::{BatchRecord, Owner, UserRecord};
+use mailferry_shared::domain::endpoint::Endpoint;
+use mailferry_shared::domain::folders::Rules;
+use mailferry_shared::domain::login::AuthMethod;
+use mailferry_shared::domain::status::{Intent, JobState, MessageCounts, UserStatus};
+use mailferry_shared::domain::users::{parse_csv, CsvError};
 use mailferry_shared::error::Side;
-use mailferry_shared::folders::Rules;
-use mailferry_shared::seal::{Binding, Keyring};
+use mailferry_shared::redis::control::now_ms;
+use mailferry_shared::redis::directory::{endpoint_seal_scope, EndpointRecord, Role};
 use mailferry_shared::secret::Secret;
-use mailferry_shared::settings::MIN_SYNC_INTERVAL_SECS;
-use mailferry_shared::status::{Intent, JobState, MessageCounts, UserStatus};
 use mailferry_shared::store::StateStore;
-use mailferry_shared::users::{parse_csv, CsvError};
 use serde::{Deserialize, Serialize};
 
 use super::endpoints::{new_id, record_of};
@@ -487,7 +488,7 @@ fn account_view(id: &str, r: &UserRecord) -> AccountView {
 }
 
 fn valid_email(email: &str) -> bool {
-    mailferry_shared::users::valid_address(email) && email.len() <= 320
+    mailferry_shared::domain::users::valid_address(email) && email.len() <= 320
 }
 
 fn secret(text: &Option<String>) -> Option<Secret> {
@@ -797,8 +798,10 @@ pub async fn user_detail(
     let jobs = store.with_specs(&id, &user, &states).await?;
     // One folder per source folder, in plan order (UID-range jobs folded together).
     let mut order: Vec<String> = Vec::new();
-    let mut folders: HashMap<String, (FolderView, u8, mailferry_shared::job::CheckpointKey)> =
-        HashMap::new();
+    let mut folders: HashMap<
+        String,
+        (FolderView, u8, mailferry_shared::domain::job::CheckpointKey),
+    > = HashMap::new();
     for (job, state) in &jobs {
         let source = job.source_folder.display();
         let (name, rank) = state_name(state);
@@ -1131,7 +1134,7 @@ fn csv_cell(text: &str) -> String {
 fn rfc3339(ms: u64) -> String {
     let secs = (ms / 1000) as i64;
     let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = mailferry_shared::date::civil_from_days(days);
+    let (y, m, d) = mailferry_shared::domain::date::civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
         rest / 3600,

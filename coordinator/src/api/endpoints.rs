@@ -6,15 +6,15 @@ use std::net::IpAddr;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Extension;
-use mailferry_shared::control::now_ms;
-use mailferry_shared::directory::{endpoint_seal_scope, EndpointRecord, Role};
-use mailferry_shared::endpoint::{
-    is_internal, preset, AuthMethod, Credentials, Endpoint, Security, PRESETS,
-};
+use mailferry_shared::config::seal::Binding;
+use mailferry_shared::domain::endpoint::{is_internal, Endpoint, Security};
+use mailferry_shared::domain::login::{AuthMethod, Credentials};
 use mailferry_shared::imap::pool::connect_and_log_in;
 use mailferry_shared::imap::Limits;
 use mailferry_shared::oauth::{jwt, Grant};
-use mailferry_shared::seal::Binding;
+use mailferry_shared::providers::{preset, PRESETS};
+use mailferry_shared::redis::control::now_ms;
+use mailferry_shared::redis::directory::{endpoint_seal_scope, EndpointRecord, Role};
 use mailferry_shared::secret::Secret;
 use serde::{Deserialize, Serialize};
 
@@ -312,7 +312,7 @@ pub async fn create(
     let app_secret = new.app_secret.filter(|p| !p.is_empty());
     if let AuthMethod::OAuth2(client) = &mut auth {
         if let Some(provider) = preset(&provider).and_then(|p| p.oauth) {
-            client.fill_from(&provider, new.tenant.as_deref().filter(|t| !t.is_empty()));
+            provider.fill(client, new.tenant.as_deref().filter(|t| !t.is_empty()));
         } else if new.tenant.is_some() {
             return Err(ApiError::invalid(
                 "tenant: only with a provider that has one (microsoft365, outlook, hotmail)",
@@ -529,7 +529,8 @@ async fn try_login(
     endpoint.command_timeout = endpoint.command_timeout.min(TEST_STEP_TIMEOUT);
     let endpoint = &endpoint;
     let attempt = async {
-        credentials.tokens = mailferry_shared::oauth::tokens_for(&credentials, endpoint, None)?;
+        credentials.tokens =
+            mailferry_shared::domain::login::tokens_for(&credentials, endpoint, None)?;
         let session = connect_and_log_in(endpoint, Limits::default(), &credentials).await?;
         let capabilities: Vec<String> = session.capabilities().iter().map(str::to_string).collect();
         session.logout().await;

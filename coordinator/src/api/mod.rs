@@ -29,7 +29,7 @@ use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Router};
-use mailferry_shared::settings::ApiLimits;
+use mailferry_shared::config::settings::ApiLimits;
 use mailferry_shared::Error;
 use serde::de::DeserializeOwned;
 use serde::Serialize;

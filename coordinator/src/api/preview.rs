@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::Extension;
-use mailferry_shared::folders::{Action, Rules};
+use mailferry_shared::domain::folders::{Action, Rules};
 use mailferry_shared::imap::mailbox::Quota;
 use mailferry_shared::imap::Limits;
-use mailferry_shared::redis_store::RedisStore;
-use mailferry_worker::accounts::{AccountDirectory, RedisAccounts};
+use mailferry_shared::redis::RedisStore;
+use mailferry_worker::{AccountDirectory, RedisAccounts};
 use serde::{Deserialize, Serialize};
 
 use super::batches::owned;
@@ -98,7 +98,7 @@ pub async fn preview(
             Limits::default(),
             settings.worker.connections_per_account as usize,
         )
-        .with_shared_slots(mailferry_worker::cluster::shared_slots(settings, &store)),
+        .with_shared_slots(mailferry_worker::shared_slots(settings, &store)),
     );
     let rules = Arc::new(record.folder_rules.clone());
     let at_once = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));

@@ -31,7 +31,8 @@ use tokio::task::JoinHandle;
 
 use super::parse::{lookup, parse_response, Framer, Response, Status, StatusResponse, Value};
 use super::tls;
-use crate::endpoint::{AuthMethod, Credentials, Endpoint, Security};
+use crate::domain::endpoint::{Endpoint, Security};
+use crate::domain::login::{AuthMethod, Credentials};
 use crate::error::{is_throttling, login_refused, suggested_backoff, Error};
 
 /// Bounds on what a server may make us buffer.
@@ -482,7 +483,10 @@ pub(crate) async fn tcp_connect(endpoint: &Endpoint) -> Result<TcpStream, Error>
     // The policy applies to the addresses connected to, not to an earlier lookup of
     // the same name (DNS rebinding).
     if endpoint.public_only {
-        if let Some(internal) = addrs.iter().find(|a| crate::endpoint::is_internal(&a.ip())) {
+        if let Some(internal) = addrs
+            .iter()
+            .find(|a| crate::domain::endpoint::is_internal(&a.ip()))
+        {
             return Err(Error::Config(format!(
                 "host {} resolves to {}, an internal address: this installation migrates \
                  only from public servers",

@@ -7,6 +7,13 @@ use super::client::{check, Command, Session};
 use super::parse::{lookup, Response, Status, Value};
 use crate::error::Error;
 
+/// A server's personal namespace: the prefix its folders live under and its delimiter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub prefix: String,
+    pub delimiter: Option<char>,
+}
+
 /// One folder as LIST reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListEntry {
@@ -307,10 +314,7 @@ fn parse_list(r: &Response) -> Option<ListEntry> {
 impl Session {
     /// The personal namespace (prefix and delimiter), from NAMESPACE when the server has
     /// it, else from LIST's delimiter with no prefix.
-    pub async fn personal_namespace(
-        &mut self,
-        listed: &[ListEntry],
-    ) -> Result<crate::folders::Namespace, Error> {
+    pub async fn personal_namespace(&mut self, listed: &[ListEntry]) -> Result<Namespace, Error> {
         let from_list = listed.iter().find_map(|e| e.delimiter);
         if self.capabilities().has("NAMESPACE") {
             let untagged = self.run(Command::new("NAMESPACE")).await?;
@@ -327,15 +331,15 @@ impl Session {
                             .and_then(Value::bytes)
                             .and_then(|b| b.first().map(|&c| c as char))
                             .or(from_list);
-                        return Ok(crate::folders::Namespace {
-                            prefix: crate::mutf7::decode_lenient(prefix.as_bytes()),
+                        return Ok(Namespace {
+                            prefix: crate::domain::mutf7::decode_lenient(prefix.as_bytes()),
                             delimiter,
                         });
                     }
                 }
             }
         }
-        Ok(crate::folders::Namespace {
+        Ok(Namespace {
             prefix: String::new(),
             delimiter: from_list,
         })

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::client::{connect, Limits, Session};
-use crate::endpoint::{Credentials, Endpoint};
+use crate::domain::endpoint::Endpoint;
+use crate::domain::login::Credentials;
 use crate::error::Error;
 
 pub struct Pool {
@@ -29,7 +30,7 @@ pub struct Pool {
 }
 
 /// Admission of a new connection beyond this process: the cluster's connection caps
-/// per account and per host, shared through Redis ([`crate::slots`]).
+/// per account and per host, shared through Redis ([`crate::redis::slots`]).
 pub trait ConnectionGate: Send + Sync + 'static {
     /// Waits until a connection to `login` at `endpoint` may be opened.
     fn admit<'a>(
@@ -231,7 +232,7 @@ impl Pool {
                 .spend(&self.endpoint, &self.credentials.login, bytes, budget)
                 .await;
         }
-        let (day, left) = crate::budget::utc_day();
+        let (day, left) = crate::domain::budget::utc_day();
         let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
         if spent.0 != day {
             *spent = (day, 0);
@@ -240,7 +241,7 @@ impl Pool {
         if spent.1 < budget {
             return Ok(());
         }
-        Err(crate::budget::used_up(
+        Err(crate::domain::budget::used_up(
             &self.endpoint,
             &self.credentials.login,
             budget,

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::endpoint::Endpoint;
+use crate::domain::endpoint::Endpoint;
 use crate::error::Error;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

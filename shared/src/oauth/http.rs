@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 
-use crate::endpoint::{Endpoint, Security};
+use crate::domain::endpoint::{Endpoint, Security};
 use crate::error::Error;
 
 /// A token answer is a few kilobytes; anything past this is not one.

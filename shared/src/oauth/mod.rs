@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::endpoint::Endpoint;
+use crate::domain::endpoint::Endpoint;
 use crate::error::Error;
 use crate::secret::Secret;
 
@@ -51,7 +51,7 @@ pub enum Mechanism {
 }
 
 /// How access tokens are obtained. What is secret (refresh token, client secret, private
-/// key) is never here: it travels sealed, beside the account ([`crate::seal`]).
+/// key) is never here: it travels sealed, beside the account ([`crate::config::seal`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Grant {
@@ -119,17 +119,6 @@ pub struct OAuthClient {
 }
 
 impl OAuthClient {
-    /// Fills what was left empty from the provider's defaults: the token endpoint (for
-    /// `tenant`, else the provider's default tenant) and the grant's scope.
-    pub fn fill_from(&mut self, provider: &crate::endpoint::ProviderOAuth, tenant: Option<&str>) {
-        if self.token_url.is_empty() {
-            self.token_url = provider.token_url(tenant);
-        }
-        if self.scope.is_empty() {
-            self.scope = provider.scope(&self.grant).to_string();
-        }
-    }
-
     /// Checks what can be checked without a network: the URL, and the fields each grant needs.
     pub fn validate(&self) -> Result<(), String> {
         http::HttpsUrl::parse(&self.token_url)?;
@@ -152,20 +141,6 @@ impl OAuthClient {
         }
     }
 }
-
-/// Microsoft's token endpoint for a tenant (a directory id or domain; `organizations`,
-/// `consumers` or `common` for the multi-tenant endpoints).
-pub fn microsoft_token_url(tenant: &str) -> String {
-    format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token")
-}
-/// Exchange Online's app-only IMAP scope.
-pub const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
-/// The delegated IMAP scope of Microsoft 365 and Outlook.com, with a refresh token.
-pub const MICROSOFT_USER_SCOPE: &str =
-    "https://outlook.office.com/IMAP.AccessAsUser.All offline_access";
-pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
-/// Full IMAP access to Gmail.
-pub const GOOGLE_SCOPE: &str = "https://mail.google.com/";
 
 /// A service account key file as Google hands it out (the fields mailferry uses).
 #[derive(serde::Deserialize)]
@@ -250,21 +225,6 @@ impl GrantSecrets {
             s.zeroize();
         }
     }
-}
-
-/// The token source of an OAuth2 login (`None` for every other method): its secrets
-/// from the credentials' packed [`GrantSecrets`].
-pub fn tokens_for(
-    credentials: &crate::endpoint::Credentials,
-    via: &Endpoint,
-    rotated: Option<Rotated>,
-) -> Result<Option<Arc<TokenSource>>, Error> {
-    let crate::endpoint::AuthMethod::OAuth2(client) = &credentials.method else {
-        return Ok(None);
-    };
-    let (refresh, app) = GrantSecrets::unpack(&credentials.secret)
-        .map_err(|e| Error::Config(format!("credentials of {}: {e}", credentials.login)))?;
-    TokenSource::shared(client, &credentials.login, via, refresh, app, rotated).map(Some)
 }
 
 /// Called with a refresh token the provider rotated, to store it where the next run finds it.
@@ -787,9 +747,9 @@ mod tests {
     #[test]
     fn each_grant_says_what_it_needs() {
         let mut c = OAuthClient {
-            token_url: GOOGLE_TOKEN_URL.into(),
+            token_url: crate::providers::GOOGLE_TOKEN_URL.into(),
             client_id: String::new(),
-            scope: GOOGLE_SCOPE.into(),
+            scope: crate::providers::GOOGLE_SCOPE.into(),
             grant: Grant::ServiceAccount {
                 client_email: "sa@p.iam.gserviceaccount.com".into(),
                 key_id: None,
@@ -810,11 +770,11 @@ mod tests {
 
     #[test]
     fn app_wide_tokens_are_shared_across_mailboxes_and_user_tokens_are_not() {
-        let via = Endpoint::new("imap.example", 993, crate::endpoint::Security::Tls);
+        let via = Endpoint::new("imap.example", 993, crate::domain::endpoint::Security::Tls);
         let app = OAuthClient {
-            token_url: microsoft_token_url("contoso"),
+            token_url: crate::providers::microsoft_token_url("contoso"),
             client_id: "app".into(),
-            scope: MICROSOFT_APP_SCOPE.into(),
+            scope: crate::providers::MICROSOFT_APP_SCOPE.into(),
             grant: Grant::ClientSecret,
             mechanism: Mechanism::Xoauth2,
         };
@@ -837,7 +797,7 @@ mod tests {
         );
         let user = OAuthClient {
             grant: Grant::RefreshToken,
-            scope: MICROSOFT_USER_SCOPE.into(),
+            scope: crate::providers::MICROSOFT_USER_SCOPE.into(),
             ..app.clone()
         };
         let r = || Some(Secret::new("r1"));

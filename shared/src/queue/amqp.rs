@@ -32,8 +32,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::Acker;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 
+use crate::domain::job::FolderJob;
 use crate::error::Error;
-use crate::job::FolderJob;
 use crate::queue::{Delivery, JobQueue};
 use crate::secret::Secret;
 
@@ -99,7 +99,9 @@ pub struct DeadJob {
 impl AmqpQueue {
     /// [`connect`](Self::connect) as the settings say: their URL (`amqps://` over TLS),
     /// CA file, key prefix and delivery limit.
-    pub async fn from_settings(settings: &crate::settings::Settings) -> Result<Self, Error> {
+    pub async fn from_settings(
+        settings: &crate::config::settings::Settings,
+    ) -> Result<Self, Error> {
         let ca = match &settings.amqp_ca_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
@@ -577,7 +579,7 @@ impl JobQueue for AmqpQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::WireName;
+    use crate::domain::job::WireName;
 
     #[test]
     fn delays_go_to_the_next_longer_queue() {

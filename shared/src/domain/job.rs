@@ -23,7 +23,7 @@ impl WireName {
 
     /// The decoded name for people.
     pub fn display(&self) -> String {
-        crate::mutf7::decode_lenient(&self.0)
+        crate::domain::mutf7::decode_lenient(&self.0)
     }
 }
 
@@ -95,7 +95,7 @@ pub struct OtherFolder {
     pub name: WireName,
     /// Its special use: Gmail names a system folder's label by it (`\Inbox`, `\Sent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub special: Option<crate::folders::SpecialUse>,
+    pub special: Option<crate::domain::folders::SpecialUse>,
 }
 
 impl FolderJob {

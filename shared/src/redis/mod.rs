@@ -1,12 +1,27 @@
-//! The cluster's [`StateStore`]: checkpoints in Redis, one value per folder under the
-//! installation's key prefix. Redis is an accelerator (DESIGN.md invariant 1): a lost or
-//! damaged checkpoint costs a reconciliation of the folder, never a duplicate.
+//! The cluster's control plane in Redis. Every key lives under the installation's prefix
+//! `P`; `control.rs` has the table of keys and who writes each.
+//!
+//! - `mod.rs`: [`RedisStore`], the connection and prefix every part shares, and the
+//!   cluster's [`StateStore`]: checkpoints, one value per folder. Redis is an
+//!   accelerator (DESIGN.md invariant 1): a lost or damaged checkpoint costs a
+//!   reconciliation of the folder, never a duplicate.
+//! - `control.rs`: batches and intents, the schedule, passes, job states and specs,
+//!   the workers' claims and the coordinator's leadership.
+//! - `slots.rs`: connection leases per account and per host, and throttling pauses.
+//! - `directory.rs`: the HTTP API's records (tenants, endpoints, batch owners).
+//! - `lease.rs`: leases and the fence that guards their holder.
+//! - `lua/`: the scripts, one file each, with `helpers.lua` shared.
+
+pub mod control;
+pub mod directory;
+pub mod lease;
+pub mod slots;
 
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
+use crate::domain::job::{Checkpoint, CheckpointKey};
 use crate::error::Error;
-use crate::job::{Checkpoint, CheckpointKey};
 use crate::secret::Secret;
 use crate::store::StateStore;
 
@@ -42,7 +57,9 @@ impl RedisStore {
 
     /// [`connect_with`](Self::connect_with) as the settings say: their URL
     /// (`rediss://` over TLS), CA file and key prefix.
-    pub async fn from_settings(settings: &crate::settings::Settings) -> Result<Self, Error> {
+    pub async fn from_settings(
+        settings: &crate::config::settings::Settings,
+    ) -> Result<Self, Error> {
         let ca = match &settings.redis_ca_file {
             Some(path) => Some(
                 std::fs::read(path)
@@ -196,20 +213,6 @@ impl RedisStore {
     pub(crate) fn progress_key(&self, batch: &str) -> String {
         format!("{}:progress:{batch}", self.prefix)
     }
-
-    /// The user's counters, summed over all passes.
-    pub async fn progress(
-        &self,
-        batch: &str,
-        user: &str,
-    ) -> Result<std::collections::BTreeMap<String, i64>, Error> {
-        let mut conn = self.conn.clone();
-        let value: Option<String> = conn
-            .hget(self.progress_key(batch), user)
-            .await
-            .map_err(|e| store_error("HGET", e))?;
-        crate::control::parse_counts(user, value.as_deref())
-    }
 }
 
 /// A record stored as JSON under `key`, or an error naming the damaged key.
@@ -249,7 +252,7 @@ impl RedisStore {
     pub async fn put_batch(
         &self,
         batch: &str,
-        record: &crate::batch::BatchRecord,
+        record: &crate::domain::batch::BatchRecord,
     ) -> Result<(), Error> {
         let mut conn = self.conn.clone();
         let json = serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))?;
@@ -262,7 +265,10 @@ impl RedisStore {
             .map_err(|e| store_error("MULTI", e))
     }
 
-    pub async fn batch(&self, batch: &str) -> Result<Option<crate::batch::BatchRecord>, Error> {
+    pub async fn batch(
+        &self,
+        batch: &str,
+    ) -> Result<Option<crate::domain::batch::BatchRecord>, Error> {
         self.get_json(self.batch_key(batch)).await
     }
 
@@ -271,7 +277,7 @@ impl RedisStore {
         &self,
         batch: &str,
         user: &str,
-        record: &crate::batch::UserRecord,
+        record: &crate::domain::batch::UserRecord,
     ) -> Result<(), Error> {
         let mut conn = self.conn.clone();
         let json = serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))?;
@@ -329,7 +335,7 @@ impl RedisStore {
         &self,
         batch: &str,
         user: &str,
-    ) -> Result<Option<crate::batch::UserRecord>, Error> {
+    ) -> Result<Option<crate::domain::batch::UserRecord>, Error> {
         self.get_json(self.user_key(batch, user)).await
     }
 
@@ -341,8 +347,8 @@ impl RedisStore {
         users: &[String],
     ) -> Result<
         (
-            Option<crate::batch::BatchRecord>,
-            Vec<Result<Option<crate::batch::UserRecord>, Error>>,
+            Option<crate::domain::batch::BatchRecord>,
+            Vec<Result<Option<crate::domain::batch::UserRecord>, Error>>,
         ),
         Error,
     > {

@@ -1,4 +1,4 @@
-//! The HTTP API's records in Redis, beside the cluster's ([`crate::control`]): each
+//! The HTTP API's records in Redis, beside the cluster's ([`crate::redis::control`]): each
 //! tenant's endpoints and batches, and the bulk writes an import of many users needs.
 //!
 //! | key | type | what |
@@ -7,16 +7,17 @@
 //! | `P:tenant-batches:<tenant>` | set | the tenant's batch ids |
 //! | `P:tenants` | set | tenants that have made an endpoint (key rotation visits them) |
 //!
-//! A batch made through the API carries its [`crate::batch::Owner`]; the API shows a
+//! A batch made through the API carries its [`crate::domain::batch::Owner`]; the API shows a
 //! tenant only what it owns, and another tenant's object is as absent as a missing one.
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::UserRecord;
-use crate::endpoint::{AuthMethod, Endpoint};
+use crate::domain::batch::UserRecord;
+use crate::domain::endpoint::Endpoint;
+use crate::domain::login::AuthMethod;
 use crate::error::Error;
-use crate::redis_store::{store_error, RedisStore};
+use crate::redis::{store_error, RedisStore};
 
 /// Which side of migrations an endpoint serves: the source servers are the tenants'
 /// (and may be refused when they are internal), the targets the installation's.
@@ -43,7 +44,7 @@ pub struct EndpointRecord {
     pub id: String,
     pub name: String,
     pub role: Role,
-    /// A preset's name ([`crate::endpoint::PRESETS`]) or `custom`.
+    /// A preset's name ([`crate::providers::PRESETS`]) or `custom`.
     pub provider: String,
     pub endpoint: Endpoint,
     pub auth: AuthMethod,

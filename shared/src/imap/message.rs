@@ -1,10 +1,10 @@
 //! Messages as the engine sees them: metadata from FETCH, and the content identities used
 //! to recognise a message already at the target without a marker header.
 
+use crate::imap::client::{fetch_item, Command, Session};
+use crate::imap::parse::{Response, Value};
+use crate::imap::Flag;
 use bytes::Bytes;
-use mailferry_shared::imap::client::{fetch_item, Command, Session};
-use mailferry_shared::imap::parse::{Response, Value};
-use mailferry_shared::imap::Flag;
 use sha2::{Digest, Sha256};
 
 /// What FETCH (UID RFC822.SIZE FLAGS INTERNALDATE) says about a message.
@@ -89,7 +89,7 @@ pub async fn uid_fetch<T>(
     set: &str,
     items: &str,
     mut pick: impl FnMut(Fetched) -> Option<T>,
-) -> Result<Vec<T>, mailferry_shared::Error> {
+) -> Result<Vec<T>, crate::Error> {
     let mut handle = session
         .send(Command::new("UID FETCH").raw(format!(" {set} {items}")))
         .await?;
@@ -145,8 +145,8 @@ mod tests {
     use super::*;
 
     fn fetched(line: &[u8]) -> Fetched {
-        let mut framer = mailferry_shared::imap::parse::Framer::new(1 << 20, 1 << 20);
-        let responses = mailferry_shared::imap::parse::split_all(line, &mut framer).unwrap();
+        let mut framer = crate::imap::parse::Framer::new(1 << 20, 1 << 20);
+        let responses = crate::imap::parse::split_all(line, &mut framer).unwrap();
         parse_fetch(&responses[0]).unwrap()
     }
 

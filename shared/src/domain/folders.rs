@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
-use crate::imap::mailbox::ListEntry;
-use crate::mutf7;
+use crate::domain::mutf7;
+pub use crate::imap::mailbox::{ListEntry, Namespace};
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
@@ -119,13 +119,6 @@ impl SpecialUse {
             SpecialUse::All | SpecialUse::Flagged | SpecialUse::Important
         )
     }
-}
-
-/// A server's personal namespace: the prefix its folders live under and its delimiter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Namespace {
-    pub prefix: String,
-    pub delimiter: Option<char>,
 }
 
 /// The admin's include / exclude / rename rules. Patterns match the source folder's

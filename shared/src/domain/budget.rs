@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::endpoint::Endpoint;
+use crate::domain::endpoint::Endpoint;
 use crate::error::Error;
 
 const DAY_SECS: u64 = 86_400;
@@ -47,7 +47,11 @@ mod tests {
         assert!(day > 20_000, "a day number since 1970");
         assert!(left > Duration::ZERO && left <= Duration::from_secs(DAY_SECS));
         let e = used_up(
-            &Endpoint::new("imap.gmail.com", 993, crate::endpoint::Security::Tls),
+            &Endpoint::new(
+                "imap.gmail.com",
+                993,
+                crate::domain::endpoint::Security::Tls,
+            ),
             "alice@gmail.com",
             1000,
             Duration::from_secs(60),

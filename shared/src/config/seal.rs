@@ -23,7 +23,7 @@ use base64::Engine as _;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::endpoint::{Endpoint, Security};
+use crate::domain::endpoint::{Endpoint, Security};
 use crate::error::Side;
 use crate::secret::Secret;
 
@@ -69,7 +69,7 @@ impl std::fmt::Debug for Keyring {
 #[derive(Debug, Clone, Copy)]
 pub struct Binding<'a> {
     /// The batch id for a user's secret; `endpoint:<tenant>` for an endpoint's admin
-    /// password ([`crate::directory::endpoint_seal_scope`]).
+    /// password ([`crate::redis::directory::endpoint_seal_scope`]).
     pub scope: &'a str,
     /// The user id, or the endpoint id.
     pub who: &'a str,
@@ -95,8 +95,8 @@ impl<'a> Binding<'a> {
 
     /// Bound to the token endpoint too when `method` is OAuth2 (what every secret of an
     /// account logging in with `method` is sealed with).
-    pub fn logging_in_with(mut self, method: &'a crate::endpoint::AuthMethod) -> Self {
-        if let crate::endpoint::AuthMethod::OAuth2(client) = method {
+    pub fn logging_in_with(mut self, method: &'a crate::domain::login::AuthMethod) -> Self {
+        if let crate::domain::login::AuthMethod::OAuth2(client) = method {
             self.token_url = Some(&client.token_url);
         }
         self
@@ -427,7 +427,7 @@ mod tests {
 
     #[test]
     fn an_oauth2_secret_opens_only_for_the_token_endpoint_it_was_sealed_for() {
-        use crate::endpoint::AuthMethod;
+        use crate::domain::login::AuthMethod;
         use crate::oauth::{Grant, Mechanism, OAuthClient};
         let keys = ring(&[&Keyring::generate("k1").unwrap()]);
         let imap = server();

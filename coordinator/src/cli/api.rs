@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 use mailferry_shared::secret::Secret;
 use serde_json::{json, Value};
 
-use crate::cli::{parse_duration_secs, read_secret};
+use super::args::{parse_duration_secs, read_secret};
 use crate::client::ApiClient;
 use crate::report::human_bytes;
 
@@ -582,7 +582,7 @@ fn user_line(u: &Value) -> String {
 /// The API's `messages` object as `MessageCounts` prints it.
 fn messages(m: &Value) -> String {
     let n = |k: &str| m[k].as_u64().unwrap_or(0);
-    mailferry_shared::status::MessageCounts {
+    mailferry_shared::domain::status::MessageCounts {
         source: n("source"),
         at_target: n("at_target"),
         skipped: n("skipped"),

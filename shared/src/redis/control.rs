@@ -16,8 +16,8 @@
 //! | `P:run:<token>` | string, expires | workers | a run's finish, applied (its progress batch number) |
 //! | `P:runs:<worker>` | hash run token → number, expires | workers | the last renewal batch applied for each of a worker's runs |
 //! | `P:run:<token>:released` | string, expires | workers | the same, for the stopped users' jobs a run recorded early |
-//! | `P:slots` | hash account or host → leases | every process | connection leases and pauses ([`crate::slots`]) |
-//! | `P:spent:<UTC day>:<account field>` | integer, expires in 2 days | workers | bytes downloaded from the account that day, against its endpoint's daily budget ([`crate::budget`]) |
+//! | `P:slots` | hash account or host → leases | every process | connection leases and pauses ([`crate::redis::slots`]) |
+//! | `P:spent:<UTC day>:<account field>` | integer, expires in 2 days | workers | bytes downloaded from the account that day, against its endpoint's daily budget ([`crate::domain::budget`]) |
 //! | `P:leader` | string, expires | coordinators | which coordinator schedules |
 //!
 //! The workers' three calls per delivery (claim, renew with progress and checkpoints,
@@ -37,10 +37,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::job::{Checkpoint, CheckpointKey, FolderJob};
+use crate::domain::status::{Intent, JobState};
 use crate::error::Error;
-use crate::job::{Checkpoint, CheckpointKey, FolderJob};
-use crate::redis_store::{store_error, RedisStore};
-use crate::status::{Intent, JobState};
+use crate::redis::{store_error, RedisStore};
 
 /// Milliseconds since the Unix epoch: the schedule's clock (shared by all processes, so
 /// wall time, not monotonic).
@@ -758,6 +758,20 @@ impl RedisStore {
         Ok(names)
     }
 
+    /// The user's counters, summed over all passes.
+    pub async fn progress(
+        &self,
+        batch: &str,
+        user: &str,
+    ) -> Result<std::collections::BTreeMap<String, i64>, Error> {
+        let mut conn = self.conn.clone();
+        let value: Option<String> = conn
+            .hget(self.progress_key(batch), user)
+            .await
+            .map_err(|e| store_error("HGET", e))?;
+        parse_counts(user, value.as_deref())
+    }
+
     pub(crate) fn batches_key(&self) -> String {
         self.k(&["batches"])
     }
@@ -1354,7 +1368,7 @@ impl RedisStore {
             .iter()
             .zip(checkpoints.into_iter().chain(std::iter::repeat(None)))
             .map(|(job, bytes)| {
-                bytes.and_then(|b| crate::redis_store::decode_checkpoint(&job.checkpoint_key(), &b))
+                bytes.and_then(|b| crate::redis::decode_checkpoint(&job.checkpoint_key(), &b))
             })
             .collect();
         Ok((answers, checkpoints))

@@ -1,7 +1,9 @@
 //! Where folder jobs wait for a worker. [`JobQueue`] is the interface; [`MemoryQueue`]
 //! is the embedded implementation. The cluster implementation (RabbitMQ) fills the same
-//! interface. What is queued is a bundle: one job, or a user's small jobs that run
-//! together (see [`crate::job`]).
+//! interface (`amqp.rs`). What is queued is a bundle: one job, or a user's small jobs that run
+//! together (see [`crate::domain::job`]).
+
+pub mod amqp;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::job::FolderJob;
+use crate::domain::job::FolderJob;
 
 /// A bundle handed to a worker: its jobs (one or more, of one user and pass), which
 /// attempt this is (1 = first), and the queue's own id for settling it.
@@ -207,7 +209,7 @@ impl JobQueue for MemoryQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::WireName;
+    use crate::domain::job::WireName;
 
     fn job(folder: &str) -> FolderJob {
         FolderJob {

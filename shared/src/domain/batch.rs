@@ -4,7 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::endpoint::{AuthMethod, Endpoint};
+use crate::domain::endpoint::Endpoint;
+use crate::domain::login::AuthMethod;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchRecord {
@@ -21,8 +22,11 @@ pub struct BatchRecord {
     pub owner: Option<Owner>,
     /// Which folders the batch's users copy and where they land (include, exclude,
     /// rename), as `migrate --include …` does for one run.
-    #[serde(default, skip_serializing_if = "crate::folders::Rules::is_empty")]
-    pub folder_rules: crate::folders::Rules,
+    #[serde(
+        default,
+        skip_serializing_if = "crate::domain::folders::Rules::is_empty"
+    )]
+    pub folder_rules: crate::domain::folders::Rules,
 }
 
 /// A batch made through the API: its tenant, the name its admin gave it, and the
@@ -35,7 +39,7 @@ pub struct Owner {
     pub target_endpoint: String,
     pub created_ms: u64,
     /// The endpoints' admin or master passwords when they have one, sealed for their
-    /// endpoint ([`crate::directory::endpoint_seal_scope`]): a user imported without
+    /// endpoint ([`crate::redis::directory::endpoint_seal_scope`]): a user imported without
     /// its own password logs in with these.
     #[serde(default)]
     pub source_admin_secret: Option<String>,
@@ -52,7 +56,7 @@ impl BatchRecord {
 }
 
 /// One user of a batch. The secrets are sealed for this batch and user
-/// ([`crate::seal::Keyring`]); nothing here is a password. A user imported through the
+/// ([`crate::config::seal::Keyring`]); nothing here is a password. A user imported through the
 /// API may have no secret yet (the admin types it when starting the user).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {

@@ -5,17 +5,24 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use mailferry_shared::endpoint::{preset, AuthMethod, Credentials, Endpoint, Security, PRESETS};
-use mailferry_shared::folders::Rules;
+use mailferry_shared::domain::endpoint::{Endpoint, Security};
+use mailferry_shared::domain::folders::Rules;
+use mailferry_shared::domain::login::{AuthMethod, Credentials};
+use mailferry_shared::domain::users::{parse_csv, RowError};
 use mailferry_shared::imap::Limits;
 use mailferry_shared::oauth::{self, Grant, Mechanism, OAuthClient};
+use mailferry_shared::providers::{self, preset, PRESETS};
 use mailferry_shared::secret::Secret;
-use mailferry_shared::users::{parse_csv, RowError};
-use mailferry_worker::consumer::RetryPolicy;
 use mailferry_worker::EngineSettings;
+use mailferry_worker::RetryPolicy;
 
 use crate::embedded::{Options, UserSpec};
 use crate::report::ProgressMode;
+
+pub mod api;
+pub mod args;
+
+pub use args::{parse_duration_secs, read_secret};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,7 +56,7 @@ pub enum Command {
     Batch(BatchArgs),
     /// The admin's workflow through the coordinator's HTTP API (as the web console):
     /// endpoints, batches, CSV imports, start/stop/sync now/close, a live `watch`.
-    Api(crate::api_cli::ApiArgs),
+    Api(api::ApiArgs),
     /// Print a shell completion script, e.g. `mailferry completions bash >
     /// /etc/bash_completion.d/mailferry` (or `source <(mailferry completions bash)`).
     Completions {
@@ -111,32 +118,6 @@ pub struct UserSelection {
     /// Only this user (repeatable); without it, every user of the batch.
     #[arg(long = "user", value_name = "ID")]
     pub users: Vec<String>,
-}
-
-/// `90`, `90s`, `30m`, `6h`, `1d` as seconds.
-pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, unit) = match text.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_lowercase()),
-        _ => (text, 's'),
-    };
-    let factor = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86_400,
-        _ => {
-            return Err(format!(
-                "{text:?}: use a number of seconds, or s, m, h or d"
-            ))
-        }
-    };
-    digits
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(factor))
-        .ok_or_else(|| format!("{text:?} is not a duration (like 90s, 30m, 6h or 1d)"))
 }
 
 #[derive(Debug, Args)]
@@ -364,7 +345,7 @@ pub struct MigrateArgs {
     pub attempts: u32,
 }
 
-pub use mailferry_shared::settings::parse_size;
+pub use mailferry_shared::config::settings::parse_size;
 
 /// A configuration mistake, named.
 #[derive(Debug, thiserror::Error)]
@@ -549,9 +530,9 @@ impl Side<'_> {
             (None, None, _) if matches!(grant, Grant::ServiceAccount { .. }) => self
                 .service_account_key()?
                 .token_uri
-                .unwrap_or_else(|| oauth::GOOGLE_TOKEN_URL.into()),
+                .unwrap_or_else(|| providers::GOOGLE_TOKEN_URL.into()),
             (None, tenant, Some(p)) => p.token_url(tenant.as_deref()),
-            (None, Some(tenant), None) => oauth::microsoft_token_url(tenant),
+            (None, Some(tenant), None) => providers::microsoft_token_url(tenant),
             (None, None, None) => {
                 return Err(usage(format!(
                     "OAuth2 needs a token endpoint: give {} (Microsoft), {} or a --{}-preset",
@@ -565,11 +546,11 @@ impl Side<'_> {
             (Some(scope), _) => scope.clone(),
             (None, Some(p)) => p.scope(&grant).to_string(),
             (None, None) if o.tenant.is_some() => match grant {
-                Grant::RefreshToken => oauth::MICROSOFT_USER_SCOPE.into(),
-                _ => oauth::MICROSOFT_APP_SCOPE.into(),
+                Grant::RefreshToken => providers::MICROSOFT_USER_SCOPE.into(),
+                _ => providers::MICROSOFT_APP_SCOPE.into(),
             },
             (None, None) if matches!(grant, Grant::ServiceAccount { .. }) => {
-                oauth::GOOGLE_SCOPE.into()
+                providers::GOOGLE_SCOPE.into()
             }
             (None, None) => return Err(usage(format!("OAuth2 needs {}", flag("scope")))),
         };
@@ -670,41 +651,6 @@ impl Side<'_> {
         )
         .map_err(usage)
     }
-}
-
-/// A secret from a file (`flag` names the option that gave it; its first line), else
-/// the environment variable `env`, else a prompt (`what`) when standard input is a
-/// terminal. Never from a command-line value: other users can read those.
-pub fn read_secret(
-    flag: &str,
-    file: Option<&Path>,
-    env: &str,
-    what: &str,
-) -> Result<Secret, String> {
-    if let Some(path) = file {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
-        let line = text.lines().next().unwrap_or("").to_string();
-        if line.is_empty() {
-            return Err(format!("{flag} {} is empty", path.display()));
-        }
-        return Ok(Secret::new(line));
-    }
-    if let Ok(value) = std::env::var(env) {
-        if !value.is_empty() {
-            return Ok(Secret::new(value));
-        }
-    }
-    use std::io::IsTerminal;
-    if std::io::stdin().is_terminal() {
-        let value = rpassword::prompt_password(format!("{what}: "))
-            .map_err(|e| format!("reading the {what}: {e}"))?;
-        if value.is_empty() {
-            return Err(format!("empty {what}"));
-        }
-        return Ok(Secret::new(value));
-    }
-    Err(format!("no {what}: set {env}, or use {flag} PATH"))
 }
 
 fn split_host_port(spec: &str, security: Security) -> Result<(String, u16), String> {

@@ -35,10 +35,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::endpoint::Endpoint;
+use crate::domain::endpoint::Endpoint;
 use crate::error::Error;
 use crate::imap::pool::{ConnectionGate, Ticket};
-use crate::redis_store::{store_error, RedisStore};
+use crate::redis::{store_error, RedisStore};
 
 /// How long the writer waits for more asks after the first before sending them.
 const LINGER: Duration = Duration::from_millis(3);
@@ -756,7 +756,7 @@ impl ConnectionGate for SlotGate {
     ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>> {
         Box::pin(async move {
             let (account, _) = SharedSlots::fields(endpoint, login, self.host_cap);
-            let (day, left) = crate::budget::utc_day();
+            let (day, left) = crate::domain::budget::utc_day();
             let key = format!("{}:spent:{day}:{account}", self.slots.store.prefix);
             let mut conn = self.slots.store.conn.clone();
             let (spent, _): (u64, i64) = redis::pipe()
@@ -771,7 +771,9 @@ impl ConnectionGate for SlotGate {
             }
             // Every process stops connecting to the account until the day is over.
             let _ = self.slots.pause(&account, Some(left)).await;
-            Err(crate::budget::used_up(endpoint, login, budget, left))
+            Err(crate::domain::budget::used_up(
+                endpoint, login, budget, left,
+            ))
         })
     }
 
