@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::job::{Checkpoint, CheckpointKey, FolderJob};
 use crate::domain::status::{Intent, JobState};
 use crate::error::Error;
+use crate::redis::scripts::{self, request, Delta, Table};
 use crate::redis::{store_error, RedisStore};
 
 /// Milliseconds since the Unix epoch: the schedule's clock (shared by all processes, so
@@ -107,25 +108,6 @@ pub struct RunRenewal<'a> {
     pub checkpoints: &'a [(CheckpointKey, Checkpoint)],
 }
 
-/// The keys of a script call, each once, by its 1-based index.
-#[derive(Default)]
-struct Keys {
-    names: Vec<Vec<u8>>,
-    index: HashMap<Vec<u8>, usize>,
-}
-
-impl Keys {
-    fn index(&mut self, key: impl Into<Vec<u8>>) -> usize {
-        let key = key.into();
-        if let Some(i) = self.index.get(&key) {
-            return *i;
-        }
-        self.names.push(key.clone());
-        self.index.insert(key, self.names.len());
-        self.names.len()
-    }
-}
-
 /// A user's field of `P:jobs:<batch>` (a JSON object, job id → state), parsed and
 /// sorted by id; no field: no jobs.
 fn parse_job_states(user: &str, value: Option<&str>) -> Result<Vec<(String, JobState)>, Error> {
@@ -190,7 +172,7 @@ pub struct UserState {
 /// Counters a job run adds to its user's progress.
 pub type Counts = Vec<(&'static str, i64)>;
 
-fn intent_name(intent: Intent) -> &'static str {
+pub(crate) fn intent_name(intent: Intent) -> &'static str {
     match intent {
         Intent::Idle => "idle",
         Intent::Active => "active",
@@ -213,19 +195,6 @@ fn parse_intent(text: &str) -> Intent {
 fn json<T: Serialize>(value: &T) -> Result<String, Error> {
     serde_json::to_string(value).map_err(|e| Error::Store(e.to_string()))
 }
-
-static CLAIM_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(&format!("{HELPERS}{PROLOGUE}{CLAIM}")));
-static RENEW_MANY_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(&format!("{HELPERS}{RENEW_MANY}")));
-static FINISH_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(&format!("{HELPERS}{PROLOGUE}{FINISH}")));
-static BEGIN_PASS_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(BEGIN_PASS));
-static SET_STATES_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(SET_STATES));
-static SCHEDULE_NEXT_MANY_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(SCHEDULE_NEXT_MANY));
 
 /// How long a job handed back keeps its folder claimed after its run ends. Its run
 /// may have been cut off in the middle of an APPEND group (a drain at a rolling
@@ -265,472 +234,22 @@ fn one_batch<'a>(mut jobs: impl Iterator<Item = &'a FolderJob>) -> Result<&'a st
     Ok(batch)
 }
 
-/// A user's counters, as the scripts read them: a count, then field/delta pairs.
-fn push_user_counts(
-    call: &mut redis::ScriptInvocation<'_>,
-    user: &str,
-    counts: &[(String, Counts)],
-) {
-    let mine: Vec<&(&'static str, i64)> = counts
+/// A user's counters with a delta, as the scripts take them (no zero deltas).
+fn user_deltas<'a>(user: &str, counts: &'a [(String, Counts)]) -> Vec<Delta<'a>> {
+    counts
         .iter()
         .filter(|(u, _)| u == user)
         .flat_map(|(_, c)| c.iter())
         .filter(|(_, d)| *d != 0)
-        .collect();
-    call.arg(mine.len());
-    for (field, delta) in mine {
-        call.arg(*field).arg(*delta);
-    }
+        .map(|(name, d)| (*name, *d))
+        .collect()
 }
 
-// The claim scripts take a delivery's jobs at once (one round trip and a handful of
-// commands for a bundle, not a claim per folder). A claim is a field of
-// `P:claims`, `<user>\t<target folder>` → `<holder> <expiry ms>`, expiry on
-// Redis's clock. They share these helpers: Redis's time, a claim's holder, a user's
-// intent, job states and counters.
-const HELPERS: &str = r#"
-local function server_now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function holder_of(value)
-  if not value then return nil, 0 end
-  local sp = string.find(value, ' ', 1, true)
-  return string.sub(value, 1, sp - 1), tonumber(string.sub(value, sp + 1))
-end
-local function intent_of(v) if v then return v end return 'idle' end
--- A user's job states (a field of the jobs hash): decoded, changed, encoded again.
-local function decode_states(v) if v then return cjson.decode(v) end return nil end
--- A user's counters (`name value ...`) plus ARGV's n name/delta pairs after `at`.
-local function add_counts(text, at, n)
-  local c, order = {}, {}
-  for k, v in string.gmatch(text or '', '(%S+) (%S+)') do
-    if not c[k] then table.insert(order, k) end
-    c[k] = tonumber(v)
-  end
-  for i = 1, n do
-    local k, d = ARGV[at + 2 * i], tonumber(ARGV[at + 2 * i + 1])
-    if not c[k] then c[k] = 0; table.insert(order, k) end
-    c[k] = c[k] + d
-  end
-  local out = {}
-  for _, k in ipairs(order) do table.insert(out, k .. ' ' .. string.format('%.0f', c[k])) end
-  return table.concat(out, ' ')
-end
-"#;
-
-// The claim and finish scripts' prologue: the delivery's users.
-// KEYS[1] intent hash, KEYS[2] claims hash, KEYS[3..] per script.
-// ARGV[1] holder, ARGV[2] ttl ms, ARGV[3] number of users U, ARGV[4..3+U] the users.
-const PROLOGUE: &str = r#"
-local holder, ttl, nu = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local users = {}
-for u = 1, nu do users[u] = ARGV[3 + u] end
--- Adds each counted user's pairs (counted[u] = {at, n}) to its counters in hash `key`.
-local function apply_counts(key, counted)
-  if not next(counted) then return end
-  local old = redis.call('HMGET', key, unpack(users))
-  local kv = {}
-  for u, c in pairs(counted) do
-    table.insert(kv, users[u]); table.insert(kv, add_counts(old[u], c[1], c[2]))
-  end
-  redis.call('HSET', key, unpack(kv))
-end
-"#;
-
-/// Grants each job's target folder to this run unless the job is finished, superseded
-/// by a newer pass, or its user stopped; or another run holds the folder. Then reads the
-/// jobs' checkpoints.
-/// KEYS: intent hash, claims hash, jobs hash, each job's checkpoint (J).
-/// ARGV: prologue, running state json, then per job: user index, job id, claim field.
-/// Returns {answers, checkpoints}: answers 'granted', 'busy' or 'skip:<why>'.
-const CLAIM: &str = r#"
-local now = server_now()
-local running = ARGV[4 + nu]
-local base = 4 + nu
-local nj = (#ARGV - base) / 3
-local fields = {}
-for j = 1, nj do fields[j] = ARGV[base + 3 * j] end
-local intents = redis.call('HMGET', KEYS[1], unpack(users))
-local held = redis.call('HMGET', KEYS[2], unpack(fields))
-local stored = redis.call('HMGET', KEYS[3], unpack(users))
-local maps = {}
-for u = 1, nu do maps[u] = decode_states(stored[u]) end
-local answers, grant, changed = {}, {}, {}
-local value = holder .. ' ' .. string.format('%.0f', now + ttl)
-for j = 1, nj do
-  local u = tonumber(ARGV[base + 3 * j - 2])
-  local id = ARGV[base + 3 * j - 1]
-  local intent = intents[u]
-  local state = maps[u] and maps[u][id]
-  if not state then
-    answers[j] = 'skip:superseded by a newer pass'
-  else
-    local s = state['state']
-    local who, expiry = holder_of(held[j])
-    if s == 'done' or s == 'failed' then
-      answers[j] = 'skip:already ' .. s
-    elseif intent == 'stopped' or intent == 'closed' or intent == 'idle' then
-      answers[j] = 'skip:the user is ' .. intent
-    elseif who and who ~= holder and expiry > now then
-      answers[j] = 'busy'
-    else
-      answers[j] = 'granted'
-      table.insert(grant, fields[j])
-      table.insert(grant, value)
-      maps[u][id] = cjson.decode(running)
-      changed[u] = true
-    end
-  end
-end
-if #grant > 0 then redis.call('HSET', KEYS[2], unpack(grant)) end
-local kv = {}
-for u = 1, nu do
-  if changed[u] then table.insert(kv, users[u]); table.insert(kv, cjson.encode(maps[u])) end
-end
-if #kv > 0 then redis.call('HSET', KEYS[3], unpack(kv)) end
-local cps = {}
-if #KEYS > 3 then cps = redis.call('MGET', unpack(KEYS, 4)) end
-return {answers, cps}
-"#;
-
-/// Renews the claims of several runs of one worker at once (the worker's keepers tick
-/// together) and applies each run's progress batch (once per sequence number: the
-/// last one applied is the run's field of the worker's runs hash) and the checkpoints
-/// it saved since its last call. A run that no longer holds every one of its claims
-/// has nothing applied; the others go on. A handful of commands per call, whatever the
-/// number of runs: each hash is read and written once.
-/// KEYS: every key the call names, by index (the runs' claims, intent and progress
-/// hashes, the worker's runs hash, the checkpoints).
-/// ARGV: ttl ms, runs hash index, number of runs to forget G, their holders, number of
-/// runs R, then per run: holder, claims, intent and progress hash indexes, seq, number
-/// of claim fields F, the fields, number of users U, per user: the user, number of
-/// counters N, N name/delta pairs; then number of checkpoints C, per checkpoint: key
-/// index, value.
-/// Returns per run {'held', each user's intent} or {'lost'}.
-const RENEW_MANY: &str = r#"
-local ttl, runs_key = tonumber(ARGV[1]), KEYS[tonumber(ARGV[2])]
-local now = server_now()
-local at = 3
-local forget = {}
-for i = 1, tonumber(ARGV[at]) do forget[i] = ARGV[at + i] end
-at = at + #forget + 1
-local runs = {}
-for r = 1, tonumber(ARGV[at]) do
-  local run = {holder = ARGV[at + 1], claims = KEYS[tonumber(ARGV[at + 2])],
-    intent = KEYS[tonumber(ARGV[at + 3])], progress = KEYS[tonumber(ARGV[at + 4])],
-    seq = ARGV[at + 5], fields = {}, users = {}, counts = {}, cps = {}}
-  at = at + 6
-  for f = 1, tonumber(ARGV[at]) do run.fields[f] = ARGV[at + f] end
-  at = at + #run.fields + 1
-  for u = 1, tonumber(ARGV[at]) do
-    local p = at + 1
-    local n = tonumber(ARGV[p + 1])
-    run.users[u] = ARGV[p]
-    run.counts[u] = {p, n}
-    at = p + 1 + 2 * n
-  end
-  at = at + 1
-  for c = 1, tonumber(ARGV[at]) do run.cps[c] = {tonumber(ARGV[at + 2 * c - 1]), at + 2 * c} end
-  at = at + 2 * #run.cps
-  runs[r] = run
-end
--- Values of `fields` of each hash, read once per hash: groups[key] = {fields, got}.
-local function read_grouped(pick)
-  local groups = {}
-  for _, run in ipairs(runs) do
-    for _, item in ipairs(pick(run)) do
-      local g = groups[item[1]]
-      if not g then g = {fields = {}, index = {}}; groups[item[1]] = g end
-      if not g.index[item[2]] then
-        table.insert(g.fields, item[2]); g.index[item[2]] = #g.fields
-      end
-    end
-  end
-  for key, g in pairs(groups) do
-    if #g.fields > 0 then g.got = redis.call('HMGET', key, unpack(g.fields)) end
-  end
-  return function(key, field) local g = groups[key]; return g.got[g.index[field]] end
-end
--- 1. The claims: a run holds them all, or it is lost.
-local claim_of = read_grouped(function(run)
-  local items = {}
-  for _, f in ipairs(run.fields) do table.insert(items, {run.claims, f}) end
-  return items
-end)
-local renew = {}
-for _, run in ipairs(runs) do
-  run.ok = true
-  for _, f in ipairs(run.fields) do
-    local who, expiry = holder_of(claim_of(run.claims, f))
-    if who ~= run.holder or expiry <= now then run.ok = false; break end
-  end
-  if run.ok and #run.fields > 0 then
-    local kv = renew[run.claims] or {}
-    renew[run.claims] = kv
-    local value = run.holder .. ' ' .. string.format('%.0f', now + ttl)
-    for _, f in ipairs(run.fields) do table.insert(kv, f); table.insert(kv, value) end
-  end
-end
-for key, kv in pairs(renew) do redis.call('HSET', key, unpack(kv)) end
--- 2. Each held run's batch counts if its number is new.
-local seen = {}
-if #runs > 0 then
-  local holders = {}
-  for r, run in ipairs(runs) do holders[r] = run.holder end
-  local last = redis.call('HMGET', runs_key, unpack(holders))
-  for r, run in ipairs(runs) do
-    run.fresh = run.ok and tonumber(run.seq) > tonumber(last[r] or '0')
-    if run.fresh then table.insert(seen, run.holder); table.insert(seen, run.seq) end
-  end
-end
-if #seen > 0 then
-  redis.call('HSET', runs_key, unpack(seen))
-  redis.call('PEXPIRE', runs_key, 86400000)
-end
-if #forget > 0 then redis.call('HDEL', runs_key, unpack(forget)) end
--- 3. Counters: each user's value read and written once, whatever the runs adding to it.
-local counters_of = read_grouped(function(run)
-  local items = {}
-  if run.fresh then
-    for u, c in ipairs(run.counts) do
-      if c[2] > 0 then table.insert(items, {run.progress, run.users[u]}) end
-    end
-  end
-  return items
-end)
-local counters = {}
-for _, run in ipairs(runs) do
-  if run.fresh then
-    for u, c in ipairs(run.counts) do
-      if c[2] > 0 then
-        local by_user = counters[run.progress] or {}
-        counters[run.progress] = by_user
-        local name = run.users[u]
-        local text = by_user[name]
-        if text == nil then text = counters_of(run.progress, name) end
-        by_user[name] = add_counts(text, c[1], c[2])
-      end
-    end
-  end
-end
-for key, by_user in pairs(counters) do
-  local kv = {}
-  for name, text in pairs(by_user) do table.insert(kv, name); table.insert(kv, text) end
-  redis.call('HSET', key, unpack(kv))
-end
--- 4. The held runs' checkpoints.
-local cps = {}
-for _, run in ipairs(runs) do
-  if run.ok then
-    for _, c in ipairs(run.cps) do table.insert(cps, KEYS[c[1]]); table.insert(cps, ARGV[c[2]]) end
-  end
-end
-if #cps > 0 then redis.call('MSET', unpack(cps)) end
--- 5. The users' intents, for the held runs.
-local intent_of_user = read_grouped(function(run)
-  local items = {}
-  if run.ok then
-    for _, u in ipairs(run.users) do table.insert(items, {run.intent, u}) end
-  end
-  return items
-end)
-local out = {}
-for r, run in ipairs(runs) do
-  if run.ok then
-    local o = {'held'}
-    for u, name in ipairs(run.users) do o[u + 1] = intent_of(intent_of_user(run.intent, name)) end
-    out[r] = o
-  else
-    out[r] = {'lost'}
-  end
-end
-return out
-"#;
-
-/// Ends a run: its last progress batch, the jobs' new states (each only while the run
-/// still holds that job's claim, and unless a newer pass replaced the job meanwhile),
-/// its checkpoints (only while every claim is still this run's: else another run owns
-/// the folders now), the claims released, the users marked for the coordinator's
-/// dispatcher. A run that lost a claim writes nothing over the state of the run that
-/// took the folder over (or that finished it since); a state left behind as queued or
-/// running is repaired by the coordinator's recheck, which publishes the job again.
-/// KEYS: intent hash, claims hash, run key, dispatch set, jobs hash, progress hash,
-/// then the checkpoints to write (C).
-/// ARGV: prologue, seq, number of claim fields F, the fields, then per user: its
-/// dispatch member, number of states, id/claim field/json triples ('' keeps the
-/// state), number of counters, field/delta pairs; then the C checkpoint values; then
-/// the linger in ms and the number L of claim fields to keep that long (the jobs
-/// handed back), and those fields.
-const FINISH: &str = r#"
-local seq = tonumber(ARGV[4 + nu])
-local nf = tonumber(ARGV[5 + nu])
-local at = 5 + nu
-local ours, all_ours, mine = {}, true, {}
-if nf > 0 then
-  local fields = {}
-  for f = 1, nf do fields[f] = ARGV[at + f] end
-  local held = redis.call('HMGET', KEYS[2], unpack(fields))
-  for f = 1, nf do
-    if holder_of(held[f]) == holder then
-      table.insert(ours, fields[f]); mine[fields[f]] = true
-    else
-      all_ours = false
-    end
-  end
-end
-at = at + nf
-local last = tonumber(redis.call('GET', KEYS[3]) or '0')
-local fresh = seq > last
-if fresh then redis.call('SET', KEYS[3], ARGV[4 + nu], 'EX', 86400) end
-local members, stored, maps = {}, nil, {}
-local states_kv, counted = {}, {}
-for u = 1, nu do
-  members[u] = ARGV[at + 1]
-  local ns = tonumber(ARGV[at + 2])
-  at = at + 2
-  if ns > 0 then
-    if not stored then
-      stored = redis.call('HMGET', KEYS[5], unpack(users))
-    end
-    local map = decode_states(stored[u])
-    local changed = false
-    for i = 1, ns do
-      local id, field, val = ARGV[at + 3 * i - 2], ARGV[at + 3 * i - 1], ARGV[at + 3 * i]
-      -- a job a newer pass replaced stays replaced; a claim lost is another's job now
-      if map and map[id] and val ~= '' and mine[field] then
-        map[id] = cjson.decode(val); changed = true
-      end
-    end
-    if changed then
-      table.insert(states_kv, users[u]); table.insert(states_kv, cjson.encode(map))
-    end
-  end
-  at = at + 3 * ns
-  local n = tonumber(ARGV[at + 1])
-  if fresh and n > 0 then counted[u] = {at, n} end
-  at = at + 1 + 2 * n
-end
-if #states_kv > 0 then redis.call('HSET', KEYS[5], unpack(states_kv)) end
-apply_counts(KEYS[6], counted)
-local nc = #KEYS - 6
-if nc > 0 and all_ours then
-  local kv = {}
-  for c = 1, nc do kv[2 * c - 1] = KEYS[6 + c]; kv[2 * c] = ARGV[at + c] end
-  redis.call('MSET', unpack(kv))
-end
--- A job handed back keeps its folder a while: what its run had sent may still be on
--- its way to the target, and the next run must look after it has landed.
-local after = at + nc
-local linger_ms, nl = tonumber(ARGV[after + 1]), tonumber(ARGV[after + 2])
-local keep = {}
-for l = 1, nl do keep[ARGV[after + 2 + l]] = true end
-local release, hold = {}, {}
-local until_ms = string.format('%.0f', server_now() + linger_ms)
-for _, f in ipairs(ours) do
-  if keep[f] then
-    table.insert(hold, f); table.insert(hold, holder .. ' ' .. until_ms)
-  else
-    table.insert(release, f)
-  end
-end
-if #release > 0 then redis.call('HDEL', KEYS[2], unpack(release)) end
-if #hold > 0 then redis.call('HSET', KEYS[2], unpack(hold)) end
-redis.call('SADD', KEYS[4], unpack(members))
-return 1
-"#;
-
-/// Takes a lease if free. KEYS: lease. ARGV: holder, ttl ms.
-const ACQUIRE: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"#;
-
-/// Renews a lease that is still ours. KEYS: lease. ARGV: holder, ttl ms.
-const RENEW_LEASE: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"#;
-
-/// Lets a lease go if it is still ours. KEYS: lease. ARGV: holder.
-const RELEASE_LEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"#;
-
-/// Passes begin: each user's pass record, job states and specs replace the old ones
-/// (a field of each hash per user), and the recheck time is set. Four commands,
-/// whatever the number of users.
-/// KEYS: the pass records, the due zset, the jobs hash, the specs hash.
-/// ARGV: recheck ms, then per user: user, pass record, job states, job specs.
-const BEGIN_PASS: &str = r#"
-local records, states, specs, due = {}, {}, {}, {}
-for at = 2, #ARGV, 4 do
-  local user = ARGV[at]
-  table.insert(records, user); table.insert(records, ARGV[at + 1])
-  table.insert(states, user); table.insert(states, ARGV[at + 2])
-  table.insert(specs, user); table.insert(specs, ARGV[at + 3])
-  table.insert(due, ARGV[1]); table.insert(due, user)
-end
-redis.call('HSET', KEYS[1], unpack(records))
-redis.call('HSET', KEYS[3], unpack(states))
-redis.call('HSET', KEYS[4], unpack(specs))
-redis.call('ZADD', KEYS[2], unpack(due))
-return #due / 2
-"#;
-
-/// Sets some of a user's job states (waiting → queued), leaving out a job its pass no
-/// longer has. KEYS: the jobs hash. ARGV: the user, then id/state pairs.
-const SET_STATES: &str = r#"
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if not v then return 0 end
-local map, n = cjson.decode(v), 0
-for i = 2, #ARGV, 2 do
-  if map[ARGV[i]] then map[ARGV[i]] = cjson.decode(ARGV[i + 1]); n = n + 1 end
-end
-if n > 0 then redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(map)) end
-return n
-"#;
-
 /// The due score of an open pass's recheck at `ms`: half a millisecond later, so that
-/// the pass's end can tell it from the admin's sync now ([`SCHEDULE_NEXT_MANY`]).
+/// the pass's end can tell it from the admin's sync now (`lua/schedule_next.lua`).
 pub fn recheck_score(ms: u64) -> String {
     format!("{ms}.5")
 }
-
-/// Schedules users' next passes unless the admin asked for one meanwhile (a sync now or
-/// start during the pass left the user due already): the sooner time wins. An open
-/// pass's recheck time is not the admin's ask, overdue or not: its score ends in .5
-/// ([`recheck_score`]), the admin's and the schedule's are whole milliseconds. Two
-/// commands, whatever the number of users.
-/// KEYS: due zset. ARGV: now ms, next ms, then the users.
-const SCHEDULE_NEXT_MANY: &str = r#"
-local users = {unpack(ARGV, 3)}
-local at = redis.call('ZMSCORE', KEYS[1], unpack(users))
-local kv = {}
-for i, user in ipairs(users) do
-  local t = at[i] and tonumber(at[i])
-  if not (t and t <= tonumber(ARGV[1]) and math.floor(t) == t) then
-    table.insert(kv, ARGV[2])
-    table.insert(kv, user)
-  end
-end
-if #kv > 0 then redis.call('ZADD', KEYS[1], unpack(kv)) end
-return #kv / 2
-"#;
-
-/// Closing → closed, only if the admin has not changed the intent meanwhile.
-/// KEYS: intent hash. ARGV: user.
-const CLOSE: &str = r#"
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'closing' then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], 'closed')
-return 1
-"#;
 
 impl RedisStore {
     pub(crate) fn k(&self, parts: &[&str]) -> String {
@@ -848,7 +367,7 @@ impl RedisStore {
     /// Closing → Closed, unless the admin changed the intent meanwhile.
     pub async fn mark_closed(&self, batch: &str, user: &str) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
-        let done: i64 = redis::Script::new(CLOSE)
+        let done: i64 = scripts::CLOSE
             .key(self.k(&["intent", batch]))
             .arg(user)
             .invoke_async(&mut conn)
@@ -913,7 +432,7 @@ impl RedisStore {
     ) -> Result<(), Error> {
         for chunk in users.chunks(STATUS_CHUNK) {
             let mut conn = self.conn.clone();
-            let mut call = SCHEDULE_NEXT_MANY_SCRIPT.key(self.k(&["due", batch]));
+            let mut call = scripts::SCHEDULE_NEXT.key(self.k(&["due", batch]));
             call.arg(now_ms).arg(next_ms).arg(chunk);
             call.invoke_async::<i64>(&mut conn)
                 .await
@@ -1150,23 +669,32 @@ impl RedisStore {
             return Ok(());
         }
         let mut conn = self.conn.clone();
-        let mut call = BEGIN_PASS_SCRIPT.prepare_invoke();
-        call.key(self.k(&["pass", batch]))
+        let users = passes
+            .iter()
+            .map(|(user, record, jobs)| {
+                let states: std::collections::BTreeMap<String, &JobState> =
+                    jobs.iter().map(|(j, s)| (j.id(), s)).collect();
+                let specs: std::collections::BTreeMap<String, &FolderJob> =
+                    jobs.iter().map(|(j, _)| (j.id(), j)).collect();
+                Ok(scripts::BeginPassUser {
+                    user,
+                    record: json(record)?,
+                    states: json(&states)?,
+                    specs: json(&specs)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let req = scripts::BeginPassRequest {
+            recheck: recheck_score(recheck_ms),
+            users,
+        };
+        scripts::BEGIN_PASS
+            .key(self.k(&["pass", batch]))
             .key(self.k(&["due", batch]))
             .key(self.jobs_key(batch))
-            .key(self.specs_key(batch));
-        call.arg(recheck_score(recheck_ms));
-        for (user, record, jobs) in passes {
-            let states: std::collections::BTreeMap<String, &JobState> =
-                jobs.iter().map(|(j, s)| (j.id(), s)).collect();
-            let specs: std::collections::BTreeMap<String, &FolderJob> =
-                jobs.iter().map(|(j, _)| (j.id(), j)).collect();
-            call.arg(*user)
-                .arg(json(record)?)
-                .arg(json(&states)?)
-                .arg(json(&specs)?);
-        }
-        call.invoke_async::<i64>(&mut conn)
+            .key(self.specs_key(batch))
+            .arg(request(&req)?)
+            .invoke_async::<i64>(&mut conn)
             .await
             .map_err(|e| store_error("begin-pass script", e))?;
         Ok(())
@@ -1292,7 +820,7 @@ impl RedisStore {
         if states.is_empty() {
             return Ok(());
         }
-        let mut call = SET_STATES_SCRIPT.key(self.jobs_key(batch));
+        let mut call = scripts::SET_STATES.key(self.jobs_key(batch));
         call.arg(user);
         for (id, state) in states {
             call.arg(id).arg(json(state)?);
@@ -1336,20 +864,27 @@ impl RedisStore {
         }
         let batch = one_batch(jobs.iter())?;
         let users = users_of(jobs.iter());
-        let mut call = self.claim_call(&CLAIM_SCRIPT, batch, holder, ttl, &users);
-        call.key(self.jobs_key(batch));
+        let mut fields = Table::args();
+        let req = scripts::ClaimRequest {
+            holder,
+            ttl_ms: ttl.as_millis() as u64,
+            users: &users,
+            running: JobState::Running,
+            jobs: jobs
+                .iter()
+                .map(|job| scripts::ClaimJob {
+                    user: users.iter().position(|u| *u == job.user).unwrap_or(0) + 1,
+                    id: job.id(),
+                    field: fields.index(claim_field(job)),
+                })
+                .collect(),
+        };
+        let mut call = scripts::CLAIM.key(self.k(&["intent", batch]));
+        call.key(self.k(&["claims"])).key(self.jobs_key(batch));
         for job in jobs {
             call.key(self.checkpoint_key(&job.checkpoint_key()));
         }
-        call.arg(json(&JobState::Running)?);
-        for job in jobs {
-            let u = users
-                .iter()
-                .position(|u| *u == job.user.as_str())
-                .unwrap_or(0)
-                + 1;
-            call.arg(u).arg(job.id()).arg(claim_field(job));
-        }
+        call.arg(request(&req)?).arg(fields.names);
         let (answers, checkpoints): (Vec<String>, Vec<Option<Vec<u8>>>) = call
             .invoke_async(&mut self.conn.clone())
             .await
@@ -1408,43 +943,49 @@ impl RedisStore {
         runs: &[RunRenewal<'_>],
         forget: &[String],
     ) -> Result<Vec<Renewal>, Error> {
-        let mut keys = Keys::default();
-        let mut call = RENEW_MANY_SCRIPT.prepare_invoke();
-        call.arg(ttl.as_millis() as u64)
-            .arg(keys.index(self.k(&["runs", worker])))
-            .arg(forget.len());
-        for holder in forget {
-            call.arg(holder);
-        }
-        call.arg(runs.len());
+        let mut keys = Table::keys();
+        let mut fields = Table::args();
+        let mut req = scripts::RenewRequest {
+            ttl_ms: ttl.as_millis() as u64,
+            runs_key: keys.index(self.k(&["runs", worker])),
+            forget,
+            runs: Vec::with_capacity(runs.len()),
+        };
         let mut users_per_run = Vec::with_capacity(runs.len());
         for run in runs {
             let batch = one_batch(run.jobs.iter())?;
             let users = users_of(run.jobs.iter());
-            call.arg(run.holder)
-                .arg(keys.index(self.k(&["claims"])))
-                .arg(keys.index(self.k(&["intent", batch])))
-                .arg(keys.index(self.progress_key(batch)))
-                .arg(run.seq)
-                .arg(run.jobs.len());
-            for job in run.jobs {
-                call.arg(claim_field(job));
-            }
-            call.arg(users.len());
-            for user in &users {
-                call.arg(*user);
-                push_user_counts(&mut call, user, run.counts);
-            }
-            call.arg(run.checkpoints.len());
-            for (key, cp) in run.checkpoints {
-                call.arg(keys.index(self.checkpoint_key(key)))
-                    .arg(serde_json::to_vec(cp).map_err(|e| Error::Store(e.to_string()))?);
-            }
+            req.runs.push(scripts::RenewRun {
+                holder: run.holder,
+                claims: keys.index(self.k(&["claims"])),
+                intent: keys.index(self.k(&["intent", batch])),
+                progress: keys.index(self.progress_key(batch)),
+                seq: run.seq,
+                fields: run
+                    .jobs
+                    .iter()
+                    .map(|j| fields.index(claim_field(j)))
+                    .collect(),
+                users: users
+                    .iter()
+                    .map(|user| scripts::UserCounts {
+                        user,
+                        counts: user_deltas(user, run.counts),
+                    })
+                    .collect(),
+                checkpoints: run
+                    .checkpoints
+                    .iter()
+                    .map(|(key, cp)| Ok((keys.index(self.checkpoint_key(key)), json(cp)?)))
+                    .collect::<Result<_, Error>>()?,
+            });
             users_per_run.push(users);
         }
+        let mut call = scripts::RENEW.prepare_invoke();
         for key in keys.names {
             call.key(key);
         }
+        call.arg(request(&req)?).arg(fields.names);
         let replies: Vec<Vec<String>> = call
             .invoke_async(&mut self.conn.clone())
             .await
@@ -1525,74 +1066,60 @@ impl RedisStore {
         }
         let batch = one_batch(jobs.iter().map(|(j, _)| j))?;
         let users = users_of(jobs.iter().map(|(j, _)| j));
-        let mut call = self.claim_call(&FINISH_SCRIPT, batch, holder, Duration::ZERO, &users);
-        call.key(run)
+        let mut fields = Table::args();
+        let job_fields: Vec<usize> = jobs
+            .iter()
+            .map(|(j, _)| fields.index(claim_field(j)))
+            .collect();
+        let per_user = users
+            .iter()
+            .map(|user| scripts::FinishUser {
+                member: Self::dispatch_member(batch, user),
+                states: jobs
+                    .iter()
+                    .zip(&job_fields)
+                    .filter(|((j, _), _)| j.user == *user)
+                    .map(|((j, s), field)| scripts::FinishState {
+                        id: j.id(),
+                        field: *field,
+                        state: s.as_ref(),
+                    })
+                    .collect(),
+                counts: user_deltas(user, counts),
+            })
+            .collect();
+        let req = scripts::FinishRequest {
+            holder,
+            seq,
+            users: &users,
+            fields: job_fields.clone(),
+            per_user,
+            checkpoints: checkpoints
+                .iter()
+                .map(|(_, cp)| json(cp))
+                .collect::<Result<_, Error>>()?,
+            linger_ms: HAND_BACK_SETTLE.as_millis() as u64,
+            keep: jobs
+                .iter()
+                .zip(&job_fields)
+                .filter(|((_, state), _)| *state == Some(JobState::Queued))
+                .map(|(_, field)| *field)
+                .collect(),
+        };
+        let mut call = scripts::FINISH.key(self.k(&["intent", batch]));
+        call.key(self.k(&["claims"]))
+            .key(run)
             .key(self.k(&["dispatch"]))
             .key(self.jobs_key(batch))
             .key(self.progress_key(batch));
         for (key, _) in checkpoints {
             call.key(self.checkpoint_key(key));
         }
-        call.arg(seq).arg(jobs.len());
-        for (job, _) in jobs {
-            call.arg(claim_field(job));
-        }
-        for user in &users {
-            call.arg(Self::dispatch_member(batch, user));
-            let states = jobs
-                .iter()
-                .filter(|(j, _)| j.user == *user)
-                .map(|(j, s)| {
-                    Ok((
-                        j.id(),
-                        claim_field(j),
-                        s.as_ref().map(json).transpose()?.unwrap_or_default(),
-                    ))
-                })
-                .collect::<Result<Vec<_>, Error>>()?;
-            call.arg(states.len());
-            for (id, field, state) in states {
-                call.arg(id).arg(field).arg(state);
-            }
-            push_user_counts(&mut call, user, counts);
-        }
-        for (_, cp) in checkpoints {
-            call.arg(serde_json::to_vec(cp).map_err(|e| Error::Store(e.to_string()))?);
-        }
-        let handed_back: Vec<Vec<u8>> = jobs
-            .iter()
-            .filter(|(_, state)| *state == Some(JobState::Queued))
-            .map(|(job, _)| claim_field(job))
-            .collect();
-        call.arg(HAND_BACK_SETTLE.as_millis() as u64)
-            .arg(handed_back.len());
-        for field in handed_back {
-            call.arg(field);
-        }
+        call.arg(request(&req)?).arg(fields.names);
         call.invoke_async::<i64>(&mut self.conn.clone())
             .await
             .map_err(|e| store_error("finish script", e))?;
         Ok(())
-    }
-
-    /// A claim script's call with the prologue's keys and arguments filled in.
-    fn claim_call<'a>(
-        &self,
-        script: &'a std::sync::LazyLock<redis::Script>,
-        batch: &str,
-        holder: &str,
-        ttl: Duration,
-        users: &[&str],
-    ) -> redis::ScriptInvocation<'a> {
-        let mut call = script.key(self.k(&["intent", batch]));
-        call.key(self.k(&["claims"]))
-            .arg(holder)
-            .arg(ttl.as_millis() as u64)
-            .arg(users.len());
-        for user in users {
-            call.arg(*user);
-        }
-        call
     }
 
     // ---- leadership ----
@@ -1600,7 +1127,7 @@ impl RedisStore {
     /// Takes (or keeps) the coordinator lease. True when `holder` holds it now.
     pub async fn acquire_leader(&self, holder: &str, ttl: Duration) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
-        let got: i64 = redis::Script::new(ACQUIRE)
+        let got: i64 = scripts::LEADER_ACQUIRE
             .key(self.k(&["leader"]))
             .arg(holder)
             .arg(ttl.as_millis() as u64)
@@ -1613,7 +1140,7 @@ impl RedisStore {
     /// Renews the coordinator lease; false when it is no longer `holder`'s.
     pub async fn renew_leader(&self, holder: &str, ttl: Duration) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
-        let kept: i64 = redis::Script::new(RENEW_LEASE)
+        let kept: i64 = scripts::LEADER_RENEW
             .key(self.k(&["leader"]))
             .arg(holder)
             .arg(ttl.as_millis() as u64)
@@ -1625,7 +1152,7 @@ impl RedisStore {
 
     pub async fn release_leader(&self, holder: &str) -> Result<(), Error> {
         let mut conn = self.conn.clone();
-        redis::Script::new(RELEASE_LEASE)
+        scripts::LEADER_RELEASE
             .key(self.k(&["leader"]))
             .arg(holder)
             .invoke_async::<i64>(&mut conn)

@@ -10,11 +10,13 @@
 //! - `slots.rs`: connection leases per account and per host, and throttling pauses.
 //! - `directory.rs`: the HTTP API's records (tenants, endpoints, batch owners).
 //! - `lease.rs`: leases and the fence that guards their holder.
-//! - `lua/`: the scripts, one file each, with `helpers.lua` shared.
+//! - `scripts.rs` and `lua/`: the Lua scripts, one file each with `helpers.lua` shared,
+//!   and the typed requests of those that take more than a few scalars.
 
 pub mod control;
 pub mod directory;
 pub mod lease;
+mod scripts;
 pub mod slots;
 
 use redis::aio::ConnectionManager;
@@ -302,25 +304,12 @@ impl RedisStore {
         old: &str,
         new: &str,
     ) -> Result<bool, Error> {
-        static REPLACE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"
-                local raw = redis.call('GET', KEYS[1])
-                if not raw then return 0 end
-                local record = cjson.decode(raw)
-                if record[ARGV[1]] ~= ARGV[2] then return 0 end
-                record[ARGV[1]] = ARGV[3]
-                redis.call('SET', KEYS[1], cjson.encode(record))
-                return 1
-                ",
-            )
-        });
         let field = match side {
             crate::error::Side::Source => "source_secret",
             crate::error::Side::Target => "target_secret",
         };
         let mut conn = self.conn.clone();
-        let replaced: i64 = REPLACE
+        let replaced: i64 = scripts::REPLACE_SECRET
             .key(self.user_key(batch, user))
             .arg(field)
             .arg(old)

@@ -38,147 +38,12 @@ use tokio::sync::{mpsc, oneshot};
 use crate::domain::endpoint::Endpoint;
 use crate::error::Error;
 use crate::imap::pool::{ConnectionGate, Ticket};
-use crate::redis::{store_error, RedisStore};
+use crate::redis::{scripts, store_error, RedisStore};
 
 /// How long the writer waits for more asks after the first before sending them.
 const LINGER: Duration = Duration::from_millis(3);
-/// Asks sent at most in one script (five arguments each, well within what Lua unpacks).
+/// Asks sent at most in one script call (one request: a call stays small and quick).
 const MAX_ASKS: usize = 200;
-
-/// The time (ms), and the reading and writing of lease fields. KEYS[1] the hash.
-const COMMON: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
--- A field's live entries: holder -> {count, expiry}.
-local function parse(v)
-  local h = {}
-  if v then
-    for name, n, exp in string.gmatch(v, '([^ ,]+) (%d+) (%d+)') do
-      if tonumber(exp) > now then h[name] = {tonumber(n), tonumber(exp)} end
-    end
-  end
-  return h
-end
-local function others(h, me)
-  local sum = 0
-  for name, e in pairs(h) do
-    if name ~= me and name ~= '!pause' then sum = sum + e[1] end
-  end
-  return sum
-end
--- Reads the fields once: field -> entries, and which fields exist.
-local function load(fields)
-  local held, existed = {}, {}
-  if #fields > 0 then
-    local got = redis.call('HMGET', KEYS[1], unpack(fields))
-    for i, f in ipairs(fields) do
-      held[f] = parse(got[i] or nil)
-      if got[i] then existed[f] = true end
-    end
-  end
-  return held, existed
-end
--- Writes them once: an empty field is deleted.
-local function store(held, existed)
-  local set, del = {}, {}
-  for f, h in pairs(held) do
-    local out = {}
-    for name, e in pairs(h) do
-      table.insert(out, name .. ' ' .. e[1] .. ' ' .. string.format('%.0f', e[2]))
-    end
-    if #out > 0 then
-      table.sort(out)
-      table.insert(set, f)
-      table.insert(set, table.concat(out, ','))
-    elseif existed[f] then
-      table.insert(del, f)
-    end
-  end
-  if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
-  if #del > 0 then redis.call('HDEL', KEYS[1], unpack(del)) end
-end
-"#;
-
-/// Asks, in order, each for this process's lease on an account to grow to `want`
-/// connections (and, when `host min` is not 0, on the host to between `host min` and
-/// `host max`) if the other processes' leases leave room under the caps and the account
-/// is not paused. ARGV: process, ttl ms, then per ask: account field, want, account
-/// cap, host field ('' for none), host min, host max, host cap (the caps are the
-/// endpoint's, see [`SharedSlots::caps`]). Returns per ask two values: 'ok' and the host
-/// lease, 'paused' and the ms left, or which cap is full ('account', 'host') and 0.
-const TAKE: &str = r#"
-local me, ttl = ARGV[1], tonumber(ARGV[2])
-local fields, seen = {}, {}
-for i = 3, #ARGV, 7 do
-  for _, f in ipairs({ARGV[i], ARGV[i + 3]}) do
-    if f ~= '' and not seen[f] then
-      seen[f] = true
-      table.insert(fields, f)
-    end
-  end
-end
-local held, existed = load(fields)
-local expiry = now + ttl
-local out = {}
-for i = 3, #ARGV, 7 do
-  local account = held[ARGV[i]]
-  local want, account_cap = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local host_min, host_max = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  local host_cap = tonumber(ARGV[i + 6])
-  local verdict, number = 'ok', 0
-  if account['!pause'] then
-    verdict, number = 'paused', account['!pause'][2] - now
-  elseif others(account, me) + want > account_cap then
-    verdict = 'account'
-  elseif host_min > 0 then
-    local host = held[ARGV[i + 3]]
-    local room = host_cap - others(host, me)
-    if room < host_min then
-      verdict = 'host'
-    else
-      number = math.min(room, host_max)
-      host[me] = {number, expiry}
-    end
-  end
-  if verdict == 'ok' then account[me] = {want, expiry} end
-  table.insert(out, verdict)
-  table.insert(out, string.format('%.0f', number))
-end
-store(held, existed)
-return out
-"#;
-
-/// Sets this process's leases: ARGV process, ttl ms, then per lease its field and
-/// count (0 gives the lease back).
-const SET_LEASES: &str = r#"
-local me, ttl = ARGV[1], tonumber(ARGV[2])
-local fields = {}
-for i = 3, #ARGV, 2 do table.insert(fields, ARGV[i]) end
-local held, existed = load(fields)
-for i = 3, #ARGV, 2 do
-  local n = tonumber(ARGV[i + 1])
-  if n > 0 then held[ARGV[i]][me] = {n, now + ttl} else held[ARGV[i]][me] = nil end
-end
-store(held, existed)
-return 1
-"#;
-
-/// Pauses an account: ARGV its field and the pause in ms (a longer pause stays).
-const PAUSE: &str = r#"
-local held, existed = load({ARGV[1]})
-local h = held[ARGV[1]]
-local until_ = now + tonumber(ARGV[2])
-if not h['!pause'] or h['!pause'][2] < until_ then h['!pause'] = {0, until_} end
-store(held, existed)
-return 1
-"#;
-
-static TAKE_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(&format!("{COMMON}{TAKE}")));
-static SET_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(&format!("{COMMON}{SET_LEASES}")));
-static PAUSE_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(&format!("{COMMON}{PAUSE}")));
 
 /// A lease of this process's on an account or a host.
 #[derive(Debug, Default)]
@@ -465,19 +330,38 @@ impl SharedSlots {
         if asked.is_empty() {
             return;
         }
-        let mut call = TAKE_SCRIPT.key(&self.key);
-        call.arg(&self.process).arg(self.ttl.as_millis() as u64);
-        for a in &asked {
-            let host = a.ask.host.as_deref().filter(|_| a.host_min > 0);
-            let (account_cap, host_cap) = a.ask.caps;
-            call.arg(&a.ask.account)
-                .arg(a.want)
-                .arg(account_cap)
-                .arg(host.unwrap_or(""))
-                .arg(a.host_min)
-                .arg(a.host_min.saturating_sub(1) + self.host_block)
-                .arg(host_cap);
-        }
+        let req = scripts::TakeRequest {
+            process: &self.process,
+            ttl_ms: self.ttl.as_millis() as u64,
+            asks: asked
+                .iter()
+                .map(|a| {
+                    let host = a.ask.host.as_deref().filter(|_| a.host_min > 0);
+                    let (account_cap, host_cap) = a.ask.caps;
+                    scripts::TakeAsk {
+                        account: &a.ask.account,
+                        want: a.want,
+                        account_cap,
+                        host: host.unwrap_or(""),
+                        host_min: a.host_min,
+                        host_max: a.host_min.saturating_sub(1) + self.host_block,
+                        host_cap,
+                    }
+                })
+                .collect(),
+        };
+        let mut call = scripts::SLOTS_TAKE.key(&self.key);
+        match scripts::request(&req) {
+            Ok(text) => call.arg(text),
+            Err(e) => {
+                let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+                for a in asked {
+                    uncount(&mut leases, &a.ask.account, a.ask.host.as_deref());
+                    let _ = a.ask.reply.send(Err(Error::Store(e.to_string())));
+                }
+                return;
+            }
+        };
         let answers: Result<Vec<String>, Error> = call
             .invoke_async(&mut self.store.conn.clone())
             .await
@@ -532,7 +416,7 @@ impl SharedSlots {
             .unwrap_or(self.default_pause)
             .max(Duration::from_millis(100));
         let mut conn = self.store.conn.clone();
-        PAUSE_SCRIPT
+        scripts::SLOTS_PAUSE
             .key(&self.key)
             .arg(account)
             .arg(pause.as_millis() as u64)
@@ -570,7 +454,7 @@ impl SharedSlots {
             return Ok(());
         }
         let mut conn = self.store.conn.clone();
-        let mut call = SET_SCRIPT.key(&self.key);
+        let mut call = scripts::SLOTS_SET.key(&self.key);
         call.arg(&self.process).arg(self.ttl.as_millis() as u64);
         for (field, n) in &due {
             call.arg(field).arg(*n);
