@@ -1042,8 +1042,8 @@ impl Cohort {
 /// Which of a user's waiting jobs to publish now, as bundles (one queue message each):
 /// at most `cap` bundles in flight per user — a group of small folders counts once, as
 /// it travels and runs as one — and one job at a time per target folder, a folder's UID
-/// ranges in order (they share the folder's checkpoint and its claim; see the README's
-/// design notes). `jobs` are the pass's open jobs in planned order (largest folders
+/// ranges in order (they share the folder's checkpoint and its claim; see
+/// docs/design.md). `jobs` are the pass's open jobs in planned order (largest folders
 /// first).
 pub fn next_to_publish(jobs: &[(FolderJob, JobState)], cap: usize) -> Vec<Vec<FolderJob>> {
     let flying = units_in_flight(jobs);

@@ -1172,7 +1172,7 @@ async fn the_same_users_in_two_batches_at_once_duplicate_nothing() {
     // redis_store::a_folder_claimed_in_one_batch_is_busy_in_another).
     // Each batch's pools keep their idle connections (and the account's connection
     // leases) a while: with two connections an account, one batch's idle ones starve
-    // the other's jobs for half a minute at a time (slow, not wrong; see the README).
+    // the other's jobs for half a minute at a time (slow, not wrong; see docs/design.md, Known limitations).
     let settings = FAST.replace("connections_per_account = 2", "connections_per_account = 8");
     let rig = Rig::with(20, &format!("{settings}{NO_BUNDLES}")).await;
     // "b2": b1 again, under another name.
