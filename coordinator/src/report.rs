@@ -436,6 +436,7 @@ pub fn render_summary(summaries: &BTreeMap<String, UserSummary>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mailferry_shared::domain::job::SkipKind;
 
     #[test]
     fn the_most_severe_problem_sets_the_exit_code() {
@@ -450,6 +451,7 @@ mod tests {
                 size: 9,
                 internal_date: String::new(),
                 reason: "too big".into(),
+                kind: SkipKind::TooLarge,
             },
         ));
         all.insert("a".into(), a);

@@ -45,7 +45,7 @@ pub const PROCESS_FDS: &str = "process_open_fds";
 pub const CATALOGUE: &[(&str, Kind, &[&str], &str)] = &[
     (MESSAGES_COPIED, Kind::Counter, &[], "Messages appended to target folders."),
     (BYTES_COPIED, Kind::Counter, &[], "Bytes of the messages appended to target folders."),
-    (MESSAGES_SKIPPED, Kind::Counter, &["reason"], "Messages not copied, by reason (too_large)."),
+    (MESSAGES_SKIPPED, Kind::Counter, &["reason"], "Messages not copied, by reason (too_large; other: the target refused it)."),
     (JOB_FAILURES, Kind::Counter, &["side", "reason", "outcome"], "Folder jobs that failed, by side, kind of error and outcome (retry, dead_letter, throttled)."),
     (JOBS_FINISHED, Kind::Counter, &["outcome"], "Folder jobs ended, by outcome (done, unchanged, mismatch, skipped, handed_back, stopped; failed_unrun: not tried, its account was refused in the same bundle)."),
     (JOB_DURATION, Kind::Histogram, &[], "Wall time of folder job runs that reached the end."),

@@ -37,22 +37,12 @@ impl ProgressSink for CountingProgress {
     }
     fn skipped(&self, job: &FolderJob, m: &SkippedMessage) {
         tracing::warn!(job = %job.id(), uid = m.uid, size = m.size, reason = %m.reason, "message skipped");
-        metrics::counter!(telemetry::MESSAGES_SKIPPED, "reason" => skip_kind(&m.reason))
-            .increment(1);
+        metrics::counter!(telemetry::MESSAGES_SKIPPED, "reason" => m.kind.label()).increment(1);
         self.pending.add(job, "skipped", 1);
     }
     fn job_finished(&self, _: &FolderJob, _: &JobReport) {}
     fn job_failed(&self, job: &FolderJob, _: &JobError, reason: &str, will_retry: bool) {
         tracing::warn!(job = %job.id(), will_retry, reason, "job failed");
-    }
-}
-
-/// A skip reason's kind, for a metric label (the reason itself names sizes and limits).
-fn skip_kind(reason: &str) -> &'static str {
-    if reason.starts_with("larger than") {
-        "too_large"
-    } else {
-        "other"
     }
 }
 

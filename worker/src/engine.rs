@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use mailferry_shared::domain::job::{Checkpoint, FolderJob, SkippedMessage, SourceState};
+use mailferry_shared::domain::job::{Checkpoint, FolderJob, SkipKind, SkippedMessage, SourceState};
 use mailferry_shared::imap::client::{Command, Session};
 use mailferry_shared::imap::mailbox::MailboxInfo;
 use mailferry_shared::imap::pool::Pool;
@@ -264,37 +264,19 @@ impl<S: StateStore> Engine<S> {
         }
 
         // What to copy: not handled before, not at the target already, not too large.
-        // The tighter of the target's APPENDLIMIT and our own maximum, with its name.
-        let limit = match (
+        let limit = size_limit(
             target.capabilities().append_limit(),
             self.settings.max_message_size,
-        ) {
-            (Some(a), Some(m)) if a <= m => Some((a, "the target's APPENDLIMIT")),
-            (Some(a), None) => Some((a, "the target's APPENDLIMIT")),
-            (_, Some(m)) => Some((m, "the configured maximum")),
-            (None, None) => None,
-        };
-        let skipped_before: HashSet<u32> = cp.skipped.iter().map(|s| s.uid).collect();
+        );
         let missed_before: HashSet<u32> = std::mem::take(&mut cp.missed).into_iter().collect();
-        let mut to_copy: Vec<Meta> = Vec::new();
-        for m in &metas {
-            let pending = m.uid >= cp.source_uid_done || missed_before.contains(&m.uid);
-            if !pending || cp.uid_map.get(m.uid).is_some() || skipped_before.contains(&m.uid) {
-                continue;
-            }
-            if let Some((limit, which)) = limit.filter(|(l, _)| m.size > *l) {
-                let skipped = SkippedMessage {
-                    uid: m.uid,
-                    size: m.size,
-                    internal_date: m.internal_date.clone(),
-                    reason: format!("larger than {which} ({} > {limit} bytes)", m.size),
-                };
-                self.progress.skipped(job, &skipped);
-                report.skipped.push(skipped.clone());
-                cp.skipped.push(skipped);
-                continue;
-            }
-            to_copy.push(m.clone());
+        let Triage {
+            mut to_copy,
+            too_large,
+        } = triage(&metas, &cp, &missed_before, limit);
+        for skipped in too_large {
+            self.progress.skipped(job, &skipped);
+            report.skipped.push(skipped.clone());
+            cp.skipped.push(skipped);
         }
         // An archive-only folder (All Mail) leaves out what the user's other folders hold.
         // They count as handled once the watermark passes them (see `count_elsewhere`).
@@ -433,6 +415,7 @@ impl<S: StateStore> Engine<S> {
                             size: m.size,
                             internal_date: m.internal_date.clone(),
                             reason,
+                            kind: SkipKind::Refused,
                         };
                         self.progress.skipped(job, &skipped);
                         report.skipped.push(skipped.clone());
@@ -564,6 +547,56 @@ impl<S: StateStore> Engine<S> {
     }
 }
 
+/// The tighter of the target's APPENDLIMIT and our own maximum, with its name.
+fn size_limit(append_limit: Option<u64>, configured: Option<u64>) -> Option<(u64, &'static str)> {
+    match (append_limit, configured) {
+        (Some(a), Some(m)) if a <= m => Some((a, "the target's APPENDLIMIT")),
+        (Some(a), None) => Some((a, "the target's APPENDLIMIT")),
+        (_, Some(m)) => Some((m, "the configured maximum")),
+        (None, None) => None,
+    }
+}
+
+/// What a pass does with the messages it listed: copy them, or skip them for their
+/// size. Messages it leaves out of both are handled already.
+#[derive(Debug, Default)]
+struct Triage {
+    to_copy: Vec<Meta>,
+    /// Larger than the limit: recorded as skipped, never sent.
+    too_large: Vec<SkippedMessage>,
+}
+
+/// Sorts a pass's listed messages (pure). A message is pending when it is at or above
+/// the checkpoint's watermark, or was missed by an earlier pass; a pending message is
+/// left out when the checkpoint maps it to a target message already or skipped it
+/// before, skipped when it is over `limit`, and copied otherwise.
+fn triage(
+    metas: &[Meta],
+    cp: &Checkpoint,
+    missed_before: &HashSet<u32>,
+    limit: Option<(u64, &'static str)>,
+) -> Triage {
+    let skipped_before: HashSet<u32> = cp.skipped.iter().map(|s| s.uid).collect();
+    let mut out = Triage::default();
+    for m in metas {
+        let pending = m.uid >= cp.source_uid_done || missed_before.contains(&m.uid);
+        if !pending || cp.uid_map.get(m.uid).is_some() || skipped_before.contains(&m.uid) {
+            continue;
+        }
+        match limit.filter(|(l, _)| m.size > *l) {
+            Some((limit, which)) => out.too_large.push(SkippedMessage {
+                uid: m.uid,
+                size: m.size,
+                internal_date: m.internal_date.clone(),
+                reason: format!("larger than {which} ({} > {limit} bytes)", m.size),
+                kind: SkipKind::TooLarge,
+            }),
+            None => out.to_copy.push(m.clone()),
+        }
+    }
+    out
+}
+
 /// Adds to the checkpoint's count of messages found in other folders those the
 /// watermark has passed now (`elsewhere` is sorted; `counted` of them are in already).
 /// Counted no earlier, so a run that ends before its checkpoint counts none twice: the
@@ -682,4 +715,82 @@ async fn arrived_since(session: &mut Session, bound: u32) -> Result<Vec<(u32, u6
     .await?;
     out.sort_unstable();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(uid: u32, size: u64) -> Meta {
+        Meta {
+            uid,
+            size,
+            flags: Vec::new(),
+            internal_date: "01-Jan-2020 00:00:00 +0000".into(),
+        }
+    }
+
+    fn uids(metas: &[Meta]) -> Vec<u32> {
+        metas.iter().map(|m| m.uid).collect()
+    }
+
+    #[test]
+    fn the_tighter_size_limit_applies_and_is_named() {
+        assert_eq!(size_limit(None, None), None);
+        assert_eq!(
+            size_limit(Some(10), None),
+            Some((10, "the target's APPENDLIMIT"))
+        );
+        assert_eq!(
+            size_limit(None, Some(20)),
+            Some((20, "the configured maximum"))
+        );
+        assert_eq!(
+            size_limit(Some(10), Some(20)),
+            Some((10, "the target's APPENDLIMIT"))
+        );
+        assert_eq!(
+            size_limit(Some(30), Some(20)),
+            Some((20, "the configured maximum"))
+        );
+    }
+
+    #[test]
+    fn a_pass_copies_what_is_pending_and_not_handled_and_skips_what_is_too_large() {
+        let mut cp = Checkpoint {
+            source_uid_done: 10,
+            ..Checkpoint::default()
+        };
+        cp.uid_map.insert(12, 7); // copied by a run that did not move the watermark
+        cp.skipped.push(SkippedMessage {
+            uid: 13,
+            size: 900,
+            internal_date: String::new(),
+            reason: "larger than the configured maximum (900 > 500 bytes)".into(),
+            kind: SkipKind::TooLarge,
+        });
+        let metas = [
+            meta(3, 100),  // below the watermark: done
+            meta(4, 100),  // below, but missed last pass: asked for again
+            meta(10, 100), // at the watermark: pending
+            meta(12, 100), // mapped already
+            meta(13, 900), // skipped before: not again
+            meta(14, 600), // too large now
+            meta(15, 500), // exactly the limit: copied
+        ];
+        let missed = HashSet::from([4]);
+        let t = triage(&metas, &cp, &missed, Some((500, "the configured maximum")));
+        assert_eq!(uids(&t.to_copy), [4, 10, 15]);
+        assert_eq!(t.too_large.len(), 1);
+        let s = &t.too_large[0];
+        assert_eq!((s.uid, s.size, s.kind), (14, 600, SkipKind::TooLarge));
+        assert_eq!(
+            s.reason,
+            "larger than the configured maximum (600 > 500 bytes)"
+        );
+
+        let no_limit = triage(&metas, &cp, &HashSet::new(), None);
+        assert_eq!(uids(&no_limit.to_copy), [10, 14, 15]);
+        assert!(no_limit.too_large.is_empty());
+    }
 }

@@ -195,7 +195,34 @@ pub struct SkippedMessage {
     pub uid: u32,
     pub size: u64,
     pub internal_date: String,
+    /// For people: what was refused and why, with the sizes and limits.
     pub reason: String,
+    /// For counting (the skipped messages' metric label). Records of earlier versions
+    /// have none and read as [`SkipKind::Refused`].
+    #[serde(default)]
+    pub kind: SkipKind,
+}
+
+/// Why a message was skipped, as a metric counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipKind {
+    /// Larger than the run's `--max-message-size` or the target's APPENDLIMIT.
+    TooLarge,
+    /// The target refused to store it (its APPEND answered NO).
+    #[default]
+    Refused,
+}
+
+impl SkipKind {
+    /// The label of `mailferry_messages_skipped_total{reason}` (a refusal keeps the
+    /// `other` of earlier versions, which dashboards may query).
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipKind::TooLarge => "too_large",
+            SkipKind::Refused => "other",
+        }
+    }
 }
 
 /// APPENDs that may or may not have reached the target, as the older checkpoint format
