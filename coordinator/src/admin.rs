@@ -429,45 +429,14 @@ impl Cluster {
     }
 }
 
-/// A user's status from the admin's intent, the pass record and the pass's jobs. A pass
-/// whose jobs are all done and verified is *syncing* until the coordinator has recorded
-/// its end (it dispatches ended users every half second): *synced* comes with its time.
+/// A user's status from the admin's intent, the pass record and the pass's jobs
+/// ([`roll_up`] decides; this only reads the pass record).
 pub fn user_status(intent: Intent, pass: &PassRecord, jobs: &[JobState]) -> UserStatus {
-    let status = roll_up(&UserView {
+    roll_up(&UserView {
         intent,
         planned: pass.pass > 0,
         plan_error: pass.plan_error.as_deref(),
         jobs,
-    });
-    if status == UserStatus::Synced && pass.finished_ms.is_none() {
-        return UserStatus::Syncing { throttled: None };
-    }
-    status
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pass_is_synced_only_once_its_end_is_recorded() {
-        let done = [JobState::Done {
-            verified: true,
-            mismatch: None,
-            counts: None,
-        }];
-        let mut pass = PassRecord {
-            pass: 1,
-            ..PassRecord::default()
-        };
-        assert_eq!(
-            user_status(Intent::Active, &pass, &done),
-            UserStatus::Syncing { throttled: None }
-        );
-        pass.finished_ms = Some(1);
-        assert_eq!(
-            user_status(Intent::Active, &pass, &done),
-            UserStatus::Synced
-        );
-    }
+        ended: pass.finished_ms.is_some(),
+    })
 }

@@ -251,7 +251,19 @@ async fn serve_ops(
     };
     let store = mailferry_shared::redis::RedisStore::from_settings(settings).await?;
     ops::watch_redis(store, readiness.check("redis unreachable"));
-    ops::serve(addr, metrics, readiness).await
+    ops::serve(bind("ops.listen", addr).await?, metrics, readiness);
+    Ok(())
+}
+
+/// Binds a listening socket, naming the setting that gave the address (so a port in use
+/// is reported at start-up, with what to change).
+async fn bind(
+    setting: &str,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("{setting} {addr}: {e}"))
 }
 
 fn worker(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> anyhow::Result<()> {
@@ -289,12 +301,12 @@ fn coordinator(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> an
         let shutdown =
             on_signal("stopping: plans in progress finish, the leader lease is released");
         if let Some(addr) = settings.api.listen_addr() {
-            let cluster =
-                mailferry_coordinator::cluster::Cluster::connect(settings.clone()).await?;
+            let cluster = mailferry_coordinator::admin::Cluster::connect(settings.clone()).await?;
             let api = mailferry_coordinator::api::Api::new(cluster).await?;
+            let listener = bind("api.listen", addr).await?;
             let stop = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = mailferry_coordinator::api::serve(addr, api, stop).await {
+                if let Err(e) = mailferry_coordinator::api::serve(listener, api, stop).await {
                     tracing::error!(error = %e, "the API stopped");
                     eprintln!("mailferry coordinator: the API stopped: {e:#}");
                     std::process::exit(1);
@@ -311,8 +323,8 @@ fn coordinator(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> an
 const OPS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
+    use mailferry_coordinator::admin::{summarize, Action, Cluster};
     use mailferry_coordinator::cli::{parse_duration_secs, users_from, BatchCommand};
-    use mailferry_coordinator::cluster::{summarize, Action, Cluster};
     use mailferry_shared::domain::status::UserStatus;
     let (settings, runtime) = cluster_setup(args.config.as_deref())?;
     runtime.block_on(async {

@@ -13,7 +13,6 @@
 //! and [`watch_coordinator`]; the probe only reads them, so a scrape never waits on a
 //! dead dependency.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +28,7 @@ use mailferry_shared::redis::RedisStore;
 use mailferry_shared::telemetry;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::cluster::{summarize, Cluster};
+use crate::admin::{summarize, Cluster};
 
 /// Named conditions for `/readyz` (those the process needs to serve) and
 /// `/readyz/all` (those and the ones its background work needs).
@@ -108,16 +107,9 @@ pub fn install_metrics(process: &'static str) -> anyhow::Result<PrometheusHandle
 /// How often the metrics' upkeep runs (draining histogram samples into their buckets).
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Binds `addr` (an error names it, so a port in use is reported at start-up) and
-/// serves the three paths until the process ends.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: PrometheusHandle,
-    readiness: Readiness,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("ops.listen {addr}: {e}"))?;
+/// Serves the three paths on `listener` (bound by the caller: the process on
+/// `ops.listen`, a test on port 0) until the process ends.
+pub fn serve(listener: tokio::net::TcpListener, metrics: PrometheusHandle, readiness: Readiness) {
     // Histogram samples are drained by a render or by upkeep: without it, a process
     // nobody scrapes (the ServiceMonitor is off by default) keeps every sample.
     let upkeep = metrics.clone();
@@ -153,13 +145,14 @@ pub async fn serve(
                 async move { answer }
             }),
         );
-    tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /readyz/all");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /readyz/all");
+    }
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the ops endpoint stopped");
         }
     });
-    Ok(())
 }
 
 /// Keeps `ok` telling whether Redis answers a PING (every 2 s, 1 s to answer).

@@ -44,7 +44,7 @@ use mailferry_worker::JobError;
 use mailferry_worker::{RedisAccounts, UserAccounts};
 use tokio::sync::{watch, Mutex};
 
-use crate::cluster::user_status;
+use crate::admin::user_status;
 use crate::planner::{
     group_small_jobs, plan_user, PlanError, PlanRequest, SplitLimits, MAX_GROUP_JOBS,
 };

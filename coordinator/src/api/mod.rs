@@ -19,7 +19,6 @@ mod endpoints;
 mod events;
 mod preview;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -35,7 +34,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 
-use crate::cluster::Cluster;
+use crate::admin::Cluster;
 pub use auth::Tokens;
 pub use batches::{summary_view, user_view};
 
@@ -200,22 +199,21 @@ pub fn router(api: Shared) -> Router {
         .with_state(api)
 }
 
-/// Serves the API until `shutdown` turns true.
+/// Serves the API on `listener` until `shutdown` turns true. The caller binds it (the
+/// process on `api.listen`, naming the setting in its error; a test on port 0).
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     api: Shared,
     mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("api.listen {addr}: {e}"))?;
-    tracing::info!(%addr, "serving the API and the console");
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving the API and the console");
+    }
     axum::serve(listener, router(api))
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         })
-        .await?;
-    Ok(())
+        .await
 }
 
 async fn openapi() -> Response {

@@ -154,6 +154,9 @@ pub struct UserView<'a> {
     /// Why planning failed (login rejected, server unreachable), if it did.
     pub plan_error: Option<&'a str>,
     pub jobs: &'a [JobState],
+    /// The coordinator has recorded the pass's end. A pass whose jobs are all done and
+    /// verified is Syncing until then: Synced comes with its time.
+    pub ended: bool,
 }
 
 impl JobState {
@@ -253,7 +256,8 @@ pub fn roll_up(user: &UserView<'_>) -> UserStatus {
         _ => None,
     }) {
         Some(mismatch) => UserStatus::Failed { reason: mismatch },
-        None => UserStatus::Synced,
+        None if user.ended => UserStatus::Synced,
+        None => UserStatus::Syncing { throttled: None },
     }
 }
 
@@ -267,6 +271,7 @@ mod tests {
             planned: true,
             plan_error: None,
             jobs,
+            ended: true,
         }
     }
 
@@ -374,5 +379,27 @@ mod tests {
             ..view(&running)
         };
         assert_eq!(roll_up(&closing), UserStatus::Syncing { throttled: None });
+    }
+
+    #[test]
+    fn a_pass_is_synced_only_once_its_end_is_recorded() {
+        let done = [done()];
+        let running = UserView {
+            ended: false,
+            ..view(&done)
+        };
+        assert_eq!(roll_up(&running), UserStatus::Syncing { throttled: None });
+        assert_eq!(roll_up(&view(&done)), UserStatus::Synced);
+        // A failure does not wait for the end to be recorded.
+        let unverified = [JobState::Done {
+            verified: false,
+            mismatch: Some("3 at the source, 2 at the target".into()),
+            counts: None,
+        }];
+        let failed = UserView {
+            ended: false,
+            ..view(&unverified)
+        };
+        assert!(matches!(roll_up(&failed), UserStatus::Failed { .. }));
     }
 }
