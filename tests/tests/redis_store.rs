@@ -237,6 +237,55 @@ async fn progress_batches_count_once_even_when_replayed() {
     store.delete_all().await.unwrap();
 }
 
+/// Folder names on the wire need not be UTF-8 (a server may send raw 8-bit names). Two
+/// such names that a lossy conversion would make one are two claims: the claim fields
+/// travel to the scripts as bytes beside their JSON request, never inside it.
+#[tokio::test]
+async fn claims_on_folders_whose_names_are_not_utf8_stay_apart_and_are_released() {
+    let store = fresh_store().await;
+    let ttl = Duration::from_secs(30);
+    let named = |bytes: &[u8]| FolderJob {
+        source_folder: WireName(bytes.to_vec().into()),
+        target_folder: WireName(bytes.to_vec().into()),
+        ..job("x", 1)
+    };
+    let (a, b) = (named(b"Caf\xe9"), named(b"Caf\xe8"));
+    begin(&store, &[a.clone(), b.clone()]).await;
+    assert_eq!(claim(&store, &a, "run-1", ttl).await, ClaimAnswer::Granted);
+    assert_eq!(claim(&store, &b, "run-2", ttl).await, ClaimAnswer::Granted);
+    assert_eq!(claim(&store, &a, "run-3", ttl).await, ClaimAnswer::Busy);
+    assert_eq!(
+        renew(&store, &a, "run-1", ttl, 1, &vec![("copied", 2)]).await,
+        Renewal::Held(
+            [("alice".to_string(), Intent::Active)]
+                .into_iter()
+                .collect()
+        )
+    );
+    assert_eq!(
+        store.progress("b1", "alice").await.unwrap().get("copied"),
+        Some(&2)
+    );
+    let done = JobState::Done {
+        verified: true,
+        mismatch: None,
+        counts: None,
+    };
+    finish(&store, &a, "run-1", Some(&done), 2, &vec![]).await;
+    let states = store.job_states("b1", "alice").await.unwrap();
+    assert_eq!(
+        states.iter().filter(|(_, s)| *s == done).count(),
+        1,
+        "{states:?}"
+    );
+    // b is still run-2's; a is free again (and done).
+    assert_eq!(claim(&store, &b, "run-3", ttl).await, ClaimAnswer::Busy);
+    assert!(matches!(
+        claim(&store, &a, "run-3", ttl).await,
+        ClaimAnswer::Skip(_)
+    ));
+}
+
 #[tokio::test]
 async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
     let store = fresh_store().await;

@@ -109,7 +109,7 @@ impl FolderJob {
             "{}:{}:{}:{}:{}",
             self.batch,
             self.user,
-            String::from_utf8_lossy(self.source_folder.as_bytes()),
+            id_name(self.source_folder.as_bytes()),
             range,
             self.pass
         )
@@ -310,6 +310,24 @@ impl Checkpoint {
     }
 }
 
+/// A folder name as a job id holds it: the name itself when it is UTF-8 without U+FFFD
+/// (every name a server sends in modified UTF-7, so the ids of earlier versions stay
+/// the same); otherwise its lossy text and a hash of its bytes. Two folders never share
+/// an id: a lossy text alone would make `Caf\xE9` and `Caf\xE8` one job, and the second
+/// folder's state would be the first's. (Ids of the second kind hold U+FFFD, which those
+/// of the first never do.)
+fn id_name(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !text.contains('\u{FFFD}') => std::borrow::Cow::Borrowed(text),
+        _ => {
+            use sha2::Digest;
+            let hash = sha2::Sha256::digest(bytes);
+            let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+            std::borrow::Cow::Owned(format!("{}#{hex}", String::from_utf8_lossy(bytes)))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,5 +440,28 @@ mod tests {
             FolderJob::bundle_id(&[job.clone(), grouped.clone(), grouped]),
             format!("{}+2", job.id())
         );
+    }
+
+    #[test]
+    fn folders_whose_names_are_not_utf8_never_share_a_job_id() {
+        let job = |name: &[u8]| FolderJob {
+            batch: "b".into(),
+            user: "u".into(),
+            source_folder: WireName(name.to_vec().into()),
+            target_folder: WireName(name.to_vec().into()),
+            uid_range: None,
+            pass: 1,
+            group: None,
+            archive: None,
+        };
+        // A UTF-8 name keeps the id earlier versions gave it.
+        assert_eq!(job(b"Sent/2024").id(), "b:u:Sent/2024:all:1");
+        let (a, b) = (job(b"Caf\xe9").id(), job(b"Caf\xe8").id());
+        assert_ne!(a, b);
+        assert!(a.starts_with("b:u:Caf\u{FFFD}#"), "{a}");
+        // A name that is U+FFFD in UTF-8 is not the lossy text of a broken one.
+        assert_ne!(job("Caf\u{FFFD}".as_bytes()).id(), a);
+        assert_ne!(job("Caf\u{FFFD}".as_bytes()).id(), "b:u:Caf\u{FFFD}:all:1");
+        assert_eq!(job(b"Caf\xe9").id(), a, "deterministic");
     }
 }
