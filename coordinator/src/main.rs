@@ -313,7 +313,11 @@ fn coordinator(args: &mailferry_coordinator::cli::WorkerArgs, verbose: u8) -> an
                 }
             });
         }
-        mailferry_coordinator::scheduler::run(settings, shutdown).await?;
+        let keys = mailferry_shared::config::seal::Keyring::parse(&settings.sealing_keys()?)
+            .context("the sealing keys")?;
+        let store = mailferry_shared::redis::RedisStore::from_settings(&settings).await?;
+        mailferry_coordinator::scheduler::run(settings, store, std::sync::Arc::new(keys), shutdown)
+            .await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(())

@@ -11,8 +11,10 @@ use mailferry_coordinator::admin::Cluster;
 use mailferry_coordinator::api::{self, Api};
 use mailferry_coordinator::client::ApiClient;
 use mailferry_coordinator::ops;
+use mailferry_coordinator::scheduler;
 use mailferry_shared::config::seal::Keyring;
 use mailferry_shared::config::settings::Settings;
+use mailferry_shared::redis::RedisStore;
 use mailferry_shared::secret::Secret;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -34,6 +36,7 @@ fn settings(dir: &std::path::Path) -> (Settings, String) {
         format!(
             "key_prefix = \"{prefix}\"\n\
              [sealing]\nkey_file = \"{}\"\n\
+             [coordinator]\nleader_lease_secs = 3\n\
              [api]\nforbid_private_sources = false\n\
              tokens = [{{ tenant = \"acme\", token = \"{TOKEN}\" }}, {{ tenant = \"globex\", token = \"{OTHER}\" }}]\n",
             keys.display()
@@ -183,4 +186,66 @@ async fn the_ops_endpoint_answers_in_process_and_readiness_follows_its_checks() 
         String::from_utf8_lossy(&scraped.body).contains("mailferry_"),
         "no mailferry metric in the scrape"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_coordinators_in_one_process_share_the_lead_and_a_stopped_leader_hands_it_over() {
+    let dir = std::env::temp_dir().join(format!("mfi-{:08x}", fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (settings, prefix) = settings(&dir);
+    let keys = std::sync::Arc::new(Keyring::parse(&settings.sealing_keys().unwrap()).unwrap());
+    let store = RedisStore::from_settings(&settings).await.unwrap();
+    let start = |stopped| {
+        let (settings, store, keys) = (settings.clone(), store.clone(), keys.clone());
+        tokio::spawn(async move { scheduler::run(settings, store, keys, stopped).await })
+    };
+    let (stop_a, stopped_a) = watch::channel(false);
+    let (stop_b, stopped_b) = watch::channel(false);
+    let a = start(stopped_a);
+    let leader = async |store: &RedisStore, not: Option<&str>| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(holder) = store.leader().await.unwrap() {
+                if Some(holder.as_str()) != not {
+                    return holder;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no new leader within 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let first = leader(&store, None).await;
+    let b = start(stopped_b);
+    // The second stands by: the lease stays the first's over several renewals.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        store.leader().await.unwrap().as_deref(),
+        Some(first.as_str())
+    );
+
+    // The leader stops (its task ends, the lease released) and the other takes over.
+    stop_a.send(true).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), a).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the leader did not stop: {ended:?}"
+    );
+    let second = leader(&store, Some(&first)).await;
+    assert_ne!(second, first);
+    stop_b.send(true).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), b).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the standby did not stop: {ended:?}"
+    );
+    assert_eq!(
+        store.leader().await.unwrap(),
+        None,
+        "the lease was not released"
+    );
+    clean(&prefix).await;
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -5,17 +5,28 @@
 //!   cluster's [`StateStore`]: checkpoints, one value per folder. Redis is an
 //!   accelerator (DESIGN.md invariant 1): a lost or damaged checkpoint costs a
 //!   reconciliation of the folder, never a duplicate.
-//! - `control.rs`: batches and intents, the schedule, passes, job states and specs,
-//!   the workers' claims and the coordinator's leadership.
+//! - `control.rs`: the table of keys, the records the control plane keeps (pass records,
+//!   claims' answers, users' states) and how a user's fields are encoded; its
+//!   `RedisStore` methods are one file per role:
+//!   - `intents.rs`: batches and the admin's intents;
+//!   - `schedule.rs`: when each user's next pass is due;
+//!   - `passes.rs`: pass records, job states and specs, users' states, the dispatch set;
+//!   - `claims.rs`: a worker's claim, renewal and finish of a delivery's jobs;
+//!   - `leader.rs`: the coordinator's leadership.
 //! - `slots.rs`: connection leases per account and per host, and throttling pauses.
 //! - `directory.rs`: the HTTP API's records (tenants, endpoints, batch owners).
 //! - `lease.rs`: leases and the fence that guards their holder.
 //! - `scripts.rs` and `lua/`: the Lua scripts, one file each with `helpers.lua` shared,
 //!   and the typed requests of those that take more than a few scalars.
 
+mod claims;
 pub mod control;
 pub mod directory;
+mod intents;
+mod leader;
 pub mod lease;
+mod passes;
+mod schedule;
 mod scripts;
 pub mod slots;
 
