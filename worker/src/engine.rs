@@ -178,25 +178,14 @@ impl<S: StateStore> Engine<S> {
             .load_checkpoint(&key)
             .await
             .map_err(JobError::Store)?;
-        let (mut cp, incremental) = match stored {
-            Some(cp)
-                if cp.source_uidvalidity == src.uidvalidity
-                    && cp.target_uidvalidity == dst.uidvalidity =>
-            {
-                (cp, true)
-            }
-            other => {
-                if other.is_some() {
-                    tracing::warn!(job = %job.id(), "UIDVALIDITY changed: reconciling the folder");
-                }
-                let fresh = Checkpoint {
-                    source_uidvalidity: src.uidvalidity,
-                    target_uidvalidity: dst.uidvalidity,
-                    ..Checkpoint::default()
-                };
-                (fresh, false)
-            }
-        };
+        let Resumed {
+            mut cp,
+            incremental,
+            validity_changed,
+        } = resume(stored, src.uidvalidity, dst.uidvalidity);
+        if validity_changed {
+            tracing::warn!(job = %job.id(), "UIDVALIDITY changed: reconciling the folder");
+        }
         let mut report = JobReport {
             source_messages: src.exists.saturating_sub(cp.elsewhere),
             target_messages: dst.exists,
@@ -223,11 +212,7 @@ impl<S: StateStore> Engine<S> {
         // of the older format names an in-flight window instead; one with neither was
         // written with nothing in flight.
         let bound = if incremental {
-            lowest(
-                cp.in_flight.take().map(|w| w.target_uidnext as u64),
-                cp.target_uidnext.map(u64::from),
-            )
-            .map(|b| b as u32)
+            search_bound(&mut cp)
         } else {
             None
         };
@@ -236,8 +221,7 @@ impl<S: StateStore> Engine<S> {
         // without it, the flags of every message are compared.
         let condstore = incremental && src.highestmodseq.is_some() && cp.source_modseq.is_some();
         let meta_from = if condstore {
-            let first_missed = cp.missed.iter().copied().min().unwrap_or(u32::MAX);
-            cp.source_uid_done.min(first_missed).max(lo)
+            metadata_from(&cp, lo)
         } else {
             lo
         };
@@ -547,6 +531,59 @@ impl<S: StateStore> Engine<S> {
     }
 }
 
+/// Where a job starts from: its stored checkpoint when both folders' UIDVALIDITY are
+/// still the ones it recorded (an incremental pass), else a fresh one (the folder is
+/// reconciled against the target).
+struct Resumed {
+    cp: Checkpoint,
+    incremental: bool,
+    /// A checkpoint was stored but is of other folders now.
+    validity_changed: bool,
+}
+
+fn resume(stored: Option<Checkpoint>, source_validity: u32, target_validity: u32) -> Resumed {
+    match stored {
+        Some(cp)
+            if cp.source_uidvalidity == source_validity
+                && cp.target_uidvalidity == target_validity =>
+        {
+            Resumed {
+                cp,
+                incremental: true,
+                validity_changed: false,
+            }
+        }
+        other => Resumed {
+            cp: Checkpoint {
+                source_uidvalidity: source_validity,
+                target_uidvalidity: target_validity,
+                ..Checkpoint::default()
+            },
+            incremental: false,
+            validity_changed: other.is_some(),
+        },
+    }
+}
+
+/// Copies an incremental pass's checkpoint does not know of can only be at or above
+/// this target UID (a run that ended without writing its checkpoint made them). A
+/// checkpoint of the older format names an in-flight window instead (taken out of it
+/// here); one with neither was written with nothing in flight.
+fn search_bound(cp: &mut Checkpoint) -> Option<u32> {
+    lowest(
+        cp.in_flight.take().map(|w| w.target_uidnext as u64),
+        cp.target_uidnext.map(u64::from),
+    )
+    .map(|b| b as u32)
+}
+
+/// With CONDSTORE, the first UID whose metadata a pass reads: the watermark, or the
+/// first message an earlier pass missed, and never below the job's range.
+fn metadata_from(cp: &Checkpoint, lo: u32) -> u32 {
+    let first_missed = cp.missed.iter().copied().min().unwrap_or(u32::MAX);
+    cp.source_uid_done.min(first_missed).max(lo)
+}
+
 /// The tighter of the target's APPENDLIMIT and our own maximum, with its name.
 fn size_limit(append_limit: Option<u64>, configured: Option<u64>) -> Option<(u64, &'static str)> {
     match (append_limit, configured) {
@@ -720,6 +757,7 @@ async fn arrived_since(session: &mut Session, bound: u32) -> Result<Vec<(u32, u6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mailferry_shared::domain::job::InFlight;
 
     fn meta(uid: u32, size: u64) -> Meta {
         Meta {
@@ -792,5 +830,57 @@ mod tests {
         let no_limit = triage(&metas, &cp, &HashSet::new(), None);
         assert_eq!(uids(&no_limit.to_copy), [10, 14, 15]);
         assert!(no_limit.too_large.is_empty());
+    }
+    #[test]
+    fn a_checkpoint_is_resumed_only_while_both_folders_keep_their_uidvalidity() {
+        let stored = Checkpoint {
+            source_uidvalidity: 7,
+            target_uidvalidity: 9,
+            source_uid_done: 40,
+            ..Checkpoint::default()
+        };
+        let r = resume(Some(stored.clone()), 7, 9);
+        assert!(r.incremental && !r.validity_changed);
+        assert_eq!(r.cp.source_uid_done, 40);
+        for (s, d) in [(8, 9), (7, 10)] {
+            let r = resume(Some(stored.clone()), s, d);
+            assert!(!r.incremental && r.validity_changed);
+            assert_eq!(
+                (
+                    r.cp.source_uidvalidity,
+                    r.cp.target_uidvalidity,
+                    r.cp.source_uid_done
+                ),
+                (s, d, 0)
+            );
+        }
+        let r = resume(None, 3, 4);
+        assert!(!r.incremental && !r.validity_changed);
+    }
+
+    #[test]
+    fn the_search_bound_is_the_lowest_the_checkpoint_names_and_the_window_is_taken() {
+        let mut cp = Checkpoint::default();
+        assert_eq!(search_bound(&mut cp), None, "nothing was in flight");
+        cp.target_uidnext = Some(50);
+        assert_eq!(search_bound(&mut cp), Some(50));
+        cp.in_flight = Some(InFlight {
+            source_uids: vec![3],
+            target_uidnext: 45,
+        });
+        assert_eq!(search_bound(&mut cp), Some(45));
+        assert_eq!(cp.in_flight, None);
+    }
+
+    #[test]
+    fn condstore_reads_metadata_from_the_watermark_or_the_first_missed_message() {
+        let mut cp = Checkpoint {
+            source_uid_done: 100,
+            ..Checkpoint::default()
+        };
+        assert_eq!(metadata_from(&cp, 1), 100);
+        cp.missed = vec![70, 30];
+        assert_eq!(metadata_from(&cp, 1), 30);
+        assert_eq!(metadata_from(&cp, 50), 50, "never below the job's range");
     }
 }
