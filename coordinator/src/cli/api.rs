@@ -270,266 +270,27 @@ pub fn run(args: &ApiArgs) -> anyhow::Result<u8> {
 async fn run_async(args: &ApiArgs) -> anyhow::Result<u8> {
     let api = client(args)?;
     match &args.command {
-        ApiCommand::Endpoints => {
-            let all = api.get("/api/v1/endpoints").await?.ok()?;
-            if args.json {
-                return print_json(&all);
-            }
-            for e in all.as_array().into_iter().flatten() {
-                println!(
-                    "{}\t{}\t{}\t{}:{} ({})\t{}",
-                    e["id"].as_str().unwrap_or(""),
-                    e["role"].as_str().unwrap_or(""),
-                    e["name"].as_str().unwrap_or(""),
-                    e["host"].as_str().unwrap_or(""),
-                    e["port"],
-                    e["security"].as_str().unwrap_or(""),
-                    e["provider"].as_str().unwrap_or(""),
-                );
-            }
-            Ok(0)
-        }
-        ApiCommand::EndpointCreate(e) => {
-            let mut body = json!({
-                "name": e.name, "role": e.role, "provider": e.provider,
-                "accept_invalid_certs": e.accept_invalid_certs,
-            });
-            if let Some(host) = &e.host {
-                body["host"] = json!(host);
-            }
-            if let Some(port) = e.port {
-                body["port"] = json!(port);
-            }
-            if let Some(security) = &e.security {
-                body["security"] = json!(security);
-            }
-            if let Some(n) = e.max_connections {
-                body["max_connections"] = json!(n);
-            }
-            if let Some(n) = e.max_host_connections {
-                body["max_host_connections"] = json!(n);
-            }
-            let auth = match e.auth.split_once(':') {
-                None if e.auth == "password" || e.auth == "xoauth2" => json!({"method": e.auth}),
-                Some(("oauth2", grant)) => oauth2_body(e, grant, &mut body)?,
-                Some(("admin", who)) => json!({"method": "admin_plain", "admin": who}),
-                Some(("master", who)) => json!({"method": "dovecot_master", "master": who}),
-                _ => anyhow::bail!(
-                    "--auth {}: expected password, xoauth2, oauth2:GRANT, admin:NAME or master:NAME",
-                    e.auth
-                ),
-            };
-            if auth["method"] == "admin_plain" || auth["method"] == "dovecot_master" {
-                let secret = read_secret(
-                    "--admin-password-file",
-                    e.admin_password_file.as_deref(),
-                    "MAILFERRY_ADMIN_PASSWORD",
-                    "admin password",
-                )
-                .map_err(anyhow::Error::msg)?;
-                body["admin_password"] = json!(secret.expose());
-            }
-            body["auth"] = auth;
-            let made = api.post_json("/api/v1/endpoints", &body).await?.ok()?;
-            if let Some(note) = made["note"].as_str() {
-                eprintln!("note: {note}");
-            }
-            println!("{}", made["id"].as_str().unwrap_or(""));
-            Ok(0)
-        }
+        ApiCommand::Endpoints => endpoints(&api, args.json).await,
+        ApiCommand::EndpointCreate(e) => endpoint_create(&api, e).await,
         ApiCommand::EndpointTest {
             endpoint,
             login,
             password_file,
-        } => {
-            let record = api
-                .get(&format!("/api/v1/endpoints/{}", seg(endpoint)))
-                .await?
-                .ok()?;
-            let password = if record["has_admin_password"] == true
-                && password_file.is_none()
-                && std::env::var_os("MAILFERRY_TEST_PASSWORD").is_none()
-            {
-                None
-            } else {
-                Some(
-                    read_secret(
-                        "--password-file",
-                        password_file.as_deref(),
-                        "MAILFERRY_TEST_PASSWORD",
-                        &format!("password of {login}"),
-                    )
-                    .map_err(anyhow::Error::msg)?,
-                )
-            };
-            let verdict = api
-                .post_json(
-                    &format!("/api/v1/endpoints/{}/test", seg(endpoint)),
-                    &json!({"login": login, "password": password.as_ref().map(Secret::expose)}),
-                )
-                .await?
-                .ok()?;
-            if verdict["ok"] == true {
-                println!("ok: {login} logged in");
-                Ok(0)
-            } else {
-                println!(
-                    "failed ({}): {}",
-                    verdict["failure"]["code"].as_str().unwrap_or("?"),
-                    verdict["failure"]["message"].as_str().unwrap_or("")
-                );
-                Ok(1)
-            }
-        }
-        ApiCommand::Batches => {
-            let all = api.get("/api/v1/batches").await?.ok()?;
-            if args.json {
-                return print_json(&all);
-            }
-            for b in all.as_array().into_iter().flatten() {
-                println!(
-                    "{}\t{}\tsource {}\ttarget {}",
-                    b["id"].as_str().unwrap_or(""),
-                    b["name"].as_str().unwrap_or(""),
-                    b["source_endpoint"].as_str().unwrap_or(""),
-                    b["target_endpoint"].as_str().unwrap_or(""),
-                );
-            }
-            Ok(0)
-        }
-        ApiCommand::Preview { batch, users } => {
-            let body = if users.is_empty() {
-                json!({})
-            } else {
-                json!({ "users": users })
-            };
-            let preview = api
-                .post_json(&format!("/api/v1/batches/{}/preview", seg(batch)), &body)
-                .await?
-                .ok()?;
-            if args.json {
-                return print_json(&preview);
-            }
-            print_preview(&preview)?;
-            Ok(0)
-        }
+        } => endpoint_test(&api, endpoint, login, password_file).await,
+        ApiCommand::Batches => batches(&api, args.json).await,
+        ApiCommand::Preview { batch, users } => preview(&api, batch, users, args.json).await,
         ApiCommand::BatchCreate {
             name,
             source,
             target,
             every,
-        } => {
-            let mut body =
-                json!({"name": name, "source_endpoint": source, "target_endpoint": target});
-            if let Some(every) = every {
-                body["sync_interval_secs"] =
-                    json!(parse_duration_secs(every).map_err(anyhow::Error::msg)?);
-            }
-            let made = api.post_json("/api/v1/batches", &body).await?.ok()?;
-            println!("{}", made["id"].as_str().unwrap_or(""));
-            Ok(0)
-        }
-        ApiCommand::Import { batch, csv } => {
-            let bytes = std::fs::read(csv).with_context(|| format!("reading {}", csv.display()))?;
-            let report = api
-                .call(
-                    "POST",
-                    &format!("/api/v1/batches/{}/users/import", seg(batch)),
-                    Some(("text/csv", bytes)),
-                )
-                .await?
-                .ok()?;
-            let errors = report["errors"].as_array().cloned().unwrap_or_default();
-            for e in &errors {
-                eprintln!(
-                    "{}: line {}: {}",
-                    csv.display(),
-                    e["line"],
-                    e["reason"].as_str().unwrap_or("")
-                );
-            }
-            println!(
-                "{} added, {} updated, {} rows refused",
-                report["added"],
-                report["updated"],
-                errors.len()
-            );
-            Ok(if errors.is_empty() {
-                0
-            } else {
-                crate::report::Exit::BadRows as u8
-            })
-        }
+        } => batch_create(&api, name, source, target, every).await,
+        ApiCommand::Import { batch, csv } => import(&api, batch, csv).await,
         ApiCommand::Start(sel)
         | ApiCommand::Stop(sel)
         | ApiCommand::SyncNow(sel)
-        | ApiCommand::Close(sel) => {
-            let (verb, done) = match &args.command {
-                ApiCommand::Start(_) => ("start", "started"),
-                ApiCommand::Stop(_) => ("stop", "stopped"),
-                ApiCommand::SyncNow(_) => ("sync-now", "to sync now"),
-                _ => (
-                    "close",
-                    "closing (a final pass, then its credentials are deleted)",
-                ),
-            };
-            let mut body = json!({"users": sel.users});
-            let typed = sel.password_file.is_some()
-                || std::env::var_os("MAILFERRY_SOURCE_PASSWORD").is_some();
-            if typed {
-                if verb != "start" || sel.users.len() != 1 {
-                    anyhow::bail!("a source password is given when starting one --user");
-                }
-                let secret = read_secret(
-                    "--password-file",
-                    sel.password_file.as_deref(),
-                    "MAILFERRY_SOURCE_PASSWORD",
-                    "source password",
-                )
-                .map_err(anyhow::Error::msg)?;
-                body["source_passwords"] = json!({ &sel.users[0]: secret.expose() });
-            }
-            let report = api
-                .post_json(
-                    &format!("/api/v1/batches/{}/{verb}", seg(&sel.batch)),
-                    &body,
-                )
-                .await?
-                .ok()?;
-            for user in report["applied"].as_array().into_iter().flatten() {
-                println!("{}: {done}", user.as_str().unwrap_or(""));
-            }
-            let refused = report["refused"].as_array().cloned().unwrap_or_default();
-            for r in &refused {
-                println!(
-                    "{}: not {done}: {}",
-                    r["user"].as_str().unwrap_or(""),
-                    r["reason"].as_str().unwrap_or("")
-                );
-            }
-            Ok(if refused.is_empty() { 0 } else { 1 })
-        }
-        ApiCommand::Status { batch } => {
-            let detail = api
-                .get(&format!("/api/v1/batches/{}", seg(batch)))
-                .await?
-                .ok()?;
-            let page = api
-                .get(&format!("/api/v1/batches/{}/users?limit=10000", seg(batch)))
-                .await?
-                .ok()?;
-            if args.json {
-                // The batch as GET /batches/{id} answers it, and its users.
-                let mut out = detail;
-                out["users"] = page["users"].clone();
-                return print_json(&out);
-            }
-            for u in page["users"].as_array().into_iter().flatten() {
-                println!("{}", user_line(u));
-            }
-            println!("{}", summary_line(&detail["summary"]));
-            Ok(0)
-        }
+        | ApiCommand::Close(sel) => act(&api, &args.command, sel).await,
+        ApiCommand::Status { batch } => status(&api, batch, args.json).await,
         ApiCommand::Watch {
             batch,
             until_settled,
@@ -538,27 +299,316 @@ async fn run_async(args: &ApiArgs) -> anyhow::Result<u8> {
             batch,
             format,
             output,
-        } => {
-            let answer = api
-                .get(&format!("/api/v1/batches/{}/report.{format}", seg(batch)))
-                .await?;
-            if answer.status != 200 {
-                let status = answer.status;
-                return Err(answer.ok().err().unwrap_or_else(|| {
-                    anyhow::anyhow!("the API answered {status} without a report")
-                }));
-            }
-            match output {
-                Some(path) => std::fs::write(path, &answer.body)
-                    .with_context(|| format!("writing {}", path.display()))?,
-                None => {
-                    use std::io::Write;
-                    std::io::stdout().write_all(&answer.body)?;
-                }
-            }
-            Ok(0)
+        } => report(&api, batch, format, output).await,
+    }
+}
+
+/// `api endpoints`: the tenant's endpoints, one line each (or JSON).
+async fn endpoints(api: &ApiClient, as_json: bool) -> anyhow::Result<u8> {
+    let all = api.get("/api/v1/endpoints").await?.ok()?;
+    if as_json {
+        return print_json(&all);
+    }
+    for e in all.as_array().into_iter().flatten() {
+        println!(
+            "{}\t{}\t{}\t{}:{} ({})\t{}",
+            e["id"].as_str().unwrap_or(""),
+            e["role"].as_str().unwrap_or(""),
+            e["name"].as_str().unwrap_or(""),
+            e["host"].as_str().unwrap_or(""),
+            e["port"],
+            e["security"].as_str().unwrap_or(""),
+            e["provider"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(0)
+}
+
+/// `api endpoint-create`: makes an endpoint; prints its id.
+async fn endpoint_create(api: &ApiClient, e: &EndpointCreate) -> anyhow::Result<u8> {
+    let mut body = json!({
+        "name": e.name, "role": e.role, "provider": e.provider,
+        "accept_invalid_certs": e.accept_invalid_certs,
+    });
+    if let Some(host) = &e.host {
+        body["host"] = json!(host);
+    }
+    if let Some(port) = e.port {
+        body["port"] = json!(port);
+    }
+    if let Some(security) = &e.security {
+        body["security"] = json!(security);
+    }
+    if let Some(n) = e.max_connections {
+        body["max_connections"] = json!(n);
+    }
+    if let Some(n) = e.max_host_connections {
+        body["max_host_connections"] = json!(n);
+    }
+    let auth = match e.auth.split_once(':') {
+        None if e.auth == "password" || e.auth == "xoauth2" => json!({"method": e.auth}),
+        Some(("oauth2", grant)) => oauth2_body(e, grant, &mut body)?,
+        Some(("admin", who)) => json!({"method": "admin_plain", "admin": who}),
+        Some(("master", who)) => json!({"method": "dovecot_master", "master": who}),
+        _ => anyhow::bail!(
+            "--auth {}: expected password, xoauth2, oauth2:GRANT, admin:NAME or master:NAME",
+            e.auth
+        ),
+    };
+    if auth["method"] == "admin_plain" || auth["method"] == "dovecot_master" {
+        let secret = read_secret(
+            "--admin-password-file",
+            e.admin_password_file.as_deref(),
+            "MAILFERRY_ADMIN_PASSWORD",
+            "admin password",
+        )
+        .map_err(anyhow::Error::msg)?;
+        body["admin_password"] = json!(secret.expose());
+    }
+    body["auth"] = auth;
+    let made = api.post_json("/api/v1/endpoints", &body).await?.ok()?;
+    if let Some(note) = made["note"].as_str() {
+        eprintln!("note: {note}");
+    }
+    println!("{}", made["id"].as_str().unwrap_or(""));
+    Ok(0)
+}
+
+/// `api endpoint-test`: logs in as `login` through the API; 1 when refused.
+async fn endpoint_test(
+    api: &ApiClient,
+    endpoint: &str,
+    login: &str,
+    password_file: &Option<PathBuf>,
+) -> anyhow::Result<u8> {
+    let record = api
+        .get(&format!("/api/v1/endpoints/{}", seg(endpoint)))
+        .await?
+        .ok()?;
+    let password = if record["has_admin_password"] == true
+        && password_file.is_none()
+        && std::env::var_os("MAILFERRY_TEST_PASSWORD").is_none()
+    {
+        None
+    } else {
+        Some(
+            read_secret(
+                "--password-file",
+                password_file.as_deref(),
+                "MAILFERRY_TEST_PASSWORD",
+                &format!("password of {login}"),
+            )
+            .map_err(anyhow::Error::msg)?,
+        )
+    };
+    let verdict = api
+        .post_json(
+            &format!("/api/v1/endpoints/{}/test", seg(endpoint)),
+            &json!({"login": login, "password": password.as_ref().map(Secret::expose)}),
+        )
+        .await?
+        .ok()?;
+    if verdict["ok"] == true {
+        println!("ok: {login} logged in");
+        Ok(0)
+    } else {
+        println!(
+            "failed ({}): {}",
+            verdict["failure"]["code"].as_str().unwrap_or("?"),
+            verdict["failure"]["message"].as_str().unwrap_or("")
+        );
+        Ok(1)
+    }
+}
+
+/// `api batches`: the tenant's batches, one line each (or JSON).
+async fn batches(api: &ApiClient, as_json: bool) -> anyhow::Result<u8> {
+    let all = api.get("/api/v1/batches").await?.ok()?;
+    if as_json {
+        return print_json(&all);
+    }
+    for b in all.as_array().into_iter().flatten() {
+        println!(
+            "{}\t{}\tsource {}\ttarget {}",
+            b["id"].as_str().unwrap_or(""),
+            b["name"].as_str().unwrap_or(""),
+            b["source_endpoint"].as_str().unwrap_or(""),
+            b["target_endpoint"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(0)
+}
+
+/// `api preview`: each user's folder mapping, sizes and whether the target has room.
+async fn preview(
+    api: &ApiClient,
+    batch: &str,
+    users: &[String],
+    as_json: bool,
+) -> anyhow::Result<u8> {
+    let body = if users.is_empty() {
+        json!({})
+    } else {
+        json!({ "users": users })
+    };
+    let preview = api
+        .post_json(&format!("/api/v1/batches/{}/preview", seg(batch)), &body)
+        .await?
+        .ok()?;
+    if as_json {
+        return print_json(&preview);
+    }
+    print_preview(&preview)?;
+    Ok(0)
+}
+
+/// `api batch-create`: makes a batch; prints its id.
+async fn batch_create(
+    api: &ApiClient,
+    name: &str,
+    source: &str,
+    target: &str,
+    every: &Option<String>,
+) -> anyhow::Result<u8> {
+    let mut body = json!({"name": name, "source_endpoint": source, "target_endpoint": target});
+    if let Some(every) = every {
+        body["sync_interval_secs"] = json!(parse_duration_secs(every).map_err(anyhow::Error::msg)?);
+    }
+    let made = api.post_json("/api/v1/batches", &body).await?.ok()?;
+    println!("{}", made["id"].as_str().unwrap_or(""));
+    Ok(0)
+}
+
+/// `api import`: users from a CSV; each refused row named, the bad-rows exit code when any.
+async fn import(api: &ApiClient, batch: &str, csv: &std::path::Path) -> anyhow::Result<u8> {
+    let bytes = std::fs::read(csv).with_context(|| format!("reading {}", csv.display()))?;
+    let report = api
+        .call(
+            "POST",
+            &format!("/api/v1/batches/{}/users/import", seg(batch)),
+            Some(("text/csv", bytes)),
+        )
+        .await?
+        .ok()?;
+    let errors = report["errors"].as_array().cloned().unwrap_or_default();
+    for e in &errors {
+        eprintln!(
+            "{}: line {}: {}",
+            csv.display(),
+            e["line"],
+            e["reason"].as_str().unwrap_or("")
+        );
+    }
+    println!(
+        "{} added, {} updated, {} rows refused",
+        report["added"],
+        report["updated"],
+        errors.len()
+    );
+    Ok(if errors.is_empty() {
+        0
+    } else {
+        crate::report::Exit::BadRows as u8
+    })
+}
+
+/// `api start|stop|sync-now|close`: the action for a selection; 1 when a user was refused.
+async fn act(api: &ApiClient, command: &ApiCommand, sel: &Selection) -> anyhow::Result<u8> {
+    let (verb, done) = match command {
+        ApiCommand::Start(_) => ("start", "started"),
+        ApiCommand::Stop(_) => ("stop", "stopped"),
+        ApiCommand::SyncNow(_) => ("sync-now", "to sync now"),
+        _ => (
+            "close",
+            "closing (a final pass, then its credentials are deleted)",
+        ),
+    };
+    let mut body = json!({"users": sel.users});
+    let typed =
+        sel.password_file.is_some() || std::env::var_os("MAILFERRY_SOURCE_PASSWORD").is_some();
+    if typed {
+        if verb != "start" || sel.users.len() != 1 {
+            anyhow::bail!("a source password is given when starting one --user");
+        }
+        let secret = read_secret(
+            "--password-file",
+            sel.password_file.as_deref(),
+            "MAILFERRY_SOURCE_PASSWORD",
+            "source password",
+        )
+        .map_err(anyhow::Error::msg)?;
+        body["source_passwords"] = json!({ &sel.users[0]: secret.expose() });
+    }
+    let report = api
+        .post_json(
+            &format!("/api/v1/batches/{}/{verb}", seg(&sel.batch)),
+            &body,
+        )
+        .await?
+        .ok()?;
+    for user in report["applied"].as_array().into_iter().flatten() {
+        println!("{}: {done}", user.as_str().unwrap_or(""));
+    }
+    let refused = report["refused"].as_array().cloned().unwrap_or_default();
+    for r in &refused {
+        println!(
+            "{}: not {done}: {}",
+            r["user"].as_str().unwrap_or(""),
+            r["reason"].as_str().unwrap_or("")
+        );
+    }
+    Ok(if refused.is_empty() { 0 } else { 1 })
+}
+
+/// `api status`: each user's line and the batch's summary (or JSON).
+async fn status(api: &ApiClient, batch: &str, as_json: bool) -> anyhow::Result<u8> {
+    let detail = api
+        .get(&format!("/api/v1/batches/{}", seg(batch)))
+        .await?
+        .ok()?;
+    let page = api
+        .get(&format!("/api/v1/batches/{}/users?limit=10000", seg(batch)))
+        .await?
+        .ok()?;
+    if as_json {
+        // The batch as GET /batches/{id} answers it, and its users.
+        let mut out = detail;
+        out["users"] = page["users"].clone();
+        return print_json(&out);
+    }
+    for u in page["users"].as_array().into_iter().flatten() {
+        println!("{}", user_line(u));
+    }
+    println!("{}", summary_line(&detail["summary"]));
+    Ok(0)
+}
+
+/// `api report`: the batch's report as CSV or JSON, to a file or standard output.
+async fn report(
+    api: &ApiClient,
+    batch: &str,
+    format: &str,
+    output: &Option<PathBuf>,
+) -> anyhow::Result<u8> {
+    let answer = api
+        .get(&format!("/api/v1/batches/{}/report.{format}", seg(batch)))
+        .await?;
+    if answer.status != 200 {
+        let status = answer.status;
+        return Err(answer
+            .ok()
+            .err()
+            .unwrap_or_else(|| anyhow::anyhow!("the API answered {status} without a report")));
+    }
+    match output {
+        Some(path) => std::fs::write(path, &answer.body)
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => {
+            use std::io::Write;
+            std::io::stdout().write_all(&answer.body)?;
         }
     }
+    Ok(0)
 }
 
 fn user_line(u: &Value) -> String {
