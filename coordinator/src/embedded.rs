@@ -83,85 +83,16 @@ pub async fn run(
         ));
         tokio::time::sleep(SETTLE_AFTER_CRASH).await;
     }
-    let accounts = Arc::new(StaticAccounts::default());
-    let mut pools = Vec::new();
-    for u in &users {
-        // An OAuth2 login's token source (none for a password). A refresh token the
-        // provider rotates is kept for this run only: the next run starts from the one
-        // it is given.
-        let with_tokens = |credentials: &Credentials, server: &Endpoint| {
-            let mut credentials = credentials.clone();
-            credentials.tokens =
-                mailferry_shared::domain::login::tokens_for(&credentials, server, None)?;
-            Ok::<_, mailferry_shared::Error>(credentials)
-        };
-        let source_credentials = with_tokens(&u.source_credentials, &u.source)?;
-        let target_credentials = with_tokens(&u.target_credentials, &u.target)?;
-        let source = Pool::new(
-            u.source.clone(),
-            source_credentials,
-            opts.limits,
-            u.source.connection_cap(opts.connections_per_account),
-        );
-        let target = Pool::new(
-            u.target.clone(),
-            target_credentials,
-            opts.limits,
-            u.target.connection_cap(opts.connections_per_account),
-        );
-        accounts.insert(
-            &opts.batch,
-            &u.id,
-            UserAccounts::new(source.clone(), target.clone()),
-        );
-        pools.push((u.id.clone(), source, target));
-    }
-
+    let (accounts, pools) = open_pools(&users, &opts)?;
     let pass = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let Some(store) = store else {
+        return Ok(Some(dry_run(&pools, &opts, pass).await));
+    };
 
-    if opts.dry_run {
-        let mut out = Vec::new();
-        for (id, source, target) in &pools {
-            let plan = plan_user::<DirStore>(PlanRequest {
-                batch: &opts.batch,
-                user: id,
-                pass,
-                source,
-                target,
-                rules: &opts.rules,
-                store: None,
-                first_pass: false,
-                split: None,
-            })
-            .await;
-            out.push((
-                id.clone(),
-                plan.map(|p| p.folders).map_err(|e| e.to_string()),
-            ));
-            source.close_idle().await;
-            target.close_idle().await;
-        }
-        return Ok(Some(out));
-    }
-    let store = store.expect("not a dry run");
-
-    // Connections idle for a while are logged out: a CSV of thousands of users must
-    // not keep a connection to each one it has finished.
-    let reaper = tokio::spawn({
-        let pools = pools.clone();
-        async move {
-            loop {
-                tokio::time::sleep(IDLE_LINGER / 2).await;
-                for (_, source, target) in &pools {
-                    source.close_idle_since(IDLE_LINGER).await;
-                    target.close_idle_since(IDLE_LINGER).await;
-                }
-            }
-        }
-    });
+    let reaper = reap_idle(pools.clone());
     let queue = Arc::new(MemoryQueue::new());
     let engine = Arc::new(Engine::new(
         store.clone(),
@@ -193,84 +124,19 @@ pub async fn run(
         if *shutdown.borrow() {
             break;
         }
-        let (queue, store, reporter, rules, batch) = (
-            queue.clone(),
-            store.clone(),
-            reporter.clone(),
-            opts.rules.clone(),
-            opts.batch.clone(),
-        );
-        let (policy, mut stop) = (opts.retry, shutdown.clone());
+        let planner = Planner {
+            batch: opts.batch.clone(),
+            rules: opts.rules.clone(),
+            policy: opts.retry,
+            pass,
+            store: store.clone(),
+            queue: queue.clone(),
+            reporter: reporter.clone(),
+        };
+        let stop = shutdown.clone();
         planners.spawn(async move {
             let _permit = permit;
-            // A dropped connection, a throttling answer or a token endpoint that is down
-            // while planning is retried as a folder job's would be; a refusal is not.
-            let mut attempt = 1;
-            let plan = loop {
-                let plan = plan_user(PlanRequest {
-                    batch: &batch,
-                    user: &id,
-                    pass,
-                    source: &source,
-                    target: &target,
-                    rules: &rules,
-                    store: Some(&*store),
-                    // The state directory may hold an earlier run's checkpoints.
-                    first_pass: false,
-                    split: None,
-                })
-                .await;
-                let Err(PlanError::Imap { side, source: e }) = &plan else {
-                    break plan;
-                };
-                let reason = e.to_string();
-                let Decision::Retry(wait) =
-                    decide(e.disposition(), attempt, &policy, fastrand::f64(), &reason)
-                else {
-                    break plan;
-                };
-                reporter.line(&format!(
-                    "{id}: planning: {side}: {reason}; trying again in {:.1} s",
-                    wait.as_secs_f64()
-                ));
-                attempt += 1;
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.wait_for(|s| *s) => break plan,
-                }
-            };
-            match plan {
-                Ok(plan) => {
-                    for f in plan
-                        .folders
-                        .iter()
-                        .filter_map(|f| f.problem.as_ref().map(|p| (f, p)))
-                    {
-                        reporter.line(&format!("{id}: {}: {}", f.0.mapping.source_path, f.1));
-                    }
-                    reporter.user_planned(&id, plan.folders.len(), plan.jobs.len());
-                    let mut jobs = plan.jobs;
-                    let size_of = |j: &mailferry_shared::domain::job::FolderJob| {
-                        plan.folders
-                            .iter()
-                            .find(|f| f.mapping.source_wire == j.source_folder.0)
-                            .and_then(|f| f.messages)
-                            .unwrap_or(0)
-                    };
-                    jobs.sort_by_key(|j| std::cmp::Reverse(size_of(j)));
-                    for job in jobs {
-                        // The memory queue cannot refuse a job.
-                        let _ = queue.publish(vec![job]).await;
-                    }
-                }
-                Err(e) => {
-                    let kind = match &e {
-                        PlanError::Imap { side, source } => classify(Some(*side), source),
-                        _ => FailureKind::Other,
-                    };
-                    reporter.user_failed(&id, &e.to_string(), kind);
-                }
-            }
+            planner.plan_and_queue(&id, &source, &target, stop).await;
         });
     }
     while planners.join_next().await.is_some() {}
@@ -286,4 +152,194 @@ pub async fn run(
         store.mark_finished()?;
     }
     Ok(None)
+}
+
+/// A user's id and its source and target connection pools.
+type UserPools = (String, Arc<Pool>, Arc<Pool>);
+
+/// Each user's two connection pools, and the accounts the engine looks them up in. An
+/// OAuth2 login gets its token source (none for a password); a refresh token the
+/// provider rotates is kept for this run only: the next run starts from the one it is
+/// given.
+fn open_pools(
+    users: &[UserSpec],
+    opts: &Options,
+) -> Result<(Arc<StaticAccounts>, Vec<UserPools>), mailferry_shared::Error> {
+    let accounts = Arc::new(StaticAccounts::default());
+    let mut pools = Vec::new();
+    let with_tokens = |credentials: &Credentials, server: &Endpoint| {
+        let mut credentials = credentials.clone();
+        credentials.tokens =
+            mailferry_shared::domain::login::tokens_for(&credentials, server, None)?;
+        Ok::<_, mailferry_shared::Error>(credentials)
+    };
+    for u in users {
+        let source = Pool::new(
+            u.source.clone(),
+            with_tokens(&u.source_credentials, &u.source)?,
+            opts.limits,
+            u.source.connection_cap(opts.connections_per_account),
+        );
+        let target = Pool::new(
+            u.target.clone(),
+            with_tokens(&u.target_credentials, &u.target)?,
+            opts.limits,
+            u.target.connection_cap(opts.connections_per_account),
+        );
+        accounts.insert(
+            &opts.batch,
+            &u.id,
+            UserAccounts::new(source.clone(), target.clone()),
+        );
+        pools.push((u.id.clone(), source, target));
+    }
+    Ok((accounts, pools))
+}
+
+/// `--dry-run`: each user's plan, read from the servers, nothing written.
+async fn dry_run(pools: &[UserPools], opts: &Options, pass: u64) -> DryRun {
+    let mut out = Vec::new();
+    for (id, source, target) in pools {
+        let plan = plan_user::<DirStore>(PlanRequest {
+            batch: &opts.batch,
+            user: id,
+            pass,
+            source,
+            target,
+            rules: &opts.rules,
+            store: None,
+            first_pass: false,
+            split: None,
+        })
+        .await;
+        out.push((
+            id.clone(),
+            plan.map(|p| p.folders).map_err(|e| e.to_string()),
+        ));
+        source.close_idle().await;
+        target.close_idle().await;
+    }
+    out
+}
+
+/// Logs out connections idle for a while: a CSV of thousands of users must not keep a
+/// connection to each one it has finished.
+fn reap_idle(pools: Vec<UserPools>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(IDLE_LINGER / 2).await;
+            for (_, source, target) in &pools {
+                source.close_idle_since(IDLE_LINGER).await;
+                target.close_idle_since(IDLE_LINGER).await;
+            }
+        }
+    })
+}
+
+/// What planning one user needs: the run's batch, rules and retry policy, its store,
+/// queue and reporter.
+struct Planner {
+    batch: String,
+    rules: Rules,
+    policy: RetryPolicy,
+    pass: u64,
+    store: Arc<DirStore>,
+    queue: Arc<MemoryQueue>,
+    reporter: Arc<Reporter>,
+}
+
+impl Planner {
+    /// Plans the user (retrying what a folder job would retry) and queues its jobs,
+    /// largest folders first; a user that cannot be planned is reported failed.
+    async fn plan_and_queue(
+        &self,
+        id: &str,
+        source: &Arc<Pool>,
+        target: &Arc<Pool>,
+        stop: watch::Receiver<bool>,
+    ) {
+        match self.plan(id, source, target, stop).await {
+            Ok(plan) => {
+                for (folder, problem) in plan
+                    .folders
+                    .iter()
+                    .filter_map(|f| f.problem.as_ref().map(|p| (f, p)))
+                {
+                    self.reporter
+                        .line(&format!("{id}: {}: {problem}", folder.mapping.source_path));
+                }
+                self.reporter
+                    .user_planned(id, plan.folders.len(), plan.jobs.len());
+                let mut jobs = plan.jobs;
+                let size_of = |j: &mailferry_shared::domain::job::FolderJob| {
+                    plan.folders
+                        .iter()
+                        .find(|f| f.mapping.source_wire == j.source_folder.0)
+                        .and_then(|f| f.messages)
+                        .unwrap_or(0)
+                };
+                jobs.sort_by_key(|j| std::cmp::Reverse(size_of(j)));
+                for job in jobs {
+                    // The memory queue cannot refuse a job.
+                    let _ = self.queue.publish(vec![job]).await;
+                }
+            }
+            Err(e) => {
+                let kind = match &e {
+                    PlanError::Imap { side, source } => classify(Some(*side), source),
+                    _ => FailureKind::Other,
+                };
+                self.reporter.user_failed(id, &e.to_string(), kind);
+            }
+        }
+    }
+
+    /// The user's plan. A dropped connection, a throttling answer or a token endpoint
+    /// that is down is retried as a folder job's would be; a refusal is not.
+    async fn plan(
+        &self,
+        id: &str,
+        source: &Arc<Pool>,
+        target: &Arc<Pool>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<crate::planner::UserPlan, PlanError> {
+        let mut attempt = 1;
+        loop {
+            let plan = plan_user(PlanRequest {
+                batch: &self.batch,
+                user: id,
+                pass: self.pass,
+                source,
+                target,
+                rules: &self.rules,
+                store: Some(&*self.store),
+                // The state directory may hold an earlier run's checkpoints.
+                first_pass: false,
+                split: None,
+            })
+            .await;
+            let Err(PlanError::Imap { side, source: e }) = &plan else {
+                return plan;
+            };
+            let reason = e.to_string();
+            let Decision::Retry(wait) = decide(
+                e.disposition(),
+                attempt,
+                &self.policy,
+                fastrand::f64(),
+                &reason,
+            ) else {
+                return plan;
+            };
+            self.reporter.line(&format!(
+                "{id}: planning: {side}: {reason}; trying again in {:.1} s",
+                wait.as_secs_f64()
+            ));
+            attempt += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.wait_for(|s| *s) => return plan,
+            }
+        }
+    }
 }
