@@ -386,26 +386,22 @@ fn rename(rules: &Rules, path: &str) -> Option<String> {
     None
 }
 
-/// Computes the mapping of every source folder.
-pub fn map_folders(
-    source: &[ListEntry],
-    source_ns: &Namespace,
+/// Whether any entry carries a special-use attribute: a server that has them names
+/// its special folders by attribute, and its names are not guessed from.
+fn has_special_use_attributes(entries: &[ListEntry]) -> bool {
+    entries.iter().any(|e| {
+        e.attributes
+            .iter()
+            .any(|a| SpecialUse::from_attribute(a).is_some())
+    })
+}
+
+/// The target's folders by path, and its special-use folders (as levels).
+fn index_target(
     target: &[ListEntry],
     target_ns: &Namespace,
-    rules: &Rules,
-) -> Result<Vec<FolderMapping>, MappingError> {
-    let source_has_attrs = source.iter().any(|e| {
-        e.attributes
-            .iter()
-            .any(|a| SpecialUse::from_attribute(a).is_some())
-    });
-    let target_has_attrs = target.iter().any(|e| {
-        e.attributes
-            .iter()
-            .any(|a| SpecialUse::from_attribute(a).is_some())
-    });
-
-    // Target folders by path, and the target's special-use folders (as levels).
+) -> (BTreeSet<String>, BTreeMap<SpecialUse, Vec<Vec<String>>>) {
+    let target_has_attrs = has_special_use_attributes(target);
     let mut target_paths: BTreeSet<String> = BTreeSet::new();
     let mut target_special: BTreeMap<SpecialUse, Vec<Vec<String>>> = BTreeMap::new();
     for entry in target {
@@ -424,17 +420,32 @@ pub fn map_folders(
         }
         target_paths.insert(path);
     }
+    (target_paths, target_special)
+}
 
-    struct Candidate {
-        entry_index: usize,
-        levels: Vec<String>,
-        path: String,
-        special: Option<SpecialUse>,
-        from_attribute: bool,
-        /// Copied archive-only: mapped last, so that its default name yields to a
-        /// source folder of the same name.
-        archive: bool,
-    }
+/// A source folder on its way to a target folder.
+struct Candidate {
+    entry_index: usize,
+    levels: Vec<String>,
+    path: String,
+    special: Option<SpecialUse>,
+    from_attribute: bool,
+    /// Copied archive-only: mapped last, so that its default name yields to a
+    /// source folder of the same name.
+    archive: bool,
+}
+
+/// The source folders in the order they claim target folders: attribute-based special
+/// use first, then name guesses, then the rest, so "Drafts" (\Drafts) wins over a plain
+/// folder called "Entwürfe". Among guesses for one special use, a folder already named
+/// like the target's folder for it ("Drafts" → "Drafts") goes before a localized one
+/// ("Entwürfe"). The archive-only folder goes last.
+fn source_candidates(
+    source: &[ListEntry],
+    source_ns: &Namespace,
+    target_special: &BTreeMap<SpecialUse, Vec<Vec<String>>>,
+) -> Vec<Candidate> {
+    let source_has_attrs = has_special_use_attributes(source);
     let mut candidates = Vec::new();
     for (i, entry) in source.iter().enumerate() {
         let levels = levels(&entry.wire_name, source_ns);
@@ -466,10 +477,6 @@ pub fn map_folders(
             from_attribute,
         });
     }
-    // Attribute-based special-use claims targets first, then name guesses, then the rest,
-    // so "Drafts" (\Drafts) wins over a plain folder called "Entwürfe".
-    // Among guesses for one special use, a folder already named like the target's
-    // folder for it ("Drafts" → "Drafts") goes before a localized one ("Entwürfe").
     let named_like_target = |c: &Candidate| {
         c.special
             .and_then(|s| target_special.get(&s))
@@ -484,7 +491,46 @@ pub fn map_folders(
             c.entry_index,
         )
     });
+    candidates
+}
 
+/// What happens to a source folder: the admin's rules first, then what the folder is
+/// (archive-only, virtual, Gmail's container, selectable or only a parent).
+fn action_for(c: &Candidate, entry: &ListEntry, rules: &Rules) -> Action {
+    let explicitly_included = rules.include.iter().any(|p| glob_match(p, &c.path));
+    if !rules.include.is_empty() && !explicitly_included {
+        Action::Exclude("not matched by any include rule".into())
+    } else if rules.exclude.iter().any(|p| glob_match(p, &c.path)) {
+        Action::Exclude("matched an exclude rule".into())
+    } else if c.archive {
+        Action::Copy
+    } else if c.special.is_some_and(SpecialUse::is_virtual) && !explicitly_included {
+        Action::Exclude(
+            "virtual folder (Starred / Important): its messages are copied from the \
+             folders (labels) they are in"
+                .into(),
+        )
+    } else if !entry.selectable() && c.levels.len() == 1 && is_gmail_container(&c.levels[0]) {
+        Action::Exclude(
+            "Gmail's container of its system folders, which lose it at the target".into(),
+        )
+    } else if entry.selectable() {
+        Action::Copy
+    } else {
+        Action::Create
+    }
+}
+
+/// Computes the mapping of every source folder.
+pub fn map_folders(
+    source: &[ListEntry],
+    source_ns: &Namespace,
+    target: &[ListEntry],
+    target_ns: &Namespace,
+    rules: &Rules,
+) -> Result<Vec<FolderMapping>, MappingError> {
+    let (target_paths, target_special) = index_target(target, target_ns);
+    let candidates = source_candidates(source, source_ns, &target_special);
     // A target folder with a source folder's own name is that folder's, not a special
     // use's to take: else what a run finds at the target decides the mapping, and an
     // interrupted run that created "Entwürfe" but not yet "Drafts" would send the
@@ -494,29 +540,7 @@ pub fn map_folders(
     let mut out: Vec<(usize, FolderMapping)> = Vec::new();
     for c in candidates {
         let entry = &source[c.entry_index];
-        let explicitly_included = rules.include.iter().any(|p| glob_match(p, &c.path));
-        let action = if !rules.include.is_empty() && !explicitly_included {
-            Action::Exclude("not matched by any include rule".into())
-        } else if rules.exclude.iter().any(|p| glob_match(p, &c.path)) {
-            Action::Exclude("matched an exclude rule".into())
-        } else if c.archive {
-            Action::Copy
-        } else if c.special.is_some_and(SpecialUse::is_virtual) && !explicitly_included {
-            Action::Exclude(
-                "virtual folder (Starred / Important): its messages are copied from the \
-                 folders (labels) they are in"
-                    .into(),
-            )
-        } else if !entry.selectable() && c.levels.len() == 1 && is_gmail_container(&c.levels[0]) {
-            Action::Exclude(
-                "Gmail's container of its system folders, which lose it at the target".into(),
-            )
-        } else if entry.selectable() {
-            Action::Copy
-        } else {
-            Action::Create
-        };
-
+        let action = action_for(&c, entry, rules);
         let named = rename(rules, &c.path).or_else(|| rules.archive.clone().filter(|_| c.archive));
         // An archive folder the admin did not name goes where the target keeps archives.
         let special_at_target = if c.archive {
