@@ -68,6 +68,67 @@ pub struct PlannedFolder {
 mod tests {
     use super::*;
 
+    fn status(messages: u32, uidnext: u32) -> FolderStatus {
+        FolderStatus {
+            messages,
+            uidnext,
+            uidvalidity: 5,
+            highestmodseq: None,
+            size: None,
+        }
+    }
+
+    #[test]
+    fn a_folder_needs_a_job_when_it_is_new_and_not_empty_or_changed_since_its_checkpoint() {
+        assert!(needs_job(None, &status(3, 4), None));
+        assert!(!needs_job(None, &status(0, 1), None), "an empty new folder");
+        let cp = Checkpoint {
+            source_uidvalidity: 5,
+            target_uidvalidity: 8,
+            source_uid_done: 4,
+            source_messages: 3,
+            source_uidnext: 4,
+            source_modseq: Some(9),
+            ..Checkpoint::default()
+        };
+        let condstore = |messages, uidnext| FolderStatus {
+            highestmodseq: Some(9),
+            ..status(messages, uidnext)
+        };
+        assert!(
+            !needs_job(Some(&cp), &condstore(3, 4), Some(8)),
+            "unchanged"
+        );
+        assert!(needs_job(Some(&cp), &condstore(4, 5), Some(8)), "new mail");
+        assert!(
+            needs_job(Some(&cp), &condstore(3, 4), Some(9)),
+            "the target folder was replaced"
+        );
+        assert!(
+            needs_job(Some(&cp), &status(3, 4), Some(8)),
+            "without CONDSTORE a flag change is invisible: always looked at"
+        );
+    }
+
+    #[test]
+    fn pending_messages_count_what_is_new_and_what_was_missed() {
+        let mut cp = Checkpoint {
+            source_uidvalidity: 5,
+            source_messages: 100,
+            ..Checkpoint::default()
+        };
+        assert_eq!(pending_messages(None, &status(120, 121)), 120);
+        assert_eq!(pending_messages(Some(&cp), &status(120, 121)), 20);
+        cp.missed = vec![7, 9];
+        assert_eq!(pending_messages(Some(&cp), &status(120, 121)), 22);
+        cp.source_uidvalidity = 6;
+        assert_eq!(
+            pending_messages(Some(&cp), &status(120, 121)),
+            120,
+            "another UIDVALIDITY"
+        );
+    }
+
     const LIMITS: SplitLimits = SplitLimits {
         max_messages: 10_000,
         max_bytes: 1 << 30,
@@ -368,6 +429,59 @@ async fn retry_refused(
     Ok(problems)
 }
 
+/// Whether a folder needs a job this pass (pure): one never copied does unless it is
+/// empty (its target folder exists already); one copied before does unless its
+/// checkpoint is current for the source's state and the target's UIDVALIDITY.
+fn needs_job(cp: Option<&Checkpoint>, st: &FolderStatus, target_validity: Option<u32>) -> bool {
+    match cp {
+        None => st.messages > 0,
+        Some(cp) => {
+            let now = SourceState {
+                uidvalidity: st.uidvalidity,
+                uidnext: st.uidnext,
+                messages: st.messages,
+                highestmodseq: st.highestmodseq,
+            };
+            !cp.is_current(&now, target_validity)
+        }
+    }
+}
+
+/// About how many messages a folder's job has to copy (pure; what a split is sized
+/// by): the messages since its checkpoint and those missed before, or all of them when
+/// there is no checkpoint of this UIDVALIDITY.
+fn pending_messages(cp: Option<&Checkpoint>, st: &FolderStatus) -> u32 {
+    match cp.filter(|cp| cp.source_uidvalidity == st.uidvalidity) {
+        Some(cp) => st
+            .messages
+            .saturating_sub(cp.source_messages)
+            .saturating_add(cp.missed.len() as u32),
+        None => st.messages,
+    }
+}
+
+/// What an archive-only folder (All Mail) leaves out: the messages of every other real
+/// folder, copied or not (mail in an excluded folder is not archived mail).
+fn archive_others(
+    src_list: &[mailferry_shared::imap::mailbox::ListEntry],
+    mappings: &[FolderMapping],
+) -> Vec<OtherFolder> {
+    let selectable: std::collections::HashSet<&Bytes> = src_list
+        .iter()
+        .filter(|e| e.selectable())
+        .map(|e| &e.wire_name)
+        .collect();
+    mappings
+        .iter()
+        .filter(|m| !m.archive_only && selectable.contains(&m.source_wire))
+        .filter(|m| !m.special_use.is_some_and(SpecialUse::is_virtual))
+        .map(|m| OtherFolder {
+            name: WireName(m.source_wire.clone()),
+            special: m.special_use,
+        })
+        .collect()
+}
+
 pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPlan, PlanError> {
     let (source, target) = tokio::join!(req.source.get(), req.target.get());
     let mut source = source.map_err(PlanError::source_side)?;
@@ -468,22 +582,7 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
         }
     };
 
-    // What an archive-only folder (All Mail) leaves out: the messages of every other
-    // real folder, copied or not (mail in an excluded folder is not archived mail).
-    let selectable: std::collections::HashSet<&Bytes> = src_list
-        .iter()
-        .filter(|e| e.selectable())
-        .map(|e| &e.wire_name)
-        .collect();
-    let others: Vec<OtherFolder> = mappings
-        .iter()
-        .filter(|m| !m.archive_only && selectable.contains(&m.source_wire))
-        .filter(|m| !m.special_use.is_some_and(SpecialUse::is_virtual))
-        .map(|m| OtherFolder {
-            name: WireName(m.source_wire.clone()),
-            special: m.special_use,
-        })
-        .collect();
+    let others = archive_others(&src_list, &mappings);
     let mut folders = Vec::new();
     let mut jobs = Vec::new();
     for mapping in mappings {
@@ -512,39 +611,14 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
                         }),
                     };
                     let cp = checkpoints.remove(&planned.mapping.source_wire);
-                    let needed = match req.store {
-                        None => false,
-                        Some(_) => {
-                            let target_validity = dst_status
-                                .get(&planned.mapping.target_wire)
-                                .map(|s| s.uidvalidity);
-                            match &cp {
-                                // never copied: a job unless the folder is empty (it exists at the target already)
-                                None => st.messages > 0,
-                                Some(cp) => {
-                                    let now = SourceState {
-                                        uidvalidity: st.uidvalidity,
-                                        uidnext: st.uidnext,
-                                        messages: st.messages,
-                                        highestmodseq: st.highestmodseq,
-                                    };
-                                    !cp.is_current(&now, target_validity)
-                                }
-                            }
-                        }
-                    };
+                    let target_validity = dst_status
+                        .get(&planned.mapping.target_wire)
+                        .map(|s| s.uidvalidity);
+                    let needed =
+                        req.store.is_some() && needs_job(cp.as_ref(), &st, target_validity);
                     if needed {
                         planned.job = true;
-                        let pending = match cp
-                            .as_ref()
-                            .filter(|cp| cp.source_uidvalidity == st.uidvalidity)
-                        {
-                            Some(cp) => st
-                                .messages
-                                .saturating_sub(cp.source_messages)
-                                .saturating_add(cp.missed.len() as u32),
-                            None => st.messages,
-                        };
+                        let pending = pending_messages(cp.as_ref(), &st);
                         // An archive-only folder is not cut: each range would read the
                         // other folders again.
                         let starts = req
