@@ -14,6 +14,36 @@ use mailferry_shared::domain::endpoint::{Endpoint, Security};
 use mailferry_shared::secret::Secret;
 use tokio::net::TcpStream;
 
+/// What went wrong talking to the API: the connection, the HTTP exchange, or an
+/// answer that is an error (its message and code as the API gave them).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientError(String);
+
+macro_rules! client_error {
+    ($($arg:tt)*) => {
+        ClientError(format!($($arg)*))
+    };
+}
+
+impl From<hyper::Error> for ClientError {
+    fn from(e: hyper::Error) -> Self {
+        client_error!("HTTP: {e}")
+    }
+}
+
+impl From<hyper::http::Error> for ClientError {
+    fn from(e: hyper::http::Error) -> Self {
+        client_error!("a bad request: {e}")
+    }
+}
+
+impl From<mailferry_shared::Error> for ClientError {
+    fn from(e: mailferry_shared::Error) -> Self {
+        ClientError(e.to_string())
+    }
+}
+
 /// Where the API is and the token to show it.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
@@ -34,9 +64,9 @@ pub struct Answer {
 }
 
 impl Answer {
-    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+    pub fn json(&self) -> Result<serde_json::Value, ClientError> {
         serde_json::from_slice(&self.body)
-            .map_err(|e| anyhow::anyhow!("the API answered {} with no JSON ({e})", self.status))
+            .map_err(|e| client_error!("the API answered {} with no JSON ({e})", self.status))
     }
 
     pub fn text(&self) -> String {
@@ -44,7 +74,7 @@ impl Answer {
     }
 
     /// The JSON body of a 2xx answer; otherwise an error with the API's code and message.
-    pub fn ok(self) -> anyhow::Result<serde_json::Value> {
+    pub fn ok(self) -> Result<serde_json::Value, ClientError> {
         if (200..300).contains(&self.status) {
             if self.body.is_empty() {
                 return Ok(serde_json::Value::Null);
@@ -55,9 +85,9 @@ impl Answer {
             Ok(v) => {
                 let code = v["error"]["code"].as_str().unwrap_or("?");
                 let message = v["error"]["message"].as_str().unwrap_or("");
-                Err(anyhow::anyhow!("{message} ({code}, HTTP {})", self.status))
+                Err(client_error!("{message} ({code}, HTTP {})", self.status))
             }
-            Err(_) => Err(anyhow::anyhow!("HTTP {}: {}", self.status, self.text())),
+            Err(_) => Err(client_error!("HTTP {}: {}", self.status, self.text())),
         }
     }
 }
@@ -71,13 +101,15 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> I
 
 impl ApiClient {
     /// `base`: `http://host:port` or `https://host[:port][/path]`.
-    pub fn new(base: &str, token: Secret) -> anyhow::Result<Self> {
+    pub fn new(base: &str, token: Secret) -> Result<Self, ClientError> {
         let (tls, rest) = if let Some(rest) = base.strip_prefix("https://") {
             (true, rest)
         } else if let Some(rest) = base.strip_prefix("http://") {
             (false, rest)
         } else {
-            anyhow::bail!("the API URL {base:?} must start with http:// or https://");
+            return Err(client_error!(
+                "the API URL {base:?} must start with http:// or https://"
+            ));
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
@@ -87,12 +119,12 @@ impl ApiClient {
             Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
                 h.trim_start_matches('[').trim_end_matches(']'),
                 p.parse()
-                    .map_err(|_| anyhow::anyhow!("the API URL {base:?} has a bad port"))?,
+                    .map_err(|_| client_error!("the API URL {base:?} has a bad port"))?,
             ),
             _ => (authority, if tls { 443 } else { 80 }),
         };
         if host.is_empty() {
-            anyhow::bail!("the API URL {base:?} names no host");
+            return Err(client_error!("the API URL {base:?} names no host"));
         }
         Ok(ApiClient {
             tls,
@@ -103,14 +135,14 @@ impl ApiClient {
         })
     }
 
-    async fn connect(&self) -> anyhow::Result<Box<dyn IoBox>> {
+    async fn connect(&self) -> Result<Box<dyn IoBox>, ClientError> {
         let tcp = tokio::time::timeout(
             Duration::from_secs(20),
             TcpStream::connect((self.host.as_str(), self.port)),
         )
         .await
-        .map_err(|_| anyhow::anyhow!("connecting to {}:{}: timed out", self.host, self.port))?
-        .map_err(|e| anyhow::anyhow!("connecting to {}:{}: {e}", self.host, self.port))?;
+        .map_err(|_| client_error!("connecting to {}:{}: timed out", self.host, self.port))?
+        .map_err(|e| client_error!("connecting to {}:{}: {e}", self.host, self.port))?;
         if !self.tls {
             return Ok(Box::new(tcp));
         }
@@ -124,7 +156,7 @@ impl ApiClient {
         method: &str,
         path: &str,
         body: Option<(&str, Vec<u8>)>,
-    ) -> anyhow::Result<hyper::Response<Incoming>> {
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
         let io = TokioIo::new(self.connect().await?);
         let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
         tokio::spawn(async move {
@@ -160,7 +192,7 @@ impl ApiClient {
         method: &str,
         path: &str,
         body: Option<(&str, Vec<u8>)>,
-    ) -> anyhow::Result<Answer> {
+    ) -> Result<Answer, ClientError> {
         let attempt = async {
             let response = self.send(method, path, body).await?;
             let status = response.status().as_u16();
@@ -171,7 +203,7 @@ impl ApiClient {
                 .unwrap_or("")
                 .to_string();
             let body = response.into_body().collect().await?.to_bytes();
-            Ok::<_, anyhow::Error>(Answer {
+            Ok::<_, ClientError>(Answer {
                 status,
                 content_type,
                 body,
@@ -179,14 +211,18 @@ impl ApiClient {
         };
         tokio::time::timeout(REQUEST_TIMEOUT, attempt)
             .await
-            .map_err(|_| anyhow::anyhow!("{method} {path}: no answer within {REQUEST_TIMEOUT:?}"))?
+            .map_err(|_| client_error!("{method} {path}: no answer within {REQUEST_TIMEOUT:?}"))?
     }
 
-    pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
+    pub async fn get(&self, path: &str) -> Result<Answer, ClientError> {
         self.call("GET", path, None).await
     }
 
-    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<Answer> {
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<Answer, ClientError> {
         self.call(
             "POST",
             path,
@@ -201,7 +237,7 @@ impl ApiClient {
         &self,
         path: &str,
         mut each: impl FnMut(&str, &str) -> bool,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ClientError> {
         let response = self.send("GET", path, None).await?;
         if !response.status().is_success() {
             let status = response.status().as_u16();

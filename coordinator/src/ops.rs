@@ -80,7 +80,9 @@ fn readiness_answer(missing: Vec<&'static str>) -> axum::response::Response {
 
 /// Installs the Prometheus recorder for this process (`process`: coordinator or
 /// worker) and records the build info.
-pub fn install_metrics(process: &'static str) -> anyhow::Result<PrometheusHandle> {
+pub fn install_metrics(
+    process: &'static str,
+) -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     const SECONDS: &[f64] = &[
         0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
     ];

@@ -131,7 +131,9 @@ impl Api {
 pub type Shared = Arc<Api>;
 
 impl Api {
-    pub async fn new(cluster: Cluster) -> anyhow::Result<Shared> {
+    pub async fn new(
+        cluster: Cluster,
+    ) -> Result<Shared, mailferry_shared::config::settings::SettingsError> {
         let tokens = Tokens::new(cluster.settings.api.all_tokens()?);
         Ok(Arc::new(Api {
             cluster,

@@ -192,7 +192,7 @@ fn client(args: &ApiArgs) -> anyhow::Result<ApiClient> {
         "API token",
     )
     .map_err(anyhow::Error::msg)?;
-    ApiClient::new(url, token)
+    Ok(ApiClient::new(url, token)?)
 }
 
 /// The `auth` of an OAuth2 endpoint, and its secret and certificate into `body`: what
@@ -595,10 +595,10 @@ async fn report(
         .await?;
     if answer.status != 200 {
         let status = answer.status;
-        return Err(answer
-            .ok()
-            .err()
-            .unwrap_or_else(|| anyhow::anyhow!("the API answered {status} without a report")));
+        return Err(match answer.ok() {
+            Err(e) => e.into(),
+            Ok(_) => anyhow::anyhow!("the API answered {status} without a report"),
+        });
     }
     match output {
         Some(path) => std::fs::write(path, &answer.body)
