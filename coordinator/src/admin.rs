@@ -10,6 +10,7 @@ use mailferry_shared::config::seal::{Binding, Keyring};
 use mailferry_shared::config::settings::{Settings, MIN_SYNC_INTERVAL_SECS};
 use mailferry_shared::domain::batch::{BatchRecord, UserRecord};
 use mailferry_shared::domain::folders::Rules;
+use mailferry_shared::domain::progress::Counter;
 use mailferry_shared::domain::status::{
     roll_up, Intent, JobState, MessageCounts, UserStatus, UserView,
 };
@@ -70,10 +71,10 @@ pub fn summarize(lines: &[UserLine]) -> BatchSummary {
     let mut sum = BatchSummary::default();
     for line in lines {
         *sum.users_by_status.entry(line.status.name()).or_default() += 1;
-        let count = |k: &str| line.counters.get(k).copied().unwrap_or(0);
-        sum.copied += count("copied");
-        sum.copied_bytes += count("copied_bytes");
-        sum.skipped += count("skipped");
+        let count = |c: Counter| line.counters.get(c.name()).copied().unwrap_or(0);
+        sum.copied += count(Counter::Copied);
+        sum.copied_bytes += count(Counter::CopiedBytes);
+        sum.skipped += count(Counter::Skipped);
         sum.messages.merge(&line.messages);
         if matches!(line.status, UserStatus::Failed { .. }) {
             sum.failed_users += 1;

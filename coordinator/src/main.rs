@@ -12,6 +12,7 @@ use mailferry_coordinator::report::{
     exit_for, human_bytes, mapping_table, render_summary, Exit, Reporter,
 };
 use mailferry_shared::config::settings::{LogFormat, Settings};
+use mailferry_shared::domain::progress::Counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
@@ -415,7 +416,7 @@ fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
                         } => format!(" (throttled: {why})"),
                         _ => String::new(),
                     };
-                    let count = |k: &str| line.counters.get(k).copied().unwrap_or(0);
+                    let count = |c: Counter| line.counters.get(c.name()).copied().unwrap_or(0);
                     let ago = |ms: Option<u64>| match ms {
                         Some(t) => format!("{} s ago", now.saturating_sub(t) / 1000),
                         None => "never".into(),
@@ -430,9 +431,9 @@ fn batch(args: &mailferry_coordinator::cli::BatchArgs) -> anyhow::Result<u8> {
                         line.user,
                         line.status.name(),
                         line.messages,
-                        count("copied"),
-                        human_bytes(count("copied_bytes") as u64),
-                        count("skipped"),
+                        count(Counter::Copied),
+                        human_bytes(count(Counter::CopiedBytes) as u64),
+                        count(Counter::Skipped),
                         line.jobs_done,
                         line.jobs,
                         line.pass.pass,

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use mailferry_shared::domain::job::{Checkpoint, CheckpointKey, FolderJob, InFlight, WireName};
+use mailferry_shared::domain::progress::Counter;
 use mailferry_shared::domain::status::{Intent, JobState};
 use mailferry_shared::redis::control::{
     ClaimAnswer, Counts, PassRecord, Renewal, RunRenewal, HAND_BACK_SETTLE,
@@ -176,7 +177,7 @@ async fn progress_batches_count_once_even_when_replayed() {
         claim(&store, &inbox, "run-1", ttl).await,
         ClaimAnswer::Granted
     );
-    let counts: Counts = vec![("copied", 50), ("copied_bytes", 1_000_000)];
+    let counts: Counts = vec![(Counter::Copied, 50), (Counter::CopiedBytes, 1_000_000)];
     let held = renew(&store, &inbox, "run-1", ttl, 1, &counts).await;
     assert_eq!(held, held_by_alice(Intent::Active));
     // the reply was lost and the worker sends the same batch again
@@ -187,7 +188,7 @@ async fn progress_batches_count_once_even_when_replayed() {
         "run-1",
         ttl,
         2,
-        &vec![("copied", 7), ("skipped", 1)],
+        &vec![(Counter::Copied, 7), (Counter::Skipped, 1)],
     )
     .await;
     // an older batch arriving late changes nothing either
@@ -203,7 +204,7 @@ async fn progress_batches_count_once_even_when_replayed() {
         "run-1",
         Some(&done),
         3,
-        &vec![("copied", 3)],
+        &vec![(Counter::Copied, 3)],
     )
     .await;
     // the finish replayed (its reply lost): not counted twice
@@ -213,7 +214,7 @@ async fn progress_batches_count_once_even_when_replayed() {
         "run-1",
         Some(&done),
         3,
-        &vec![("copied", 3)],
+        &vec![(Counter::Copied, 3)],
     )
     .await;
     // another run of another job counts on its own sequence
@@ -221,7 +222,15 @@ async fn progress_batches_count_once_even_when_replayed() {
         claim(&store, &sent, "run-2", ttl).await,
         ClaimAnswer::Granted
     );
-    finish(&store, &sent, "run-2", Some(&done), 1, &vec![("copied", 1)]).await;
+    finish(
+        &store,
+        &sent,
+        "run-2",
+        Some(&done),
+        1,
+        &vec![(Counter::Copied, 1)],
+    )
+    .await;
     let p = store.progress("b1", "alice").await.unwrap();
     assert_eq!(p.get("copied"), Some(&61));
     assert_eq!(p.get("copied_bytes"), Some(&1_000_000));
@@ -255,7 +264,7 @@ async fn claims_on_folders_whose_names_are_not_utf8_stay_apart_and_are_released(
     assert_eq!(claim(&store, &b, "run-2", ttl).await, ClaimAnswer::Granted);
     assert_eq!(claim(&store, &a, "run-3", ttl).await, ClaimAnswer::Busy);
     assert_eq!(
-        renew(&store, &a, "run-1", ttl, 1, &vec![("copied", 2)]).await,
+        renew(&store, &a, "run-1", ttl, 1, &vec![(Counter::Copied, 2)]).await,
         Renewal::Held(
             [("alice".to_string(), Intent::Active)]
                 .into_iter()
@@ -303,7 +312,7 @@ async fn claims_keep_one_writer_per_folder_and_skip_what_is_not_wanted() {
     // and the first holder's renewal (with its progress) is refused
     tokio::time::sleep(Duration::from_millis(1700)).await;
     assert_eq!(claim(&store, &inbox, "b", ttl).await, ClaimAnswer::Granted);
-    let late = renew(&store, &inbox, "a", ttl, 1, &vec![("copied", 99)]).await;
+    let late = renew(&store, &inbox, "a", ttl, 1, &vec![(Counter::Copied, 99)]).await;
     assert_eq!(late, Renewal::Lost);
     assert_eq!(
         store.progress("b1", "alice").await.unwrap().get("copied"),
@@ -616,8 +625,11 @@ async fn users_sharing_a_delivery_keep_their_states_and_counts_apart() {
             ttl,
             1,
             &[
-                ("alice".into(), vec![("copied", 5), ("copied_bytes", big)]),
-                ("bob".into(), vec![("copied", 7)]),
+                (
+                    "alice".into(),
+                    vec![(Counter::Copied, 5), (Counter::CopiedBytes, big)],
+                ),
+                ("bob".into(), vec![(Counter::Copied, 7)]),
             ],
             &[],
         )
@@ -639,8 +651,8 @@ async fn users_sharing_a_delivery_keep_their_states_and_counts_apart() {
             "run",
             2,
             &[
-                ("alice".into(), vec![("copied_bytes", 2)]),
-                ("bob".into(), vec![("skipped", 1)]),
+                ("alice".into(), vec![(Counter::CopiedBytes, 2)]),
+                ("bob".into(), vec![(Counter::Skipped, 1)]),
             ],
             &[],
         )
@@ -667,17 +679,20 @@ async fn users_sharing_a_delivery_keep_their_states_and_counts_apart() {
     ];
     bob.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(states[1].jobs, bob);
-    let counts = |pairs: &[(&str, i64)]| {
+    let counts = |pairs: &[(Counter, i64)]| {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), *v))
+            .map(|(k, v)| (k.name().to_string(), *v))
             .collect::<std::collections::BTreeMap<_, _>>()
     };
     assert_eq!(
         states[0].progress,
-        counts(&[("copied", 5), ("copied_bytes", big + 2)])
+        counts(&[(Counter::Copied, 5), (Counter::CopiedBytes, big + 2)])
     );
-    assert_eq!(states[1].progress, counts(&[("copied", 7), ("skipped", 1)]));
+    assert_eq!(
+        states[1].progress,
+        counts(&[(Counter::Copied, 7), (Counter::Skipped, 1)])
+    );
     assert_eq!(
         store
             .job_specs("b1", "bob", &[b_drafts.id(), b_inbox.id()])
@@ -1114,7 +1129,10 @@ async fn one_renewal_call_keeps_each_run_of_a_worker_apart() {
         ..Checkpoint::default()
     };
     let user = |c: Counts| vec![("alice".to_string(), c)];
-    let (a1, b1) = (user(vec![("copied", 5)]), user(vec![("copied", 100)]));
+    let (a1, b1) = (
+        user(vec![(Counter::Copied, 5)]),
+        user(vec![(Counter::Copied, 100)]),
+    );
     let (a_cps, b_cps) = (
         vec![(inbox.checkpoint_key(), cp(5))],
         vec![(drafts.checkpoint_key(), cp(100))],
@@ -1171,8 +1189,8 @@ async fn one_renewal_call_keeps_each_run_of_a_worker_apart() {
     assert_eq!(claim(&store, &inbox, "y", long).await, ClaimAnswer::Busy);
     // two runs add to alice's counters in one call
     let (a2, c1) = (
-        user(vec![("copied", 1)]),
-        user(vec![("copied", 2), ("skipped", 3)]),
+        user(vec![(Counter::Copied, 1)]),
+        user(vec![(Counter::Copied, 2), (Counter::Skipped, 3)]),
     );
     let second = [
         RunRenewal {

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mailferry_shared::domain::job::{Checkpoint, CheckpointKey, FolderJob};
+use mailferry_shared::domain::progress::Counter;
 use mailferry_shared::domain::status::{FolderCounts, Intent, JobState};
 use mailferry_shared::redis::control::{ClaimAnswer, Counts, Renewal, RunRenewal};
 use mailferry_shared::redis::lease::{Fence, LeaseTiming};
@@ -241,11 +242,11 @@ impl Claims for Unclaimed {
 /// progress sink adds; the keeper and the finish take.
 #[derive(Default)]
 pub struct PendingCounts {
-    by_job: Mutex<HashMap<String, HashMap<&'static str, i64>>>,
+    by_job: Mutex<HashMap<String, HashMap<Counter, i64>>>,
 }
 
 impl PendingCounts {
-    pub fn add(&self, job: &FolderJob, field: &'static str, delta: i64) {
+    pub fn add(&self, job: &FolderJob, field: Counter, delta: i64) {
         if delta == 0 {
             return;
         }
@@ -256,7 +257,7 @@ impl PendingCounts {
     /// What the jobs have counted since the last take, summed per user.
     fn take(&self, jobs: &[FolderJob]) -> Vec<(String, Counts)> {
         let mut all = self.by_job.lock().unwrap_or_else(|e| e.into_inner());
-        let mut per_user: HashMap<&str, HashMap<&'static str, i64>> = HashMap::new();
+        let mut per_user: HashMap<&str, HashMap<Counter, i64>> = HashMap::new();
         for job in jobs {
             if let Some(counts) = all.remove(&job.id()) {
                 let user = per_user.entry(job.user.as_str()).or_default();
@@ -607,8 +608,8 @@ fn states_of(
                 mismatch,
                 counts,
             }) => {
-                pending.add(job, "matched", *matched as i64);
-                pending.add(job, "flags_updated", *flags_updated as i64);
+                pending.add(job, Counter::Matched, *matched as i64);
+                pending.add(job, Counter::FlagsUpdated, *flags_updated as i64);
                 Some(JobState::Done {
                     verified: mismatch.is_none(),
                     mismatch: mismatch.clone(),
@@ -616,7 +617,7 @@ fn states_of(
                 })
             }
             Some(JobEnd::Failed(reason)) => {
-                pending.add(job, "failed_jobs", 1);
+                pending.add(job, Counter::FailedJobs, 1);
                 Some(JobState::Failed {
                     reason: reason.clone(),
                 })
@@ -853,13 +854,13 @@ mod tests {
             seq: 0,
             unconfirmed: None,
         };
-        pending.add(&a, "copied", 5);
+        pending.add(&a, Counter::Copied, 5);
         let jobs = [a.clone()];
         let take = || (pending.take(&jobs), Vec::new());
         let first = b.next(take);
         assert_eq!(first.0, 1);
-        assert_eq!(first.1, vec![("u".to_string(), vec![("copied", 5)])]);
-        pending.add(&a, "copied", 2);
+        assert_eq!(first.1, vec![("u".to_string(), vec![(Counter::Copied, 5)])]);
+        pending.add(&a, Counter::Copied, 2);
         // the reply was lost: the same batch again, the 2 wait for the next number
         let again = b.next(|| (pending.take(&jobs), Vec::new()));
         assert_eq!((again.0, &again.1), (1, &first.1));
@@ -867,7 +868,7 @@ mod tests {
         let next = b.next(|| (pending.take(&jobs), Vec::new()));
         assert_eq!(
             (next.0, next.1),
-            (2, vec![("u".to_string(), vec![("copied", 2)])])
+            (2, vec![("u".to_string(), vec![(Counter::Copied, 2)])])
         );
     }
 
@@ -875,24 +876,24 @@ mod tests {
     fn counts_are_summed_per_user_and_taken_once() {
         let (a, b, c) = (job("u", "INBOX"), job("u", "Sent"), job("v", "INBOX"));
         let pending = PendingCounts::default();
-        pending.add(&a, "copied", 5);
-        pending.add(&b, "copied", 2);
-        pending.add(&c, "skipped", 1);
+        pending.add(&a, Counter::Copied, 5);
+        pending.add(&b, Counter::Copied, 2);
+        pending.add(&c, Counter::Skipped, 1);
         let jobs = [a.clone(), b.clone(), c.clone()];
         assert_eq!(
             pending.take(&jobs),
             vec![
-                ("u".to_string(), vec![("copied", 7)]),
-                ("v".to_string(), vec![("skipped", 1)])
+                ("u".to_string(), vec![(Counter::Copied, 7)]),
+                ("v".to_string(), vec![(Counter::Skipped, 1)])
             ]
         );
         assert!(pending.take(&jobs).is_empty());
         // a job not asked for keeps its counts
-        pending.add(&a, "copied", 1);
+        pending.add(&a, Counter::Copied, 1);
         assert!(pending.take(&[b]).is_empty());
         assert_eq!(
             pending.take(&[a]),
-            vec![("u".to_string(), vec![("copied", 1)])]
+            vec![("u".to_string(), vec![(Counter::Copied, 1)])]
         );
     }
 }

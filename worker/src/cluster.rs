@@ -6,6 +6,7 @@ use std::sync::Arc;
 use mailferry_shared::config::seal::Keyring;
 use mailferry_shared::config::settings::Settings;
 use mailferry_shared::domain::job::{FolderJob, SkippedMessage};
+use mailferry_shared::domain::progress::Counter;
 use mailferry_shared::imap::Limits;
 use mailferry_shared::queue::amqp::AmqpQueue;
 use mailferry_shared::redis::lease::Fence;
@@ -32,13 +33,13 @@ impl ProgressSink for CountingProgress {
     fn copied(&self, job: &FolderJob, messages: u64, bytes: u64) {
         metrics::counter!(telemetry::MESSAGES_COPIED).increment(messages);
         metrics::counter!(telemetry::BYTES_COPIED).increment(bytes);
-        self.pending.add(job, "copied", messages as i64);
-        self.pending.add(job, "copied_bytes", bytes as i64);
+        self.pending.add(job, Counter::Copied, messages as i64);
+        self.pending.add(job, Counter::CopiedBytes, bytes as i64);
     }
     fn skipped(&self, job: &FolderJob, m: &SkippedMessage) {
         tracing::warn!(job = %job.id(), uid = m.uid, size = m.size, reason = %m.reason, "message skipped");
         metrics::counter!(telemetry::MESSAGES_SKIPPED, "reason" => m.kind.label()).increment(1);
-        self.pending.add(job, "skipped", 1);
+        self.pending.add(job, Counter::Skipped, 1);
     }
     fn job_finished(&self, _: &FolderJob, _: &JobReport) {}
     fn job_failed(&self, job: &FolderJob, _: &JobError, reason: &str, will_retry: bool) {

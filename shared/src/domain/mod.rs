@@ -10,6 +10,7 @@
 //! - `mutf7.rs`: modified UTF-7, the encoding of folder names.
 //! - `date.rs`: INTERNALDATE to an instant.
 //! - `budget.rs`: daily download budgets per account.
+//! - `progress.rs`: the counters of a user's progress.
 
 pub mod batch;
 pub mod budget;
@@ -19,5 +20,6 @@ pub mod folders;
 pub mod job;
 pub mod login;
 pub mod mutf7;
+pub mod progress;
 pub mod status;
 pub mod users;

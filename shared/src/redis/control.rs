@@ -37,6 +37,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::job::{Checkpoint, CheckpointKey, FolderJob};
+use crate::domain::progress::Counter;
 use crate::domain::status::{Intent, JobState};
 use crate::error::Error;
 use crate::redis::scripts::Delta;
@@ -172,7 +173,7 @@ pub struct UserState {
 }
 
 /// Counters a job run adds to its user's progress.
-pub type Counts = Vec<(&'static str, i64)>;
+pub type Counts = Vec<(Counter, i64)>;
 
 pub(crate) fn intent_name(intent: Intent) -> &'static str {
     match intent {
@@ -245,7 +246,7 @@ pub(super) fn user_deltas<'a>(user: &str, counts: &'a [(String, Counts)]) -> Vec
         .filter(|(u, _)| u == user)
         .flat_map(|(_, c)| c.iter())
         .filter(|(_, d)| *d != 0)
-        .map(|(name, d)| (*name, *d))
+        .map(|(counter, d)| (counter.name(), *d))
         .collect()
 }
 

@@ -116,7 +116,7 @@ impl RedisStore {
                     .transpose()?
                     .unwrap_or_default();
                 let copied = parse_counts(user, counts.as_deref())?
-                    .get("copied")
+                    .get(crate::domain::progress::Counter::Copied.name())
                     .copied()
                     .unwrap_or(0);
                 out.push((

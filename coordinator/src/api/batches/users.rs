@@ -11,6 +11,7 @@ use mailferry_shared::config::seal::{Binding, Keyring};
 use mailferry_shared::domain::batch::{BatchRecord, Owner, UserRecord};
 use mailferry_shared::domain::endpoint::Endpoint;
 use mailferry_shared::domain::login::AuthMethod;
+use mailferry_shared::domain::progress::Counter;
 use mailferry_shared::domain::status::{Intent, JobState, MessageCounts, UserStatus};
 use mailferry_shared::domain::users::{parse_csv, CsvError};
 use mailferry_shared::error::Side;
@@ -46,7 +47,7 @@ pub struct UserView {
 }
 
 pub fn user_view(line: &UserLine) -> UserView {
-    let count = |k: &str| line.counters.get(k).copied().unwrap_or(0);
+    let count = |c: Counter| line.counters.get(c.name()).copied().unwrap_or(0);
     let reason = match &line.status {
         UserStatus::Failed { reason } => Some(reason.clone()),
         UserStatus::Syncing {
@@ -58,9 +59,9 @@ pub fn user_view(line: &UserLine) -> UserView {
         id: line.user.clone(),
         status: line.status.name(),
         reason,
-        copied: count("copied"),
-        copied_bytes: count("copied_bytes"),
-        skipped: count("skipped"),
+        copied: count(Counter::Copied),
+        copied_bytes: count(Counter::CopiedBytes),
+        skipped: count(Counter::Skipped),
         jobs_done: line.jobs_done,
         jobs: line.jobs,
         messages: line.messages,
@@ -639,7 +640,11 @@ pub async fn user_detail(
         line.status,
         UserStatus::Starting | UserStatus::Queued | UserStatus::Syncing { .. }
     );
-    let copied_now = line.counters.get("copied").copied().unwrap_or(0);
+    let copied_now = line
+        .counters
+        .get(Counter::Copied.name())
+        .copied()
+        .unwrap_or(0);
     let rate = match (running, line.pass.copied_at_plan) {
         (true, Some(at_plan)) => {
             let secs = now_ms().saturating_sub(line.pass.planned_ms) as f64 / 1000.0;
