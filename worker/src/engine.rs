@@ -375,43 +375,16 @@ impl<S: StateStore> Engine<S> {
                 .await?;
                 outcomes.extend(more);
             }
-            let sizes: HashMap<u32, &Meta> = chunk.iter().map(|m| (m.uid, m)).collect();
             // Copies without a reported target UID, in APPEND order.
-            let mut unmapped: Vec<(u32, u64)> = Vec::new();
-            for (uid, outcome) in outcomes {
-                match outcome {
-                    Outcome::Copied { target_uid, size } => {
-                        report.copied += 1;
-                        report.copied_bytes += size;
-                        copied_now.insert(uid);
-                        match target_uid {
-                            Some(t) => {
-                                cp.uid_map.insert(uid, t);
-                                target_uidnext = target_uidnext.max(t + 1);
-                            }
-                            None => unmapped.push((uid, size)),
-                        }
-                    }
-                    Outcome::Refused(reason) => {
-                        let m = sizes[&uid];
-                        let skipped = SkippedMessage {
-                            uid,
-                            size: m.size,
-                            internal_date: m.internal_date.clone(),
-                            reason,
-                            kind: SkipKind::Refused,
-                        };
-                        self.progress.skipped(job, &skipped);
-                        report.skipped.push(skipped.clone());
-                        cp.skipped.push(skipped);
-                    }
-                    Outcome::Missed => {
-                        tracing::warn!(job = %job.id(), uid, "the source did not return a message it listed; asking again next pass");
-                        report.missed += 1;
-                        cp.missed.push(uid);
-                    }
-                }
-            }
+            let unmapped = self.record_outcomes(
+                job,
+                chunk,
+                outcomes,
+                &mut cp,
+                &mut report,
+                &mut target_uidnext,
+                &mut copied_now,
+            );
             if !uidplus && !unmapped.is_empty() {
                 // Without APPENDUID: what arrived at or above the window's bound is our
                 // APPENDs in order, unless someone else delivered meanwhile; map it only
@@ -456,51 +429,20 @@ impl<S: StateStore> Engine<S> {
 
         // Flags of messages copied earlier.
         if incremental || reconciled {
-            let changed: Vec<(u32, Vec<Flag>)> = if condstore {
-                changed_flags(source, lo, hi, cp.source_modseq.unwrap_or(0))
-                    .await
-                    .map_err(JobError::source_side)?
-            } else {
-                metas.iter().map(|m| (m.uid, m.flags.clone())).collect()
-            };
-            let wanted: Vec<(u32, Vec<Flag>)> = changed
-                .into_iter()
-                .filter(|(uid, _)| !copied_now.contains(uid))
-                .filter_map(|(uid, flags)| {
-                    cp.uid_map.get(uid).map(|t| (t, folder.keepable(&flags)))
-                })
-                .collect();
-            let updates = if condstore {
-                wanted
-            } else {
-                // Compare with what the target has, to send only real changes.
-                let current = target_flags(target).await.map_err(JobError::target_side)?;
-                wanted
-                    .into_iter()
-                    .filter(|(t, flags)| {
-                        current
-                            .get(t)
-                            .is_some_and(|cur| flag_key(cur) != flag_key(flags))
-                    })
-                    .collect()
-            };
-            report.flags_updated = store_flags(target, &updates)
-                .await
-                .map_err(JobError::target_side)?;
+            report.flags_updated = sync_flags(
+                source,
+                target,
+                &folder,
+                &cp,
+                &metas,
+                &copied_now,
+                condstore,
+                (lo, hi),
+            )
+            .await?;
         }
 
-        // What says "the whole folder is done" is written by the folder's last (or only)
-        // job; its MODSEQ is the lowest any range of the pass saw, so a flag changed
-        // during the pass in a range already done is still caught next time.
-        let seen_modseq = lowest(cp.range_modseq, src.highestmodseq);
-        if hi == u32::MAX {
-            cp.source_uidnext = src.uidnext;
-            cp.source_messages = src.exists;
-            cp.source_modseq = seen_modseq;
-            cp.range_modseq = None;
-        } else {
-            cp.range_modseq = seen_modseq;
-        }
+        close_pass(&mut cp, &src, hi);
         report.whole_folder = hi == u32::MAX;
         cp.target_uidnext = Some(bound_to_write(held_bound, target_uidnext));
         self.save(job, &cp, fence).await?;
@@ -520,6 +462,59 @@ impl<S: StateStore> Engine<S> {
         Ok(report)
     }
 
+    /// Records a chunk's outcomes in the checkpoint and the report (copied, refused by
+    /// the target, missed by the source); returns the copies the target gave no UID
+    /// for, in APPEND order.
+    #[allow(clippy::too_many_arguments)]
+    fn record_outcomes(
+        &self,
+        job: &FolderJob,
+        chunk: &[Meta],
+        outcomes: Vec<(u32, Outcome)>,
+        cp: &mut Checkpoint,
+        report: &mut JobReport,
+        target_uidnext: &mut u32,
+        copied_now: &mut HashSet<u32>,
+    ) -> Vec<(u32, u64)> {
+        let sizes: HashMap<u32, &Meta> = chunk.iter().map(|m| (m.uid, m)).collect();
+        let mut unmapped: Vec<(u32, u64)> = Vec::new();
+        for (uid, outcome) in outcomes {
+            match outcome {
+                Outcome::Copied { target_uid, size } => {
+                    report.copied += 1;
+                    report.copied_bytes += size;
+                    copied_now.insert(uid);
+                    match target_uid {
+                        Some(t) => {
+                            cp.uid_map.insert(uid, t);
+                            *target_uidnext = (*target_uidnext).max(t + 1);
+                        }
+                        None => unmapped.push((uid, size)),
+                    }
+                }
+                Outcome::Refused(reason) => {
+                    let m = sizes[&uid];
+                    let skipped = SkippedMessage {
+                        uid,
+                        size: m.size,
+                        internal_date: m.internal_date.clone(),
+                        reason,
+                        kind: SkipKind::Refused,
+                    };
+                    self.progress.skipped(job, &skipped);
+                    report.skipped.push(skipped.clone());
+                    cp.skipped.push(skipped);
+                }
+                Outcome::Missed => {
+                    tracing::warn!(job = %job.id(), uid, "the source did not return a message it listed; asking again next pass");
+                    report.missed += 1;
+                    cp.missed.push(uid);
+                }
+            }
+        }
+        unmapped
+    }
+
     async fn save(&self, job: &FolderJob, cp: &Checkpoint, fence: &Fence) -> Result<(), JobError> {
         // A run that lost its claim must not overwrite the checkpoint of the run that
         // took the folder over.
@@ -528,6 +523,66 @@ impl<S: StateStore> Engine<S> {
             .save_checkpoint(&job.checkpoint_key(), cp)
             .await
             .map_err(JobError::Store)
+    }
+}
+
+/// Brings the flags of messages copied in earlier passes up to date at the target
+/// (those copied in this pass have theirs): with CONDSTORE the messages changed since
+/// the checkpoint's MODSEQ, else every message's flags, compared with the target's so
+/// that only real changes are sent. Returns how many were updated.
+#[allow(clippy::too_many_arguments)]
+async fn sync_flags(
+    source: &mut Session,
+    target: &mut Session,
+    folder: &TargetFolder<'_>,
+    cp: &Checkpoint,
+    metas: &[Meta],
+    copied_now: &HashSet<u32>,
+    condstore: bool,
+    (lo, hi): (u32, u32),
+) -> Result<u64, JobError> {
+    let changed: Vec<(u32, Vec<Flag>)> = if condstore {
+        changed_flags(source, lo, hi, cp.source_modseq.unwrap_or(0))
+            .await
+            .map_err(JobError::source_side)?
+    } else {
+        metas.iter().map(|m| (m.uid, m.flags.clone())).collect()
+    };
+    let wanted: Vec<(u32, Vec<Flag>)> = changed
+        .into_iter()
+        .filter(|(uid, _)| !copied_now.contains(uid))
+        .filter_map(|(uid, flags)| cp.uid_map.get(uid).map(|t| (t, folder.keepable(&flags))))
+        .collect();
+    let updates = if condstore {
+        wanted
+    } else {
+        let current = target_flags(target).await.map_err(JobError::target_side)?;
+        wanted
+            .into_iter()
+            .filter(|(t, flags)| {
+                current
+                    .get(t)
+                    .is_some_and(|cur| flag_key(cur) != flag_key(flags))
+            })
+            .collect()
+    };
+    store_flags(target, &updates)
+        .await
+        .map_err(JobError::target_side)
+}
+
+/// Ends the pass in the checkpoint. What says "the whole folder is done" is written by
+/// the folder's last (or only) job; its MODSEQ is the lowest any range of the pass saw,
+/// so a flag changed during the pass in a range already done is still caught next time.
+fn close_pass(cp: &mut Checkpoint, src: &MailboxInfo, hi: u32) {
+    let seen_modseq = lowest(cp.range_modseq, src.highestmodseq);
+    if hi == u32::MAX {
+        cp.source_uidnext = src.uidnext;
+        cp.source_messages = src.exists;
+        cp.source_modseq = seen_modseq;
+        cp.range_modseq = None;
+    } else {
+        cp.range_modseq = seen_modseq;
     }
 }
 
@@ -882,5 +937,38 @@ mod tests {
         cp.missed = vec![70, 30];
         assert_eq!(metadata_from(&cp, 1), 30);
         assert_eq!(metadata_from(&cp, 50), 50, "never below the job's range");
+    }
+
+    #[test]
+    fn a_pass_closes_the_folder_only_in_its_last_job_with_the_lowest_modseq_seen() {
+        let src = MailboxInfo {
+            exists: 12,
+            uidnext: 40,
+            uidvalidity: 3,
+            highestmodseq: Some(90),
+            ..MailboxInfo::default()
+        };
+        // An earlier range of the pass saw MODSEQ 70: the folder's end keeps 70.
+        let mut cp = Checkpoint {
+            range_modseq: Some(70),
+            ..Checkpoint::default()
+        };
+        close_pass(&mut cp, &src, u32::MAX);
+        assert_eq!(
+            (
+                cp.source_uidnext,
+                cp.source_messages,
+                cp.source_modseq,
+                cp.range_modseq
+            ),
+            (40, 12, Some(70), None)
+        );
+        // A range that is not the folder's last only lowers what the pass saw.
+        let mut cp = Checkpoint::default();
+        close_pass(&mut cp, &src, 20);
+        assert_eq!(
+            (cp.source_uidnext, cp.source_modseq, cp.range_modseq),
+            (0, None, Some(90))
+        );
     }
 }
