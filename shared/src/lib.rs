@@ -4,7 +4,7 @@
 //! | module | what | where to add … |
 //! |---|---|---|
 //! | [`domain`] | plain data and pure rules: endpoints, logins, users, batches, folder jobs and checkpoints, statuses, folder mapping, mUTF-7, dates, daily budgets | a status, an endpoint field, a folder rule |
-//! | [`providers`] | the provider presets (Microsoft 365, Outlook.com, Gmail, Workspace …) and their OAuth2 defaults: the one list the CLI, the API, the console and the docs read | a preset |
+//! | [`providers`] | the provider presets (Microsoft 365, Outlook.com, Gmail, Workspace …), their OAuth2 defaults and the quirks other parts must know (Gmail's system-folder container): the one list the CLI, the API, the console and the docs read | a preset, a provider's quirk |
 //! | [`imap`] | the IMAP session layer: sans-I/O parser, pipelining client, flags, mailbox operations, TLS, connection pool | an IMAP command |
 //! | [`oauth`] | OAuth2 access tokens (XOAUTH2, OAUTHBEARER) from a provider's token endpoint | a grant |
 //! | [`queue`] | where folder jobs wait: the interface, the embedded (memory) queue and RabbitMQ | a queue |

@@ -19,6 +19,7 @@ use bytes::Bytes;
 
 use crate::domain::mutf7;
 pub use crate::imap::mailbox::{ListEntry, Namespace};
+use crate::providers::is_gmail_system_container;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
@@ -337,11 +338,6 @@ fn encode_levels(escaped: Vec<String>, ns: &Namespace) -> (String, Bytes) {
     (path, Bytes::from(wire))
 }
 
-/// Gmail's `[Gmail]` (`[Google Mail]` in some countries) holds its system folders.
-fn is_gmail_container(level: &str) -> bool {
-    matches!(level, "[Gmail]" | "[Google Mail]")
-}
-
 /// Matches `pattern` (with `*` wildcards) against `text`, case-sensitively.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
@@ -510,7 +506,8 @@ fn action_for(c: &Candidate, entry: &ListEntry, rules: &Rules) -> Action {
              folders (labels) they are in"
                 .into(),
         )
-    } else if !entry.selectable() && c.levels.len() == 1 && is_gmail_container(&c.levels[0]) {
+    } else if !entry.selectable() && c.levels.len() == 1 && is_gmail_system_container(&c.levels[0])
+    {
         Action::Exclude(
             "Gmail's container of its system folders, which lose it at the target".into(),
         )
@@ -576,7 +573,10 @@ pub fn map_folders(
             vec![name.to_string()]
         } else if c.special == Some(SpecialUse::Inbox) {
             vec!["INBOX".to_string()]
-        } else if c.special.is_some() && c.levels.len() > 1 && is_gmail_container(&c.levels[0]) {
+        } else if c.special.is_some()
+            && c.levels.len() > 1
+            && is_gmail_system_container(&c.levels[0])
+        {
             // Gmail's system folders lose their "[Gmail]" container at the target.
             c.levels[1..].to_vec()
         } else {

@@ -2,7 +2,8 @@
 //! its OAuth2 token endpoint and scopes, its connection cap and daily budget, and what
 //! the admin must know. The one list the CLI (`--source-preset`), the API (`/presets`),
 //! the console (which reads `/presets`) and the docs read: a new provider is a new entry
-//! of [`PRESETS`].
+//! of [`PRESETS`]. A provider's quirks that other parts must know live here too
+//! ([`is_gmail_system_container`]).
 
 use crate::domain::endpoint::{Endpoint, Security};
 use crate::oauth::{Grant, OAuthClient};
@@ -203,6 +204,13 @@ pub const PRESETS: &[Preset] = &[
         note: "Yahoo needs an app password (Account security > Generate app password).",
     },
 ];
+
+/// Gmail's container of its system folders: `[Gmail]`, `[Google Mail]` in some
+/// countries. Not a folder of the user's: folder mapping leaves it out, and the system
+/// folders in it lose it at the target (`[Gmail]/Sent Mail` → `Sent Mail`).
+pub fn is_gmail_system_container(level: &str) -> bool {
+    matches!(level, "[Gmail]" | "[Google Mail]")
+}
 
 pub fn preset(name: &str) -> Option<&'static Preset> {
     PRESETS.iter().find(|p| p.name.eq_ignore_ascii_case(name))
