@@ -281,30 +281,17 @@ impl<S: StateStore> Engine<S> {
             tracing::debug!(job = %job.id(), in_other_folders = elsewhere.len(), "archive-only folder");
         }
         let mut elsewhere_counted = 0;
-        // Target messages above the bound that match none of this job's pending
-        // messages: the folder's other ranges may own them, so a range job keeps them
-        // inside the bound it writes (a whole-folder job has seen every pending message:
-        // what is left was delivered by someone else).
-        // (A range job that does not search keeps the bound it found.) A target that
-        // does not say its UIDNEXT is searched every time.
-        let above = |b: &u32| dst.uidnext == 0 || dst.uidnext > *b;
-        let mut held_bound: Option<u32> = bound.filter(|b| hi != u32::MAX && above(b));
-        if let Some(bound) = bound.filter(|b| above(b) && !to_copy.is_empty()) {
-            let window =
-                recover::resolve_since(source, target, &cp.uid_map, bound, &to_copy).await?;
-            if !window.pairs.is_empty() {
-                tracing::info!(job = %job.id(), found = window.pairs.len(), "found copies of an earlier run that ended without its checkpoint");
-            }
-            report.matched += window.pairs.len() as u64;
-            let found: HashSet<u32> = window.pairs.iter().map(|p| p.0).collect();
-            for (s, d) in window.pairs {
-                cp.uid_map.insert(s, d);
-            }
-            to_copy.retain(|m| !found.contains(&m.uid));
-            if hi != u32::MAX {
-                held_bound = window.lowest_unmatched;
-            }
-        }
+        let held_bound = recover_unrecorded(
+            job,
+            (source, target),
+            &dst,
+            bound,
+            hi,
+            &mut cp,
+            &mut report,
+            &mut to_copy,
+        )
+        .await?;
         self.progress.job_started(
             job,
             to_copy.len() as u64,
@@ -337,44 +324,9 @@ impl<S: StateStore> Engine<S> {
             let chunk_bound = target_uidnext;
             failpoint::hit("before-chunk");
 
-            let progress = self.progress.clone();
-            let mut on_copied = |n: u64, bytes: u64| progress.copied(job, n, bytes);
-            let (mut outcomes, regroup) = copy_messages(
-                source,
-                target,
-                chunk,
-                &folder,
-                &self.settings.copy,
-                &self.budget,
-                &mut on_copied,
-            )
-            .await?;
-            if !regroup.is_empty() {
-                // One message spoiled a MULTIAPPEND: send that group one by one.
-                let retry: Vec<Meta> = chunk
-                    .iter()
-                    .filter(|m| regroup.contains(&m.uid))
-                    .cloned()
-                    .collect();
-                let single = CopySettings {
-                    multiappend: 1,
-                    ..self.settings.copy.clone()
-                };
-                let (more, _) = copy_messages(
-                    source,
-                    target,
-                    &retry,
-                    &TargetFolder {
-                        multiappend: false,
-                        ..folder
-                    },
-                    &single,
-                    &self.budget,
-                    &mut on_copied,
-                )
+            let outcomes = self
+                .copy_chunk(job, (source, target), chunk, &folder)
                 .await?;
-                outcomes.extend(more);
-            }
             // Copies without a reported target UID, in APPEND order.
             let unmapped = self.record_outcomes(
                 job,
@@ -386,24 +338,15 @@ impl<S: StateStore> Engine<S> {
                 &mut copied_now,
             );
             if !uidplus && !unmapped.is_empty() {
-                // Without APPENDUID: what arrived at or above the window's bound is our
-                // APPENDs in order, unless someone else delivered meanwhile; map it only
-                // when count and sizes agree. Its highest UID bounds the next window.
-                let arrived = arrived_since(target, chunk_bound)
-                    .await
-                    .map_err(JobError::target_side)?;
-                let aligned = arrived.len() == unmapped.len()
-                    && arrived.iter().zip(&unmapped).all(|(a, u)| a.1 == u.1);
-                if aligned {
-                    for ((t, _), (s, _)) in arrived.iter().zip(&unmapped) {
-                        cp.uid_map.insert(*s, *t);
-                    }
-                } else {
-                    tracing::warn!(job = %job.id(), "target without UIDPLUS changed during the copy: later flag changes of this chunk will not be propagated");
-                }
-                if let Some((t, _)) = arrived.last() {
-                    target_uidnext = target_uidnext.max(t + 1);
-                }
+                map_without_uidplus(
+                    job,
+                    target,
+                    chunk_bound,
+                    &unmapped,
+                    &mut cp,
+                    &mut target_uidnext,
+                )
+                .await?;
             }
             let last = chunk.last().expect("chunks are not empty").uid;
             if contiguous(&cp, lo) {
@@ -460,6 +403,56 @@ impl<S: StateStore> Engine<S> {
         };
         self.progress.job_finished(job, &report);
         Ok(report)
+    }
+
+    /// Copies one chunk: in MULTIAPPEND groups, and a group the target refused as a
+    /// whole (one message spoiled it) once more one message per APPEND, to find the
+    /// culprit. Each UID's outcome.
+    async fn copy_chunk(
+        &self,
+        job: &FolderJob,
+        (source, target): (&mut Session, &mut Session),
+        chunk: &[Meta],
+        folder: &TargetFolder<'_>,
+    ) -> Result<Vec<(u32, Outcome)>, JobError> {
+        let progress = self.progress.clone();
+        let mut on_copied = |n: u64, bytes: u64| progress.copied(job, n, bytes);
+        let (mut outcomes, regroup) = copy_messages(
+            source,
+            target,
+            chunk,
+            folder,
+            &self.settings.copy,
+            &self.budget,
+            &mut on_copied,
+        )
+        .await?;
+        if !regroup.is_empty() {
+            let retry: Vec<Meta> = chunk
+                .iter()
+                .filter(|m| regroup.contains(&m.uid))
+                .cloned()
+                .collect();
+            let single = CopySettings {
+                multiappend: 1,
+                ..self.settings.copy.clone()
+            };
+            let (more, _) = copy_messages(
+                source,
+                target,
+                &retry,
+                &TargetFolder {
+                    multiappend: false,
+                    ..*folder
+                },
+                &single,
+                &self.budget,
+                &mut on_copied,
+            )
+            .await?;
+            outcomes.extend(more);
+        }
+        Ok(outcomes)
     }
 
     /// Records a chunk's outcomes in the checkpoint and the report (copied, refused by
@@ -524,6 +517,74 @@ impl<S: StateStore> Engine<S> {
             .await
             .map_err(JobError::Store)
     }
+}
+
+/// Finds the copies an earlier run made after its last checkpoint (they can only be at
+/// or above `bound` at the target), maps them and takes them out of `to_copy`. Returns
+/// the bound a UID-range job keeps: target messages above it that match none of this
+/// job's pending messages may be another range's, so a range job keeps them inside the
+/// bound it writes (a whole-folder job has seen every pending message: what is left was
+/// delivered by someone else; a range job that does not search keeps the bound it
+/// found). A target that does not say its UIDNEXT is searched every time.
+#[allow(clippy::too_many_arguments)]
+async fn recover_unrecorded(
+    job: &FolderJob,
+    (source, target): (&mut Session, &mut Session),
+    dst: &MailboxInfo,
+    bound: Option<u32>,
+    hi: u32,
+    cp: &mut Checkpoint,
+    report: &mut JobReport,
+    to_copy: &mut Vec<Meta>,
+) -> Result<Option<u32>, JobError> {
+    let range_job = hi != u32::MAX;
+    let above = |b: &u32| dst.uidnext == 0 || dst.uidnext > *b;
+    let mut held_bound = bound.filter(|b| range_job && above(b));
+    if let Some(bound) = bound.filter(|b| above(b) && !to_copy.is_empty()) {
+        let window = recover::resolve_since(source, target, &cp.uid_map, bound, to_copy).await?;
+        if !window.pairs.is_empty() {
+            tracing::info!(job = %job.id(), found = window.pairs.len(), "found copies of an earlier run that ended without its checkpoint");
+        }
+        report.matched += window.pairs.len() as u64;
+        let found: HashSet<u32> = window.pairs.iter().map(|p| p.0).collect();
+        for (s, d) in window.pairs {
+            cp.uid_map.insert(s, d);
+        }
+        to_copy.retain(|m| !found.contains(&m.uid));
+        if range_job {
+            held_bound = window.lowest_unmatched;
+        }
+    }
+    Ok(held_bound)
+}
+
+/// Maps copies a target without UIDPLUS gave no UID for: what arrived at or above the
+/// chunk's bound is our APPENDs in order, unless someone else delivered meanwhile, so
+/// it is mapped only when count and sizes agree. Its highest UID bounds the next window.
+async fn map_without_uidplus(
+    job: &FolderJob,
+    target: &mut Session,
+    chunk_bound: u32,
+    unmapped: &[(u32, u64)],
+    cp: &mut Checkpoint,
+    target_uidnext: &mut u32,
+) -> Result<(), JobError> {
+    let arrived = arrived_since(target, chunk_bound)
+        .await
+        .map_err(JobError::target_side)?;
+    let aligned =
+        arrived.len() == unmapped.len() && arrived.iter().zip(unmapped).all(|(a, u)| a.1 == u.1);
+    if aligned {
+        for ((t, _), (s, _)) in arrived.iter().zip(unmapped) {
+            cp.uid_map.insert(*s, *t);
+        }
+    } else {
+        tracing::warn!(job = %job.id(), "target without UIDPLUS changed during the copy: later flag changes of this chunk will not be propagated");
+    }
+    if let Some((t, _)) = arrived.last() {
+        *target_uidnext = (*target_uidnext).max(t + 1);
+    }
+    Ok(())
 }
 
 /// Brings the flags of messages copied in earlier passes up to date at the target
