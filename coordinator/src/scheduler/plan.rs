@@ -12,7 +12,7 @@ use mailferry_shared::{Disposition, Error};
 use mailferry_worker::JobError;
 use mailferry_worker::UserAccounts;
 
-use crate::planner::{group_small_jobs, plan_user, PlanError, PlanRequest, SplitLimits};
+use crate::planner::{group_small_jobs, plan_user, PlanError, PlanRequest, SplitLimits, UserPlan};
 
 use super::*;
 
@@ -157,15 +157,8 @@ impl Coordinator {
                     ..PassRecord::default()
                 };
                 let interval = self.interval_ms(batch).await?;
-                let again = match disposition {
-                    Disposition::Fatal => interval,
-                    Disposition::Throttle(hint) => hint
-                        .unwrap_or(Duration::from_secs(
-                            self.settings.worker.throttle_pause_secs,
-                        ))
-                        .as_millis() as u64,
-                    Disposition::Retry => interval.min(PLAN_RETRY.as_millis() as u64),
-                };
+                let throttled = Duration::from_secs(self.settings.worker.throttle_pause_secs);
+                let again = replan_after(disposition, interval, throttled);
                 self.write_allowed()?;
                 self.store
                     .begin_pass(batch, user, &failed, &[], now_ms() + again)
@@ -179,32 +172,12 @@ impl Coordinator {
                 return Ok(());
             }
         };
-        let size = |job: &FolderJob| {
-            plan.folders
-                .iter()
-                .find(|f| f.mapping.source_wire == job.source_folder.0)
-                .map(|f| (f.size.unwrap_or(0), f.messages.unwrap_or(0)))
-                .unwrap_or((0, 0))
-        };
         let limits = SplitLimits {
             max_messages: self.settings.coordinator.max_job_messages,
             max_bytes: self.settings.coordinator.max_job_bytes.0,
         };
-        let mut jobs = plan.jobs.clone();
-        // Largest first, so the longest job does not start last; the small folders
-        // that follow travel in bundles.
-        jobs.sort_by_key(|j| std::cmp::Reverse(size(j)));
-        group_small_jobs(&mut jobs, |j| (size(j).1 as u64, size(j).0), &limits);
         let cap = self.settings.coordinator.max_jobs_per_user as usize;
-        let mut states: Vec<(FolderJob, JobState)> =
-            jobs.into_iter().map(|j| (j, JobState::Waiting)).collect();
-        let first = next_to_publish(&states, cap);
-        let queued: HashSet<String> = first.iter().flatten().map(FolderJob::id).collect();
-        for (job, state) in &mut states {
-            if queued.contains(&job.id()) {
-                *state = JobState::Queued;
-            }
-        }
+        let (states, first) = first_states(&plan, &limits, cap);
         let begun = PassRecord {
             pass,
             planned_ms,
@@ -298,5 +271,131 @@ impl Coordinator {
         self.publish(batch, user, bundles(specs)).await?;
         // Waiting jobs may be due a slot (their dispatch mark may have been lost).
         self.dispatch_users(batch, &[user.to_string()]).await
+    }
+}
+
+/// When a user whose planning failed is planned again (ms from now): a refusal (a
+/// wrong password) at the batch's interval, a throttled server after its hint or the
+/// worker's throttle pause, anything else within a minute (or the interval, if sooner).
+fn replan_after(disposition: Disposition, interval_ms: u64, throttled: Duration) -> u64 {
+    match disposition {
+        Disposition::Fatal => interval_ms,
+        Disposition::Throttle(hint) => hint.unwrap_or(throttled).as_millis() as u64,
+        Disposition::Retry => interval_ms.min(PLAN_RETRY.as_millis() as u64),
+    }
+}
+
+/// A planned pass's jobs in the order they go out and with their first states: largest
+/// first, so the longest job does not start last, with the small folders that follow
+/// grouped into bundles; the first bundles within the user's cap are Queued (and
+/// returned, to publish), the rest Waiting.
+fn first_states(
+    plan: &UserPlan,
+    limits: &SplitLimits,
+    cap: usize,
+) -> (Vec<(FolderJob, JobState)>, Vec<Vec<FolderJob>>) {
+    let size = |job: &FolderJob| {
+        plan.folders
+            .iter()
+            .find(|f| f.mapping.source_wire == job.source_folder.0)
+            .map(|f| (f.size.unwrap_or(0), f.messages.unwrap_or(0)))
+            .unwrap_or((0, 0))
+    };
+    let mut jobs = plan.jobs.clone();
+    jobs.sort_by_key(|j| std::cmp::Reverse(size(j)));
+    group_small_jobs(&mut jobs, |j| (size(j).1 as u64, size(j).0), limits);
+    let mut states: Vec<(FolderJob, JobState)> =
+        jobs.into_iter().map(|j| (j, JobState::Waiting)).collect();
+    let first = next_to_publish(&states, cap);
+    let queued: HashSet<String> = first.iter().flatten().map(FolderJob::id).collect();
+    for (job, state) in &mut states {
+        if queued.contains(&job.id()) {
+            *state = JobState::Queued;
+        }
+    }
+    (states, first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::planner::PlannedFolder;
+    use mailferry_shared::domain::folders::{Action, FolderMapping};
+    use mailferry_shared::domain::job::WireName;
+
+    fn folder(name: &str, messages: u32, size: u64) -> (PlannedFolder, FolderJob) {
+        let planned = PlannedFolder {
+            mapping: FolderMapping {
+                source_wire: name.as_bytes().to_vec().into(),
+                source_path: name.into(),
+                target_path: name.into(),
+                target_wire: name.as_bytes().to_vec().into(),
+                target_levels: vec![name.into()],
+                special_use: None,
+                archive_only: false,
+                target_exists: false,
+                action: Action::Copy,
+            },
+            messages: Some(messages),
+            size: Some(size),
+            job: true,
+            problem: None,
+        };
+        let job = FolderJob {
+            batch: "b".into(),
+            user: "u".into(),
+            source_folder: WireName(name.as_bytes().to_vec().into()),
+            target_folder: WireName(name.as_bytes().to_vec().into()),
+            uid_range: None,
+            pass: 1,
+            group: None,
+            archive: None,
+        };
+        (planned, job)
+    }
+
+    #[test]
+    fn a_failed_plan_is_tried_again_by_what_the_failure_was() {
+        let pause = Duration::from_secs(30);
+        let day = 86_400_000;
+        assert_eq!(replan_after(Disposition::Fatal, day, pause), day);
+        assert_eq!(
+            replan_after(Disposition::Throttle(None), day, pause),
+            30_000
+        );
+        assert_eq!(
+            replan_after(
+                Disposition::Throttle(Some(Duration::from_secs(5))),
+                day,
+                pause
+            ),
+            5_000
+        );
+        assert_eq!(replan_after(Disposition::Retry, day, pause), 60_000);
+        assert_eq!(replan_after(Disposition::Retry, 10_000, pause), 10_000);
+    }
+
+    #[test]
+    fn a_pass_goes_out_largest_first_and_queues_only_what_the_cap_allows() {
+        let (big, big_job) = folder("Archive", 50_000, 900 << 20);
+        let (mid, mid_job) = folder("INBOX", 40_000, 500 << 20);
+        let (small, small_job) = folder("Sent", 30_000, 100 << 20);
+        let plan = UserPlan {
+            folders: vec![small, big, mid],
+            jobs: vec![small_job, big_job, mid_job],
+        };
+        let limits = SplitLimits {
+            max_messages: 10_000,
+            max_bytes: 1 << 30,
+        };
+        let (states, first) = first_states(&plan, &limits, 2);
+        let order: Vec<String> = states
+            .iter()
+            .map(|(j, _)| j.source_folder.display())
+            .collect();
+        assert_eq!(order, ["Archive", "INBOX", "Sent"]);
+        let kinds: Vec<bool> = states.iter().map(|(_, s)| *s == JobState::Queued).collect();
+        assert_eq!(kinds, [true, true, false], "two bundles in flight at most");
+        assert_eq!(first.len(), 2);
     }
 }
