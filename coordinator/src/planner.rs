@@ -429,6 +429,39 @@ async fn retry_refused(
     Ok(problems)
 }
 
+/// Every copied folder's checkpoint, in one round trip where the store can: none for
+/// a dry run (no store) and none for a user's first pass (nothing was copied yet).
+async fn copied_checkpoints<S: StateStore>(
+    req: &PlanRequest<'_, S>,
+    mappings: &[FolderMapping],
+) -> Result<std::collections::HashMap<Bytes, Checkpoint>, PlanError> {
+    let Some(store) = req.store.filter(|_| !req.first_pass) else {
+        return Ok(std::collections::HashMap::new());
+    };
+    let names: Vec<Bytes> = mappings
+        .iter()
+        .filter(|m| m.action == Action::Copy)
+        .map(|m| m.source_wire.clone())
+        .collect();
+    let keys: Vec<CheckpointKey> = names
+        .iter()
+        .map(|n| CheckpointKey {
+            batch: req.batch.to_string(),
+            user: req.user.to_string(),
+            source_folder: WireName(n.clone()),
+        })
+        .collect();
+    let found = store
+        .load_checkpoints(&keys)
+        .await
+        .map_err(PlanError::Store)?;
+    Ok(names
+        .into_iter()
+        .zip(found)
+        .filter_map(|(n, cp)| cp.map(|cp| (n, cp)))
+        .collect())
+}
+
 /// Whether a folder needs a job this pass (pure): one never copied does unless it is
 /// empty (its target folder exists already); one copied before does unless its
 /// checkpoint is current for the source's state and the target's UIDVALIDITY.
@@ -552,35 +585,7 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
         .zip(src_status)
         .collect::<std::collections::HashMap<_, _>>();
 
-    // Every copied folder's checkpoint, in one round trip where the store can.
-    let mut checkpoints: std::collections::HashMap<Bytes, Checkpoint> = match req.store {
-        None => std::collections::HashMap::new(),
-        Some(_) if req.first_pass => std::collections::HashMap::new(),
-        Some(store) => {
-            let names: Vec<Bytes> = mappings
-                .iter()
-                .filter(|m| m.action == Action::Copy)
-                .map(|m| m.source_wire.clone())
-                .collect();
-            let keys: Vec<CheckpointKey> = names
-                .iter()
-                .map(|n| CheckpointKey {
-                    batch: req.batch.to_string(),
-                    user: req.user.to_string(),
-                    source_folder: WireName(n.clone()),
-                })
-                .collect();
-            let found = store
-                .load_checkpoints(&keys)
-                .await
-                .map_err(PlanError::Store)?;
-            names
-                .into_iter()
-                .zip(found)
-                .filter_map(|(n, cp)| cp.map(|cp| (n, cp)))
-                .collect()
-        }
-    };
+    let mut checkpoints = copied_checkpoints(&req, &mappings).await?;
 
     let others = archive_others(&src_list, &mappings);
     let mut folders = Vec::new();
