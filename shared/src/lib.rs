@@ -13,10 +13,12 @@
 //! | [`config`] | the cluster's settings and credential sealing | a setting |
 //! | [`error`], [`secret`], [`telemetry`], [`failpoint`] | what every part uses: the error type and its disposition, secrets that wipe themselves, metric names, crash points for tests | a metric |
 //!
-//! Imports run one way: `domain` uses nothing but [`secret`], [`error`] and, for folder
-//! mapping's input, the `imap` listing types; the adapters (`imap`, `oauth`, `queue`,
-//! `store`, `redis`) use `domain`; no file imports one that imports it back (a unit
-//! test, `tests/tests/layout.rs`, checks).
+//! Imports run one way. `domain`'s code uses other domain files, [`secret`] and
+//! [`error`], and three types of other parts: the `imap` listing types (folder
+//! mapping's input), `oauth`'s token source (in a login's credentials) and `providers`'
+//! Gmail container. The adapters (`imap`, `oauth`, `queue`, `store`, `redis`) use
+//! `domain`. No file imports one that imports it back: `tests/tests/layout.rs` checks
+//! every crate.
 
 pub mod config;
 pub mod domain;
