@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::domain::job::{Checkpoint, CheckpointKey, FolderJob};
 use crate::domain::status::JobState;
 use crate::error::Error;
-use crate::redis::scripts::{self, request, Table};
+use crate::redis::scripts::{self, Table};
 use crate::redis::{store_error, RedisStore};
 
 use super::control::*;
@@ -46,7 +46,7 @@ impl RedisStore {
         for job in jobs {
             call.key(self.checkpoint_key(&job.checkpoint_key()));
         }
-        call.arg(request(&req)?).arg(fields.names);
+        call.arg(json(&req)?).arg(fields.names);
         let (answers, checkpoints): (Vec<String>, Vec<Option<Vec<u8>>>) = call
             .invoke_async(&mut self.conn.clone())
             .await
@@ -147,7 +147,7 @@ impl RedisStore {
         for key in keys.names {
             call.key(key);
         }
-        call.arg(request(&req)?).arg(fields.names);
+        call.arg(json(&req)?).arg(fields.names);
         let replies: Vec<Vec<String>> = call
             .invoke_async(&mut self.conn.clone())
             .await
@@ -277,7 +277,7 @@ impl RedisStore {
         for (key, _) in checkpoints {
             call.key(self.checkpoint_key(key));
         }
-        call.arg(request(&req)?).arg(fields.names);
+        call.arg(json(&req)?).arg(fields.names);
         call.invoke_async::<i64>(&mut self.conn.clone())
             .await
             .map_err(|e| store_error("finish script", e))?;

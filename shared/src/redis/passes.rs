@@ -8,7 +8,7 @@ use redis::AsyncCommands;
 use crate::domain::job::FolderJob;
 use crate::domain::status::{Intent, JobState};
 use crate::error::Error;
-use crate::redis::scripts::{self, request};
+use crate::redis::scripts;
 use crate::redis::{store_error, RedisStore};
 
 use super::control::*;
@@ -200,7 +200,7 @@ impl RedisStore {
             .key(self.k(&["due", batch]))
             .key(self.jobs_key(batch))
             .key(self.specs_key(batch))
-            .arg(request(&req)?)
+            .arg(json(&req)?)
             .invoke_async::<i64>(&mut conn)
             .await
             .map_err(|e| store_error("begin-pass script", e))?;

@@ -1,8 +1,8 @@
 //! The Lua scripts of the control plane, one file each under `lua/` (each opens with
 //! its KEYS, ARGV and return value), every one prefixed with `lua/helpers.lua`; and the
 //! typed requests of the scripts whose arguments are more than a few scalars: one JSON
-//! value in `ARGV[1]`, decoded by the script with `cjson.decode`, built here and
-//! nowhere else. The thin Rust function of each script is the `RedisStore` method (or,
+//! value in `ARGV[1]` (encoded with `control::json`), decoded by the script with
+//! `cjson.decode`. The thin Rust function of each script is the `RedisStore` method (or,
 //! for the slots, the `SharedSlots` writer) its header names.
 
 use std::collections::HashMap;
@@ -12,31 +12,44 @@ use redis::Script;
 use serde::Serialize;
 
 use crate::domain::status::JobState;
-use crate::error::Error;
 
 const HELPERS: &str = include_str!("lua/helpers.lua");
 
-macro_rules! script {
-    ($name:ident, $file:literal) => {
-        pub(crate) static $name: LazyLock<Script> =
-            LazyLock::new(|| Script::new(&format!("{HELPERS}\n{}", include_str!($file))));
+/// Each script once: its static (the helpers and its file) and, for the tests, its
+/// name and source, so a new script cannot escape the checks below.
+macro_rules! scripts {
+    ($($name:ident => $file:literal),* $(,)?) => {
+        $(
+            pub(crate) static $name: LazyLock<Script> = LazyLock::new(|| {
+                Script::new(&format!(
+                    "{HELPERS}\n{}",
+                    include_str!(concat!("lua/", $file, ".lua"))
+                ))
+            });
+        )*
+        /// Every script's file name and source (without the helpers).
+        #[cfg(test)]
+        const SOURCES: &[(&str, &str)] =
+            &[$(($file, include_str!(concat!("lua/", $file, ".lua")))),*];
     };
 }
 
-script!(CLAIM, "lua/claim.lua");
-script!(RENEW, "lua/renew.lua");
-script!(FINISH, "lua/finish.lua");
-script!(BEGIN_PASS, "lua/begin_pass.lua");
-script!(SET_STATES, "lua/set_states.lua");
-script!(SCHEDULE_NEXT, "lua/schedule_next.lua");
-script!(CLOSE, "lua/close.lua");
-script!(LEADER_ACQUIRE, "lua/leader_acquire.lua");
-script!(LEADER_RENEW, "lua/leader_renew.lua");
-script!(LEADER_RELEASE, "lua/leader_release.lua");
-script!(REPLACE_SECRET, "lua/replace_secret.lua");
-script!(SLOTS_TAKE, "lua/slots_take.lua");
-script!(SLOTS_SET, "lua/slots_set.lua");
-script!(SLOTS_PAUSE, "lua/slots_pause.lua");
+scripts! {
+    CLAIM => "claim",
+    RENEW => "renew",
+    FINISH => "finish",
+    BEGIN_PASS => "begin_pass",
+    SET_STATES => "set_states",
+    SCHEDULE_NEXT => "schedule_next",
+    CLOSE => "close",
+    LEADER_ACQUIRE => "leader_acquire",
+    LEADER_RENEW => "leader_renew",
+    LEADER_RELEASE => "leader_release",
+    REPLACE_SECRET => "replace_secret",
+    SLOTS_TAKE => "slots_take",
+    SLOTS_SET => "slots_set",
+    SLOTS_PAUSE => "slots_pause",
+}
 
 /// Values a script call names, each once, by index: in KEYS (from 1), or in ARGV (from
 /// 2, after the request). Claim fields are bytes (a folder's name on the wire need not
@@ -75,11 +88,6 @@ impl Table {
         self.index.insert(value, i);
         i
     }
-}
-
-/// A request as a script's `ARGV[1]`.
-pub(crate) fn request<T: Serialize>(value: &T) -> Result<String, Error> {
-    serde_json::to_string(value).map_err(|e| Error::Store(format!("a script's request: {e}")))
 }
 
 /// A counter's name and what to add to it.
@@ -214,24 +222,11 @@ mod tests {
     use super::*;
     use crate::domain::status::Intent;
 
+    /// The helpers and every script.
     fn all_scripts() -> Vec<(&'static str, &'static str)> {
-        vec![
-            ("helpers", HELPERS),
-            ("claim", include_str!("lua/claim.lua")),
-            ("renew", include_str!("lua/renew.lua")),
-            ("finish", include_str!("lua/finish.lua")),
-            ("begin_pass", include_str!("lua/begin_pass.lua")),
-            ("set_states", include_str!("lua/set_states.lua")),
-            ("schedule_next", include_str!("lua/schedule_next.lua")),
-            ("close", include_str!("lua/close.lua")),
-            ("leader_acquire", include_str!("lua/leader_acquire.lua")),
-            ("leader_renew", include_str!("lua/leader_renew.lua")),
-            ("leader_release", include_str!("lua/leader_release.lua")),
-            ("replace_secret", include_str!("lua/replace_secret.lua")),
-            ("slots_take", include_str!("lua/slots_take.lua")),
-            ("slots_set", include_str!("lua/slots_set.lua")),
-            ("slots_pause", include_str!("lua/slots_pause.lua")),
-        ]
+        std::iter::once(("helpers", HELPERS))
+            .chain(SOURCES.iter().copied())
+            .collect()
     }
 
     /// The quoted words a script's code (not its comments) compares with `==` or `~=`,
@@ -311,7 +306,8 @@ mod tests {
             "only {checked} words found: the scan is broken"
         );
         // What the scripts write as an intent is one too.
-        assert!(include_str!("lua/close.lua").contains("ARGV[1], 'closed')"));
+        let close = SOURCES.iter().find(|(name, _)| *name == "close").unwrap().1;
+        assert!(close.contains("ARGV[1], 'closed')"));
         assert!(intents.contains(&"closed".to_string()));
         assert_eq!(
             crate::redis::control::intent_name(Intent::Closing),

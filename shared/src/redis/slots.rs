@@ -351,7 +351,7 @@ impl SharedSlots {
                 .collect(),
         };
         let mut call = scripts::SLOTS_TAKE.key(&self.key);
-        match scripts::request(&req) {
+        match super::control::json(&req) {
             Ok(text) => call.arg(text),
             Err(e) => {
                 let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
