@@ -16,6 +16,7 @@ use mailferry_shared::config::seal::Keyring;
 use mailferry_shared::config::settings::Settings;
 use mailferry_shared::redis::RedisStore;
 use mailferry_shared::secret::Secret;
+use mailferry_tests::dovecot::temp_dir;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -23,46 +24,41 @@ use tokio::sync::watch;
 const TOKEN: &str = "in-process-token-0123456789";
 const OTHER: &str = "another-tenant-token-98765";
 
-/// Settings for a coordinator of this test: its own key prefix, two tenants, a sealing
-/// key in a file. Returns the settings and the prefix.
-fn settings(dir: &std::path::Path) -> (Settings, String) {
-    let prefix = format!("mfi-{:016x}", fastrand::u64(..));
-    let keys = dir.join("keys");
-    let key = Keyring::generate("k1").unwrap();
-    std::fs::write(&keys, key.expose()).unwrap();
-    let config = dir.join("mailferry.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "key_prefix = \"{prefix}\"\n\
-             [sealing]\nkey_file = \"{}\"\n\
-             [coordinator]\nleader_lease_secs = 3\n\
-             [api]\nforbid_private_sources = false\n\
-             tokens = [{{ tenant = \"acme\", token = \"{TOKEN}\" }}, {{ tenant = \"globex\", token = \"{OTHER}\" }}]\n",
-            keys.display()
-        ),
-    )
-    .unwrap();
-    (
-        Settings::load(Some(&config), std::iter::empty()).unwrap(),
-        prefix,
-    )
+/// A coordinator's settings for one test, in a directory of its own: its own key
+/// prefix, two tenants, a sealing key in a file.
+struct Fixture {
+    dir: std::path::PathBuf,
+    settings: Settings,
 }
 
-async fn clean(prefix: &str) {
-    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = temp_dir("in-process");
+        let prefix = format!("mfi-{:016x}", fastrand::u64(..));
+        let keys = dir.join("keys");
+        std::fs::write(&keys, Keyring::generate("k1").unwrap().expose()).unwrap();
+        let config = dir.join("mailferry.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "key_prefix = \"{prefix}\"\n\
+                 [sealing]\nkey_file = \"{}\"\n\
+                 [coordinator]\nleader_lease_secs = 3\n\
+                 [api]\nforbid_private_sources = false\n\
+                 tokens = [{{ tenant = \"acme\", token = \"{TOKEN}\" }}, {{ tenant = \"globex\", token = \"{OTHER}\" }}]\n",
+                keys.display()
+            ),
+        )
         .unwrap();
-    if !keys.is_empty() {
-        redis::cmd("DEL")
-            .arg(keys)
-            .query_async::<()>(&mut conn)
-            .await
-            .unwrap();
+        let settings = Settings::load(Some(&config), std::iter::empty()).unwrap();
+        Fixture { dir, settings }
+    }
+
+    /// Deletes the test's Redis keys and its directory.
+    async fn clean_up(self) {
+        let store = RedisStore::from_settings(&self.settings).await.unwrap();
+        store.delete_all().await.unwrap();
+        std::fs::remove_dir_all(&self.dir).unwrap();
     }
 }
 
@@ -72,10 +68,8 @@ fn json_of(answer: &mailferry_coordinator::client::Answer) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_answers_in_process_on_a_listener_the_test_bound_and_stops_on_its_signal() {
-    let dir = std::env::temp_dir().join(format!("mfi-{:08x}", fastrand::u32(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (settings, prefix) = settings(&dir);
-    let cluster = Cluster::connect(settings).await.unwrap();
+    let fixture = Fixture::new();
+    let cluster = Cluster::connect(fixture.settings.clone()).await.unwrap();
     let api = Api::new(cluster).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -154,8 +148,7 @@ async fn the_api_answers_in_process_on_a_listener_the_test_bound_and_stops_on_it
         acme.get("/api/v1/batches").await.is_err(),
         "still answering after the stop"
     );
-    clean(&prefix).await;
-    std::fs::remove_dir_all(&dir).unwrap();
+    fixture.clean_up().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -190,11 +183,10 @@ async fn the_ops_endpoint_answers_in_process_and_readiness_follows_its_checks() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_coordinators_in_one_process_share_the_lead_and_a_stopped_leader_hands_it_over() {
-    let dir = std::env::temp_dir().join(format!("mfi-{:08x}", fastrand::u32(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (settings, prefix) = settings(&dir);
+    let fixture = Fixture::new();
+    let settings = &fixture.settings;
     let keys = std::sync::Arc::new(Keyring::parse(&settings.sealing_keys().unwrap()).unwrap());
-    let store = RedisStore::from_settings(&settings).await.unwrap();
+    let store = RedisStore::from_settings(settings).await.unwrap();
     let start = |stopped| {
         let (settings, store, keys) = (settings.clone(), store.clone(), keys.clone());
         tokio::spawn(async move { scheduler::run(settings, store, keys, stopped).await })
@@ -246,6 +238,5 @@ async fn two_coordinators_in_one_process_share_the_lead_and_a_stopped_leader_han
         None,
         "the lease was not released"
     );
-    clean(&prefix).await;
-    std::fs::remove_dir_all(&dir).unwrap();
+    fixture.clean_up().await;
 }
