@@ -18,8 +18,11 @@ use mailferry_worker::{Engine, EngineSettings};
 use mailferry_worker::{StaticAccounts, UserAccounts};
 use tokio::sync::{watch, Semaphore};
 
-use crate::planner::{plan_user, PlanError, PlanRequest, PlannedFolder};
+use crate::planner::{
+    group_small_jobs, plan_user, PlanError, PlanRequest, PlannedFolder, SplitLimits,
+};
 use crate::report::{classify, FailureKind, Reporter};
+use mailferry_shared::domain::job::FolderJob;
 
 /// How long an idle connection waits for its user's next folder before it is closed.
 const IDLE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
@@ -154,6 +157,29 @@ pub async fn run(
     Ok(None)
 }
 
+/// A user's planned jobs as they are queued: largest folders first, so the longest job
+/// does not start last, and the small folders that follow grouped into bundles as the
+/// cluster groups them, each run one folder after another on one connection per side
+/// (a mailbox of twenty small folders logs in once, not once per job slot).
+fn bundles_of(plan: &crate::planner::UserPlan) -> Vec<Vec<FolderJob>> {
+    let size = |job: &FolderJob| {
+        plan.folders
+            .iter()
+            .find(|f| f.mapping.source_wire == job.source_folder.0)
+            .map(|f| (u64::from(f.messages.unwrap_or(0)), f.size.unwrap_or(0)))
+            .unwrap_or((0, 0))
+    };
+    let mut jobs = plan.jobs.clone();
+    jobs.sort_by_key(|j| std::cmp::Reverse(size(j)));
+    let defaults = mailferry_shared::config::settings::Settings::default().coordinator;
+    let limits = SplitLimits {
+        max_messages: defaults.max_job_messages,
+        max_bytes: defaults.max_job_bytes.0,
+    };
+    group_small_jobs(&mut jobs, size, &limits);
+    crate::scheduler::bundles(jobs)
+}
+
 /// A user's id and its source and target connection pools.
 type UserPools = (String, Arc<Pool>, Arc<Pool>);
 
@@ -270,18 +296,9 @@ impl Planner {
                 }
                 self.reporter
                     .user_planned(id, plan.folders.len(), plan.jobs.len());
-                let mut jobs = plan.jobs;
-                let size_of = |j: &mailferry_shared::domain::job::FolderJob| {
-                    plan.folders
-                        .iter()
-                        .find(|f| f.mapping.source_wire == j.source_folder.0)
-                        .and_then(|f| f.messages)
-                        .unwrap_or(0)
-                };
-                jobs.sort_by_key(|j| std::cmp::Reverse(size_of(j)));
-                for job in jobs {
+                for bundle in bundles_of(&plan) {
                     // The memory queue cannot refuse a job.
-                    let _ = self.queue.publish(vec![job]).await;
+                    let _ = self.queue.publish(bundle).await;
                 }
             }
             Err(e) => {

@@ -5,6 +5,7 @@
 //! source (and mapped target) folder. A folder whose STATUS matches its checkpoint gets
 //! no job at all, so a no-op pass costs a handful of commands per user, not a rescan.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,7 +15,7 @@ use mailferry_shared::domain::folders::{
 use mailferry_shared::domain::job::{
     ArchiveOnly, Checkpoint, CheckpointKey, FolderJob, OtherFolder, SourceState, WireName,
 };
-use mailferry_shared::imap::mailbox::FolderStatus;
+use mailferry_shared::imap::mailbox::{status_of, FolderStatus, StatusItems};
 use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::store::StateStore;
 use mailferry_shared::{Error as SharedError, Side};
@@ -354,7 +355,7 @@ async fn cut_into_ranges(
     starts: &[u32],
 ) -> Result<Vec<FolderJob>, SharedError> {
     let mut session = source.get().await?;
-    session.open(job.source_folder.as_bytes(), true).await?;
+    session.examine(job.source_folder.as_bytes()).await?;
     let positions: Vec<String> = starts.iter().map(u32::to_string).collect();
     let responses = session
         .run(
@@ -520,9 +521,14 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
     let mut source = source.map_err(PlanError::source_side)?;
     let mut target = target.map_err(PlanError::target_side)?;
 
-    let (src_list, dst_list) = tokio::join!(source.list_all(), target.list_all());
-    let src_list = src_list.map_err(PlanError::source_side)?;
-    let dst_list = dst_list.map_err(PlanError::target_side)?;
+    // With LIST-STATUS the listing brings every folder's STATUS along; what it leaves
+    // out is asked for below, one STATUS each.
+    let (src_listed, dst_listed) = tokio::join!(
+        source.list_with_status(Some(StatusItems::SOURCE)),
+        target.list_with_status(Some(StatusItems::TARGET))
+    );
+    let (src_list, src_listed_status) = src_listed.map_err(PlanError::source_side)?;
+    let (dst_list, dst_listed_status) = dst_listed.map_err(PlanError::target_side)?;
     let (src_ns, dst_ns) = tokio::join!(
         source.personal_namespace(&src_list),
         target.personal_namespace(&dst_list)
@@ -548,16 +554,27 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
         .map(|m| m.target_wire.clone())
         .collect();
 
+    let unlisted = |names: &[Bytes], listed: &HashMap<Bytes, FolderStatus>| -> Vec<Bytes> {
+        names
+            .iter()
+            .filter(|n| status_of(listed, n).is_none())
+            .cloned()
+            .collect()
+    };
+    let src_asked = unlisted(&src_names, &src_listed_status);
+    let dst_asked = unlisted(&existing_targets, &dst_listed_status);
+
     let dry_run = req.store.is_none();
-    let (src_status, dst_side) = tokio::join!(source.status_many(&src_names), async {
-        let statuses = target.status_many(&existing_targets).await?;
-        let created = if dry_run {
-            Vec::new()
-        } else {
-            target.create_all(&to_create).await?
-        };
-        Ok::<_, SharedError>((statuses, created))
-    });
+    let (src_status, dst_side) =
+        tokio::join!(source.status_many(&src_asked, StatusItems::SOURCE), async {
+            let statuses = target.status_many(&dst_asked, StatusItems::TARGET).await?;
+            let created = if dry_run {
+                Vec::new()
+            } else {
+                target.create_all(&to_create).await?
+            };
+            Ok::<_, SharedError>((statuses, created))
+        });
     let src_status = src_status.map_err(PlanError::source_side)?;
     let (dst_status, created) = dst_side.map_err(PlanError::target_side)?;
     let refused: Vec<(Bytes, SharedError)> = to_create
@@ -575,15 +592,21 @@ pub async fn plan_user<S: StateStore>(req: PlanRequest<'_, S>) -> Result<UserPla
     };
     source.release();
     target.release();
-    let dst_status: std::collections::HashMap<Bytes, FolderStatus> = existing_targets
-        .into_iter()
-        .zip(dst_status)
-        .filter_map(|(n, s)| s.ok().map(|s| (n, s)))
+    let dst_status: HashMap<Bytes, FolderStatus> = existing_targets
+        .iter()
+        .filter_map(|n| status_of(&dst_listed_status, n).map(|s| (n.clone(), s.clone())))
+        .chain(
+            dst_asked
+                .into_iter()
+                .zip(dst_status)
+                .filter_map(|(n, s)| s.ok().map(|s| (n, s))),
+        )
         .collect();
-    let mut src_status = src_names
-        .into_iter()
-        .zip(src_status)
-        .collect::<std::collections::HashMap<_, _>>();
+    let mut src_status: HashMap<Bytes, Result<FolderStatus, SharedError>> = src_names
+        .iter()
+        .filter_map(|n| status_of(&src_listed_status, n).map(|s| (n.clone(), Ok(s.clone()))))
+        .chain(src_asked.into_iter().zip(src_status))
+        .collect();
 
     let mut checkpoints = copied_checkpoints(&req, &mappings).await?;
 

@@ -59,7 +59,32 @@ pub struct HostileServer {
     pub port: u16,
     /// How many times the script played (0: the hostility never happened).
     pub played: Arc<AtomicUsize>,
+    /// Every command the clients sent, in the order each was complete (literals
+    /// included), with the connection it came on.
+    pub commands: Arc<Mutex<Vec<Sent>>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// One command a client sent through the relay.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// Which connection (0 for the first accepted).
+    pub connection: usize,
+    /// Its first line, tag removed, upper-cased, as [`Moment::command`].
+    pub line: String,
+}
+
+impl Sent {
+    /// The command's name: `UID FETCH`, `APPEND`, `LOGIN`, … (a `UID` command keeps
+    /// its second word).
+    pub fn name(&self) -> String {
+        let mut words = self.line.split(' ');
+        let first = words.next().unwrap_or_default();
+        match (first, words.next()) {
+            ("UID", Some(second)) => format!("UID {second}"),
+            _ => first.to_string(),
+        }
+    }
 }
 
 impl Drop for HostileServer {
@@ -73,22 +98,39 @@ impl HostileServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let port = listener.local_addr().expect("addr").port();
         let played = Arc::new(AtomicUsize::new(0));
-        let counter = played.clone();
+        let commands = Arc::new(Mutex::new(Vec::new()));
+        let (counter, log) = (played.clone(), commands.clone());
         let task = tokio::spawn(async move {
             for connection in 0.. {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
-                let (script, counter) = (script.clone(), counter.clone());
+                let (script, counter, log) = (script.clone(), counter.clone(), log.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
                         return;
                     };
-                    relay(connection, client, server, script, counter).await;
+                    relay(connection, client, server, script, counter, log).await;
                 });
             }
         });
-        HostileServer { port, played, task }
+        HostileServer {
+            port,
+            played,
+            commands,
+            task,
+        }
+    }
+
+    /// A relay that only listens: every response passes, and [`HostileServer::sent`]
+    /// tells what the clients said.
+    pub async fn recording(upstream_port: u16) -> HostileServer {
+        HostileServer::start(upstream_port, script(|_| None)).await
+    }
+
+    /// The commands sent so far.
+    pub fn sent(&self) -> Vec<Sent> {
+        self.commands.lock().unwrap().clone()
     }
 
     pub fn played(&self) -> usize {
@@ -106,6 +148,7 @@ async fn relay(
     server: TcpStream,
     script: Script,
     played: Arc<AtomicUsize>,
+    log: Arc<Mutex<Vec<Sent>>>,
 ) {
     let _ = client.set_nodelay(true);
     let (mut client_rd, mut client_wr) = client.into_split();
@@ -130,6 +173,10 @@ async fn relay(
             // the script must see as the APPEND's.
             while let Ok(Some(frame)) = framer.next_frame(&mut buf) {
                 note(&noted, &frame);
+                log.lock().unwrap().push(Sent {
+                    connection,
+                    line: noted.lock().unwrap().clone(),
+                });
             }
             if buf.contains(&b'\n') {
                 note(&noted, &buf);

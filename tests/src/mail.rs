@@ -8,6 +8,7 @@ use mailferry_shared::domain::endpoint::{Endpoint, Security};
 use mailferry_shared::domain::login::{AuthMethod, Credentials};
 use mailferry_shared::domain::mutf7;
 use mailferry_shared::imap::client::{fetch_item, Command, Session};
+use mailferry_shared::imap::mailbox::StatusItems;
 use mailferry_shared::imap::parse::{Response, Value};
 use mailferry_shared::imap::{connect, Limits};
 use mailferry_shared::secret::Secret;
@@ -304,7 +305,7 @@ pub async fn contents(s: &mut Session, wire: &[u8]) -> Vec<Seen> {
 /// Every message of a folder with its UID, in UID order (read-only).
 pub async fn uids_and_contents(s: &mut Session, wire: &[u8]) -> Vec<(u32, Seen)> {
     let info = s
-        .open(wire, true)
+        .examine(wire)
         .await
         .unwrap_or_else(|e| panic!("folder {:?} is missing: {e}", String::from_utf8_lossy(wire)));
     if info.exists == 0 {
@@ -392,9 +393,7 @@ impl<'a> Pair<'a> {
 /// changes need no bookkeeping.
 pub async fn change_at_source(port: u16, user: &str, password: &str, folder: &str) -> TestMessage {
     let mut s = session(port, user, password).await;
-    s.open(&wire_name(folder, '/'), false)
-        .await
-        .expect("SELECT");
+    s.select(&wire_name(folder, '/')).await.expect("SELECT");
     s.run(Command::new("STORE").raw(" 1:3 +FLAGS (\\Flagged Work $Forwarded)"))
         .await
         .expect("STORE");
@@ -494,7 +493,10 @@ pub async fn message_count(port: u16, user: &str, password: &str) -> u32 {
         .filter(|e| e.selectable())
         .map(|e| e.wire_name)
         .collect();
-    let statuses = s.status_many(&names).await.expect("STATUS");
+    let statuses = s
+        .status_many(&names, StatusItems::SOURCE)
+        .await
+        .expect("STATUS");
     s.logout().await;
     statuses
         .into_iter()

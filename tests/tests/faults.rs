@@ -303,7 +303,7 @@ async fn a_uidvalidity_change_reconciles_instead_of_duplicating() {
     let mut c = mail::session(s.src.port, "alice", "alice-secret").await;
     let wire = mail::wire_name("Archive/2024", '/');
     let before = mail::contents(&mut c, &wire).await.len();
-    c.open(b"INBOX", true).await.unwrap(); // Dovecot drops a session whose folder is deleted
+    c.examine(b"INBOX").await.unwrap(); // Dovecot drops a session whose folder is deleted
     c.run(mailferry_shared::imap::Command::new("DELETE").arg(&wire))
         .await
         .unwrap();

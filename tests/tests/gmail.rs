@@ -3,6 +3,7 @@
 //! no listed folder. Every archived-only message must arrive exactly once, in the archive
 //! folder; labelled mail only in its labels' folders — through re-runs and crashes.
 
+use mailferry_shared::imap::mailbox::StatusItems;
 use mailferry_tests::dovecot::{temp_dir, Dovecot, DovecotConfig, ARCHIVED};
 use mailferry_tests::mail::{self, corpus, session, wire_name, Seen, TestMessage};
 use mailferry_tests::run::{text, Migrate};
@@ -115,7 +116,7 @@ impl Gmail {
         let all = mail::message_count(self.dst.port, USER, PASSWORD).await;
         let mut s = session(self.dst.port, USER, PASSWORD).await;
         let archive = s
-            .status_many(&[wire_name(ARCHIVE_AT_TARGET, '/')])
+            .status_many(&[wire_name(ARCHIVE_AT_TARGET, '/')], StatusItems::TARGET)
             .await
             .expect("STATUS")
             .pop()

@@ -25,8 +25,11 @@ use mailferry_tests::run::{text, Migrate};
 /// The peak RSS any script may cause (the corpus is small: what is measured is what the
 /// server makes mailferry hold).
 const RSS_BOUND_KIB: u64 = 150 * 1024;
-/// The longest any script may take, retries included.
-const DEADLINE: Duration = Duration::from_secs(90);
+/// The longest any script may take, retries included. The slowest scripts stall every
+/// folder's FETCH: each folder then waits out the command timeout (5 s) on each of its
+/// 2 attempts, one folder after another, because a small mailbox's folders run as one
+/// bundle on one connection a side: 120 s for the corpus's 12 folders, plus backoff.
+const DEADLINE: Duration = Duration::from_secs(150);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {

@@ -132,7 +132,7 @@ async fn by_content(
     // For each identity, how many copies the other folders hold.
     let mut held: HashMap<(u64, Identity), u32> = HashMap::new();
     for other in others {
-        let info = match source.open(other.name.as_bytes(), true).await {
+        let info = match source.examine(other.name.as_bytes()).await {
             Ok(info) => info,
             // Deleted or renamed since the pass was planned: nothing of it is copied.
             Err(Error::Command { .. }) => continue,
@@ -159,7 +159,7 @@ async fn by_content(
     }
 
     // Back to the archive folder, which the engine goes on copying from.
-    let info = source.open(folder, true).await?;
+    let info = source.examine(folder).await?;
     if info.uidvalidity != uidvalidity {
         return Err(Error::ConnectionLost {
             detail: format!(

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use mailferry_shared::domain::job::{Checkpoint, FolderJob, SkipKind, SkippedMessage, SourceState};
 use mailferry_shared::imap::client::{Command, Session};
-use mailferry_shared::imap::mailbox::MailboxInfo;
+use mailferry_shared::imap::mailbox::{MailboxInfo, StatusItems};
 use mailferry_shared::imap::pool::Pool;
 use mailferry_shared::imap::uidset;
 use mailferry_shared::imap::Flag;
@@ -166,11 +166,14 @@ impl<S: StateStore> Engine<S> {
     ) -> Result<JobReport, JobError> {
         let (lo, hi) = job.uid_range.unwrap_or((1, u32::MAX));
         let src = source
-            .open(job.source_folder.as_bytes(), true)
+            .examine(job.source_folder.as_bytes())
             .await
             .map_err(JobError::source_side)?;
         tracing::debug!(job = %job.id(), "job: source folder open");
         let dst = open_or_create(target, job.target_folder.as_bytes()).await?;
+        // The SELECT's own EXISTS is in `dst`; what the server announces from here on
+        // is the folder growing (see `measured_at_target`).
+        target.take_exists();
         tracing::debug!(job = %job.id(), "job: target folder open");
         let key = job.checkpoint_key();
         let stored = self
@@ -390,17 +393,7 @@ impl<S: StateStore> Engine<S> {
         cp.target_uidnext = Some(bound_to_write(held_bound, target_uidnext));
         self.save(job, &cp, fence).await?;
         report.skipped_total = cp.skipped.len() as u32;
-        // Measured, not computed: the count the reconciliation compares with the source.
-        // (STATUS on the selected folder is allowed in IMAP4rev2 and answered by the
-        // servers we test; one command per folder and pass.)
-        let status = target
-            .status_many(&[bytes::Bytes::copy_from_slice(job.target_folder.as_bytes())])
-            .await
-            .map_err(JobError::target_side)?;
-        report.target_messages = match status.into_iter().next() {
-            Some(Ok(st)) => st.messages,
-            _ => dst.exists + report.copied as u32,
-        };
+        report.target_messages = measured_at_target(target, job, &dst, &report).await?;
         self.progress.job_finished(job, &report);
         Ok(report)
     }
@@ -782,8 +775,38 @@ fn lowest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     }
 }
 
+/// The target folder's message count at the end of a job, measured, not computed: the
+/// count the reconciliation compares with the source. The size the server announced
+/// after the job's last APPEND (`* n EXISTS`, which servers send for the selected
+/// folder) when it covers at least what the folder held plus what was appended; else
+/// one STATUS (allowed on the selected folder in IMAP4rev2 and answered by the servers
+/// we test). An announcement below that may be an older one, or an expunge by someone
+/// else: STATUS tells.
+async fn measured_at_target(
+    target: &mut Session,
+    job: &FolderJob,
+    dst: &MailboxInfo,
+    report: &JobReport,
+) -> Result<u32, JobError> {
+    let at_least = dst.exists.saturating_add(report.copied as u32);
+    if let Some(announced) = target.take_exists().filter(|&n| n >= at_least) {
+        return Ok(announced);
+    }
+    let status = target
+        .status_many(
+            &[bytes::Bytes::copy_from_slice(job.target_folder.as_bytes())],
+            StatusItems::TARGET,
+        )
+        .await
+        .map_err(JobError::target_side)?;
+    Ok(match status.into_iter().next() {
+        Some(Ok(st)) => st.messages,
+        _ => at_least,
+    })
+}
+
 async fn open_or_create(target: &mut Session, wire_name: &[u8]) -> Result<MailboxInfo, JobError> {
-    match target.open(wire_name, false).await {
+    match target.select(wire_name).await {
         Ok(info) => Ok(info),
         Err(SharedError::Command { .. }) => {
             let created = target
@@ -794,7 +817,7 @@ async fn open_or_create(target: &mut Session, wire_name: &[u8]) -> Result<Mailbo
                 r.map_err(JobError::target_side)?;
             }
             target
-                .open(wire_name, false)
+                .select(wire_name)
                 .await
                 .map_err(JobError::target_side)
         }

@@ -252,6 +252,9 @@ struct State {
     closed: Option<String>,
     /// The text of an untagged BYE, if the server sent one.
     bye: Option<String>,
+    /// The selected folder's size as the server last announced it (`* n EXISTS`), until
+    /// [`Session::take_exists`] takes it.
+    exists: Option<u32>,
 }
 
 struct Shared {
@@ -627,6 +630,13 @@ impl Session {
             host: endpoint.host.clone(),
             command_timeout: endpoint.command_timeout,
         }
+    }
+
+    /// The selected folder's message count the server announced last (`* n EXISTS`,
+    /// in a SELECT's answer or after an APPEND to it), and forgets it: `None` when it
+    /// announced none since the last call.
+    pub fn take_exists(&self) -> Option<u32> {
+        self.shared.lock().exists.take()
     }
 
     pub fn capabilities(&self) -> &Capabilities {
@@ -1079,6 +1089,11 @@ async fn dispatch(shared: &Shared, continuations: &mpsc::Sender<String>, respons
             shared.lock().bye = Some(s.text);
         }
         other => {
+            if let Response::Numbered { number, name, .. } = &other {
+                if name == "EXISTS" {
+                    shared.lock().exists = Some(*number);
+                }
+            }
             let target = shared.lock().pending.front().map(|p| p.untagged.clone());
             if let Some(tx) = target {
                 let _ = tx.send(other).await;

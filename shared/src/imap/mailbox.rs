@@ -1,6 +1,8 @@
 //! Mailbox-level operations on a session: LIST, SELECT/EXAMINE, STATUS, CREATE.
 //! Each turns server responses into plain data the engine and planner work with.
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 
 use super::client::{check, Command, Session};
@@ -67,26 +69,88 @@ pub struct FolderStatus {
     pub size: Option<u64>,
 }
 
+/// What a STATUS asks for beyond MESSAGES, UIDNEXT, UIDVALIDITY and (where the server
+/// has STATUS=SIZE) SIZE.
+#[derive(Debug, Clone, Copy)]
+pub struct StatusItems {
+    /// HIGHESTMODSEQ, where the server has CONDSTORE: for a source, whose changes later
+    /// passes read by modification sequence. Not for a target (see [`Session::select`]).
+    pub modseq: bool,
+}
+
+impl StatusItems {
+    pub const SOURCE: StatusItems = StatusItems { modseq: true };
+    pub const TARGET: StatusItems = StatusItems { modseq: false };
+}
+
+/// `name`'s entry in statuses keyed by wire name; INBOX matches in any case (a server
+/// may answer `inbox` with `INBOX`).
+pub fn status_of<'a>(
+    statuses: &'a HashMap<Bytes, FolderStatus>,
+    name: &[u8],
+) -> Option<&'a FolderStatus> {
+    statuses.get(name).or_else(|| {
+        if !name.eq_ignore_ascii_case(b"INBOX") {
+            return None;
+        }
+        statuses
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(b"INBOX"))
+            .map(|(_, v)| v)
+    })
+}
+
 impl Session {
     /// LIST "" "*", with special-use attributes where the server can return them.
     pub async fn list_all(&mut self) -> Result<Vec<ListEntry>, Error> {
-        let caps = self.capabilities();
-        let command = if caps.has("LIST-EXTENDED") && caps.has("SPECIAL-USE") {
-            Command::new("LIST \"\" \"*\" RETURN (SPECIAL-USE)")
-        } else {
-            Command::new("LIST \"\" \"*\"")
-        };
-        let untagged = self.run(command).await?;
-        Ok(untagged.iter().filter_map(parse_list).collect())
+        Ok(self.list_with_status(None).await?.0)
     }
 
-    /// SELECT (read-write) or EXAMINE (read-only) a folder.
-    pub async fn open(&mut self, wire_name: &[u8], read_only: bool) -> Result<MailboxInfo, Error> {
-        let verb = if read_only { "EXAMINE" } else { "SELECT" };
-        let mut command = Command::new(verb).arg(wire_name);
+    /// LIST "" "*" and, where the server has LIST-STATUS (RFC 5819) and `status` asks
+    /// for it, every listed folder's STATUS in the same command: one round trip and one
+    /// command instead of a STATUS per folder. The map holds what the server answered,
+    /// by wire name; a folder it left out (RFC 5819 lets a server skip one whose STATUS
+    /// fails) is simply absent, and so is everything without LIST-STATUS.
+    pub async fn list_with_status(
+        &mut self,
+        status: Option<StatusItems>,
+    ) -> Result<(Vec<ListEntry>, HashMap<Bytes, FolderStatus>), Error> {
+        let caps = self.capabilities();
+        let mut returns = Vec::new();
+        if caps.has("LIST-EXTENDED") && caps.has("SPECIAL-USE") {
+            returns.push("SPECIAL-USE".to_string());
+        }
+        if let Some(items) = status.filter(|_| caps.has("LIST-STATUS")) {
+            returns.push(format!("STATUS {}", self.status_items(items)));
+        }
+        let command = if returns.is_empty() {
+            Command::new("LIST \"\" \"*\"")
+        } else {
+            Command::new("LIST \"\" \"*\"").raw(format!(" RETURN ({})", returns.join(" ")))
+        };
+        let untagged = self.run(command).await?;
+        let statuses = untagged.iter().filter_map(parse_status).collect();
+        Ok((untagged.iter().filter_map(parse_list).collect(), statuses))
+    }
+
+    /// EXAMINE a folder to read it: with CONDSTORE where the server has it, so the
+    /// answer carries HIGHESTMODSEQ and later passes read only what changed.
+    pub async fn examine(&mut self, wire_name: &[u8]) -> Result<MailboxInfo, Error> {
+        let mut command = Command::new("EXAMINE").arg(wire_name);
         if self.capabilities().has("CONDSTORE") {
             command = command.raw(" (CONDSTORE)");
         }
+        self.opened(command).await
+    }
+
+    /// SELECT a folder to write to it. Without CONDSTORE: nothing reads a target's
+    /// modification sequences, and asking for them makes Dovecot keep them up for the
+    /// folder from then on (work on every APPEND).
+    pub async fn select(&mut self, wire_name: &[u8]) -> Result<MailboxInfo, Error> {
+        self.opened(Command::new("SELECT").arg(wire_name)).await
+    }
+
+    async fn opened(&mut self, command: Command) -> Result<MailboxInfo, Error> {
         let untagged = self.run(command).await?;
         let mut info = MailboxInfo::default();
         for r in &untagged {
@@ -131,20 +195,27 @@ impl Session {
             .min_by_key(|q| q.limit_bytes.saturating_sub(q.used_bytes)))
     }
 
+    /// The STATUS items to ask for, in parentheses.
+    fn status_items(&self, items: StatusItems) -> String {
+        let mut out = String::from("(MESSAGES UIDNEXT UIDVALIDITY");
+        if items.modseq && self.capabilities().has("CONDSTORE") {
+            out.push_str(" HIGHESTMODSEQ");
+        }
+        if self.capabilities().has("STATUS=SIZE") {
+            out.push_str(" SIZE");
+        }
+        out.push(')');
+        out
+    }
+
     /// STATUS for many folders in one round trip. A folder the server refuses gets its
     /// own error; the others still answer.
     pub async fn status_many(
         &mut self,
         wire_names: &[Bytes],
+        items: StatusItems,
     ) -> Result<Vec<Result<FolderStatus, Error>>, Error> {
-        let mut items = String::from(" (MESSAGES UIDNEXT UIDVALIDITY");
-        if self.capabilities().has("CONDSTORE") {
-            items.push_str(" HIGHESTMODSEQ");
-        }
-        if self.capabilities().has("STATUS=SIZE") {
-            items.push_str(" SIZE");
-        }
-        items.push(')');
+        let items = format!(" {}", self.status_items(items));
         let mut handles = Vec::with_capacity(wire_names.len());
         for name in wire_names {
             handles.push(
@@ -155,8 +226,7 @@ impl Session {
         // Match answers to folders by the name in the STATUS response, not by command
         // order: a server may run pipelined commands in parallel.
         let mut completions = Vec::with_capacity(handles.len());
-        let mut by_name: std::collections::HashMap<Bytes, FolderStatus> =
-            std::collections::HashMap::new();
+        let mut by_name: HashMap<Bytes, FolderStatus> = HashMap::new();
         for handle in handles {
             let (untagged, status) = handle.finish().await?;
             for r in &untagged {
@@ -171,24 +241,12 @@ impl Session {
             .zip(completions)
             .map(|(name, status)| {
                 check("STATUS", status)?;
-                by_name
-                    .get(name)
-                    .or_else(|| {
-                        by_name
-                            .iter()
-                            .find(|(k, _)| {
-                                k.eq_ignore_ascii_case(b"INBOX")
-                                    && name.eq_ignore_ascii_case(b"INBOX")
-                            })
-                            .map(|(_, v)| v)
-                    })
-                    .cloned()
-                    .ok_or_else(|| {
-                        Error::Protocol(super::parse::ParseError::Malformed(format!(
-                            "STATUS {:?} answered OK without data",
-                            String::from_utf8_lossy(name)
-                        )))
-                    })
+                status_of(&by_name, name).cloned().ok_or_else(|| {
+                    Error::Protocol(super::parse::ParseError::Malformed(format!(
+                        "STATUS {:?} answered OK without data",
+                        String::from_utf8_lossy(name)
+                    )))
+                })
             })
             .collect())
     }
@@ -348,6 +406,35 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn list_status_answers_are_found_by_wire_name_and_inbox_in_any_case() {
+        use super::*;
+        let answer = |line: &str| {
+            parse_status(
+                &crate::imap::parse::parse_response(Bytes::from(format!("{line}\r\n"))).unwrap(),
+            )
+            .unwrap()
+        };
+        let statuses: HashMap<Bytes, FolderStatus> = [
+            answer("* STATUS \"inbox\" (MESSAGES 3 UIDNEXT 9 UIDVALIDITY 7 SIZE 100)"),
+            answer("* STATUS \"Sent\" (MESSAGES 1 UIDNEXT 2 UIDVALIDITY 8 HIGHESTMODSEQ 5)"),
+        ]
+        .into_iter()
+        .collect();
+        let inbox = status_of(&statuses, b"INBOX").expect("INBOX in any case");
+        assert_eq!(
+            (inbox.messages, inbox.uidnext, inbox.size),
+            (3, 9, Some(100))
+        );
+        assert_eq!(
+            status_of(&statuses, b"Sent").unwrap().highestmodseq,
+            Some(5)
+        );
+        // Other names match exactly: `sent` is another folder, unlisted.
+        assert!(status_of(&statuses, b"sent").is_none());
+        assert!(status_of(&statuses, b"Drafts").is_none());
+    }
+
     #[test]
     fn a_storage_quota_is_read_in_bytes_and_nonsense_is_none() {
         use super::*;
