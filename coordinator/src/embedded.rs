@@ -115,10 +115,17 @@ pub async fn run(
     ));
 
     // Plan users a few at a time; each user's jobs are queued as soon as it is planned,
-    // largest folders first so the longest job does not start last.
+    // largest folders first so the longest job does not start last. Planning keeps only
+    // a few bundles ahead of the job slots: a user planned long before its jobs run
+    // would find its connections closed as idle, and log in again.
     let planning = Arc::new(Semaphore::new(opts.parallel_users.max(1)));
     let mut planners = tokio::task::JoinSet::new();
     for (id, source, target) in pools.clone() {
+        let mut stop = shutdown.clone();
+        tokio::select! {
+            _ = queue.wait_ready_below(opts.job_slots.max(1) * 2) => {}
+            _ = stop.wait_for(|stopped| *stopped) => break,
+        }
         let permit = planning
             .clone()
             .acquire_owned()
@@ -146,10 +153,7 @@ pub async fn run(
     queue.close();
     let _ = consumers.await;
     reaper.abort();
-    for (_, source, target) in &pools {
-        source.close_idle().await;
-        target.close_idle().await;
-    }
+    close_idle(&pools, None).await;
     // A run stopped early may have left writes in flight: only a whole run says so.
     if !*shutdown.borrow() {
         store.mark_finished()?;
@@ -254,12 +258,31 @@ fn reap_idle(pools: Vec<UserPools>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(IDLE_LINGER / 2).await;
-            for (_, source, target) in &pools {
-                source.close_idle_since(IDLE_LINGER).await;
-                target.close_idle_since(IDLE_LINGER).await;
-            }
+            close_idle(&pools, Some(IDLE_LINGER)).await;
         }
     })
+}
+
+/// LOGOUTs going out at once when idle connections are closed.
+const LOGOUTS_AT_ONCE: usize = 64;
+
+/// Logs out the pools' idle connections (those idle for `linger`, or all), up to
+/// [`LOGOUTS_AT_ONCE`] at a time: one after another, the LOGOUTs of a thousand users'
+/// two connections took seven seconds at the end of a run.
+async fn close_idle(pools: &[UserPools], linger: Option<std::time::Duration>) {
+    let at_once = Arc::new(Semaphore::new(LOGOUTS_AT_ONCE));
+    let mut logouts = tokio::task::JoinSet::new();
+    for pool in pools.iter().flat_map(|(_, s, t)| [s.clone(), t.clone()]) {
+        let permit = at_once.clone().acquire_owned().await.expect("never closed");
+        logouts.spawn(async move {
+            let _permit = permit;
+            match linger {
+                Some(linger) => pool.close_idle_since(linger).await,
+                None => pool.close_idle().await,
+            }
+        });
+    }
+    while logouts.join_next().await.is_some() {}
 }
 
 /// What planning one user needs: the run's batch, rules and retry policy, its store,
@@ -296,6 +319,10 @@ impl Planner {
                 }
                 self.reporter
                     .user_planned(id, plan.folders.len(), plan.jobs.len());
+                if plan.jobs.is_empty() {
+                    // Nothing to copy: its connections are not needed again.
+                    tokio::join!(source.close_idle(), target.close_idle());
+                }
                 for bundle in bundles_of(&plan) {
                     // The memory queue cannot refuse a job.
                     let _ = self.queue.publish(bundle).await;

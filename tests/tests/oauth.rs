@@ -113,10 +113,10 @@ async fn a_migration_many_token_lifetimes_long_renews_its_tokens_and_verifies() 
     let src = server(&idp, &people, "%u");
     let dst = server(&idp, &people, "%d");
     let loaded = load_each(&src, &people, 700, 2).await;
-    // The source at 150 KB/s, so that the users follow each other for many token
+    // The source at 90 KB/s, so that the users follow each other for many token
     // lifetimes, and its connections cut now and then as the mail flows: each new
     // connection logs in again, by then with a token older than its lifetime.
-    let slow = SlowProxy::start(src.port, 150_000).await;
+    let slow = SlowProxy::start(src.port, 90_000).await;
     let cutting = CuttingProxy::start(
         slow.port,
         Cut {

@@ -79,6 +79,8 @@ struct Inner {
 pub struct MemoryQueue {
     inner: Arc<Mutex<Inner>>,
     changed: Arc<Notify>,
+    /// Woken when a delivery is taken (see [`MemoryQueue::wait_ready_below`]).
+    taken: Notify,
 }
 
 impl MemoryQueue {
@@ -94,6 +96,21 @@ impl MemoryQueue {
     pub fn close(&self) {
         self.lock().closed = true;
         self.changed.notify_waiters();
+    }
+
+    /// Waits until fewer than `n` deliveries wait for a consumer: a publisher that
+    /// keeps only a few ahead of the consumers (the embedded planner) plans a user
+    /// shortly before its jobs run, while its connections are still open.
+    pub async fn wait_ready_below(&self, n: usize) {
+        loop {
+            let taken = self.taken.notified();
+            tokio::pin!(taken);
+            taken.as_mut().enable();
+            if self.lock().ready.len() < n.max(1) {
+                return;
+            }
+            taken.await;
+        }
     }
 
     pub fn dead_lettered(&self) -> Vec<(Vec<FolderJob>, String)> {
@@ -141,6 +158,8 @@ impl JobQueue for MemoryQueue {
             {
                 let mut inner = self.lock();
                 if let Some(d) = inner.ready.pop_front() {
+                    drop(inner);
+                    self.taken.notify_waiters();
                     return Some(d);
                 }
                 if inner.closed && inner.outstanding.is_empty() {
@@ -258,5 +277,23 @@ mod tests {
             .unwrap()
             .is_none());
         assert_eq!(q.dead_lettered().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_publisher_waiting_for_room_goes_on_once_a_consumer_takes_one() {
+        let q = std::sync::Arc::new(MemoryQueue::new());
+        q.wait_ready_below(2).await;
+        q.publish(vec![job("A")]).await.unwrap();
+        q.publish(vec![job("B")]).await.unwrap();
+        let q2 = q.clone();
+        let publisher = tokio::spawn(async move { q2.wait_ready_below(2).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!publisher.is_finished(), "two ready: no room below two");
+        let taken = q.next().await.unwrap();
+        assert_eq!(taken.bundle_id(), job("A").id());
+        tokio::time::timeout(Duration::from_secs(2), publisher)
+            .await
+            .expect("a taken delivery makes room")
+            .unwrap();
     }
 }
