@@ -171,9 +171,10 @@ coord_rss=$(awk '/^VmHWM/ {print $2}' "/proc/$coordinator/status")
 for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 wait 2>/dev/null || true
 pids=()
-redis_per_message=$(awk -v c="$((redis_after - redis_before))" -v m="$copied" 'BEGIN {printf "%.3f", c / (m > 0 ? m : 1)}')
+redis_cost="Redis $((redis_after - redis_before)) commands"
+[[ $copied -gt 0 ]] && redis_cost="Redis $(awk -v c="$((redis_after - redis_before))" -v m="$copied" 'BEGIN {printf "%.3f", c / m}') commands a message"
 row "cluster ($WORKERS workers)" "$start" "$end" "$copied" "$cpu_cluster" - \
-    "verify $(verify); Redis $redis_per_message commands a message; coordinator $coord_cpu CPU s, peak RSS $((coord_rss / 1024)) MiB"
+    "verify $(verify); $redis_cost; coordinator $coord_cpu CPU s, peak RSS $((coord_rss / 1024)) MiB"
 
 if [[ ${EMBEDDED:-1} == 1 ]]; then
     wipe_target

@@ -320,7 +320,8 @@ impl<S: StateStore> Engine<S> {
             // An account whose daily download budget is used up copies nothing more.
             source_pool.spend(0).await.map_err(JobError::source_side)?;
         }
-        for chunk in chunks {
+        let chunk_count = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
             let bytes_before = report.copied_bytes;
             // No write-ahead record: copies made from here on are at or above the bound
             // the last checkpoint holds, which is what the next run searches.
@@ -357,8 +358,17 @@ impl<S: StateStore> Engine<S> {
             }
             count_elsewhere(&mut cp, &elsewhere, &mut elsewhere_counted);
             cp.target_uidnext = Some(bound_to_write(held_bound, target_uidnext));
-            self.save(job, &cp, fence).await?;
-            // Counted once the chunk is checkpointed: a pause here loses nothing.
+            // The last chunk of a pass with no flags to sync is saved by the pass's own
+            // save right after the loop: one checkpoint write for a small folder, not
+            // two. Should the run end in between, its copies are unrecorded ones, which
+            // the next run finds like any other: by its search from the bound the last
+            // checkpoint holds, or by reconciling a folder that has none.
+            let saved_after_the_loop = i + 1 == chunk_count && !(incremental || reconciled);
+            if !saved_after_the_loop {
+                self.save(job, &cp, fence).await?;
+            }
+            // Counted once the chunk is checkpointed (or about to be): a pause here
+            // loses nothing.
             source_pool
                 .spend(report.copied_bytes - bytes_before)
                 .await
