@@ -124,7 +124,8 @@ pub async fn run(
         let mut stop = shutdown.clone();
         tokio::select! {
             _ = queue.wait_ready_below(opts.job_slots.max(1) * 2) => {}
-            _ = stop.wait_for(|stopped| *stopped) => break,
+            // A dropped sender is no signal: that branch is then disabled.
+            Ok(_) = stop.wait_for(|stopped| *stopped) => break,
         }
         let permit = planning
             .clone()
