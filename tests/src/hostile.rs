@@ -60,8 +60,8 @@ pub struct HostileServer {
     /// How many times the script played (0: the hostility never happened).
     pub played: Arc<AtomicUsize>,
     /// Every command the clients sent, in the order each was complete (literals
-    /// included), with the connection it came on.
-    pub commands: Arc<Mutex<Vec<Sent>>>,
+    /// included), with the connection it came on: [`HostileServer::sent`].
+    commands: Arc<Mutex<Vec<Sent>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
